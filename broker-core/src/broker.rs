@@ -1,0 +1,539 @@
+//! The embeddable broker: the one handle a host program holds. It does every check that needs
+//! no storage on the caller's task (sizes, JSON, schema, ordering key) so that the single writer
+//! does storage work only, then hands the mutation to the writer and waits for it to be durable.
+
+use std::path::Path;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::ids::{EventId, EventTypeName, RoomName};
+use crate::model::{
+    Event, EventFilter, EventType, EventTypeSpec, EventTypeVersion, NewRoom, Page, PublishRequest,
+    PutEventTypeOutcome, Receipt, Room, RoomPatch, SweepReport,
+};
+use crate::schema::{self, ValidatorCache};
+use crate::storage::{IdempotencyClaim, PreparedEvent, RedbStorage, Storage, WriteOp, WriteOutput};
+use crate::writer::Writer;
+
+/// Default page size of list calls that are given none.
+const LIST_ITEMS_DEFAULT: usize = 100;
+
+struct Inner {
+    store: Arc<dyn Storage>,
+    writer: Writer,
+    clock: Arc<dyn Clock>,
+    config: Config,
+    validators: ValidatorCache,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.writer.close();
+    }
+}
+
+/// Counters about the writer, for tests and benchmarks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriterCounters {
+    /// Write transactions committed.
+    pub commits: u64,
+    /// Operations applied in them.
+    pub ops: u64,
+}
+
+/// A durable Pub/Sub broker. Cheap to clone; all clones share one database and one writer.
+/// Dropping the last clone (or calling [`Broker::close`]) lets the writer finish what is queued.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// Opens (or creates) the database file at `path` with the system clock.
+    /// Must be called inside a tokio runtime (the retention task is spawned on it).
+    pub async fn open(path: impl AsRef<Path>, config: Config) -> Result<Broker> {
+        Self::open_with_clock(path, config, Arc::new(SystemClock)).await
+    }
+
+    /// Opens (or creates) the database file at `path` with the given clock.
+    pub async fn open_with_clock(
+        path: impl AsRef<Path>,
+        config: Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Broker> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::Storage(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let cache = config.cache_bytes;
+        let store = tokio::task::spawn_blocking(move || RedbStorage::open(&path, cache))
+            .await
+            .map_err(|e| Error::Storage(format!("open task failed: {e}")))??;
+        Self::start(Arc::new(store), config, clock)
+    }
+
+    /// A broker whose data lives in memory only: for tests and examples.
+    pub async fn open_in_memory(config: Config, clock: Arc<dyn Clock>) -> Result<Broker> {
+        let store = RedbStorage::in_memory(config.cache_bytes)?;
+        Self::start(Arc::new(store), config, clock)
+    }
+
+    fn start(store: Arc<dyn Storage>, config: Config, clock: Arc<dyn Clock>) -> Result<Broker> {
+        let writer = Writer::start(store.clone(), clock.clone(), config.writer.clone())?;
+        let inner = Arc::new(Inner {
+            store,
+            writer,
+            clock,
+            config,
+            validators: ValidatorCache::default(),
+        });
+        if inner.config.retention.interval_ms > 0 {
+            spawn_retention(
+                Arc::downgrade(&inner),
+                Duration::from_millis(inner.config.retention.interval_ms),
+            );
+        }
+        Ok(Broker { inner })
+    }
+
+    /// The configuration the broker runs with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Stops accepting writes, finishes what is queued and waits for the writer to stop.
+    /// Later calls that write get [`Error::ShuttingDown`].
+    pub async fn close(&self) {
+        let inner = self.inner.clone();
+        let _ = tokio::task::spawn_blocking(move || inner.writer.close()).await;
+    }
+
+    /// Commits and applied operations so far.
+    pub fn writer_counters(&self) -> WriterCounters {
+        use std::sync::atomic::Ordering::Relaxed;
+        WriterCounters {
+            commits: self.inner.writer.stats.commits.load(Relaxed),
+            ops: self.inner.writer.stats.ops.load(Relaxed),
+        }
+    }
+
+    async fn write(&self, op: WriteOp) -> Result<WriteOutput> {
+        self.inner.writer.submit(op).await
+    }
+
+    fn check_description(&self, d: &str) -> Result<()> {
+        let max = self.inner.config.limits.description_bytes_max;
+        if d.len() > max {
+            return Err(Error::limit(
+                "description_bytes_max",
+                max as u64,
+                d.len() as u64,
+            ));
+        }
+        Ok(())
+    }
+
+    // ----- Rooms -----
+
+    /// Creates a Room: active at once when `room.approved`, otherwise pending.
+    pub async fn create_room(&self, room: NewRoom) -> Result<Room> {
+        self.check_description(&room.description)?;
+        let rooms_max = self.inner.config.limits.rooms_max;
+        match self.write(WriteOp::CreateRoom { room, rooms_max }).await? {
+            WriteOutput::Room(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One Room.
+    pub fn room(&self, name: &RoomName) -> Result<Room> {
+        self.inner
+            .store
+            .room(name)?
+            .ok_or_else(|| Error::RoomNotFound {
+                room: name.to_string(),
+            })
+    }
+
+    /// Rooms in name order, a page at a time; pass the last name seen as `after`.
+    pub fn rooms(&self, after: Option<&RoomName>, limit: Option<usize>) -> Result<Page<Room>> {
+        let limit = self.page_limit(limit);
+        let items = self.inner.store.rooms(after, limit + 1)?;
+        Ok(page_by_name(items, limit, |r| r.name.to_string()))
+    }
+
+    /// Changes a Room's description, status (active/disabled), ordering default or retention.
+    pub async fn update_room(&self, name: &RoomName, patch: RoomPatch) -> Result<Room> {
+        if let Some(d) = &patch.description {
+            self.check_description(d)?;
+        }
+        match self
+            .write(WriteOp::UpdateRoom {
+                name: name.clone(),
+                patch,
+            })
+            .await?
+        {
+            WriteOutput::Room(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Approves a pending Room (an administrator's act). Approving an active Room changes
+    /// nothing; a disabled Room cannot be approved (enable it with [`Broker::update_room`]).
+    pub async fn approve_room(&self, name: &RoomName) -> Result<Room> {
+        match self
+            .write(WriteOp::ApproveRoom { name: name.clone() })
+            .await?
+        {
+            WriteOutput::Room(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes a Room at once; its event types and events are purged by the retention sweep in
+    /// bounded batches and are invisible from now on. A Room created later under the same name
+    /// starts empty.
+    pub async fn delete_room(&self, name: &RoomName) -> Result<()> {
+        match self
+            .write(WriteOp::DeleteRoom { name: name.clone() })
+            .await?
+        {
+            WriteOutput::Deleted => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    // ----- Event types -----
+
+    /// Registers an event type, or a new version of it when the schema or key pointer changed.
+    /// The schema is checked against its draft's meta-schema and compiled before anything is
+    /// stored; an invalid schema is refused with [`Error::InvalidSchema`].
+    pub async fn put_event_type(
+        &self,
+        room: &RoomName,
+        spec: EventTypeSpec,
+    ) -> Result<PutEventTypeOutcome> {
+        let limits = &self.inner.config.limits;
+        self.check_description(&spec.description)?;
+        let schema_bytes = spec.schema.to_string().len();
+        if schema_bytes > limits.schema_bytes_max {
+            return Err(Error::limit(
+                "schema_bytes_max",
+                limits.schema_bytes_max as u64,
+                schema_bytes as u64,
+            ));
+        }
+        if let Some(p) = &spec.key_pointer {
+            schema::check_pointer(p)?;
+        }
+        let schema_value = spec.schema.clone();
+        let formats = self.inner.config.validate_formats;
+        // Compiling a large schema can take a while: keep it off the async workers.
+        tokio::task::spawn_blocking(move || schema::compile(&schema_value, formats))
+            .await
+            .map_err(|e| Error::Storage(format!("schema task failed: {e}")))??;
+        let op = WriteOp::PutEventType {
+            room: room.clone(),
+            spec,
+            types_max: limits.event_types_per_room_max,
+            versions_max: limits.schema_versions_max,
+        };
+        match self.write(op).await? {
+            WriteOutput::EventType(o) => Ok(o),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One event type as it stands.
+    pub fn event_type(&self, room: &RoomName, name: &EventTypeName) -> Result<EventType> {
+        self.inner.store.event_type(room, name)
+    }
+
+    /// All event types of a Room, in name order.
+    pub fn event_types(&self, room: &RoomName) -> Result<Vec<EventType>> {
+        self.inner.store.event_types(room)
+    }
+
+    /// One version of an event type's schema; every version stays readable while the type exists.
+    pub fn event_type_version(
+        &self,
+        room: &RoomName,
+        name: &EventTypeName,
+        version: u32,
+    ) -> Result<EventTypeVersion> {
+        let rid = self.inner.store.room_id(room)?;
+        self.inner
+            .store
+            .event_type_version(rid, room, name, version)
+    }
+
+    // ----- Publishing -----
+
+    /// Validates and stores one event; returns once it is durable on disk.
+    pub async fn publish(&self, req: PublishRequest) -> Result<Receipt> {
+        let prepared = self.prepare(req)?;
+        match self.write(WriteOp::Publish(vec![prepared])).await? {
+            WriteOutput::Receipts(mut r) if r.len() == 1 => {
+                r.pop().unwrap_or(Err(Error::ShuttingDown))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Publishes up to [`crate::Limits::batch_events_max`] events in one write transaction. Each
+    /// succeeds or fails on its own (a schema violation refuses that event only); all that succeed
+    /// are durable when this returns. Events of one key are numbered in batch order.
+    pub async fn publish_batch(&self, reqs: Vec<PublishRequest>) -> Result<Vec<Result<Receipt>>> {
+        let max = self.inner.config.limits.batch_events_max;
+        if reqs.len() > max {
+            return Err(Error::limit(
+                "batch_events_max",
+                max as u64,
+                reqs.len() as u64,
+            ));
+        }
+        let mut results: Vec<Option<Result<Receipt>>> = Vec::with_capacity(reqs.len());
+        let mut prepared = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            match self.prepare(req) {
+                Ok(p) => {
+                    prepared.push(p);
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        if !prepared.is_empty() {
+            let receipts = match self.write(WriteOp::Publish(prepared)).await? {
+                WriteOutput::Receipts(r) => r,
+                other => return Err(unexpected(other)),
+            };
+            let mut receipts = receipts.into_iter();
+            for slot in results.iter_mut().filter(|s| s.is_none()) {
+                *slot = receipts.next();
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(Error::Storage("missing receipt".into()))))
+            .collect())
+    }
+
+    /// Every check that needs no write: limits, JSON, Room status, schema, ordering key.
+    fn prepare(&self, req: PublishRequest) -> Result<PreparedEvent> {
+        let limits = &self.inner.config.limits;
+        if req.payload.len() > limits.payload_bytes_max {
+            return Err(Error::limit(
+                "payload_bytes_max",
+                limits.payload_bytes_max as u64,
+                req.payload.len() as u64,
+            ));
+        }
+        if let Some(k) = &req.idempotency_key {
+            if k.is_empty() || k.chars().any(char::is_control) {
+                return Err(Error::invalid(
+                    "idempotency key",
+                    "must be non-empty without control characters",
+                ));
+            }
+            if k.len() > limits.idempotency_key_bytes_max {
+                return Err(Error::limit(
+                    "idempotency_key_bytes_max",
+                    limits.idempotency_key_bytes_max as u64,
+                    k.len() as u64,
+                ));
+            }
+        }
+        let payload: serde_json::Value =
+            serde_json::from_slice(&req.payload).map_err(|e| Error::InvalidJson {
+                message: e.to_string(),
+            })?;
+        let target = self
+            .inner
+            .store
+            .publish_target(&req.room, &req.event_type)?;
+        let validator =
+            match self
+                .inner
+                .validators
+                .get(target.room_id, req.event_type.as_str(), target.version)
+            {
+                Some(v) => v,
+                None => {
+                    let v = self.inner.store.event_type_version(
+                        target.room_id,
+                        &req.room,
+                        &req.event_type,
+                        target.version,
+                    )?;
+                    let compiled = Arc::new(schema::compile(
+                        &v.schema,
+                        self.inner.config.validate_formats,
+                    )?);
+                    self.inner.validators.insert(
+                        target.room_id,
+                        req.event_type.as_str(),
+                        target.version,
+                        compiled.clone(),
+                    );
+                    compiled
+                }
+            };
+        let violations = schema::violations(&validator, &payload);
+        if !violations.is_empty() {
+            return Err(Error::SchemaViolation {
+                event_type: req.event_type.to_string(),
+                version: target.version,
+                violations,
+            });
+        }
+        let key = schema::ordering_key(
+            &payload,
+            target.key_pointer.as_deref(),
+            req.ordering_key.as_deref(),
+            req.event_type.as_str(),
+            limits.key_bytes_max,
+        )?;
+        let idempotency = req.idempotency_key.map(|key| IdempotencyClaim {
+            request_hash: request_hash(
+                &req.event_type,
+                req.event_id,
+                req.ordering_key.as_deref(),
+                &req.payload,
+            ),
+            key,
+            window_ms: self.inner.config.idempotency_window_ms,
+        });
+        Ok(PreparedEvent {
+            room: req.room,
+            room_id: target.room_id,
+            event_type: req.event_type,
+            version: target.version,
+            key,
+            payload: req.payload,
+            publisher: req.publisher,
+            id_from_publisher: req.event_id.is_some(),
+            event_id: req.event_id.unwrap_or_else(EventId::new_v7),
+            idempotency,
+        })
+    }
+
+    // ----- Reading events -----
+
+    /// One event with its metadata and payload.
+    pub fn event(&self, id: EventId) -> Result<Event> {
+        self.inner
+            .store
+            .event(id)?
+            .ok_or_else(|| Error::EventNotFound { id: id.to_string() })
+    }
+
+    /// A page of a Room's events, oldest first (or in sequence order when filtered by key).
+    pub async fn events(&self, room: &RoomName, filter: EventFilter) -> Result<Page<Event>> {
+        let limit = self.page_limit(filter.limit);
+        let scan_max = self.inner.config.limits.list_scan_max;
+        let store = self.inner.store.clone();
+        let room = room.clone();
+        tokio::task::spawn_blocking(move || store.events(&room, &filter, limit, scan_max))
+            .await
+            .map_err(|e| Error::Storage(format!("list task failed: {e}")))?
+    }
+
+    fn page_limit(&self, asked: Option<usize>) -> usize {
+        asked
+            .unwrap_or(LIST_ITEMS_DEFAULT)
+            .clamp(1, self.inner.config.limits.list_items_max)
+    }
+
+    // ----- Retention -----
+
+    /// Runs one bounded retention sweep now: expired idempotency records, the contents of deleted
+    /// Rooms, and events beyond their Room's age or byte bound (never one still owed to a
+    /// subscriber). The background task calls this on its interval; hosts and tests may too.
+    pub async fn sweep_retention(&self) -> Result<SweepReport> {
+        let delete_max = self.inner.config.retention.delete_batch_max;
+        match self.write(WriteOp::Sweep { delete_max }).await? {
+            WriteOutput::Swept(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The clock the broker runs on.
+    pub fn now(&self) -> crate::clock::Timestamp {
+        self.inner.clock.now()
+    }
+}
+
+fn page_by_name<T>(mut items: Vec<T>, limit: usize, name: impl Fn(&T) -> String) -> Page<T> {
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(name)
+    } else {
+        None
+    };
+    Page { items, next_cursor }
+}
+
+/// The idempotency fingerprint of a publish request: everything that shapes the stored event.
+fn request_hash(
+    event_type: &EventTypeName,
+    id: Option<EventId>,
+    key: Option<&str>,
+    payload: &[u8],
+) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(event_type.as_str().as_bytes());
+    h.update([0]);
+    if let Some(id) = id {
+        h.update(id.0.as_bytes());
+    }
+    h.update([0]);
+    if let Some(k) = key {
+        h.update(k.as_bytes());
+    }
+    h.update([0]);
+    h.update(payload);
+    h.finalize().into()
+}
+
+fn unexpected(out: WriteOutput) -> Error {
+    Error::Storage(format!("writer returned an unexpected output: {out:?}"))
+}
+
+/// Sweeps on an interval until the broker is dropped, a batch at a time: when a sweep reports
+/// more work it runs again at once, so a large backlog drains without one long transaction.
+fn spawn_retention(inner: Weak<Inner>, every: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            loop {
+                let Some(inner) = inner.upgrade() else { return };
+                let broker = Broker { inner };
+                match broker.sweep_retention().await {
+                    Ok(r) if r.more => continue,
+                    Ok(_) => break,
+                    Err(Error::ShuttingDown) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "retention sweep failed; will retry next interval");
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,141 @@
+//! Every limit and tuning knob of the core in one place, with its unit in its name, so that
+//! nothing in the broker is unbounded by accident and an operator can see every bound.
+
+use serde::{Deserialize, Serialize};
+
+/// Size and count limits on what callers may send. Each is checked before any work is done, and
+/// a breach is a [`crate::Error::LimitExceeded`] naming the limit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    /// Largest event payload accepted (default 1 MiB).
+    pub payload_bytes_max: usize,
+    /// Largest JSON Schema accepted for an event type (default 256 KiB).
+    pub schema_bytes_max: usize,
+    /// Longest ordering key (default 256 bytes).
+    pub key_bytes_max: usize,
+    /// Longest idempotency key (default 256 bytes).
+    pub idempotency_key_bytes_max: usize,
+    /// Longest description of a Room or event type (default 4 KiB).
+    pub description_bytes_max: usize,
+    /// Most events in one [`crate::Broker::publish_batch`] call (default 1,000).
+    pub batch_events_max: usize,
+    /// Most Rooms on one broker (default 10,000).
+    pub rooms_max: usize,
+    /// Most event types in one Room (default 1,000).
+    pub event_types_per_room_max: usize,
+    /// Most schema versions kept per event type (default 1,000).
+    pub schema_versions_max: u32,
+    /// Most items one list call returns (default 1,000).
+    pub list_items_max: usize,
+    /// Most records one list call may scan while filtering before it returns a partial page with a
+    /// cursor (default 100,000), so that a selective filter cannot hold a reader for long.
+    pub list_scan_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            payload_bytes_max: 1024 * 1024,
+            schema_bytes_max: 256 * 1024,
+            key_bytes_max: 256,
+            idempotency_key_bytes_max: 256,
+            description_bytes_max: 4096,
+            batch_events_max: 1000,
+            rooms_max: 10_000,
+            event_types_per_room_max: 1000,
+            schema_versions_max: 1000,
+            list_items_max: 1000,
+            list_scan_max: 100_000,
+        }
+    }
+}
+
+/// The single writer and its group commit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WriterConfig {
+    /// Most operations waiting for the writer; beyond it callers get
+    /// [`crate::Error::Overloaded`] at once instead of queueing without bound (default 16,384).
+    pub queue_ops_max: usize,
+    /// Most payload bytes waiting for the writer, across all queued operations (default 256 MiB).
+    pub queue_bytes_max: usize,
+    /// Most operations applied in one write transaction (default 1,024). Set to 1 for one commit
+    /// per operation (the benchmark's baseline).
+    pub commit_ops_max: usize,
+    /// Most payload bytes in one write transaction (default 32 MiB).
+    pub commit_bytes_max: usize,
+    /// How long the writer waits for more operations when a batch is smaller than
+    /// `commit_ops_max`, in microseconds (default 0: commit what is queued at once). While a commit
+    /// runs, new operations queue up anyway, so under load batches fill without any wait.
+    pub commit_wait_us: u64,
+    /// The delay suggested to callers refused with `Overloaded`, in milliseconds (default 100).
+    pub overload_retry_after_ms: u64,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig {
+            queue_ops_max: 16_384,
+            queue_bytes_max: 256 * 1024 * 1024,
+            commit_ops_max: 1024,
+            commit_bytes_max: 32 * 1024 * 1024,
+            commit_wait_us: 0,
+            overload_retry_after_ms: 100,
+        }
+    }
+}
+
+/// The background retention sweep.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RetentionConfig {
+    /// Time between sweeps, in milliseconds (default 1,000). Zero disables the background task
+    /// (the embedding program may then call [`crate::Broker::sweep_retention`] itself).
+    pub interval_ms: u64,
+    /// Most records deleted by one sweep step, so that a sweep never holds the writer for long
+    /// (default 1,000).
+    pub delete_batch_max: usize,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            interval_ms: 1000,
+            delete_batch_max: 1000,
+        }
+    }
+}
+
+/// Everything the core can be configured with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Input limits.
+    pub limits: Limits,
+    /// The writer and group commit.
+    pub writer: WriterConfig,
+    /// Retention sweeps.
+    pub retention: RetentionConfig,
+    /// How long an idempotency key is remembered, in milliseconds (default 10 minutes, as the
+    /// Book a Secure Move API does).
+    pub idempotency_window_ms: u64,
+    /// Whether JSON Schema `format` keywords (`date-time`, `email`...) are asserted rather than
+    /// only annotated (default true: integration partners expect a malformed timestamp refused).
+    pub validate_formats: bool,
+    /// redb page cache size in bytes (default 64 MiB).
+    pub cache_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            limits: Limits::default(),
+            writer: WriterConfig::default(),
+            retention: RetentionConfig::default(),
+            idempotency_window_ms: 10 * 60 * 1000,
+            validate_formats: true,
+            cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}

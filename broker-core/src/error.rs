@@ -1,0 +1,242 @@
+//! One error type for the whole core. Every variant has a stable, machine-readable `code` that a
+//! server maps to its protocol (HTTP status, problem type) in one place, and that never changes
+//! meaning once released: clients branch on it.
+
+use serde::Serialize;
+
+/// One schema violation of a published payload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Violation {
+    /// JSON Pointer into the payload where the violation is, `""` for the root.
+    pub instance_path: String,
+    /// JSON Pointer into the schema to the keyword that failed.
+    pub schema_path: String,
+    /// A human-readable description of what is wrong.
+    pub message: String,
+}
+
+/// The broad class of an error, for callers that map errors to a protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The named thing does not exist.
+    NotFound,
+    /// The request contradicts the current state (already exists, different body for a key...).
+    Conflict,
+    /// The request is malformed or violates a rule; retrying it unchanged will fail again.
+    InvalidInput,
+    /// The request is larger than a configured limit.
+    LimitExceeded,
+    /// The broker is too busy right now; retrying later may succeed.
+    Overloaded,
+    /// The broker is shutting down or a background part has stopped.
+    Unavailable,
+    /// A storage or internal failure; the caller did nothing wrong.
+    Internal,
+}
+
+/// Every error the core returns.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No Room with this name.
+    #[error("room `{room}` not found")]
+    RoomNotFound {
+        /// The Room name asked for.
+        room: String,
+    },
+    /// No event type with this name (or this version) in the Room.
+    #[error("event type `{event_type}` not found in room `{room}`")]
+    EventTypeNotFound {
+        /// The Room.
+        room: String,
+        /// The event type name, with `@version` when a version was asked for.
+        event_type: String,
+    },
+    /// No event with this id.
+    #[error("event `{id}` not found")]
+    EventNotFound {
+        /// The event id asked for.
+        id: String,
+    },
+    /// A Room with this name already exists.
+    #[error("room `{room}` already exists")]
+    RoomExists {
+        /// The Room name.
+        room: String,
+    },
+    /// The Room exists but is not active, so nothing can be published to it.
+    #[error("room `{room}` is {status}, not active")]
+    RoomNotActive {
+        /// The Room name.
+        room: String,
+        /// Its current status.
+        status: String,
+    },
+    /// The idempotency key was used before with a different request body.
+    #[error("idempotency key `{key}` was already used with a different request")]
+    IdempotencyConflict {
+        /// The idempotency key.
+        key: String,
+    },
+    /// The publisher's own event id is already taken by an event elsewhere.
+    #[error("event id `{id}` is already used by another room or event type")]
+    EventIdConflict {
+        /// The event id.
+        id: String,
+    },
+    /// The request is invalid; `field` names the offending input.
+    #[error("invalid {field}: {message}")]
+    InvalidInput {
+        /// The input at fault (e.g. `room name`, `payload`, `key_pointer`).
+        field: String,
+        /// What is wrong and, where it helps, what is expected.
+        message: String,
+    },
+    /// The payload is not well-formed JSON.
+    #[error("payload is not valid JSON: {message}")]
+    InvalidJson {
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// The JSON Schema given for an event type is not a valid schema.
+    #[error("invalid JSON Schema: {message}")]
+    InvalidSchema {
+        /// What the schema compiler or meta-schema check reported.
+        message: String,
+    },
+    /// The payload does not satisfy its event type's schema; every violation is listed.
+    #[error("payload violates the schema of `{event_type}` version {version}: {} violation(s)", violations.len())]
+    SchemaViolation {
+        /// The event type.
+        event_type: String,
+        /// The schema version that was applied.
+        version: u32,
+        /// Every violation found, not only the first.
+        violations: Vec<Violation>,
+    },
+    /// A configured limit was exceeded.
+    #[error("{limit} exceeded: {actual} > {max}")]
+    LimitExceeded {
+        /// The name of the limit, as in [`crate::Limits`] (e.g. `payload_bytes_max`).
+        limit: &'static str,
+        /// The limit's value.
+        max: u64,
+        /// The value that was refused.
+        actual: u64,
+    },
+    /// The write queue is full; retry after the hinted delay.
+    #[error("broker overloaded, retry in {retry_after_ms} ms")]
+    Overloaded {
+        /// A suggested delay before retrying.
+        retry_after_ms: u64,
+    },
+    /// The broker is closed or closing.
+    #[error("broker is shutting down")]
+    ShuttingDown,
+    /// The storage engine failed; the operation did not take effect.
+    #[error("storage failure: {0}")]
+    Storage(String),
+}
+
+impl Error {
+    /// The stable machine-readable code of this error. Never changes meaning once released.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::RoomNotFound { .. } => "room_not_found",
+            Error::EventTypeNotFound { .. } => "event_type_not_found",
+            Error::EventNotFound { .. } => "event_not_found",
+            Error::RoomExists { .. } => "room_exists",
+            Error::RoomNotActive { .. } => "room_not_active",
+            Error::IdempotencyConflict { .. } => "idempotency_conflict",
+            Error::EventIdConflict { .. } => "event_id_conflict",
+            Error::InvalidInput { .. } => "invalid_input",
+            Error::InvalidJson { .. } => "invalid_json",
+            Error::InvalidSchema { .. } => "invalid_schema",
+            Error::SchemaViolation { .. } => "schema_violation",
+            Error::LimitExceeded { .. } => "limit_exceeded",
+            Error::Overloaded { .. } => "overloaded",
+            Error::ShuttingDown => "shutting_down",
+            Error::Storage(_) => "storage",
+        }
+    }
+
+    /// The broad class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::RoomNotFound { .. }
+            | Error::EventTypeNotFound { .. }
+            | Error::EventNotFound { .. } => ErrorKind::NotFound,
+            Error::RoomExists { .. }
+            | Error::RoomNotActive { .. }
+            | Error::IdempotencyConflict { .. }
+            | Error::EventIdConflict { .. } => ErrorKind::Conflict,
+            Error::InvalidInput { .. }
+            | Error::InvalidJson { .. }
+            | Error::InvalidSchema { .. }
+            | Error::SchemaViolation { .. } => ErrorKind::InvalidInput,
+            Error::LimitExceeded { .. } => ErrorKind::LimitExceeded,
+            Error::Overloaded { .. } => ErrorKind::Overloaded,
+            Error::ShuttingDown => ErrorKind::Unavailable,
+            Error::Storage(_) => ErrorKind::Internal,
+        }
+    }
+
+    pub(crate) fn invalid(field: &str, message: impl Into<String>) -> Error {
+        Error::InvalidInput {
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn limit(limit: &'static str, max: u64, actual: u64) -> Error {
+        Error::LimitExceeded { limit, max, actual }
+    }
+}
+
+/// The core's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_distinct() {
+        let all = [
+            Error::RoomNotFound { room: "a".into() },
+            Error::EventTypeNotFound {
+                room: "a".into(),
+                event_type: "b".into(),
+            },
+            Error::EventNotFound { id: "x".into() },
+            Error::RoomExists { room: "a".into() },
+            Error::RoomNotActive {
+                room: "a".into(),
+                status: "pending".into(),
+            },
+            Error::IdempotencyConflict { key: "k".into() },
+            Error::EventIdConflict { id: "x".into() },
+            Error::invalid("f", "m"),
+            Error::InvalidJson {
+                message: "m".into(),
+            },
+            Error::InvalidSchema {
+                message: "m".into(),
+            },
+            Error::SchemaViolation {
+                event_type: "t".into(),
+                version: 1,
+                violations: vec![],
+            },
+            Error::limit("payload_bytes_max", 1, 2),
+            Error::Overloaded { retry_after_ms: 1 },
+            Error::ShuttingDown,
+            Error::Storage("s".into()),
+        ];
+        let mut codes: Vec<_> = all.iter().map(Error::code).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), all.len());
+    }
+}

@@ -1,0 +1,49 @@
+//! Postroom's core: a durable Pub/Sub broker to embed in a Rust service.
+//!
+//! A [`Broker`] hosts Rooms; each Room hosts event types, each a JSON Schema; publishers send
+//! JSON events that are validated, numbered per ordering key, and stored durably before the
+//! publisher hears "accepted". Everything is on one embedded redb file (or in memory for tests),
+//! written by one writer thread that commits concurrent publishes together (group commit).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), broker_core::Error> {
+//! use broker_core::*;
+//! let broker = Broker::open("data/postroom.redb", Config::default()).await?;
+//! let room = RoomName::new("irc")?;
+//! let admin = Principal::new("admin")?;
+//! broker.create_room(NewRoom::new(room.clone(), admin.clone()).approved()).await?;
+//! let ty = EventTypeName::new("heartbeat")?;
+//! broker
+//!     .put_event_type(&room, EventTypeSpec {
+//!         name: ty.clone(),
+//!         description: String::new(),
+//!         schema: serde_json::json!({"type": "object"}),
+//!         key_pointer: Some("/centre".into()),
+//!     })
+//!     .await?;
+//! let receipt = broker
+//!     .publish(PublishRequest::new(room, ty, admin, br#"{"centre":"yarlswood"}"#.to_vec()))
+//!     .await?;
+//! assert_eq!(receipt.sequence, Sequence(1));
+//! # Ok(()) }
+//! ```
+
+mod broker;
+mod clock;
+mod config;
+mod error;
+mod ids;
+mod model;
+mod schema;
+mod storage;
+mod writer;
+
+pub use broker::{Broker, WriterCounters};
+pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use config::{Config, Limits, RetentionConfig, WriterConfig};
+pub use error::{Error, ErrorKind, Result, Violation};
+pub use ids::{EventId, EventTypeName, OrderingKey, Principal, RoomName, Sequence};
+pub use model::{
+    Event, EventFilter, EventType, EventTypeSpec, EventTypeVersion, NewRoom, Page, PublishRequest,
+    PutEventTypeOutcome, Receipt, Retention, Room, RoomPatch, RoomStatus, SweepReport,
+};

@@ -1,0 +1,1082 @@
+//! The redb backend: the only file in the crate that names redb. One write transaction per batch,
+//! committed with `Durability::Immediate` so that a caller told "done" can lose nothing; reads use
+//! MVCC read transactions and never wait for the writer.
+
+use std::path::Path;
+
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
+    TableDefinition,
+};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::codec::{decode, encode};
+use super::{PreparedEvent, PublishTarget, Storage, WriteOp, WriteOutput};
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+use crate::ids::{EventId, EventTypeName, OrderingKey, Principal, RoomName, Sequence};
+use crate::model::{
+    Event, EventFilter, EventType, EventTypeSpec, EventTypeVersion, NewRoom, Page,
+    PutEventTypeOutcome, Receipt, Retention, Room, RoomPatch, RoomStatus, SweepReport,
+};
+
+// Tables. Rooms are keyed by name; everything inside a Room by the Room's incarnation id, so that
+// deleting a Room is one small write and its contents are purged later in bounded batches.
+/// Counters: `next_room_id`, `format`.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Room name -> RoomRecord.
+const ROOMS: TableDefinition<&str, &[u8]> = TableDefinition::new("rooms");
+/// Room id -> (next log offset, events stored, payload bytes stored).
+const ROOM_STATS: TableDefinition<u64, (u64, u64, u64)> = TableDefinition::new("room_stats");
+/// (room id, type name) -> TypeRecord.
+const EVENT_TYPES: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("event_types");
+/// (room id, type name, version) -> VersionRecord.
+const SCHEMAS: TableDefinition<(u64, &str, u32), &[u8]> = TableDefinition::new("schemas");
+/// Event id -> EventRecord (metadata and payload).
+const EVENTS: TableDefinition<u128, &[u8]> = TableDefinition::new("events");
+/// (room id, log offset) -> event id: the Room's events in acceptance order.
+const ROOM_LOG: TableDefinition<(u64, u64), u128> = TableDefinition::new("room_log");
+/// (room id, key) -> last sequence assigned. Never decreases, even when retention removes events,
+/// so that a key's sequence never repeats.
+const KEY_SEQ: TableDefinition<(u64, &str), u64> = TableDefinition::new("key_seq");
+/// (room id, key, sequence) -> event id: each key's events in sequence order.
+const KEY_LOG: TableDefinition<(u64, &str, u64), u128> = TableDefinition::new("key_log");
+/// (room id, publisher, idempotency key) -> IdempotencyRecord.
+const IDEMPOTENCY: TableDefinition<(u64, &str, &str), &[u8]> = TableDefinition::new("idempotency");
+/// (expires at, room id, publisher, idempotency key) -> (): the expiry index the sweep walks.
+const IDEM_EXPIRY: TableDefinition<(u64, u64, &str, &str), ()> =
+    TableDefinition::new("idempotency_expiry");
+/// Ids of deleted Rooms whose contents the sweep has not finished purging.
+const DELETED_ROOMS: TableDefinition<u64, ()> = TableDefinition::new("deleted_rooms");
+
+/// The on-disk layout version, checked at open.
+const LAYOUT_VERSION: u64 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct RoomRecord {
+    id: u64,
+    description: String,
+    owner: Principal,
+    status: RoomStatus,
+    ordered: bool,
+    retention: Retention,
+    created_at: Timestamp,
+    updated_at: Timestamp,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TypeRecord {
+    description: String,
+    version: u32,
+    created_at: Timestamp,
+    updated_at: Timestamp,
+}
+
+#[derive(Serialize, Deserialize)]
+struct VersionRecord {
+    /// The schema as compact JSON text (postcard cannot carry a `serde_json::Value`).
+    schema_json: String,
+    key_pointer: Option<String>,
+    created_at: Timestamp,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EventRecord {
+    room_id: u64,
+    room: RoomName,
+    event_type: EventTypeName,
+    version: u32,
+    key: OrderingKey,
+    sequence: u64,
+    offset: u64,
+    publisher: Principal,
+    received_at: Timestamp,
+    idempotency_key: Option<String>,
+    /// Deliveries still owed to subscribers. Retention never removes an event while this is
+    /// above zero; the delivery engine maintains it.
+    deliveries_owed: u32,
+    payload: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct IdempotencyRecord {
+    request_hash: [u8; 32],
+    receipt: Receipt,
+    expires_at: Timestamp,
+}
+
+impl From<redb::Error> for Error {
+    fn from(e: redb::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
+}
+macro_rules! storage_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Error::Storage(e.to_string())
+            }
+        }
+    )*};
+}
+storage_errors!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+fn room_from(name: &str, r: RoomRecord, stats: (u64, u64, u64)) -> Result<Room> {
+    Ok(Room {
+        name: RoomName::new(name).map_err(|e| Error::Storage(format!("stored room name: {e}")))?,
+        description: r.description,
+        owner: r.owner,
+        status: r.status,
+        ordered: r.ordered,
+        retention: r.retention,
+        created_at: r.created_at,
+        updated_at: r.updated_at,
+        events_stored: stats.1,
+        bytes_stored: stats.2,
+    })
+}
+
+fn event_from(id: u128, r: EventRecord) -> Event {
+    Event {
+        id: EventId(Uuid::from_u128(id)),
+        room: r.room,
+        event_type: r.event_type,
+        version: r.version,
+        key: r.key,
+        sequence: Sequence(r.sequence),
+        publisher: r.publisher,
+        received_at: r.received_at,
+        idempotency_key: r.idempotency_key,
+        payload: r.payload,
+    }
+}
+
+fn parse_schema(text: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| Error::Storage(format!("stored schema: {e}")))
+}
+
+/// The redb-backed [`Storage`].
+pub(crate) struct RedbStorage {
+    db: Database,
+}
+
+impl RedbStorage {
+    /// Opens the file at `path`, creating it and its tables when absent.
+    pub(crate) fn open(path: &Path, cache_bytes: usize) -> Result<Self> {
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)?;
+        Self::init(db)
+    }
+
+    /// A database that lives in memory only, for tests and examples.
+    pub(crate) fn in_memory(cache_bytes: usize) -> Result<Self> {
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create_with_backend(redb::backends::InMemoryBackend::new())?;
+        Self::init(db)
+    }
+
+    fn init(db: Database) -> Result<Self> {
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let layout = meta.get("layout_version")?.map(|v| v.value());
+            match layout {
+                None => {
+                    meta.insert("layout_version", LAYOUT_VERSION)?;
+                    meta.insert("next_room_id", 1)?;
+                }
+                Some(LAYOUT_VERSION) => {}
+                Some(other) => {
+                    return Err(Error::Storage(format!(
+                        "data file has layout version {other}; this build reads version {LAYOUT_VERSION}"
+                    )))
+                }
+            }
+            txn.open_table(ROOMS)?;
+            txn.open_table(ROOM_STATS)?;
+            txn.open_table(EVENT_TYPES)?;
+            txn.open_table(SCHEMAS)?;
+            txn.open_table(EVENTS)?;
+            txn.open_table(ROOM_LOG)?;
+            txn.open_table(KEY_SEQ)?;
+            txn.open_table(KEY_LOG)?;
+            txn.open_table(IDEMPOTENCY)?;
+            txn.open_table(IDEM_EXPIRY)?;
+            txn.open_table(DELETED_ROOMS)?;
+        }
+        txn.commit()?;
+        Ok(RedbStorage { db })
+    }
+
+    fn read_room(&self, name: &RoomName) -> Result<Option<(RoomRecord, (u64, u64, u64))>> {
+        let txn = self.db.begin_read()?;
+        let rooms = txn.open_table(ROOMS)?;
+        let Some(rec) = rooms.get(name.as_str())? else {
+            return Ok(None);
+        };
+        let rec: RoomRecord = decode(rec.value())?;
+        let stats = txn
+            .open_table(ROOM_STATS)?
+            .get(rec.id)?
+            .map(|g| g.value())
+            .unwrap_or_default();
+        Ok(Some((rec, stats)))
+    }
+
+    fn require_room_id(&self, name: &RoomName) -> Result<u64> {
+        self.read_room(name)?
+            .map(|(r, _)| r.id)
+            .ok_or_else(|| Error::RoomNotFound {
+                room: name.to_string(),
+            })
+    }
+}
+
+fn type_not_found(room: &RoomName, name: &EventTypeName) -> Error {
+    Error::EventTypeNotFound {
+        room: room.to_string(),
+        event_type: name.to_string(),
+    }
+}
+
+/// Every table, opened once per write transaction.
+struct Tables<'t> {
+    meta: Table<'t, &'static str, u64>,
+    rooms: Table<'t, &'static str, &'static [u8]>,
+    room_stats: Table<'t, u64, (u64, u64, u64)>,
+    event_types: Table<'t, (u64, &'static str), &'static [u8]>,
+    schemas: Table<'t, (u64, &'static str, u32), &'static [u8]>,
+    events: Table<'t, u128, &'static [u8]>,
+    room_log: Table<'t, (u64, u64), u128>,
+    key_seq: Table<'t, (u64, &'static str), u64>,
+    key_log: Table<'t, (u64, &'static str, u64), u128>,
+    idempotency: Table<'t, (u64, &'static str, &'static str), &'static [u8]>,
+    idem_expiry: Table<'t, (u64, u64, &'static str, &'static str), ()>,
+    deleted_rooms: Table<'t, u64, ()>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Self> {
+        Ok(Tables {
+            meta: txn.open_table(META)?,
+            rooms: txn.open_table(ROOMS)?,
+            room_stats: txn.open_table(ROOM_STATS)?,
+            event_types: txn.open_table(EVENT_TYPES)?,
+            schemas: txn.open_table(SCHEMAS)?,
+            events: txn.open_table(EVENTS)?,
+            room_log: txn.open_table(ROOM_LOG)?,
+            key_seq: txn.open_table(KEY_SEQ)?,
+            key_log: txn.open_table(KEY_LOG)?,
+            idempotency: txn.open_table(IDEMPOTENCY)?,
+            idem_expiry: txn.open_table(IDEM_EXPIRY)?,
+            deleted_rooms: txn.open_table(DELETED_ROOMS)?,
+        })
+    }
+
+    fn apply(&mut self, now: Timestamp, op: WriteOp) -> Result<WriteOutput> {
+        match op {
+            WriteOp::CreateRoom { room, rooms_max } => self
+                .create_room(now, room, rooms_max)
+                .map(WriteOutput::Room),
+            WriteOp::UpdateRoom { name, patch } => {
+                self.update_room(now, &name, patch).map(WriteOutput::Room)
+            }
+            WriteOp::ApproveRoom { name } => self.approve_room(now, &name).map(WriteOutput::Room),
+            WriteOp::DeleteRoom { name } => self.delete_room(&name).map(|()| WriteOutput::Deleted),
+            WriteOp::PutEventType {
+                room,
+                spec,
+                types_max,
+                versions_max,
+            } => self
+                .put_event_type(now, &room, spec, types_max, versions_max)
+                .map(WriteOutput::EventType),
+            WriteOp::Publish(events) => {
+                let mut receipts = Vec::with_capacity(events.len());
+                for event in events {
+                    match self.publish(now, event) {
+                        Err(Error::Storage(msg)) => return Err(Error::Storage(msg)),
+                        other => receipts.push(other),
+                    }
+                }
+                Ok(WriteOutput::Receipts(receipts))
+            }
+            WriteOp::Sweep { delete_max } => self.sweep(now, delete_max).map(WriteOutput::Swept),
+        }
+    }
+
+    fn room_record(&self, name: &RoomName) -> Result<RoomRecord> {
+        match self.rooms.get(name.as_str())? {
+            Some(g) => decode(g.value()),
+            None => Err(Error::RoomNotFound {
+                room: name.to_string(),
+            }),
+        }
+    }
+
+    fn stats(&self, room_id: u64) -> Result<(u64, u64, u64)> {
+        Ok(self
+            .room_stats
+            .get(room_id)?
+            .map(|g| g.value())
+            .unwrap_or_default())
+    }
+
+    fn store_room(&mut self, name: &RoomName, rec: &RoomRecord) -> Result<Room> {
+        self.rooms.insert(name.as_str(), encode(rec)?.as_slice())?;
+        let stats = self.stats(rec.id)?;
+        room_from(name.as_str(), decode(&encode(rec)?)?, stats)
+    }
+
+    fn create_room(&mut self, now: Timestamp, room: NewRoom, rooms_max: usize) -> Result<Room> {
+        if self.rooms.get(room.name.as_str())?.is_some() {
+            return Err(Error::RoomExists {
+                room: room.name.to_string(),
+            });
+        }
+        let count = self.rooms.len()?;
+        if count >= rooms_max as u64 {
+            return Err(Error::limit("rooms_max", rooms_max as u64, count + 1));
+        }
+        let id = self
+            .meta
+            .get("next_room_id")?
+            .map(|g| g.value())
+            .unwrap_or(1);
+        self.meta.insert("next_room_id", id + 1)?;
+        self.room_stats.insert(id, (0, 0, 0))?;
+        let rec = RoomRecord {
+            id,
+            description: room.description,
+            owner: room.owner,
+            status: if room.approved {
+                RoomStatus::Active
+            } else {
+                RoomStatus::Pending
+            },
+            ordered: room.ordered,
+            retention: room.retention,
+            created_at: now,
+            updated_at: now,
+        };
+        self.store_room(&room.name, &rec)
+    }
+
+    fn update_room(&mut self, now: Timestamp, name: &RoomName, patch: RoomPatch) -> Result<Room> {
+        let mut rec = self.room_record(name)?;
+        if let Some(status) = patch.status {
+            match (rec.status, status) {
+                (RoomStatus::Pending, RoomStatus::Active) => {
+                    return Err(Error::invalid(
+                        "status",
+                        "a pending room becomes active only by approval",
+                    ))
+                }
+                (_, RoomStatus::Pending) => {
+                    return Err(Error::invalid(
+                        "status",
+                        "a room cannot be set back to pending",
+                    ))
+                }
+                (_, s) => rec.status = s,
+            }
+        }
+        if let Some(d) = patch.description {
+            rec.description = d;
+        }
+        if let Some(o) = patch.ordered {
+            rec.ordered = o;
+        }
+        if let Some(r) = patch.retention {
+            rec.retention = r;
+        }
+        rec.updated_at = now;
+        self.store_room(name, &rec)
+    }
+
+    fn approve_room(&mut self, now: Timestamp, name: &RoomName) -> Result<Room> {
+        let mut rec = self.room_record(name)?;
+        match rec.status {
+            RoomStatus::Pending => {
+                rec.status = RoomStatus::Active;
+                rec.updated_at = now;
+                self.store_room(name, &rec)
+            }
+            RoomStatus::Active => self.store_room(name, &rec),
+            RoomStatus::Disabled => Err(Error::RoomNotActive {
+                room: name.to_string(),
+                status: "disabled".into(),
+            }),
+        }
+    }
+
+    fn delete_room(&mut self, name: &RoomName) -> Result<()> {
+        let rec = self.room_record(name)?;
+        self.rooms.remove(name.as_str())?;
+        self.deleted_rooms.insert(rec.id, ())?;
+        Ok(())
+    }
+
+    fn put_event_type(
+        &mut self,
+        now: Timestamp,
+        room: &RoomName,
+        spec: EventTypeSpec,
+        types_max: usize,
+        versions_max: u32,
+    ) -> Result<PutEventTypeOutcome> {
+        let room_rec = self.room_record(room)?;
+        let rid = room_rec.id;
+        let name = spec.name.as_str();
+        let schema_json = spec.schema.to_string();
+        let existing: Option<TypeRecord> = match self.event_types.get((rid, name))? {
+            Some(g) => Some(decode(g.value())?),
+            None => None,
+        };
+        let (mut type_rec, created, new_version) = match existing {
+            None => {
+                let count = self.event_types.range((rid, "")..(rid + 1, ""))?.count();
+                if count >= types_max {
+                    return Err(Error::limit(
+                        "event_types_per_room_max",
+                        types_max as u64,
+                        count as u64 + 1,
+                    ));
+                }
+                let rec = TypeRecord {
+                    description: spec.description.clone(),
+                    version: 1,
+                    created_at: now,
+                    updated_at: now,
+                };
+                (rec, true, true)
+            }
+            Some(mut rec) => {
+                let current: VersionRecord = match self.schemas.get((rid, name, rec.version))? {
+                    Some(g) => decode(g.value())?,
+                    None => {
+                        return Err(Error::Storage(format!(
+                            "missing schema version {} of {name}",
+                            rec.version
+                        )))
+                    }
+                };
+                let changed =
+                    current.schema_json != schema_json || current.key_pointer != spec.key_pointer;
+                if changed {
+                    if rec.version >= versions_max {
+                        return Err(Error::limit(
+                            "schema_versions_max",
+                            versions_max.into(),
+                            u64::from(rec.version) + 1,
+                        ));
+                    }
+                    rec.version += 1;
+                    rec.updated_at = now;
+                }
+                if rec.description != spec.description {
+                    rec.description = spec.description.clone();
+                    rec.updated_at = now;
+                }
+                (rec, false, changed)
+            }
+        };
+        if new_version {
+            let v = VersionRecord {
+                schema_json,
+                key_pointer: spec.key_pointer.clone(),
+                created_at: now,
+            };
+            self.schemas
+                .insert((rid, name, type_rec.version), encode(&v)?.as_slice())?;
+        }
+        type_rec.description = spec.description;
+        self.event_types
+            .insert((rid, name), encode(&type_rec)?.as_slice())?;
+        let current: VersionRecord = match self.schemas.get((rid, name, type_rec.version))? {
+            Some(g) => decode(g.value())?,
+            None => return Err(Error::Storage("schema version vanished".into())),
+        };
+        Ok(PutEventTypeOutcome {
+            event_type: EventType {
+                room: room.clone(),
+                name: spec.name,
+                description: type_rec.description,
+                version: type_rec.version,
+                schema: parse_schema(&current.schema_json)?,
+                key_pointer: current.key_pointer,
+                created_at: type_rec.created_at,
+                updated_at: type_rec.updated_at,
+            },
+            created,
+            new_version,
+        })
+    }
+
+    fn publish(&mut self, now: Timestamp, ev: PreparedEvent) -> Result<Receipt> {
+        // The Room may have been disabled or replaced since the caller validated against it.
+        let room = self.room_record(&ev.room)?;
+        if room.id != ev.room_id {
+            return Err(Error::RoomNotFound {
+                room: ev.room.to_string(),
+            });
+        }
+        if room.status != RoomStatus::Active {
+            return Err(Error::RoomNotActive {
+                room: ev.room.to_string(),
+                status: room.status.as_str().into(),
+            });
+        }
+        if let Some(claim) = &ev.idempotency {
+            let k = (room.id, ev.publisher.as_str(), claim.key.as_str());
+            let prior: Option<IdempotencyRecord> = match self.idempotency.get(k)? {
+                Some(g) => Some(decode(g.value())?),
+                None => None,
+            };
+            if let Some(prior) = prior {
+                if prior.expires_at > now {
+                    if prior.request_hash == claim.request_hash {
+                        return Ok(Receipt {
+                            duplicate: true,
+                            ..prior.receipt
+                        });
+                    }
+                    return Err(Error::IdempotencyConflict {
+                        key: claim.key.clone(),
+                    });
+                }
+                self.idem_expiry.remove((
+                    prior.expires_at.0,
+                    room.id,
+                    ev.publisher.as_str(),
+                    claim.key.as_str(),
+                ))?;
+            }
+        }
+        let id = ev.event_id.0.as_u128();
+        if ev.id_from_publisher {
+            let prior: Option<EventRecord> = match self.events.get(id)? {
+                Some(g) => Some(decode(g.value())?),
+                None => None,
+            };
+            if let Some(prior) = prior {
+                if prior.room_id != room.id || prior.event_type != ev.event_type {
+                    return Err(Error::EventIdConflict {
+                        id: ev.event_id.to_string(),
+                    });
+                }
+                return Ok(Receipt {
+                    id: ev.event_id,
+                    room: prior.room,
+                    event_type: prior.event_type,
+                    version: prior.version,
+                    key: prior.key,
+                    sequence: Sequence(prior.sequence),
+                    received_at: prior.received_at,
+                    duplicate: true,
+                });
+            }
+        }
+        let seq = self
+            .key_seq
+            .get((room.id, ev.key.as_str()))?
+            .map(|g| g.value())
+            .unwrap_or(0)
+            + 1;
+        self.key_seq.insert((room.id, ev.key.as_str()), seq)?;
+        let (offset, count, bytes) = self.stats(room.id)?;
+        self.room_stats.insert(
+            room.id,
+            (offset + 1, count + 1, bytes + ev.payload.len() as u64),
+        )?;
+        self.room_log.insert((room.id, offset), id)?;
+        self.key_log.insert((room.id, ev.key.as_str(), seq), id)?;
+        let receipt = Receipt {
+            id: ev.event_id,
+            room: ev.room.clone(),
+            event_type: ev.event_type.clone(),
+            version: ev.version,
+            key: ev.key.clone(),
+            sequence: Sequence(seq),
+            received_at: now,
+            duplicate: false,
+        };
+        if let Some(claim) = &ev.idempotency {
+            let expires_at = now.plus_ms(claim.window_ms);
+            let rec = IdempotencyRecord {
+                request_hash: claim.request_hash,
+                receipt: receipt.clone(),
+                expires_at,
+            };
+            self.idempotency.insert(
+                (room.id, ev.publisher.as_str(), claim.key.as_str()),
+                encode(&rec)?.as_slice(),
+            )?;
+            self.idem_expiry.insert(
+                (
+                    expires_at.0,
+                    room.id,
+                    ev.publisher.as_str(),
+                    claim.key.as_str(),
+                ),
+                (),
+            )?;
+        }
+        let rec = EventRecord {
+            room_id: room.id,
+            room: ev.room,
+            event_type: ev.event_type,
+            version: ev.version,
+            key: ev.key,
+            sequence: seq,
+            offset,
+            publisher: ev.publisher,
+            received_at: now,
+            idempotency_key: ev.idempotency.map(|c| c.key),
+            deliveries_owed: 0,
+            payload: ev.payload,
+        };
+        self.events.insert(id, encode(&rec)?.as_slice())?;
+        Ok(receipt)
+    }
+
+    /// Removes one event and its index entries, keeping the Room's counters right.
+    fn remove_event(&mut self, id: u128, rec: &EventRecord) -> Result<()> {
+        self.events.remove(id)?;
+        self.room_log.remove((rec.room_id, rec.offset))?;
+        self.key_log
+            .remove((rec.room_id, rec.key.as_str(), rec.sequence))?;
+        let stats = self.room_stats.get(rec.room_id)?.map(|g| g.value());
+        if let Some((offset, count, bytes)) = stats {
+            self.room_stats.insert(
+                rec.room_id,
+                (
+                    offset,
+                    count.saturating_sub(1),
+                    bytes.saturating_sub(rec.payload.len() as u64),
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn sweep(&mut self, now: Timestamp, delete_max: usize) -> Result<SweepReport> {
+        let mut report = SweepReport::default();
+        let mut budget = delete_max;
+
+        // 1. Expired idempotency records.
+        let expired: Vec<(u64, u64, String, String)> = self
+            .idem_expiry
+            .range((0u64, 0u64, "", "")..(now.0, 0u64, "", ""))?
+            .take(budget)
+            .map(|r| {
+                r.map(|(k, _)| {
+                    let (e, rid, p, key) = k.value();
+                    (e, rid, p.to_string(), key.to_string())
+                })
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        for (e, rid, p, key) in &expired {
+            self.idem_expiry
+                .remove((*e, *rid, p.as_str(), key.as_str()))?;
+            self.idempotency.remove((*rid, p.as_str(), key.as_str()))?;
+        }
+        report.idempotency_removed = expired.len() as u64;
+        budget -= expired.len();
+
+        // 2. Contents of deleted Rooms.
+        let deleted: Vec<u64> = self
+            .deleted_rooms
+            .iter()?
+            .map(|r| r.map(|(k, _)| k.value()))
+            .collect::<std::result::Result<_, _>>()?;
+        for rid in deleted {
+            if budget == 0 {
+                break;
+            }
+            let removed = self.purge_room(rid, budget)?;
+            report.deleted_room_records_removed += removed as u64;
+            budget -= removed.min(budget);
+        }
+
+        // 3. Retention bounds of live Rooms.
+        let rooms: Vec<RoomRecord> = self
+            .rooms
+            .iter()?
+            .map(|r| r.map_err(Error::from).and_then(|(_, v)| decode(v.value())))
+            .collect::<Result<_>>()?;
+        for room in rooms {
+            if budget == 0 {
+                break;
+            }
+            if room.retention.age_ms_max.is_none() && room.retention.bytes_max.is_none() {
+                continue;
+            }
+            let (removed, kept) = self.enforce_retention(now, &room, budget)?;
+            report.events_removed += removed;
+            report.events_kept_owed += kept;
+            budget -= (removed as usize).min(budget);
+        }
+        report.more = budget == 0;
+        Ok(report)
+    }
+
+    /// Deletes up to `budget` records of a deleted Room; returns how many. Removes the Room's
+    /// tombstone once nothing of it is left.
+    fn purge_room(&mut self, rid: u64, budget: usize) -> Result<usize> {
+        let mut left = budget;
+        let log: Vec<(u64, u128)> = self
+            .room_log
+            .range((rid, 0)..=(rid, u64::MAX))?
+            .take(left)
+            .map(|r| r.map(|(k, v)| (k.value().1, v.value())))
+            .collect::<std::result::Result<_, _>>()?;
+        for &(offset, id) in &log {
+            let rec: Option<EventRecord> = match self.events.get(id)? {
+                Some(g) => Some(decode(g.value())?),
+                None => None,
+            };
+            match rec {
+                Some(rec) => self.remove_event(id, &rec)?,
+                None => {
+                    self.room_log.remove((rid, offset))?;
+                }
+            }
+        }
+        left -= log.len();
+        // Each index is emptied in turn; `left` reaching zero means more remains for next time.
+        macro_rules! purge_prefix {
+            ($table:expr, $range:expr, $to_owned:expr, $k:ident => $as_key:expr) => {{
+                if left == 0 {
+                    return Ok(budget);
+                }
+                let keys: Vec<_> = $table
+                    .range($range)?
+                    .take(left)
+                    .map(|r| r.map(|(k, _)| $to_owned(k.value())))
+                    .collect::<std::result::Result<_, _>>()?;
+                for $k in &keys {
+                    $table.remove($as_key)?;
+                }
+                left -= keys.len();
+            }};
+        }
+        purge_prefix!(
+            self.key_log,
+            (rid, "", 0u64)..(rid + 1, "", 0u64),
+            |(a, b, c): (u64, &str, u64)| (a, b.to_string(), c),
+            k => (k.0, k.1.as_str(), k.2)
+        );
+        purge_prefix!(
+            self.key_seq,
+            (rid, "")..(rid + 1, ""),
+            |(a, b): (u64, &str)| (a, b.to_string()),
+            k => (k.0, k.1.as_str())
+        );
+        purge_prefix!(
+            self.event_types,
+            (rid, "")..(rid + 1, ""),
+            |(a, b): (u64, &str)| (a, b.to_string()),
+            k => (k.0, k.1.as_str())
+        );
+        purge_prefix!(
+            self.schemas,
+            (rid, "", 0u32)..(rid + 1, "", 0u32),
+            |(a, b, c): (u64, &str, u32)| (a, b.to_string(), c),
+            k => (k.0, k.1.as_str(), k.2)
+        );
+        purge_prefix!(
+            self.idempotency,
+            (rid, "", "")..(rid + 1, "", ""),
+            |(a, b, c): (u64, &str, &str)| (a, b.to_string(), c.to_string()),
+            k => (k.0, k.1.as_str(), k.2.as_str())
+        );
+        if left > 0 {
+            // Nothing of the Room is left but its counters. Idempotency expiry entries without a
+            // record are dropped harmlessly by the expiry step when they fall due.
+            self.room_stats.remove(rid)?;
+            self.deleted_rooms.remove(rid)?;
+        }
+        Ok(budget - left)
+    }
+
+    /// Removes a Room's oldest events while they break its age or byte bound, skipping events
+    /// still owed to a subscriber. Returns (removed, kept because owed).
+    fn enforce_retention(
+        &mut self,
+        now: Timestamp,
+        room: &RoomRecord,
+        budget: usize,
+    ) -> Result<(u64, u64)> {
+        let (_, _, mut bytes) = self.stats(room.id)?;
+        let scan_max = budget.saturating_mul(4);
+        let log: Vec<u128> = self
+            .room_log
+            .range((room.id, 0)..=(room.id, u64::MAX))?
+            .take(scan_max)
+            .map(|r| r.map(|(_, v)| v.value()))
+            .collect::<std::result::Result<_, _>>()?;
+        let (mut removed, mut kept) = (0u64, 0u64);
+        for id in log {
+            if removed as usize >= budget {
+                break;
+            }
+            let rec: EventRecord = match self.events.get(id)? {
+                Some(g) => decode(g.value())?,
+                None => continue,
+            };
+            let too_old = room
+                .retention
+                .age_ms_max
+                .is_some_and(|a| now.ms_since(rec.received_at) > a);
+            let too_big = room.retention.bytes_max.is_some_and(|b| bytes > b);
+            if !too_old && !too_big {
+                break;
+            }
+            if rec.deliveries_owed > 0 {
+                kept += 1;
+                continue;
+            }
+            bytes = bytes.saturating_sub(rec.payload.len() as u64);
+            self.remove_event(id, &rec)?;
+            removed += 1;
+        }
+        Ok((removed, kept))
+    }
+}
+
+impl Storage for RedbStorage {
+    fn apply(&self, now: Timestamp, ops: Vec<WriteOp>) -> Result<Vec<Result<WriteOutput>>> {
+        let mut txn = self.db.begin_write()?;
+        // Stated explicitly: every commit is durable before any caller hears of it.
+        txn.set_durability(Durability::Immediate)?;
+        let mut results = Vec::with_capacity(ops.len());
+        {
+            let mut tables = Tables::open(&txn)?;
+            for op in ops {
+                match tables.apply(now, op) {
+                    // A storage error may leave the transaction half-written: abandon the batch.
+                    Err(Error::Storage(msg)) => return Err(Error::Storage(msg)),
+                    other => results.push(other),
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(results)
+    }
+
+    fn room(&self, name: &RoomName) -> Result<Option<Room>> {
+        self.read_room(name)?
+            .map(|(rec, stats)| room_from(name.as_str(), rec, stats))
+            .transpose()
+    }
+
+    fn rooms(&self, after: Option<&RoomName>, limit: usize) -> Result<Vec<Room>> {
+        let txn = self.db.begin_read()?;
+        let rooms = txn.open_table(ROOMS)?;
+        let stats = txn.open_table(ROOM_STATS)?;
+        let start = after.map(RoomName::as_str).unwrap_or("");
+        let mut out = Vec::new();
+        for item in rooms.range(start..)? {
+            let (k, v) = item?;
+            if after.is_some_and(|a| a.as_str() == k.value()) {
+                continue;
+            }
+            if out.len() >= limit {
+                break;
+            }
+            let rec: RoomRecord = decode(v.value())?;
+            let s = stats.get(rec.id)?.map(|g| g.value()).unwrap_or_default();
+            out.push(room_from(k.value(), rec, s)?);
+        }
+        Ok(out)
+    }
+
+    fn publish_target(&self, room: &RoomName, event_type: &EventTypeName) -> Result<PublishTarget> {
+        let txn = self.db.begin_read()?;
+        let rooms = txn.open_table(ROOMS)?;
+        let rec: RoomRecord = match rooms.get(room.as_str())? {
+            Some(g) => decode(g.value())?,
+            None => {
+                return Err(Error::RoomNotFound {
+                    room: room.to_string(),
+                })
+            }
+        };
+        if rec.status != RoomStatus::Active {
+            return Err(Error::RoomNotActive {
+                room: room.to_string(),
+                status: rec.status.as_str().into(),
+            });
+        }
+        let types = txn.open_table(EVENT_TYPES)?;
+        let t: TypeRecord = match types.get((rec.id, event_type.as_str()))? {
+            Some(g) => decode(g.value())?,
+            None => return Err(type_not_found(room, event_type)),
+        };
+        let schemas = txn.open_table(SCHEMAS)?;
+        let v: VersionRecord = match schemas.get((rec.id, event_type.as_str(), t.version))? {
+            Some(g) => decode(g.value())?,
+            None => return Err(Error::Storage("missing current schema version".into())),
+        };
+        Ok(PublishTarget {
+            room_id: rec.id,
+            version: t.version,
+            key_pointer: v.key_pointer,
+        })
+    }
+
+    fn event_type(&self, room: &RoomName, name: &EventTypeName) -> Result<EventType> {
+        let rid = self.require_room_id(room)?;
+        let txn = self.db.begin_read()?;
+        let types = txn.open_table(EVENT_TYPES)?;
+        let t: TypeRecord = match types.get((rid, name.as_str()))? {
+            Some(g) => decode(g.value())?,
+            None => return Err(type_not_found(room, name)),
+        };
+        let v = self.event_type_version(rid, room, name, t.version)?;
+        Ok(EventType {
+            room: room.clone(),
+            name: name.clone(),
+            description: t.description,
+            version: t.version,
+            schema: v.schema,
+            key_pointer: v.key_pointer,
+            created_at: t.created_at,
+            updated_at: t.updated_at,
+        })
+    }
+
+    fn event_types(&self, room: &RoomName) -> Result<Vec<EventType>> {
+        let rid = self.require_room_id(room)?;
+        let names: Vec<String> = {
+            let txn = self.db.begin_read()?;
+            let types = txn.open_table(EVENT_TYPES)?;
+            types
+                .range((rid, "")..(rid + 1, ""))?
+                .map(|r| r.map(|(k, _)| k.value().1.to_string()))
+                .collect::<std::result::Result<_, _>>()?
+        };
+        names
+            .into_iter()
+            .map(|n| {
+                let name = EventTypeName::new(n)
+                    .map_err(|e| Error::Storage(format!("stored type name: {e}")))?;
+                self.event_type(room, &name)
+            })
+            .collect()
+    }
+
+    fn event_type_version(
+        &self,
+        room_id: u64,
+        room: &RoomName,
+        name: &EventTypeName,
+        version: u32,
+    ) -> Result<EventTypeVersion> {
+        let txn = self.db.begin_read()?;
+        let schemas = txn.open_table(SCHEMAS)?;
+        let v: VersionRecord = match schemas.get((room_id, name.as_str(), version))? {
+            Some(g) => decode(g.value())?,
+            None => {
+                return Err(Error::EventTypeNotFound {
+                    room: room.to_string(),
+                    event_type: format!("{name}@{version}"),
+                })
+            }
+        };
+        Ok(EventTypeVersion {
+            version,
+            schema: parse_schema(&v.schema_json)?,
+            key_pointer: v.key_pointer,
+            created_at: v.created_at,
+        })
+    }
+
+    fn room_id(&self, room: &RoomName) -> Result<u64> {
+        self.require_room_id(room)
+    }
+
+    fn event(&self, id: EventId) -> Result<Option<Event>> {
+        let txn = self.db.begin_read()?;
+        let events = txn.open_table(EVENTS)?;
+        let id = id.0.as_u128();
+        let Some(g) = events.get(id)? else {
+            return Ok(None);
+        };
+        let rec: EventRecord = decode(g.value())?;
+        // An event of a deleted Room awaiting purge is no longer visible.
+        let deleted = txn.open_table(DELETED_ROOMS)?.get(rec.room_id)?.is_some();
+        Ok((!deleted).then(|| event_from(id, rec)))
+    }
+
+    fn events(
+        &self,
+        room: &RoomName,
+        filter: &EventFilter,
+        limit: usize,
+        scan_max: usize,
+    ) -> Result<Page<Event>> {
+        let rid = self.require_room_id(room)?;
+        let start = match &filter.cursor {
+            None => 0,
+            Some(c) => c
+                .parse::<u64>()
+                .map_err(|_| Error::invalid("cursor", "not a cursor this listing returned"))?,
+        };
+        let txn = self.db.begin_read()?;
+        let events = txn.open_table(EVENTS)?;
+        // With a key the listing walks that key's sequence; otherwise the Room's log. Either way
+        // the cursor is the next position to read.
+        let positions: Box<
+            dyn Iterator<Item = std::result::Result<(u64, u128), redb::StorageError>>,
+        > = match &filter.key {
+            Some(key) => {
+                let t = txn.open_table(KEY_LOG)?;
+                let range = t.range((rid, key.as_str(), start)..=(rid, key.as_str(), u64::MAX))?;
+                Box::new(range.map(|r| r.map(|(k, v)| (k.value().2, v.value()))))
+            }
+            None => {
+                let t = txn.open_table(ROOM_LOG)?;
+                let range = t.range((rid, start)..=(rid, u64::MAX))?;
+                Box::new(range.map(|r| r.map(|(k, v)| (k.value().1, v.value()))))
+            }
+        };
+        let mut items = Vec::new();
+        let mut next_cursor = None;
+        for (scanned, item) in positions.enumerate() {
+            let (pos, id) = item?;
+            if items.len() >= limit || scanned >= scan_max {
+                next_cursor = Some(pos.to_string());
+                break;
+            }
+            let Some(g) = events.get(id)? else { continue };
+            let rec: EventRecord = decode(g.value())?;
+            let keep = filter
+                .event_type
+                .as_ref()
+                .is_none_or(|t| *t == rec.event_type)
+                && filter
+                    .publisher
+                    .as_ref()
+                    .is_none_or(|p| *p == rec.publisher)
+                && filter.since.is_none_or(|s| rec.received_at >= s)
+                && filter.until.is_none_or(|u| rec.received_at < u);
+            if keep {
+                items.push(event_from(id, rec));
+            }
+        }
+        Ok(Page { items, next_cursor })
+    }
+}
