@@ -1,0 +1,65 @@
+//! A publisher to be killed: the crash-consistency test runs it as a child process, reads the
+//! receipts it prints, and kills it with SIGKILL mid-load. Each line it prints is an event the
+//! broker acknowledged as durable: `ack <event id> <key> <sequence>`.
+//!
+//! Usage: crash_publisher <database file> <keys> <concurrency>
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use broker_core::{Broker, Config, EventTypeSpec, NewRoom, PublishRequest};
+use postroom_tests::{person_schema, room, ty, who};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, path, keys, concurrency] = args.as_slice() else {
+        return Err("usage: crash_publisher <database file> <keys> <concurrency>".into());
+    };
+    let keys: u64 = keys.parse()?;
+    let concurrency: u64 = concurrency.parse()?;
+    let broker = Broker::open(path, Config::default()).await?;
+    if broker.room(&room("crash")).is_err() {
+        broker
+            .create_room(NewRoom::new(room("crash"), who("admin")).approved())
+            .await?;
+        broker
+            .put_event_type(
+                &room("crash"),
+                EventTypeSpec {
+                    name: ty("moved"),
+                    description: String::new(),
+                    schema: person_schema(),
+                    key_pointer: Some("/person".into()),
+                },
+            )
+            .await?;
+    }
+    let out = Arc::new(Mutex::new(std::io::stdout()));
+    let mut tasks = Vec::new();
+    for t in 0..concurrency {
+        let broker = broker.clone();
+        let out = out.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0u64.. {
+                let key = format!("k{}", (t + i * concurrency) % keys);
+                let body = serde_json::json!({"person": key, "n": i, "pad": "x".repeat(200)});
+                let req = PublishRequest::new(
+                    room("crash"),
+                    ty("moved"),
+                    who("p"),
+                    serde_json::to_vec(&body)?,
+                );
+                let r = broker.publish(req).await?;
+                let mut o = out.lock().map_err(|_| "stdout lock poisoned")?;
+                writeln!(o, "ack {} {} {}", r.id, r.key, r.sequence.0)?;
+                o.flush()?;
+            }
+            Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+        }));
+    }
+    for t in tasks {
+        t.await?.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}

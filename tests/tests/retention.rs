@@ -1,0 +1,165 @@
+//! Retention: age and byte bounds per Room, idempotency expiry, bounded sweeps. Guards against
+//! retention deleting too much, too little, or stalling the writer with one huge transaction.
+
+use broker_core::{EventFilter, NewRoom, Retention, RoomPatch};
+use postroom_tests::{memory_broker, moved, padded, room, setup_room, test_config, who};
+
+async fn set_retention(broker: &broker_core::Broker, name: &str, retention: Retention) {
+    broker
+        .update_room(
+            &room(name),
+            RoomPatch {
+                retention: Some(retention),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn events_older_than_the_age_bound_are_removed() {
+    let (broker, clock) = memory_broker(test_config()).await;
+    setup_room(&broker, "r").await;
+    setup_room(&broker, "keep").await;
+    set_retention(
+        &broker,
+        "r",
+        Retention {
+            age_ms_max: Some(10_000),
+            bytes_max: None,
+        },
+    )
+    .await;
+    let mut receipts = Vec::new();
+    for i in 0..6 {
+        receipts.push(broker.publish(moved("r", "p", i)).await.unwrap());
+        broker.publish(moved("keep", "p", i)).await.unwrap();
+        clock.advance_ms(3_000);
+    }
+    // Now = 18 s after the first event; events at 0, 3, 6 s are older than 10 s.
+    let report = broker.sweep_retention().await.unwrap();
+    assert_eq!(report.events_removed, 3, "{report:?}");
+    let left = broker
+        .events(&room("r"), EventFilter::default())
+        .await
+        .unwrap();
+    let left_ids: Vec<_> = left.items.iter().map(|e| e.id).collect();
+    assert_eq!(
+        left_ids,
+        receipts[3..].iter().map(|r| r.id).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        broker.event(receipts[0].id).unwrap_err().code(),
+        "event_not_found"
+    );
+    assert_eq!(broker.room(&room("r")).unwrap().events_stored, 3);
+    assert_eq!(
+        broker.room(&room("keep")).unwrap().events_stored,
+        6,
+        "rooms without bounds keep everything"
+    );
+    // Sequences continue after removal: a key never reuses a number.
+    assert_eq!(
+        broker.publish(moved("r", "p", 9)).await.unwrap().sequence.0,
+        7
+    );
+}
+
+#[tokio::test]
+async fn the_oldest_events_go_while_the_room_is_over_its_byte_bound() {
+    let (broker, _) = memory_broker(test_config()).await;
+    setup_room(&broker, "r").await;
+    for i in 0..10 {
+        broker.publish(padded("r", "p", i, 1000)).await.unwrap();
+    }
+    let before = broker.room(&room("r")).unwrap();
+    assert_eq!(before.events_stored, 10);
+    let per_event = before.bytes_stored / 10;
+    set_retention(
+        &broker,
+        "r",
+        Retention {
+            age_ms_max: None,
+            bytes_max: Some(per_event * 4),
+        },
+    )
+    .await;
+    let report = broker.sweep_retention().await.unwrap();
+    assert_eq!(report.events_removed, 6);
+    let after = broker.room(&room("r")).unwrap();
+    assert_eq!(after.events_stored, 4);
+    assert!(after.bytes_stored <= per_event * 4);
+    let seqs: Vec<u64> = broker
+        .events(&room("r"), EventFilter::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|e| e.sequence.0)
+        .collect();
+    assert_eq!(seqs, [7, 8, 9, 10], "the newest are kept");
+}
+
+#[tokio::test]
+async fn sweeps_are_bounded_and_report_remaining_work() {
+    let mut config = test_config();
+    config.retention.delete_batch_max = 4;
+    let (broker, clock) = memory_broker(config).await;
+    broker
+        .create_room(NewRoom::new(room("r"), who("a")).approved())
+        .await
+        .unwrap();
+    setup_room(&broker, "s").await;
+    for i in 0..10 {
+        broker.publish(moved("s", "p", i)).await.unwrap();
+    }
+    set_retention(
+        &broker,
+        "s",
+        Retention {
+            age_ms_max: Some(1),
+            bytes_max: None,
+        },
+    )
+    .await;
+    clock.advance_ms(10);
+    let mut removed = Vec::new();
+    loop {
+        let r = broker.sweep_retention().await.unwrap();
+        assert!(r.events_removed <= 4);
+        removed.push(r.events_removed);
+        if !r.more {
+            break;
+        }
+    }
+    assert_eq!(removed.iter().sum::<u64>(), 10);
+    assert!(removed.len() >= 3, "{removed:?}");
+    assert_eq!(broker.room(&room("s")).unwrap().events_stored, 0);
+}
+
+#[tokio::test]
+async fn expired_idempotency_records_are_swept() {
+    let mut config = test_config();
+    config.idempotency_window_ms = 1000;
+    let (broker, clock) = memory_broker(config).await;
+    setup_room(&broker, "r").await;
+    for i in 0..3 {
+        let mut req = moved("r", "p", i);
+        req.idempotency_key = Some(format!("k{i}"));
+        broker.publish(req).await.unwrap();
+    }
+    assert_eq!(
+        broker.sweep_retention().await.unwrap().idempotency_removed,
+        0
+    );
+    clock.advance_ms(1001);
+    assert_eq!(
+        broker.sweep_retention().await.unwrap().idempotency_removed,
+        3
+    );
+    assert_eq!(
+        broker.sweep_retention().await.unwrap().idempotency_removed,
+        0
+    );
+}
