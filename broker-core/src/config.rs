@@ -65,9 +65,10 @@ pub struct WriterConfig {
     pub commit_ops_max: usize,
     /// Most payload bytes in one write transaction (default 32 MiB).
     pub commit_bytes_max: usize,
-    /// How long the writer waits for more operations when a batch is smaller than
-    /// `commit_ops_max`, in microseconds (default 0: commit what is queued at once). While a commit
-    /// runs, new operations queue up anyway, so under load batches fill without any wait.
+    /// Under load (the previous batch had more than one operation), how long the writer may
+    /// linger for more operations before committing, in microseconds (default 200). It stops
+    /// lingering as soon as operations stop arriving for a quarter of this. A lone publisher never
+    /// waits; zero disables lingering.
     pub commit_wait_us: u64,
     /// The delay suggested to callers refused with `Overloaded`, in milliseconds (default 100).
     pub overload_retry_after_ms: u64,
@@ -80,7 +81,7 @@ impl Default for WriterConfig {
             queue_bytes_max: 256 * 1024 * 1024,
             commit_ops_max: 1024,
             commit_bytes_max: 32 * 1024 * 1024,
-            commit_wait_us: 0,
+            commit_wait_us: 200,
             overload_retry_after_ms: 100,
         }
     }

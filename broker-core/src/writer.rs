@@ -8,7 +8,7 @@
 //! `Overloaded` at once rather than memory growing without bound.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -120,22 +120,29 @@ fn run(
     stats: Arc<WriterStats>,
 ) {
     let ops_max = config.commit_ops_max.max(1);
-    let wait = Duration::from_micros(config.commit_wait_us);
+    let linger_max = Duration::from_micros(config.commit_wait_us);
+    // Lingering ends when no operation arrives for this long.
+    let linger_gap = linger_max / 4;
+    let mut last_batch_len = 0usize;
     // Returns when every sender is gone and the queue is drained.
     while let Ok(first) = rx.recv() {
         let mut batch_bytes = first.bytes;
         let mut batch = vec![first];
-        let deadline = Instant::now() + wait;
+        // Linger only under load (the previous batch had company): the publishers just answered
+        // are about to send their next operation, and one fsync for all of them is cheaper than
+        // one each. A lone publisher never waits.
+        let linger = last_batch_len > 1 && !linger_max.is_zero();
+        let deadline = Instant::now() + linger_max;
         while batch.len() < ops_max && batch_bytes < config.commit_bytes_max {
             let next = match rx.try_recv() {
                 Ok(job) => Some(job),
-                Err(_) if wait.is_zero() => None,
+                Err(_) if !linger => None,
                 Err(_) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match rx.recv_timeout(left) {
-                        Ok(job) => Some(job),
-                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-                    }
+                    let left = deadline
+                        .saturating_duration_since(Instant::now())
+                        .min(linger_gap);
+                    // A timeout or a closed queue both end the batch.
+                    rx.recv_timeout(left).ok()
                 }
             };
             match next {
@@ -146,6 +153,7 @@ fn run(
                 None => break,
             }
         }
+        last_batch_len = batch.len();
         let (ops, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|j| (j.op, j.reply)).unzip();
         let n = ops.len();
         let outcome = store.apply(clock.now(), ops);

@@ -91,6 +91,9 @@ struct RoomRecord {
     updated_at: Timestamp,
 }
 
+/// A Room's counters: (next log offset, events stored, payload bytes stored).
+type RoomStats = (u64, u64, u64);
+
 #[derive(Serialize, Deserialize)]
 struct TypeRecord {
     description: String,
@@ -296,7 +299,7 @@ impl RedbStorage {
         Ok(cache)
     }
 
-    fn read_room(&self, name: &RoomName) -> Result<Option<(RoomRecord, (u64, u64, u64))>> {
+    fn read_room(&self, name: &RoomName) -> Result<Option<(RoomRecord, RoomStats)>> {
         let txn = self.db.begin_read()?;
         let rooms = txn.open_table(ROOMS)?;
         let Some(rec) = rooms.get(name.as_str())? else {
