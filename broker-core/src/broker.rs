@@ -10,25 +10,38 @@ use sha2::{Digest, Sha256};
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::dispatch::{ensure_dispatcher, Signals};
 use crate::error::{Error, Result};
+use crate::ids::SubscriptionId;
 use crate::ids::{EventId, EventTypeName, RoomName};
 use crate::model::{
     Event, EventFilter, EventType, EventTypeSpec, EventTypeVersion, NewRoom, Page, PublishRequest,
     PutEventTypeOutcome, Receipt, Room, RoomPatch, SweepReport,
 };
 use crate::schema::{self, ValidatorCache};
+use crate::storage::DeliveryDefaults;
 use crate::storage::{IdempotencyClaim, PreparedEvent, RedbStorage, Storage, WriteOp, WriteOutput};
+use crate::webhook::{HttpTransport, Transport};
 use crate::writer::Writer;
+use std::collections::HashSet;
+use std::sync::Mutex;
 
 /// Default page size of list calls that are given none.
 const LIST_ITEMS_DEFAULT: usize = 100;
 
-struct Inner {
-    store: Arc<dyn Storage>,
+/// The state every clone of a [`Broker`] shares.
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn Storage>,
     writer: Writer,
     clock: Arc<dyn Clock>,
     config: Config,
     validators: ValidatorCache,
+    /// Wake-ups for dispatchers and long-polling pullers.
+    pub(crate) signals: Arc<Signals>,
+    /// Push subscriptions whose dispatcher is running.
+    pub(crate) dispatchers: Mutex<HashSet<SubscriptionId>>,
+    /// Sends push deliveries.
+    pub(crate) transport: Arc<dyn Transport>,
 }
 
 impl Drop for Inner {
@@ -78,7 +91,8 @@ impl Broker {
                 .map_err(|e| Error::Storage(format!("cannot create {}: {e}", dir.display())))?;
         }
         let cache = config.cache_bytes;
-        let store = tokio::task::spawn_blocking(move || RedbStorage::open(&path, cache))
+        let defaults = delivery_defaults(&config);
+        let store = tokio::task::spawn_blocking(move || RedbStorage::open(&path, cache, defaults))
             .await
             .map_err(|e| Error::Storage(format!("open task failed: {e}")))??;
         Self::start(Arc::new(store), config, clock)
@@ -86,18 +100,35 @@ impl Broker {
 
     /// A broker whose data lives in memory only: for tests and examples.
     pub async fn open_in_memory(config: Config, clock: Arc<dyn Clock>) -> Result<Broker> {
-        let store = RedbStorage::in_memory(config.cache_bytes)?;
+        let store = RedbStorage::in_memory(config.cache_bytes, delivery_defaults(&config))?;
         Self::start(Arc::new(store), config, clock)
     }
 
     fn start(store: Arc<dyn Storage>, config: Config, clock: Arc<dyn Clock>) -> Result<Broker> {
-        let writer = Writer::start(store.clone(), clock.clone(), config.writer.clone())?;
+        let signals = Arc::new(Signals::default());
+        let on_commit = {
+            let signals = signals.clone();
+            Arc::new(move |ids: &[SubscriptionId]| signals.wake(ids))
+        };
+        let writer = Writer::start(
+            store.clone(),
+            clock.clone(),
+            config.writer.clone(),
+            on_commit,
+        )?;
+        let transport = Arc::new(HttpTransport::new(
+            config.delivery.push_timeout_ms,
+            config.delivery.push_redirects_max,
+        )?);
         let inner = Arc::new(Inner {
             store,
             writer,
             clock,
             config,
             validators: ValidatorCache::default(),
+            signals,
+            dispatchers: Mutex::new(HashSet::new()),
+            transport,
         });
         if inner.config.retention.interval_ms > 0 {
             spawn_retention(
@@ -105,7 +136,36 @@ impl Broker {
                 Duration::from_millis(inner.config.retention.interval_ms),
             );
         }
-        Ok(Broker { inner })
+        let broker = Broker { inner };
+        // Every push subscription resumes where its persisted queue stands.
+        for id in broker.inner.store.push_subscriptions()? {
+            ensure_dispatcher(&broker, id);
+        }
+        Ok(broker)
+    }
+
+    pub(crate) fn from_inner(inner: Arc<Inner>) -> Broker {
+        Broker { inner }
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    pub(crate) async fn write_op(&self, op: WriteOp) -> Result<WriteOutput> {
+        self.inner.writer.submit(op).await
+    }
+
+    /// Undelivered deliveries across all subscriptions (pending or in flight).
+    pub fn backlog_total(&self) -> Result<u64> {
+        self.inner.store.deliveries_total()
+    }
+
+    /// Wakes every dispatcher and long-polling puller so that they look at their queues now.
+    /// Tests call it after moving a manual clock; production never needs it, as dispatchers also
+    /// look on their own every `scheduler_tick_ms`.
+    pub fn wake_deliveries(&self) {
+        self.inner.signals.wake_all();
     }
 
     /// The configuration the broker runs with.
@@ -509,7 +569,19 @@ fn request_hash(
     h.finalize().into()
 }
 
-fn unexpected(out: WriteOutput) -> Error {
+fn delivery_defaults(config: &Config) -> DeliveryDefaults {
+    let d = &config.delivery;
+    DeliveryDefaults {
+        retry: d.retry.clone(),
+        retry_after_ms_max: d.retry_after_ms_max,
+        in_flight_max: d.in_flight_max_default,
+        queue_depth_max: d.queue_depth_max_default,
+        dead_letter_retention_ms: d.dead_letter_retention_ms,
+        subscriptions_per_room_max: d.subscriptions_per_room_max,
+    }
+}
+
+pub(crate) fn unexpected(out: WriteOutput) -> Error {
     Error::Storage(format!("writer returned an unexpected output: {out:?}"))
 }
 

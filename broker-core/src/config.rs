@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::subscription::RetryPolicy;
+
 /// Size and count limits on what callers may send. Each is checked before any work is done, and
 /// a breach is a [`crate::Error::LimitExceeded`] naming the limit.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,8 +110,74 @@ impl Default for RetentionConfig {
     }
 }
 
+/// Delivery: push, pull, retries and dead letters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DeliveryConfig {
+    /// The broker's retry policy, under each Room's and subscription's overrides.
+    pub retry: RetryPolicy,
+    /// Timeout of one push request, connect included, in milliseconds (default 5,000).
+    pub push_timeout_ms: u64,
+    /// Most redirects a push follows (default 3); the final answer must be 2xx.
+    pub push_redirects_max: usize,
+    /// Longest Retry-After honoured, in milliseconds (default 1 hour).
+    pub retry_after_ms_max: u64,
+    /// In-flight bound of a subscription that names none (default 16).
+    pub in_flight_max_default: u32,
+    /// Largest in-flight bound a subscription may ask for (default 1,024).
+    pub in_flight_max_max: u32,
+    /// Queue bound of a subscription that names none (default 1,000,000 events).
+    pub queue_depth_max_default: u64,
+    /// Lease of a pull that names none, in milliseconds (default 30 s).
+    pub lease_ms_default: u64,
+    /// Longest lease or extension, in milliseconds (default 10 minutes).
+    pub lease_ms_max: u64,
+    /// Most messages one pull returns (default 1,000).
+    pub pull_messages_max: usize,
+    /// Longest long-poll wait of a pull, in milliseconds (default 30 s).
+    pub pull_wait_ms_max: u64,
+    /// How long dead letters are kept before the sweep removes them, in milliseconds (default
+    /// 14 days).
+    pub dead_letter_retention_ms: u64,
+    /// How long a rotated-out signing secret stays valid, in milliseconds (default 24 hours).
+    pub secret_grace_ms: u64,
+    /// Most queue records one scheduling pass or pull reads looking for due work (default 10,000).
+    pub scan_records_max: usize,
+    /// Longest a dispatcher sleeps before looking again without being woken, in milliseconds
+    /// (default 1,000).
+    pub scheduler_tick_ms: u64,
+    /// Most subscriptions on one Room (default 1,000).
+    pub subscriptions_per_room_max: usize,
+    /// Most extra headers on a push endpoint (default 32).
+    pub push_headers_max: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            retry: RetryPolicy::default(),
+            push_timeout_ms: 5000,
+            push_redirects_max: 3,
+            retry_after_ms_max: 3_600_000,
+            in_flight_max_default: 16,
+            in_flight_max_max: 1024,
+            queue_depth_max_default: 1_000_000,
+            lease_ms_default: 30_000,
+            lease_ms_max: 600_000,
+            pull_messages_max: 1000,
+            pull_wait_ms_max: 30_000,
+            dead_letter_retention_ms: 14 * 24 * 3_600_000,
+            secret_grace_ms: 24 * 3_600_000,
+            scan_records_max: 10_000,
+            scheduler_tick_ms: 1000,
+            subscriptions_per_room_max: 1000,
+            push_headers_max: 32,
+        }
+    }
+}
+
 /// Everything the core can be configured with.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
     /// Input limits.
@@ -118,6 +186,8 @@ pub struct Config {
     pub writer: WriterConfig,
     /// Retention sweeps.
     pub retention: RetentionConfig,
+    /// Delivery.
+    pub delivery: DeliveryConfig,
     /// How long an idempotency key is remembered, in milliseconds (default 10 minutes, as the
     /// Book a Secure Move API does).
     pub idempotency_window_ms: u64,
@@ -134,6 +204,7 @@ impl Default for Config {
             limits: Limits::default(),
             writer: WriterConfig::default(),
             retention: RetentionConfig::default(),
+            delivery: DeliveryConfig::default(),
             idempotency_window_ms: 10 * 60 * 1000,
             validate_formats: true,
             cache_bytes: 64 * 1024 * 1024,

@@ -59,6 +59,29 @@ pub enum Error {
         /// The event id asked for.
         id: String,
     },
+    /// No subscription with this id.
+    #[error("subscription `{id}` not found")]
+    SubscriptionNotFound {
+        /// The id asked for.
+        id: String,
+    },
+    /// The subscription's status does not allow the change asked for.
+    #[error("subscription `{id}` is {status}; it cannot become {wanted}")]
+    SubscriptionState {
+        /// The subscription.
+        id: String,
+        /// Its status.
+        status: String,
+        /// The status asked for.
+        wanted: String,
+    },
+    /// The ack id does not name a lease this puller holds now (it expired, was settled, or the
+    /// message was redelivered under a newer ack id).
+    #[error("no current lease for ack id `{ack_id}`")]
+    LeaseNotHeld {
+        /// The ack id.
+        ack_id: String,
+    },
     /// A Room with this name already exists.
     #[error("room `{room}` already exists")]
     RoomExists {
@@ -146,6 +169,9 @@ impl Error {
             Error::RoomNotFound { .. } => "room_not_found",
             Error::EventTypeNotFound { .. } => "event_type_not_found",
             Error::EventNotFound { .. } => "event_not_found",
+            Error::SubscriptionNotFound { .. } => "subscription_not_found",
+            Error::SubscriptionState { .. } => "subscription_state",
+            Error::LeaseNotHeld { .. } => "lease_not_held",
             Error::RoomExists { .. } => "room_exists",
             Error::RoomNotActive { .. } => "room_not_active",
             Error::IdempotencyConflict { .. } => "idempotency_conflict",
@@ -166,11 +192,14 @@ impl Error {
         match self {
             Error::RoomNotFound { .. }
             | Error::EventTypeNotFound { .. }
-            | Error::EventNotFound { .. } => ErrorKind::NotFound,
+            | Error::EventNotFound { .. }
+            | Error::SubscriptionNotFound { .. } => ErrorKind::NotFound,
             Error::RoomExists { .. }
             | Error::RoomNotActive { .. }
             | Error::IdempotencyConflict { .. }
-            | Error::EventIdConflict { .. } => ErrorKind::Conflict,
+            | Error::EventIdConflict { .. }
+            | Error::SubscriptionState { .. }
+            | Error::LeaseNotHeld { .. } => ErrorKind::Conflict,
             Error::InvalidInput { .. }
             | Error::InvalidJson { .. }
             | Error::InvalidSchema { .. }
@@ -210,6 +239,15 @@ mod tests {
                 event_type: "b".into(),
             },
             Error::EventNotFound { id: "x".into() },
+            Error::SubscriptionNotFound { id: "x".into() },
+            Error::SubscriptionState {
+                id: "x".into(),
+                status: "a".into(),
+                wanted: "b".into(),
+            },
+            Error::LeaseNotHeld {
+                ack_id: "1-1".into(),
+            },
             Error::RoomExists { room: "a".into() },
             Error::RoomNotActive {
                 room: "a".into(),

@@ -155,6 +155,31 @@ impl fmt::Display for EventId {
     }
 }
 
+/// A subscription's id: a UUIDv7 assigned at creation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SubscriptionId(pub Uuid);
+
+impl SubscriptionId {
+    /// A fresh time-ordered id.
+    pub fn new_v7() -> Self {
+        SubscriptionId(Uuid::now_v7())
+    }
+
+    /// Parses an id in its usual text forms.
+    pub fn parse(s: &str) -> Result<Self> {
+        Uuid::parse_str(s)
+            .map(SubscriptionId)
+            .map_err(|e| Error::invalid("subscription id", format!("`{s}` is not a UUID: {e}")))
+    }
+}
+
+impl fmt::Display for SubscriptionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
 /// Who acts: a member, application or client identity as the caller's authentication layer
 /// names it (e.g. `EE/GOV/70000001/bedreporter`). The core stores and compares it, nothing more.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

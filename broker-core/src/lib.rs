@@ -31,19 +31,30 @@
 mod broker;
 mod clock;
 mod config;
+mod delivery_api;
+mod dispatch;
 mod error;
 mod ids;
 mod model;
+mod retry;
 mod schema;
 mod storage;
+mod subscription;
+mod webhook;
 mod writer;
 
 pub use broker::{Broker, WriterCounters};
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
-pub use config::{Config, Limits, RetentionConfig, WriterConfig};
+pub use config::{Config, DeliveryConfig, Limits, RetentionConfig, WriterConfig};
 pub use error::{Error, ErrorKind, Result, Violation};
-pub use ids::{EventId, EventTypeName, OrderingKey, Principal, RoomName, Sequence};
+pub use ids::{EventId, EventTypeName, OrderingKey, Principal, RoomName, Sequence, SubscriptionId};
 pub use model::{
     Event, EventFilter, EventType, EventTypeSpec, EventTypeVersion, NewRoom, Page, PublishRequest,
     PutEventTypeOutcome, Receipt, Retention, Room, RoomPatch, RoomStatus, SweepReport,
 };
+pub use subscription::{
+    Attempt, AttemptOutcome, BasicAuth, BlockedKey, CreatedSubscription, DeadLetter, DeliveryMode,
+    DeliveryState, EventDelivery, NewSubscription, PulledMessage, PushEndpoint, RetryOverrides,
+    RetryPolicy, SeekTarget, Subscription, SubscriptionPatch, SubscriptionStatus,
+};
+pub use webhook::{sign as sign_webhook, verify as verify_webhook};

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Timestamp;
 use crate::ids::{EventId, EventTypeName, OrderingKey, Principal, RoomName, Sequence};
+use crate::subscription::RetryOverrides;
 
 /// Whether a Room accepts events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,7 +43,7 @@ pub struct Retention {
 }
 
 /// A Room: a named home for event types, owned by the member that requested it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Room {
     /// The Room's name, unique on the broker.
     pub name: RoomName,
@@ -56,6 +57,8 @@ pub struct Room {
     pub ordered: bool,
     /// How long events are kept.
     pub retention: Retention,
+    /// The Room's retry defaults for its subscriptions, over the broker's.
+    pub retry: RetryOverrides,
     /// When the Room was created.
     pub created_at: Timestamp,
     /// When the Room was last changed.
@@ -67,7 +70,7 @@ pub struct Room {
 }
 
 /// A request to create a Room.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct NewRoom {
     /// The name.
     pub name: RoomName,
@@ -79,6 +82,8 @@ pub struct NewRoom {
     pub ordered: bool,
     /// Retention bounds.
     pub retention: Retention,
+    /// Retry defaults for the Room's subscriptions.
+    pub retry: RetryOverrides,
     /// True when the requester is an administrator: the Room starts active. Otherwise it starts
     /// pending until [`crate::Broker::approve_room`].
     pub approved: bool,
@@ -93,6 +98,7 @@ impl NewRoom {
             owner,
             ordered: true,
             retention: Retention::default(),
+            retry: RetryOverrides::default(),
             approved: false,
         }
     }
@@ -105,7 +111,7 @@ impl NewRoom {
 }
 
 /// Changes to a Room; `None` leaves a field as it is.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoomPatch {
     /// New description.
@@ -117,6 +123,8 @@ pub struct RoomPatch {
     pub ordered: Option<bool>,
     /// New retention bounds (replacing both).
     pub retention: Option<Retention>,
+    /// New retry defaults (replacing the old ones).
+    pub retry: Option<RetryOverrides>,
 }
 
 /// What a caller registers for an event type.
@@ -321,6 +329,10 @@ pub struct SweepReport {
     pub idempotency_removed: u64,
     /// Records of deleted Rooms removed.
     pub deleted_room_records_removed: u64,
+    /// Dead letters removed because they outlived their retention.
+    pub dead_letters_expired: u64,
+    /// Queue records of deleted subscriptions removed.
+    pub deleted_subscription_records_removed: u64,
     /// True when the sweep stopped at its batch limit and more work remains.
     pub more: bool,
 }

@@ -18,7 +18,11 @@ use tokio::sync::oneshot;
 use crate::clock::Clock;
 use crate::config::WriterConfig;
 use crate::error::{Error, Result};
+use crate::ids::SubscriptionId;
 use crate::storage::{Storage, WriteOp, WriteOutput};
+
+/// Called on the writer thread after each commit with the subscriptions whose queues changed.
+pub(crate) type OnCommit = Arc<dyn Fn(&[SubscriptionId]) + Send + Sync>;
 
 struct Job {
     op: WriteOp,
@@ -46,6 +50,7 @@ impl Writer {
         store: Arc<dyn Storage>,
         clock: Arc<dyn Clock>,
         config: WriterConfig,
+        on_commit: OnCommit,
     ) -> Result<Writer> {
         let (tx, rx) = mpsc::sync_channel(config.queue_ops_max.max(1));
         let queued_bytes = Arc::new(AtomicUsize::new(0));
@@ -56,7 +61,7 @@ impl Writer {
             let config = config.clone();
             std::thread::Builder::new()
                 .name("postroom-writer".into())
-                .spawn(move || run(rx, store, clock, config, queued_bytes, stats))
+                .spawn(move || run(rx, store, clock, config, queued_bytes, stats, on_commit))
                 .map_err(|e| Error::Storage(format!("cannot start writer thread: {e}")))?
         };
         Ok(Writer {
@@ -118,6 +123,7 @@ fn run(
     config: WriterConfig,
     queued_bytes: Arc<AtomicUsize>,
     stats: Arc<WriterStats>,
+    on_commit: OnCommit,
 ) {
     let ops_max = config.commit_ops_max.max(1);
     let linger_max = Duration::from_micros(config.commit_wait_us);
@@ -161,9 +167,12 @@ fn run(
         stats.commits.fetch_add(1, Ordering::Relaxed);
         stats.ops.fetch_add(n as u64, Ordering::Relaxed);
         match outcome {
-            Ok(results) => {
-                for (reply, result) in replies.into_iter().zip(results) {
+            Ok(applied) => {
+                for (reply, result) in replies.into_iter().zip(applied.results) {
                     let _ = reply.send(result);
+                }
+                if !applied.touched.is_empty() {
+                    on_commit(&applied.touched);
                 }
             }
             Err(e) => {

@@ -1,6 +1,8 @@
 //! Shared helpers for Postroom's integration tests, so that each test file states only what it
 //! checks: a broker on a temporary file or in memory, a Room with an event type, a payload maker.
 
+pub mod receiver;
+
 use std::sync::Arc;
 
 use broker_core::{

@@ -71,6 +71,7 @@ async fn rooms_are_created_once_listed_in_pages_and_updated() {
             bytes_max: None,
         }),
         status: Some(RoomStatus::Disabled),
+        retry: None,
     };
     let updated = broker.update_room(&room("a"), patch).await.unwrap();
     assert_eq!(updated.description, "bed events");

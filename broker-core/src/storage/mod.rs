@@ -4,17 +4,27 @@
 //! rest of the core changing. Only `redb_store` names redb.
 
 mod codec;
+mod redb_delivery;
 mod redb_store;
+
+pub(crate) use redb_delivery::{ack_id, parse_ack_id};
 
 pub(crate) use redb_store::RedbStorage;
 
 use crate::clock::Timestamp;
 use crate::error::Result;
-use crate::ids::{EventId, EventTypeName, OrderingKey, Principal, RoomName};
+use std::collections::HashSet;
+
+use crate::ids::{EventId, EventTypeName, OrderingKey, Principal, RoomName, SubscriptionId};
 use crate::model::{
     Event, EventFilter, EventType, EventTypeSpec, EventTypeVersion, NewRoom, Page,
     PutEventTypeOutcome, Receipt, Room, RoomPatch, SweepReport,
 };
+use crate::subscription::{
+    Attempt, BlockedKey, DeadLetter, EventDelivery, NewSubscription, RetryPolicy, Subscription,
+    SubscriptionPatch, SubscriptionStatus,
+};
+use crate::webhook::PushResponse;
 
 /// An event that passed every check that needs no storage (size, JSON, schema, key): the writer
 /// only has to number it and store it.
@@ -72,6 +82,126 @@ pub(crate) enum WriteOp {
     Sweep {
         delete_max: usize,
     },
+    Delivery(DeliveryOp),
+}
+
+/// Delivery mutations: subscriptions, leases, outcomes, dead letters, seeking.
+#[derive(Debug)]
+pub(crate) enum DeliveryOp {
+    Create {
+        room: RoomName,
+        id: SubscriptionId,
+        new: NewSubscription,
+        secret: Option<String>,
+    },
+    Update {
+        id: SubscriptionId,
+        patch: SubscriptionPatch,
+    },
+    /// Changes the status if it is one of `from` (or already `to`).
+    SetStatus {
+        id: SubscriptionId,
+        to: SubscriptionStatus,
+        reason: Option<String>,
+        from: &'static [SubscriptionStatus],
+    },
+    Delete {
+        id: SubscriptionId,
+    },
+    RotateSecret {
+        id: SubscriptionId,
+        secret: String,
+        old_valid_until: Timestamp,
+    },
+    Lease {
+        id: SubscriptionId,
+        max: usize,
+        lease_ms: u64,
+        scan_max: usize,
+    },
+    Settle {
+        id: SubscriptionId,
+        refs: Vec<(u64, u32)>,
+        action: AckAction,
+    },
+    PushOutcome {
+        id: SubscriptionId,
+        offset: u64,
+        attempt: u32,
+        response: PushResponse,
+    },
+    Redrive {
+        id: SubscriptionId,
+        offsets: Option<Vec<u64>>,
+        limit: usize,
+    },
+    PurgeDead {
+        id: SubscriptionId,
+        limit: usize,
+    },
+    SeekClear {
+        id: SubscriptionId,
+        below: u64,
+        limit: usize,
+    },
+    SeekEnqueue {
+        id: SubscriptionId,
+        from: u64,
+        to: u64,
+        limit: usize,
+    },
+}
+
+/// What a puller does with leased messages.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum AckAction {
+    Ack,
+    /// Give back: retry per the policy, or after an explicit delay.
+    Nack {
+        delay_ms: Option<u64>,
+    },
+    Extend {
+        lease_ms: u64,
+    },
+    /// Straight to the dead letters.
+    Term,
+}
+
+/// Broker-wide delivery settings the storage needs inside transactions.
+#[derive(Debug, Clone)]
+pub(crate) struct DeliveryDefaults {
+    pub retry: RetryPolicy,
+    pub retry_after_ms_max: u64,
+    pub in_flight_max: u32,
+    pub queue_depth_max: u64,
+    pub dead_letter_retention_ms: u64,
+    pub subscriptions_per_room_max: usize,
+}
+
+/// A delivery whose attempt is due.
+#[derive(Debug, Clone)]
+pub(crate) struct DueDelivery {
+    pub offset: u64,
+    pub event_id: EventId,
+    pub attempt: u32,
+    pub published_at: Timestamp,
+}
+
+/// A message leased to a puller.
+#[derive(Debug, Clone)]
+pub(crate) struct LeaseGrant {
+    pub offset: u64,
+    pub attempt: u32,
+    pub lease_until: Timestamp,
+    pub event_id: EventId,
+}
+
+/// What a committed batch did.
+#[derive(Debug)]
+pub(crate) struct Applied {
+    pub results: Vec<Result<WriteOutput>>,
+    /// Subscriptions whose queues changed, so their dispatchers can look again.
+    pub touched: Vec<SubscriptionId>,
 }
 
 impl WriteOp {
@@ -93,6 +223,11 @@ pub(crate) enum WriteOutput {
     EventType(PutEventTypeOutcome),
     Receipts(Vec<Result<Receipt>>),
     Swept(SweepReport),
+    Subscription(Subscription, Option<String>),
+    Leased(Vec<LeaseGrant>),
+    Settled(Vec<Result<()>>),
+    Count { n: u64, more: bool },
+    Seeked { n: u64, next: Option<u64> },
 }
 
 /// What a publisher needs to know before it validates: which Room incarnation, which schema
@@ -109,7 +244,7 @@ pub(crate) struct PublishTarget {
 pub(crate) trait Storage: Send + Sync + 'static {
     /// Applies `ops` in order in one transaction and makes it durable before returning. The outer
     /// error means nothing was committed; the inner results are per operation.
-    fn apply(&self, now: Timestamp, ops: Vec<WriteOp>) -> Result<Vec<Result<WriteOutput>>>;
+    fn apply(&self, now: Timestamp, ops: Vec<WriteOp>) -> Result<Applied>;
 
     /// One Room.
     fn room(&self, name: &RoomName) -> Result<Option<Room>>;
@@ -133,6 +268,54 @@ pub(crate) trait Storage: Send + Sync + 'static {
     fn room_id(&self, room: &RoomName) -> Result<u64>;
     /// One event.
     fn event(&self, id: EventId) -> Result<Option<Event>>;
+    /// One subscription.
+    fn subscription(&self, id: SubscriptionId) -> Result<Subscription>;
+    /// A Room's subscriptions.
+    fn subscriptions(&self, room: &RoomName) -> Result<Vec<Subscription>>;
+    /// Every push subscription, for starting dispatchers.
+    fn push_subscriptions(&self) -> Result<Vec<SubscriptionId>>;
+    /// The signing secrets valid now (newest last).
+    fn signing_secrets(&self, id: SubscriptionId, now: Timestamp) -> Result<Vec<String>>;
+    /// Deliveries due now, skipping `busy` offsets and, with ordering, keys whose head is not
+    /// due; and the earliest later due time seen.
+    fn due(
+        &self,
+        id: SubscriptionId,
+        now: Timestamp,
+        busy: &HashSet<u64>,
+        limit: usize,
+        scan_max: usize,
+    ) -> Result<(Vec<DueDelivery>, Option<Timestamp>)>;
+    /// Dead letters after a position.
+    fn dead_letters(
+        &self,
+        id: SubscriptionId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<(u64, DeadLetter)>, bool)>;
+    /// The attempt log after a position.
+    fn attempts(
+        &self,
+        id: SubscriptionId,
+        after: Option<(u64, u32)>,
+        limit: usize,
+    ) -> Result<(Vec<((u64, u32), Attempt)>, bool)>;
+    /// Keys whose head has failed.
+    fn blocked_keys(
+        &self,
+        id: SubscriptionId,
+        now: Timestamp,
+        limit: usize,
+        scan_max: usize,
+    ) -> Result<Vec<BlockedKey>>;
+    /// An event's state for each subscription of its Room.
+    fn event_deliveries(&self, id: EventId, now: Timestamp) -> Result<Vec<EventDelivery>>;
+    /// The log offset to seek to and the Room's next offset.
+    fn seek_offsets(&self, room: &RoomName, at: Option<Timestamp>) -> Result<(u64, u64)>;
+    /// Room log offset of an event (for dead-letter redrive by id).
+    fn event_offset(&self, id: EventId) -> Result<Option<u64>>;
+    /// Total undelivered deliveries, for tests and metrics.
+    fn deliveries_total(&self) -> Result<u64>;
     /// A page of a Room's events.
     fn events(
         &self,

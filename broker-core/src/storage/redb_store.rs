@@ -14,7 +14,13 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::codec::{decode, decode_with_tail, encode, encode_with_tail};
-use super::{PreparedEvent, PublishTarget, Storage, WriteOp, WriteOutput};
+use super::redb_delivery::{
+    DeliveryRecordInit, FanoutCache, ATTEMPTS, DEAD_LETTERS, DELETED_SUBS, DELIVERIES, ROOM_SUBS,
+    SUBSCRIPTIONS, SUB_STATS,
+};
+use super::{
+    Applied, DeliveryDefaults, PreparedEvent, PublishTarget, Storage, WriteOp, WriteOutput,
+};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::ids::{EventId, EventTypeName, OrderingKey, Principal, RoomName, Sequence};
@@ -22,23 +28,25 @@ use crate::model::{
     Event, EventFilter, EventType, EventTypeSpec, EventTypeVersion, NewRoom, Page,
     PutEventTypeOutcome, Receipt, Retention, Room, RoomPatch, RoomStatus, SweepReport,
 };
+use crate::subscription::RetryOverrides;
 
 // Tables. Rooms are keyed by name; everything inside a Room by the Room's incarnation id, so that
 // deleting a Room is one small write and its contents are purged later in bounded batches.
 /// Counters: `next_room_id`, `format`.
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Room name -> RoomRecord.
-const ROOMS: TableDefinition<&str, &[u8]> = TableDefinition::new("rooms");
+pub(super) const ROOMS: TableDefinition<&str, &[u8]> = TableDefinition::new("rooms");
 /// Room id -> (next log offset, events stored, payload bytes stored).
-const ROOM_STATS: TableDefinition<u64, (u64, u64, u64)> = TableDefinition::new("room_stats");
+pub(super) const ROOM_STATS: TableDefinition<u64, (u64, u64, u64)> =
+    TableDefinition::new("room_stats");
 /// (room id, type name) -> TypeRecord.
 const EVENT_TYPES: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("event_types");
 /// (room id, type name, version) -> VersionRecord.
 const SCHEMAS: TableDefinition<(u64, &str, u32), &[u8]> = TableDefinition::new("schemas");
 /// Event id -> EventRecord (metadata and payload).
-const EVENTS: TableDefinition<u128, &[u8]> = TableDefinition::new("events");
+pub(super) const EVENTS: TableDefinition<u128, &[u8]> = TableDefinition::new("events");
 /// (room id, log offset) -> event id: the Room's events in acceptance order.
-const ROOM_LOG: TableDefinition<(u64, u64), u128> = TableDefinition::new("room_log");
+pub(super) const ROOM_LOG: TableDefinition<(u64, u64), u128> = TableDefinition::new("room_log");
 /// (room id, key) -> last sequence assigned, as of the Room's sequence checkpoint. Never
 /// decreases, even when retention removes events, so that a key's sequence never repeats.
 const KEY_SEQ: TableDefinition<(u64, &str), u64> = TableDefinition::new("key_seq");
@@ -80,13 +88,14 @@ struct SeqCache {
 }
 
 #[derive(Serialize, Deserialize)]
-struct RoomRecord {
-    id: u64,
+pub(super) struct RoomRecord {
+    pub(super) id: u64,
     description: String,
     owner: Principal,
     status: RoomStatus,
-    ordered: bool,
+    pub(super) ordered: bool,
     retention: Retention,
+    pub(super) retry: RetryOverrides,
     created_at: Timestamp,
     updated_at: Timestamp,
 }
@@ -111,20 +120,17 @@ struct VersionRecord {
 }
 
 #[derive(Serialize, Deserialize)]
-struct EventRecord {
-    room_id: u64,
+pub(super) struct EventRecord {
+    pub(super) room_id: u64,
     room: RoomName,
-    event_type: EventTypeName,
+    pub(super) event_type: EventTypeName,
     version: u32,
-    key: OrderingKey,
-    sequence: u64,
-    offset: u64,
+    pub(super) key: OrderingKey,
+    pub(super) sequence: u64,
+    pub(super) offset: u64,
     publisher: Principal,
-    received_at: Timestamp,
+    pub(super) received_at: Timestamp,
     idempotency_key: Option<String>,
-    /// Deliveries still owed to subscribers. Retention never removes an event while this is
-    /// above zero; the delivery engine maintains it.
-    deliveries_owed: u32,
     /// Stored raw after the encoded fields (see `encode_event`), not through serde.
     #[serde(skip)]
     payload: Vec<u8>,
@@ -132,6 +138,11 @@ struct EventRecord {
 
 fn encode_event(rec: &EventRecord) -> Result<Vec<u8>> {
     encode_with_tail(rec, &rec.payload)
+}
+
+/// An event record without its payload (which stays unread): for scans that need metadata only.
+pub(super) fn decode_event_header(bytes: &[u8]) -> Result<EventRecord> {
+    decode_with_tail::<EventRecord>(bytes).map(|(rec, _)| rec)
 }
 
 fn decode_event(bytes: &[u8]) -> Result<EventRecord> {
@@ -178,6 +189,7 @@ fn room_from(name: &str, r: RoomRecord, stats: (u64, u64, u64)) -> Result<Room> 
         status: r.status,
         ordered: r.ordered,
         retention: r.retention,
+        retry: r.retry,
         created_at: r.created_at,
         updated_at: r.updated_at,
         events_stored: stats.1,
@@ -209,26 +221,49 @@ pub(crate) struct RedbStorage {
     db: Database,
     /// Only the writer thread locks this, so it is never contended.
     seqs: Mutex<SeqCache>,
+    /// Fan-out targets per Room, kept by the writer (locked after `seqs`, by the writer only).
+    fanout: Mutex<FanoutCache>,
+    /// Broker-wide delivery defaults (the base of every retry policy).
+    defaults: std::sync::RwLock<DeliveryDefaults>,
 }
 
 impl RedbStorage {
     /// Opens the file at `path`, creating it and its tables when absent.
-    pub(crate) fn open(path: &Path, cache_bytes: usize) -> Result<Self> {
+    pub(crate) fn open(
+        path: &Path,
+        cache_bytes: usize,
+        defaults: DeliveryDefaults,
+    ) -> Result<Self> {
         let db = Database::builder()
             .set_cache_size(cache_bytes)
             .create(path)?;
-        Self::init(db)
+        Self::init(db, defaults)
     }
 
     /// A database that lives in memory only, for tests and examples.
-    pub(crate) fn in_memory(cache_bytes: usize) -> Result<Self> {
+    pub(crate) fn in_memory(cache_bytes: usize, defaults: DeliveryDefaults) -> Result<Self> {
         let db = Database::builder()
             .set_cache_size(cache_bytes)
             .create_with_backend(redb::backends::InMemoryBackend::new())?;
-        Self::init(db)
+        Self::init(db, defaults)
     }
 
-    fn init(db: Database) -> Result<Self> {
+    pub(super) fn db(&self) -> &Database {
+        &self.db
+    }
+
+    pub(super) fn delivery_defaults(&self) -> DeliveryDefaults {
+        self.defaults
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(super) fn room_id_of(&self, room: &RoomName) -> Result<u64> {
+        self.require_room_id(room)
+    }
+
+    fn init(db: Database, defaults: DeliveryDefaults) -> Result<Self> {
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         {
@@ -257,11 +292,20 @@ impl RedbStorage {
             txn.open_table(IDEMPOTENCY)?;
             txn.open_table(IDEM_EXPIRY)?;
             txn.open_table(DELETED_ROOMS)?;
+            txn.open_table(SUBSCRIPTIONS)?;
+            txn.open_table(ROOM_SUBS)?;
+            txn.open_table(SUB_STATS)?;
+            txn.open_table(DELIVERIES)?;
+            txn.open_table(DEAD_LETTERS)?;
+            txn.open_table(ATTEMPTS)?;
+            txn.open_table(DELETED_SUBS)?;
         }
         txn.commit()?;
         let store = RedbStorage {
             db,
             seqs: Mutex::new(SeqCache::default()),
+            fanout: Mutex::new(FanoutCache::default()),
+            defaults: std::sync::RwLock::new(defaults),
         };
         let rebuilt = store.rebuild_seqs()?;
         *store.seqs.lock().unwrap_or_else(|p| p.into_inner()) = rebuilt;
@@ -330,25 +374,41 @@ fn type_not_found(room: &RoomName, name: &EventTypeName) -> Error {
     }
 }
 
-/// Every table, opened once per write transaction.
-struct Tables<'t> {
+/// Every table, opened once per write transaction, with the writer's in-memory state.
+pub(super) struct Tables<'t> {
     meta: Table<'t, &'static str, u64>,
-    rooms: Table<'t, &'static str, &'static [u8]>,
+    pub(super) rooms: Table<'t, &'static str, &'static [u8]>,
     room_stats: Table<'t, u64, (u64, u64, u64)>,
     event_types: Table<'t, (u64, &'static str), &'static [u8]>,
     schemas: Table<'t, (u64, &'static str, u32), &'static [u8]>,
-    events: Table<'t, u128, &'static [u8]>,
-    room_log: Table<'t, (u64, u64), u128>,
+    pub(super) events: Table<'t, u128, &'static [u8]>,
+    pub(super) room_log: Table<'t, (u64, u64), u128>,
     key_seq: Table<'t, (u64, &'static str), u64>,
     seq_checkpoint: Table<'t, u64, u64>,
     idempotency: Table<'t, (u64, &'static str, &'static str), &'static [u8]>,
     idem_expiry: Table<'t, (u64, u64, &'static str, &'static str), ()>,
     deleted_rooms: Table<'t, u64, ()>,
+    pub(super) subscriptions: Table<'t, u128, &'static [u8]>,
+    pub(super) room_subs: Table<'t, (u64, u128), ()>,
+    pub(super) sub_stats: Table<'t, u128, (u64, u64)>,
+    pub(super) deliveries: Table<'t, (u128, u64), &'static [u8]>,
+    pub(super) dead_letters: Table<'t, (u128, u64), &'static [u8]>,
+    pub(super) attempts: Table<'t, (u128, u64, u32), &'static [u8]>,
+    pub(super) deleted_subs: Table<'t, u128, ()>,
     seqs: &'t mut SeqCache,
+    pub(super) fanout: &'t mut FanoutCache,
+    /// Subscriptions whose queues this batch changed, to wake their dispatchers after commit.
+    pub(super) touched: HashSet<u128>,
+    pub(super) defaults: DeliveryDefaults,
 }
 
 impl<'t> Tables<'t> {
-    fn open(txn: &'t redb::WriteTransaction, seqs: &'t mut SeqCache) -> Result<Self> {
+    fn open(
+        txn: &'t redb::WriteTransaction,
+        seqs: &'t mut SeqCache,
+        fanout: &'t mut FanoutCache,
+        defaults: DeliveryDefaults,
+    ) -> Result<Self> {
         Ok(Tables {
             meta: txn.open_table(META)?,
             rooms: txn.open_table(ROOMS)?,
@@ -362,7 +422,17 @@ impl<'t> Tables<'t> {
             idempotency: txn.open_table(IDEMPOTENCY)?,
             idem_expiry: txn.open_table(IDEM_EXPIRY)?,
             deleted_rooms: txn.open_table(DELETED_ROOMS)?,
+            subscriptions: txn.open_table(SUBSCRIPTIONS)?,
+            room_subs: txn.open_table(ROOM_SUBS)?,
+            sub_stats: txn.open_table(SUB_STATS)?,
+            deliveries: txn.open_table(DELIVERIES)?,
+            dead_letters: txn.open_table(DEAD_LETTERS)?,
+            attempts: txn.open_table(ATTEMPTS)?,
+            deleted_subs: txn.open_table(DELETED_SUBS)?,
             seqs,
+            fanout,
+            touched: HashSet::new(),
+            defaults,
         })
     }
 
@@ -395,10 +465,11 @@ impl<'t> Tables<'t> {
                 Ok(WriteOutput::Receipts(receipts))
             }
             WriteOp::Sweep { delete_max } => self.sweep(now, delete_max).map(WriteOutput::Swept),
+            WriteOp::Delivery(op) => self.apply_delivery(now, op),
         }
     }
 
-    fn room_record(&self, name: &RoomName) -> Result<RoomRecord> {
+    pub(super) fn room_record(&self, name: &RoomName) -> Result<RoomRecord> {
         match self.rooms.get(name.as_str())? {
             Some(g) => decode(g.value()),
             None => Err(Error::RoomNotFound {
@@ -407,7 +478,7 @@ impl<'t> Tables<'t> {
         }
     }
 
-    fn stats(&self, room_id: u64) -> Result<(u64, u64, u64)> {
+    pub(super) fn stats(&self, room_id: u64) -> Result<(u64, u64, u64)> {
         Ok(self
             .room_stats
             .get(room_id)?
@@ -449,6 +520,7 @@ impl<'t> Tables<'t> {
             },
             ordered: room.ordered,
             retention: room.retention,
+            retry: room.retry,
             created_at: now,
             updated_at: now,
         };
@@ -482,6 +554,9 @@ impl<'t> Tables<'t> {
         }
         if let Some(r) = patch.retention {
             rec.retention = r;
+        }
+        if let Some(r) = patch.retry {
+            rec.retry = r;
         }
         rec.updated_at = now;
         self.store_room(name, &rec)
@@ -734,10 +809,21 @@ impl<'t> Tables<'t> {
             publisher: ev.publisher,
             received_at: now,
             idempotency_key: ev.idempotency.map(|c| c.key),
-            deliveries_owed: 0,
             payload: ev.payload,
         };
         self.events.insert(id, encode_event(&rec)?.as_slice())?;
+        // The delivery obligations, in the same transaction as the event.
+        self.fan_out(
+            now,
+            room.id,
+            offset,
+            &DeliveryRecordInit {
+                event_id: id,
+                event_type: &rec.event_type,
+                key: &rec.key,
+                sequence: seq,
+            },
+        )?;
         // Last, so that a refused publish leaves the counters alone. A storage error after this
         // point fails the whole commit, and the writer then rebuilds the counters from disk.
         self.seqs.last.insert(seq_key, seq);
@@ -841,6 +927,13 @@ impl<'t> Tables<'t> {
             report.events_removed += removed;
             report.events_kept_owed += kept;
             budget -= (removed as usize).min(budget);
+        }
+        // 4. Expired dead letters and the queues of deleted subscriptions.
+        if budget > 0 {
+            let (expired, purged) = self.sweep_delivery(now, budget)?;
+            report.dead_letters_expired = expired;
+            report.deleted_subscription_records_removed = purged;
+            budget -= ((expired + purged) as usize).min(budget);
         }
         report.more = budget == 0;
         Ok(report)
@@ -953,11 +1046,13 @@ impl<'t> Tables<'t> {
             if !too_old && !too_big {
                 break;
             }
-            if rec.deliveries_owed > 0 {
+            // An event a subscriber is still owed (pending, in flight or dead-lettered) stays.
+            if self.is_owed(room.id, rec.offset)? {
                 kept += 1;
                 continue;
             }
             bytes = bytes.saturating_sub(rec.payload.len() as u64);
+            self.forget_attempts(room.id, rec.offset)?;
             self.remove_event(id, &rec)?;
             removed += 1;
         }
@@ -966,15 +1061,18 @@ impl<'t> Tables<'t> {
 }
 
 impl Storage for RedbStorage {
-    fn apply(&self, now: Timestamp, ops: Vec<WriteOp>) -> Result<Vec<Result<WriteOutput>>> {
+    fn apply(&self, now: Timestamp, ops: Vec<WriteOp>) -> Result<Applied> {
         let mut txn = self.db.begin_write()?;
         // Stated explicitly: every commit is durable before any caller hears of it.
         txn.set_durability(Durability::Immediate)?;
         let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fanout = self.fanout.lock().unwrap_or_else(|p| p.into_inner());
+        let defaults = self.delivery_defaults();
         let outcome = (|| {
             let mut results = Vec::with_capacity(ops.len());
+            let touched;
             {
-                let mut tables = Tables::open(&txn, &mut seqs)?;
+                let mut tables = Tables::open(&txn, &mut seqs, &mut fanout, defaults)?;
                 for op in ops {
                     match tables.apply(now, op) {
                         // A storage error may leave the transaction half-written: abandon the batch.
@@ -987,11 +1085,20 @@ impl Storage for RedbStorage {
                 {
                     tables.checkpoint_seqs()?;
                 }
+                touched = std::mem::take(&mut tables.touched);
             }
             txn.commit()?;
-            Ok(results)
+            Ok(Applied {
+                results,
+                touched: touched
+                    .into_iter()
+                    .map(|id| crate::ids::SubscriptionId(Uuid::from_u128(id)))
+                    .collect(),
+            })
         })();
         if outcome.is_err() {
+            // The fan-out cache may describe uncommitted subscription changes.
+            fanout.clear();
             // Memory may now be ahead of disk: take the counters from what is committed.
             *seqs = self.rebuild_seqs().unwrap_or_else(|e| {
                 tracing::error!(error = %e, "cannot rebuild sequence counters; publishing is refused");
@@ -999,6 +1106,102 @@ impl Storage for RedbStorage {
             });
         }
         outcome
+    }
+
+    fn subscription(
+        &self,
+        id: crate::ids::SubscriptionId,
+    ) -> Result<crate::subscription::Subscription> {
+        self.subscription_read(id)
+    }
+
+    fn subscriptions(&self, room: &RoomName) -> Result<Vec<crate::subscription::Subscription>> {
+        self.subscriptions_read(room)
+    }
+
+    fn push_subscriptions(&self) -> Result<Vec<crate::ids::SubscriptionId>> {
+        self.push_subscriptions_read()
+    }
+
+    fn signing_secrets(
+        &self,
+        id: crate::ids::SubscriptionId,
+        now: Timestamp,
+    ) -> Result<Vec<String>> {
+        self.signing_secrets_read(id, now)
+    }
+
+    fn due(
+        &self,
+        id: crate::ids::SubscriptionId,
+        now: Timestamp,
+        busy: &HashSet<u64>,
+        limit: usize,
+        scan_max: usize,
+    ) -> Result<(Vec<super::DueDelivery>, Option<Timestamp>)> {
+        self.due_read(id, now, busy, limit, scan_max)
+    }
+
+    fn dead_letters(
+        &self,
+        id: crate::ids::SubscriptionId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<(u64, crate::subscription::DeadLetter)>, bool)> {
+        self.dead_letters_read(id, after, limit)
+    }
+
+    fn attempts(
+        &self,
+        id: crate::ids::SubscriptionId,
+        after: Option<(u64, u32)>,
+        limit: usize,
+    ) -> Result<(Vec<((u64, u32), crate::subscription::Attempt)>, bool)> {
+        self.attempts_read(id, after, limit)
+    }
+
+    fn blocked_keys(
+        &self,
+        id: crate::ids::SubscriptionId,
+        now: Timestamp,
+        limit: usize,
+        scan_max: usize,
+    ) -> Result<Vec<crate::subscription::BlockedKey>> {
+        self.blocked_keys_read(id, now, limit, scan_max)
+    }
+
+    fn event_deliveries(
+        &self,
+        id: EventId,
+        now: Timestamp,
+    ) -> Result<Vec<crate::subscription::EventDelivery>> {
+        let (room_id, offset) = {
+            let txn = self.db.begin_read()?;
+            let events = txn.open_table(EVENTS)?;
+            let Some(g) = events.get(id.0.as_u128())? else {
+                return Err(Error::EventNotFound { id: id.to_string() });
+            };
+            let rec = decode_event_header(g.value())?;
+            (rec.room_id, rec.offset)
+        };
+        self.event_deliveries_read(room_id, offset, now)
+    }
+
+    fn seek_offsets(&self, room: &RoomName, at: Option<Timestamp>) -> Result<(u64, u64)> {
+        self.offsets_for_seek(room, at)
+    }
+
+    fn event_offset(&self, id: EventId) -> Result<Option<u64>> {
+        let txn = self.db.begin_read()?;
+        let events = txn.open_table(EVENTS)?;
+        let Some(g) = events.get(id.0.as_u128())? else {
+            return Ok(None);
+        };
+        Ok(Some(decode_event_header(g.value())?.offset))
+    }
+
+    fn deliveries_total(&self) -> Result<u64> {
+        self.table_len_deliveries()
     }
 
     fn room(&self, name: &RoomName) -> Result<Option<Room>> {
