@@ -30,6 +30,13 @@ pub async fn memory_broker(config: Config) -> (Broker, ManualClock) {
     (broker, clock)
 }
 
+/// A broker in memory on the system clock: for tests whose retries must fall due by themselves.
+pub async fn system_broker(config: Config) -> Broker {
+    Broker::open_in_memory(config, Arc::new(broker_core::SystemClock))
+        .await
+        .expect("open in-memory broker")
+}
+
 /// Shorthand constructors that panic on a bad literal: tests only pass valid literals.
 pub fn room(s: &str) -> RoomName {
     RoomName::new(s).expect("valid room literal")

@@ -165,48 +165,35 @@ async fn handle(
             .or_else(|| shared.per_path.lock().unwrap().get(&path).cloned())
             .unwrap_or_else(|| shared.default.lock().unwrap().clone())
     };
-    let (status, response) = match behaviour {
-        Behaviour::Ok => (200, StatusCode::OK.into_response()),
-        Behaviour::Status(s) => {
-            let code = StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            (s, code.into_response())
-        }
-        Behaviour::RetryAfter(s, secs) => {
-            let code = StatusCode::from_u16(s).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
-            (
-                s,
-                (code, [("retry-after", secs.to_string())]).into_response(),
-            )
-        }
-        Behaviour::Sleep(d) => {
-            tokio::time::sleep(d).await;
-            (200, StatusCode::OK.into_response())
-        }
-        Behaviour::Redirect(to) => (
-            307,
-            (
-                StatusCode::TEMPORARY_REDIRECT,
-                [("location", format!("/hook/{to}"))],
-            )
-                .into_response(),
-        ),
+    let status = match &behaviour {
+        Behaviour::Ok | Behaviour::Sleep(_) => 200,
+        Behaviour::Status(s) | Behaviour::RetryAfter(s, _) => *s,
+        Behaviour::Redirect(_) => 307,
         Behaviour::FailRandomly(p) => {
-            if rand::rng().random_bool(p) {
-                (500, StatusCode::INTERNAL_SERVER_ERROR.into_response())
+            if rand::rng().random_bool(*p) {
+                500
             } else {
-                (200, StatusCode::OK.into_response())
+                200
             }
         }
     };
+    // Recorded on arrival: a sender that times out drops the connection, which cancels this
+    // handler before it could record anything afterwards.
     let headers = headers
         .iter()
         .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
         .collect();
-    let _ = shared.tx.send(Received {
-        path,
-        headers,
-        body: body.to_vec(),
-        status,
-    });
-    response
+    let _ = shared.tx.send(Received { path, headers, body: body.to_vec(), status });
+    match behaviour {
+                Behaviour::Sleep(d) => {
+            tokio::time::sleep(d).await;
+            StatusCode::OK.into_response()
+        }
+        Behaviour::RetryAfter(_, secs) => {
+            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+            (code, [("retry-after", secs.to_string())]).into_response()
+        }
+        Behaviour::Redirect(to) => (StatusCode::TEMPORARY_REDIRECT, [("location", format!("/hook/{to}"))]).into_response(),
+        _ => StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR).into_response(),
+    }
 }

@@ -86,7 +86,12 @@ pub(super) struct DeliveryRecord {
     key: OrderingKey,
     sequence: u64,
     published_at: Timestamp,
+    /// Attempts so far, counted over the delivery's whole life so that every attempt in the log
+    /// has its own number.
     attempts: u32,
+    /// `attempts` when the current schedule started (0, or the count at a redrive or seek): the
+    /// policy's `attempts_max` counts from here.
+    attempts_base: u32,
     next_attempt_at: Timestamp,
     /// Set while leased to a puller.
     lease_until: Option<Timestamp>,
@@ -485,6 +490,7 @@ impl<'t> Tables<'t> {
                 sequence: d.sequence,
                 published_at: now,
                 attempts: 0,
+                attempts_base: 0,
                 next_attempt_at: now,
                 lease_until: None,
                 last_error: None,
@@ -509,8 +515,15 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    fn log_attempt(
-        &mut self,
+        /// The highest attempt number logged for a delivery, 0 if none.
+    fn last_attempt_no(&self, sub: u128, offset: u64) -> Result<u32> {
+        Ok(match self.attempts.range((sub, offset, 0)..=(sub, offset, u32::MAX))?.next_back() {
+            Some(item) => item?.0.value().2,
+            None => 0,
+        })
+    }
+
+    fn log_attempt(&mut self,
         sub: u128,
         offset: u64,
         attempt: u32,
@@ -570,10 +583,8 @@ impl<'t> Tables<'t> {
         let seed = (rec.event_id as u64) ^ u64::from(rec.attempts);
         rec.last_error = Some(error);
         rec.lease_until = None;
-        match retry::next_after_failure(
-            &policy,
-            rec.attempts,
-            rec.published_at,
+                let in_schedule = rec.attempts.saturating_sub(rec.attempts_base);
+        match retry::next_after_failure(&policy, in_schedule, rec.published_at,
             now,
             retry_after_ms,
             self.defaults.retry_after_ms_max,
@@ -795,16 +806,8 @@ impl<'t> Tables<'t> {
                             rec.lease_until = None;
                             rec.next_attempt_at = now.plus_ms(d);
                             rec.last_error = Some("nacked".into());
-                            if rec.attempts
-                                >= sub
-                                    .retry
-                                    .apply(
-                                        &self
-                                            .room_retry(sub.room_id, &sub.room)?
-                                            .apply(&self.defaults.retry),
-                                    )
-                                    .attempts_max
-                            {
+                                                        let policy = sub.retry.apply(&self.room_retry(sub.room_id, &sub.room)?.apply(&self.defaults.retry));
+                            if rec.attempts.saturating_sub(rec.attempts_base) >= policy.attempts_max {
                                 self.dead_letter(
                                     now,
                                     sub_id,
@@ -885,9 +888,10 @@ impl<'t> Tables<'t> {
             };
             let Some(dead) = dead else { continue };
             self.dead_letters.remove((sub_id, *offset))?;
-            // A fresh schedule: attempts restart and the time to live counts from now.
+            // A fresh schedule: the attempts limit and the time to live count from now, while
+            // attempt numbers carry on so that the log keeps every attempt apart.
             let rec = DeliveryRecord {
-                attempts: 0,
+                attempts_base: dead.delivery.attempts,
                 next_attempt_at: now,
                 lease_until: None,
                 published_at: now,
@@ -939,13 +943,15 @@ impl<'t> Tables<'t> {
             if self.deliveries.get((sub_id, offset))?.is_some() {
                 continue;
             }
+            let last = self.last_attempt_no(sub_id, offset)?;
             let rec = DeliveryRecord {
                 event_id: id,
                 event_type: ev.event_type,
                 key: ev.key,
                 sequence: ev.sequence,
-                published_at: ev.received_at,
-                attempts: 0,
+                published_at: now,
+                attempts: last,
+                attempts_base: last,
                 next_attempt_at: now,
                 lease_until: None,
                 last_error: None,
