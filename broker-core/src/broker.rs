@@ -42,6 +42,10 @@ pub(crate) struct Inner {
     pub(crate) dispatchers: Mutex<HashSet<SubscriptionId>>,
     /// Sends push deliveries.
     pub(crate) transport: Arc<dyn Transport>,
+    /// Set by `close`: dispatchers stop starting pushes and exit.
+    pub(crate) closing: std::sync::atomic::AtomicBool,
+    /// Push requests under way, so that `close` can wait for them.
+    pub(crate) pushes_in_flight: std::sync::atomic::AtomicUsize,
 }
 
 impl Drop for Inner {
@@ -129,6 +133,8 @@ impl Broker {
             signals,
             dispatchers: Mutex::new(HashSet::new()),
             transport,
+            closing: std::sync::atomic::AtomicBool::new(false),
+            pushes_in_flight: std::sync::atomic::AtomicUsize::new(0),
         });
         if inner.config.retention.interval_ms > 0 {
             spawn_retention(
@@ -173,9 +179,20 @@ impl Broker {
         &self.inner.config
     }
 
-    /// Stops accepting writes, finishes what is queued and waits for the writer to stop.
-    /// Later calls that write get [`Error::ShuttingDown`].
+    /// Shuts down: dispatchers stop starting pushes, pushes under way get up to the push
+    /// timeout to finish (their outcomes are recorded, or they are simply tried again after the
+    /// next open), then the writer commits what is queued and stops. Later calls that write get
+    /// [`Error::ShuttingDown`]. The database file is released when the last clone is dropped.
     pub async fn close(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.inner.closing.store(true, SeqCst);
+        self.inner.signals.wake_all();
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(self.inner.config.delivery.push_timeout_ms + 1000);
+        while self.inner.pushes_in_flight.load(SeqCst) > 0 && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let inner = self.inner.clone();
         let _ = tokio::task::spawn_blocking(move || inner.writer.close()).await;
     }

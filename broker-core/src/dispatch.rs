@@ -98,6 +98,9 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
     loop {
         let wait = {
             let Some(inner) = weak.upgrade() else { return };
+            if inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
             let broker = Broker::from_inner(inner);
             let sub = match broker.inner().store.subscription(id) {
                 Ok(s) => s,
@@ -155,6 +158,10 @@ fn dispatch_due(
     };
     for d in due {
         busy.insert(d.offset);
+        broker
+            .inner()
+            .pushes_in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let broker = broker.clone();
         let sub = sub.clone();
         let settled = settled.clone();
@@ -171,6 +178,10 @@ fn dispatch_due(
                 // The outcome is lost, not the delivery: it stays pending and is tried again.
                 tracing::warn!(subscription = %sub.id, error = %e, "cannot record a push outcome");
             }
+            broker
+                .inner()
+                .pushes_in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             let _ = settled.send(offset);
         });
     }

@@ -183,9 +183,14 @@ async fn handle(
         .iter()
         .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
         .collect();
-    let _ = shared.tx.send(Received { path, headers, body: body.to_vec(), status });
+    let _ = shared.tx.send(Received {
+        path,
+        headers,
+        body: body.to_vec(),
+        status,
+    });
     match behaviour {
-                Behaviour::Sleep(d) => {
+        Behaviour::Sleep(d) => {
             tokio::time::sleep(d).await;
             StatusCode::OK.into_response()
         }
@@ -193,7 +198,13 @@ async fn handle(
             let code = StatusCode::from_u16(status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
             (code, [("retry-after", secs.to_string())]).into_response()
         }
-        Behaviour::Redirect(to) => (StatusCode::TEMPORARY_REDIRECT, [("location", format!("/hook/{to}"))]).into_response(),
-        _ => StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR).into_response(),
+        Behaviour::Redirect(to) => (
+            StatusCode::TEMPORARY_REDIRECT,
+            [("location", format!("/hook/{to}"))],
+        )
+            .into_response(),
+        _ => StatusCode::from_u16(status)
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+            .into_response(),
     }
 }

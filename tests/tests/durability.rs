@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use broker_core::{Broker, EventFilter, EventId, OrderingKey};
+use postroom_tests::receiver::Receiver;
 use postroom_tests::{moved, room, setup_room, test_config, ty};
 
 #[tokio::test]
@@ -132,6 +133,57 @@ async fn every_acknowledged_event_survives_sigkill() {
             "key {key} has a gap"
         );
     }
+}
+
+/// Publishes with a push subscription active, SIGKILLs the publisher mid-load, restarts the
+/// broker in this process and checks that every acknowledged event reaches the receiver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_event_is_pushed_after_a_sigkill() {
+    let mut rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("push-crash.redb");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crash_publisher"))
+        .args([path.to_str().unwrap(), "50", "32", &rx.url("crash")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start crash_publisher");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut acked = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while acked.len() < 2000 {
+        assert!(Instant::now() < deadline, "child too slow");
+        acked.push(parse_ack(&lines.next().expect("child ended early").unwrap()).0);
+    }
+    // Wait until pushes are under way, so that the kill lands in the middle of deliveries.
+    let before_kill = rx
+        .collect_until(Duration::from_secs(60), |g| g.len() >= 200)
+        .await;
+    child.kill().expect("SIGKILL");
+    for line in lines.map_while(|l| l.ok()) {
+        if line.starts_with("ack ") && line.split(' ').count() == 4 {
+            acked.push(parse_ack(&line).0);
+        }
+    }
+    child.wait().unwrap();
+
+    let broker = Broker::open(&path, test_config()).await.unwrap();
+    let mut delivered: std::collections::HashSet<String> = before_kill
+        .into_iter()
+        .chain(rx.drain())
+        .filter(|r| r.status == 200)
+        .map(|r| r.header("webhook-id").to_string())
+        .collect();
+    let want: std::collections::HashSet<String> = acked.iter().map(|id| id.to_string()).collect();
+    rx.collect_until(Duration::from_secs(120), |got| {
+        for r in got.iter().filter(|r| r.status == 200) {
+            delivered.insert(r.header("webhook-id").to_string());
+        }
+        want.is_subset(&delivered)
+    })
+    .await;
+    let missing = want.difference(&delivered).count();
+    assert_eq!(missing, 0);
+    broker.close().await;
 }
 
 fn parse_ack(line: &str) -> (EventId, String, u64) {

@@ -10,11 +10,18 @@ use postroom_tests::{memory_broker, moved, room, setup_room, test_config, who, T
 async fn pull_sub(broker: &Broker, retry: RetryOverrides) -> SubscriptionId {
     let mut new = NewSubscription::new(who("dashboard"), DeliveryMode::Pull);
     new.retry = retry;
-    broker.create_subscription(&room("r"), new).await.unwrap().subscription.id
+    broker
+        .create_subscription(&room("r"), new)
+        .await
+        .unwrap()
+        .subscription
+        .id
 }
 
 fn seqs(msgs: &[broker_core::PulledMessage]) -> Vec<(String, u64)> {
-    msgs.iter().map(|m| (m.event.key.to_string(), m.event.sequence.0)).collect()
+    msgs.iter()
+        .map(|m| (m.event.key.to_string(), m.event.sequence.0))
+        .collect()
 }
 
 #[tokio::test]
@@ -27,9 +34,16 @@ async fn ordered_pull_hands_out_one_message_per_key_until_acked() {
         broker.publish(moved("r", "b", n)).await.unwrap();
     }
     let first = broker.pull(sub, 10, None, 0).await.unwrap();
-    assert_eq!(seqs(&first), [("a".into(), 1), ("b".into(), 1)], "only each key's head");
+    assert_eq!(
+        seqs(&first),
+        [("a".into(), 1), ("b".into(), 1)],
+        "only each key's head"
+    );
     assert!(first.iter().all(|m| m.attempt == 1));
-    assert!(broker.pull(sub, 10, None, 0).await.unwrap().is_empty(), "heads are leased: nothing else may go");
+    assert!(
+        broker.pull(sub, 10, None, 0).await.unwrap().is_empty(),
+        "heads are leased: nothing else may go"
+    );
     let acks = broker.ack(sub, &[first[0].ack_id.clone()]).await.unwrap();
     assert!(acks[0].is_ok());
     let next = broker.pull(sub, 10, None, 0).await.unwrap();
@@ -37,7 +51,14 @@ async fn ordered_pull_hands_out_one_message_per_key_until_acked() {
     // Acking twice, or with a stale id, says the lease is not held.
     let again = broker.ack(sub, &[first[0].ack_id.clone()]).await.unwrap();
     assert_eq!(again[0].as_ref().unwrap_err().code(), "lease_not_held");
-    assert_eq!(broker.ack(sub, &["garbage".into()]).await.unwrap_err().code(), "invalid_input");
+    assert_eq!(
+        broker
+            .ack(sub, &["garbage".into()])
+            .await
+            .unwrap_err()
+            .code(),
+        "invalid_input"
+    );
     assert_eq!(broker.subscription(sub).unwrap().backlog, 5);
 }
 
@@ -47,7 +68,12 @@ async fn unordered_pull_hands_out_everything_due() {
     setup_room(&broker, "r").await;
     let mut new = NewSubscription::new(who("d"), DeliveryMode::Pull);
     new.ordered = Some(false);
-    let sub = broker.create_subscription(&room("r"), new).await.unwrap().subscription.id;
+    let sub = broker
+        .create_subscription(&room("r"), new)
+        .await
+        .unwrap()
+        .subscription
+        .id;
     for n in 0..5 {
         broker.publish(moved("r", "a", n)).await.unwrap();
     }
@@ -59,25 +85,51 @@ async fn unordered_pull_hands_out_everything_due() {
 async fn expired_leases_are_redelivered_with_the_next_attempt_number() {
     let (broker, clock) = memory_broker(test_config()).await;
     setup_room(&broker, "r").await;
-    let retry = RetryOverrides { initial_delay_ms: Some(1000), jitter_percent: Some(0), ..Default::default() };
+    let retry = RetryOverrides {
+        initial_delay_ms: Some(1000),
+        jitter_percent: Some(0),
+        ..Default::default()
+    };
     let sub = pull_sub(&broker, retry).await;
     broker.publish(moved("r", "a", 0)).await.unwrap();
     let m = broker.pull(sub, 1, Some(5000), 0).await.unwrap();
     assert_eq!(m[0].lease_until, broker.now().plus_ms(5000));
     // Extending keeps it leased past the first deadline.
     clock.advance_ms(4000);
-    assert!(broker.extend(sub, &[m[0].ack_id.clone()], 5000).await.unwrap()[0].is_ok());
+    assert!(broker
+        .extend(sub, &[m[0].ack_id.clone()], 5000)
+        .await
+        .unwrap()[0]
+        .is_ok());
     clock.advance_ms(4000);
-    assert!(broker.pull(sub, 1, None, 0).await.unwrap().is_empty(), "still leased after the extension");
+    assert!(
+        broker.pull(sub, 1, None, 0).await.unwrap().is_empty(),
+        "still leased after the extension"
+    );
     // Lease lapses: the expiry counts as a failed attempt and the retry policy applies.
     clock.advance_ms(1001);
-    assert!(broker.pull(sub, 1, None, 0).await.unwrap().is_empty(), "retry not yet due");
+    assert!(
+        broker.pull(sub, 1, None, 0).await.unwrap().is_empty(),
+        "retry not yet due"
+    );
     clock.advance_ms(1000);
     let again = broker.pull(sub, 1, None, 0).await.unwrap();
     assert_eq!(again[0].attempt, 2);
     assert_ne!(again[0].ack_id, m[0].ack_id);
-    assert_eq!(broker.ack(sub, &[m[0].ack_id.clone()]).await.unwrap()[0].as_ref().unwrap_err().code(), "lease_not_held");
-    let outcomes: Vec<_> = broker.attempts(sub, None, None).unwrap().items.iter().map(|a| a.outcome).collect();
+    assert_eq!(
+        broker.ack(sub, &[m[0].ack_id.clone()]).await.unwrap()[0]
+            .as_ref()
+            .unwrap_err()
+            .code(),
+        "lease_not_held"
+    );
+    let outcomes: Vec<_> = broker
+        .attempts(sub, None, None)
+        .unwrap()
+        .items
+        .iter()
+        .map(|a| a.outcome)
+        .collect();
     use broker_core::AttemptOutcome::*;
     assert_eq!(outcomes, [LeaseExpired, Leased]);
 }
@@ -86,30 +138,61 @@ async fn expired_leases_are_redelivered_with_the_next_attempt_number() {
 async fn nack_follows_the_policy_or_an_explicit_delay_and_terminate_dead_letters() {
     let (broker, clock) = memory_broker(test_config()).await;
     setup_room(&broker, "r").await;
-    let retry = RetryOverrides { initial_delay_ms: Some(10_000), attempts_max: Some(3), jitter_percent: Some(0), ..Default::default() };
+    let retry = RetryOverrides {
+        initial_delay_ms: Some(10_000),
+        attempts_max: Some(3),
+        jitter_percent: Some(0),
+        ..Default::default()
+    };
     let sub = pull_sub(&broker, retry).await;
     let e = broker.publish(moved("r", "a", 0)).await.unwrap();
     let m = broker.pull(sub, 1, None, 0).await.unwrap();
-    broker.nack(sub, &[m[0].ack_id.clone()], None).await.unwrap()[0].as_ref().unwrap();
+    broker
+        .nack(sub, &[m[0].ack_id.clone()], None)
+        .await
+        .unwrap()[0]
+        .as_ref()
+        .unwrap();
     clock.advance_ms(9_999);
-    assert!(broker.pull(sub, 1, None, 0).await.unwrap().is_empty(), "the backoff holds");
+    assert!(
+        broker.pull(sub, 1, None, 0).await.unwrap().is_empty(),
+        "the backoff holds"
+    );
     clock.advance_ms(1);
     let m = broker.pull(sub, 1, None, 0).await.unwrap();
     assert_eq!(m[0].attempt, 2);
-    broker.nack(sub, &[m[0].ack_id.clone()], Some(500)).await.unwrap()[0].as_ref().unwrap();
+    broker
+        .nack(sub, &[m[0].ack_id.clone()], Some(500))
+        .await
+        .unwrap()[0]
+        .as_ref()
+        .unwrap();
     clock.advance_ms(500);
     let m = broker.pull(sub, 1, None, 0).await.unwrap();
     assert_eq!(m[0].attempt, 3);
     // The third failure exhausts the policy.
-    broker.nack(sub, &[m[0].ack_id.clone()], None).await.unwrap()[0].as_ref().unwrap();
+    broker
+        .nack(sub, &[m[0].ack_id.clone()], None)
+        .await
+        .unwrap()[0]
+        .as_ref()
+        .unwrap();
     let dead = broker.dead_letters(sub, None, None).unwrap();
-    assert_eq!((dead.items[0].event_id, dead.items[0].reason.as_str()), (e.id, "attempts_exhausted"));
+    assert_eq!(
+        (dead.items[0].event_id, dead.items[0].reason.as_str()),
+        (e.id, "attempts_exhausted")
+    );
     // Terminate goes straight there.
     let e2 = broker.publish(moved("r", "b", 0)).await.unwrap();
     let m = broker.pull(sub, 1, None, 0).await.unwrap();
-    broker.terminate(sub, &[m[0].ack_id.clone()]).await.unwrap()[0].as_ref().unwrap();
+    broker.terminate(sub, &[m[0].ack_id.clone()]).await.unwrap()[0]
+        .as_ref()
+        .unwrap();
     let dead = broker.dead_letters(sub, None, None).unwrap();
-    assert_eq!((dead.items[1].event_id, dead.items[1].reason.as_str()), (e2.id, "terminated"));
+    assert_eq!(
+        (dead.items[1].event_id, dead.items[1].reason.as_str()),
+        (e2.id, "terminated")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,7 +208,11 @@ async fn long_poll_returns_as_soon_as_an_event_arrives() {
     tokio::task::yield_now().await;
     let started = std::time::Instant::now();
     broker.publish(moved("r", "a", 0)).await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(15), puller).await.expect("long poll woke").unwrap().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(15), puller)
+        .await
+        .expect("long poll woke")
+        .unwrap()
+        .unwrap();
     assert_eq!(got.len(), 1);
     assert!(started.elapsed() < Duration::from_secs(15));
     // An empty wait returns empty, bounded by its wait.
@@ -137,12 +224,24 @@ async fn pull_limits_are_enforced() {
     let (broker, _) = memory_broker(test_config()).await;
     setup_room(&broker, "r").await;
     let sub = pull_sub(&broker, RetryOverrides::default()).await;
-    let check = |r: broker_core::Result<Vec<broker_core::PulledMessage>>, code: &str| assert_eq!(r.unwrap_err().code(), code);
+    let check = |r: broker_core::Result<Vec<broker_core::PulledMessage>>, code: &str| {
+        assert_eq!(r.unwrap_err().code(), code)
+    };
     check(broker.pull(sub, 0, None, 0).await, "invalid_input");
     check(broker.pull(sub, 1_000_000, None, 0).await, "limit_exceeded");
     check(broker.pull(sub, 1, Some(0), 0).await, "limit_exceeded");
-    check(broker.pull(sub, 1, None, 10_000_000).await, "limit_exceeded");
-    assert_eq!(broker.extend(sub, &[], 100_000_000).await.unwrap_err().code(), "limit_exceeded");
+    check(
+        broker.pull(sub, 1, None, 10_000_000).await,
+        "limit_exceeded",
+    );
+    assert_eq!(
+        broker
+            .extend(sub, &[], 100_000_000)
+            .await
+            .unwrap_err()
+            .code(),
+        "limit_exceeded"
+    );
 }
 
 /// Leases and attempt counts are durable: after a reopen, a lease that was out is honoured until
@@ -157,7 +256,15 @@ async fn leases_and_queues_survive_a_reopen() {
     {
         let broker = open().await.unwrap();
         setup_room(&broker, "r").await;
-        sub = pull_sub(&broker, RetryOverrides { initial_delay_ms: Some(1), jitter_percent: Some(0), ..Default::default() }).await;
+        sub = pull_sub(
+            &broker,
+            RetryOverrides {
+                initial_delay_ms: Some(1),
+                jitter_percent: Some(0),
+                ..Default::default()
+            },
+        )
+        .await;
         broker.publish(moved("r", "a", 0)).await.unwrap();
         broker.publish(moved("r", "b", 0)).await.unwrap();
         let m = broker.pull(sub, 1, Some(10_000), 0).await.unwrap();

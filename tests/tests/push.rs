@@ -16,7 +16,14 @@ use postroom_tests::{memory_broker, moved, room, setup_room, system_broker, test
 const WAIT: Duration = Duration::from_secs(30);
 
 fn push_to(url: String) -> NewSubscription {
-    NewSubscription::new(who("supplier"), DeliveryMode::Push(PushEndpoint { url, headers: vec![], basic_auth: None }))
+    NewSubscription::new(
+        who("supplier"),
+        DeliveryMode::Push(PushEndpoint {
+            url,
+            headers: vec![],
+            basic_auth: None,
+        }),
+    )
 }
 
 fn fast_retry() -> RetryOverrides {
@@ -37,7 +44,10 @@ async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
         if let Some(v) = check() {
             return v;
         }
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -50,14 +60,25 @@ async fn pushes_carry_the_exact_payload_signed_per_standard_webhooks() {
     let mut new = push_to(rx.url("a"));
     if let DeliveryMode::Push(p) = &mut new.mode {
         p.headers.push(("x-team".into(), "moves".into()));
-        p.basic_auth = Some(broker_core::BasicAuth { username: "supplier".into(), password: "s3cret".into() });
+        p.basic_auth = Some(broker_core::BasicAuth {
+            username: "supplier".into(),
+            password: "s3cret".into(),
+        });
     }
     let created = broker.create_subscription(&room("r"), new).await.unwrap();
-    let secret = created.secret.clone().expect("push subscriptions get a secret");
+    let secret = created
+        .secret
+        .clone()
+        .expect("push subscriptions get a secret");
     assert!(secret.starts_with("whsec_"));
     let body = br#"{ "person":"p1" ,"n":1}"#.to_vec();
     let receipt = broker
-        .publish(broker_core::PublishRequest::new(room("r"), postroom_tests::ty("moved"), who("p"), body.clone()))
+        .publish(broker_core::PublishRequest::new(
+            room("r"),
+            postroom_tests::ty("moved"),
+            who("p"),
+            body.clone(),
+        ))
         .await
         .unwrap();
     let got = rx.next(WAIT).await.expect("a delivery");
@@ -73,16 +94,28 @@ async fn pushes_carry_the_exact_payload_signed_per_standard_webhooks() {
     assert_eq!(got.header("x-team"), "moves");
     assert!(got.header("authorization").starts_with("Basic "));
     let ts: u64 = got.header("webhook-timestamp").parse().unwrap();
-    assert!(broker_core::verify_webhook(&secret, got.header("webhook-id"), ts, &got.body, got.header("webhook-signature")));
+    assert!(broker_core::verify_webhook(
+        &secret,
+        got.header("webhook-id"),
+        ts,
+        &got.body,
+        got.header("webhook-signature")
+    ));
     let id = created.subscription.id;
     let state = eventually("delivered state", || {
-        broker.event_deliveries(receipt.id).ok().filter(|d| d.first().is_some_and(|d| d.state == DeliveryState::Delivered))
+        broker.event_deliveries(receipt.id).ok().filter(|d| {
+            d.first()
+                .is_some_and(|d| d.state == DeliveryState::Delivered)
+        })
     })
     .await;
     assert_eq!(state[0].subscription, id);
     let log = broker.attempts(id, None, None).unwrap();
     assert_eq!(log.items.len(), 1);
-    assert_eq!((log.items[0].outcome, log.items[0].status), (AttemptOutcome::Delivered, Some(200)));
+    assert_eq!(
+        (log.items[0].outcome, log.items[0].status),
+        (AttemptOutcome::Delivered, Some(200))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,7 +123,10 @@ async fn secret_rotation_signs_with_both_secrets_during_the_grace_period() {
     let mut rx = Receiver::start().await;
     let (broker, _) = memory_broker(test_config()).await;
     setup_room(&broker, "r").await;
-    let created = broker.create_subscription(&room("r"), push_to(rx.url("a"))).await.unwrap();
+    let created = broker
+        .create_subscription(&room("r"), push_to(rx.url("a")))
+        .await
+        .unwrap();
     let old = created.secret.unwrap();
     let new = broker.rotate_secret(created.subscription.id).await.unwrap();
     assert_ne!(old, new);
@@ -100,7 +136,13 @@ async fn secret_rotation_signs_with_both_secrets_during_the_grace_period() {
     assert_eq!(sig.split(' ').count(), 2, "{sig}");
     let ts: u64 = got.header("webhook-timestamp").parse().unwrap();
     for secret in [&old, &new] {
-        assert!(broker_core::verify_webhook(secret, got.header("webhook-id"), ts, &got.body, sig));
+        assert!(broker_core::verify_webhook(
+            secret,
+            got.header("webhook-id"),
+            ts,
+            &got.body,
+            sig
+        ));
     }
 }
 
@@ -140,7 +182,11 @@ async fn many_keys_arrive_complete_and_in_order_despite_random_failures() {
                 let seq: u64 = r.header("postroom-sequence").parse().unwrap();
                 let last = delivered.get(&key).copied().unwrap_or(0);
                 // Any attempt of n+1 (failed or not) needs n accepted first.
-                assert!(seq <= last + 1, "key {key}: seq {seq} sent before {} was accepted", last + 1);
+                assert!(
+                    seq <= last + 1,
+                    "key {key}: seq {seq} sent before {} was accepted",
+                    last + 1
+                );
                 if r.status == 200 {
                     assert_eq!(seq, last + 1, "key {key}: accepted out of order");
                     delivered.insert(key, seq);
@@ -150,9 +196,15 @@ async fn many_keys_arrive_complete_and_in_order_despite_random_failures() {
             delivered.values().sum::<u64>() == total
         })
         .await;
-    assert!(got.iter().any(|r| r.status == 500), "the receiver did fail sometimes");
+    assert!(
+        got.iter().any(|r| r.status == 500),
+        "the receiver did fail sometimes"
+    );
     assert!(delivered.values().all(|&n| n == PER_KEY));
-    eventually("empty backlog", || (broker.backlog_total().unwrap() == 0).then_some(())).await;
+    eventually("empty backlog", || {
+        (broker.backlog_total().unwrap() == 0).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,8 +215,17 @@ async fn retry_after_410_redirects_and_timeouts_are_honoured() {
     let (broker, clock) = memory_broker(config).await;
     setup_room(&broker, "r").await;
     let mut new = push_to(rx.url("a"));
-    new.retry = RetryOverrides { initial_delay_ms: Some(1000), jitter_percent: Some(0), ..Default::default() };
-    let sub = broker.create_subscription(&room("r"), new).await.unwrap().subscription.id;
+    new.retry = RetryOverrides {
+        initial_delay_ms: Some(1000),
+        jitter_percent: Some(0),
+        ..Default::default()
+    };
+    let sub = broker
+        .create_subscription(&room("r"), new)
+        .await
+        .unwrap()
+        .subscription
+        .id;
 
     // 429 with Retry-After 120 s: the next attempt is 120 s away, not the 1 s backoff.
     rx.script([Behaviour::RetryAfter(429, 120)]);
@@ -172,14 +233,21 @@ async fn retry_after_410_redirects_and_timeouts_are_honoured() {
     assert_eq!(rx.next(WAIT).await.unwrap().status, 429);
     let now = broker.now();
     let d = eventually("retry scheduled", || {
-        broker.event_deliveries(e1.id).unwrap().into_iter().find(|d| d.attempts == 1 && d.next_attempt_at.is_some())
+        broker
+            .event_deliveries(e1.id)
+            .unwrap()
+            .into_iter()
+            .find(|d| d.attempts == 1 && d.next_attempt_at.is_some())
     })
     .await;
     assert_eq!(d.next_attempt_at, Some(now.plus_ms(120_000)));
     assert_eq!(d.last_error.as_deref(), Some("HTTP 429"));
     let blocked = broker.blocked_keys(sub, None).unwrap();
     assert_eq!(blocked.len(), 1);
-    assert_eq!((blocked[0].key.as_str(), blocked[0].head_event_id), ("p", e1.id));
+    assert_eq!(
+        (blocked[0].key.as_str(), blocked[0].head_event_id),
+        ("p", e1.id)
+    );
 
     // After the wait: a redirect to /ok is followed and counts as delivered.
     rx.script([Behaviour::Redirect("ok".into())]);
@@ -190,7 +258,11 @@ async fn retry_after_410_redirects_and_timeouts_are_honoured() {
     let second = rx.next(WAIT).await.unwrap();
     assert_eq!((second.path.as_str(), second.status), ("ok", 200));
     eventually("delivered after redirect", || {
-        broker.event_deliveries(e1.id).unwrap().into_iter().find(|d| d.state == DeliveryState::Delivered)
+        broker
+            .event_deliveries(e1.id)
+            .unwrap()
+            .into_iter()
+            .find(|d| d.state == DeliveryState::Delivered)
     })
     .await;
 
@@ -199,7 +271,11 @@ async fn retry_after_410_redirects_and_timeouts_are_honoured() {
     let e2 = broker.publish(moved("r", "p", 2)).await.unwrap();
     rx.next(WAIT).await.unwrap();
     let d = eventually("timeout recorded", || {
-        broker.event_deliveries(e2.id).unwrap().into_iter().find(|d| d.attempts == 1 && d.last_error.is_some())
+        broker
+            .event_deliveries(e2.id)
+            .unwrap()
+            .into_iter()
+            .find(|d| d.attempts == 1 && d.last_error.is_some())
     })
     .await;
     assert!(d.last_error.unwrap().contains("timeout"));
@@ -209,7 +285,13 @@ async fn retry_after_410_redirects_and_timeouts_are_honoured() {
     clock.advance_ms(10_000);
     broker.wake_deliveries();
     assert_eq!(rx.next(WAIT).await.unwrap().status, 410);
-    let s = eventually("disabled", || broker.subscription(sub).ok().filter(|s| s.status == SubscriptionStatus::Disabled)).await;
+    let s = eventually("disabled", || {
+        broker
+            .subscription(sub)
+            .ok()
+            .filter(|s| s.status == SubscriptionStatus::Disabled)
+    })
+    .await;
     assert!(s.status_reason.unwrap().contains("410"));
     assert_eq!(s.backlog, 1);
     // Resuming delivers the rest.
@@ -217,7 +299,10 @@ async fn retry_after_410_redirects_and_timeouts_are_honoured() {
     clock.advance_ms(60_000);
     broker.wake_deliveries();
     let r = rx.next(WAIT).await.unwrap();
-    assert_eq!((r.status, r.header("postroom-event-id")), (200, e2.id.to_string().as_str()));
+    assert_eq!(
+        (r.status, r.header("postroom-event-id")),
+        (200, e2.id.to_string().as_str())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,33 +312,76 @@ async fn exhausted_deliveries_are_dead_lettered_redriven_and_purged() {
     let broker = system_broker(test_config()).await;
     setup_room(&broker, "r").await;
     let mut new = push_to(rx.url("a"));
-    new.retry = RetryOverrides { attempts_max: Some(3), ..fast_retry() };
-    let sub = broker.create_subscription(&room("r"), new).await.unwrap().subscription.id;
+    new.retry = RetryOverrides {
+        attempts_max: Some(3),
+        ..fast_retry()
+    };
+    let sub = broker
+        .create_subscription(&room("r"), new)
+        .await
+        .unwrap()
+        .subscription
+        .id;
     let e = broker.publish(moved("r", "p", 1)).await.unwrap();
-    let page = eventually("dead letter", || broker.dead_letters(sub, None, None).ok().filter(|p| !p.items.is_empty())).await;
+    let page = eventually("dead letter", || {
+        broker
+            .dead_letters(sub, None, None)
+            .ok()
+            .filter(|p| !p.items.is_empty())
+    })
+    .await;
     assert_eq!(page.items[0].event_id, e.id);
-    assert_eq!((page.items[0].attempts, page.items[0].reason.as_str()), (3, "attempts_exhausted"));
+    assert_eq!(
+        (page.items[0].attempts, page.items[0].reason.as_str()),
+        (3, "attempts_exhausted")
+    );
     assert_eq!(rx.drain().len(), 3, "three attempts were made");
-    assert_eq!(broker.event_deliveries(e.id).unwrap()[0].state, DeliveryState::DeadLettered);
+    assert_eq!(
+        broker.event_deliveries(e.id).unwrap()[0].state,
+        DeliveryState::DeadLettered
+    );
     // The key is not blocked by a dead letter: the next event goes out.
     rx.set(Behaviour::Ok);
     broker.publish(moved("r", "p", 2)).await.unwrap();
-    assert_eq!(rx.next(WAIT).await.unwrap().header("postroom-sequence"), "2");
+    assert_eq!(
+        rx.next(WAIT).await.unwrap().header("postroom-sequence"),
+        "2"
+    );
     // Redrive sends it again with a fresh schedule.
     assert_eq!(broker.redrive(sub, Some(vec![e.id])).await.unwrap(), 1);
     let again = rx.next(WAIT).await.unwrap();
     // Attempt numbers carry on after a redrive, so every attempt in the log stays distinct.
-    assert_eq!((again.header("postroom-event-id"), again.header("postroom-attempt")), (e.id.to_string().as_str(), "4"));
+    assert_eq!(
+        (
+            again.header("postroom-event-id"),
+            again.header("postroom-attempt")
+        ),
+        (e.id.to_string().as_str(), "4")
+    );
     eventually("redriven delivered", || {
-        broker.event_deliveries(e.id).unwrap().into_iter().find(|d| d.state == DeliveryState::Delivered)
+        broker
+            .event_deliveries(e.id)
+            .unwrap()
+            .into_iter()
+            .find(|d| d.state == DeliveryState::Delivered)
     })
     .await;
     // Purge empties the dead letters.
     rx.set(Behaviour::Status(500));
     broker.publish(moved("r", "q", 1)).await.unwrap();
-    eventually("second dead letter", || broker.dead_letters(sub, None, None).ok().filter(|p| p.items.len() == 1)).await;
+    eventually("second dead letter", || {
+        broker
+            .dead_letters(sub, None, None)
+            .ok()
+            .filter(|p| p.items.len() == 1)
+    })
+    .await;
     assert_eq!(broker.purge_dead_letters(sub).await.unwrap(), 1);
-    assert!(broker.dead_letters(sub, None, None).unwrap().items.is_empty());
+    assert!(broker
+        .dead_letters(sub, None, None)
+        .unwrap()
+        .items
+        .is_empty());
     assert_eq!(broker.subscription(sub).unwrap().dead_letters, 0);
 }
 
@@ -267,12 +395,20 @@ async fn a_slow_subscriber_does_not_hold_back_the_others() {
     let mut slow = push_to(rx.url("slow"));
     slow.in_flight_max = Some(2);
     broker.create_subscription(&room("r"), slow).await.unwrap();
-    broker.create_subscription(&room("r"), push_to(rx.url("fast"))).await.unwrap();
+    broker
+        .create_subscription(&room("r"), push_to(rx.url("fast")))
+        .await
+        .unwrap();
     for i in 0..50 {
-        broker.publish(moved("r", &format!("k{i}"), i)).await.unwrap();
+        broker
+            .publish(moved("r", &format!("k{i}"), i))
+            .await
+            .unwrap();
     }
     let got = rx
-        .collect_until(WAIT, |got| got.iter().filter(|r| r.path == "fast").count() == 50)
+        .collect_until(WAIT, |got| {
+            got.iter().filter(|r| r.path == "fast").count() == 50
+        })
         .await;
     // The slow endpoint answers nothing within this time; it holds at most its two slots.
     assert!(got.iter().filter(|r| r.path == "slow").count() <= 2);
@@ -285,8 +421,16 @@ async fn a_full_queue_dead_letters_visibly_without_hurting_others() {
     setup_room(&broker, "r").await;
     let mut small = NewSubscription::new(who("s"), DeliveryMode::Pull);
     small.queue_depth_max = Some(2);
-    let small = broker.create_subscription(&room("r"), small).await.unwrap().subscription.id;
-    broker.create_subscription(&room("r"), push_to(rx.url("a"))).await.unwrap();
+    let small = broker
+        .create_subscription(&room("r"), small)
+        .await
+        .unwrap()
+        .subscription
+        .id;
+    broker
+        .create_subscription(&room("r"), push_to(rx.url("a")))
+        .await
+        .unwrap();
     for i in 0..5 {
         broker.publish(moved("r", "p", i)).await.unwrap();
     }
@@ -302,22 +446,44 @@ async fn paused_subscriptions_queue_and_seek_replays() {
     let mut rx = Receiver::start().await;
     let (broker, _) = memory_broker(test_config()).await;
     setup_room(&broker, "r").await;
-    let sub = broker.create_subscription(&room("r"), push_to(rx.url("a"))).await.unwrap().subscription.id;
+    let sub = broker
+        .create_subscription(&room("r"), push_to(rx.url("a")))
+        .await
+        .unwrap()
+        .subscription
+        .id;
     broker.pause_subscription(sub).await.unwrap();
     for i in 0..3 {
         broker.publish(moved("r", "p", i)).await.unwrap();
     }
-    assert_eq!(broker.subscription(sub).unwrap().backlog, 3, "paused subscriptions keep queueing");
-    assert!(rx.next(Duration::from_millis(200)).await.is_none(), "nothing is pushed while paused");
+    assert_eq!(
+        broker.subscription(sub).unwrap().backlog,
+        3,
+        "paused subscriptions keep queueing"
+    );
+    assert!(
+        rx.next(Duration::from_millis(200)).await.is_none(),
+        "nothing is pushed while paused"
+    );
     broker.resume_subscription(sub).await.unwrap();
     let first = rx.collect_until(WAIT, |g| g.len() == 3).await;
-    let seqs: Vec<&str> = first.iter().map(|r| r.header("postroom-sequence")).collect();
+    let seqs: Vec<&str> = first
+        .iter()
+        .map(|r| r.header("postroom-sequence"))
+        .collect();
     assert_eq!(seqs, ["1", "2", "3"]);
-    eventually("backlog drained", || (broker.subscription(sub).unwrap().backlog == 0).then_some(())).await;
+    eventually("backlog drained", || {
+        (broker.subscription(sub).unwrap().backlog == 0).then_some(())
+    })
+    .await;
     assert_eq!(broker.seek(sub, SeekTarget::Oldest).await.unwrap(), 3);
     let replay = rx.collect_until(WAIT, |g| g.len() == 3).await;
     let ids: HashSet<&str> = replay.iter().map(|r| r.header("webhook-id")).collect();
-    assert_eq!(ids, first.iter().map(|r| r.header("webhook-id")).collect(), "replays carry the same ids");
+    assert_eq!(
+        ids,
+        first.iter().map(|r| r.header("webhook-id")).collect(),
+        "replays carry the same ids"
+    );
 }
 
 #[tokio::test]
@@ -327,7 +493,10 @@ async fn bad_subscriptions_are_refused() {
     let check = |new: NewSubscription, code: &'static str| {
         let broker = broker.clone();
         async move {
-            let err = broker.create_subscription(&room("r"), new).await.unwrap_err();
+            let err = broker
+                .create_subscription(&room("r"), new)
+                .await
+                .unwrap_err();
             assert_eq!(err.code(), code, "{err}");
         }
     };
@@ -335,7 +504,8 @@ async fn bad_subscriptions_are_refused() {
     check(push_to("not a url".into()), "invalid_input").await;
     let mut reserved = push_to("http://127.0.0.1:1/x".into());
     if let DeliveryMode::Push(p) = &mut reserved.mode {
-        p.headers.push(("webhook-signature".into(), "forged".into()));
+        p.headers
+            .push(("webhook-signature".into(), "forged".into()));
     }
     check(reserved, "invalid_input").await;
     let mut zero = push_to("http://127.0.0.1:1/x".into());
@@ -350,11 +520,20 @@ async fn bad_subscriptions_are_refused() {
     let mut unknown_type = push_to("http://127.0.0.1:1/x".into());
     unknown_type.event_types = Some(vec![postroom_tests::ty("nope")]);
     check(unknown_type, "event_type_not_found").await;
-    let err = broker.create_subscription(&room("zz"), push_to("http://127.0.0.1:1/x".into())).await.unwrap_err();
+    let err = broker
+        .create_subscription(&room("zz"), push_to("http://127.0.0.1:1/x".into()))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), "room_not_found");
     let unknown = broker_core::SubscriptionId::new_v7();
-    assert_eq!(broker.subscription(unknown).unwrap_err().code(), "subscription_not_found");
-    assert_eq!(broker.pause_subscription(unknown).await.unwrap_err().code(), "subscription_not_found");
+    assert_eq!(
+        broker.subscription(unknown).unwrap_err().code(),
+        "subscription_not_found"
+    );
+    assert_eq!(
+        broker.pause_subscription(unknown).await.unwrap_err().code(),
+        "subscription_not_found"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,21 +555,43 @@ async fn event_type_filters_and_pending_subscriptions() {
         .unwrap();
     let mut only_other = push_to(rx.url("other"));
     only_other.event_types = Some(vec![postroom_tests::ty("other")]);
-    broker.create_subscription(&room("r"), only_other).await.unwrap();
+    broker
+        .create_subscription(&room("r"), only_other)
+        .await
+        .unwrap();
     let mut pending = push_to(rx.url("pending"));
     pending.approved = false;
-    let pending = broker.create_subscription(&room("r"), pending).await.unwrap().subscription;
+    let pending = broker
+        .create_subscription(&room("r"), pending)
+        .await
+        .unwrap()
+        .subscription;
     assert_eq!(pending.status, SubscriptionStatus::Pending);
     broker.publish(moved("r", "p", 1)).await.unwrap();
     broker
-        .publish(broker_core::PublishRequest::new(room("r"), postroom_tests::ty("other"), who("p"), b"{}".to_vec()))
+        .publish(broker_core::PublishRequest::new(
+            room("r"),
+            postroom_tests::ty("other"),
+            who("p"),
+            b"{}".to_vec(),
+        ))
         .await
         .unwrap();
     let got = rx.next(WAIT).await.unwrap();
-    assert_eq!((got.path.as_str(), got.header("postroom-event-type")), ("other", "other"));
-    assert_eq!(broker.subscription(pending.id).unwrap().backlog, 0, "pending subscriptions queue nothing");
+    assert_eq!(
+        (got.path.as_str(), got.header("postroom-event-type")),
+        ("other", "other")
+    );
+    assert_eq!(
+        broker.subscription(pending.id).unwrap().backlog,
+        0,
+        "pending subscriptions queue nothing"
+    );
     broker.approve_subscription(pending.id).await.unwrap();
     broker.publish(moved("r", "p", 2)).await.unwrap();
     let got = rx.next(WAIT).await.unwrap();
-    assert_eq!((got.path.as_str(), got.header("postroom-sequence")), ("pending", "2"));
+    assert_eq!(
+        (got.path.as_str(), got.header("postroom-sequence")),
+        ("pending", "2")
+    );
 }

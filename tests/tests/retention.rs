@@ -210,3 +210,56 @@ async fn sequences_never_repeat_after_retention_and_reopen() {
         2
     );
 }
+
+/// Retention never removes an event a subscriber is still owed; once delivered, it can go.
+#[tokio::test]
+async fn events_owed_to_a_subscriber_outlive_their_retention() {
+    let (broker, clock) = memory_broker(test_config()).await;
+    setup_room(&broker, "r").await;
+    let sub = broker
+        .create_subscription(
+            &room("r"),
+            broker_core::NewSubscription::new(who("d"), broker_core::DeliveryMode::Pull),
+        )
+        .await
+        .unwrap()
+        .subscription
+        .id;
+    for i in 0..3 {
+        broker
+            .publish(moved("r", &format!("k{i}"), i))
+            .await
+            .unwrap();
+    }
+    set_retention(
+        &broker,
+        "r",
+        Retention {
+            age_ms_max: Some(10),
+            bytes_max: None,
+        },
+    )
+    .await;
+    clock.advance_ms(100);
+    let report = broker.sweep_retention().await.unwrap();
+    assert_eq!(
+        (report.events_removed, report.events_kept_owed),
+        (0, 3),
+        "{report:?}"
+    );
+    let msgs = broker.pull(sub, 2, None, 0).await.unwrap();
+    let acks: Vec<String> = msgs.iter().map(|m| m.ack_id.clone()).collect();
+    assert!(broker
+        .ack(sub, &acks)
+        .await
+        .unwrap()
+        .iter()
+        .all(|r| r.is_ok()));
+    let report = broker.sweep_retention().await.unwrap();
+    assert_eq!(
+        (report.events_removed, report.events_kept_owed),
+        (2, 1),
+        "{report:?}"
+    );
+    assert_eq!(broker.room(&room("r")).unwrap().events_stored, 1);
+}

@@ -196,6 +196,9 @@ pub(crate) struct LeaseGrant {
     pub event_id: EventId,
 }
 
+/// A page of the attempt log: ((offset, attempt), attempt) and whether more follow.
+pub(crate) type AttemptPage = (Vec<((u64, u32), Attempt)>, bool);
+
 /// What a committed batch did.
 #[derive(Debug)]
 pub(crate) struct Applied {
@@ -299,7 +302,7 @@ pub(crate) trait Storage: Send + Sync + 'static {
         id: SubscriptionId,
         after: Option<(u64, u32)>,
         limit: usize,
-    ) -> Result<(Vec<((u64, u32), Attempt)>, bool)>;
+    ) -> Result<AttemptPage>;
     /// Keys whose head has failed.
     fn blocked_keys(
         &self,

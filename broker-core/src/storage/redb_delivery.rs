@@ -515,15 +515,22 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-        /// The highest attempt number logged for a delivery, 0 if none.
+    /// The highest attempt number logged for a delivery, 0 if none.
     fn last_attempt_no(&self, sub: u128, offset: u64) -> Result<u32> {
-        Ok(match self.attempts.range((sub, offset, 0)..=(sub, offset, u32::MAX))?.next_back() {
-            Some(item) => item?.0.value().2,
-            None => 0,
-        })
+        Ok(
+            match self
+                .attempts
+                .range((sub, offset, 0)..=(sub, offset, u32::MAX))?
+                .next_back()
+            {
+                Some(item) => item?.0.value().2,
+                None => 0,
+            },
+        )
     }
 
-    fn log_attempt(&mut self,
+    fn log_attempt(
+        &mut self,
         sub: u128,
         offset: u64,
         attempt: u32,
@@ -575,16 +582,22 @@ impl<'t> Tables<'t> {
         sub_id: u128,
         offset: u64,
         mut rec: DeliveryRecord,
-        retry_after_ms: Option<u64>,
-        error: String,
+        failure: Failure,
     ) -> Result<()> {
+        let Failure {
+            retry_after_ms,
+            error,
+        } = failure;
         let room_retry = self.room_retry(sub.room_id, &sub.room)?;
         let policy = sub.retry.apply(&room_retry.apply(&self.defaults.retry));
         let seed = (rec.event_id as u64) ^ u64::from(rec.attempts);
         rec.last_error = Some(error);
         rec.lease_until = None;
-                let in_schedule = rec.attempts.saturating_sub(rec.attempts_base);
-        match retry::next_after_failure(&policy, in_schedule, rec.published_at,
+        let in_schedule = rec.attempts.saturating_sub(rec.attempts_base);
+        match retry::next_after_failure(
+            &policy,
+            in_schedule,
+            rec.published_at,
             now,
             retry_after_ms,
             self.defaults.retry_after_ms_max,
@@ -666,7 +679,17 @@ impl<'t> Tables<'t> {
             Some(429 | 503) => resp.retry_after_ms,
             _ => None,
         };
-        self.fail(now, &sub, sub_id, offset, rec, retry_after, error)
+        self.fail(
+            now,
+            &sub,
+            sub_id,
+            offset,
+            rec,
+            Failure {
+                retry_after_ms: retry_after,
+                error,
+            },
+        )
     }
 
     fn lease(
@@ -725,14 +748,15 @@ impl<'t> Tables<'t> {
                     },
                 )?;
                 let snapshot = rec.clone();
+                // The attempt failed at the deadline, however late a pull notices: the backoff
+                // counts from there, so the schedule does not depend on when pullers call.
                 self.fail(
-                    now,
+                    until,
                     &sub,
                     sub_id,
                     offset,
                     snapshot,
-                    None,
-                    "lease expired".into(),
+                    Failure::new(None, "lease expired"),
                 )?;
                 // Re-read: it may now be scheduled later or dead-lettered.
                 match self.deliveries.get((sub_id, offset))? {
@@ -806,8 +830,13 @@ impl<'t> Tables<'t> {
                             rec.lease_until = None;
                             rec.next_attempt_at = now.plus_ms(d);
                             rec.last_error = Some("nacked".into());
-                                                        let policy = sub.retry.apply(&self.room_retry(sub.room_id, &sub.room)?.apply(&self.defaults.retry));
-                            if rec.attempts.saturating_sub(rec.attempts_base) >= policy.attempts_max {
+                            let policy = sub.retry.apply(
+                                &self
+                                    .room_retry(sub.room_id, &sub.room)?
+                                    .apply(&self.defaults.retry),
+                            );
+                            if rec.attempts.saturating_sub(rec.attempts_base) >= policy.attempts_max
+                            {
                                 self.dead_letter(
                                     now,
                                     sub_id,
@@ -827,8 +856,7 @@ impl<'t> Tables<'t> {
                             sub_id,
                             offset,
                             rec.clone(),
-                            None,
-                            "nacked".into(),
+                            Failure::new(None, "nacked"),
                         )?,
                     }
                     AttemptOutcome::Nacked
@@ -1092,6 +1120,22 @@ impl<'t> Tables<'t> {
     }
 }
 
+/// Why an attempt failed, for scheduling the next one.
+pub(super) struct Failure {
+    /// The receiver's Retry-After, when it sent one with 429 or 503.
+    retry_after_ms: Option<u64>,
+    error: String,
+}
+
+impl Failure {
+    fn new(retry_after_ms: Option<u64>, error: &str) -> Self {
+        Failure {
+            retry_after_ms,
+            error: error.to_string(),
+        }
+    }
+}
+
 /// What fan-out needs to know of a new event.
 pub(super) struct DeliveryRecordInit<'a> {
     pub event_id: u128,
@@ -1303,7 +1347,7 @@ impl RedbStorage {
         id: SubscriptionId,
         after: Option<(u64, u32)>,
         limit: usize,
-    ) -> Result<(Vec<((u64, u32), Attempt)>, bool)> {
+    ) -> Result<super::AttemptPage> {
         let txn = self.db().begin_read()?;
         let sub_id = id.0.as_u128();
         self.read_sub(&txn, sub_id)?;

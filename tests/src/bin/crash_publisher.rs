@@ -2,19 +2,30 @@
 //! receipts it prints, and kills it with SIGKILL mid-load. Each line it prints is an event the
 //! broker acknowledged as durable: `ack <event id> <key> <sequence>`.
 //!
-//! Usage: crash_publisher <database file> <keys> <concurrency>
+//! Usage: crash_publisher <database file> <keys> <concurrency> [push URL]
+//! With a push URL, the first run also subscribes that URL to the Room, so deliveries are in
+//! flight when the process dies.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use broker_core::{Broker, Config, EventTypeSpec, NewRoom, PublishRequest};
+use broker_core::{
+    Broker, Config, DeliveryMode, EventTypeSpec, NewRoom, NewSubscription, PublishRequest,
+    PushEndpoint, RetryOverrides,
+};
 use postroom_tests::{person_schema, room, ty, who};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, path, keys, concurrency] = args.as_slice() else {
-        return Err("usage: crash_publisher <database file> <keys> <concurrency>".into());
+    let (path, keys, concurrency, push_url) = match args.as_slice() {
+        [_, p, k, c] => (p, k, c, None),
+        [_, p, k, c, u] => (p, k, c, Some(u.clone())),
+        _ => {
+            return Err(
+                "usage: crash_publisher <database file> <keys> <concurrency> [push URL]".into(),
+            )
+        }
     };
     let keys: u64 = keys.parse()?;
     let concurrency: u64 = concurrency.parse()?;
@@ -34,6 +45,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 },
             )
             .await?;
+        if let Some(url) = push_url {
+            let mut sub = NewSubscription::new(
+                who("receiver"),
+                DeliveryMode::Push(PushEndpoint {
+                    url,
+                    headers: vec![],
+                    basic_auth: None,
+                }),
+            );
+            sub.in_flight_max = Some(32);
+            sub.retry = RetryOverrides {
+                initial_delay_ms: Some(10),
+                delay_ms_max: Some(100),
+                jitter_percent: Some(0),
+                ..Default::default()
+            };
+            broker.create_subscription(&room("crash"), sub).await?;
+        }
     }
     let out = Arc::new(Mutex::new(std::io::stdout()));
     let mut tasks = Vec::new();
