@@ -280,3 +280,89 @@ async fn leases_and_queues_survive_a_reopen() {
     assert_eq!(seqs(&m2), [("a".into(), 1)]);
     assert_eq!(m2[0].attempt, 2);
 }
+
+#[tokio::test]
+async fn retry_policy_layers_broker_then_room_then_subscription() {
+    let mut config = test_config();
+    config.delivery.retry.attempts_max = 7;
+    config.delivery.retry.initial_delay_ms = 111;
+    let (broker, _) = memory_broker(config).await;
+    setup_room(&broker, "r").await;
+    let room_retry = RetryOverrides {
+        attempts_max: Some(5),
+        delay_ms_max: Some(9_000),
+        ..Default::default()
+    };
+    broker
+        .update_room(
+            &room("r"),
+            broker_core::RoomPatch {
+                retry: Some(room_retry),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let sub = pull_sub(
+        &broker,
+        RetryOverrides {
+            attempts_max: Some(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    let eff = broker.subscription(sub).unwrap().retry_effective;
+    assert_eq!(
+        (eff.attempts_max, eff.delay_ms_max, eff.initial_delay_ms),
+        (2, 9_000, 111)
+    );
+}
+
+#[tokio::test]
+async fn seek_to_a_time_requeues_from_there_and_delete_removes_the_subscription() {
+    let (broker, clock) = memory_broker(test_config()).await;
+    setup_room(&broker, "r").await;
+    let sub = pull_sub(&broker, RetryOverrides::default()).await;
+    let mut receipts = Vec::new();
+    for n in 0..4 {
+        clock.advance_ms(1000);
+        receipts.push(
+            broker
+                .publish(moved("r", &format!("k{n}"), n))
+                .await
+                .unwrap(),
+        );
+    }
+    let all = broker.pull(sub, 10, None, 0).await.unwrap();
+    let acks: Vec<String> = all.iter().map(|m| m.ack_id.clone()).collect();
+    broker.ack(sub, &acks).await.unwrap();
+    assert_eq!(broker.subscription(sub).unwrap().backlog, 0);
+    let queued = broker
+        .seek(sub, broker_core::SeekTarget::Time(receipts[2].received_at))
+        .await
+        .unwrap();
+    assert_eq!(queued, 2);
+    let again = broker.pull(sub, 10, None, 0).await.unwrap();
+    let ids: Vec<_> = again.iter().map(|m| m.event.id).collect();
+    assert_eq!(ids, [receipts[2].id, receipts[3].id]);
+    assert!(
+        again.iter().all(|m| m.attempt == 2),
+        "attempt numbers carry on after a seek"
+    );
+
+    broker.delete_subscription(sub).await.unwrap();
+    assert_eq!(
+        broker.subscription(sub).unwrap_err().code(),
+        "subscription_not_found"
+    );
+    assert_eq!(
+        broker.pull(sub, 1, None, 0).await.unwrap_err().code(),
+        "subscription_not_found"
+    );
+    let report = broker.sweep_retention().await.unwrap();
+    assert!(
+        report.deleted_subscription_records_removed >= 2,
+        "{report:?}"
+    );
+    assert_eq!(broker.backlog_total().unwrap(), 0);
+}
