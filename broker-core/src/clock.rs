@@ -54,6 +54,76 @@ impl Timestamp {
     }
 }
 
+impl Timestamp {
+    /// Parses RFC 3339 (`2026-11-22T17:19:57Z`, `...57.123+01:00`); fractions beyond
+    /// milliseconds are truncated. Returns `None` for anything else.
+    pub fn parse_rfc3339(s: &str) -> Option<Timestamp> {
+        let b = s.as_bytes();
+        if b.len() < 20
+            || b[4] != b'-'
+            || b[7] != b'-'
+            || !matches!(b[10], b'T' | b't' | b' ')
+            || b[13] != b':'
+            || b[16] != b':'
+        {
+            return None;
+        }
+        let num = |r: std::ops::Range<usize>| -> Option<i64> {
+            let part = s.get(r)?;
+            if part.bytes().all(|c| c.is_ascii_digit()) {
+                part.parse().ok()
+            } else {
+                None
+            }
+        };
+        let (y, mo, d, h, mi, sec) = (
+            num(0..4)?,
+            num(5..7)?,
+            num(8..10)?,
+            num(11..13)?,
+            num(14..16)?,
+            num(17..19)?,
+        );
+        if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+            return None;
+        }
+        let mut i = 19;
+        let mut ms = 0i64;
+        if b.get(i) == Some(&b'.') {
+            i += 1;
+            let start = i;
+            while b.get(i).is_some_and(u8::is_ascii_digit) {
+                i += 1;
+            }
+            if i == start {
+                return None;
+            }
+            let frac = &s[start..i.min(start + 3)];
+            ms = frac.parse::<i64>().ok()? * 10i64.pow(3 - frac.len() as u32);
+        }
+        let offset_min = match b.get(i) {
+            Some(b'Z' | b'z') if i + 1 == b.len() => 0,
+            Some(sign @ (b'+' | b'-')) if i + 6 == b.len() && b[i + 3] == b':' => {
+                let m = num(i + 1..i + 3)? * 60 + num(i + 4..i + 6)?;
+                if *sign == b'+' {
+                    m
+                } else {
+                    -m
+                }
+            }
+            _ => return None,
+        };
+        // days_from_civil (Howard Hinnant).
+        let yy = if mo <= 2 { y - 1 } else { y };
+        let era = yy.div_euclid(400);
+        let yoe = yy - era * 400;
+        let doy = (153 * ((mo + 9) % 12) + 2) / 5 + d - 1;
+        let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+        let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_min * 60;
+        u64::try_from(secs * 1000 + ms).ok().map(Timestamp)
+    }
+}
+
 /// A source of the current time. The broker asks it and nothing else.
 pub trait Clock: Send + Sync + 'static {
     /// The current time.
@@ -116,6 +186,34 @@ mod tests {
         check(951_782_400_000, "2000-02-29T00:00:00.000Z");
         check(1_614_265_330_000, "2021-02-25T15:02:10.000Z");
         check(1_795_368_000_123, "2026-11-22T17:20:00.123Z");
+    }
+
+    #[test]
+    fn rfc3339_parses_what_it_formats_and_offsets() {
+        for ms in [0u64, 951_782_400_000, 1_795_368_000_123] {
+            assert_eq!(
+                Timestamp::parse_rfc3339(&Timestamp(ms).to_rfc3339()),
+                Some(Timestamp(ms))
+            );
+        }
+        assert_eq!(
+            Timestamp::parse_rfc3339("2021-02-25T16:02:10+01:00"),
+            Some(Timestamp(1_614_265_330_000))
+        );
+        assert_eq!(
+            Timestamp::parse_rfc3339("2021-02-25T15:02:10.5Z"),
+            Some(Timestamp(1_614_265_330_500))
+        );
+        for bad in [
+            "",
+            "yesterday",
+            "2021-02-25",
+            "2021-13-01T00:00:00Z",
+            "2021-02-25T15:02:10",
+            "2021-02-25T15:02:10.Z",
+        ] {
+            assert_eq!(Timestamp::parse_rfc3339(bad), None, "{bad}");
+        }
     }
 
     #[test]

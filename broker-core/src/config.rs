@@ -8,7 +8,7 @@ use crate::subscription::RetryPolicy;
 /// Size and count limits on what callers may send. Each is checked before any work is done, and
 /// a breach is a [`crate::Error::LimitExceeded`] naming the limit.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest event payload accepted (default 1 MiB).
     pub payload_bytes_max: usize,
@@ -55,7 +55,7 @@ impl Default for Limits {
 
 /// The single writer and its group commit.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct WriterConfig {
     /// Most operations waiting for the writer; beyond it callers get
     /// [`crate::Error::Overloaded`] at once instead of queueing without bound (default 16,384).
@@ -91,7 +91,7 @@ impl Default for WriterConfig {
 
 /// The background retention sweep.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct RetentionConfig {
     /// Time between sweeps, in milliseconds (default 1,000). Zero disables the background task
     /// (the embedding program may then call [`crate::Broker::sweep_retention`] itself).
@@ -112,7 +112,7 @@ impl Default for RetentionConfig {
 
 /// Delivery: push, pull, retries and dead letters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct DeliveryConfig {
     /// The broker's retry policy, under each Room's and subscription's overrides.
     pub retry: RetryPolicy,
@@ -178,7 +178,7 @@ impl Default for DeliveryConfig {
 
 /// Everything the core can be configured with.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Input limits.
     pub limits: Limits,

@@ -13,6 +13,7 @@ use crate::model::Event;
 /// The retry schedule of a subscription: exponential backoff with jitter, bounded by attempts
 /// and by time since publishing. After either bound, the delivery goes to the dead letters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Delay before the second attempt, in milliseconds.
     pub initial_delay_ms: u64,

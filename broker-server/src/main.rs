@@ -1,12 +1,91 @@
-//! The `postroom` binary. The HTTP server (`postroom serve`) is the subject of its own issue and
-//! is not built yet; until it is, this binary says so plainly instead of pretending to serve, and
-//! the README points to the embedded quickstart.
+//! The `postroom` binary: `postroom serve` runs the broker's HTTP server.
 
-fn main() -> std::process::ExitCode {
-    eprintln!(
-        "postroom {}: the HTTP server is not built yet.\n\
-         Run the embedded broker instead: cargo run --release -p postroom-examples --bin quickstart",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::ExitCode::from(2)
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use broker_server::{serve, shutdown_signal, ServerConfig};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "postroom",
+    version,
+    about = "Postroom, a durable Pub/Sub broker"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the HTTP server. With no options: data in ./data, listening on 127.0.0.1:8080.
+    Serve {
+        /// A TOML configuration file; `POSTROOM_*` environment variables override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The address to listen on (overrides the file and the environment).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// The data folder (overrides the file and the environment).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("POSTROOM_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let Command::Serve {
+        config,
+        listen,
+        data_dir,
+    } = cli.command;
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("postroom: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let mut cfg = ServerConfig::load(config.as_deref(), std::env::vars())?;
+        if let Some(l) = listen {
+            cfg.listen = l;
+        }
+        if let Some(d) = data_dir {
+            cfg.data_dir = d;
+        }
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| broker_server::StartError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(broker_server::StartError::Serve)?;
+        // Printed on stdout so that scripts (and tests) can find the port when it was 0.
+        println!(
+            "postroom listening on http://{addr} with data in {}",
+            cfg.data_dir.display()
+        );
+        serve(listener, cfg, shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("postroom: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,167 @@
+//! The HTTP API: one router built by [`app`], so that tests drive it with
+//! `tower::ServiceExt::oneshot` and the binary serves it. Every handler is a thin mapping from
+//! HTTP to one core call; behaviour lives in broker-core.
+
+mod events;
+mod rooms;
+mod subscriptions;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use broker_core::{Broker, Principal};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The broker.
+    pub broker: Broker,
+    /// Who the caller is. Until authentication lands, every caller acts as this one local
+    /// administrator, which is why the server listens on loopback by default.
+    pub principal: Principal,
+}
+
+/// The whole router.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .nest(
+            "/v1",
+            rooms::routes()
+                .merge(events::routes())
+                .merge(subscriptions::routes()),
+        )
+        .fallback(|| async { ApiError::NoRoute })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .with_state(state)
+}
+
+/// `axum::Json` whose rejections are [`ApiError`]s, so that a malformed body gets the same
+/// problem+json as any other error.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType),
+            Err(JsonRejection::BytesRejection(r))
+                if r.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+            {
+                Err(ApiError::TooLarge)
+            }
+            Err(e) => Err(ApiError::BadJson(e.body_text())),
+        }
+    }
+}
+
+/// The raw body bytes, with a too-large body as [`ApiError::TooLarge`].
+pub struct RawBody(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => Ok(RawBody(b)),
+            Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::TooLarge),
+            Err(e) => Err(ApiError::BadJson(e.body_text())),
+        }
+    }
+}
+
+/// A body that may be empty (then `T::default()`); when present it must be JSON.
+pub(crate) fn optional_json<T: Default + DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    require_json(headers)?;
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadJson(format!("invalid request body: {e}")))
+}
+
+/// Checks that a raw body is declared as JSON (`application/json`, parameters allowed).
+pub(crate) fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let ok = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
+}
+
+/// A JSON answer in the API's conventions: every `*_at` / `*_until` field, which the core keeps
+/// as milliseconds, is written as RFC 3339 in UTC.
+pub(crate) fn reply<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    match serde_json::to_value(value) {
+        Ok(mut v) => {
+            rfc3339_times(&mut v);
+            (status, axum::Json(v)).into_response()
+        }
+        Err(e) => ApiError::Core(broker_core::Error::Storage(format!(
+            "cannot encode the answer: {e}"
+        )))
+        .into_response(),
+    }
+}
+
+fn rfc3339_times(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            for (k, val) in map.iter_mut() {
+                let is_time = k.ends_with("_at") || k.ends_with("_until");
+                match val {
+                    Value::Number(n) if is_time => {
+                        if let Some(ms) = n.as_u64() {
+                            *val = Value::String(broker_core::Timestamp(ms).to_rfc3339());
+                        }
+                    }
+                    _ => rfc3339_times(val),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(rfc3339_times),
+        _ => {}
+    }
+}
+
+/// Parses a path or query value with the core's validating constructor, as a 400 on failure.
+pub(crate) fn parse<'a, T>(
+    name: &str,
+    raw: &'a str,
+    f: impl FnOnce(&'a str) -> broker_core::Result<T>,
+) -> Result<T, ApiError> {
+    f(raw).map_err(|e| ApiError::param(name, e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_become_rfc3339() {
+        let mut v = serde_json::json!({"received_at": 0, "n": 5, "inner": [{"lease_until": 1000, "at_large": 3}]});
+        rfc3339_times(&mut v);
+        assert_eq!(v["received_at"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(v["inner"][0]["lease_until"], "1970-01-01T00:00:01.000Z");
+        assert_eq!(v["n"], 5);
+        assert_eq!(v["inner"][0]["at_large"], 3);
+    }
+}

@@ -1,0 +1,201 @@
+//! The server's configuration: built-in defaults, then a TOML file, then `POSTROOM_*`
+//! environment variables, then command-line flags, each overriding the one before. Every setting
+//! of the core and the server can be set each way, so that a container or a systemd unit needs
+//! no file at all.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::StartError;
+
+/// HTTP limits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Largest request body accepted (default 1 MiB + 64 KiB, so that a maximal payload fits).
+    pub body_bytes_max: usize,
+    /// Longest a request may take before the server answers 503, in milliseconds (default 60 s,
+    /// above the longest pull wait).
+    pub request_timeout_ms: u64,
+    /// Most requests handled at once; beyond it requests are shed with 503 (default 1,024).
+    pub concurrent_requests_max: usize,
+    /// How long shutdown waits for requests in flight, in milliseconds (default 30 s).
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            body_bytes_max: 1024 * 1024 + 64 * 1024,
+            request_timeout_ms: 60_000,
+            concurrent_requests_max: 1024,
+            shutdown_grace_ms: 30_000,
+        }
+    }
+}
+
+/// Everything `postroom serve` runs with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Where to listen (default `127.0.0.1:8080`).
+    pub listen: SocketAddr,
+    /// The data folder; the database is `postroom.redb` inside it (default `./data`).
+    pub data_dir: PathBuf,
+    /// HTTP limits.
+    pub http: HttpConfig,
+    /// The core's settings (limits, writer, retention, delivery).
+    pub broker: broker_core::Config,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("data"),
+            http: HttpConfig::default(),
+            broker: broker_core::Config::default(),
+        }
+    }
+}
+
+/// The prefix of environment variables that set configuration. Nested settings are joined with
+/// a double underscore: `POSTROOM_BROKER__LIMITS__PAYLOAD_BYTES_MAX=2097152`.
+pub const ENV_PREFIX: &str = "POSTROOM_";
+
+impl ServerConfig {
+    /// Loads the configuration: defaults, then the TOML file (if given), then environment
+    /// variables from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, StartError> {
+        let mut doc = toml::Table::try_from(ServerConfig::default())
+            .map_err(|e| StartError::Config(format!("defaults: {e}")))?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| StartError::Config(format!("cannot read {}: {e}", path.display())))?;
+            let file_doc: toml::Table = toml::from_str(&text)
+                .map_err(|e| StartError::Config(format!("{}: {e}", path.display())))?;
+            merge(&mut doc, file_doc);
+        }
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            // Variables the program itself reads elsewhere (credentials, log settings) are not
+            // configuration keys.
+            if matches!(rest, "LOG" | "LOG_FORMAT") || rest.starts_with("ADMIN_") {
+                continue;
+            }
+            let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+            set_path(&mut doc, &path, parse_env_value(&value))
+                .map_err(|e| StartError::Config(format!("{name}: {e}")))?;
+        }
+        toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| StartError::Config(e.to_string()))
+    }
+
+    /// The database file inside the data folder.
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("postroom.redb")
+    }
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+/// An environment value as TOML when it parses as a scalar (`42`, `true`, `1.5`), else a string.
+fn parse_env_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&doc)
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+    {
+        Some(v @ (toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_))) => v,
+        _ => toml::Value::String(raw.to_string()),
+    }
+}
+
+fn set_path(doc: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty setting name")?;
+    let mut table = doc;
+    for p in parents {
+        table = match table.get_mut(p) {
+            Some(toml::Value::Table(t)) => t,
+            _ => return Err(format!("`{p}` is not a group of settings")),
+        };
+    }
+    if !table.contains_key(last) {
+        return Err(format!("unknown setting `{last}`"));
+    }
+    table.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_file_env_in_that_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("postroom.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\n[broker.limits]\npayload_bytes_max = 2048\nkey_bytes_max = 10\n").unwrap();
+        let env = vec![
+            (
+                "POSTROOM_BROKER__LIMITS__KEY_BYTES_MAX".to_string(),
+                "20".to_string(),
+            ),
+            (
+                "POSTROOM_DATA_DIR".to_string(),
+                "/var/lib/postroom".to_string(),
+            ),
+            (
+                "POSTROOM_BROKER__VALIDATE_FORMATS".to_string(),
+                "false".to_string(),
+            ),
+            ("OTHER".to_string(), "ignored".to_string()),
+        ];
+        let c = ServerConfig::load(Some(&file), env).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.broker.limits.payload_bytes_max, 2048);
+        assert_eq!(
+            c.broker.limits.key_bytes_max, 20,
+            "environment beats the file"
+        );
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/postroom"));
+        assert!(!c.broker.validate_formats);
+        assert_eq!(c.http, HttpConfig::default());
+    }
+
+    #[test]
+    fn unknown_or_ill_typed_settings_are_refused() {
+        let bad = |k: &str, v: &str| {
+            ServerConfig::load(None, vec![(k.to_string(), v.to_string())]).unwrap_err()
+        };
+        assert!(bad("POSTROOM_NOPE", "1")
+            .to_string()
+            .contains("unknown setting"));
+        let typed = bad("POSTROOM_BROKER__LIMITS__PAYLOAD_BYTES_MAX", "lots").to_string();
+        assert!(
+            typed.contains("payload_bytes_max") || typed.contains("invalid type"),
+            "{typed}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "lissen = \"x\"").unwrap();
+        assert!(ServerConfig::load(Some(&file), Vec::new()).is_err());
+    }
+}

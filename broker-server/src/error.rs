@@ -1,0 +1,176 @@
+//! The server's one error type and the one place where errors become HTTP: RFC 9457
+//! `application/problem+json` with a stable machine-readable `code`. Core errors keep their
+//! code; the server adds its own for malformed requests. Internal errors are logged with their
+//! cause and answered with a generic body.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use broker_core::ErrorKind;
+use serde_json::json;
+
+/// Every error the server answers with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// An error from the core.
+    #[error(transparent)]
+    Core(#[from] broker_core::Error),
+    /// The body is not the JSON the endpoint expects.
+    #[error("{0}")]
+    BadJson(String),
+    /// A path or query parameter is malformed.
+    #[error("invalid {name}: {message}")]
+    BadParameter {
+        /// The parameter.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The body is larger than the server accepts (`http.body_bytes_max`).
+    #[error("request body too large")]
+    TooLarge,
+    /// The body's content type is not one the endpoint accepts.
+    #[error("content type must be application/json")]
+    UnsupportedMediaType,
+    /// No such route.
+    #[error("no such resource")]
+    NoRoute,
+    /// The method is not allowed on this route.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// The server is overloaded or the request took too long.
+    #[error("server busy, retry later")]
+    Busy,
+}
+
+impl ApiError {
+    /// The stable code sent in the problem body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Core(e) => e.code(),
+            ApiError::BadJson(_) => "invalid_json",
+            ApiError::BadParameter { .. } => "invalid_parameter",
+            ApiError::TooLarge => "body_too_large",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::NoRoute => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::Busy => "overloaded",
+        }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Core(broker_core::Error::SchemaViolation { .. }) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            ApiError::Core(broker_core::Error::InvalidJson { .. }) => StatusCode::BAD_REQUEST,
+            ApiError::Core(e) => match e.kind() {
+                ErrorKind::NotFound => StatusCode::NOT_FOUND,
+                ErrorKind::Conflict => StatusCode::CONFLICT,
+                ErrorKind::InvalidInput => StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorKind::LimitExceeded => match e {
+                    broker_core::Error::LimitExceeded {
+                        limit: "payload_bytes_max",
+                        ..
+                    } => StatusCode::PAYLOAD_TOO_LARGE,
+                    _ => StatusCode::UNPROCESSABLE_ENTITY,
+                },
+                ErrorKind::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+                ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            ApiError::BadJson(_) | ApiError::BadParameter { .. } => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::NoRoute => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub(crate) fn param(name: &str, message: impl Into<String>) -> Self {
+        ApiError::BadParameter {
+            name: name.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let code = self.code();
+        let detail = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            // The cause goes to the log, never to the client.
+            tracing::error!(error = %self, code, "internal error");
+            "an internal error occurred; it has been logged".to_string()
+        } else {
+            self.to_string()
+        };
+        let mut body = json!({
+            "type": format!("https://postroom.dev/problems/{code}"),
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "detail": detail,
+            "code": code,
+        });
+        let mut retry_after = None;
+        match &self {
+            ApiError::Core(broker_core::Error::SchemaViolation {
+                violations,
+                version,
+                ..
+            }) => {
+                body["violations"] = json!(violations);
+                body["schema_version"] = json!(version);
+            }
+            ApiError::Core(broker_core::Error::LimitExceeded { limit, max, actual }) => {
+                body["limit"] = json!({"name": limit, "max": max, "actual": actual});
+            }
+            ApiError::Core(broker_core::Error::InvalidInput { field, .. }) => {
+                body["field"] = json!(field);
+            }
+            ApiError::Core(broker_core::Error::Overloaded { retry_after_ms }) => {
+                retry_after = Some(retry_after_ms.div_ceil(1000).max(1));
+            }
+            ApiError::Core(broker_core::Error::ShuttingDown) | ApiError::Busy => {
+                retry_after = Some(1)
+            }
+            _ => {}
+        }
+        let mut resp = (status, body.to_string()).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(secs) = retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The broker could not open its data.
+    #[error("storage: {0}")]
+    Broker(#[from] broker_core::Error),
+    /// The listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Serving failed.
+    #[error("server: {0}")]
+    Serve(std::io::Error),
+}

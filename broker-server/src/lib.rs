@@ -1,0 +1,93 @@
+//! Postroom's HTTP server: a thin axum layer over broker-core. The router is built by
+//! [`api::app`]; [`serve`] runs it with the configured limits and shuts down gracefully.
+
+pub mod api;
+pub mod config;
+pub mod error;
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::DefaultBodyLimit;
+use axum::Router;
+use broker_core::{Broker, Principal};
+use tokio::net::TcpListener;
+use tower::ServiceBuilder;
+
+pub use api::{app, AppState};
+pub use config::ServerConfig;
+pub use error::{ApiError, StartError};
+
+/// The identity every caller acts as until authentication exists.
+pub const LOCAL_ADMIN: &str = "local-admin";
+
+/// The router with the HTTP limits of `config` around it: body size, request timeout and a bound
+/// on concurrent requests beyond which requests are shed with 503 and `Retry-After`.
+pub fn router(broker: Broker, config: &ServerConfig) -> Result<Router, StartError> {
+    let principal = Principal::new(LOCAL_ADMIN).map_err(|e| StartError::Config(e.to_string()))?;
+    let limits = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+            ApiError::Busy
+        }))
+        .load_shed()
+        .concurrency_limit(config.http.concurrent_requests_max.max(1))
+        .timeout(Duration::from_millis(config.http.request_timeout_ms));
+    Ok(app(AppState { broker, principal })
+        .layer(limits)
+        .layer(DefaultBodyLimit::max(config.http.body_bytes_max)))
+}
+
+/// Opens the broker and serves on `listener` until `shutdown` completes; then stops accepting,
+/// lets requests in flight finish (up to `shutdown_grace_ms`), and closes the broker so that
+/// everything queued is committed.
+pub async fn serve(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let broker = Broker::open(config.database_path(), config.broker.clone()).await?;
+    let app = router(broker.clone(), &config)?;
+    let grace = Duration::from_millis(config.http.shutdown_grace_ms);
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stopped_tx.send(());
+    });
+    let served = tokio::spawn(async move { server.await });
+    let outcome = tokio::select! {
+        r = served => r.map_err(|e| StartError::Serve(std::io::Error::other(e)))?.map_err(StartError::Serve),
+        _ = async {
+            let _ = stopped_rx.await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!("requests still running after the shutdown grace period; stopping anyway");
+            Ok(())
+        }
+    };
+    broker.close().await;
+    outcome
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown signal received");
+}
