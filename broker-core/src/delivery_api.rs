@@ -316,11 +316,18 @@ impl Broker {
             if !grants.is_empty() {
                 let mut out = Vec::with_capacity(grants.len());
                 for g in grants {
+                    // An event removed meanwhile (its Room deleted) cannot be handed out; its
+                    // lease lapses and the delivery is purged with the subscription.
+                    let event = match self.event(g.event_id) {
+                        Ok(e) => e,
+                        Err(Error::EventNotFound { .. }) => continue,
+                        Err(e) => return Err(e),
+                    };
                     out.push(PulledMessage {
                         ack_id: ack_id(g.offset, g.attempt),
                         attempt: g.attempt,
                         lease_until: g.lease_until,
-                        event: self.event(g.event_id)?,
+                        event,
                     });
                 }
                 return Ok(out);
@@ -594,6 +601,7 @@ impl Broker {
                 other => return Err(unexpected(other)),
             }
         }
+        self.subscription_op(DeliveryOp::SeekDone { id }).await?;
         Ok(queued)
     }
 }

@@ -645,8 +645,10 @@ async fn subscriptions_pull_ack_and_dead_letters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_on_a_real_socket_and_shuts_down_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = ServerConfig::default();
-    config.data_dir = dir.path().to_path_buf();
+    let config = ServerConfig {
+        data_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

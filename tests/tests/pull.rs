@@ -366,3 +366,104 @@ async fn seek_to_a_time_requeues_from_there_and_delete_removes_the_subscription(
     );
     assert_eq!(broker.backlog_total().unwrap(), 0);
 }
+
+/// Review findings: seek over a log with holes terminates; seek and redrive never leave one event
+/// both queued and dead; a redriven older event never goes out while a newer one of its key is
+/// leased; a deleted Room takes its subscriptions along; a huge cursor is just an empty page.
+#[tokio::test]
+async fn seek_redrive_and_room_deletion_edge_cases() {
+    let (broker, clock) = memory_broker(test_config()).await;
+    setup_room(&broker, "r").await;
+    let sub = pull_sub(&broker, RetryOverrides::default()).await;
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        clock.advance_ms(1000);
+        ids.push(
+            broker
+                .publish(moved("r", &format!("k{n}"), n))
+                .await
+                .unwrap(),
+        );
+    }
+    // Dead-letter the first, acknowledge the rest, let retention remove the acknowledged ones.
+    let msgs = broker.pull(sub, 10, None, 0).await.unwrap();
+    broker
+        .terminate(sub, &[msgs[0].ack_id.clone()])
+        .await
+        .unwrap();
+    let rest: Vec<String> = msgs[1..].iter().map(|m| m.ack_id.clone()).collect();
+    broker.ack(sub, &rest).await.unwrap();
+    broker
+        .update_room(
+            &room("r"),
+            broker_core::RoomPatch {
+                retention: Some(broker_core::Retention {
+                    age_ms_max: Some(1),
+                    bytes_max: None,
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    clock.advance_ms(100);
+    assert_eq!(broker.sweep_retention().await.unwrap().events_removed, 9);
+    clock.advance_ms(1000);
+    let late = broker.publish(moved("r", "k9", 10)).await.unwrap();
+    // The log now has a hole between offset 0 and 10: a seek between them must end.
+    let t = ids[5].received_at;
+    let queued = tokio::time::timeout(
+        Duration::from_secs(10),
+        broker.seek(sub, broker_core::SeekTarget::Time(t)),
+    )
+    .await
+    .expect("seek terminates")
+    .unwrap();
+    assert_eq!(queued, 1, "only the late event is at or after t");
+    // Seek to the oldest requeues the dead-lettered event and retires its dead letter.
+    broker
+        .seek(sub, broker_core::SeekTarget::Oldest)
+        .await
+        .unwrap();
+    let s = broker.subscription(sub).unwrap();
+    assert_eq!((s.backlog, s.dead_letters), (2, 0));
+    assert_eq!(broker.redrive(sub, None).await.unwrap(), 0);
+    let _ = late;
+
+    // A redriven older event waits while a newer event of its key is leased.
+    let a1 = broker.publish(moved("r", "solo", 1)).await.unwrap();
+    let _a2 = broker.publish(moved("r", "solo", 2)).await.unwrap();
+    let drain = broker.pull(sub, 10, None, 0).await.unwrap();
+    let first = drain
+        .iter()
+        .find(|m| m.event.id == a1.id)
+        .expect("solo head")
+        .ack_id
+        .clone();
+    broker.terminate(sub, &[first]).await.unwrap();
+    let second = broker.pull(sub, 10, None, 0).await.unwrap();
+    assert_eq!(
+        second
+            .iter()
+            .filter(|m| m.event.key.as_str() == "solo")
+            .count(),
+        1
+    );
+    broker.redrive(sub, Some(vec![a1.id])).await.unwrap();
+    let third = broker.pull(sub, 10, None, 0).await.unwrap();
+    assert!(
+        third.iter().all(|m| m.event.key.as_str() != "solo"),
+        "two events of one key must not be out at once"
+    );
+
+    let huge = broker
+        .dead_letters(sub, Some("18446744073709551615"), None)
+        .unwrap();
+    assert!(huge.items.is_empty());
+
+    broker.delete_room(&room("r")).await.unwrap();
+    assert_eq!(
+        broker.subscription(sub).unwrap_err().code(),
+        "subscription_not_found"
+    );
+}

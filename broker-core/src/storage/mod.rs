@@ -150,6 +150,10 @@ pub(crate) enum DeliveryOp {
         to: u64,
         limit: usize,
     },
+    /// Ends a seek: the subscription hands out messages again.
+    SeekDone {
+        id: SubscriptionId,
+    },
 }
 
 /// What a puller does with leased messages.

@@ -48,7 +48,7 @@ pub(super) const ATTEMPTS: TableDefinition<(u128, u64, u32), &[u8]> =
 pub(super) const DELETED_SUBS: TableDefinition<u128, ()> =
     TableDefinition::new("deleted_subscriptions");
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, Clone)]
 enum StoredMode {
     Push(PushEndpoint),
     Pull,
@@ -61,7 +61,7 @@ struct SecretRecord {
     valid_until: Option<Timestamp>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, Clone)]
 pub(super) struct SubRecord {
     room_id: u64,
     room: RoomName,
@@ -75,6 +75,9 @@ pub(super) struct SubRecord {
     status: SubscriptionStatus,
     status_reason: Option<String>,
     secrets: Vec<SecretRecord>,
+    /// True while a seek rebuilds the queue: nothing is handed out meanwhile, so that events
+    /// published during the seek cannot overtake older ones of their key being queued again.
+    seeking: bool,
     created_at: Timestamp,
     updated_at: Timestamp,
 }
@@ -352,7 +355,11 @@ impl<'t> Tables<'t> {
             }
             DeliveryOp::SeekClear { id, below, limit } => {
                 let id = id.0.as_u128();
-                self.sub_record(id)?;
+                let mut rec = self.sub_record(id)?;
+                if !rec.seeking {
+                    rec.seeking = true;
+                    self.store_sub(id, &rec)?;
+                }
                 let keys: Vec<u64> = self
                     .deliveries
                     .range((id, 0)..(id, below))?
@@ -369,6 +376,17 @@ impl<'t> Tables<'t> {
                     n: keys.len() as u64,
                     more: keys.len() == limit,
                 })
+            }
+            DeliveryOp::SeekDone { id } => {
+                let id = id.0.as_u128();
+                let mut rec = self.sub_record(id)?;
+                rec.seeking = false;
+                self.store_sub(id, &rec)?;
+                self.touched.insert(id);
+                Ok(WriteOutput::Subscription(
+                    self.subscription_out(id, &rec)?,
+                    None,
+                ))
             }
             DeliveryOp::SeekEnqueue {
                 id,
@@ -408,6 +426,7 @@ impl<'t> Tables<'t> {
                 SubscriptionStatus::Pending
             },
             status_reason: None,
+            seeking: false,
             secrets: secret
                 .iter()
                 .map(|s| SecretRecord {
@@ -437,6 +456,23 @@ impl<'t> Tables<'t> {
             self.subscription_out(id, &rec)?,
             secret,
         ))
+    }
+
+    /// Deletes every subscription of a deleted Room (their queues are purged by the sweep).
+    pub(super) fn delete_room_subscriptions(&mut self, room_id: u64) -> Result<()> {
+        let ids: Vec<u128> = self
+            .room_subs
+            .range((room_id, 0u128)..=(room_id, u128::MAX))?
+            .map(|r| r.map(|(k, _)| k.value().1))
+            .collect::<std::result::Result<_, _>>()?;
+        for id in ids {
+            self.subscriptions.remove(id)?;
+            self.room_subs.remove((room_id, id))?;
+            self.deleted_subs.insert(id, ())?;
+            self.touched.insert(id);
+        }
+        self.fanout.remove(&room_id);
+        Ok(())
     }
 
     /// Subscriptions to fan a Room's events out to: active and paused ones (a paused
@@ -707,7 +743,7 @@ impl<'t> Tables<'t> {
                 "pull is only for pull subscriptions",
             ));
         }
-        if sub.status != SubscriptionStatus::Active {
+        if sub.status != SubscriptionStatus::Active || sub.seeking {
             return Ok(WriteOutput::Leased(Vec::new()));
         }
         let candidates: Vec<(u64, DeliveryRecord)> = self
@@ -719,14 +755,28 @@ impl<'t> Tables<'t> {
                     .and_then(|(k, v)| Ok((k.value().1, decode::<DeliveryRecord>(v.value())?)))
             })
             .collect::<Result<_>>()?;
+        // With ordering, only the first undelivered event of each key may go out, and not while
+        // any event of the key is leased (a redrive can put an older event in front of one out).
+        let leased: HashSet<OrderingKey> = if sub.ordered {
+            candidates
+                .iter()
+                .filter(|(_, r)| r.lease_until.is_some_and(|u| u > now))
+                .map(|(_, r)| r.key.clone())
+                .collect()
+        } else {
+            HashSet::new()
+        };
         let mut heads = HashSet::new();
         let mut grants = Vec::new();
         for (offset, mut rec) in candidates {
             if grants.len() >= max {
                 break;
             }
-            // With ordering, only the first undelivered event of each key may go out.
             if sub.ordered && !heads.insert(rec.key.clone()) {
+                continue;
+            }
+            if sub.ordered && leased.contains(&rec.key) && rec.lease_until.is_none_or(|u| u <= now)
+            {
                 continue;
             }
             if let Some(until) = rec.lease_until {
@@ -916,6 +966,13 @@ impl<'t> Tables<'t> {
             };
             let Some(dead) = dead else { continue };
             self.dead_letters.remove((sub_id, *offset))?;
+            if self.deliveries.get((sub_id, *offset))?.is_some() {
+                // Already queued again (by a seek): the dead letter is stale; keep the live one.
+                let (backlog, dead_n) = self.sub_stats(sub_id)?;
+                self.sub_stats
+                    .insert(sub_id, (backlog, dead_n.saturating_sub(1)))?;
+                continue;
+            }
             // A fresh schedule: the attempts limit and the time to live count from now, while
             // attempt numbers carry on so that the log keeps every attempt apart.
             let rec = DeliveryRecord {
@@ -970,6 +1027,13 @@ impl<'t> Tables<'t> {
             }
             if self.deliveries.get((sub_id, offset))?.is_some() {
                 continue;
+            }
+            // A dead letter of the same event is replaced by the new delivery, so that one event
+            // is never both owed and dead.
+            if self.dead_letters.remove((sub_id, offset))?.is_some() {
+                let (backlog, dead) = self.sub_stats(sub_id)?;
+                self.sub_stats
+                    .insert(sub_id, (backlog, dead.saturating_sub(1)))?;
             }
             let last = self.last_attempt_no(sub_id, offset)?;
             let rec = DeliveryRecord {
@@ -1174,6 +1238,25 @@ fn apply_patch(rec: &mut SubRecord, patch: SubscriptionPatch) -> Result<()> {
     Ok(())
 }
 
+/// A seek interrupted by a crash leaves its flag set; at open the flag is cleared so that the
+/// subscription is not stalled for ever. The queue then holds what the seek had queued so far.
+pub(super) fn clear_interrupted_seeks(txn: &redb::WriteTransaction) -> Result<u64> {
+    let mut table = txn.open_table(SUBSCRIPTIONS)?;
+    let stuck: Vec<(u128, SubRecord)> = table
+        .iter()?
+        .map(|r| {
+            r.map_err(Error::from)
+                .and_then(|(k, v)| Ok((k.value(), decode::<SubRecord>(v.value())?)))
+        })
+        .filter(|r| r.as_ref().map(|(_, s)| s.seeking).unwrap_or(true))
+        .collect::<Result<_>>()?;
+    for (id, mut rec) in stuck.iter().map(|(i, r)| (*i, r.clone())) {
+        rec.seeking = false;
+        table.insert(id, encode(&rec)?.as_slice())?;
+    }
+    Ok(stuck.len() as u64)
+}
+
 /// Read side.
 impl RedbStorage {
     fn read_sub(&self, txn: &redb::ReadTransaction, id: u128) -> Result<SubRecord> {
@@ -1270,21 +1353,38 @@ impl RedbStorage {
         let txn = self.db().begin_read()?;
         let sub_id = id.0.as_u128();
         let sub = self.read_sub(&txn, sub_id)?;
+        if sub.seeking {
+            return Ok((Vec::new(), None));
+        }
         let table = txn.open_table(DELIVERIES)?;
+        let window: Vec<(u64, DeliveryRecord)> = table
+            .range((sub_id, 0)..=(sub_id, u64::MAX))?
+            .take(scan_max)
+            .map(|r| {
+                r.map_err(Error::from)
+                    .and_then(|(k, v)| Ok((k.value().1, decode::<DeliveryRecord>(v.value())?)))
+            })
+            .collect::<Result<_>>()?;
+        // With ordering, a key with any delivery in flight is blocked, not only when its head is:
+        // a redrive can put an older event in front of one already out.
+        let blocked: HashSet<&OrderingKey> = if sub.ordered {
+            window
+                .iter()
+                .filter(|(o, _)| busy.contains(o))
+                .map(|(_, r)| &r.key)
+                .collect()
+        } else {
+            HashSet::new()
+        };
         let mut heads = HashSet::new();
         let mut due = Vec::new();
         let mut next: Option<Timestamp> = None;
-        for item in table
-            .range((sub_id, 0)..=(sub_id, u64::MAX))?
-            .take(scan_max)
-        {
+        for (offset, rec) in &window {
+            let (offset, rec) = (*offset, rec);
             if due.len() >= limit {
                 break;
             }
-            let (k, v) = item?;
-            let offset = k.value().1;
-            let rec: DeliveryRecord = decode(v.value())?;
-            if sub.ordered && !heads.insert(rec.key.clone()) {
+            if sub.ordered && (blocked.contains(&rec.key) || !heads.insert(rec.key.clone())) {
                 continue;
             }
             if busy.contains(&offset) {
@@ -1313,7 +1413,9 @@ impl RedbStorage {
         let txn = self.db().begin_read()?;
         let sub_id = id.0.as_u128();
         self.read_sub(&txn, sub_id)?;
-        let start = after.map_or(0, |a| a + 1);
+        let Some(start) = after.map_or(Some(0), |a| a.checked_add(1)) else {
+            return Ok((Vec::new(), false));
+        };
         let mut out = Vec::new();
         let mut more = false;
         for item in txn
@@ -1509,14 +1611,15 @@ impl RedbStorage {
         let Some(t) = t else {
             return Ok((first_at(0)?.map_or(end, |(o, _)| o), end));
         };
-        // Invariant: no event before `lo` qualifies; the first that does is at or before `hi`.
+        // Search on positions: the answer is the smallest position p such that the first entry
+        // at or after p (if any) was received at or after `t`. Holes in the log (events removed
+        // by retention) are skipped by `first_at`, and every step shrinks [lo, hi).
         let (mut lo, mut hi) = (0u64, end);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             match first_at(mid)? {
-                None => hi = mid,
                 Some((o, at)) if at < t => lo = o + 1,
-                Some((o, _)) => hi = o,
+                _ => hi = mid,
             }
         }
         Ok((lo, end))

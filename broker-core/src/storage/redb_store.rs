@@ -299,6 +299,13 @@ impl RedbStorage {
             txn.open_table(DEAD_LETTERS)?;
             txn.open_table(ATTEMPTS)?;
             txn.open_table(DELETED_SUBS)?;
+            let cleared = super::redb_delivery::clear_interrupted_seeks(&txn)?;
+            if cleared > 0 {
+                tracing::warn!(
+                    subscriptions = cleared,
+                    "seeks interrupted by a restart were ended; repeat them to replay fully"
+                );
+            }
         }
         txn.commit()?;
         let store = RedbStorage {
@@ -582,6 +589,8 @@ impl<'t> Tables<'t> {
         let rec = self.room_record(name)?;
         self.rooms.remove(name.as_str())?;
         self.deleted_rooms.insert(rec.id, ())?;
+        // Its subscriptions go with it: their queues point into the Room's log.
+        self.delete_room_subscriptions(rec.id)?;
         self.seqs.last.retain(|(rid, _), _| *rid != rec.id);
         Ok(())
     }
@@ -869,6 +878,12 @@ impl<'t> Tables<'t> {
     }
 
     fn sweep(&mut self, now: Timestamp, delete_max: usize) -> Result<SweepReport> {
+        if !self.seqs.valid {
+            // Removing events whose sequences only the log knows could let a counter go back.
+            return Err(Error::Storage(
+                "sequence counters are not recovered; retention waits".into(),
+            ));
+        }
         let mut report = SweepReport::default();
         let mut budget = delete_max;
         // Retention may remove events after the checkpoint, whose sequences the log replay would
