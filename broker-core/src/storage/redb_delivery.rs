@@ -126,6 +126,21 @@ pub(super) struct FanoutTarget {
     queue_depth_max: u64,
 }
 
+/// Up to `limit` offsets of one subscription's entries in `table`, from `from` up to `below`.
+fn offsets_in(
+    table: &impl ReadableTable<(u128, u64), &'static [u8]>,
+    sub: u128,
+    from: u64,
+    below: u64,
+    limit: usize,
+) -> Result<Vec<u64>> {
+    Ok(table
+        .range((sub, from)..(sub, below))?
+        .take(limit)
+        .map(|r| r.map(|(k, _)| k.value().1))
+        .collect::<std::result::Result<_, _>>()?)
+}
+
 fn sub_not_found(id: u128) -> Error {
     Error::SubscriptionNotFound {
         id: SubscriptionId(Uuid::from_u128(id)).to_string(),
@@ -336,12 +351,7 @@ impl<'t> Tables<'t> {
             DeliveryOp::PurgeDead { id, limit } => {
                 let id = id.0.as_u128();
                 self.sub_record(id)?;
-                let keys: Vec<u64> = self
-                    .dead_letters
-                    .range((id, 0)..=(id, u64::MAX))?
-                    .take(limit)
-                    .map(|r| r.map(|(k, _)| k.value().1))
-                    .collect::<std::result::Result<_, _>>()?;
+                let keys = offsets_in(&self.dead_letters, id, 0, u64::MAX, limit)?;
                 for k in &keys {
                     self.dead_letters.remove((id, *k))?;
                 }
@@ -360,12 +370,7 @@ impl<'t> Tables<'t> {
                     rec.seeking = true;
                     self.store_sub(id, &rec)?;
                 }
-                let keys: Vec<u64> = self
-                    .deliveries
-                    .range((id, 0)..(id, below))?
-                    .take(limit)
-                    .map(|r| r.map(|(k, _)| k.value().1))
-                    .collect::<std::result::Result<_, _>>()?;
+                let keys = offsets_in(&self.deliveries, id, 0, below, limit)?;
                 for k in &keys {
                     self.deliveries.remove((id, *k))?;
                 }
@@ -951,12 +956,7 @@ impl<'t> Tables<'t> {
         self.sub_record(sub_id)?;
         let chosen: Vec<u64> = match offsets {
             Some(o) => o.into_iter().take(limit).collect(),
-            None => self
-                .dead_letters
-                .range((sub_id, 0)..=(sub_id, u64::MAX))?
-                .take(limit)
-                .map(|r| r.map(|(k, _)| k.value().1))
-                .collect::<std::result::Result<_, _>>()?,
+            None => offsets_in(&self.dead_letters, sub_id, 0, u64::MAX, limit)?,
         };
         let mut n = 0u64;
         for offset in &chosen {
