@@ -5,6 +5,7 @@
 //! because the writer assigns offset and sequence together.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -482,7 +483,8 @@ impl<'t> Tables<'t> {
 
     /// Subscriptions to fan a Room's events out to: active and paused ones (a paused
     /// subscription keeps queueing so that nothing is lost while it is paused).
-    fn fanout_targets(&mut self, room_id: u64) -> Result<Vec<FanoutTarget>> {
+    /// Shared, not copied: this runs for every published event.
+    fn fanout_targets(&mut self, room_id: u64) -> Result<Arc<Vec<FanoutTarget>>> {
         if let Some(t) = self.fanout.get(&room_id) {
             return Ok(t.clone());
         }
@@ -505,6 +507,7 @@ impl<'t> Tables<'t> {
                 });
             }
         }
+        let targets = Arc::new(targets);
         self.fanout.insert(room_id, targets.clone());
         Ok(targets)
     }
@@ -517,7 +520,7 @@ impl<'t> Tables<'t> {
         offset: u64,
         d: &DeliveryRecordInit<'_>,
     ) -> Result<()> {
-        for t in self.fanout_targets(room_id)? {
+        for t in self.fanout_targets(room_id)?.iter() {
             if t.event_types
                 .as_ref()
                 .is_some_and(|types| !types.contains(d.event_type))
@@ -1631,4 +1634,4 @@ impl RedbStorage {
     }
 }
 
-pub(super) type FanoutCache = HashMap<u64, Vec<FanoutTarget>>;
+pub(super) type FanoutCache = HashMap<u64, Arc<Vec<FanoutTarget>>>;
