@@ -13,10 +13,10 @@ use crate::config::Config;
 use crate::dispatch::{ensure_dispatcher, Signals};
 use crate::error::{Error, Result};
 use crate::ids::SubscriptionId;
-use crate::ids::{EventId, EventTypeName, RoomName};
+use crate::ids::{EventId, EventTypeName, Principal, RoomName};
 use crate::model::{
     Event, EventFilter, EventType, EventTypeSpec, EventTypeVersion, NewRoom, Page, PublishRequest,
-    PutEventTypeOutcome, Receipt, Room, RoomPatch, SweepReport,
+    PutEventTypeOutcome, Receipt, Room, RoomPatch, StoredResponse, SweepReport,
 };
 use crate::schema::{self, ValidatorCache};
 use crate::storage::DeliveryDefaults;
@@ -303,6 +303,41 @@ impl Broker {
         room: &RoomName,
         spec: EventTypeSpec,
     ) -> Result<PutEventTypeOutcome> {
+        self.store_event_type(room, spec, false).await
+    }
+
+    /// Registers a new event type, refusing with [`Error::EventTypeExists`] when one of that name
+    /// exists (for APIs whose "create" must not silently add a version).
+    pub async fn create_event_type(
+        &self,
+        room: &RoomName,
+        spec: EventTypeSpec,
+    ) -> Result<PutEventTypeOutcome> {
+        self.store_event_type(room, spec, true).await
+    }
+
+    /// Removes an event type: nothing more can be published to it. Events already published stay
+    /// in the log and in subscriptions' queues, and its schema versions stay on record, so a type
+    /// created again with the same name continues the version numbers.
+    pub async fn delete_event_type(&self, room: &RoomName, name: &EventTypeName) -> Result<()> {
+        match self
+            .write(WriteOp::DeleteEventType {
+                room: room.clone(),
+                name: name.clone(),
+            })
+            .await?
+        {
+            WriteOutput::Deleted => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn store_event_type(
+        &self,
+        room: &RoomName,
+        spec: EventTypeSpec,
+        create_only: bool,
+    ) -> Result<PutEventTypeOutcome> {
         let limits = &self.inner.config.limits;
         self.check_description(&spec.description)?;
         let schema_bytes = spec.schema.to_string().len();
@@ -327,6 +362,7 @@ impl Broker {
             spec,
             types_max: limits.event_types_per_room_max,
             versions_max: limits.schema_versions_max,
+            create_only,
         };
         match self.write(op).await? {
             WriteOutput::EventType(o) => Ok(o),
@@ -420,19 +456,7 @@ impl Broker {
             ));
         }
         if let Some(k) = &req.idempotency_key {
-            if k.is_empty() || k.chars().any(char::is_control) {
-                return Err(Error::invalid(
-                    "idempotency key",
-                    "must be non-empty without control characters",
-                ));
-            }
-            if k.len() > limits.idempotency_key_bytes_max {
-                return Err(Error::limit(
-                    "idempotency_key_bytes_max",
-                    limits.idempotency_key_bytes_max as u64,
-                    k.len() as u64,
-                ));
-            }
+            self.check_idempotency_key(k)?;
         }
         let payload: serde_json::Value =
             serde_json::from_slice(&req.payload).map_err(|e| Error::InvalidJson {
@@ -562,6 +586,85 @@ fn page_by_name<T>(mut items: Vec<T>, limit: usize, name: impl Fn(&T) -> String)
         None
     };
     Page { items, next_cursor }
+}
+
+impl Broker {
+    fn check_idempotency_key(&self, k: &str) -> Result<()> {
+        let max = self.inner.config.limits.idempotency_key_bytes_max;
+        if k.is_empty() || k.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                "idempotency key",
+                "must be non-empty without control characters",
+            ));
+        }
+        if k.len() > max {
+            return Err(Error::limit(
+                "idempotency_key_bytes_max",
+                max as u64,
+                k.len() as u64,
+            ));
+        }
+        Ok(())
+    }
+
+    /// The response remembered for `principal`'s idempotency `key`, if one is within the window
+    /// (see [`Broker::remember_response`]). `request` is the caller's fingerprint of the request
+    /// (method, path and body, for an HTTP server); a remembered response for a different
+    /// request is refused with [`Error::IdempotencyConflict`].
+    pub fn replay_response(
+        &self,
+        principal: &Principal,
+        key: &str,
+        request: &[u8],
+    ) -> Result<Option<StoredResponse>> {
+        self.check_idempotency_key(key)?;
+        match self
+            .inner
+            .store
+            .stored_response(principal, key, self.now())?
+        {
+            None => Ok(None),
+            Some((hash, response)) if hash == sha256(request) => Ok(Some(response)),
+            Some(_) => Err(Error::IdempotencyConflict { key: key.into() }),
+        }
+    }
+
+    /// Remembers a successful response under `principal`'s idempotency `key` for the
+    /// configured window (`idempotency_window_ms`), durably, so that a retry after a lost
+    /// answer, even across a restart, gets the same answer instead of creating something twice.
+    /// Errors are not to be remembered: a failed request may be retried with the same key.
+    pub async fn remember_response(
+        &self,
+        principal: &Principal,
+        key: &str,
+        request: &[u8],
+        response: StoredResponse,
+    ) -> Result<()> {
+        self.check_idempotency_key(key)?;
+        let max = self.inner.config.limits.payload_bytes_max;
+        if response.body.len() > max {
+            return Err(Error::limit(
+                "payload_bytes_max",
+                max as u64,
+                response.body.len() as u64,
+            ));
+        }
+        let op = WriteOp::RememberResponse {
+            principal: principal.clone(),
+            key: key.to_string(),
+            request_hash: sha256(request),
+            response,
+            expires_at: self.now().plus_ms(self.inner.config.idempotency_window_ms),
+        };
+        match self.write(op).await? {
+            WriteOutput::Deleted => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
 }
 
 /// The idempotency fingerprint of a publish request: everything that shapes the stored event.

@@ -401,6 +401,53 @@ impl Broker {
             .await
     }
 
+    /// Acknowledges a leased event by its id rather than by ack id, for protocols that
+    /// confirm events by id (the GovStack pull API). Whichever lease is current is settled.
+    /// [`Error::EventNotFound`] when the event is not in this subscription's queue (unknown,
+    /// already acknowledged, or never owed); [`Error::EventNotLeased`] when it is queued but not
+    /// leased.
+    pub async fn ack_event(&self, id: SubscriptionId, event: EventId) -> Result<()> {
+        let not_found = || Error::EventNotFound {
+            id: event.to_string(),
+        };
+        // The subscription must exist, and the event must belong to its Room.
+        let sub = self.subscription(id)?;
+        let ev = self.event(event)?;
+        if ev.room != sub.room {
+            return Err(not_found());
+        }
+        let offset = self
+            .inner()
+            .store
+            .event_offset(event)?
+            .ok_or_else(not_found)?;
+        match self.inner().store.queued(id, offset, event, self.now())? {
+            None => Err(not_found()),
+            Some((_, false)) => Err(Error::EventNotLeased {
+                id: event.to_string(),
+            }),
+            Some((attempt, true)) => {
+                let mut results = self.ack(id, &[ack_id(offset, attempt)]).await?;
+                // A lease that ran out or changed between the look and the ack.
+                match results.pop() {
+                    Some(Err(Error::LeaseNotHeld { .. })) => Err(Error::EventNotLeased {
+                        id: event.to_string(),
+                    }),
+                    Some(r) => r,
+                    None => Err(not_found()),
+                }
+            }
+        }
+    }
+
+    /// Stops delivering an event: every subscription's undelivered copy goes to its dead
+    /// letters with reason `stopped` (an operator can still redrive it); copies already
+    /// delivered are not affected. Returns how many copies were stopped.
+    pub async fn stop_event(&self, event: EventId) -> Result<u64> {
+        let (n, _) = count(self.delivery(DeliveryOp::StopEvent { event }).await?)?;
+        Ok(n)
+    }
+
     /// Sends leased messages straight to the dead letters.
     pub async fn terminate(
         &self,

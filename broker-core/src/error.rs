@@ -82,6 +82,22 @@ pub enum Error {
         /// The ack id.
         ack_id: String,
     },
+    /// An event type with this name already exists and the caller asked to create it, not to
+    /// add a version.
+    #[error("event type `{event_type}` already exists in room `{room}`")]
+    EventTypeExists {
+        /// The Room.
+        room: String,
+        /// The event type name.
+        event_type: String,
+    },
+    /// The event is in the subscription's queue but not leased to anyone, so there is nothing to
+    /// acknowledge yet (pull it first).
+    #[error("event `{id}` is not leased on this subscription")]
+    EventNotLeased {
+        /// The event id.
+        id: String,
+    },
     /// A Room with this name already exists.
     #[error("room `{room}` already exists")]
     RoomExists {
@@ -173,6 +189,8 @@ impl Error {
             Error::SubscriptionState { .. } => "subscription_state",
             Error::LeaseNotHeld { .. } => "lease_not_held",
             Error::RoomExists { .. } => "room_exists",
+            Error::EventTypeExists { .. } => "event_type_exists",
+            Error::EventNotLeased { .. } => "event_not_leased",
             Error::RoomNotActive { .. } => "room_not_active",
             Error::IdempotencyConflict { .. } => "idempotency_conflict",
             Error::EventIdConflict { .. } => "event_id_conflict",
@@ -195,6 +213,8 @@ impl Error {
             | Error::EventNotFound { .. }
             | Error::SubscriptionNotFound { .. } => ErrorKind::NotFound,
             Error::RoomExists { .. }
+            | Error::EventTypeExists { .. }
+            | Error::EventNotLeased { .. }
             | Error::RoomNotActive { .. }
             | Error::IdempotencyConflict { .. }
             | Error::EventIdConflict { .. }
@@ -249,6 +269,11 @@ mod tests {
                 ack_id: "1-1".into(),
             },
             Error::RoomExists { room: "a".into() },
+            Error::EventTypeExists {
+                room: "a".into(),
+                event_type: "b".into(),
+            },
+            Error::EventNotLeased { id: "x".into() },
             Error::RoomNotActive {
                 room: "a".into(),
                 status: "pending".into(),

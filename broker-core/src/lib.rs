@@ -52,7 +52,8 @@ pub use error::{Error, ErrorKind, Result, Violation};
 pub use ids::{EventId, EventTypeName, OrderingKey, Principal, RoomName, Sequence, SubscriptionId};
 pub use model::{
     Event, EventFilter, EventType, EventTypeSpec, EventTypeVersion, NewRoom, Page, PublishRequest,
-    PutEventTypeOutcome, Receipt, Retention, Room, RoomPatch, RoomStatus, SweepReport,
+    PutEventTypeOutcome, Receipt, Retention, Room, RoomPatch, RoomStatus, StoredResponse,
+    SweepReport,
 };
 pub use subscription::{
     Attempt, AttemptOutcome, BasicAuth, BlockedKey, CreatedSubscription, DeadLetter, DeliveryMode,

@@ -321,6 +321,7 @@ pub struct Page<T> {
 /// What one retention sweep did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct SweepReport {
+    // (Expired remembered API responses are counted with the idempotency records.)
     /// Events removed because of a Room's age or byte bound.
     pub events_removed: u64,
     /// Events kept past their bounds because a subscriber is still owed them.
@@ -335,4 +336,14 @@ pub struct SweepReport {
     pub deleted_subscription_records_removed: u64,
     /// True when the sweep stopped at its batch limit and more work remains.
     pub more: bool,
+}
+
+/// An API response remembered under an idempotency key, so that a retried request gets the
+/// same answer instead of creating something twice.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredResponse {
+    /// The status code of the first answer.
+    pub status: u16,
+    /// Its body, byte for byte.
+    pub body: Vec<u8>,
 }

@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use crate::ids::{EventId, EventTypeName, OrderingKey, Principal, RoomName, SubscriptionId};
 use crate::model::{
     Event, EventFilter, EventType, EventTypeSpec, EventTypeVersion, NewRoom, Page,
-    PutEventTypeOutcome, Receipt, Room, RoomPatch, SweepReport,
+    PutEventTypeOutcome, Receipt, Room, RoomPatch, StoredResponse, SweepReport,
 };
 use crate::subscription::{
     Attempt, BlockedKey, DeadLetter, EventDelivery, NewSubscription, RetryPolicy, Subscription,
@@ -76,6 +76,23 @@ pub(crate) enum WriteOp {
         spec: EventTypeSpec,
         types_max: usize,
         versions_max: u32,
+        /// Refuse with `EventTypeExists` instead of adding a version.
+        create_only: bool,
+    },
+    /// Removes an event type; its schema versions stay, so that events already published keep
+    /// naming a schema, and a type created again later continues the version numbers.
+    DeleteEventType {
+        room: RoomName,
+        name: EventTypeName,
+    },
+    /// Remembers an API response under an idempotency key; an existing record is kept (the
+    /// first answer wins).
+    RememberResponse {
+        principal: Principal,
+        key: String,
+        request_hash: [u8; 32],
+        response: StoredResponse,
+        expires_at: Timestamp,
     },
     /// One or more events, each succeeding or failing on its own.
     Publish(Vec<PreparedEvent>),
@@ -154,6 +171,11 @@ pub(crate) enum DeliveryOp {
     SeekDone {
         id: SubscriptionId,
     },
+    /// Stops delivering one event: every subscription's undelivered copy goes to its dead
+    /// letters with reason `stopped`, where an operator can still redrive it.
+    StopEvent {
+        event: EventId,
+    },
 }
 
 /// What a puller does with leased messages.
@@ -216,6 +238,7 @@ impl WriteOp {
     pub(crate) fn bytes(&self) -> usize {
         match self {
             WriteOp::Publish(events) => events.iter().map(|e| e.payload.len()).sum(),
+            WriteOp::RememberResponse { response, .. } => response.body.len(),
             WriteOp::PutEventType { spec, .. } => spec.schema.to_string().len(),
             _ => 0,
         }
@@ -319,8 +342,24 @@ pub(crate) trait Storage: Send + Sync + 'static {
     fn event_deliveries(&self, id: EventId, now: Timestamp) -> Result<Vec<EventDelivery>>;
     /// The log offset to seek to and the Room's next offset.
     fn seek_offsets(&self, room: &RoomName, at: Option<Timestamp>) -> Result<(u64, u64)>;
+    /// A remembered API response that has not expired: the request hash and the response.
+    fn stored_response(
+        &self,
+        principal: &Principal,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<Option<([u8; 32], StoredResponse)>>;
     /// Room log offset of an event (for dead-letter redrive by id).
     fn event_offset(&self, id: EventId) -> Result<Option<u64>>;
+    /// A subscription's undelivered copy of `event` at `offset`: its attempt number and
+    /// whether it is leased now; `None` when it is not in the queue.
+    fn queued(
+        &self,
+        id: SubscriptionId,
+        offset: u64,
+        event: EventId,
+        now: Timestamp,
+    ) -> Result<Option<(u32, bool)>>;
     /// Total undelivered deliveries, for tests and metrics.
     fn deliveries_total(&self) -> Result<u64>;
     /// A page of a Room's events.

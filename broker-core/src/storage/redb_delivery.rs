@@ -383,6 +383,7 @@ impl<'t> Tables<'t> {
                     more: keys.len() == limit,
                 })
             }
+            DeliveryOp::StopEvent { event } => self.stop_event(now, event),
             DeliveryOp::SeekDone { id } => {
                 let id = id.0.as_u128();
                 let mut rec = self.sub_record(id)?;
@@ -557,6 +558,52 @@ impl<'t> Tables<'t> {
             self.touched.insert(t.id);
         }
         Ok(())
+    }
+
+    /// Dead-letters every undelivered copy of one event (reason `stopped`). A copy being pushed
+    /// right now is stopped too; its outcome finds no delivery and is ignored like any other
+    /// late outcome.
+    fn stop_event(&mut self, now: Timestamp, event: EventId) -> Result<WriteOutput> {
+        let (room_id, offset) = match self.events.get(event.0.as_u128())? {
+            Some(g) => {
+                let h = super::redb_store::decode_event_header(g.value())?;
+                (h.room_id, h.offset)
+            }
+            None => {
+                return Err(Error::EventNotFound {
+                    id: event.to_string(),
+                })
+            }
+        };
+        let subs: Vec<u128> = self
+            .room_subs
+            .range((room_id, 0u128)..=(room_id, u128::MAX))?
+            .map(|r| r.map(|(k, _)| k.value().1))
+            .collect::<std::result::Result<_, _>>()?;
+        let mut n = 0;
+        for sub in subs {
+            let rec: DeliveryRecord = match self.deliveries.get((sub, offset))? {
+                Some(g) => decode(g.value())?,
+                None => continue,
+            };
+            let attempt = self.last_attempt_no(sub, offset)?.max(rec.attempts) + 1;
+            self.log_attempt(
+                sub,
+                offset,
+                attempt,
+                &AttemptRecord {
+                    event_id: rec.event_id,
+                    outcome: AttemptOutcome::DeadLettered,
+                    status: None,
+                    error: Some("stopped by the publisher".into()),
+                    latency_ms: 0,
+                    at: now,
+                },
+            )?;
+            self.dead_letter(now, sub, offset, rec, "stopped")?;
+            n += 1;
+        }
+        Ok(WriteOutput::Count { n, more: false })
     }
 
     /// The highest attempt number logged for a delivery, 0 if none.
@@ -1522,6 +1569,26 @@ impl RedbStorage {
             }
         }
         Ok(out)
+    }
+
+    pub(super) fn queued_read(
+        &self,
+        sub: u128,
+        offset: u64,
+        event: EventId,
+        now: Timestamp,
+    ) -> Result<Option<(u32, bool)>> {
+        let txn = self.db().begin_read()?;
+        let deliveries = txn.open_table(DELIVERIES)?;
+        let Some(g) = deliveries.get((sub, offset))? else {
+            return Ok(None);
+        };
+        let r: DeliveryRecord = decode(g.value())?;
+        // An offset of an earlier incarnation of the Room names another event.
+        if r.event_id != event.0.as_u128() {
+            return Ok(None);
+        }
+        Ok(Some((r.attempts, r.lease_until.is_some_and(|u| u > now))))
     }
 
     pub(super) fn event_deliveries_read(

@@ -26,7 +26,8 @@ use crate::error::{Error, Result};
 use crate::ids::{EventId, EventTypeName, OrderingKey, Principal, RoomName, Sequence};
 use crate::model::{
     Event, EventFilter, EventType, EventTypeSpec, EventTypeVersion, NewRoom, Page,
-    PutEventTypeOutcome, Receipt, Retention, Room, RoomPatch, RoomStatus, SweepReport,
+    PutEventTypeOutcome, Receipt, Retention, Room, RoomPatch, RoomStatus, StoredResponse,
+    SweepReport,
 };
 use crate::subscription::RetryOverrides;
 
@@ -58,6 +59,11 @@ const IDEMPOTENCY: TableDefinition<(u64, &str, &str), &[u8]> = TableDefinition::
 /// (expires at, room id, publisher, idempotency key) -> (): the expiry index the sweep walks.
 const IDEM_EXPIRY: TableDefinition<(u64, u64, &str, &str), ()> =
     TableDefinition::new("idempotency_expiry");
+/// (principal, idempotency key) -> ResponseRecord: API responses remembered for replay.
+const RESPONSES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("responses");
+/// (expires at, principal, idempotency key) -> (): the expiry index of RESPONSES.
+const RESPONSE_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
+    TableDefinition::new("response_expiry");
 /// Ids of deleted Rooms whose contents the sweep has not finished purging.
 const DELETED_ROOMS: TableDefinition<u64, ()> = TableDefinition::new("deleted_rooms");
 
@@ -149,6 +155,13 @@ fn decode_event(bytes: &[u8]) -> Result<EventRecord> {
     let (mut rec, payload): (EventRecord, &[u8]) = decode_with_tail(bytes)?;
     rec.payload = payload.to_vec();
     Ok(rec)
+}
+
+#[derive(Serialize, Deserialize)]
+struct ResponseRecord {
+    request_hash: [u8; 32],
+    response: StoredResponse,
+    expires_at: Timestamp,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -291,6 +304,8 @@ impl RedbStorage {
             txn.open_table(SEQ_CHECKPOINT)?;
             txn.open_table(IDEMPOTENCY)?;
             txn.open_table(IDEM_EXPIRY)?;
+            txn.open_table(RESPONSES)?;
+            txn.open_table(RESPONSE_EXPIRY)?;
             txn.open_table(DELETED_ROOMS)?;
             txn.open_table(SUBSCRIPTIONS)?;
             txn.open_table(ROOM_SUBS)?;
@@ -394,6 +409,8 @@ pub(super) struct Tables<'t> {
     seq_checkpoint: Table<'t, u64, u64>,
     idempotency: Table<'t, (u64, &'static str, &'static str), &'static [u8]>,
     idem_expiry: Table<'t, (u64, u64, &'static str, &'static str), ()>,
+    responses: Table<'t, (&'static str, &'static str), &'static [u8]>,
+    response_expiry: Table<'t, (u64, &'static str, &'static str), ()>,
     deleted_rooms: Table<'t, u64, ()>,
     pub(super) subscriptions: Table<'t, u128, &'static [u8]>,
     pub(super) room_subs: Table<'t, (u64, u128), ()>,
@@ -428,6 +445,8 @@ impl<'t> Tables<'t> {
             seq_checkpoint: txn.open_table(SEQ_CHECKPOINT)?,
             idempotency: txn.open_table(IDEMPOTENCY)?,
             idem_expiry: txn.open_table(IDEM_EXPIRY)?,
+            responses: txn.open_table(RESPONSES)?,
+            response_expiry: txn.open_table(RESPONSE_EXPIRY)?,
             deleted_rooms: txn.open_table(DELETED_ROOMS)?,
             subscriptions: txn.open_table(SUBSCRIPTIONS)?,
             room_subs: txn.open_table(ROOM_SUBS)?,
@@ -458,9 +477,22 @@ impl<'t> Tables<'t> {
                 spec,
                 types_max,
                 versions_max,
+                create_only,
             } => self
-                .put_event_type(now, &room, spec, types_max, versions_max)
+                .put_event_type(now, &room, spec, types_max, versions_max, create_only)
                 .map(WriteOutput::EventType),
+            WriteOp::RememberResponse {
+                principal,
+                key,
+                request_hash,
+                response,
+                expires_at,
+            } => self
+                .remember_response(&principal, &key, request_hash, response, expires_at, now)
+                .map(|()| WriteOutput::Deleted),
+            WriteOp::DeleteEventType { room, name } => self
+                .delete_event_type(&room, &name)
+                .map(|()| WriteOutput::Deleted),
             WriteOp::Publish(events) => {
                 let mut receipts = Vec::with_capacity(events.len());
                 for event in events {
@@ -595,6 +627,42 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
+    fn remember_response(
+        &mut self,
+        principal: &Principal,
+        key: &str,
+        request_hash: [u8; 32],
+        response: StoredResponse,
+        expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<()> {
+        let k = (principal.as_str(), key);
+        let live = match self.responses.get(k)? {
+            Some(g) => decode::<ResponseRecord>(g.value())?.expires_at > now,
+            None => false,
+        };
+        if live {
+            return Ok(());
+        }
+        let rec = ResponseRecord {
+            request_hash,
+            response,
+            expires_at,
+        };
+        self.responses.insert(k, encode(&rec)?.as_slice())?;
+        self.response_expiry
+            .insert((expires_at.0, principal.as_str(), key), ())?;
+        Ok(())
+    }
+
+    fn delete_event_type(&mut self, room: &RoomName, name: &EventTypeName) -> Result<()> {
+        let rid = self.room_record(room)?.id;
+        match self.event_types.remove((rid, name.as_str()))? {
+            Some(_) => Ok(()),
+            None => Err(type_not_found(room, name)),
+        }
+    }
+
     fn put_event_type(
         &mut self,
         now: Timestamp,
@@ -602,6 +670,7 @@ impl<'t> Tables<'t> {
         spec: EventTypeSpec,
         types_max: usize,
         versions_max: u32,
+        create_only: bool,
     ) -> Result<PutEventTypeOutcome> {
         let room_rec = self.room_record(room)?;
         let rid = room_rec.id;
@@ -611,6 +680,12 @@ impl<'t> Tables<'t> {
             Some(g) => Some(decode(g.value())?),
             None => None,
         };
+        if create_only && existing.is_some() {
+            return Err(Error::EventTypeExists {
+                room: room.to_string(),
+                event_type: name.to_string(),
+            });
+        }
         let (mut type_rec, created, new_version) = match existing {
             None => {
                 let count = self.event_types.range((rid, "")..(rid + 1, ""))?.count();
@@ -621,9 +696,26 @@ impl<'t> Tables<'t> {
                         count as u64 + 1,
                     ));
                 }
+                // A type deleted earlier left its versions behind; numbering continues after
+                // them so that a (type, version) pair never names two different schemas.
+                let last = match self
+                    .schemas
+                    .range((rid, name, 0)..=(rid, name, u32::MAX))?
+                    .next_back()
+                {
+                    Some(item) => item?.0.value().2,
+                    None => 0,
+                };
+                if last >= versions_max {
+                    return Err(Error::limit(
+                        "schema_versions_max",
+                        versions_max.into(),
+                        u64::from(last) + 1,
+                    ));
+                }
                 let rec = TypeRecord {
                     description: spec.description.clone(),
-                    version: 1,
+                    version: last + 1,
                     created_at: now,
                     updated_at: now,
                 };
@@ -908,6 +1000,33 @@ impl<'t> Tables<'t> {
             self.idempotency.remove((*rid, p.as_str(), key.as_str()))?;
         }
         report.idempotency_removed = expired.len() as u64;
+        budget -= expired.len();
+
+        // 1b. Expired remembered API responses. A record replaced after its expiry has a later
+        // expiry entry of its own, so only a record whose expiry matches is removed.
+        let expired: Vec<(u64, String, String)> = self
+            .response_expiry
+            .range((0u64, "", "")..(now.0, "", ""))?
+            .take(budget)
+            .map(|r| {
+                r.map(|(k, _)| {
+                    let (e, p, key) = k.value();
+                    (e, p.to_string(), key.to_string())
+                })
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        for (e, p, key) in &expired {
+            self.response_expiry
+                .remove((*e, p.as_str(), key.as_str()))?;
+            let current = match self.responses.get((p.as_str(), key.as_str()))? {
+                Some(g) => Some(decode::<ResponseRecord>(g.value())?.expires_at.0),
+                None => None,
+            };
+            if current == Some(*e) {
+                self.responses.remove((p.as_str(), key.as_str()))?;
+            }
+        }
+        report.idempotency_removed += expired.len() as u64;
         budget -= expired.len();
 
         // 2. Contents of deleted Rooms.
@@ -1204,6 +1323,31 @@ impl Storage for RedbStorage {
 
     fn seek_offsets(&self, room: &RoomName, at: Option<Timestamp>) -> Result<(u64, u64)> {
         self.offsets_for_seek(room, at)
+    }
+
+    fn stored_response(
+        &self,
+        principal: &Principal,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<Option<([u8; 32], StoredResponse)>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(RESPONSES)?;
+        let Some(g) = t.get((principal.as_str(), key))? else {
+            return Ok(None);
+        };
+        let rec: ResponseRecord = decode(g.value())?;
+        Ok((rec.expires_at > now).then_some((rec.request_hash, rec.response)))
+    }
+
+    fn queued(
+        &self,
+        id: crate::ids::SubscriptionId,
+        offset: u64,
+        event: EventId,
+        now: Timestamp,
+    ) -> Result<Option<(u32, bool)>> {
+        self.queued_read(id.0.as_u128(), offset, event, now)
     }
 
     fn event_offset(&self, id: EventId) -> Result<Option<u64>> {
