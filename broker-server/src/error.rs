@@ -41,6 +41,24 @@ pub enum ApiError {
     /// The server is overloaded or the request took too long.
     #[error("server busy, retry later")]
     Busy,
+    /// The request's headers are larger than `http.header_bytes_max` or more numerous than
+    /// `http.headers_max`.
+    #[error("request headers too large: {0}")]
+    HeadersTooLarge(String),
+    /// A GovStack call without a valid `X-GovStack-Client` header.
+    #[error("{0}")]
+    BadClient(String),
+    /// The thing to create exists already (a server-level rule, such as one GovStack
+    /// subscription per caller and event type).
+    #[error("{0}")]
+    Exists(String),
+    /// The caller has no subscription that allows this (a GovStack pull without a PULL
+    /// subscription: the yaml's "invalid request", 409).
+    #[error("{0}")]
+    NotSubscribed(String),
+    /// Another request with the same idempotency key is still being processed.
+    #[error("a request with idempotency key `{0}` is still in progress; retry later")]
+    IdempotencyInProgress(String),
 }
 
 impl ApiError {
@@ -55,6 +73,11 @@ impl ApiError {
             ApiError::NoRoute => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Busy => "overloaded",
+            ApiError::HeadersTooLarge(_) => "headers_too_large",
+            ApiError::BadClient(_) => "invalid_client_header",
+            ApiError::Exists(_) => "already_exists",
+            ApiError::NotSubscribed(_) => "not_subscribed",
+            ApiError::IdempotencyInProgress(_) => "idempotency_in_progress",
         }
     }
 
@@ -86,7 +109,30 @@ impl ApiError {
             ApiError::NoRoute => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::BadClient(_) => StatusCode::BAD_REQUEST,
+            ApiError::Exists(_)
+            | ApiError::NotSubscribed(_)
+            | ApiError::IdempotencyInProgress(_) => StatusCode::CONFLICT,
         }
+    }
+
+    /// The HTTP status on the GovStack routes, whose yaml names 400 for every invalid request
+    /// (where the native API says 415 or 422) and lists no other client-error codes besides
+    /// 404 and 409. Limits, overload and internal errors keep their native status: the yaml is
+    /// silent on them, and a client needs to tell them apart.
+    pub fn govstack_status(&self) -> StatusCode {
+        match self.status() {
+            StatusCode::UNPROCESSABLE_ENTITY | StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                StatusCode::BAD_REQUEST
+            }
+            s => s,
+        }
+    }
+
+    /// The problem+json answer with the given status (see [`ApiError::govstack_status`]).
+    pub fn into_response_with(self, status: StatusCode) -> Response {
+        problem(self, status)
     }
 
     pub(crate) fn param(name: &str, message: impl Into<String>) -> Self {
@@ -100,56 +146,59 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let code = self.code();
-        let detail = if status == StatusCode::INTERNAL_SERVER_ERROR {
-            // The cause goes to the log, never to the client.
-            tracing::error!(error = %self, code, "internal error");
-            "an internal error occurred; it has been logged".to_string()
-        } else {
-            self.to_string()
-        };
-        let mut body = json!({
-            "type": format!("https://postroom.dev/problems/{code}"),
-            "title": status.canonical_reason().unwrap_or("Error"),
-            "status": status.as_u16(),
-            "detail": detail,
-            "code": code,
-        });
-        let mut retry_after = None;
-        match &self {
-            ApiError::Core(broker_core::Error::SchemaViolation {
-                violations,
-                version,
-                ..
-            }) => {
-                body["violations"] = json!(violations);
-                body["schema_version"] = json!(version);
-            }
-            ApiError::Core(broker_core::Error::LimitExceeded { limit, max, actual }) => {
-                body["limit"] = json!({"name": limit, "max": max, "actual": actual});
-            }
-            ApiError::Core(broker_core::Error::InvalidInput { field, .. }) => {
-                body["field"] = json!(field);
-            }
-            ApiError::Core(broker_core::Error::Overloaded { retry_after_ms }) => {
-                retry_after = Some(retry_after_ms.div_ceil(1000).max(1));
-            }
-            ApiError::Core(broker_core::Error::ShuttingDown) | ApiError::Busy => {
-                retry_after = Some(1)
-            }
-            _ => {}
-        }
-        let mut resp = (status, body.to_string()).into_response();
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if let Some(secs) = retry_after {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        resp
+        problem(self, status)
     }
+}
+
+/// The one place where an error becomes an HTTP answer.
+fn problem(err: ApiError, status: StatusCode) -> Response {
+    let code = err.code();
+    let detail = if status == StatusCode::INTERNAL_SERVER_ERROR {
+        // The cause goes to the log, never to the client.
+        tracing::error!(error = %err, code, "internal error");
+        "an internal error occurred; it has been logged".to_string()
+    } else {
+        err.to_string()
+    };
+    let mut body = json!({
+        "type": format!("https://postroom.dev/problems/{code}"),
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+        "code": code,
+    });
+    let mut retry_after = None;
+    match &err {
+        ApiError::Core(broker_core::Error::SchemaViolation {
+            violations,
+            version,
+            ..
+        }) => {
+            body["violations"] = json!(violations);
+            body["schema_version"] = json!(version);
+        }
+        ApiError::Core(broker_core::Error::LimitExceeded { limit, max, actual }) => {
+            body["limit"] = json!({"name": limit, "max": max, "actual": actual});
+        }
+        ApiError::Core(broker_core::Error::InvalidInput { field, .. }) => {
+            body["field"] = json!(field);
+        }
+        ApiError::Core(broker_core::Error::Overloaded { retry_after_ms }) => {
+            retry_after = Some(retry_after_ms.div_ceil(1000).max(1));
+        }
+        ApiError::Core(broker_core::Error::ShuttingDown) | ApiError::Busy => retry_after = Some(1),
+        _ => {}
+    }
+    let mut resp = (status, body.to_string()).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if let Some(secs) = retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
 }
 
 /// Why the server could not start.

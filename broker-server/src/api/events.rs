@@ -22,7 +22,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/events/{id}", get(read))
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+pub(super) fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
     headers
         .get(name)
         .map(|v| {

@@ -3,6 +3,7 @@
 //! HTTP to one core call; behaviour lives in broker-core.
 
 mod events;
+pub mod govstack;
 mod rooms;
 mod subscriptions;
 
@@ -39,6 +40,7 @@ pub fn app(state: AppState) -> Router {
                 .merge(events::routes())
                 .merge(subscriptions::routes()),
         )
+        .merge(govstack::routes())
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)

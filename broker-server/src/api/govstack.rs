@@ -1,0 +1,696 @@
+//! The GovStack Information Mediator Pub/Sub API v2.0.0, served as its yaml writes it, over the
+//! same core as the native API. Every path starts `/r1/{instanceId}/{memberClass}/{memberCode}/
+//! {applicationCode}`; `applicationCode` names the Room and the `X-GovStack-Client` header names
+//! the caller. The yaml's status codes are kept exactly (200 for a created event type or
+//! subscription, 201 for a changed subscription, 204 where it says "not defined"), which is why
+//! these handlers answer errors through [`ApiError::govstack_status`] rather than the native
+//! mapping.
+//!
+//! Where the yaml is silent, Postroom decides, and README documents it: the Room is created on
+//! the first event type registered in it; a push subscription names its URL in the extension
+//! field `pushUrl`; a pull hands the next event out under a lease (`delivery.lease_ms_default`)
+//! and offers it again if it is not confirmed in time.
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use broker_core::{
+    DeliveryMode, DeliveryState, Event, EventId, EventTypeName, EventTypeSpec, NewRoom,
+    NewSubscription, Principal, PublishRequest, PushEndpoint, RetryOverrides, RoomName,
+    Subscription, SubscriptionPatch,
+};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::{parse, require_json, AppState, RawBody};
+use crate::error::ApiError;
+
+/// The header that names the calling member application.
+pub const CLIENT_HEADER: &str = "x-govstack-client";
+
+/// The GovStack routes.
+pub(super) fn routes() -> Router<AppState> {
+    const BASE: &str = "/r1/{instanceId}/{memberClass}/{memberCode}/{applicationCode}";
+    Router::new()
+        .route(
+            &format!("{BASE}/api/v1/eventType"),
+            post(create_type).get(list_types),
+        )
+        .route(
+            &format!("{BASE}/api/v1/eventType/{{eventType}}"),
+            get(read_type).delete(delete_type),
+        )
+        .route(&format!("{BASE}/pub/v1/{{eventType}}"), post(publish))
+        .route(
+            &format!("{BASE}/pub/v1/{{eventType}}/{{eventId}}"),
+            get(status).delete(stop),
+        )
+        .route(&format!("{BASE}/api/v1/subs"), get(list_subs))
+        .route(
+            &format!("{BASE}/api/v1/subs/{{eventType}}"),
+            post(add_sub)
+                .get(read_sub)
+                .patch(patch_sub)
+                .delete(delete_sub),
+        )
+        .route(&format!("{BASE}/pull/v1/{{eventType}}"), get(pull))
+        .route(
+            &format!("{BASE}/pull/v1/{{eventType}}/{{eventId}}"),
+            axum::routing::delete(confirm),
+        )
+}
+
+/// An error answered with the GovStack status mapping.
+pub struct GovError(ApiError);
+
+impl<E: Into<ApiError>> From<E> for GovError {
+    fn from(e: E) -> Self {
+        GovError(e.into())
+    }
+}
+
+impl IntoResponse for GovError {
+    fn into_response(self) -> Response {
+        let status = self.0.govstack_status();
+        self.0.into_response_with(status)
+    }
+}
+
+type GovResult = Result<Response, GovError>;
+
+/// The calling member application, from `X-GovStack-Client: INSTANCE/CLASS/MEMBER/APPLICATION`
+/// (each part percent-encoded). The raw header is the caller's principal; the decoded parts are
+/// shown back as `subscriberId` / `publisherId`.
+pub struct Caller {
+    principal: Principal,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = GovError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let raw = parts
+            .headers
+            .get(CLIENT_HEADER)
+            .ok_or_else(|| {
+                ApiError::BadClient(
+                    "the X-GovStack-Client header (INSTANCE/CLASS/MEMBER/APPLICATION) is required"
+                        .into(),
+                )
+            })?
+            .to_str()
+            .map_err(|_| ApiError::BadClient("X-GovStack-Client must be visible ASCII".into()))?
+            .trim();
+        if member_parts(raw).is_none() {
+            return Err(ApiError::BadClient(format!(
+                "X-GovStack-Client `{raw}` is not INSTANCE/CLASS/MEMBER/APPLICATION with four \
+                 non-empty, percent-encoded parts"
+            ))
+            .into());
+        }
+        let principal = Principal::new(raw)
+            .map_err(|e| ApiError::BadClient(format!("X-GovStack-Client: {e}")))?;
+        Ok(Caller { principal })
+    }
+}
+
+/// The four decoded parts of a member application identifier, or `None` if it is not one.
+fn member_parts(raw: &str) -> Option<[String; 4]> {
+    let parts: Vec<&str> = raw.split('/').collect();
+    if parts.len() != 4 || parts.iter().any(|p| p.is_empty()) {
+        return None;
+    }
+    let decoded: Vec<String> = parts
+        .iter()
+        .map(|p| percent_decode(p))
+        .collect::<Option<_>>()?;
+    decoded.try_into().ok()
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `{instanceId, memberClass, memberCode, applicationCode}` for a principal that is a member
+/// application, or `null` for anyone else (such as the local administrator).
+fn member_id(p: &Principal) -> Value {
+    match member_parts(p.as_str()) {
+        Some([i, c, m, a]) => json!({
+            "instanceId": i, "memberClass": c, "memberCode": m, "applicationCode": a,
+        }),
+        None => Value::Null,
+    }
+}
+
+#[derive(Deserialize)]
+struct RoomPath {
+    #[serde(rename = "applicationCode")]
+    app: String,
+}
+
+#[derive(Deserialize)]
+struct TypePath {
+    #[serde(rename = "applicationCode")]
+    app: String,
+    #[serde(rename = "eventType")]
+    event_type: String,
+}
+
+#[derive(Deserialize)]
+struct EventPath {
+    #[serde(rename = "applicationCode")]
+    app: String,
+    #[serde(rename = "eventType")]
+    event_type: String,
+    #[serde(rename = "eventId")]
+    event_id: String,
+}
+
+fn room_name(app: &str) -> Result<RoomName, ApiError> {
+    parse("applicationCode", app, RoomName::new)
+}
+
+fn type_name(t: &str) -> Result<EventTypeName, ApiError> {
+    parse("eventType", t, EventTypeName::new)
+}
+
+/// A JSON body (required, `application/json`), parsed as `T`.
+fn body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, raw: &[u8]) -> Result<T, ApiError> {
+    require_json(headers)?;
+    serde_json::from_slice(raw).map_err(|e| ApiError::BadJson(format!("invalid request body: {e}")))
+}
+
+fn json_reply(status: StatusCode, v: Value) -> Response {
+    (status, axum::Json(v)).into_response()
+}
+
+// ----- Event types (admin) -----
+
+#[derive(Deserialize)]
+struct EventTypeBody {
+    #[serde(rename = "eventType")]
+    event_type: String,
+    schema: Value,
+    /// Extension: a JSON Pointer to the payload field that is the ordering key.
+    #[serde(rename = "keyPointer", default)]
+    key_pointer: Option<String>,
+    /// Extension: a description.
+    #[serde(default)]
+    description: String,
+}
+
+async fn create_type(
+    State(s): State<AppState>,
+    _caller: Caller,
+    Path(p): Path<RoomPath>,
+    headers: HeaderMap,
+    RawBody(raw): RawBody,
+) -> GovResult {
+    let room = room_name(&p.app)?;
+    let b: EventTypeBody = body(&headers, &raw)?;
+    let name = type_name(&b.event_type)?;
+    if !b.schema.is_object() {
+        return Err(ApiError::param("schema", "must be a JSON Schema object").into());
+    }
+    // The yaml has no Room creation: the Room appears with its first event type.
+    if let Err(broker_core::Error::RoomNotFound { .. }) = s.broker.room(&room) {
+        let mut new = NewRoom::new(room.clone(), s.principal.clone());
+        new.description = "created through the GovStack API".into();
+        new.approved = true;
+        match s.broker.create_room(new).await {
+            Ok(_) | Err(broker_core::Error::RoomExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let spec = EventTypeSpec {
+        name,
+        description: b.description,
+        schema: b.schema,
+        key_pointer: b.key_pointer,
+    };
+    let out = s.broker.create_event_type(&room, spec).await?;
+    Ok(json_reply(StatusCode::OK, type_item(&out.event_type)))
+}
+
+fn type_item(t: &broker_core::EventType) -> Value {
+    json!({
+        "eventType": t.name, "schema": t.schema, "keyPointer": t.key_pointer,
+        "description": t.description, "version": t.version,
+    })
+}
+
+async fn list_types(
+    State(s): State<AppState>,
+    _caller: Caller,
+    Path(p): Path<RoomPath>,
+) -> GovResult {
+    let types = match s.broker.event_types(&room_name(&p.app)?) {
+        Ok(t) => t,
+        Err(broker_core::Error::RoomNotFound { .. }) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    if types.is_empty() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let names: Vec<&str> = types.iter().map(|t| t.name.as_str()).collect();
+    Ok(json_reply(StatusCode::OK, json!(names)))
+}
+
+async fn read_type(
+    State(s): State<AppState>,
+    _caller: Caller,
+    Path(p): Path<TypePath>,
+) -> GovResult {
+    match s
+        .broker
+        .event_type(&room_name(&p.app)?, &type_name(&p.event_type)?)
+    {
+        Ok(t) => Ok(json_reply(StatusCode::OK, type_item(&t))),
+        // The yaml answers an undefined event type with 204.
+        Err(
+            broker_core::Error::RoomNotFound { .. } | broker_core::Error::EventTypeNotFound { .. },
+        ) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn delete_type(
+    State(s): State<AppState>,
+    _caller: Caller,
+    Path(p): Path<TypePath>,
+) -> GovResult {
+    s.broker
+        .delete_event_type(&room_name(&p.app)?, &type_name(&p.event_type)?)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ----- Publishing -----
+
+#[derive(Deserialize)]
+struct PublishBody {
+    #[serde(rename = "eventType")]
+    event_type: String,
+    event: Value,
+    /// Extension: the publisher's own event id (a UUID); generated when absent.
+    #[serde(default)]
+    id: Option<String>,
+}
+
+async fn publish(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(p): Path<TypePath>,
+    headers: HeaderMap,
+    RawBody(raw): RawBody,
+) -> GovResult {
+    let room = room_name(&p.app)?;
+    let ty = type_name(&p.event_type)?;
+    let b: PublishBody = body(&headers, &raw)?;
+    if b.event_type != p.event_type {
+        return Err(ApiError::param(
+            "eventType",
+            format!(
+                "the body says `{}` but the path says `{}`",
+                b.event_type, p.event_type
+            ),
+        )
+        .into());
+    }
+    if !b.event.is_object() {
+        return Err(ApiError::param("event", "must be a JSON object").into());
+    }
+    let payload =
+        serde_json::to_vec(&b.event).map_err(|e| ApiError::BadJson(format!("event: {e}")))?;
+    let mut req = PublishRequest::new(room, ty, caller.principal, payload);
+    req.event_id =
+        b.id.as_deref()
+            .map(|id| parse("id", id, EventId::parse))
+            .transpose()?;
+    req.idempotency_key = super::events::header(&headers, "idempotency-key")?.map(String::from);
+    req.ordering_key = super::events::header(&headers, "postroom-ordering-key")?.map(String::from);
+    let r = s.broker.publish(req).await?;
+    Ok(json_reply(
+        StatusCode::CREATED,
+        json!({"id": r.id, "sequence": r.sequence, "key": r.key}),
+    ))
+}
+
+/// The event of this Room and type, or 404.
+fn event_in(s: &AppState, p: &EventPath) -> Result<Event, ApiError> {
+    let not_found = || {
+        ApiError::Core(broker_core::Error::EventNotFound {
+            id: p.event_id.clone(),
+        })
+    };
+    let id = EventId::parse(&p.event_id).map_err(|_| not_found())?;
+    let event = s.broker.event(id)?;
+    if event.room.as_str() != p.app || event.event_type.as_str() != p.event_type {
+        return Err(not_found());
+    }
+    Ok(event)
+}
+
+fn event_item(e: &Event) -> Value {
+    json!({
+        "id": e.id, "sequence": e.sequence, "publisherId": member_id(&e.publisher),
+        "eventType": e.event_type, "event": e.payload_json().unwrap_or(Value::Null),
+        "key": e.key, "receivedAt": e.received_at.to_rfc3339(),
+    })
+}
+
+async fn status(State(s): State<AppState>, _caller: Caller, Path(p): Path<EventPath>) -> GovResult {
+    let event = event_in(&s, &p)?;
+    let deliveries = s.broker.event_deliveries(event.id)?;
+    let mut counts = Map::new();
+    for state in ["pending", "in_flight", "delivered", "dead_lettered"] {
+        counts.insert(state.into(), json!(0));
+    }
+    let rows: Vec<Value> = deliveries
+        .iter()
+        .map(|d| {
+            let state = match d.state {
+                DeliveryState::Pending => "pending",
+                DeliveryState::InFlight => "in_flight",
+                DeliveryState::Delivered => "delivered",
+                DeliveryState::DeadLettered => "dead_lettered",
+            };
+            if let Some(n) = counts.get_mut(state) {
+                *n = json!(n.as_u64().unwrap_or(0) + 1);
+            }
+            json!({"subscription": d.subscription, "state": state, "attempts": d.attempts})
+        })
+        .collect();
+    counts.insert("subscriptions".into(), json!(deliveries.len()));
+    let mut item = event_item(&event);
+    item["status"] = Value::Object(counts);
+    item["deliveries"] = json!(rows);
+    Ok(json_reply(StatusCode::OK, item))
+}
+
+async fn stop(State(s): State<AppState>, _caller: Caller, Path(p): Path<EventPath>) -> GovResult {
+    let event = event_in(&s, &p)?;
+    s.broker.stop_event(event.id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ----- Subscriptions -----
+
+#[derive(Deserialize, Default)]
+struct Options {
+    #[serde(rename = "TTL")]
+    ttl: Option<u64>,
+    #[serde(rename = "FIFO")]
+    fifo: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+struct SubBody {
+    #[serde(rename = "eventType")]
+    event_type: Option<String>,
+    delivery: Option<String>,
+    #[serde(default)]
+    options: Options,
+    /// Extension: where a PUSH subscription's events are POSTed.
+    #[serde(rename = "pushUrl")]
+    push_url: Option<String>,
+    // `id` and `subscriberId` are the broker's to set; they are accepted and ignored.
+}
+
+/// TTL in seconds as the retry policy's time to live.
+fn ttl_ms(ttl: u64) -> Result<u64, ApiError> {
+    if ttl == 0 {
+        return Err(ApiError::param("options.TTL", "must be at least 1 second"));
+    }
+    ttl.checked_mul(1000)
+        .ok_or_else(|| ApiError::param("options.TTL", "too large"))
+}
+
+fn sub_item(sub: &Subscription, event_type: &str) -> Value {
+    let (delivery, push_url) = match &sub.mode {
+        DeliveryMode::Push(p) => ("PUSH", Some(p.url.clone())),
+        DeliveryMode::Pull => ("PULL", None),
+    };
+    json!({
+        "id": sub.id, "subscriberId": member_id(&sub.subscriber), "eventType": event_type,
+        "delivery": delivery,
+        "options": {"TTL": sub.retry_effective.ttl_ms / 1000, "FIFO": sub.ordered},
+        "pushUrl": push_url, "status": sub.status.as_str(), "backlog": sub.backlog,
+        "deadLetters": sub.dead_letters,
+    })
+}
+
+/// The caller's subscription to exactly this event type, if any.
+fn find_sub(
+    s: &AppState,
+    room: &RoomName,
+    caller: &Principal,
+    ty: &EventTypeName,
+) -> Result<Option<Subscription>, ApiError> {
+    Ok(s.broker.subscriptions(room)?.into_iter().find(|sub| {
+        &sub.subscriber == caller && sub.event_types.as_deref() == Some(std::slice::from_ref(ty))
+    }))
+}
+
+fn sub_missing(ty: &str) -> ApiError {
+    ApiError::Core(broker_core::Error::SubscriptionNotFound {
+        id: format!("(your subscription to {ty})"),
+    })
+}
+
+async fn list_subs(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(p): Path<RoomPath>,
+) -> GovResult {
+    let subs = s.broker.subscriptions(&room_name(&p.app)?)?;
+    let items: Vec<Value> = subs
+        .iter()
+        .filter(|sub| sub.subscriber == caller.principal)
+        .filter_map(|sub| match sub.event_types.as_deref() {
+            Some([t]) => Some(sub_item(sub, t.as_str())),
+            _ => None,
+        })
+        .collect();
+    Ok(json_reply(StatusCode::OK, json!(items)))
+}
+
+async fn add_sub(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(p): Path<TypePath>,
+    headers: HeaderMap,
+    RawBody(raw): RawBody,
+) -> GovResult {
+    let room = room_name(&p.app)?;
+    let ty = type_name(&p.event_type)?;
+    let b: SubBody = super::optional_json(&headers, &raw)?;
+    if b.event_type.as_deref().is_some_and(|t| t != p.event_type) {
+        return Err(ApiError::param("eventType", "differs from the path").into());
+    }
+    // Subscribing needs the event type to exist in the Room.
+    s.broker.event_type(&room, &ty).map_err(|e| match e {
+        broker_core::Error::RoomNotFound { .. } | broker_core::Error::EventTypeNotFound { .. } => {
+            ApiError::param("eventType", e.to_string())
+        }
+        e => ApiError::Core(e),
+    })?;
+    if find_sub(&s, &room, &caller.principal, &ty)?.is_some() {
+        return Err(
+            ApiError::Exists(format!("you are already subscribed to `{ty}` in `{room}`")).into(),
+        );
+    }
+    let mode = match (b.delivery.as_deref().unwrap_or("PUSH"), b.push_url) {
+        ("PUSH", Some(url)) => DeliveryMode::Push(PushEndpoint {
+            url,
+            headers: Vec::new(),
+            basic_auth: None,
+        }),
+        ("PUSH", None) => return Err(ApiError::param(
+            "pushUrl",
+            "a PUSH subscription needs the extension field `pushUrl` (the yaml has no URL field)",
+        )
+        .into()),
+        ("PULL", None) => DeliveryMode::Pull,
+        ("PULL", Some(_)) => {
+            return Err(ApiError::param("pushUrl", "a PULL subscription takes no push URL").into())
+        }
+        (other, _) => {
+            return Err(
+                ApiError::param("delivery", format!("`{other}` is not PUSH or PULL")).into(),
+            )
+        }
+    };
+    let mut new = NewSubscription::new(caller.principal, mode);
+    new.event_types = Some(vec![ty.clone()]);
+    new.ordered = Some(b.options.fifo.unwrap_or(false));
+    new.retry = RetryOverrides {
+        ttl_ms: Some(ttl_ms(b.options.ttl.unwrap_or(3600))?),
+        ..RetryOverrides::default()
+    };
+    let created = s.broker.create_subscription(&room, new).await?;
+    let mut item = sub_item(&created.subscription, ty.as_str());
+    if let Some(secret) = created.secret {
+        // Shown once: the Standard Webhooks key that signs every push.
+        item["secret"] = json!(secret);
+    }
+    Ok(json_reply(StatusCode::OK, item))
+}
+
+async fn read_sub(State(s): State<AppState>, caller: Caller, Path(p): Path<TypePath>) -> GovResult {
+    let room = room_name(&p.app)?;
+    let ty = type_name(&p.event_type)?;
+    let sub =
+        find_sub(&s, &room, &caller.principal, &ty)?.ok_or_else(|| sub_missing(&p.event_type))?;
+    Ok(json_reply(StatusCode::OK, sub_item(&sub, ty.as_str())))
+}
+
+async fn patch_sub(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(p): Path<TypePath>,
+    headers: HeaderMap,
+    RawBody(raw): RawBody,
+) -> GovResult {
+    let room = room_name(&p.app)?;
+    let ty = type_name(&p.event_type)?;
+    let b: SubBody = body(&headers, &raw)?;
+    let sub =
+        find_sub(&s, &room, &caller.principal, &ty)?.ok_or_else(|| sub_missing(&p.event_type))?;
+    if b.event_type.as_deref().is_some_and(|t| t != p.event_type) {
+        return Err(ApiError::param("eventType", "differs from the path").into());
+    }
+    let is_push = matches!(sub.mode, DeliveryMode::Push(_));
+    match b.delivery.as_deref() {
+        None => {}
+        Some("PUSH") if is_push => {}
+        Some("PULL") if !is_push => {}
+        Some("PUSH" | "PULL") => {
+            return Err(ApiError::param(
+                "delivery",
+                "a subscription cannot change between PUSH and PULL; delete it and subscribe again",
+            )
+            .into())
+        }
+        Some(other) => {
+            return Err(
+                ApiError::param("delivery", format!("`{other}` is not PUSH or PULL")).into(),
+            )
+        }
+    }
+    let mut patch = SubscriptionPatch {
+        ordered: b.options.fifo,
+        ..SubscriptionPatch::default()
+    };
+    if let Some(ttl) = b.options.ttl {
+        patch.retry = Some(RetryOverrides {
+            ttl_ms: Some(ttl_ms(ttl)?),
+            ..sub.retry.clone()
+        });
+    }
+    if let Some(url) = b.push_url {
+        match &sub.mode {
+            DeliveryMode::Push(current) => {
+                patch.push = Some(PushEndpoint {
+                    url,
+                    ..current.clone()
+                })
+            }
+            DeliveryMode::Pull => {
+                return Err(
+                    ApiError::param("pushUrl", "a PULL subscription takes no push URL").into(),
+                )
+            }
+        }
+    }
+    let updated = s.broker.update_subscription(sub.id, patch).await?;
+    // The yaml answers a successful update with 201.
+    Ok(json_reply(
+        StatusCode::CREATED,
+        sub_item(&updated, ty.as_str()),
+    ))
+}
+
+async fn delete_sub(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(p): Path<TypePath>,
+) -> GovResult {
+    let room = room_name(&p.app)?;
+    let ty = type_name(&p.event_type)?;
+    let sub =
+        find_sub(&s, &room, &caller.principal, &ty)?.ok_or_else(|| sub_missing(&p.event_type))?;
+    s.broker.delete_subscription(sub.id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ----- Pull -----
+
+/// The caller's PULL subscription to the type; the yaml's "invalid request" (409) when there is
+/// none or it is a PUSH subscription.
+fn pull_sub(s: &AppState, p: &TypePath, caller: &Principal) -> Result<Subscription, ApiError> {
+    let room = room_name(&p.app)?;
+    let ty = type_name(&p.event_type)?;
+    let invalid = |why: &str| ApiError::NotSubscribed(why.to_string());
+    match find_sub(s, &room, caller, &ty) {
+        Ok(Some(sub)) if matches!(sub.mode, DeliveryMode::Pull) => Ok(sub),
+        Ok(Some(_)) => Err(invalid(
+            "your subscription to this event type is PUSH, not PULL",
+        )),
+        Ok(None) | Err(ApiError::Core(broker_core::Error::RoomNotFound { .. })) => {
+            Err(invalid("you have no PULL subscription to this event type"))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn pull(State(s): State<AppState>, caller: Caller, Path(p): Path<TypePath>) -> GovResult {
+    let sub = pull_sub(&s, &p, &caller.principal)?;
+    let mut msgs = s.broker.pull(sub.id, 1, None, 0).await?;
+    match msgs.pop() {
+        Some(m) => {
+            let mut item = event_item(&m.event);
+            item["attempt"] = json!(m.attempt);
+            item["leaseUntil"] = json!(m.lease_until.to_rfc3339());
+            Ok(json_reply(StatusCode::OK, item))
+        }
+        None => Err(ApiError::Core(broker_core::Error::EventNotFound {
+            id: "(no event available)".into(),
+        })
+        .into()),
+    }
+}
+
+async fn confirm(State(s): State<AppState>, caller: Caller, Path(p): Path<EventPath>) -> GovResult {
+    let tp = TypePath {
+        app: p.app.clone(),
+        event_type: p.event_type.clone(),
+    };
+    let sub = pull_sub(&s, &tp, &caller.principal)?;
+    let not_found = || {
+        ApiError::Core(broker_core::Error::EventNotFound {
+            id: p.event_id.clone(),
+        })
+    };
+    let id = EventId::parse(&p.event_id).map_err(|_| not_found())?;
+    match s.broker.ack_event(sub.id, id).await {
+        Ok(()) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Err(e) => Err(e.into()),
+    }
+}
