@@ -23,6 +23,12 @@ pub struct HttpConfig {
     pub concurrent_requests_max: usize,
     /// How long shutdown waits for requests in flight, in milliseconds (default 30 s).
     pub shutdown_grace_ms: u64,
+    /// Largest total size of a request's headers (names, values and separators) accepted;
+    /// beyond it the answer is 431 (default 16 KiB).
+    pub header_bytes_max: usize,
+    /// Most headers one request may carry; beyond it the answer is 431 (default 64; the HTTP
+    /// parser itself refuses more than 100).
+    pub headers_max: usize,
 }
 
 impl Default for HttpConfig {
@@ -32,6 +38,8 @@ impl Default for HttpConfig {
             request_timeout_ms: 60_000,
             concurrent_requests_max: 1024,
             shutdown_grace_ms: 30_000,
+            header_bytes_max: 16 * 1024,
+            headers_max: 64,
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod config;
 pub mod error;
+mod middleware;
 
 use std::future::Future;
 use std::time::Duration;
@@ -33,9 +34,29 @@ pub fn router(broker: Broker, config: &ServerConfig) -> Result<Router, StartErro
         .load_shed()
         .concurrency_limit(config.http.concurrent_requests_max.max(1))
         .timeout(Duration::from_millis(config.http.request_timeout_ms));
+    let idempotency = middleware::Idempotency {
+        broker: broker.clone(),
+        principal: principal.clone(),
+        body_bytes_max: config.http.body_bytes_max,
+        running: Default::default(),
+    };
+    let header_limits = middleware::HeaderLimits {
+        bytes_max: config.http.header_bytes_max,
+        count_max: config.http.headers_max,
+    };
+    // Layers run outside in: header limits first, then load shedding and the timeout, then
+    // idempotency around the handler.
     Ok(app(AppState { broker, principal })
+        .layer(axum::middleware::from_fn_with_state(
+            idempotency,
+            middleware::idempotency,
+        ))
         .layer(limits)
-        .layer(DefaultBodyLimit::max(config.http.body_bytes_max)))
+        .layer(DefaultBodyLimit::max(config.http.body_bytes_max))
+        .layer(axum::middleware::from_fn_with_state(
+            header_limits,
+            middleware::header_limits,
+        )))
 }
 
 /// Opens the broker and serves on `listener` until `shutdown` completes; then stops accepting,

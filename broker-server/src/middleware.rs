@@ -1,0 +1,238 @@
+//! Request-level rules that hold for every route and so live outside the handlers: header size
+//! limits, and `Idempotency-Key` on the POSTs that create something (Book a Secure Move
+//! semantics: the same key and the same request within the window get the first answer again,
+//! a different request with the key gets 409, and errors are not remembered, so a failed request
+//! can be retried with its key).
+//!
+//! Publishing is not handled here: the core keeps publish idempotency itself, in the same
+//! transaction as the event, which is stronger than remembering an HTTP answer.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use broker_core::{Broker, Principal, StoredResponse};
+
+use crate::api::govstack::CLIENT_HEADER;
+use crate::error::ApiError;
+
+/// Header limits, checked before anything else reads the request.
+#[derive(Clone, Copy)]
+pub(crate) struct HeaderLimits {
+    pub bytes_max: usize,
+    pub count_max: usize,
+}
+
+/// Answers 431 when the request's headers are too many or too large.
+pub(crate) async fn header_limits(
+    State(limits): State<HeaderLimits>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let headers = req.headers();
+    if headers.len() > limits.count_max {
+        return ApiError::HeadersTooLarge(format!(
+            "{} headers, at most {} allowed (http.headers_max)",
+            headers.len(),
+            limits.count_max
+        ))
+        .into_response();
+    }
+    // Each header as it appears on the wire: `name: value\r\n`.
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if bytes > limits.bytes_max {
+        return ApiError::HeadersTooLarge(format!(
+            "{bytes} bytes of headers, at most {} allowed (http.header_bytes_max)",
+            limits.bytes_max
+        ))
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// What the idempotency layer needs.
+#[derive(Clone)]
+pub(crate) struct Idempotency {
+    pub broker: Broker,
+    /// Who native API callers are (until authentication names them).
+    pub principal: Principal,
+    pub body_bytes_max: usize,
+    /// (principal, key) of requests running now: a second request with the same key while the
+    /// first runs is refused rather than run twice.
+    pub running: Arc<Mutex<HashSet<(String, String)>>>,
+}
+
+/// Whether a request creates something that the idempotency layer covers: native Room and
+/// subscription creation, and GovStack event type and subscription creation.
+fn creates(method: &Method, path: &str) -> bool {
+    if method != Method::POST {
+        return false;
+    }
+    let s: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    matches!(
+        s.as_slice(),
+        ["v1", "rooms"]
+            | ["v1", "rooms", _, "subscriptions"]
+            | ["r1", _, _, _, _, "api", "v1", "eventType"]
+            | ["r1", _, _, _, _, "api", "v1", "subs", _]
+    )
+}
+
+/// Removes a running key when the request ends, however it ends.
+struct Running {
+    set: Arc<Mutex<HashSet<(String, String)>>>,
+    entry: (String, String),
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.set.lock() {
+            set.remove(&self.entry);
+        }
+    }
+}
+
+/// Replays or remembers the answer of a creating POST that carries `Idempotency-Key`.
+pub(crate) async fn idempotency(
+    State(state): State<Idempotency>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(key) = req.headers().get("idempotency-key") else {
+        return next.run(req).await;
+    };
+    if !creates(req.method(), req.uri().path()) {
+        return next.run(req).await;
+    }
+    match remembered(state, key.clone(), req, next).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn remembered(
+    state: Idempotency,
+    key: HeaderValue,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let key = key
+        .to_str()
+        .map_err(|_| ApiError::param("Idempotency-Key", "must be visible ASCII"))?
+        .to_string();
+    // GovStack callers name themselves; keys are theirs, not shared with other members.
+    let principal = match req.headers().get(CLIENT_HEADER) {
+        Some(v) if req.uri().path().starts_with("/r1/") => v
+            .to_str()
+            .ok()
+            .and_then(|v| Principal::new(v.trim()).ok())
+            .ok_or_else(|| ApiError::BadClient("X-GovStack-Client is not valid".into()))?,
+        _ => state.principal.clone(),
+    };
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, state.body_bytes_max)
+        .await
+        .map_err(|_| ApiError::TooLarge)?;
+    // The request as far as its meaning goes: method, path, content type and body.
+    let mut fingerprint = Vec::with_capacity(body.len() + 128);
+    fingerprint.extend_from_slice(parts.method.as_str().as_bytes());
+    fingerprint.push(b' ');
+    fingerprint.extend_from_slice(parts.uri.path().as_bytes());
+    fingerprint.push(b'\n');
+    if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
+        fingerprint.extend_from_slice(ct.as_bytes());
+    }
+    fingerprint.push(b'\n');
+    fingerprint.extend_from_slice(&body);
+
+    if let Some(stored) = state
+        .broker
+        .replay_response(&principal, &key, &fingerprint)?
+    {
+        return Ok(replay(stored));
+    }
+    let entry = (principal.as_str().to_string(), key.clone());
+    let _running = {
+        let mut set = state.running.lock().map_err(|_| ApiError::Busy)?;
+        if !set.insert(entry.clone()) {
+            return Err(ApiError::IdempotencyInProgress(key));
+        }
+        Running {
+            set: state.running.clone(),
+            entry,
+        }
+    };
+    // Another request with the key may have finished between the look above and the claim.
+    if let Some(stored) = state
+        .broker
+        .replay_response(&principal, &key, &fingerprint)?
+    {
+        return Ok(replay(stored));
+    }
+    let response = next.run(Request::from_parts(parts, Body::from(body))).await;
+    if !response.status().is_success() {
+        // Errors are not remembered: the caller may fix the cause and retry with the same key.
+        return Ok(response);
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, state.body_bytes_max)
+        .await
+        .map_err(|e| {
+            ApiError::Core(broker_core::Error::Storage(format!(
+                "cannot read the answer: {e}"
+            )))
+        })?;
+    let stored = StoredResponse {
+        status: parts.status.as_u16(),
+        body: bytes.to_vec(),
+    };
+    if let Err(e) = state
+        .broker
+        .remember_response(&principal, &key, &fingerprint, stored)
+        .await
+    {
+        // The thing was created; only the replay is lost. Say so in the log, answer as usual.
+        tracing::warn!(error = %e, key, "could not remember the answer for an idempotency key");
+    }
+    Ok(Response::from_parts(parts, Body::from(bytes)))
+}
+
+fn replay(stored: StoredResponse) -> Response {
+    let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    let mut resp = (status, stored.body).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    // Marks the answer as a replay, for clients and operators who want to tell.
+    resp.headers_mut()
+        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_creating_posts_are_covered() {
+        assert!(creates(&Method::POST, "/v1/rooms"));
+        assert!(creates(&Method::POST, "/v1/rooms/irc/subscriptions"));
+        assert!(creates(&Method::POST, "/r1/i/GOV/m/app/api/v1/eventType"));
+        assert!(creates(
+            &Method::POST,
+            "/r1/i/GOV/m/app/api/v1/subs/newBirth"
+        ));
+        assert!(!creates(&Method::GET, "/v1/rooms"));
+        assert!(!creates(&Method::POST, "/v1/rooms/irc/events/moved"));
+        assert!(!creates(&Method::POST, "/v1/subscriptions/x/pull"));
+        assert!(!creates(&Method::POST, "/r1/i/GOV/m/app/pub/v1/newBirth"));
+    }
+}
