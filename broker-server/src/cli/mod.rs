@@ -820,7 +820,7 @@ async fn settle(
         let done = ack_ids.len().saturating_sub(failed);
         let verb = match action {
             "ack" => "acknowledged",
-            "nack" => "returned for redelivery",
+            "nack" => "nacked",
             _ => "dead-lettered",
         };
         println!("{verb} {done} of {}", ack_ids.len());
