@@ -614,3 +614,33 @@ fn the_server_and_token_come_from_the_environment() {
         );
     }
 }
+
+#[test]
+fn tail_ends_quietly_when_its_reader_goes_away() {
+    let s = Server::start();
+    s.with_room();
+    s.publish(r#"{"n": 1, "user": "ann"}"#);
+    let mut child = s
+        .command(&["tail", "irc", "--from-start", "--interval-ms", "20"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert!(first.contains(r#"{"n":1,"user":"ann"}"#), "{first}");
+    // Like `postroom tail | head -1`: the reader is gone before the next event is written.
+    drop(stdout);
+    s.publish(r#"{"n": 2, "user": "ann"}"#);
+    let status = wait(&mut child);
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{status:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -18,7 +18,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use client::{CliError, Client};
-use output::{at, cell, items, print_json, print_object, Table};
+use output::{at, cell, items, out, print_json, print_object, Table};
 
 /// The options every client subcommand shares. They can be given before or after the
 /// subcommand, and from the environment.
@@ -422,7 +422,7 @@ async fn rooms(client: &Client, json: bool, command: RoomsCommand) -> Result<(),
             if json {
                 print_json(&json!({ "deleted": name }));
             } else {
-                println!("deleted room {name}");
+                out!("deleted room {name}");
             }
             return Ok(());
         }
@@ -505,11 +505,11 @@ async fn types(client: &Client, json: bool, command: TypesCommand) -> Result<(),
                 let created = answer.get("created").and_then(Value::as_bool) == Some(true);
                 let new_version = answer.get("new_version").and_then(Value::as_bool) == Some(true);
                 if created {
-                    println!("created event type {name} in room {room} (version {version})");
+                    out!("created event type {name} in room {room} (version {version})");
                 } else if new_version {
-                    println!("registered version {version} of event type {name} in room {room}");
+                    out!("registered version {version} of event type {name} in room {room}");
                 } else {
-                    println!("event type {name} in room {room} unchanged (version {version})");
+                    out!("event type {name} in room {room} unchanged (version {version})");
                 }
             }
         }
@@ -607,9 +607,9 @@ async fn subs(client: &Client, json: bool, command: SubsCommand) -> Result<(), C
                 print_json(&answer);
             } else {
                 let sub = answer.get("subscription").unwrap_or(&Value::Null);
-                println!("created subscription {}", at(sub, "/id"));
+                out!("created subscription {}", at(sub, "/id"));
                 if let Some(secret) = answer.get("secret").and_then(Value::as_str) {
-                    println!("signing secret (shown only this once): {secret}");
+                    out!("signing secret (shown only this once): {secret}");
                 }
             }
             return Ok(());
@@ -621,7 +621,7 @@ async fn subs(client: &Client, json: bool, command: SubsCommand) -> Result<(), C
             if json {
                 print_json(&json!({ "deleted": id }));
             } else {
-                println!("deleted subscription {id}");
+                out!("deleted subscription {id}");
             }
             return Ok(());
         }
@@ -685,7 +685,7 @@ async fn publish(client: &Client, json: bool, a: PublishArgs) -> Result<(), CliE
         print_json(&answer.body);
     } else {
         let r = &answer.body;
-        println!(
+        out!(
             "published {} to {}/{} (key {}, sequence {}){}",
             at(r, "/id"),
             at(r, "/room"),
@@ -723,7 +723,7 @@ async fn pull(client: &Client, json: bool, a: PullArgs) -> Result<(), CliError> 
     if json {
         print_json(&answer);
     } else if messages.is_empty() {
-        println!("no messages");
+        out!("no messages");
     } else {
         let mut t = Table::new(&[
             "ACK_ID", "ATTEMPT", "TYPE", "KEY", "SEQ", "EVENT_ID", "PAYLOAD",
@@ -753,7 +753,7 @@ async fn pull(client: &Client, json: bool, a: PullArgs) -> Result<(), CliError> 
             .body;
         let failed = failures(&answer);
         if !json && failed == 0 {
-            println!("acknowledged {}", ids.len());
+            out!("acknowledged {}", ids.len());
         }
         check_results(failed, ids.len(), "ack")?;
     }
@@ -823,7 +823,7 @@ async fn settle(
             "nack" => "nacked",
             _ => "dead-lettered",
         };
-        println!("{verb} {done} of {}", ack_ids.len());
+        out!("{verb} {done} of {}", ack_ids.len());
     }
     check_results(failed, ack_ids.len(), action)
 }
@@ -879,7 +879,7 @@ async fn dead_letters(
             if json {
                 print_json(&answer);
             } else {
-                println!("redriven {}", at(&answer, "/redriven"));
+                out!("redriven {}", at(&answer, "/redriven"));
             }
         }
         DeadLettersCommand::Purge { sub } => {
@@ -894,7 +894,7 @@ async fn dead_letters(
             if json {
                 print_json(&answer);
             } else {
-                println!("purged {}", at(&answer, "/purged"));
+                out!("purged {}", at(&answer, "/purged"));
             }
         }
     }

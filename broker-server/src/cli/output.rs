@@ -3,8 +3,35 @@
 //! scripts can rely on the API's documented shapes instead of on the table layout.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 
 use serde_json::Value;
+
+/// Writes one line on standard output. When the reader has gone away (`postroom tail | head`),
+/// the process ends quietly with success instead of panicking as `println!` would, because the
+/// reader has all it wanted; any other write failure ends it with status 1.
+pub fn line(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out
+        .write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush())
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` for the client subcommands, through [`line`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::output::line(format_args!($($arg)*))
+    };
+}
+pub(crate) use out;
 
 /// A table with a header row, printed with its columns aligned.
 #[derive(Debug, Default)]
@@ -56,13 +83,14 @@ impl Table {
 
     /// Prints the table on standard output.
     pub fn print(&self) {
-        print!("{}", self.render());
+        let text = self.render();
+        out!("{}", text.trim_end_matches('\n'));
     }
 }
 
 /// Prints a JSON value on one line or, for people, pretty-printed.
 pub fn print_json(v: &Value) {
-    println!(
+    out!(
         "{}",
         serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
     );

@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::client::{CliError, Client};
-use super::output::{event_line, items};
+use super::output::{event_line, items, out};
 
 /// Page size of each poll; also bounds the ids remembered between polls.
 const PAGE: usize = 100;
@@ -76,9 +76,21 @@ pub async fn tail(client: &Client, opts: &TailOptions) -> Result<(), CliError> {
         if let Some(k) = &opts.key {
             query.push(("key", k.clone()));
         }
-        let page = client
+        let page = match client
             .get(&["v1", "rooms", &opts.room, "events"], &query)
-            .await?;
+            .await
+        {
+            Ok(page) => page,
+            // A busy server asks to be asked again later; a follower that runs for hours should
+            // ride that out instead of ending.
+            Err(CliError::Api {
+                status: 429 | 503, ..
+            }) => {
+                tokio::time::sleep(opts.interval).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         for item in items(&page) {
             let id = item
                 .pointer("/event/id")
@@ -89,9 +101,9 @@ pub async fn tail(client: &Client, opts: &TailOptions) -> Result<(), CliError> {
                 continue;
             }
             if opts.json {
-                println!("{item}");
+                out!("{item}");
             } else {
-                println!("{}", event_line(item));
+                out!("{}", event_line(item));
             }
             printed += 1;
             if opts.count.is_some_and(|n| printed >= n) {
