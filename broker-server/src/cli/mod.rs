@@ -28,16 +28,23 @@ pub struct GlobalArgs {
     #[arg(
         long,
         global = true,
+        help_heading = "Global options",
         env = "POSTROOM_SERVER",
         default_value = "http://127.0.0.1:8080"
     )]
     pub server: String,
     /// A token sent as `Authorization: Bearer TOKEN` (client subcommands only). The server does
     /// not check it until authentication lands, but scripts can already pass it.
-    #[arg(long, global = true, env = "POSTROOM_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "POSTROOM_TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
     /// Print the server's JSON answers instead of tables (client subcommands only).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
 }
 
@@ -197,7 +204,7 @@ pub struct PublishArgs {
     /// The file holding the JSON payload; `-` or absent for standard input.
     #[arg(long)]
     pub file: Option<PathBuf>,
-    /// The ordering key (overrides the event type's key pointer).
+    /// The ordering key; when the event type has a key pointer, it must agree with the payload.
     #[arg(long)]
     pub key: Option<String>,
     /// Publishing again with the same key and payload returns the first receipt.
@@ -663,6 +670,11 @@ async fn publish(client: &Client, json: bool, a: PublishArgs) -> Result<(), CliE
     let payload = match a.file.as_deref() {
         Some(path) if path != std::path::Path::new("-") => read_file(path)?,
         _ => {
+            // Without a file the payload is read to the end of standard input; at a terminal
+            // that looks like a hang, so say what is expected.
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                eprintln!("reading the JSON payload from standard input; end it with Ctrl-D");
+            }
             let mut buf = Vec::new();
             std::io::stdin()
                 .read_to_end(&mut buf)
