@@ -93,9 +93,12 @@ impl ServerConfig {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
-            // Variables the program itself reads elsewhere (credentials, log settings) are not
-            // configuration keys.
-            if matches!(rest, "LOG" | "LOG_FORMAT") || rest.starts_with("ADMIN_") {
+            // Variables the program itself reads elsewhere (credentials, log settings, and the
+            // client subcommands' `POSTROOM_SERVER` and `POSTROOM_TOKEN`) are not configuration
+            // keys: a shell set up for the client must still be able to run `postroom serve`.
+            if matches!(rest, "LOG" | "LOG_FORMAT" | "SERVER" | "TOKEN")
+                || rest.starts_with("ADMIN_")
+            {
                 continue;
             }
             let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
@@ -205,5 +208,17 @@ mod tests {
         let file = dir.path().join("bad.toml");
         std::fs::write(&file, "lissen = \"x\"").unwrap();
         assert!(ServerConfig::load(Some(&file), Vec::new()).is_err());
+    }
+
+    #[test]
+    fn the_client_variables_are_not_settings() {
+        let env = vec![
+            ("POSTROOM_SERVER".to_string(), "http://h:1".to_string()),
+            ("POSTROOM_TOKEN".to_string(), "t".to_string()),
+        ];
+        assert_eq!(
+            ServerConfig::load(None, env).unwrap(),
+            ServerConfig::default()
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! [`api::app`]; [`serve`] runs it with the configured limits and shuts down gracefully.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod error;
 mod middleware;

@@ -1,8 +1,10 @@
-//! The `postroom` binary: `postroom serve` runs the broker's HTTP server.
+//! The `postroom` binary: `postroom serve` runs the broker's HTTP server; every other
+//! subcommand is a client of a running server (see `broker_server::cli`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use broker_server::cli::{ClientCommand, GlobalArgs};
 use broker_server::{serve, shutdown_signal, ServerConfig};
 use clap::{Parser, Subcommand};
 
@@ -13,6 +15,8 @@ use clap::{Parser, Subcommand};
     about = "Postroom, a durable Pub/Sub broker"
 )]
 struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -31,9 +35,28 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    #[command(flatten)]
+    Client(ClientCommand),
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+        } => run_server(config, listen, data_dir),
+        Command::Client(command) => broker_server::cli::run(cli.global, command),
+    }
+}
+
+fn run_server(
+    config: Option<PathBuf>,
+    listen: Option<std::net::SocketAddr>,
+    data_dir: Option<PathBuf>,
+) -> ExitCode {
+    // Only the server logs: the client subcommands' output is for the person at the terminal.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("POSTROOM_LOG")
@@ -41,12 +64,6 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    let Command::Serve {
-        config,
-        listen,
-        data_dir,
-    } = cli.command;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,0 +1,914 @@
+//! The `postroom` subcommands that talk to a running server over its HTTP API (everything but
+//! `serve`). They exist so that an operator can manage Rooms, event types and subscriptions,
+//! publish, pull and watch events from a shell without writing HTTP requests by hand. Each
+//! subcommand is one or a few API calls; the server stays the only place with behaviour.
+
+pub mod client;
+pub mod output;
+pub mod tail;
+
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{ArgGroup, Args, Subcommand};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use client::{CliError, Client};
+use output::{at, cell, items, out, print_json, print_object, Table};
+
+/// The options every client subcommand shares. They can be given before or after the
+/// subcommand, and from the environment.
+#[derive(Args, Debug, Clone)]
+pub struct GlobalArgs {
+    /// The server's base URL (client subcommands only).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "POSTROOM_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub server: String,
+    /// A token sent as `Authorization: Bearer TOKEN` (client subcommands only). The server does
+    /// not check it until authentication lands, but scripts can already pass it.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "POSTROOM_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// Print the server's JSON answers instead of tables (client subcommands only).
+    #[arg(long, global = true, help_heading = "Global options")]
+    pub json: bool,
+}
+
+/// The client subcommands.
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
+    /// Manage Rooms.
+    #[command(subcommand)]
+    Rooms(RoomsCommand),
+    /// Manage a Room's event types and their JSON Schemas.
+    #[command(subcommand)]
+    Types(TypesCommand),
+    /// Manage subscriptions.
+    #[command(subcommand)]
+    Subs(SubsCommand),
+    /// Publish one event; the JSON payload comes from a file or standard input.
+    Publish(PublishArgs),
+    /// Pull messages from a pull subscription.
+    Pull(PullArgs),
+    /// Acknowledge pulled messages: they are done.
+    Ack(SettleArgs),
+    /// Give pulled messages back for redelivery (a failed attempt).
+    Nack(NackArgs),
+    /// Send pulled messages straight to the dead letters.
+    Term(SettleArgs),
+    /// Follow a Room's events live.
+    Tail(TailArgs),
+    /// Inspect, redrive or purge a subscription's dead letters.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
+}
+
+/// `postroom rooms ...`
+#[derive(Subcommand, Debug)]
+pub enum RoomsCommand {
+    /// List all Rooms.
+    List,
+    /// Show one Room.
+    Get {
+        /// The Room.
+        name: String,
+    },
+    /// Create a Room.
+    Create {
+        /// The Room's name.
+        name: String,
+        /// Free text for people.
+        #[arg(long)]
+        description: Option<String>,
+        /// Subscriptions get no per-key FIFO delivery unless they ask for it.
+        #[arg(long)]
+        unordered: bool,
+    },
+    /// Delete a Room with its events and subscriptions.
+    Delete {
+        /// The Room.
+        name: String,
+    },
+    /// Approve a Room that a member requested.
+    Approve {
+        /// The Room.
+        name: String,
+    },
+}
+
+/// `postroom types ...`
+#[derive(Subcommand, Debug)]
+pub enum TypesCommand {
+    /// List a Room's event types.
+    List {
+        /// The Room.
+        room: String,
+    },
+    /// Show one event type with its current schema.
+    Get {
+        /// The Room.
+        room: String,
+        /// The event type.
+        name: String,
+    },
+    /// Register an event type, or a new schema version of it.
+    Put {
+        /// The Room.
+        room: String,
+        /// The event type.
+        name: String,
+        /// A file holding the JSON Schema.
+        #[arg(long)]
+        schema: PathBuf,
+        /// A JSON Pointer into the payload whose value is the event's ordering key.
+        #[arg(long)]
+        key_pointer: Option<String>,
+        /// Free text for people.
+        #[arg(long)]
+        description: Option<String>,
+    },
+}
+
+/// `postroom subs ...`
+#[derive(Subcommand, Debug)]
+pub enum SubsCommand {
+    /// List a Room's subscriptions.
+    List {
+        /// The Room.
+        room: String,
+    },
+    /// Show one subscription.
+    Get {
+        /// The subscription id.
+        id: String,
+    },
+    /// Create a push or pull subscription.
+    #[command(group(ArgGroup::new("delivery").required(true).args(["push_url", "pull"])))]
+    Create {
+        /// The Room.
+        room: String,
+        /// Push: the endpoint the broker POSTs each event to.
+        #[arg(long)]
+        push_url: Option<String>,
+        /// Pull: the subscriber pulls and acknowledges.
+        #[arg(long)]
+        pull: bool,
+        /// Only this event type (repeatable); all types when absent.
+        #[arg(long = "type", value_name = "TYPE")]
+        types: Vec<String>,
+        /// No per-key FIFO delivery, whatever the Room's default.
+        #[arg(long)]
+        unordered: bool,
+        /// Attempts before an event is dead-lettered (overrides the Room's retry policy).
+        #[arg(long)]
+        attempts_max: Option<u32>,
+    },
+    /// Delete a subscription.
+    Delete {
+        /// The subscription id.
+        id: String,
+    },
+    /// Pause delivery; events keep being queued.
+    Pause {
+        /// The subscription id.
+        id: String,
+    },
+    /// Resume delivery.
+    Resume {
+        /// The subscription id.
+        id: String,
+    },
+}
+
+/// `postroom publish ...`
+#[derive(Args, Debug)]
+pub struct PublishArgs {
+    /// The Room.
+    pub room: String,
+    /// The event type.
+    pub event_type: String,
+    /// The file holding the JSON payload; `-` or absent for standard input.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// The ordering key; when the event type has a key pointer, it must agree with the payload.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Publishing again with the same key and payload returns the first receipt.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// The event's id (a UUID) chosen by the publisher.
+    #[arg(long)]
+    pub event_id: Option<String>,
+}
+
+/// `postroom pull ...`
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// The subscription id.
+    pub sub: String,
+    /// At most this many messages.
+    #[arg(long, default_value_t = 10)]
+    pub max: usize,
+    /// How long the messages are leased to this caller (the server's default when absent).
+    #[arg(long)]
+    pub lease_ms: Option<u64>,
+    /// Wait up to this long for a message when none is ready.
+    #[arg(long, default_value_t = 0)]
+    pub wait_ms: u64,
+    /// Acknowledge the printed messages.
+    #[arg(long)]
+    pub ack: bool,
+}
+
+/// `postroom ack|term SUB ACK_ID...`
+#[derive(Args, Debug)]
+pub struct SettleArgs {
+    /// The subscription id.
+    pub sub: String,
+    /// The ack ids from a pull.
+    #[arg(required = true)]
+    pub ack_ids: Vec<String>,
+}
+
+/// `postroom nack SUB ACK_ID...`
+#[derive(Args, Debug)]
+pub struct NackArgs {
+    /// The subscription id.
+    pub sub: String,
+    /// The ack ids from a pull.
+    #[arg(required = true)]
+    pub ack_ids: Vec<String>,
+    /// Redeliver no sooner than this (the retry policy's delay when absent).
+    #[arg(long)]
+    pub delay_ms: Option<u64>,
+}
+
+/// `postroom tail ...`
+#[derive(Args, Debug)]
+pub struct TailArgs {
+    /// The Room.
+    pub room: String,
+    /// Only this event type.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub event_type: Option<String>,
+    /// Only this ordering key.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Start with the Room's oldest stored event instead of only new ones.
+    #[arg(long)]
+    pub from_start: bool,
+    /// Exit after this many events (otherwise run until Ctrl-C).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// How often to ask the server for new events.
+    #[arg(long, default_value_t = 500)]
+    pub interval_ms: u64,
+}
+
+/// `postroom dead-letters ...`
+#[derive(Subcommand, Debug)]
+pub enum DeadLettersCommand {
+    /// List a subscription's dead letters.
+    List {
+        /// The subscription id.
+        sub: String,
+    },
+    /// Queue dead letters for delivery again: all, or the given events.
+    Redrive {
+        /// The subscription id.
+        sub: String,
+        /// Only this event (repeatable).
+        #[arg(long = "event", value_name = "EVENT_ID")]
+        events: Vec<String>,
+    },
+    /// Delete all of a subscription's dead letters.
+    Purge {
+        /// The subscription id.
+        sub: String,
+    },
+}
+
+/// Runs a client subcommand and returns the process exit code. Errors are printed on stderr as
+/// `error: <detail> (<code>, HTTP <status>)`.
+pub fn run(global: GlobalArgs, command: ClientCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let client = Client::new(&global.server, global.token.as_deref())?;
+        tokio::select! {
+            r = dispatch(&client, global.json, command) => r,
+            // Ctrl-C is how `tail` is meant to end, so it is a success for every subcommand.
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+async fn dispatch(client: &Client, json: bool, command: ClientCommand) -> Result<(), CliError> {
+    match command {
+        ClientCommand::Rooms(c) => rooms(client, json, c).await,
+        ClientCommand::Types(c) => types(client, json, c).await,
+        ClientCommand::Subs(c) => subs(client, json, c).await,
+        ClientCommand::Publish(a) => publish(client, json, a).await,
+        ClientCommand::Pull(a) => pull(client, json, a).await,
+        ClientCommand::Ack(a) => settle(client, json, "ack", &a.sub, a.ack_ids, None).await,
+        ClientCommand::Nack(a) => settle(client, json, "nack", &a.sub, a.ack_ids, a.delay_ms).await,
+        ClientCommand::Term(a) => settle(client, json, "term", &a.sub, a.ack_ids, None).await,
+        ClientCommand::Tail(a) => {
+            let opts = tail::TailOptions {
+                room: a.room,
+                event_type: a.event_type,
+                key: a.key,
+                from_start: a.from_start,
+                count: a.count,
+                interval: Duration::from_millis(a.interval_ms.max(1)),
+                json,
+            };
+            tail::tail(client, &opts).await
+        }
+        ClientCommand::DeadLetters(c) => dead_letters(client, json, c).await,
+    }
+}
+
+/// Every item of a paged listing, following `next_cursor` until the end.
+async fn all_pages(client: &Client, segments: &[&str]) -> Result<Vec<Value>, CliError> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let query: Vec<(&str, String)> = cursor.iter().map(|c| ("cursor", c.clone())).collect();
+        let page = client.get(segments, &query).await?;
+        out.extend(items(&page).iter().cloned());
+        match page.get("next_cursor").and_then(Value::as_str) {
+            // A cursor that does not move would loop for ever; the listing is then done.
+            Some(next) if cursor.as_deref() != Some(next) => cursor = Some(next.to_string()),
+            _ => return Ok(out),
+        }
+    }
+}
+
+fn read_file(path: &std::path::Path) -> Result<Vec<u8>, CliError> {
+    std::fs::read(path).map_err(|e| CliError::Local(format!("cannot read {}: {e}", path.display())))
+}
+
+async fn rooms(client: &Client, json: bool, command: RoomsCommand) -> Result<(), CliError> {
+    let room = match command {
+        RoomsCommand::List => {
+            let rooms = all_pages(client, &["v1", "rooms"]).await?;
+            if json {
+                print_json(&json!({ "items": rooms }));
+            } else {
+                let mut t = Table::new(&[
+                    "NAME",
+                    "STATUS",
+                    "ORDERED",
+                    "EVENTS",
+                    "BYTES",
+                    "DESCRIPTION",
+                ]);
+                for r in &rooms {
+                    t.row(vec![
+                        at(r, "/name"),
+                        at(r, "/status"),
+                        at(r, "/ordered"),
+                        at(r, "/events_stored"),
+                        at(r, "/bytes_stored"),
+                        at(r, "/description"),
+                    ]);
+                }
+                t.print();
+            }
+            return Ok(());
+        }
+        RoomsCommand::Get { name } => client.get(&["v1", "rooms", &name], &[]).await?,
+        RoomsCommand::Create {
+            name,
+            description,
+            unordered,
+        } => {
+            let mut body = json!({ "name": name, "ordered": !unordered });
+            if let Some(d) = description {
+                body["description"] = json!(d);
+            }
+            client
+                .call(Method::POST, &["v1", "rooms"], Some(&body))
+                .await?
+                .body
+        }
+        RoomsCommand::Delete { name } => {
+            client
+                .call(Method::DELETE, &["v1", "rooms", &name], None)
+                .await?;
+            if json {
+                print_json(&json!({ "deleted": name }));
+            } else {
+                out!("deleted room {name}");
+            }
+            return Ok(());
+        }
+        RoomsCommand::Approve { name } => {
+            client
+                .call(Method::POST, &["v1", "rooms", &name, "approve"], None)
+                .await?
+                .body
+        }
+    };
+    if json {
+        print_json(&room);
+    } else {
+        print_object(&room);
+    }
+    Ok(())
+}
+
+async fn types(client: &Client, json: bool, command: TypesCommand) -> Result<(), CliError> {
+    match command {
+        TypesCommand::List { room } => {
+            let answer = client
+                .get(&["v1", "rooms", &room, "event-types"], &[])
+                .await?;
+            if json {
+                print_json(&answer);
+                return Ok(());
+            }
+            let mut t = Table::new(&["NAME", "VERSION", "KEY_POINTER", "UPDATED", "DESCRIPTION"]);
+            for ty in items(&answer) {
+                t.row(vec![
+                    at(ty, "/name"),
+                    at(ty, "/version"),
+                    at(ty, "/key_pointer"),
+                    at(ty, "/updated_at"),
+                    at(ty, "/description"),
+                ]);
+            }
+            t.print();
+        }
+        TypesCommand::Get { room, name } => {
+            let ty = client
+                .get(&["v1", "rooms", &room, "event-types", &name], &[])
+                .await?;
+            if json {
+                print_json(&ty);
+            } else {
+                print_object(&ty);
+            }
+        }
+        TypesCommand::Put {
+            room,
+            name,
+            schema,
+            key_pointer,
+            description,
+        } => {
+            let text = read_file(&schema)?;
+            let schema_json: Value = serde_json::from_slice(&text)
+                .map_err(|e| CliError::Local(format!("{} is not JSON: {e}", schema.display())))?;
+            let mut body = json!({ "schema": schema_json });
+            if let Some(p) = key_pointer {
+                body["key_pointer"] = json!(p);
+            }
+            if let Some(d) = description {
+                body["description"] = json!(d);
+            }
+            let answer = client
+                .call(
+                    Method::PUT,
+                    &["v1", "rooms", &room, "event-types", &name],
+                    Some(&body),
+                )
+                .await?
+                .body;
+            if json {
+                print_json(&answer);
+            } else {
+                let version = at(&answer, "/event_type/version");
+                let created = answer.get("created").and_then(Value::as_bool) == Some(true);
+                let new_version = answer.get("new_version").and_then(Value::as_bool) == Some(true);
+                if created {
+                    out!("created event type {name} in room {room} (version {version})");
+                } else if new_version {
+                    out!("registered version {version} of event type {name} in room {room}");
+                } else {
+                    out!("event type {name} in room {room} unchanged (version {version})");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where a subscription delivers, for tables: the push URL, or `pull`.
+fn endpoint(sub: &Value) -> String {
+    match sub.pointer("/mode/mode").and_then(Value::as_str) {
+        Some("push") => at(sub, "/mode/url"),
+        Some(other) => other.to_string(),
+        None => String::new(),
+    }
+}
+
+fn print_subscription(sub: &Value) {
+    let mut t = Table::new(&["FIELD", "VALUE"]);
+    if let Some(map) = sub.as_object() {
+        for (k, v) in map {
+            let shown = if k == "mode" { endpoint(sub) } else { cell(v) };
+            t.row(vec![k.clone(), shown]);
+        }
+    }
+    t.print();
+}
+
+async fn subs(client: &Client, json: bool, command: SubsCommand) -> Result<(), CliError> {
+    let sub = match command {
+        SubsCommand::List { room } => {
+            let answer = client
+                .get(&["v1", "rooms", &room, "subscriptions"], &[])
+                .await?;
+            if json {
+                print_json(&answer);
+                return Ok(());
+            }
+            let mut t = Table::new(&[
+                "ID",
+                "STATUS",
+                "TYPES",
+                "BACKLOG",
+                "DEAD_LETTERS",
+                "ENDPOINT",
+            ]);
+            for s in items(&answer) {
+                let types = match s.get("event_types") {
+                    Some(Value::Array(ts)) => ts.iter().map(cell).collect::<Vec<_>>().join(","),
+                    _ => "*".to_string(),
+                };
+                t.row(vec![
+                    at(s, "/id"),
+                    at(s, "/status"),
+                    types,
+                    at(s, "/backlog"),
+                    at(s, "/dead_letters"),
+                    endpoint(s),
+                ]);
+            }
+            t.print();
+            return Ok(());
+        }
+        SubsCommand::Get { id } => client.get(&["v1", "subscriptions", &id], &[]).await?,
+        SubsCommand::Create {
+            room,
+            push_url,
+            pull: _,
+            types,
+            unordered,
+            attempts_max,
+        } => {
+            // clap's group makes exactly one of `--push-url` and `--pull` present.
+            let mut body = match push_url {
+                Some(url) => json!({ "mode": "push", "push": { "url": url } }),
+                None => json!({ "mode": "pull" }),
+            };
+            if !types.is_empty() {
+                body["event_types"] = json!(types);
+            }
+            if unordered {
+                body["ordered"] = json!(false);
+            }
+            if let Some(n) = attempts_max {
+                body["retry"] = json!({ "attempts_max": n });
+            }
+            let answer = client
+                .call(
+                    Method::POST,
+                    &["v1", "rooms", &room, "subscriptions"],
+                    Some(&body),
+                )
+                .await?
+                .body;
+            if json {
+                print_json(&answer);
+            } else {
+                let sub = answer.get("subscription").unwrap_or(&Value::Null);
+                out!("created subscription {}", at(sub, "/id"));
+                if let Some(secret) = answer.get("secret").and_then(Value::as_str) {
+                    out!("signing secret (shown only this once): {secret}");
+                }
+            }
+            return Ok(());
+        }
+        SubsCommand::Delete { id } => {
+            client
+                .call(Method::DELETE, &["v1", "subscriptions", &id], None)
+                .await?;
+            if json {
+                print_json(&json!({ "deleted": id }));
+            } else {
+                out!("deleted subscription {id}");
+            }
+            return Ok(());
+        }
+        SubsCommand::Pause { id } => {
+            client
+                .call(Method::POST, &["v1", "subscriptions", &id, "pause"], None)
+                .await?
+                .body
+        }
+        SubsCommand::Resume { id } => {
+            client
+                .call(Method::POST, &["v1", "subscriptions", &id, "resume"], None)
+                .await?
+                .body
+        }
+    };
+    if json {
+        print_json(&sub);
+    } else {
+        print_subscription(&sub);
+    }
+    Ok(())
+}
+
+fn header(
+    headers: &mut HeaderMap,
+    name: &'static str,
+    value: Option<String>,
+) -> Result<(), CliError> {
+    if let Some(v) = value {
+        let v = HeaderValue::from_str(&v)
+            .map_err(|_| CliError::Usage(format!("{name} must be visible ASCII characters")))?;
+        headers.insert(HeaderName::from_static(name), v);
+    }
+    Ok(())
+}
+
+async fn publish(client: &Client, json: bool, a: PublishArgs) -> Result<(), CliError> {
+    let payload = match a.file.as_deref() {
+        Some(path) if path != std::path::Path::new("-") => read_file(path)?,
+        _ => {
+            // Without a file the payload is read to the end of standard input; at a terminal
+            // that looks like a hang, so say what is expected.
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                eprintln!("reading the JSON payload from standard input; end it with Ctrl-D");
+            }
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|e| CliError::Local(format!("cannot read standard input: {e}")))?;
+            buf
+        }
+    };
+    let mut headers = HeaderMap::new();
+    header(&mut headers, "postroom-ordering-key", a.key)?;
+    header(&mut headers, "idempotency-key", a.idempotency_key)?;
+    header(&mut headers, "postroom-event-id", a.event_id)?;
+    let answer = client
+        .post_raw(
+            &["v1", "rooms", &a.room, "events", &a.event_type],
+            headers,
+            payload,
+        )
+        .await?;
+    if json {
+        print_json(&answer.body);
+    } else {
+        let r = &answer.body;
+        out!(
+            "published {} to {}/{} (key {}, sequence {}){}",
+            at(r, "/id"),
+            at(r, "/room"),
+            at(r, "/event_type"),
+            at(r, "/key"),
+            at(r, "/sequence"),
+            if answer.duplicate {
+                ", a duplicate of an earlier publish"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
+async fn pull(client: &Client, json: bool, a: PullArgs) -> Result<(), CliError> {
+    let mut body = json!({ "max_messages": a.max, "wait_ms": a.wait_ms });
+    if let Some(l) = a.lease_ms {
+        body["lease_ms"] = json!(l);
+    }
+    let answer = client
+        .call(
+            Method::POST,
+            &["v1", "subscriptions", &a.sub, "pull"],
+            Some(&body),
+        )
+        .await?
+        .body;
+    let messages = answer
+        .get("messages")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    if json {
+        print_json(&answer);
+    } else if messages.is_empty() {
+        out!("no messages");
+    } else {
+        let mut t = Table::new(&[
+            "ACK_ID", "ATTEMPT", "TYPE", "KEY", "SEQ", "EVENT_ID", "PAYLOAD",
+        ]);
+        for m in messages {
+            t.row(vec![
+                at(m, "/ack_id"),
+                at(m, "/attempt"),
+                at(m, "/event/event_type"),
+                at(m, "/event/key"),
+                at(m, "/event/sequence"),
+                at(m, "/event/id"),
+                m.get("payload").map(Value::to_string).unwrap_or_default(),
+            ]);
+        }
+        t.print();
+    }
+    if a.ack && !messages.is_empty() {
+        let ids: Vec<String> = messages.iter().map(|m| at(m, "/ack_id")).collect();
+        let answer = client
+            .call(
+                Method::POST,
+                &["v1", "subscriptions", &a.sub, "ack"],
+                Some(&json!({ "ack_ids": ids })),
+            )
+            .await?
+            .body;
+        let failed = failures(&answer);
+        if !json && failed == 0 {
+            out!("acknowledged {}", ids.len());
+        }
+        check_results(failed, ids.len(), "ack")?;
+    }
+    Ok(())
+}
+
+/// Prints each failed result of an ack/nack/term answer on stderr and returns how many failed.
+fn failures(answer: &Value) -> usize {
+    let mut failed = 0;
+    for r in answer
+        .get("results")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+    {
+        if r.get("ok").and_then(Value::as_bool) != Some(true) {
+            failed += 1;
+            eprintln!(
+                "{}: {} ({})",
+                at(r, "/ack_id"),
+                at(r, "/detail"),
+                at(r, "/code")
+            );
+        }
+    }
+    failed
+}
+
+fn check_results(failed: usize, total: usize, action: &str) -> Result<(), CliError> {
+    if failed == 0 {
+        Ok(())
+    } else {
+        Err(CliError::Local(format!(
+            "{action} failed for {failed} of {total} ack ids"
+        )))
+    }
+}
+
+async fn settle(
+    client: &Client,
+    json: bool,
+    action: &str,
+    sub: &str,
+    ack_ids: Vec<String>,
+    delay_ms: Option<u64>,
+) -> Result<(), CliError> {
+    let mut body = json!({ "ack_ids": ack_ids });
+    if let Some(d) = delay_ms {
+        body["delay_ms"] = json!(d);
+    }
+    let answer = client
+        .call(
+            Method::POST,
+            &["v1", "subscriptions", sub, action],
+            Some(&body),
+        )
+        .await?
+        .body;
+    if json {
+        print_json(&answer);
+    }
+    let failed = failures(&answer);
+    if !json {
+        let done = ack_ids.len().saturating_sub(failed);
+        let verb = match action {
+            "ack" => "acknowledged",
+            "nack" => "nacked",
+            _ => "dead-lettered",
+        };
+        out!("{verb} {done} of {}", ack_ids.len());
+    }
+    check_results(failed, ack_ids.len(), action)
+}
+
+async fn dead_letters(
+    client: &Client,
+    json: bool,
+    command: DeadLettersCommand,
+) -> Result<(), CliError> {
+    match command {
+        DeadLettersCommand::List { sub } => {
+            let letters = all_pages(client, &["v1", "subscriptions", &sub, "dead-letters"]).await?;
+            if json {
+                print_json(&json!({ "items": letters }));
+                return Ok(());
+            }
+            let mut t = Table::new(&[
+                "EVENT_ID",
+                "KEY",
+                "SEQ",
+                "ATTEMPTS",
+                "REASON",
+                "DEAD_AT",
+                "LAST_ERROR",
+            ]);
+            for d in &letters {
+                t.row(vec![
+                    at(d, "/event_id"),
+                    at(d, "/key"),
+                    at(d, "/sequence"),
+                    at(d, "/attempts"),
+                    at(d, "/reason"),
+                    at(d, "/dead_at"),
+                    at(d, "/last_error"),
+                ]);
+            }
+            t.print();
+        }
+        DeadLettersCommand::Redrive { sub, events } => {
+            let body = if events.is_empty() {
+                json!({})
+            } else {
+                json!({ "event_ids": events })
+            };
+            let answer = client
+                .call(
+                    Method::POST,
+                    &["v1", "subscriptions", &sub, "dead-letters", "redrive"],
+                    Some(&body),
+                )
+                .await?
+                .body;
+            if json {
+                print_json(&answer);
+            } else {
+                out!("redriven {}", at(&answer, "/redriven"));
+            }
+        }
+        DeadLettersCommand::Purge { sub } => {
+            let answer = client
+                .call(
+                    Method::DELETE,
+                    &["v1", "subscriptions", &sub, "dead-letters"],
+                    None,
+                )
+                .await?
+                .body;
+            if json {
+                print_json(&answer);
+            } else {
+                out!("purged {}", at(&answer, "/purged"));
+            }
+        }
+    }
+    Ok(())
+}
