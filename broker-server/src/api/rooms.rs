@@ -34,7 +34,8 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateRoom {
-    /// The Room's name, unique on the broker: lower-case letters, digits and `-`.
+    /// The Room's name, unique on the broker.
+    #[schema(pattern = "^[a-z][a-z0-9_.-]{0,63}$")]
     name: String,
     /// Free text for people.
     #[serde(default)]
@@ -43,11 +44,11 @@ struct CreateRoom {
     ordered: Option<bool>,
     /// How long events are kept (default: no bound).
     #[serde(default)]
-    #[schema(value_type = Option<RetentionSchema>)]
+    #[schema(value_type = RetentionSchema)]
     retention: Retention,
     /// Retry defaults for the Room's subscriptions.
     #[serde(default)]
-    #[schema(value_type = Option<RetryOverridesSchema>)]
+    #[schema(value_type = RetryOverridesSchema)]
     retry: RetryOverrides,
 }
 

@@ -108,7 +108,7 @@ struct CreateBody {
     ordered: Option<bool>,
     /// Retry overrides for this subscription.
     #[serde(default)]
-    #[schema(value_type = Option<RetryOverridesSchema>)]
+    #[schema(value_type = RetryOverridesSchema)]
     retry: RetryOverrides,
     /// Most events in flight at once.
     in_flight_max: Option<u32>,
