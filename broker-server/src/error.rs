@@ -6,7 +6,52 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use broker_core::ErrorKind;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::api::schemas::PROBLEM_JSON;
+
+/// The body of every error answer (RFC 9457). The server builds its answers from this type, so
+/// the schema in the OpenAPI document is the shape clients actually get.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the kind of problem, `https://postroom.dev/problems/{code}`.
+    #[serde(rename = "type")]
+    #[schema(rename = "type")]
+    pub type_uri: String,
+    /// The HTTP status's reason phrase.
+    pub title: String,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong in this request, for people.
+    pub detail: String,
+    /// A stable machine-readable code, e.g. `room_not_found` or `schema_violation`.
+    pub code: String,
+    /// Where a payload fails its event type's schema (`schema_violation` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<crate::api::schemas::ViolationSchema>>)]
+    pub violations: Option<Vec<broker_core::Violation>>,
+    /// The schema version the payload was validated against (`schema_violation` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema_version: Option<u32>,
+    /// The limit that was exceeded (`limit_exceeded` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<ProblemLimit>,
+    /// The input at fault (`invalid_input` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// An exceeded limit, as reported in a [`Problem`].
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProblemLimit {
+    /// The limit's name in the configuration, e.g. `payload_bytes_max`.
+    pub name: String,
+    /// The limit's value.
+    pub max: u64,
+    /// The value that was refused.
+    pub actual: u64,
+}
 
 /// Every error the server answers with.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +115,7 @@ impl ApiError {
             ApiError::BadParameter { .. } => "invalid_parameter",
             ApiError::TooLarge => "body_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
-            ApiError::NoRoute => "not_found",
+            ApiError::NoRoute => "no_route",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Busy => "overloaded",
             ApiError::HeadersTooLarge(_) => "headers_too_large",
@@ -160,13 +205,17 @@ fn problem(err: ApiError, status: StatusCode) -> Response {
     } else {
         err.to_string()
     };
-    let mut body = json!({
-        "type": format!("https://postroom.dev/problems/{code}"),
-        "title": status.canonical_reason().unwrap_or("Error"),
-        "status": status.as_u16(),
-        "detail": detail,
-        "code": code,
-    });
+    let mut body = Problem {
+        type_uri: format!("https://postroom.dev/problems/{code}"),
+        title: status.canonical_reason().unwrap_or("Error").to_string(),
+        status: status.as_u16(),
+        detail,
+        code: code.to_string(),
+        violations: None,
+        schema_version: None,
+        limit: None,
+        field: None,
+    };
     let mut retry_after = None;
     match &err {
         ApiError::Core(broker_core::Error::SchemaViolation {
@@ -174,14 +223,18 @@ fn problem(err: ApiError, status: StatusCode) -> Response {
             version,
             ..
         }) => {
-            body["violations"] = json!(violations);
-            body["schema_version"] = json!(version);
+            body.violations = Some(violations.clone());
+            body.schema_version = Some(*version);
         }
         ApiError::Core(broker_core::Error::LimitExceeded { limit, max, actual }) => {
-            body["limit"] = json!({"name": limit, "max": max, "actual": actual});
+            body.limit = Some(ProblemLimit {
+                name: limit.to_string(),
+                max: *max,
+                actual: *actual,
+            });
         }
         ApiError::Core(broker_core::Error::InvalidInput { field, .. }) => {
-            body["field"] = json!(field);
+            body.field = Some(field.clone());
         }
         ApiError::Core(broker_core::Error::Overloaded { retry_after_ms }) => {
             retry_after = Some(retry_after_ms.div_ceil(1000).max(1));
@@ -189,11 +242,11 @@ fn problem(err: ApiError, status: StatusCode) -> Response {
         ApiError::Core(broker_core::Error::ShuttingDown) | ApiError::Busy => retry_after = Some(1),
         _ => {}
     }
-    let mut resp = (status, body.to_string()).into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
+    // Serialising plain strings and numbers cannot fail; the fallback keeps the status.
+    let body = serde_json::to_string(&body).unwrap_or_default();
+    let mut resp = (status, body).into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
     if let Some(secs) = retry_after {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));

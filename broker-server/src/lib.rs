@@ -17,7 +17,7 @@ use broker_core::{Broker, Principal};
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 
-pub use api::{app, AppState};
+pub use api::{app, openapi, AppState};
 pub use config::ServerConfig;
 pub use error::{ApiError, StartError};
 

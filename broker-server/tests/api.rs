@@ -359,7 +359,7 @@ async fn publishing_and_every_error_status() {
     problem(
         &api.get("/v1/nothing-here").await,
         StatusCode::NOT_FOUND,
-        "not_found",
+        "no_route",
     );
     problem(
         &api.call(Method::PUT, "/v1/rooms", None, vec![], &[]).await,

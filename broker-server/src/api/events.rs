@@ -1,25 +1,57 @@
-//! Publishing and reading events.
+//! Publishing and reading events: the publish endpoint, one event with its deliveries, and a
+//! Room's event log with filters.
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::Router;
 use broker_core::{
     EventFilter, EventId, EventTypeName, OrderingKey, Principal, PublishRequest, RoomName,
     Timestamp,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use super::schemas::{
+    BadRequest, Conflict, CoreObject, NotFound, Overloaded, TooLarge, Unavailable, Unprocessable,
+    UnsupportedMediaType,
+};
 use super::{parse, reply, require_json, AppState, RawBody};
 use crate::error::ApiError;
 
-pub(super) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/rooms/{room}/events/{type}", post(publish))
-        .route("/rooms/{room}/events", get(list))
-        .route("/events/{id}", get(read))
+/// The routes, relative to `/v1`.
+pub(super) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(publish))
+        .routes(routes!(list))
+        .routes(routes!(read))
+}
+
+/// What a publish answers: where the event now is.
+#[derive(Serialize, ToSchema)]
+pub(super) struct PublishReceipt {
+    /// The event id.
+    #[schema(value_type = String, format = Uuid)]
+    id: EventId,
+    /// The Room.
+    #[schema(value_type = String)]
+    room: RoomName,
+    /// The event type.
+    #[schema(value_type = String)]
+    event_type: EventTypeName,
+    /// The ordering key.
+    #[schema(value_type = String)]
+    key: OrderingKey,
+    /// The position in the key's sequence, from 1.
+    #[schema(value_type = u64)]
+    sequence: broker_core::Sequence,
+    /// When the broker accepted the event (RFC 3339, UTC).
+    #[schema(value_type = String, format = DateTime)]
+    received_at: Timestamp,
+    /// The schema version that validated the payload.
+    schema_version: u32,
 }
 
 pub(super) fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
@@ -32,6 +64,35 @@ pub(super) fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'
         .transpose()
 }
 
+/// Publishes one event. The body is the payload, validated against the event type's current
+/// schema; `GET /v1/rooms/{room}/openapi.json` describes each type's payload exactly.
+#[utoipa::path(
+    post,
+    path = "/rooms/{room}/events/{type}",
+    operation_id = "publish",
+    tag = "events",
+    params(
+        ("room" = String, Path, description = "The Room's name."),
+        ("type" = String, Path, description = "The event type's name."),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retried publish safe: the same key returns the first receipt."),
+        ("Postroom-Event-Id" = Option<String>, Header, format = Uuid, description = "The event's id when the publisher assigns it."),
+        ("Postroom-Ordering-Key" = Option<String>, Header, description = "The ordering key; when the event type also has a key pointer, the two must agree."),
+    ),
+    request_body(content = Object, content_type = "application/json", description = "The event's payload: a JSON value satisfying the event type's schema."),
+    responses(
+        (status = 201, description = "Accepted and stored. A repeat (same Idempotency-Key or event id) answers the first receipt with `Postroom-Duplicate: true`.",
+            body = PublishReceipt,
+            headers(("Postroom-Duplicate" = String, description = "`true` when this is the receipt of an earlier publish."))),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = TooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 429, response = Overloaded),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn publish(
     State(s): State<AppState>,
     Path((room, ty)): Path<(String, String)>,
@@ -53,10 +114,15 @@ async fn publish(
     let r = s.broker.publish(req).await?;
     let mut resp = reply(
         StatusCode::CREATED,
-        &json!({
-            "id": r.id, "room": r.room, "event_type": r.event_type, "key": r.key,
-            "sequence": r.sequence, "received_at": r.received_at, "schema_version": r.version,
-        }),
+        &PublishReceipt {
+            id: r.id,
+            room: r.room,
+            event_type: r.event_type,
+            key: r.key,
+            sequence: r.sequence,
+            received_at: r.received_at,
+            schema_version: r.version,
+        },
     );
     if r.duplicate {
         // The same answer as the first time, marked so that a curious client can tell.
@@ -68,6 +134,19 @@ async fn publish(
     Ok(resp)
 }
 
+/// Reads one event: its metadata, payload, state for each subscription and a summary.
+#[utoipa::path(
+    get,
+    path = "/events/{id}",
+    operation_id = "getEvent",
+    tag = "events",
+    params(("id" = String, Path, format = Uuid, description = "The event id.")),
+    responses(
+        (status = 200, description = "`{event, payload, payload_bytes, deliveries, summary}`.", body = CoreObject),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn read(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = parse("id", &id, EventId::parse)?;
     let event = s.broker.event(id)?;
@@ -87,15 +166,24 @@ async fn read(State(s): State<AppState>, Path(id): Path<String>) -> Result<Respo
     ))
 }
 
-#[derive(Deserialize)]
+/// Filters and paging for a Room's event log.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// Only events of this type.
     #[serde(rename = "type")]
     event_type: Option<String>,
+    /// Only events with this ordering key.
     key: Option<String>,
+    /// Only events from this publisher.
     publisher: Option<String>,
+    /// Only events received at or after this time (RFC 3339).
     since: Option<String>,
+    /// Only events received before this time (RFC 3339).
     until: Option<String>,
+    /// Most events in one page.
     limit: Option<usize>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
@@ -104,6 +192,19 @@ fn time(name: &str, raw: &str) -> Result<Timestamp, ApiError> {
         .ok_or_else(|| ApiError::param(name, format!("`{raw}` is not an RFC 3339 time")))
 }
 
+/// Lists a Room's events, oldest first, with optional filters.
+#[utoipa::path(
+    get,
+    path = "/rooms/{room}/events",
+    operation_id = "listEvents",
+    tag = "events",
+    params(("room" = String, Path, description = "The Room's name."), ListQuery),
+    responses(
+        (status = 200, description = "`{items: [{event, payload}], next_cursor}`.", body = CoreObject),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn list(
     State(s): State<AppState>,
     Path(room): Path<String>,

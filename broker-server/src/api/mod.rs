@@ -2,21 +2,26 @@
 //! `tower::ServiceExt::oneshot` and the binary serves it. Every handler is a thin mapping from
 //! HTTP to one core call; behaviour lives in broker-core.
 
+mod docs;
 mod events;
 pub mod govstack;
+mod room_openapi;
 mod rooms;
+pub(crate) mod schemas;
 mod subscriptions;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::Router;
 use broker_core::{Broker, Principal};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::ApiError;
 
@@ -30,20 +35,78 @@ pub struct AppState {
     pub principal: Principal,
 }
 
-/// The whole router.
-pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+/// The document's fixed parts: what the API is, its tags, and the components that handlers refer
+/// to by name. The paths come from the handlers' `#[utoipa::path]` annotations through
+/// [`native_routes`].
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Postroom",
+        description = "A durable Pub/Sub broker: Rooms hold event types with JSON Schemas; \
+                       publishers post events; subscriptions receive them by push or pull.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    tags(
+        (name = "rooms", description = "Rooms: named homes for event types."),
+        (name = "event-types", description = "Event types and their JSON Schemas."),
+        (name = "events", description = "Publishing and reading events."),
+        (name = "subscriptions", description = "Subscriptions, by push (webhooks) or pull."),
+        (name = "pull", description = "Pulling events with leases, and settling them."),
+        (name = "dead-letters", description = "Events a subscription gave up on."),
+        (name = "health", description = "Whether the server is up."),
+    ),
+    components(schemas(crate::error::Problem, crate::error::ProblemLimit, schemas::ViolationSchema))
+)]
+struct ApiDoc;
+
+/// The native API as one [`OpenApiRouter`]: the axum routes and the OpenAPI document are built
+/// from the same `#[utoipa::path]` annotations, so neither can gain a path the other lacks.
+fn native_routes() -> OpenApiRouter<AppState> {
+    let mut doc = ApiDoc::openapi();
+    // The version is the crate's, so that the document changes with every release.
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    let responses = &mut doc
+        .components
+        .get_or_insert_with(Default::default)
+        .responses;
+    responses.extend(schemas::error_responses());
+    OpenApiRouter::with_openapi(doc)
+        .routes(routes!(healthz))
         .nest(
             "/v1",
             rooms::routes()
+                .merge(room_openapi::routes())
                 .merge(events::routes())
                 .merge(subscriptions::routes()),
         )
+}
+
+/// The OpenAPI 3.1 document of the native API, as served at `/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    native_routes().into_openapi()
+}
+
+/// The whole router: the native API, its document and the `/docs` page.
+pub fn app(state: AppState) -> Router {
+    let (native, doc) = native_routes().split_for_parts();
+    native
+        .merge(docs::routes(&doc))
         .merge(govstack::routes())
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)
+}
+
+/// Answers `ok` while the server runs.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "health",
+    tag = "health",
+    responses((status = 200, description = "The server is up.", body = String, content_type = "text/plain"))
+)]
+async fn healthz() -> &'static str {
+    "ok"
 }
 
 /// `axum::Json` whose rejections are [`ApiError`]s, so that a malformed body gets the same

@@ -1,54 +1,73 @@
-//! Subscriptions, pull with leases, dead letters, the attempt log and blocked keys.
+//! Subscriptions, pull with leases, dead letters, the attempt log and blocked keys. Every action
+//! on a subscription (`pause`, `pull`, `ack`, ...) has its own handler, so that each has its own
+//! operation, request body and answer in the OpenAPI document.
 
 use std::collections::BTreeMap;
 
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::{get, post};
-use axum::Router;
 use broker_core::{
     BasicAuth, DeliveryMode, EventId, EventTypeName, NewSubscription, PushEndpoint, RetryOverrides,
     RoomName, SeekTarget, SubscriptionId, SubscriptionPatch, Timestamp,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use axum::http::HeaderMap;
-
+use super::schemas::{
+    BadRequest, Conflict, CoreObject, NotFound, RetryOverridesSchema, Unprocessable,
+    UnsupportedMediaType,
+};
 use super::{optional_json, parse, reply, ApiJson, AppState, RawBody};
 use crate::error::ApiError;
 
-pub(super) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/rooms/{room}/subscriptions", post(create).get(list))
-        .route(
-            "/subscriptions/{id}",
-            get(read).patch(update).delete(remove),
-        )
-        .route("/subscriptions/{id}/{action}", post(action))
-        .route(
-            "/subscriptions/{id}/dead-letters",
-            get(dead_letters).delete(purge),
-        )
-        .route("/subscriptions/{id}/dead-letters/redrive", post(redrive))
-        .route("/subscriptions/{id}/attempts", get(attempts))
-        .route("/subscriptions/{id}/blocked-keys", get(blocked_keys))
+/// The routes, relative to `/v1`. Each action is its own path, as
+/// `/subscriptions/{id}/{action}` was before the actions were split; an unknown action still
+/// falls through to the router's no-route answer.
+pub(super) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create, list))
+        .routes(routes!(read, update, remove))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+        .routes(routes!(approve))
+        .routes(routes!(rotate_secret))
+        .routes(routes!(seek))
+        .routes(routes!(pull))
+        .routes(routes!(ack))
+        .routes(routes!(nack))
+        .routes(routes!(extend))
+        .routes(routes!(term))
+        .routes(routes!(dead_letters, purge))
+        .routes(routes!(redrive))
+        .routes(routes!(attempts))
+        .routes(routes!(blocked_keys))
 }
 
-#[derive(Deserialize)]
+/// Where a push subscription delivers.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PushBody {
+    /// The webhook URL.
     url: String,
+    /// Extra headers sent with every delivery.
     #[serde(default)]
     headers: BTreeMap<String, String>,
+    /// HTTP Basic credentials for the endpoint; the password is never shown again.
     basic_auth: Option<BasicAuthBody>,
 }
 
-#[derive(Deserialize)]
+/// HTTP Basic credentials.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BasicAuthBody {
+    /// The user name.
     username: String,
+    /// The password.
     password: String,
 }
 
@@ -65,23 +84,35 @@ impl From<PushBody> for PushEndpoint {
     }
 }
 
-#[derive(Deserialize)]
+/// How a subscription receives events.
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 enum Mode {
+    /// The broker posts each event to a webhook.
     Push,
+    /// The subscriber pulls events with leases.
     Pull,
 }
 
-#[derive(Deserialize)]
+/// A new subscription.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
+    /// Push or pull.
     mode: Mode,
+    /// The webhook; required for push, refused for pull.
     push: Option<PushBody>,
+    /// Only these event types (default: all of the Room's).
     event_types: Option<Vec<String>>,
+    /// Per-key FIFO delivery (default: the Room's setting).
     ordered: Option<bool>,
+    /// Retry overrides for this subscription.
     #[serde(default)]
+    #[schema(value_type = RetryOverridesSchema)]
     retry: RetryOverrides,
+    /// Most events in flight at once.
     in_flight_max: Option<u32>,
+    /// Most events queued; beyond it new events go to the dead letters (`queue_full`).
     queue_depth_max: Option<u64>,
 }
 
@@ -108,6 +139,33 @@ fn view(sub: &broker_core::Subscription) -> Value {
     v
 }
 
+/// What creating a subscription answers.
+#[derive(Serialize, ToSchema)]
+struct CreatedResponse {
+    /// The subscription (a push endpoint's password is never shown).
+    #[schema(value_type = Object)]
+    subscription: Value,
+    /// `whsec_...`, the push signing secret, shown only here; `null` for pull.
+    secret: Option<String>,
+}
+
+/// Creates a subscription on a Room.
+#[utoipa::path(
+    post,
+    path = "/rooms/{room}/subscriptions",
+    operation_id = "createSubscription",
+    tag = "subscriptions",
+    params(("room" = String, Path, description = "The Room's name.")),
+    request_body = CreateBody,
+    responses(
+        (status = 201, description = "The subscription and its signing secret.", body = CreatedResponse),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+    )
+)]
 async fn create(
     State(s): State<AppState>,
     Path(room): Path<String>,
@@ -139,10 +197,26 @@ async fn create(
     let created = s.broker.create_subscription(&room, new).await?;
     Ok(reply(
         StatusCode::CREATED,
-        &json!({"subscription": view(&created.subscription), "secret": created.secret}),
+        &CreatedResponse {
+            subscription: view(&created.subscription),
+            secret: created.secret,
+        },
     ))
 }
 
+/// Lists a Room's subscriptions.
+#[utoipa::path(
+    get,
+    path = "/rooms/{room}/subscriptions",
+    operation_id = "listSubscriptions",
+    tag = "subscriptions",
+    params(("room" = String, Path, description = "The Room's name.")),
+    responses(
+        (status = 200, description = "`{items: [subscription]}`.", body = CoreObject),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn list(State(s): State<AppState>, Path(room): Path<String>) -> Result<Response, ApiError> {
     let subs = s
         .broker
@@ -153,6 +227,19 @@ async fn list(State(s): State<AppState>, Path(room): Path<String>) -> Result<Res
     ))
 }
 
+/// Reads a subscription.
+#[utoipa::path(
+    get,
+    path = "/subscriptions/{id}",
+    operation_id = "getSubscription",
+    tag = "subscriptions",
+    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
+    responses(
+        (status = 200, description = "The subscription.", body = CoreObject),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn read(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     Ok(reply(
         StatusCode::OK,
@@ -160,19 +247,44 @@ async fn read(State(s): State<AppState>, Path(id): Path<String>) -> Result<Respo
     ))
 }
 
-#[derive(Deserialize)]
+/// Changes to a subscription; an absent field is left as it is.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PatchBody {
     /// Absent: unchanged; `null`: all types; a list: those types.
     #[serde(default)]
+    #[schema(value_type = Option<Vec<String>>)]
     event_types: Option<Value>,
+    /// A new webhook (push subscriptions only).
     push: Option<PushBody>,
+    /// Per-key FIFO delivery.
     ordered: Option<bool>,
+    /// New retry overrides (replacing the old ones).
+    #[schema(value_type = Option<RetryOverridesSchema>)]
     retry: Option<RetryOverrides>,
+    /// Most events in flight at once.
     in_flight_max: Option<u32>,
+    /// Most events queued.
     queue_depth_max: Option<u64>,
 }
 
+/// Changes a subscription's filter, webhook, ordering, retries or limits.
+#[utoipa::path(
+    patch,
+    path = "/subscriptions/{id}",
+    operation_id = "updateSubscription",
+    tag = "subscriptions",
+    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
+    request_body = PatchBody,
+    responses(
+        (status = 200, description = "The subscription after the change.", body = CoreObject),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+    )
+)]
 async fn update(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -201,11 +313,27 @@ async fn update(
     ))
 }
 
+/// Deletes a subscription with its queue, dead letters and log.
+#[utoipa::path(
+    delete,
+    path = "/subscriptions/{id}",
+    operation_id = "deleteSubscription",
+    tag = "subscriptions",
+    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
+    responses(
+        (status = 204, description = "The subscription is gone."),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn remove(State(s): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     s.broker.delete_subscription(sub_id(&id)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The body of every `POST /v1/subscriptions/{id}/{action}`: the union of all actions' fields.
+/// Each action reads its own fields and ignores the others, as the single action endpoint this
+/// API began with did; an unknown field is still an error, so that a typo is not silently lost.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct ActionBody {
@@ -220,112 +348,536 @@ struct ActionBody {
     to: Option<String>,
 }
 
-async fn action(
+/// The action body; an empty body means every field is absent.
+fn action_body(headers: &HeaderMap, body: &[u8]) -> Result<ActionBody, ApiError> {
+    optional_json(headers, body)
+}
+
+/// What `pull` reads from the body (the body may be empty).
+#[derive(ToSchema)]
+struct PullRequest {
+    /// Most messages to hand out (default 1).
+    max_messages: Option<usize>,
+    /// How long the lease lasts, in milliseconds (default: the broker's).
+    lease_ms: Option<u64>,
+    /// How long to wait for a message when none is ready, in milliseconds (default 0).
+    wait_ms: Option<u64>,
+}
+
+impl From<ActionBody> for PullRequest {
+    fn from(b: ActionBody) -> Self {
+        PullRequest {
+            max_messages: b.max_messages,
+            lease_ms: b.lease_ms,
+            wait_ms: b.wait_ms,
+        }
+    }
+}
+
+/// What `ack` and `term` read from the body.
+#[derive(ToSchema)]
+struct AckRequest {
+    /// The ack ids of pulled messages.
+    ack_ids: Vec<String>,
+}
+
+impl TryFrom<ActionBody> for AckRequest {
+    type Error = ApiError;
+
+    fn try_from(b: ActionBody) -> Result<Self, ApiError> {
+        Ok(AckRequest {
+            ack_ids: b
+                .ack_ids
+                .ok_or_else(|| ApiError::param("ack_ids", "required"))?,
+        })
+    }
+}
+
+/// What `nack` reads from the body.
+#[derive(ToSchema)]
+struct NackRequest {
+    /// The ack ids of pulled messages.
+    ack_ids: Vec<String>,
+    /// How long until the messages may be pulled again, in milliseconds (default: the retry
+    /// policy's next delay).
+    delay_ms: Option<u64>,
+}
+
+impl TryFrom<ActionBody> for NackRequest {
+    type Error = ApiError;
+
+    fn try_from(b: ActionBody) -> Result<Self, ApiError> {
+        Ok(NackRequest {
+            ack_ids: b
+                .ack_ids
+                .ok_or_else(|| ApiError::param("ack_ids", "required"))?,
+            delay_ms: b.delay_ms,
+        })
+    }
+}
+
+/// What `extend` reads from the body.
+#[derive(ToSchema)]
+struct ExtendRequest {
+    /// The ack ids of pulled messages.
+    ack_ids: Vec<String>,
+    /// The new lease, in milliseconds from now.
+    lease_ms: u64,
+}
+
+impl TryFrom<ActionBody> for ExtendRequest {
+    type Error = ApiError;
+
+    fn try_from(b: ActionBody) -> Result<Self, ApiError> {
+        Ok(ExtendRequest {
+            ack_ids: b
+                .ack_ids
+                .ok_or_else(|| ApiError::param("ack_ids", "required"))?,
+            lease_ms: b
+                .lease_ms
+                .ok_or_else(|| ApiError::param("lease_ms", "required"))?,
+        })
+    }
+}
+
+/// What `seek` reads from the body (the body may be empty).
+#[derive(ToSchema)]
+struct SeekRequest {
+    /// `oldest` (the default) or an RFC 3339 time: events received from then on are queued
+    /// again.
+    to: Option<String>,
+}
+
+impl From<ActionBody> for SeekRequest {
+    fn from(b: ActionBody) -> Self {
+        SeekRequest { to: b.to }
+    }
+}
+
+/// One message handed out by a pull.
+#[derive(Serialize, ToSchema)]
+struct PulledMessage {
+    /// Pass back to ack, nack, extend or term.
+    ack_id: String,
+    /// The attempt number this lease is, from 1.
+    attempt: u32,
+    /// When the lease ends (RFC 3339, UTC).
+    #[schema(value_type = String, format = DateTime)]
+    lease_until: Timestamp,
+    /// The event's metadata.
+    #[schema(value_type = Object)]
+    event: broker_core::Event,
+    /// The event's payload.
+    payload: Value,
+}
+
+/// What a pull answers.
+#[derive(Serialize, ToSchema)]
+struct PullResponse {
+    /// The messages, possibly none.
+    messages: Vec<PulledMessage>,
+}
+
+/// The outcome for one ack id.
+#[derive(Serialize, ToSchema)]
+struct AckResult {
+    /// The ack id.
+    ack_id: String,
+    /// Whether it was settled.
+    ok: bool,
+    /// Why not: the error's code (e.g. `lease_expired`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<String>,
+    /// Why not, for people.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+}
+
+/// What ack, nack, extend and term answer: one result per ack id, in request order.
+#[derive(Serialize, ToSchema)]
+struct AckResults {
+    /// The results.
+    results: Vec<AckResult>,
+}
+
+fn results(r: Vec<broker_core::Result<()>>, ids: Vec<String>) -> Response {
+    let results = ids
+        .into_iter()
+        .zip(r)
+        .map(|(ack_id, r)| match r {
+            Ok(()) => AckResult {
+                ack_id,
+                ok: true,
+                code: None,
+                detail: None,
+            },
+            Err(e) => AckResult {
+                ack_id,
+                ok: false,
+                code: Some(e.code().to_string()),
+                detail: Some(e.to_string()),
+            },
+        })
+        .collect();
+    reply(StatusCode::OK, &AckResults { results })
+}
+
+/// Pauses delivery; events still queue.
+#[utoipa::path(
+    post,
+    path = "/subscriptions/{id}/pause",
+    operation_id = "pauseSubscription",
+    tag = "subscriptions",
+    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
+    responses(
+        (status = 200, description = "The subscription after the change.", body = CoreObject),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 415, response = UnsupportedMediaType),
+    )
+)]
+async fn pause(
     State(s): State<AppState>,
-    Path((id, action)): Path<(String, String)>,
+    Path(id): Path<String>,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     let id = sub_id(&id)?;
-    let b: ActionBody = optional_json(&headers, &body)?;
-    let ack_ids = || {
-        b.ack_ids
-            .clone()
-            .ok_or_else(|| ApiError::param("ack_ids", "required"))
-    };
-    let results = |r: Vec<broker_core::Result<()>>, ids: Vec<String>| {
-        let items: Vec<Value> = ids
-            .iter()
-            .zip(r)
-            .map(|(a, r)| match r {
-                Ok(()) => json!({"ack_id": a, "ok": true}),
-                Err(e) => {
-                    json!({"ack_id": a, "ok": false, "code": e.code(), "detail": e.to_string()})
-                }
-            })
-            .collect();
-        reply(StatusCode::OK, &json!({"results": items}))
-    };
-    match action.as_str() {
-        "pause" => Ok(reply(
-            StatusCode::OK,
-            &view(&s.broker.pause_subscription(id).await?),
-        )),
-        "resume" => Ok(reply(
-            StatusCode::OK,
-            &view(&s.broker.resume_subscription(id).await?),
-        )),
-        "approve" => Ok(reply(
-            StatusCode::OK,
-            &view(&s.broker.approve_subscription(id).await?),
-        )),
-        "rotate-secret" => Ok(reply(
-            StatusCode::OK,
-            &json!({"secret": s.broker.rotate_secret(id).await?}),
-        )),
-        "seek" => {
-            let target = match b.to.as_deref() {
-                None | Some("oldest") => SeekTarget::Oldest,
-                Some(t) => SeekTarget::Time(
-                    Timestamp::parse_rfc3339(t)
-                        .ok_or_else(|| ApiError::param("to", "`oldest` or an RFC 3339 time"))?,
-                ),
-            };
-            Ok(reply(
-                StatusCode::OK,
-                &json!({"queued": s.broker.seek(id, target).await?}),
-            ))
-        }
-        "pull" => {
-            let msgs = s
-                .broker
-                .pull(
-                    id,
-                    b.max_messages.unwrap_or(1),
-                    b.lease_ms,
-                    b.wait_ms.unwrap_or(0),
-                )
-                .await?;
-            let items: Vec<Value> = msgs
-                .iter()
-                .map(|m| {
-                    json!({
-                        "ack_id": m.ack_id, "attempt": m.attempt, "lease_until": m.lease_until,
-                        "event": m.event, "payload": m.event.payload_json().unwrap_or(Value::Null),
-                    })
-                })
-                .collect();
-            Ok(reply(StatusCode::OK, &json!({"messages": items})))
-        }
-        "ack" => {
-            let ids = ack_ids()?;
-            Ok(results(s.broker.ack(id, &ids).await?, ids))
-        }
-        "nack" => {
-            let ids = ack_ids()?;
-            Ok(results(s.broker.nack(id, &ids, b.delay_ms).await?, ids))
-        }
-        "extend" => {
-            let ids = ack_ids()?;
-            let lease = b
-                .lease_ms
-                .ok_or_else(|| ApiError::param("lease_ms", "required"))?;
-            Ok(results(s.broker.extend(id, &ids, lease).await?, ids))
-        }
-        "term" => {
-            let ids = ack_ids()?;
-            Ok(results(s.broker.terminate(id, &ids).await?, ids))
-        }
-        _ => Err(ApiError::NoRoute),
-    }
+    action_body(&headers, &body)?;
+    Ok(reply(
+        StatusCode::OK,
+        &view(&s.broker.pause_subscription(id).await?),
+    ))
 }
 
-#[derive(Deserialize)]
+/// Resumes delivery.
+#[utoipa::path(
+    post,
+    path = "/subscriptions/{id}/resume",
+    operation_id = "resumeSubscription",
+    tag = "subscriptions",
+    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
+    responses(
+        (status = 200, description = "The subscription after the change.", body = CoreObject),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 415, response = UnsupportedMediaType),
+    )
+)]
+async fn resume(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    let id = sub_id(&id)?;
+    action_body(&headers, &body)?;
+    Ok(reply(
+        StatusCode::OK,
+        &view(&s.broker.resume_subscription(id).await?),
+    ))
+}
+
+/// Approves a subscription that waits for the Room owner's approval.
+#[utoipa::path(
+    post,
+    path = "/subscriptions/{id}/approve",
+    operation_id = "approveSubscription",
+    tag = "subscriptions",
+    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
+    responses(
+        (status = 200, description = "The subscription after approval.", body = CoreObject),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 415, response = UnsupportedMediaType),
+    )
+)]
+async fn approve(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    let id = sub_id(&id)?;
+    action_body(&headers, &body)?;
+    Ok(reply(
+        StatusCode::OK,
+        &view(&s.broker.approve_subscription(id).await?),
+    ))
+}
+
+/// The new signing secret of a push subscription.
+#[derive(Serialize, ToSchema)]
+struct SecretResponse {
+    /// `whsec_...`: the Standard Webhooks signing secret. The old one stays valid for a grace
+    /// period.
+    secret: String,
+}
+
+/// Replaces a push subscription's signing secret.
+#[utoipa::path(
+    post,
+    path = "/subscriptions/{id}/rotate-secret",
+    operation_id = "rotateSubscriptionSecret",
+    tag = "subscriptions",
+    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
+    responses(
+        (status = 200, description = "The new secret, shown once.", body = SecretResponse),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 415, response = UnsupportedMediaType),
+    )
+)]
+async fn rotate_secret(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    let id = sub_id(&id)?;
+    action_body(&headers, &body)?;
+    Ok(reply(
+        StatusCode::OK,
+        &SecretResponse {
+            secret: s.broker.rotate_secret(id).await?,
+        },
+    ))
+}
+
+/// How many events a seek queued.
+#[derive(Serialize, ToSchema)]
+struct SeekResponse {
+    /// Events queued again for delivery.
+    queued: u64,
+}
+
+/// Replays: queues again every retained event received from a time on, or from the oldest.
+#[utoipa::path(
+    post,
+    path = "/subscriptions/{id}/seek",
+    operation_id = "seekSubscription",
+    tag = "subscriptions",
+    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
+    request_body(content = SeekRequest, description = "May be empty: seeks to the oldest event."),
+    responses(
+        (status = 200, description = "How many events were queued.", body = SeekResponse),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 415, response = UnsupportedMediaType),
+    )
+)]
+async fn seek(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    let id = sub_id(&id)?;
+    let b = SeekRequest::from(action_body(&headers, &body)?);
+    let target = match b.to.as_deref() {
+        None | Some("oldest") => SeekTarget::Oldest,
+        Some(t) => SeekTarget::Time(
+            Timestamp::parse_rfc3339(t)
+                .ok_or_else(|| ApiError::param("to", "`oldest` or an RFC 3339 time"))?,
+        ),
+    };
+    Ok(reply(
+        StatusCode::OK,
+        &SeekResponse {
+            queued: s.broker.seek(id, target).await?,
+        },
+    ))
+}
+
+/// Hands out ready messages of a pull subscription, each under a lease.
+#[utoipa::path(
+    post,
+    path = "/subscriptions/{id}/pull",
+    operation_id = "pull",
+    tag = "pull",
+    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
+    request_body(content = PullRequest, description = "May be empty: one message, the default lease, no wait."),
+    responses(
+        (status = 200, description = "The messages, possibly none.", body = PullResponse),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+    )
+)]
+async fn pull(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    let id = sub_id(&id)?;
+    let b = PullRequest::from(action_body(&headers, &body)?);
+    let msgs = s
+        .broker
+        .pull(
+            id,
+            b.max_messages.unwrap_or(1),
+            b.lease_ms,
+            b.wait_ms.unwrap_or(0),
+        )
+        .await?;
+    let messages = msgs
+        .into_iter()
+        .map(|m| PulledMessage {
+            payload: m.event.payload_json().unwrap_or(Value::Null),
+            ack_id: m.ack_id,
+            attempt: m.attempt,
+            lease_until: m.lease_until,
+            event: m.event,
+        })
+        .collect();
+    Ok(reply(StatusCode::OK, &PullResponse { messages }))
+}
+
+/// Acknowledges pulled messages: they are delivered.
+#[utoipa::path(
+    post,
+    path = "/subscriptions/{id}/ack",
+    operation_id = "ack",
+    tag = "pull",
+    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
+    request_body = AckRequest,
+    responses(
+        (status = 200, description = "One result per ack id.", body = AckResults),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 415, response = UnsupportedMediaType),
+    )
+)]
+async fn ack(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    let id = sub_id(&id)?;
+    let b = AckRequest::try_from(action_body(&headers, &body)?)?;
+    Ok(results(s.broker.ack(id, &b.ack_ids).await?, b.ack_ids))
+}
+
+/// Gives pulled messages back: they are retried after a delay, or dead-lettered when the retry
+/// policy is spent.
+#[utoipa::path(
+    post,
+    path = "/subscriptions/{id}/nack",
+    operation_id = "nack",
+    tag = "pull",
+    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
+    request_body = NackRequest,
+    responses(
+        (status = 200, description = "One result per ack id.", body = AckResults),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 415, response = UnsupportedMediaType),
+    )
+)]
+async fn nack(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    let id = sub_id(&id)?;
+    let b = NackRequest::try_from(action_body(&headers, &body)?)?;
+    Ok(results(
+        s.broker.nack(id, &b.ack_ids, b.delay_ms).await?,
+        b.ack_ids,
+    ))
+}
+
+/// Extends the leases of pulled messages.
+#[utoipa::path(
+    post,
+    path = "/subscriptions/{id}/extend",
+    operation_id = "extendLeases",
+    tag = "pull",
+    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
+    request_body = ExtendRequest,
+    responses(
+        (status = 200, description = "One result per ack id.", body = AckResults),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 415, response = UnsupportedMediaType),
+    )
+)]
+async fn extend(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    let id = sub_id(&id)?;
+    let b = ExtendRequest::try_from(action_body(&headers, &body)?)?;
+    Ok(results(
+        s.broker.extend(id, &b.ack_ids, b.lease_ms).await?,
+        b.ack_ids,
+    ))
+}
+
+/// Terminates pulled messages: they go to the dead letters at once, without further retries.
+#[utoipa::path(
+    post,
+    path = "/subscriptions/{id}/term",
+    operation_id = "term",
+    tag = "pull",
+    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
+    request_body = AckRequest,
+    responses(
+        (status = 200, description = "One result per ack id.", body = AckResults),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 415, response = UnsupportedMediaType),
+    )
+)]
+async fn term(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    let id = sub_id(&id)?;
+    let b = AckRequest::try_from(action_body(&headers, &body)?)?;
+    Ok(results(
+        s.broker.terminate(id, &b.ack_ids).await?,
+        b.ack_ids,
+    ))
+}
+
+/// Paging through a listing.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct PageQuery {
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// Most items in one page.
     limit: Option<usize>,
 }
 
+/// Lists the events the subscription gave up on, with the reason and last attempt.
+#[utoipa::path(
+    get,
+    path = "/subscriptions/{id}/dead-letters",
+    operation_id = "listDeadLetters",
+    tag = "dead-letters",
+    params(("id" = String, Path, format = Uuid, description = "The subscription id."), PageQuery),
+    responses(
+        (status = 200, description = "A page of dead letters: `{items, next_cursor}`.", body = CoreObject),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn dead_letters(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -338,12 +890,37 @@ async fn dead_letters(
     ))
 }
 
-#[derive(Deserialize, Default)]
+/// Which dead letters to deliver again.
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RedriveBody {
+    /// These events (default: all dead letters).
     event_ids: Option<Vec<String>>,
 }
 
+/// How many dead letters were queued again.
+#[derive(Serialize, ToSchema)]
+struct RedriveResponse {
+    /// Events queued again.
+    redriven: u64,
+}
+
+/// Queues dead letters for delivery again; attempt numbers carry on.
+#[utoipa::path(
+    post,
+    path = "/subscriptions/{id}/dead-letters/redrive",
+    operation_id = "redriveDeadLetters",
+    tag = "dead-letters",
+    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
+    request_body(content = RedriveBody, description = "May be empty: redrives every dead letter."),
+    responses(
+        (status = 200, description = "How many were queued.", body = RedriveResponse),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 415, response = UnsupportedMediaType),
+    )
+)]
 async fn redrive(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -361,17 +938,54 @@ async fn redrive(
         .transpose()?;
     Ok(reply(
         StatusCode::OK,
-        &json!({"redriven": s.broker.redrive(sub_id(&id)?, events).await?}),
+        &RedriveResponse {
+            redriven: s.broker.redrive(sub_id(&id)?, events).await?,
+        },
     ))
 }
 
+/// How many dead letters were removed.
+#[derive(Serialize, ToSchema)]
+struct PurgeResponse {
+    /// Dead letters removed.
+    purged: u64,
+}
+
+/// Removes every dead letter of the subscription.
+#[utoipa::path(
+    delete,
+    path = "/subscriptions/{id}/dead-letters",
+    operation_id = "purgeDeadLetters",
+    tag = "dead-letters",
+    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
+    responses(
+        (status = 200, description = "How many were removed.", body = PurgeResponse),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn purge(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     Ok(reply(
         StatusCode::OK,
-        &json!({"purged": s.broker.purge_dead_letters(sub_id(&id)?).await?}),
+        &PurgeResponse {
+            purged: s.broker.purge_dead_letters(sub_id(&id)?).await?,
+        },
     ))
 }
 
+/// The delivery log: every attempt with its time, outcome, HTTP status or error, and latency.
+#[utoipa::path(
+    get,
+    path = "/subscriptions/{id}/attempts",
+    operation_id = "listAttempts",
+    tag = "subscriptions",
+    params(("id" = String, Path, format = Uuid, description = "The subscription id."), PageQuery),
+    responses(
+        (status = 200, description = "A page of attempts: `{items, next_cursor}`.", body = CoreObject),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn attempts(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -384,6 +998,20 @@ async fn attempts(
     ))
 }
 
+/// The ordering keys whose head event is held back (an ordered subscription delivers one event
+/// per key at a time).
+#[utoipa::path(
+    get,
+    path = "/subscriptions/{id}/blocked-keys",
+    operation_id = "listBlockedKeys",
+    tag = "subscriptions",
+    params(("id" = String, Path, format = Uuid, description = "The subscription id."), PageQuery),
+    responses(
+        (status = 200, description = "`{items: [blocked key]}`.", body = CoreObject),
+        (status = 400, response = BadRequest),
+        (status = 404, response = NotFound),
+    )
+)]
 async fn blocked_keys(
     State(s): State<AppState>,
     Path(id): Path<String>,
