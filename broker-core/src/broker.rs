@@ -210,7 +210,7 @@ impl Broker {
         self.inner.writer.submit(op).await
     }
 
-    fn check_description(&self, d: &str) -> Result<()> {
+    pub(crate) fn check_description(&self, d: &str) -> Result<()> {
         let max = self.inner.config.limits.description_bytes_max;
         if d.len() > max {
             return Err(Error::limit(

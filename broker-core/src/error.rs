@@ -23,6 +23,8 @@ pub enum ErrorKind {
     NotFound,
     /// The request contradicts the current state (already exists, different body for a key...).
     Conflict,
+    /// The caller's credentials are not valid.
+    Unauthenticated,
     /// The request is malformed or violates a rule; retrying it unchanged will fail again.
     InvalidInput,
     /// The request is larger than a configured limit.
@@ -98,6 +100,25 @@ pub enum Error {
         /// The event id.
         id: String,
     },
+    /// A member, application, client or right with this id already exists.
+    #[error("{kind} `{id}` already exists")]
+    IdentityExists {
+        /// `member`, `application`, `client` or `grant`.
+        kind: &'static str,
+        /// Its id.
+        id: String,
+    },
+    /// No member, application, client or right with this id.
+    #[error("{kind} `{id}` not found")]
+    IdentityNotFound {
+        /// `member`, `application`, `client` or `grant`.
+        kind: &'static str,
+        /// The id asked for.
+        id: String,
+    },
+    /// The client id is unknown or the secret is wrong (deliberately not saying which).
+    #[error("invalid client credentials")]
+    InvalidClient,
     /// A Room with this name already exists.
     #[error("room `{room}` already exists")]
     RoomExists {
@@ -189,6 +210,9 @@ impl Error {
             Error::SubscriptionState { .. } => "subscription_state",
             Error::LeaseNotHeld { .. } => "lease_not_held",
             Error::RoomExists { .. } => "room_exists",
+            Error::IdentityExists { .. } => "identity_exists",
+            Error::IdentityNotFound { .. } => "identity_not_found",
+            Error::InvalidClient => "invalid_client",
             Error::EventTypeExists { .. } => "event_type_exists",
             Error::EventNotLeased { .. } => "event_not_leased",
             Error::RoomNotActive { .. } => "room_not_active",
@@ -211,8 +235,11 @@ impl Error {
             Error::RoomNotFound { .. }
             | Error::EventTypeNotFound { .. }
             | Error::EventNotFound { .. }
-            | Error::SubscriptionNotFound { .. } => ErrorKind::NotFound,
+            | Error::SubscriptionNotFound { .. }
+            | Error::IdentityNotFound { .. } => ErrorKind::NotFound,
+            Error::InvalidClient => ErrorKind::Unauthenticated,
             Error::RoomExists { .. }
+            | Error::IdentityExists { .. }
             | Error::EventTypeExists { .. }
             | Error::EventNotLeased { .. }
             | Error::RoomNotActive { .. }
@@ -274,6 +301,15 @@ mod tests {
                 event_type: "b".into(),
             },
             Error::EventNotLeased { id: "x".into() },
+            Error::IdentityExists {
+                kind: "member",
+                id: "x".into(),
+            },
+            Error::IdentityNotFound {
+                kind: "member",
+                id: "x".into(),
+            },
+            Error::InvalidClient,
             Error::RoomNotActive {
                 room: "a".into(),
                 status: "pending".into(),

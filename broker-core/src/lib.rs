@@ -36,6 +36,7 @@ mod config;
 mod delivery_api;
 mod dispatch;
 mod error;
+mod identity;
 mod ids;
 mod model;
 mod retry;
@@ -49,6 +50,10 @@ pub use broker::{Broker, WriterCounters};
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use config::{Config, DeliveryConfig, Limits, RetentionConfig, WriterConfig};
 pub use error::{Error, ErrorKind, Result, Violation};
+pub use identity::{
+    ApiClient, Application, AuditEntry, AuditFilter, Grant, Member, NewAuditEntry, Rights, Role,
+    SecretInfo, CLIENT_SECRETS_MAX,
+};
 pub use ids::{EventId, EventTypeName, OrderingKey, Principal, RoomName, Sequence, SubscriptionId};
 pub use model::{
     Event, EventFilter, EventType, EventTypeSpec, EventTypeVersion, NewRoom, Page, PublishRequest,

@@ -145,6 +145,7 @@ impl ApiError {
                     _ => StatusCode::UNPROCESSABLE_ENTITY,
                 },
                 ErrorKind::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+                ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
                 ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },

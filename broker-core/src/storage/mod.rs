@@ -5,6 +5,7 @@
 
 mod codec;
 mod redb_delivery;
+mod redb_records;
 mod redb_store;
 
 pub(crate) use redb_delivery::{ack_id, parse_ack_id};
@@ -100,6 +101,56 @@ pub(crate) enum WriteOp {
         delete_max: usize,
     },
     Delivery(DeliveryOp),
+    /// A change to administrative records (identities, rights, the audit log), applied by a
+    /// function over a [`RecordTxn`] so that its checks and writes share one transaction.
+    Records(RecordOp),
+}
+
+/// The kinds of administrative record, each its own key space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RecordKind {
+    Member,
+    Application,
+    Client,
+    Grant,
+}
+
+impl RecordKind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Member => "member",
+            RecordKind::Application => "application",
+            RecordKind::Client => "client",
+            RecordKind::Grant => "grant",
+        }
+    }
+}
+
+/// A transactional view of the administrative records: small, rarely written documents keyed
+/// by kind and id, plus the append-only audit log. Identity and rights logic lives in the core
+/// (`identity.rs`) and sees only this view, so another backend needs just these six calls.
+pub(crate) trait RecordTxn {
+    fn get(&self, kind: RecordKind, id: &str) -> Result<Option<Vec<u8>>>;
+    fn put(&mut self, kind: RecordKind, id: &str, value: &[u8]) -> Result<()>;
+    /// True when something was removed.
+    fn delete(&mut self, kind: RecordKind, id: &str) -> Result<bool>;
+    /// Ids starting with `prefix`, in order.
+    fn ids(&self, kind: RecordKind, prefix: &str, limit: usize) -> Result<Vec<String>>;
+    fn room_exists(&self, room: &RoomName) -> Result<bool>;
+    /// Appends an audit entry and returns its sequence number (from 1).
+    fn append_audit(&mut self, entry: &[u8]) -> Result<u64>;
+}
+
+/// A record change; see [`WriteOp::Records`].
+pub(crate) struct RecordOp(
+    #[allow(clippy::type_complexity)]
+    pub  Box<dyn FnOnce(&mut dyn RecordTxn, Timestamp) -> Result<WriteOutput> + Send>,
+);
+
+impl std::fmt::Debug for RecordOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecordOp")
+    }
 }
 
 /// Delivery mutations: subscriptions, leases, outcomes, dead letters, seeking.
@@ -256,8 +307,16 @@ pub(crate) enum WriteOutput {
     Subscription(Subscription, Option<String>),
     Leased(Vec<LeaseGrant>),
     Settled(Vec<Result<()>>),
-    Count { n: u64, more: bool },
-    Seeked { n: u64, next: Option<u64> },
+    Count {
+        n: u64,
+        more: bool,
+    },
+    /// An administrative record change's answer, encoded by the caller.
+    Record(Vec<u8>),
+    Seeked {
+        n: u64,
+        next: Option<u64>,
+    },
 }
 
 /// What a publisher needs to know before it validates: which Room incarnation, which schema
@@ -342,6 +401,18 @@ pub(crate) trait Storage: Send + Sync + 'static {
     fn event_deliveries(&self, id: EventId, now: Timestamp) -> Result<Vec<EventDelivery>>;
     /// The log offset to seek to and the Room's next offset.
     fn seek_offsets(&self, room: &RoomName, at: Option<Timestamp>) -> Result<(u64, u64)>;
+    /// One administrative record.
+    fn record(&self, kind: RecordKind, id: &str) -> Result<Option<Vec<u8>>>;
+    /// Administrative records whose id starts with `prefix`, after `after`, in id order.
+    fn records(
+        &self,
+        kind: RecordKind,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>>;
+    /// Audit entries after sequence `after`, oldest first, at most `limit`.
+    fn audit(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>>;
     /// A remembered API response that has not expired: the request hash and the response.
     fn stored_response(
         &self,

@@ -18,6 +18,7 @@ use super::redb_delivery::{
     DeliveryRecordInit, FanoutCache, ATTEMPTS, DEAD_LETTERS, DELETED_SUBS, DELIVERIES, ROOM_SUBS,
     SUBSCRIPTIONS, SUB_STATS,
 };
+use super::redb_records::{AUDIT, RECORDS};
 use super::{
     Applied, DeliveryDefaults, PreparedEvent, PublishTarget, Storage, WriteOp, WriteOutput,
 };
@@ -305,6 +306,8 @@ impl RedbStorage {
             txn.open_table(IDEMPOTENCY)?;
             txn.open_table(IDEM_EXPIRY)?;
             txn.open_table(RESPONSES)?;
+            txn.open_table(RECORDS)?;
+            txn.open_table(AUDIT)?;
             txn.open_table(RESPONSE_EXPIRY)?;
             txn.open_table(DELETED_ROOMS)?;
             txn.open_table(SUBSCRIPTIONS)?;
@@ -419,6 +422,8 @@ pub(super) struct Tables<'t> {
     pub(super) dead_letters: Table<'t, (u128, u64), &'static [u8]>,
     pub(super) attempts: Table<'t, (u128, u64, u32), &'static [u8]>,
     pub(super) deleted_subs: Table<'t, u128, ()>,
+    pub(super) records: Table<'t, (&'static str, &'static str), &'static [u8]>,
+    pub(super) audit: Table<'t, u64, &'static [u8]>,
     seqs: &'t mut SeqCache,
     pub(super) fanout: &'t mut FanoutCache,
     /// Subscriptions whose queues this batch changed, to wake their dispatchers after commit.
@@ -455,6 +460,8 @@ impl<'t> Tables<'t> {
             dead_letters: txn.open_table(DEAD_LETTERS)?,
             attempts: txn.open_table(ATTEMPTS)?,
             deleted_subs: txn.open_table(DELETED_SUBS)?,
+            records: txn.open_table(RECORDS)?,
+            audit: txn.open_table(AUDIT)?,
             seqs,
             fanout,
             touched: HashSet::new(),
@@ -505,6 +512,7 @@ impl<'t> Tables<'t> {
             }
             WriteOp::Sweep { delete_max } => self.sweep(now, delete_max).map(WriteOutput::Swept),
             WriteOp::Delivery(op) => self.apply_delivery(now, op),
+            WriteOp::Records(op) => (op.0)(self, now),
         }
     }
 
@@ -1323,6 +1331,24 @@ impl Storage for RedbStorage {
 
     fn seek_offsets(&self, room: &RoomName, at: Option<Timestamp>) -> Result<(u64, u64)> {
         self.offsets_for_seek(room, at)
+    }
+
+    fn record(&self, kind: super::RecordKind, id: &str) -> Result<Option<Vec<u8>>> {
+        self.record_read(kind, id)
+    }
+
+    fn records(
+        &self,
+        kind: super::RecordKind,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        self.records_read(kind, prefix, after, limit)
+    }
+
+    fn audit(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.audit_read(after, limit)
     }
 
     fn stored_response(

@@ -1,0 +1,264 @@
+//! Members, applications, API clients with rotating secrets, rights and the audit log in the
+//! core. Guards against a secret that keeps working after revocation, a third secret, an
+//! unknown client told apart from a wrong secret, rights leaking across Rooms, and audit
+//! entries lost or out of order across a reopen.
+
+use broker_core::{AuditFilter, Broker, NewAuditEntry, Role};
+use postroom_tests::{memory_broker, room, setup_room, test_config, ty, who};
+
+async fn app(broker: &Broker, code: &str) -> broker_core::Principal {
+    if broker.members().unwrap().is_empty() {
+        broker
+            .create_member("UK/GOV/HO", "Home Office")
+            .await
+            .unwrap();
+    }
+    broker
+        .create_application("UK/GOV/HO", code, "an application")
+        .await
+        .unwrap()
+        .id
+}
+
+#[tokio::test]
+async fn members_applications_and_clients() {
+    let (broker, _) = memory_broker(test_config()).await;
+    assert_eq!(
+        broker
+            .create_application("UK/GOV/HO", "irc", "")
+            .await
+            .unwrap_err()
+            .code(),
+        "identity_not_found",
+        "the member must exist"
+    );
+    let irc = app(&broker, "irc").await;
+    assert_eq!(irc.as_str(), "UK/GOV/HO/irc");
+    assert_eq!(
+        broker
+            .create_member("UK/GOV/HO", "again")
+            .await
+            .unwrap_err()
+            .code(),
+        "identity_exists"
+    );
+    assert_eq!(
+        broker
+            .create_member("UK/GOV", "x")
+            .await
+            .unwrap_err()
+            .code(),
+        "invalid_input"
+    );
+    assert_eq!(
+        broker.delete_member("UK/GOV/HO").await.unwrap_err().code(),
+        "invalid_input",
+        "a member with applications stays"
+    );
+
+    let (client, secret) = broker
+        .create_client(&irc, Some("irc-centre".into()), None)
+        .await
+        .unwrap();
+    assert_eq!(client.application, irc);
+    assert!(secret.len() >= 32);
+    assert_eq!(
+        broker
+            .authenticate_client("irc-centre", &secret)
+            .await
+            .unwrap()
+            .client_id,
+        "irc-centre"
+    );
+    for (id, s) in [
+        ("irc-centre", "wrong-secret-123456"),
+        ("nobody", secret.as_str()),
+    ] {
+        assert_eq!(
+            broker.authenticate_client(id, s).await.unwrap_err().code(),
+            "invalid_client"
+        );
+    }
+    assert_eq!(
+        broker
+            .create_client(&irc, Some("short".into()), Some("tooshort".into()))
+            .await
+            .unwrap_err()
+            .code(),
+        "invalid_input"
+    );
+
+    // Rotation: a second secret, both work; a third is refused; revoke the first.
+    let (second, second_secret) = broker.add_client_secret("irc-centre", None).await.unwrap();
+    assert_eq!(second.id, 2);
+    assert!(broker
+        .authenticate_client("irc-centre", &secret)
+        .await
+        .is_ok());
+    assert!(broker
+        .authenticate_client("irc-centre", &second_secret)
+        .await
+        .is_ok());
+    assert_eq!(
+        broker
+            .add_client_secret("irc-centre", None)
+            .await
+            .unwrap_err()
+            .code(),
+        "limit_exceeded"
+    );
+    let after = broker.revoke_client_secret("irc-centre", 1).await.unwrap();
+    assert_eq!(after.secrets.iter().map(|s| s.id).collect::<Vec<_>>(), [2]);
+    assert_eq!(
+        broker
+            .authenticate_client("irc-centre", &secret)
+            .await
+            .unwrap_err()
+            .code(),
+        "invalid_client",
+        "a revoked secret stops working"
+    );
+    assert_eq!(
+        broker
+            .revoke_client_secret("irc-centre", 2)
+            .await
+            .unwrap_err()
+            .code(),
+        "invalid_input",
+        "the last secret stays"
+    );
+    assert_eq!(broker.clients(Some(&irc)).unwrap().len(), 1);
+
+    // Deleting the application removes its clients and rights.
+    broker.grant(&irc, Role::Admin, None, None).await.unwrap();
+    broker.delete_application(&irc).await.unwrap();
+    assert!(broker.clients(None).unwrap().is_empty());
+    assert!(broker.grants(None).unwrap().is_empty());
+    assert_eq!(
+        broker
+            .authenticate_client("irc-centre", &second_secret)
+            .await
+            .unwrap_err()
+            .code(),
+        "invalid_client"
+    );
+}
+
+#[tokio::test]
+async fn grants_give_rights_per_room_and_type() {
+    let (broker, _) = memory_broker(test_config()).await;
+    setup_room(&broker, "r").await;
+    let p = app(&broker, "pub").await;
+    assert_eq!(
+        broker
+            .grant(&p, Role::Publisher, Some(room("nowhere")), None)
+            .await
+            .unwrap_err()
+            .code(),
+        "room_not_found"
+    );
+    assert_eq!(
+        broker
+            .grant(&p, Role::Publisher, None, None)
+            .await
+            .unwrap_err()
+            .code(),
+        "invalid_input"
+    );
+    assert_eq!(
+        broker
+            .grant(&who("UK/GOV/HO/ghost"), Role::Admin, None, None)
+            .await
+            .unwrap_err()
+            .code(),
+        "identity_not_found"
+    );
+    broker
+        .grant(
+            &p,
+            Role::Publisher,
+            Some(room("r")),
+            Some(vec![ty("moved")]),
+        )
+        .await
+        .unwrap();
+    let rights = broker.rights(&p).unwrap();
+    assert!(rights.can_publish(&room("r"), &ty("moved")));
+    assert!(!rights.can_publish(&room("r"), &ty("other")));
+    assert!(!rights.can_subscribe(&room("r"), None));
+    assert!(!rights.manages(&room("r")));
+    broker
+        .revoke(&p, Role::Publisher, Some(&room("r")))
+        .await
+        .unwrap();
+    assert!(!broker
+        .rights(&p)
+        .unwrap()
+        .can_publish(&room("r"), &ty("moved")));
+    assert_eq!(
+        broker
+            .revoke(&p, Role::Publisher, Some(&room("r")))
+            .await
+            .unwrap_err()
+            .code(),
+        "identity_not_found"
+    );
+}
+
+#[tokio::test]
+async fn the_audit_log_keeps_every_entry_in_order_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    {
+        let broker = Broker::open(&path, test_config()).await.unwrap();
+        for (i, error) in [None, Some("room_exists"), None].into_iter().enumerate() {
+            broker
+                .record_audit(NewAuditEntry {
+                    actor: who(if i == 1 { "bob" } else { "alice" }),
+                    action: "POST /v1/rooms".into(),
+                    target: format!("/v1/rooms/r{i}"),
+                    error: error.map(String::from),
+                })
+                .await
+                .unwrap();
+        }
+        broker.close().await;
+    }
+    let broker = Broker::open(&path, test_config()).await.unwrap();
+    let all = broker.audit(AuditFilter::default()).unwrap();
+    assert_eq!(
+        all.items.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert_eq!(all.items[1].outcome, "failure");
+    assert_eq!(all.items[1].error.as_deref(), Some("room_exists"));
+    let alice = broker
+        .audit(AuditFilter {
+            actor: Some(who("alice")),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(alice.items.len(), 2);
+    let paged = broker
+        .audit(AuditFilter {
+            limit: Some(2),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(paged.items.len(), 2);
+    let rest = broker
+        .audit(AuditFilter {
+            cursor: paged.next_cursor,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(rest.items.iter().map(|e| e.seq).collect::<Vec<_>>(), [3]);
+    let failures = broker
+        .audit(AuditFilter {
+            outcome: Some("failure".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(failures.items.len(), 1);
+    broker.close().await;
+}
