@@ -44,6 +44,66 @@ impl Default for HttpConfig {
     }
 }
 
+/// Authentication and tokens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Turns authentication off: every caller is the local administrator. For experiments on
+    /// one machine only: refused unless the server listens on a loopback address (default off;
+    /// also the `--insecure-no-auth` flag).
+    pub insecure_no_auth: bool,
+    /// How long an access token from `POST /oauth/token` is valid, in seconds (default 3600).
+    pub token_ttl_secs: u64,
+    /// The `iss` and `aud` of the tokens this server issues (default `postroom`).
+    pub token_issuer: String,
+    /// An external OpenID Connect issuer whose tokens are accepted too (optional).
+    pub external: Option<ExternalIssuer>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            insecure_no_auth: false,
+            token_ttl_secs: 3600,
+            token_issuer: "postroom".into(),
+            external: None,
+        }
+    }
+}
+
+/// A trusted external token issuer (Keycloak-style): its tokens are checked against its JSON Web
+/// Key Set, issuer, audience and expiry, and mapped to an application by claims.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalIssuer {
+    /// The expected `iss` claim.
+    pub issuer: String,
+    /// The expected `aud` claim.
+    pub audience: String,
+    /// The JWKS as a local file (read at start).
+    pub jwks_file: Option<PathBuf>,
+    /// The JWKS URL (fetched at start and again when a token names an unknown key id).
+    pub jwks_url: Option<String>,
+    /// The claim that holds the application id `INSTANCE/CLASS/MEMBER/APPLICATION`
+    /// (default `postroom_application`).
+    #[serde(default = "default_application_claim")]
+    pub application_claim: String,
+}
+
+fn default_application_claim() -> String {
+    "postroom_application".into()
+}
+
+/// HTTPS: when both files are given the server speaks TLS (rustls) instead of plain HTTP.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, PEM.
+    pub cert_path: Option<PathBuf>,
+    /// The private key, PEM.
+    pub key_path: Option<PathBuf>,
+}
+
 /// Everything `postroom serve` runs with.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -54,6 +114,10 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// HTTP limits.
     pub http: HttpConfig,
+    /// Authentication.
+    pub auth: AuthConfig,
+    /// HTTPS.
+    pub tls: TlsConfig,
     /// The core's settings (limits, writer, retention, delivery).
     pub broker: broker_core::Config,
 }
@@ -64,6 +128,8 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("data"),
             http: HttpConfig::default(),
+            auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
             broker: broker_core::Config::default(),
         }
     }
