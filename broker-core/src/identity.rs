@@ -789,6 +789,34 @@ impl Broker {
         })
     }
 
+    // ----- Keys -----
+
+    /// A random 32-byte key kept in the database under `name`, created on first use: for a
+    /// host's secrets that must survive restarts and travel with the data (a server signs its
+    /// access tokens with one). Anyone who can read the data folder can read it, as with a key
+    /// file beside the database.
+    pub async fn host_key(&self, name: &str) -> Result<Vec<u8>> {
+        if let Some(k) = self.inner().store.record(RecordKind::Key, name)? {
+            return Ok(k);
+        }
+        let fresh = {
+            let mut k = Vec::with_capacity(32);
+            k.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+            k.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+            k
+        };
+        let name = name.to_string();
+        // The first writer wins; a concurrent caller gets the stored key, not its own.
+        self.record_op(move |tx, _| match tx.get(RecordKind::Key, &name)? {
+            Some(k) => Ok(k),
+            None => {
+                tx.put(RecordKind::Key, &name, &fresh)?;
+                Ok(fresh)
+            }
+        })
+        .await
+    }
+
     // ----- Audit -----
 
     /// Appends an entry to the audit log.

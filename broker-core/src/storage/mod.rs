@@ -113,6 +113,8 @@ pub(crate) enum RecordKind {
     Application,
     Client,
     Grant,
+    /// Random keys the broker keeps for its host (such as a server's token signing key).
+    Key,
 }
 
 impl RecordKind {
@@ -122,6 +124,7 @@ impl RecordKind {
             RecordKind::Application => "application",
             RecordKind::Client => "client",
             RecordKind::Grant => "grant",
+            RecordKind::Key => "key",
         }
     }
 }

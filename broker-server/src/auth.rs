@@ -1,0 +1,398 @@
+//! Authentication: the OAuth 2.0 token endpoint (client credentials grant, RFC 6749 section
+//! 4.4) and the middleware that turns a bearer token back into an [`Identity`] for the handlers.
+//!
+//! Tokens are HS256 JSON Web Tokens signed with a key the broker keeps in its database, so they
+//! survive a restart and need no key file to manage. Each token names its client; a request
+//! with a token of a deleted client is refused at once, not at expiry. Expiry is checked against
+//! the broker's clock, so tests can move time.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use broker_core::{Broker, Principal, Rights};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::config::AuthConfig;
+use crate::error::ApiError;
+
+/// Who is calling and what they may do; put in the request by [`authenticate`].
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// The application (`INSTANCE/CLASS/MEMBER/APPLICATION`), or the local administrator.
+    pub principal: Principal,
+    /// Its rights.
+    pub rights: Rights,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Identity {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Identity>()
+            .cloned()
+            .ok_or_else(|| ApiError::Unauthenticated("a bearer token is required".into()))
+    }
+}
+
+impl Identity {
+    /// Refuses with 403 unless `allowed`.
+    pub fn require(&self, allowed: bool, what: &str) -> Result<(), ApiError> {
+        if allowed {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "`{}` may not {what}",
+                self.principal
+            )))
+        }
+    }
+}
+
+/// The claims of an access token.
+#[derive(Serialize, Deserialize)]
+struct Claims {
+    iss: String,
+    aud: String,
+    /// The client id.
+    sub: String,
+    /// The application the client acts for.
+    app: String,
+    iat: u64,
+    exp: u64,
+    jti: String,
+}
+
+/// Issues and checks tokens.
+pub struct Auth {
+    broker: Broker,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    ttl_secs: u64,
+    issuer: String,
+    /// With authentication off, every caller is this administrator.
+    insecure_admin: Option<Principal>,
+}
+
+/// The name of the token signing key in the broker's key store.
+const TOKEN_KEY: &str = "oauth-token-hs256";
+
+impl Auth {
+    /// Loads (or on first start creates) the signing key.
+    pub async fn new(broker: Broker, config: &AuthConfig) -> broker_core::Result<Auth> {
+        let key = broker.host_key(TOKEN_KEY).await?;
+        let insecure_admin = if config.insecure_no_auth {
+            Some(Principal::new(crate::LOCAL_ADMIN)?)
+        } else {
+            None
+        };
+        Ok(Auth {
+            broker,
+            encoding: EncodingKey::from_secret(&key),
+            decoding: DecodingKey::from_secret(&key),
+            ttl_secs: config.token_ttl_secs.max(1),
+            issuer: config.token_issuer.clone(),
+            insecure_admin,
+        })
+    }
+
+    fn now_secs(&self) -> u64 {
+        self.broker.now().as_ms() / 1000
+    }
+
+    /// A signed access token for a verified client, and its lifetime in seconds.
+    fn issue(&self, client: &broker_core::ApiClient) -> Result<(String, u64), ApiError> {
+        let now = self.now_secs();
+        let claims = Claims {
+            iss: self.issuer.clone(),
+            aud: self.issuer.clone(),
+            sub: client.client_id.clone(),
+            app: client.application.to_string(),
+            iat: now,
+            exp: now + self.ttl_secs,
+            jti: uuid::Uuid::new_v4().to_string(),
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|e| {
+                ApiError::Core(broker_core::Error::Storage(format!("sign token: {e}")))
+            })?;
+        Ok((token, self.ttl_secs))
+    }
+
+    /// The caller of a request, from its `Authorization: Bearer` token.
+    async fn identify(&self, headers: &HeaderMap) -> Result<Identity, ApiError> {
+        if let Some(admin) = &self.insecure_admin {
+            return Ok(Identity {
+                principal: admin.clone(),
+                rights: Rights::all(admin.clone()),
+            });
+        }
+        let unauth = |m: &str| ApiError::Unauthenticated(m.to_string());
+        let value = headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| unauth("a bearer token is required (POST /oauth/token to get one)"))?
+            .to_str()
+            .map_err(|_| unauth("the Authorization header is not valid"))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .ok_or_else(|| unauth("the Authorization header must be `Bearer <token>`"))?
+            .trim();
+        let mut v = Validation::new(Algorithm::HS256);
+        // Expiry is checked below against the broker's clock, not the system's.
+        v.validate_exp = false;
+        v.set_issuer(&[&self.issuer]);
+        v.set_audience(&[&self.issuer]);
+        v.set_required_spec_claims(&["iss", "aud", "sub", "exp"]);
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &v)
+            .map_err(|_| unauth("the token is not valid"))?
+            .claims;
+        if claims.exp <= self.now_secs() {
+            return Err(unauth("the token has expired"));
+        }
+        // A deleted client's tokens stop working at once.
+        let client = match self.broker.client(&claims.sub) {
+            Ok(c) => c,
+            Err(broker_core::Error::IdentityNotFound { .. }) => {
+                return Err(unauth("the token's client no longer exists"))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if client.application.as_str() != claims.app {
+            return Err(unauth("the token is not valid"));
+        }
+        let rights = self.broker.rights(&client.application)?;
+        Ok(Identity {
+            principal: client.application,
+            rights,
+        })
+    }
+}
+
+/// Paths anyone may call: health, the API documents, and the token endpoint itself.
+fn is_public(path: &str) -> bool {
+    matches!(path, "/healthz" | "/openapi.json" | "/oauth/token" | "/docs")
+        || path.starts_with("/docs/")
+}
+
+/// Authenticates every request except the public ones; the handlers then find the
+/// [`Identity`] in the request.
+pub async fn authenticate(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
+    if is_public(req.uri().path()) {
+        return next.run(req).await;
+    }
+    match auth.identify(req.headers()).await {
+        Ok(identity) => {
+            req.extensions_mut().insert(identity);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+// ----- The token endpoint -----
+
+/// An RFC 6749 error answer: `{"error": ...}` (not problem+json: OAuth clients expect this).
+fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
+    let mut resp = (
+        status,
+        axum::Json(json!({"error": error, "error_description": description})),
+    )
+        .into_response();
+    no_store(&mut resp);
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"postroom\""),
+        );
+    }
+    resp
+}
+
+fn no_store(resp: &mut Response) {
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut()
+        .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+}
+
+/// Decodes `application/x-www-form-urlencoded` text (`+` is a space).
+fn form_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Client id and secret from `Authorization: Basic` (each part form-encoded, RFC 6749 2.3.1).
+fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, ()> {
+    let Some(v) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let v = v.to_str().map_err(|_| ())?;
+    let Some(b64) = v.strip_prefix("Basic ").or_else(|| v.strip_prefix("basic ")) else {
+        return Err(());
+    };
+    let raw = B64.decode(b64.trim()).map_err(|_| ())?;
+    let raw = String::from_utf8(raw).map_err(|_| ())?;
+    let (id, secret) = raw.split_once(':').ok_or(())?;
+    Ok(Some((
+        form_decode(id).ok_or(())?,
+        form_decode(secret).ok_or(())?,
+    )))
+}
+
+/// `POST /oauth/token`: the client credentials grant, with `client_secret_basic` or
+/// `client_secret_post`.
+pub async fn token(State(auth): State<Arc<Auth>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let form_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"));
+    if !form_type {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the body must be application/x-www-form-urlencoded",
+        );
+    }
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "the body is not UTF-8");
+    };
+    let mut fields = std::collections::HashMap::new();
+    for pair in text.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (Some(k), Some(v)) = (form_decode(k), form_decode(v)) else {
+            return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "malformed form body");
+        };
+        // RFC 6749 3.2: parameters must not be repeated.
+        if fields.insert(k.clone(), v).is_some() {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &format!("`{k}` is repeated"),
+            );
+        }
+    }
+    let Some(grant) = fields.get("grant_type") else {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "grant_type is required");
+    };
+    if grant != "client_credentials" {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "only client_credentials is supported",
+        );
+    }
+    let basic = match basic_credentials(&headers) {
+        Ok(b) => b,
+        Err(()) => {
+            return oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "the Authorization header is not valid Basic credentials",
+            )
+        }
+    };
+    let post = match (fields.get("client_id"), fields.get("client_secret")) {
+        (Some(id), Some(secret)) => Some((id.clone(), secret.clone())),
+        _ => None,
+    };
+    let (id, secret) = match (basic, post) {
+        (Some(_), Some(_)) => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "use one client authentication method, not both",
+            )
+        }
+        (Some(c), None) | (None, Some(c)) => c,
+        (None, None) => {
+            return oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "client authentication is required",
+            )
+        }
+    };
+    let client = match auth.broker.authenticate_client(&id, &secret).await {
+        Ok(c) => c,
+        Err(broker_core::Error::InvalidClient) => {
+            return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "client authentication failed")
+        }
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    match auth.issue(&client) {
+        Ok((token, ttl)) => {
+            let mut resp = (
+                StatusCode::OK,
+                axum::Json(json!({"access_token": token, "token_type": "bearer", "expires_in": ttl})),
+            )
+                .into_response();
+            no_store(&mut resp);
+            resp
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_values_decode() {
+        assert_eq!(form_decode("a+b%2Fc").as_deref(), Some("a b/c"));
+        assert_eq!(form_decode("%zz"), None);
+        assert_eq!(form_decode("%4"), None);
+    }
+
+    #[test]
+    fn basic_credentials_are_form_decoded() {
+        let mut h = HeaderMap::new();
+        let v = format!("Basic {}", B64.encode("my%3Aclient:s%2Bcret"));
+        h.insert(header::AUTHORIZATION, v.parse().unwrap());
+        assert_eq!(
+            basic_credentials(&h),
+            Ok(Some(("my:client".into(), "s+cret".into())))
+        );
+        h.insert(header::AUTHORIZATION, "Basic !!!".parse().unwrap());
+        assert_eq!(basic_credentials(&h), Err(()));
+        assert_eq!(basic_credentials(&HeaderMap::new()), Ok(None));
+    }
+
+    #[test]
+    fn public_paths() {
+        assert!(is_public("/healthz"));
+        assert!(is_public("/docs/swagger-ui.css"));
+        assert!(!is_public("/v1/rooms"));
+        assert!(!is_public("/docsx"));
+    }
+}
