@@ -38,6 +38,7 @@ mod dispatch;
 mod error;
 mod ids;
 mod model;
+mod net_guard;
 mod retry;
 mod schema;
 mod storage;
@@ -47,7 +48,7 @@ mod writer;
 
 pub use broker::{Broker, WriterCounters};
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
-pub use config::{Config, DeliveryConfig, Limits, RetentionConfig, WriterConfig};
+pub use config::{Config, DeliveryConfig, Limits, PushAllow, RetentionConfig, WriterConfig};
 pub use error::{Error, ErrorKind, Result, Violation};
 pub use ids::{EventId, EventTypeName, OrderingKey, Principal, RoomName, Sequence, SubscriptionId};
 pub use model::{
