@@ -710,3 +710,19 @@ async fn non_public_push_targets_are_refused_unless_allowed() {
     );
     assert!(message.contains("a private address"), "{message}");
 }
+
+/// A malformed range in `push_allow.cidrs` stops the broker from opening, naming the setting.
+#[tokio::test]
+async fn a_bad_push_allow_range_is_a_configuration_error() {
+    let mut config = test_config();
+    config.delivery.push_allow.cidrs = vec!["10.0.0.0/8".into(), "10.0.0.1/8".into()];
+    let err =
+        broker_core::Broker::open_in_memory(config, std::sync::Arc::new(broker_core::SystemClock))
+            .await
+            .expect_err("a range with host bits set is refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("delivery.push_allow.cidrs") && text.contains("10.0.0.1/8"),
+        "{text}"
+    );
+}
