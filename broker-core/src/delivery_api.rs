@@ -163,7 +163,8 @@ impl Broker {
     }
 
     /// Subscribes to a Room. A push subscription gets a fresh Standard Webhooks signing secret,
-    /// returned here only.
+    /// returned here only. Its endpoint's host is resolved here, and refused unless every address
+    /// is public or allowed by [`crate::PushAllow`].
     pub async fn create_subscription(
         &self,
         room: &RoomName,
@@ -213,7 +214,8 @@ impl Broker {
         self.inner().store.subscriptions(room)
     }
 
-    /// Changes a subscription's filter, endpoint, ordering, retry or bounds.
+    /// Changes a subscription's filter, endpoint, ordering, retry or bounds. A new push endpoint
+    /// is checked against [`crate::PushAllow`] as in [`Broker::create_subscription`].
     pub async fn update_subscription(
         &self,
         id: SubscriptionId,
