@@ -76,6 +76,8 @@ async fn fixture(dir: &str, name: &str) -> Result<Fixture, Error> {
     let mut config = Config::default();
     config.retention.interval_ms = 0;
     config.delivery.scheduler_tick_ms = 50;
+    // The bench's receiver listens on loopback, which the push target guard refuses by default.
+    config.delivery.push_allow.loopback = true;
     let broker = Broker::open(&path, config).await?;
     let room = RoomName::new("bench")?;
     let ty = EventTypeName::new("reading")?;

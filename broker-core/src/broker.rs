@@ -18,6 +18,7 @@ use crate::model::{
     Event, EventFilter, EventType, EventTypeSpec, EventTypeVersion, NewRoom, Page, PublishRequest,
     PutEventTypeOutcome, Receipt, Room, RoomPatch, StoredResponse, SweepReport,
 };
+use crate::net_guard::PushGuard;
 use crate::schema::{self, ValidatorCache};
 use crate::storage::DeliveryDefaults;
 use crate::storage::{IdempotencyClaim, PreparedEvent, RedbStorage, Storage, WriteOp, WriteOutput};
@@ -42,6 +43,8 @@ pub(crate) struct Inner {
     pub(crate) dispatchers: Mutex<HashSet<SubscriptionId>>,
     /// Sends push deliveries.
     pub(crate) transport: Arc<dyn Transport>,
+    /// Which addresses push targets may have; the transport holds the same guard.
+    pub(crate) push_guard: Arc<PushGuard>,
     /// Set by `close`: dispatchers stop starting pushes and exit.
     pub(crate) closing: std::sync::atomic::AtomicBool,
     /// Push requests under way, so that `close` can wait for them.
@@ -109,6 +112,9 @@ impl Broker {
     }
 
     fn start(store: Arc<dyn Storage>, config: Config, clock: Arc<dyn Clock>) -> Result<Broker> {
+        // Built first so that a malformed `push_allow.cidrs` stops the broker before it starts
+        // anything.
+        let push_guard = Arc::new(PushGuard::new(&config.delivery.push_allow)?);
         let signals = Arc::new(Signals::default());
         let on_commit = {
             let signals = signals.clone();
@@ -123,6 +129,7 @@ impl Broker {
         let transport = Arc::new(HttpTransport::new(
             config.delivery.push_timeout_ms,
             config.delivery.push_redirects_max,
+            push_guard.clone(),
         )?);
         let inner = Arc::new(Inner {
             store,
@@ -133,6 +140,7 @@ impl Broker {
             signals,
             dispatchers: Mutex::new(HashSet::new()),
             transport,
+            push_guard,
             closing: std::sync::atomic::AtomicBool::new(false),
             pushes_in_flight: std::sync::atomic::AtomicUsize::new(0),
         });

@@ -150,6 +150,39 @@ pub struct DeliveryConfig {
     pub subscriptions_per_room_max: usize,
     /// Most extra headers on a push endpoint (default 32).
     pub push_headers_max: usize,
+    /// Which non-public addresses push targets may have (default: none). See [`PushAllow`].
+    pub push_allow: PushAllow,
+    /// Longest wait for a push endpoint's host name to resolve when a subscription's endpoint is
+    /// set, in milliseconds (default 2,000).
+    pub push_resolve_timeout_ms: u64,
+}
+
+/// Which non-public addresses push targets may have. The broker refuses to push to loopback,
+/// private, link-local, cloud metadata and other non-public addresses unless allowed here, so
+/// that a subscriber cannot make the broker call services inside its own network (server-side
+/// request forgery). It checks when a subscription's endpoint is set (every address a host name
+/// resolves to must be allowed, and a name that does not resolve is refused) and again at connect
+/// time, where refused addresses are skipped (DNS may have changed since).
+///
+/// Cloud metadata (169.254.169.254, fd00:ec2::254...), unspecified (0.0.0.0, ::), multicast,
+/// broadcast, carrier-grade NAT (100.64.0.0/10), documentation and reserved addresses are refused
+/// whatever the flags say; only an explicit range in `cidrs` opens them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushAllow {
+    /// Allow loopback targets, 127.0.0.0/8 and ::1 (default false). Tests and single-host
+    /// setups turn it on.
+    pub loopback: bool,
+    /// Allow private targets: 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 and fc00::/7 (default
+    /// false).
+    pub private: bool,
+    /// Allow link-local targets, 169.254.0.0/16 and fe80::/10, except metadata addresses
+    /// (default false).
+    pub link_local: bool,
+    /// Further ranges to allow whatever their class, as `10.20.0.0/16`, `fd12::/16` or a single
+    /// address (default none). Checked when the broker opens: a malformed range, or one with host
+    /// bits set, is a configuration error.
+    pub cidrs: Vec<String>,
 }
 
 impl Default for DeliveryConfig {
@@ -172,6 +205,8 @@ impl Default for DeliveryConfig {
             scheduler_tick_ms: 1000,
             subscriptions_per_room_max: 1000,
             push_headers_max: 32,
+            push_allow: PushAllow::default(),
+            push_resolve_timeout_ms: 2000,
         }
     }
 }

@@ -10,6 +10,7 @@ use crate::dispatch::ensure_dispatcher;
 use crate::error::{Error, Result};
 use crate::ids::{EventId, RoomName, SubscriptionId};
 use crate::model::Page;
+use crate::net_guard::{literal_ip, lookup};
 use crate::storage::{ack_id, parse_ack_id, AckAction, DeliveryOp, WriteOp, WriteOutput};
 use crate::subscription::{
     Attempt, BlockedKey, CreatedSubscription, DeadLetter, DeliveryMode, EventDelivery,
@@ -112,6 +113,40 @@ impl Broker {
         Ok(())
     }
 
+    /// Refuses a push endpoint whose host is, or resolves to, an address the push target guard
+    /// refuses. A name must resolve, and every address it resolves to must be allowed: a name
+    /// that resolves to one public and one internal address would otherwise let the broker reach
+    /// the internal one. Called on the caller's task before anything goes to the writer, because
+    /// resolving is a network call. The transport checks again at connect time.
+    async fn check_push_target(&self, p: &PushEndpoint) -> Result<()> {
+        let url = reqwest::Url::parse(&p.url)
+            .map_err(|e| Error::invalid("push.url", format!("`{}`: {e}", p.url)))?;
+        let guard = &self.inner().push_guard;
+        let advice = "push targets must be public unless delivery.push_allow allows it";
+        if let Some(ip) = literal_ip(&url) {
+            return guard
+                .check(ip)
+                .map_err(|refused| Error::invalid("push.url", format!("{refused}; {advice}")));
+        }
+        let host = url.host_str().unwrap_or_default();
+        let timeout = Duration::from_millis(self.config().delivery.push_resolve_timeout_ms);
+        let ips = lookup(host, timeout).await.map_err(|e| {
+            Error::invalid(
+                "push.url",
+                format!("{e}; a push endpoint's host must resolve when it is set"),
+            )
+        })?;
+        for ip in ips {
+            guard.check(ip).map_err(|refused| {
+                Error::invalid(
+                    "push.url",
+                    format!("`{host}` resolves to {}; {advice}", refused.apposition()),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
     fn check_bounds(&self, in_flight_max: Option<u32>, queue_depth_max: Option<u64>) -> Result<()> {
         let max = self.config().delivery.in_flight_max_max;
         match in_flight_max {
@@ -128,7 +163,8 @@ impl Broker {
     }
 
     /// Subscribes to a Room. A push subscription gets a fresh Standard Webhooks signing secret,
-    /// returned here only.
+    /// returned here only. Its endpoint's host is resolved here, and refused unless every address
+    /// is public or allowed by [`crate::PushAllow`].
     pub async fn create_subscription(
         &self,
         room: &RoomName,
@@ -143,6 +179,9 @@ impl Broker {
             for t in types {
                 self.event_type(room, t)?;
             }
+        }
+        if let DeliveryMode::Push(p) = &new.mode {
+            self.check_push_target(p).await?;
         }
         let push = matches!(new.mode, DeliveryMode::Push(_));
         let secret = push.then(new_secret);
@@ -175,7 +214,8 @@ impl Broker {
         self.inner().store.subscriptions(room)
     }
 
-    /// Changes a subscription's filter, endpoint, ordering, retry or bounds.
+    /// Changes a subscription's filter, endpoint, ordering, retry or bounds. A new push endpoint
+    /// is checked against [`crate::PushAllow`] as in [`Broker::create_subscription`].
     pub async fn update_subscription(
         &self,
         id: SubscriptionId,
@@ -193,6 +233,9 @@ impl Broker {
             for t in types {
                 self.event_type(&room, t)?;
             }
+        }
+        if let Some(p) = &patch.push {
+            self.check_push_target(p).await?;
         }
         self.subscription_op(DeliveryOp::Update { id, patch }).await
     }

@@ -39,6 +39,7 @@ mod error;
 mod identity;
 mod ids;
 mod model;
+mod net_guard;
 mod retry;
 mod schema;
 mod storage;
@@ -48,7 +49,7 @@ mod writer;
 
 pub use broker::{Broker, WriterCounters};
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
-pub use config::{Config, DeliveryConfig, Limits, RetentionConfig, WriterConfig};
+pub use config::{Config, DeliveryConfig, Limits, PushAllow, RetentionConfig, WriterConfig};
 pub use error::{Error, ErrorKind, Result, Violation};
 pub use identity::{
     ApiClient, Application, AuditEntry, AuditFilter, Grant, Member, NewAuditEntry, Rights, Role,

@@ -4,8 +4,10 @@
 //! the [`Transport`] trait, so tests and embedders can replace it, and reqwest stays in this one
 //! module.
 
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -14,6 +16,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::error::{Error, Result};
+use crate::net_guard::{literal_ip, PushGuard};
 use crate::subscription::BasicAuth;
 
 /// The prefix of Standard Webhooks secrets.
@@ -117,24 +120,166 @@ pub trait Transport: Send + Sync + 'static {
         -> Pin<Box<dyn Future<Output = PushResponse> + Send + '_>>;
 }
 
-/// The reqwest transport: pooled connections, a request timeout, a bounded number of redirects.
-pub struct HttpTransport {
+/// The reqwest transport: pooled connections, a request timeout, a bounded number of redirects,
+/// and the push target guard applied to every address it connects to.
+///
+/// The guard is enforced in three places because reqwest reaches an address in three ways: a
+/// host name goes through [`GuardedResolver`], which drops refused addresses; an IP-literal URL
+/// skips name resolution, so [`HttpTransport::send`] checks it before sending; and a redirect to
+/// an IP literal is stopped by the redirect policy (a redirect to a name goes through the
+/// resolver again). A refused push is an ordinary failed attempt, retried and dead-lettered by
+/// the retry policy, with an error text that starts "push target refused:".
+pub(crate) struct HttpTransport {
     client: reqwest::Client,
+    guard: Arc<PushGuard>,
 }
 
 impl HttpTransport {
-    /// A transport with `timeout_ms` per request and at most `redirects_max` redirects.
-    pub fn new(timeout_ms: u64, redirects_max: usize) -> Result<Self> {
+    /// A transport with `timeout_ms` per request, at most `redirects_max` redirects, and `guard`
+    /// deciding which addresses may be reached.
+    pub(crate) fn new(
+        timeout_ms: u64,
+        redirects_max: usize,
+        guard: Arc<PushGuard>,
+    ) -> Result<Self> {
+        let redirect_guard = guard.clone();
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(timeout_ms))
             .connect_timeout(Duration::from_millis(timeout_ms))
-            .redirect(reqwest::redirect::Policy::limited(redirects_max))
+            .redirect(reqwest::redirect::Policy::custom(
+                move |attempt| match redirect_verdict(
+                    &redirect_guard,
+                    attempt.url(),
+                    attempt.previous().len(),
+                    redirects_max,
+                ) {
+                    Ok(()) => attempt.follow(),
+                    Err(stop) => attempt.error(stop),
+                },
+            ))
+            .dns_resolver(GuardedResolver {
+                guard: guard.clone(),
+            })
             .user_agent(concat!("Postroom/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(32)
             .build()
             .map_err(|e| Error::Storage(format!("cannot build the HTTP client: {e}")))?;
-        Ok(HttpTransport { client })
+        Ok(HttpTransport { client, guard })
     }
+}
+
+/// Why a push was not sent to an address: the guard refused it. Its text is what the attempt log
+/// shows, so it says what happened in full.
+#[derive(Debug)]
+struct TargetRefused(String);
+
+impl fmt::Display for TargetRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "push target refused: {}", self.0)
+    }
+}
+
+impl std::error::Error for TargetRefused {}
+
+/// Why a redirect is not followed.
+#[derive(Debug)]
+enum RedirectStop {
+    /// More than `redirects_max` redirects.
+    TooMany,
+    /// The redirect names an IP address the guard refuses.
+    Refused(TargetRefused),
+}
+
+impl fmt::Display for RedirectStop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedirectStop::TooMany => f.write_str("too many redirects"),
+            RedirectStop::Refused(r) => r.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for RedirectStop {}
+
+/// Whether to follow a redirect to `next`, `previous_urls` being the URLs visited so far (the
+/// first is the original request, not a redirect). A redirect to a host name is followed here
+/// and checked by the resolver when it connects.
+fn redirect_verdict(
+    guard: &PushGuard,
+    next: &reqwest::Url,
+    previous_urls: usize,
+    redirects_max: usize,
+) -> std::result::Result<(), RedirectStop> {
+    if previous_urls > redirects_max {
+        return Err(RedirectStop::TooMany);
+    }
+    check_literal(guard, next).map_err(RedirectStop::Refused)
+}
+
+/// Checks the host of `url` when it is an IP literal; names are left to the resolver.
+fn check_literal(guard: &PushGuard, url: &reqwest::Url) -> std::result::Result<(), TargetRefused> {
+    let Some(ip) = literal_ip(url) else {
+        return Ok(());
+    };
+    guard
+        .check(ip)
+        .map_err(|refused| TargetRefused(refused.to_string()))
+}
+
+/// The DNS resolver of the push client: the system resolver, minus the addresses the guard
+/// refuses. Connecting only to what is left is what defeats DNS rebinding, where a name that
+/// resolved to a public address when the subscription was made later resolves to an internal
+/// one.
+struct GuardedResolver {
+    guard: Arc<PushGuard>,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let guard = self.guard.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            // reqwest's request timeout bounds the whole call, resolution included.
+            let resolved = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            let mut allowed = Vec::new();
+            let mut first_refusal = None;
+            for addr in resolved {
+                match guard.check(addr.ip()) {
+                    Ok(()) => allowed.push(addr),
+                    Err(refused) => {
+                        first_refusal.get_or_insert(refused);
+                    }
+                }
+            }
+            match (allowed.is_empty(), first_refusal) {
+                (false, _) => {
+                    let addrs: reqwest::dns::Addrs = Box::new(allowed.into_iter());
+                    Ok(addrs)
+                }
+                (true, Some(refused)) => Err(Box::new(TargetRefused(format!(
+                    "{host} resolves to {}",
+                    refused.apposition()
+                )))
+                    as Box<dyn std::error::Error + Send + Sync>),
+                (true, None) => Err(format!("{host} resolves to no address").into()),
+            }
+        })
+    }
+}
+
+/// The guard's refusal somewhere in an error's source chain, if that is why the request failed.
+fn find_refusal(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(r) = c.downcast_ref::<TargetRefused>() {
+            return Some(r.to_string());
+        }
+        if let Some(RedirectStop::Refused(r)) = c.downcast_ref::<RedirectStop>() {
+            return Some(r.to_string());
+        }
+        cause = c.source();
+    }
+    None
 }
 
 impl Transport for HttpTransport {
@@ -144,6 +289,17 @@ impl Transport for HttpTransport {
     ) -> Pin<Box<dyn Future<Output = PushResponse> + Send + '_>> {
         Box::pin(async move {
             let started = Instant::now();
+            // An IP-literal URL never reaches the resolver, so the guard looks at it here.
+            if let Ok(url) = reqwest::Url::parse(&request.url) {
+                if let Err(refused) = check_literal(&self.guard, &url) {
+                    return PushResponse {
+                        status: None,
+                        retry_after_ms: None,
+                        error: Some(refused.to_string()),
+                        latency_ms: 0,
+                    };
+                }
+            }
             let mut builder = self.client.post(&request.url).body(request.body);
             for (name, value) in &request.headers {
                 builder = builder.header(name.as_str(), value.as_str());
@@ -168,19 +324,24 @@ impl Transport for HttpTransport {
                     }
                 }
                 Err(e) => {
-                    let what = if e.is_timeout() {
-                        "timeout"
-                    } else if e.is_connect() {
-                        "connect error"
-                    } else if e.is_redirect() {
-                        "too many redirects"
+                    let error = if let Some(refusal) = find_refusal(&e) {
+                        refusal
                     } else {
-                        "request error"
+                        let what = if e.is_timeout() {
+                            "timeout"
+                        } else if e.is_connect() {
+                            "connect error"
+                        } else if e.is_redirect() {
+                            "too many redirects"
+                        } else {
+                            "request error"
+                        };
+                        format!("{what}: {e}")
                     };
                     PushResponse {
                         status: None,
                         retry_after_ms: None,
-                        error: Some(format!("{what}: {e}")),
+                        error: Some(error),
                         latency_ms,
                     }
                 }
@@ -300,5 +461,161 @@ mod tests {
             Some(30_000)
         );
         assert_eq!(parse_retry_after_ms("soon", now), None);
+    }
+
+    use crate::config::PushAllow;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A guard from the flags and ranges of a test.
+    fn guard(loopback: bool, cidrs: &[&str]) -> Arc<PushGuard> {
+        Arc::new(
+            PushGuard::new(&PushAllow {
+                loopback,
+                cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
+                ..PushAllow::default()
+            })
+            .expect("valid test guard"),
+        )
+    }
+
+    /// A local HTTP server on `ip` that counts the requests it gets and answers `/go` with a 307
+    /// to `redirect_to`, anything else with 200. Returns its port and its counter.
+    async fn counting_server(ip: &str, redirect_to: Option<String>) -> (u16, Arc<AtomicUsize>) {
+        use axum::response::IntoResponse;
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+            let counter = counter.clone();
+            let redirect_to = redirect_to.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                match redirect_to {
+                    Some(to) if uri.path() == "/go" => (
+                        axum::http::StatusCode::TEMPORARY_REDIRECT,
+                        [("location", to)],
+                    )
+                        .into_response(),
+                    _ => axum::http::StatusCode::OK.into_response(),
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind((ip, 0))
+            .await
+            .expect("bind a local test port");
+        let port = listener.local_addr().expect("local addr").port();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        (port, hits)
+    }
+
+    fn post(url: String) -> PushRequest {
+        PushRequest {
+            url,
+            headers: vec![],
+            basic_auth: None,
+            body: b"{}".to_vec(),
+        }
+    }
+
+    /// A name that resolves to a refused address is never connected to: the resolver drops the
+    /// address and the attempt fails with the guard's reason.
+    #[tokio::test]
+    async fn connect_time_guard_refuses_a_name_resolving_to_loopback() {
+        let (port, hits) = counting_server("127.0.0.1", None).await;
+        let url = format!("http://localhost:{port}/hook");
+
+        let refusing = HttpTransport::new(5000, 3, guard(false, &[])).expect("transport");
+        let got = refusing.send(post(url.clone())).await;
+        assert_eq!(got.status, None);
+        let error = got.error.expect("an error text");
+        assert!(
+            error.starts_with("push target refused: localhost resolves to ")
+                && error.contains("a loopback address"),
+            "{error}"
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 0, "the receiver saw nothing");
+
+        // The same request goes through when loopback is allowed, so the refusal above was the
+        // guard's doing and not a broken test server.
+        let allowing = HttpTransport::new(5000, 3, guard(true, &[])).expect("transport");
+        let got = allowing.send(post(url)).await;
+        assert_eq!(got.status, Some(200), "{:?}", got.error);
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+    }
+
+    /// IP-literal URLs skip the resolver, so the transport checks them itself, mapped forms
+    /// included.
+    #[tokio::test]
+    async fn connect_time_guard_refuses_ip_literals() {
+        let (port, hits) = counting_server("127.0.0.1", None).await;
+        let refusing = HttpTransport::new(5000, 3, guard(false, &[])).expect("transport");
+        for (url, says) in [
+            (format!("http://127.0.0.1:{port}/hook"), "127.0.0.1"),
+            (
+                format!("http://[::ffff:127.0.0.1]:{port}/hook"),
+                "::ffff:127.0.0.1",
+            ),
+            // The URL parser reads a bare number as an IPv4 address.
+            (format!("http://2130706433:{port}/hook"), "127.0.0.1"),
+        ] {
+            let got = refusing.send(post(url.clone())).await;
+            assert_eq!(
+                got.error,
+                Some(format!("push target refused: {says} is a loopback address")),
+                "{url}"
+            );
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 0, "the receiver saw nothing");
+    }
+
+    /// A redirect from an allowed target to a refused IP literal is not followed.
+    #[tokio::test]
+    async fn redirects_to_refused_addresses_are_not_followed() {
+        let (landing_port, landed) = counting_server("127.0.0.2", None).await;
+        let landing = format!("http://127.0.0.2:{landing_port}/landing");
+        let (port, hits) = counting_server("127.0.0.1", Some(landing)).await;
+        let url = format!("http://127.0.0.1:{port}/go");
+
+        let only_first =
+            HttpTransport::new(5000, 3, guard(false, &["127.0.0.1/32"])).expect("transport");
+        let got = only_first.send(post(url.clone())).await;
+        assert_eq!(
+            got.error.as_deref(),
+            Some("push target refused: 127.0.0.2 is a loopback address")
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "the first target was asked");
+        assert_eq!(
+            landed.load(Ordering::SeqCst),
+            0,
+            "the redirect was not followed"
+        );
+
+        let both = HttpTransport::new(5000, 3, guard(false, &["127.0.0.1/32", "127.0.0.2/32"]))
+            .expect("transport");
+        let got = both.send(post(url)).await;
+        assert_eq!(got.status, Some(200), "{:?}", got.error);
+        assert_eq!(landed.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn redirect_verdicts() {
+        let g = guard(false, &[]);
+        let url = |s: &str| reqwest::Url::parse(s).expect("test URL");
+        assert!(redirect_verdict(&g, &url("https://example.org/x"), 1, 3).is_ok());
+        assert!(redirect_verdict(&g, &url("https://8.8.8.8/x"), 3, 3).is_ok());
+        assert!(matches!(
+            redirect_verdict(&g, &url("https://example.org/x"), 4, 3),
+            Err(RedirectStop::TooMany)
+        ));
+        let Err(RedirectStop::Refused(r)) =
+            redirect_verdict(&g, &url("http://[::ffff:169.254.169.254]/latest"), 1, 3)
+        else {
+            panic!("metadata behind a mapped address must be refused");
+        };
+        assert_eq!(
+            r.to_string(),
+            "push target refused: ::ffff:169.254.169.254 is a cloud metadata address"
+        );
     }
 }

@@ -276,6 +276,34 @@ mod tests {
         assert!(ServerConfig::load(Some(&file), Vec::new()).is_err());
     }
 
+    /// The push target guard's settings, as the README documents them.
+    #[test]
+    fn push_allow_from_the_file_and_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("postroom.toml");
+        std::fs::write(
+            &file,
+            "[broker.delivery.push_allow]\nprivate = true\ncidrs = [\"100.64.0.0/10\"]\n",
+        )
+        .unwrap();
+        let env = vec![(
+            "POSTROOM_BROKER__DELIVERY__PUSH_ALLOW__LOOPBACK".to_string(),
+            "true".to_string(),
+        )];
+        let allow = ServerConfig::load(Some(&file), env)
+            .unwrap()
+            .broker
+            .delivery
+            .push_allow;
+        assert!(allow.loopback && allow.private && !allow.link_local);
+        assert_eq!(allow.cidrs, vec!["100.64.0.0/10".to_string()]);
+        assert_eq!(
+            ServerConfig::default().broker.delivery.push_allow,
+            broker_core::PushAllow::default(),
+            "nothing non-public is allowed by default"
+        );
+    }
+
     #[test]
     fn the_client_variables_are_not_settings() {
         let env = vec![

@@ -18,6 +18,8 @@ pub const T0: Timestamp = Timestamp(1_767_225_600_000);
 pub fn test_config() -> Config {
     let mut c = Config::default();
     c.retention.interval_ms = 0;
+    // The test receivers listen on loopback, which the push target guard refuses by default.
+    c.delivery.push_allow.loopback = true;
     c
 }
 

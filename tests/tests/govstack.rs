@@ -74,10 +74,13 @@ fn birth(mother: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_govstack_flow_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
-    let config = ServerConfig {
+    let mut config = ServerConfig {
         data_dir: dir.path().to_path_buf(),
         ..Default::default()
     };
+    // The PUSH subscriber below is a receiver on loopback, which the push target guard refuses
+    // by default.
+    config.broker.delivery.push_allow.loopback = true;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

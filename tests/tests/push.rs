@@ -595,3 +595,134 @@ async fn event_type_filters_and_pending_subscriptions() {
         ("pending", "2")
     );
 }
+
+/// The `push.url` refusal of a subscription call, or a panic naming what came back instead.
+fn refusal(outcome: Result<impl std::fmt::Debug, broker_core::Error>) -> String {
+    match outcome {
+        Err(broker_core::Error::InvalidInput { field, message }) if field == "push.url" => message,
+        other => panic!("expected invalid push.url, got {other:?}"),
+    }
+}
+
+/// The push target guard: with the default configuration, endpoints on loopback, private,
+/// link-local or metadata addresses are refused when the subscription is made or changed, in
+/// every spelling (a name, a mapped IPv6 literal), and a name that does not resolve is refused
+/// too. Allowing loopback opens loopback only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_public_push_targets_are_refused_unless_allowed() {
+    let rx = Receiver::start().await;
+    let port = rx
+        .base
+        .rsplit(':')
+        .next()
+        .expect("the receiver's base URL has a port")
+        .to_string();
+    let loopback_urls = [
+        (format!("http://127.0.0.1:{port}/x"), "127.0.0.1"),
+        (format!("http://localhost:{port}/x"), "localhost"),
+        (
+            format!("http://[::ffff:127.0.0.1]:{port}/x"),
+            "::ffff:127.0.0.1",
+        ),
+    ];
+
+    let mut config = test_config();
+    config.delivery.push_allow = broker_core::PushAllow::default();
+    let (broker, _) = memory_broker(config).await;
+    setup_room(&broker, "r").await;
+    for (url, host) in &loopback_urls {
+        let message = refusal(
+            broker
+                .create_subscription(&room("r"), push_to(url.clone()))
+                .await,
+        );
+        assert!(
+            message.contains(host)
+                && message.contains("a loopback address")
+                && message.contains("delivery.push_allow"),
+            "{url}: {message}"
+        );
+    }
+    let message = refusal(
+        broker
+            .create_subscription(&room("r"), push_to("http://localhost:1/x".into()))
+            .await,
+    );
+    assert!(
+        message.starts_with("`localhost` resolves to 127.0.0.1, a loopback address;"),
+        "{message}"
+    );
+    for (url, says) in [
+        ("http://10.1.2.3/x", "10.1.2.3 is a private address"),
+        ("http://169.254.169.254/latest", "a cloud metadata address"),
+        ("http://[fe80::1]/x", "a link-local address"),
+        ("http://0.0.0.0:8080/x", "an unspecified address"),
+        ("http://no-such-host.invalid/x", "no-such-host.invalid"),
+    ] {
+        let message = refusal(
+            broker
+                .create_subscription(&room("r"), push_to(url.into()))
+                .await,
+        );
+        assert!(message.contains(says), "{url}: {message}");
+    }
+    // Changing an endpoint is checked like making one. (A public literal needs no DNS, and
+    // nothing is published, so nothing is sent to it.)
+    let public = broker
+        .create_subscription(&room("r"), push_to("http://93.184.215.14/x".into()))
+        .await
+        .expect("a public target is allowed");
+    let patch = broker_core::SubscriptionPatch {
+        push: Some(PushEndpoint {
+            url: loopback_urls[0].0.clone(),
+            headers: vec![],
+            basic_auth: None,
+        }),
+        ..Default::default()
+    };
+    let message = refusal(
+        broker
+            .update_subscription(public.subscription.id, patch)
+            .await,
+    );
+    assert!(message.contains("a loopback address"), "{message}");
+    let kept = broker.subscription(public.subscription.id).unwrap();
+    assert!(
+        matches!(&kept.mode, DeliveryMode::Push(p) if p.url == "http://93.184.215.14/x"),
+        "the refused change was not applied: {:?}",
+        kept.mode
+    );
+    assert_eq!(broker.subscriptions(&room("r")).unwrap().len(), 1);
+
+    // test_config allows loopback, and nothing else.
+    let (broker, _) = memory_broker(test_config()).await;
+    setup_room(&broker, "r").await;
+    for (url, _) in &loopback_urls {
+        broker
+            .create_subscription(&room("r"), push_to(url.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{url} is allowed with loopback: {e}"));
+    }
+    let message = refusal(
+        broker
+            .create_subscription(&room("r"), push_to("http://10.1.2.3/x".into()))
+            .await,
+    );
+    assert!(message.contains("a private address"), "{message}");
+}
+
+/// A malformed range in `push_allow.cidrs` stops the broker from opening, naming the setting.
+#[tokio::test]
+async fn a_bad_push_allow_range_is_a_configuration_error() {
+    let mut config = test_config();
+    config.delivery.push_allow.cidrs = vec!["10.0.0.0/8".into(), "10.0.0.1/8".into()];
+    let err =
+        broker_core::Broker::open_in_memory(config, std::sync::Arc::new(broker_core::SystemClock))
+            .await
+            .expect_err("a range with host bits set is refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("delivery.push_allow.cidrs") && text.contains("10.0.0.1/8"),
+        "{text}"
+    );
+}
