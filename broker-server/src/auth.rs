@@ -75,8 +75,8 @@ struct Claims {
 /// Issues and checks tokens.
 pub struct Auth {
     broker: Broker,
-    encoding: EncodingKey,
-    decoding: DecodingKey,
+    /// Loaded from the database on first use, so that building the router needs no await.
+    keys: tokio::sync::OnceCell<(EncodingKey, DecodingKey)>,
     ttl_secs: u64,
     issuer: String,
     /// With authentication off, every caller is this administrator.
@@ -87,9 +87,9 @@ pub struct Auth {
 const TOKEN_KEY: &str = "oauth-token-hs256";
 
 impl Auth {
-    /// Loads (or on first start creates) the signing key.
-    pub async fn new(broker: Broker, config: &AuthConfig) -> broker_core::Result<Auth> {
-        let key = broker.host_key(TOKEN_KEY).await?;
+    /// The authenticator for `broker`; the signing key is loaded (or on first start created)
+    /// when first needed.
+    pub fn new(broker: Broker, config: &AuthConfig) -> broker_core::Result<Auth> {
         let insecure_admin = if config.insecure_no_auth {
             Some(Principal::new(crate::LOCAL_ADMIN)?)
         } else {
@@ -97,12 +97,23 @@ impl Auth {
         };
         Ok(Auth {
             broker,
-            encoding: EncodingKey::from_secret(&key),
-            decoding: DecodingKey::from_secret(&key),
+            keys: tokio::sync::OnceCell::new(),
             ttl_secs: config.token_ttl_secs.max(1),
             issuer: config.token_issuer.clone(),
             insecure_admin,
         })
+    }
+
+    async fn keys(&self) -> Result<&(EncodingKey, DecodingKey), ApiError> {
+        self.keys
+            .get_or_try_init(|| async {
+                let key = self.broker.host_key(TOKEN_KEY).await?;
+                Ok::<_, ApiError>((
+                    EncodingKey::from_secret(&key),
+                    DecodingKey::from_secret(&key),
+                ))
+            })
+            .await
     }
 
     fn now_secs(&self) -> u64 {
@@ -110,7 +121,7 @@ impl Auth {
     }
 
     /// A signed access token for a verified client, and its lifetime in seconds.
-    fn issue(&self, client: &broker_core::ApiClient) -> Result<(String, u64), ApiError> {
+    async fn issue(&self, client: &broker_core::ApiClient) -> Result<(String, u64), ApiError> {
         let now = self.now_secs();
         let claims = Claims {
             iss: self.issuer.clone(),
@@ -121,10 +132,12 @@ impl Auth {
             exp: now + self.ttl_secs,
             jti: uuid::Uuid::new_v4().to_string(),
         };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
-            .map_err(|e| {
-                ApiError::Core(broker_core::Error::Storage(format!("sign token: {e}")))
-            })?;
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &self.keys().await?.0,
+        )
+        .map_err(|e| ApiError::Core(broker_core::Error::Storage(format!("sign token: {e}"))))?;
         Ok((token, self.ttl_secs))
     }
 
@@ -153,7 +166,7 @@ impl Auth {
         v.set_issuer(&[&self.issuer]);
         v.set_audience(&[&self.issuer]);
         v.set_required_spec_claims(&["iss", "aud", "sub", "exp"]);
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &v)
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.keys().await?.1, &v)
             .map_err(|_| unauth("the token is not valid"))?
             .claims;
         if claims.exp <= self.now_secs() {
@@ -178,10 +191,64 @@ impl Auth {
     }
 }
 
+/// The member and application of the first administrator.
+pub const BOOTSTRAP_MEMBER: &str = "local/ADMIN/postroom";
+/// See [`BOOTSTRAP_MEMBER`].
+pub const BOOTSTRAP_APPLICATION: &str = "admin";
+
+/// On first start (no administrator yet, authentication on), creates the administrator:
+/// member [`BOOTSTRAP_MEMBER`], its application `admin` with the admin role, and an API client
+/// with the configured id and secret, or generated ones. Returns the client id and, when it
+/// was generated, the secret, for the caller to show once.
+pub async fn bootstrap(
+    broker: &Broker,
+    config: &AuthConfig,
+) -> broker_core::Result<Option<(String, Option<String>)>> {
+    if config.insecure_no_auth
+        || broker
+            .grants(None)?
+            .iter()
+            .any(|g| g.role == broker_core::Role::Admin)
+    {
+        return Ok(None);
+    }
+    let tolerate = |r: broker_core::Result<()>| match r {
+        Err(broker_core::Error::IdentityExists { .. }) => Ok(()),
+        other => other,
+    };
+    tolerate(
+        broker
+            .create_member(BOOTSTRAP_MEMBER, "Postroom operators")
+            .await
+            .map(|_| ()),
+    )?;
+    tolerate(
+        broker
+            .create_application(BOOTSTRAP_MEMBER, BOOTSTRAP_APPLICATION, "Administrator")
+            .await
+            .map(|_| ()),
+    )?;
+    let app = Principal::new(format!("{BOOTSTRAP_MEMBER}/{BOOTSTRAP_APPLICATION}"))?;
+    let id = config
+        .admin_client_id
+        .clone()
+        .unwrap_or_else(|| "admin".to_string());
+    let (client, secret) = broker
+        .create_client(&app, Some(id), config.admin_client_secret.clone())
+        .await?;
+    broker
+        .grant(&app, broker_core::Role::Admin, None, None)
+        .await?;
+    let shown = config.admin_client_secret.is_none().then_some(secret);
+    Ok(Some((client.client_id, shown)))
+}
+
 /// Paths anyone may call: health, the API documents, and the token endpoint itself.
 fn is_public(path: &str) -> bool {
-    matches!(path, "/healthz" | "/openapi.json" | "/oauth/token" | "/docs")
-        || path.starts_with("/docs/")
+    matches!(
+        path,
+        "/healthz" | "/openapi.json" | "/oauth/token" | "/docs"
+    ) || path.starts_with("/docs/")
 }
 
 /// Authenticates every request except the public ones; the handlers then find the
@@ -192,8 +259,11 @@ pub async fn authenticate(State(auth): State<Arc<Auth>>, mut req: Request, next:
     }
     match auth.identify(req.headers()).await {
         Ok(identity) => {
-            req.extensions_mut().insert(identity);
-            next.run(req).await
+            req.extensions_mut().insert(identity.clone());
+            let mut resp = next.run(req).await;
+            // Layers outside this one (the audit log) learn the caller from the response.
+            resp.extensions_mut().insert(identity);
+            resp
         }
         Err(e) => e.into_response(),
     }
@@ -256,7 +326,10 @@ fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, ()
         return Ok(None);
     };
     let v = v.to_str().map_err(|_| ())?;
-    let Some(b64) = v.strip_prefix("Basic ").or_else(|| v.strip_prefix("basic ")) else {
+    let Some(b64) = v
+        .strip_prefix("Basic ")
+        .or_else(|| v.strip_prefix("basic "))
+    else {
         return Err(());
     };
     let raw = B64.decode(b64.trim()).map_err(|_| ())?;
@@ -270,12 +343,19 @@ fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, ()
 
 /// `POST /oauth/token`: the client credentials grant, with `client_secret_basic` or
 /// `client_secret_post`.
-pub async fn token(State(auth): State<Arc<Auth>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+pub async fn token(
+    State(auth): State<Arc<Auth>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     let form_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"));
+        .is_some_and(|m| {
+            m.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
     if !form_type {
         return oauth_error(
             StatusCode::BAD_REQUEST,
@@ -284,13 +364,21 @@ pub async fn token(State(auth): State<Arc<Auth>>, headers: HeaderMap, body: axum
         );
     }
     let Ok(text) = std::str::from_utf8(&body) else {
-        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "the body is not UTF-8");
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the body is not UTF-8",
+        );
     };
     let mut fields = std::collections::HashMap::new();
     for pair in text.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let (Some(k), Some(v)) = (form_decode(k), form_decode(v)) else {
-            return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "malformed form body");
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "malformed form body",
+            );
         };
         // RFC 6749 3.2: parameters must not be repeated.
         if fields.insert(k.clone(), v).is_some() {
@@ -302,7 +390,11 @@ pub async fn token(State(auth): State<Arc<Auth>>, headers: HeaderMap, body: axum
         }
     }
     let Some(grant) = fields.get("grant_type") else {
-        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "grant_type is required");
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "grant_type is required",
+        );
     };
     if grant != "client_credentials" {
         return oauth_error(
@@ -345,15 +437,21 @@ pub async fn token(State(auth): State<Arc<Auth>>, headers: HeaderMap, body: axum
     let client = match auth.broker.authenticate_client(&id, &secret).await {
         Ok(c) => c,
         Err(broker_core::Error::InvalidClient) => {
-            return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "client authentication failed")
+            return oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "client authentication failed",
+            )
         }
         Err(e) => return ApiError::from(e).into_response(),
     };
-    match auth.issue(&client) {
+    match auth.issue(&client).await {
         Ok((token, ttl)) => {
             let mut resp = (
                 StatusCode::OK,
-                axum::Json(json!({"access_token": token, "token_type": "bearer", "expires_in": ttl})),
+                axum::Json(
+                    json!({"access_token": token, "token_type": "bearer", "expires_in": ttl}),
+                ),
             )
                 .into_response();
             no_store(&mut resp);

@@ -58,6 +58,11 @@ pub struct AuthConfig {
     pub token_issuer: String,
     /// An external OpenID Connect issuer whose tokens are accepted too (optional).
     pub external: Option<ExternalIssuer>,
+    /// The client id of the administrator created on first start (`postroom serve` takes it
+    /// from `POSTROOM_ADMIN_CLIENT_ID`; default `admin`).
+    pub admin_client_id: Option<String>,
+    /// Its secret (`POSTROOM_ADMIN_CLIENT_SECRET`); generated and printed once when absent.
+    pub admin_client_secret: Option<String>,
 }
 
 impl Default for AuthConfig {
@@ -67,6 +72,8 @@ impl Default for AuthConfig {
             token_ttl_secs: 3600,
             token_issuer: "postroom".into(),
             external: None,
+            admin_client_id: None,
+            admin_client_secret: None,
         }
     }
 }

@@ -101,6 +101,12 @@ pub enum ApiError {
     /// subscription: the yaml's "invalid request", 409).
     #[error("{0}")]
     NotSubscribed(String),
+    /// No valid credentials (401, with `WWW-Authenticate: Bearer`).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Valid credentials without the right to do this (403).
+    #[error("{0}")]
+    Forbidden(String),
     /// Another request with the same idempotency key is still being processed.
     #[error("a request with idempotency key `{0}` is still in progress; retry later")]
     IdempotencyInProgress(String),
@@ -122,6 +128,8 @@ impl ApiError {
             ApiError::BadClient(_) => "invalid_client_header",
             ApiError::Exists(_) => "already_exists",
             ApiError::NotSubscribed(_) => "not_subscribed",
+            ApiError::Unauthenticated(_) => "unauthenticated",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::IdempotencyInProgress(_) => "idempotency_in_progress",
         }
     }
@@ -156,6 +164,8 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::BadClient(_) => StatusCode::BAD_REQUEST,
             ApiError::Exists(_)
             | ApiError::NotSubscribed(_)
@@ -251,6 +261,13 @@ fn problem(err: ApiError, status: StatusCode) -> Response {
     if let Some(secs) = retry_after {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        // RFC 6750: tell the client which scheme to use.
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"postroom\""),
+        );
     }
     resp
 }

@@ -2,6 +2,7 @@
 //! [`api::app`]; [`serve`] runs it with the configured limits and shuts down gracefully.
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
@@ -13,7 +14,7 @@ use std::time::Duration;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
-use broker_core::{Broker, Principal};
+use broker_core::Broker;
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 
@@ -27,7 +28,7 @@ pub const LOCAL_ADMIN: &str = "local-admin";
 /// The router with the HTTP limits of `config` around it: body size, request timeout and a bound
 /// on concurrent requests beyond which requests are shed with 503 and `Retry-After`.
 pub fn router(broker: Broker, config: &ServerConfig) -> Result<Router, StartError> {
-    let principal = Principal::new(LOCAL_ADMIN).map_err(|e| StartError::Config(e.to_string()))?;
+    let auth = std::sync::Arc::new(auth::Auth::new(broker.clone(), &config.auth)?);
     let limits = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
             ApiError::Busy
@@ -37,7 +38,6 @@ pub fn router(broker: Broker, config: &ServerConfig) -> Result<Router, StartErro
         .timeout(Duration::from_millis(config.http.request_timeout_ms));
     let idempotency = middleware::Idempotency {
         broker: broker.clone(),
-        principal: principal.clone(),
         body_bytes_max: config.http.body_bytes_max,
         running: Default::default(),
     };
@@ -45,19 +45,33 @@ pub fn router(broker: Broker, config: &ServerConfig) -> Result<Router, StartErro
         bytes_max: config.http.header_bytes_max,
         count_max: config.http.headers_max,
     };
-    // Layers run outside in: header limits first, then load shedding and the timeout, then
-    // idempotency around the handler.
-    Ok(app(AppState { broker, principal })
-        .layer(axum::middleware::from_fn_with_state(
-            idempotency,
-            middleware::idempotency,
-        ))
-        .layer(limits)
-        .layer(DefaultBodyLimit::max(config.http.body_bytes_max))
-        .layer(axum::middleware::from_fn_with_state(
-            header_limits,
-            middleware::header_limits,
-        )))
+    let token = Router::new()
+        .route("/oauth/token", axum::routing::post(auth::token))
+        .with_state(auth.clone());
+    // Layers run outside in: header limits, body limit, load shedding and the timeout, the
+    // audit log, authentication, then idempotency around the handler.
+    Ok(app(AppState {
+        broker: broker.clone(),
+    })
+    .merge(token)
+    .layer(axum::middleware::from_fn_with_state(
+        idempotency,
+        middleware::idempotency,
+    ))
+    .layer(axum::middleware::from_fn_with_state(
+        auth,
+        auth::authenticate,
+    ))
+    .layer(axum::middleware::from_fn_with_state(
+        broker,
+        middleware::audit,
+    ))
+    .layer(limits)
+    .layer(DefaultBodyLimit::max(config.http.body_bytes_max))
+    .layer(axum::middleware::from_fn_with_state(
+        header_limits,
+        middleware::header_limits,
+    )))
 }
 
 /// Opens the broker and serves on `listener` until `shutdown` completes; then stops accepting,
@@ -69,6 +83,26 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let broker = Broker::open(config.database_path(), config.broker.clone()).await?;
+    if let Some((client_id, secret)) = auth::bootstrap(&broker, &config.auth).await? {
+        // Shown once, on the terminal that started the server; never logged.
+        let text = match secret {
+            Some(secret) => format!(
+                "created the administrator client: client_id={client_id} client_secret={secret}\n\
+                 (shown only now; get a token with POST /oauth/token, grant_type=client_credentials)"
+            ),
+            None => format!(
+                "created the administrator client `{client_id}` from POSTROOM_ADMIN_CLIENT_ID"
+            ),
+        };
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), "{text}").is_err() {
+            tracing::warn!(
+                client_id,
+                "could not show the new administrator's credentials (stdout is closed); set \
+                 POSTROOM_ADMIN_CLIENT_ID and POSTROOM_ADMIN_CLIENT_SECRET on a fresh data folder"
+            );
+        }
+    }
     let app = router(broker.clone(), &config)?;
     let grace = Duration::from_millis(config.http.shutdown_grace_ms);
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();

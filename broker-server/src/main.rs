@@ -82,6 +82,13 @@ fn run_server(
         if let Some(d) = data_dir {
             cfg.data_dir = d;
         }
+        // The first administrator's credentials, used only when the data has none yet.
+        if let Ok(id) = std::env::var("POSTROOM_ADMIN_CLIENT_ID") {
+            cfg.auth.admin_client_id = Some(id);
+        }
+        if let Ok(secret) = std::env::var("POSTROOM_ADMIN_CLIENT_SECRET") {
+            cfg.auth.admin_client_secret = Some(secret);
+        }
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|source| broker_server::StartError::Bind {

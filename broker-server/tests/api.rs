@@ -11,6 +11,14 @@ use broker_server::{router, ServerConfig};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+/// The server's default configuration with authentication off (every caller the local
+/// administrator): these tests are about the API's behaviour, not access control.
+fn local() -> ServerConfig {
+    let mut c = ServerConfig::default();
+    c.auth.insecure_no_auth = true;
+    c
+}
+
 struct Api {
     app: axum::Router,
 }
@@ -124,7 +132,7 @@ fn problem(a: &Answer, status: StatusCode, code: &str) {
 
 #[tokio::test]
 async fn rooms_and_event_types() {
-    let api = Api::new(ServerConfig::default()).await;
+    let api = Api::new(local()).await;
     api.setup().await;
     let room = api.get("/v1/rooms/moves").await;
     assert_eq!(room.status, StatusCode::OK);
@@ -207,7 +215,7 @@ async fn rooms_and_event_types() {
 
 #[tokio::test]
 async fn publishing_and_every_error_status() {
-    let mut config = ServerConfig::default();
+    let mut config = local();
     config.http.body_bytes_max = 4096;
     let api = Api::new(config).await;
     api.setup().await;
@@ -382,7 +390,7 @@ async fn publishing_and_every_error_status() {
 
 #[tokio::test]
 async fn overload_is_a_429_with_retry_after() {
-    let mut config = ServerConfig::default();
+    let mut config = local();
     config.broker.writer.queue_ops_max = 1;
     // The background sweep would compete for the one queue slot during setup.
     config.broker.retention.interval_ms = 0;
@@ -423,7 +431,7 @@ async fn overload_is_a_429_with_retry_after() {
 
 #[tokio::test]
 async fn subscriptions_pull_ack_and_dead_letters() {
-    let mut config = ServerConfig::default();
+    let mut config = local();
     // The push subscription below names a loopback URL, which the push target guard refuses by
     // default.
     config.broker.delivery.push_allow.loopback = true;
@@ -651,7 +659,7 @@ async fn serves_on_a_real_socket_and_shuts_down_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let config = ServerConfig {
         data_dir: dir.path().to_path_buf(),
-        ..Default::default()
+        ..local()
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

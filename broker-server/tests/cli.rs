@@ -12,6 +12,14 @@ use std::time::{Duration, Instant};
 use broker_server::ServerConfig;
 use serde_json::Value;
 
+/// The server's default configuration with authentication off (every caller the local
+/// administrator): these tests are about the API's behaviour, not access control.
+fn local() -> ServerConfig {
+    let mut c = ServerConfig::default();
+    c.auth.insecure_no_auth = true;
+    c
+}
+
 /// How long any one step may take before the test gives up; generous, since CI machines are slow,
 /// and never spent unless something is wrong.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -39,7 +47,7 @@ impl Server {
         let addr = listener.local_addr().unwrap();
         let config = ServerConfig {
             data_dir: dir.path().to_path_buf(),
-            ..Default::default()
+            ..local()
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = runtime.spawn(broker_server::serve(listener, config, async move {

@@ -11,6 +11,14 @@ use broker_server::{router, ServerConfig};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+/// The server's default configuration with authentication off (every caller the local
+/// administrator): these tests are about the API's behaviour, not access control.
+fn local() -> ServerConfig {
+    let mut c = ServerConfig::default();
+    c.auth.insecure_no_auth = true;
+    c
+}
+
 struct Answer {
     status: StatusCode,
     replayed: bool,
@@ -66,7 +74,7 @@ async fn memory_app(config: &ServerConfig) -> axum::Router {
 
 #[tokio::test]
 async fn creating_posts_replay_the_first_answer_for_the_same_key_and_request() {
-    let config = ServerConfig::default();
+    let config = local();
     let app = memory_app(&config).await;
     let k = [("idempotency-key", "8e4a0a34-6a3b-4c55-9d38-5f0b9f2b3a11")];
 
@@ -223,7 +231,7 @@ async fn remembered_answers_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let config = ServerConfig {
         data_dir: dir.path().to_path_buf(),
-        ..Default::default()
+        ..local()
     };
     let k = [("idempotency-key", "restart")];
     let first = {
@@ -261,7 +269,7 @@ async fn remembered_answers_survive_a_restart() {
 
 #[tokio::test]
 async fn too_many_or_too_large_headers_are_431() {
-    let mut config = ServerConfig::default();
+    let mut config = local();
     config.http.header_bytes_max = 2048;
     config.http.headers_max = 8;
     let app = memory_app(&config).await;

@@ -13,6 +13,14 @@ use broker_server::{openapi, router, ServerConfig};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+/// The server's default configuration with authentication off (every caller the local
+/// administrator): these tests are about the API's behaviour, not access control.
+fn local() -> ServerConfig {
+    let mut c = ServerConfig::default();
+    c.auth.insecure_no_auth = true;
+    c
+}
+
 struct Answer {
     status: StatusCode,
     content_type: String,
@@ -27,7 +35,7 @@ impl Answer {
 }
 
 async fn app() -> axum::Router {
-    let config = ServerConfig::default();
+    let config = local();
     let broker = Broker::open_in_memory(
         config.broker.clone(),
         Arc::new(ManualClock::new(Timestamp(1_767_225_600_000))),

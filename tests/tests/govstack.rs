@@ -10,6 +10,14 @@ use postroom_tests::receiver::Receiver;
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{json, Value};
 
+/// The server's default configuration with authentication off (every caller the local
+/// administrator): these tests are about the API's behaviour, not access control.
+fn local() -> ServerConfig {
+    let mut c = ServerConfig::default();
+    c.auth.insecure_no_auth = true;
+    c
+}
+
 const BASE: &str = "/r1/neverland/GOV/capitalCity/registry";
 /// The caller's member application; `%2F` shows that parts are percent-decoded.
 const POLICE: &str = "neverland/GOV/capitalCity/police";
@@ -76,7 +84,7 @@ async fn the_govstack_flow_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = ServerConfig {
         data_dir: dir.path().to_path_buf(),
-        ..Default::default()
+        ..local()
     };
     // The PUSH subscriber below is a receiver on loopback, which the push target guard refuses
     // by default.

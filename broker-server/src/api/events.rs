@@ -19,6 +19,7 @@ use super::schemas::{
     UnsupportedMediaType,
 };
 use super::{parse, reply, require_json, AppState, RawBody};
+use crate::auth::Identity;
 use crate::error::ApiError;
 
 /// The routes, relative to `/v1`.
@@ -95,17 +96,19 @@ pub(super) fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'
 )]
 async fn publish(
     State(s): State<AppState>,
+    who: Identity,
     Path((room, ty)): Path<(String, String)>,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     require_json(&headers)?;
-    let mut req = PublishRequest::new(
-        parse("room", &room, RoomName::new)?,
-        parse("type", &ty, EventTypeName::new)?,
-        s.principal.clone(),
-        body.to_vec(),
-    );
+    let room = parse("room", &room, RoomName::new)?;
+    let ty = parse("type", &ty, EventTypeName::new)?;
+    who.require(
+        who.rights.can_publish(&room, &ty),
+        "publish this event type",
+    )?;
+    let mut req = PublishRequest::new(room, ty, who.principal.clone(), body.to_vec());
     req.idempotency_key = header(&headers, "idempotency-key")?.map(String::from);
     req.event_id = header(&headers, "postroom-event-id")?
         .map(|v| parse("Postroom-Event-Id", v, EventId::parse))
@@ -147,9 +150,17 @@ async fn publish(
         (status = 404, response = NotFound),
     )
 )]
-async fn read(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn read(
+    State(s): State<AppState>,
+    who: Identity,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id = parse("id", &id, EventId::parse)?;
     let event = s.broker.event(id)?;
+    who.require(
+        who.rights.manages(&event.room) || event.publisher == who.principal,
+        "read this event",
+    )?;
     let payload: serde_json::Value = event.payload_json().unwrap_or(serde_json::Value::Null);
     let deliveries = s.broker.event_deliveries(id)?;
     let delivered = deliveries
@@ -207,9 +218,14 @@ fn time(name: &str, raw: &str) -> Result<Timestamp, ApiError> {
 )]
 async fn list(
     State(s): State<AppState>,
+    who: Identity,
     Path(room): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
+    who.require(
+        who.rights.manages(&parse("room", &room, RoomName::new)?),
+        "read this Room's event log",
+    )?;
     let key_max = s.broker.config().limits.key_bytes_max;
     let filter = EventFilter {
         event_type: q

@@ -19,7 +19,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use broker_core::{
     DeliveryMode, DeliveryState, Event, EventId, EventTypeName, EventTypeSpec, NewRoom,
-    NewSubscription, Principal, PublishRequest, PushEndpoint, RetryOverrides, RoomName,
+    NewSubscription, Principal, PublishRequest, PushEndpoint, RetryOverrides, Role, RoomName,
     Subscription, SubscriptionPatch,
 };
 use serde::Deserialize;
@@ -86,12 +86,26 @@ type GovResult = Result<Response, GovError>;
 /// shown back as `subscriberId` / `publisherId`.
 pub struct Caller {
     principal: Principal,
+    rights: broker_core::Rights,
+}
+
+impl Caller {
+    fn require(&self, allowed: bool, what: &str) -> Result<(), ApiError> {
+        if allowed {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "`{}` may not {what}",
+                self.principal
+            )))
+        }
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = GovError;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let raw = parts
             .headers
             .get(CLIENT_HEADER)
@@ -113,7 +127,20 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
         }
         let principal = Principal::new(raw)
             .map_err(|e| ApiError::BadClient(format!("X-GovStack-Client: {e}")))?;
-        Ok(Caller { principal })
+        let identity = crate::auth::Identity::from_request_parts(parts, state).await?;
+        // The header must name the authenticated application. Only with authentication off
+        // (every caller the local administrator) does the header alone say who calls.
+        if identity.principal.as_str() != crate::LOCAL_ADMIN && identity.principal != principal {
+            return Err(ApiError::Forbidden(format!(
+                "X-GovStack-Client `{principal}` does not match the token's application `{}`",
+                identity.principal
+            ))
+            .into());
+        }
+        Ok(Caller {
+            principal,
+            rights: identity.rights,
+        })
     }
 }
 
@@ -217,7 +244,7 @@ struct EventTypeBody {
 
 async fn create_type(
     State(s): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     Path(p): Path<RoomPath>,
     headers: HeaderMap,
     RawBody(raw): RawBody,
@@ -229,22 +256,49 @@ async fn create_type(
         return Err(ApiError::param("schema", "must be a JSON Schema object").into());
     }
     // The yaml has no Room creation: the Room appears with its first event type.
+    // An administrator's Room is active at once; a member's waits for approval, and the member
+    // manages it.
     if let Err(broker_core::Error::RoomNotFound { .. }) = s.broker.room(&room) {
-        let mut new = NewRoom::new(room.clone(), s.principal.clone());
+        let admin = caller.rights.is_admin();
+        let mut new = NewRoom::new(room.clone(), caller.principal.clone());
         new.description = "created through the GovStack API".into();
-        new.approved = true;
+        new.approved = admin;
         match s.broker.create_room(new).await {
+            Ok(_) if !admin => {
+                s.broker
+                    .grant(
+                        &caller.principal,
+                        Role::RoomManager,
+                        Some(room.clone()),
+                        None,
+                    )
+                    .await?;
+                return create_type_in(&s, &room, name, b).await;
+            }
             Ok(_) | Err(broker_core::Error::RoomExists { .. }) => {}
             Err(e) => return Err(e.into()),
         }
     }
+    caller.require(
+        caller.rights.manages(&room),
+        "register event types in this Room",
+    )?;
+    create_type_in(&s, &room, name, b).await
+}
+
+async fn create_type_in(
+    s: &AppState,
+    room: &RoomName,
+    name: EventTypeName,
+    b: EventTypeBody,
+) -> GovResult {
     let spec = EventTypeSpec {
         name,
         description: b.description,
         schema: b.schema,
         key_pointer: b.key_pointer,
     };
-    let out = s.broker.create_event_type(&room, spec).await?;
+    let out = s.broker.create_event_type(room, spec).await?;
     Ok(json_reply(StatusCode::OK, type_item(&out.event_type)))
 }
 
@@ -257,10 +311,12 @@ fn type_item(t: &broker_core::EventType) -> Value {
 
 async fn list_types(
     State(s): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     Path(p): Path<RoomPath>,
 ) -> GovResult {
-    let types = match s.broker.event_types(&room_name(&p.app)?) {
+    let room = room_name(&p.app)?;
+    caller.require(caller.rights.any_on(&room), "read this Room")?;
+    let types = match s.broker.event_types(&room) {
         Ok(t) => t,
         Err(broker_core::Error::RoomNotFound { .. }) => Vec::new(),
         Err(e) => return Err(e.into()),
@@ -274,13 +330,12 @@ async fn list_types(
 
 async fn read_type(
     State(s): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     Path(p): Path<TypePath>,
 ) -> GovResult {
-    match s
-        .broker
-        .event_type(&room_name(&p.app)?, &type_name(&p.event_type)?)
-    {
+    let room = room_name(&p.app)?;
+    caller.require(caller.rights.any_on(&room), "read this Room")?;
+    match s.broker.event_type(&room, &type_name(&p.event_type)?) {
         Ok(t) => Ok(json_reply(StatusCode::OK, type_item(&t))),
         // The yaml answers an undefined event type with 204.
         Err(
@@ -292,11 +347,16 @@ async fn read_type(
 
 async fn delete_type(
     State(s): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     Path(p): Path<TypePath>,
 ) -> GovResult {
+    let room = room_name(&p.app)?;
+    caller.require(
+        caller.rights.manages(&room),
+        "delete event types of this Room",
+    )?;
     s.broker
-        .delete_event_type(&room_name(&p.app)?, &type_name(&p.event_type)?)
+        .delete_event_type(&room, &type_name(&p.event_type)?)
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -322,6 +382,10 @@ async fn publish(
 ) -> GovResult {
     let room = room_name(&p.app)?;
     let ty = type_name(&p.event_type)?;
+    caller.require(
+        caller.rights.can_publish(&room, &ty),
+        "publish this event type",
+    )?;
     let b: PublishBody = body(&headers, &raw)?;
     if b.event_type != p.event_type {
         return Err(ApiError::param(
@@ -375,8 +439,12 @@ fn event_item(e: &Event) -> Value {
     })
 }
 
-async fn status(State(s): State<AppState>, _caller: Caller, Path(p): Path<EventPath>) -> GovResult {
+async fn status(State(s): State<AppState>, caller: Caller, Path(p): Path<EventPath>) -> GovResult {
     let event = event_in(&s, &p)?;
+    caller.require(
+        event.publisher == caller.principal || caller.rights.manages(&event.room),
+        "read this event's status",
+    )?;
     let deliveries = s.broker.event_deliveries(event.id)?;
     let mut counts = Map::new();
     for state in ["pending", "in_flight", "delivered", "dead_lettered"] {
@@ -404,8 +472,12 @@ async fn status(State(s): State<AppState>, _caller: Caller, Path(p): Path<EventP
     Ok(json_reply(StatusCode::OK, item))
 }
 
-async fn stop(State(s): State<AppState>, _caller: Caller, Path(p): Path<EventPath>) -> GovResult {
+async fn stop(State(s): State<AppState>, caller: Caller, Path(p): Path<EventPath>) -> GovResult {
     let event = event_in(&s, &p)?;
+    caller.require(
+        event.publisher == caller.principal || caller.rights.manages(&event.room),
+        "stop this event",
+    )?;
     s.broker.stop_event(event.id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -500,6 +572,12 @@ async fn add_sub(
 ) -> GovResult {
     let room = room_name(&p.app)?;
     let ty = type_name(&p.event_type)?;
+    caller.require(
+        caller
+            .rights
+            .can_subscribe(&room, Some(std::slice::from_ref(&ty))),
+        "subscribe to this event type",
+    )?;
     let b: SubBody = super::optional_json(&headers, &raw)?;
     if b.event_type.as_deref().is_some_and(|t| t != p.event_type) {
         return Err(ApiError::param("eventType", "differs from the path").into());

@@ -2,6 +2,7 @@
 //! `tower::ServiceExt::oneshot` and the binary serves it. Every handler is a thin mapping from
 //! HTTP to one core call; behaviour lives in broker-core.
 
+mod admin;
 mod docs;
 mod events;
 pub mod govstack;
@@ -15,7 +16,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use broker_core::{Broker, Principal};
+use broker_core::Broker;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -30,9 +31,6 @@ use crate::error::ApiError;
 pub struct AppState {
     /// The broker.
     pub broker: Broker,
-    /// Who the caller is. Until authentication lands, every caller acts as this one local
-    /// administrator, which is why the server listens on loopback by default.
-    pub principal: Principal,
 }
 
 /// The document's fixed parts: what the API is, its tags, and the components that handlers refer
@@ -77,7 +75,8 @@ fn native_routes() -> OpenApiRouter<AppState> {
             rooms::routes()
                 .merge(room_openapi::routes())
                 .merge(events::routes())
-                .merge(subscriptions::routes()),
+                .merge(subscriptions::routes())
+                .merge(admin::routes()),
         )
 }
 

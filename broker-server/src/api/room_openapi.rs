@@ -42,9 +42,11 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
 )]
 async fn room_openapi(
     State(s): State<AppState>,
+    id: crate::auth::Identity,
     Path(room): Path<String>,
 ) -> Result<Response, ApiError> {
     let name = parse("room", &room, RoomName::new)?;
+    id.require(id.rights.any_on(&name), "read this Room")?;
     let room = s.broker.room(&name)?;
     let types = s.broker.event_types(&name)?;
     // Built by hand rather than through `reply`: the embedded schemas are the publishers' own

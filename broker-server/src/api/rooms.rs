@@ -5,7 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use broker_core::{
-    EventTypeName, EventTypeSpec, NewRoom, Retention, RetryOverrides, RoomName, RoomPatch,
+    EventTypeName, EventTypeSpec, NewRoom, Retention, RetryOverrides, Role, RoomName, RoomPatch,
 };
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
@@ -17,6 +17,7 @@ use super::schemas::{
     RoomPatchSchema, Unprocessable, UnsupportedMediaType,
 };
 use super::{parse, reply, ApiJson, AppState};
+use crate::auth::Identity;
 use crate::error::ApiError;
 
 /// The routes, relative to `/v1`. Handlers that share a path are registered together so that
@@ -73,19 +74,29 @@ fn room_name(raw: &str) -> Result<RoomName, ApiError> {
 )]
 async fn create(
     State(s): State<AppState>,
+    id: Identity,
     ApiJson(body): ApiJson<CreateRoom>,
 ) -> Result<Response, ApiError> {
-    let mut new = NewRoom::new(room_name(&body.name)?, s.principal.clone());
+    let mut new = NewRoom::new(room_name(&body.name)?, id.principal.clone());
     new.description = body.description;
     new.ordered = body.ordered.unwrap_or(true);
     new.retention = body.retention;
     new.retry = body.retry;
-    // The local administrator's Rooms need no approval.
-    new.approved = true;
-    Ok(reply(
-        StatusCode::CREATED,
-        &s.broker.create_room(new).await?,
-    ))
+    // An administrator's Rooms need no approval; a member's wait for one.
+    new.approved = id.rights.is_admin();
+    let room = s.broker.create_room(new).await?;
+    if !id.rights.is_admin() {
+        // Whoever asks for a Room manages it.
+        s.broker
+            .grant(
+                &id.principal,
+                Role::RoomManager,
+                Some(room.name.clone()),
+                None,
+            )
+            .await?;
+    }
+    Ok(reply(StatusCode::CREATED, &room))
 }
 
 /// Paging through a listing.
@@ -112,13 +123,14 @@ struct ListQuery {
 )]
 async fn list(
     State(s): State<AppState>,
+    id: Identity,
     q: axum::extract::Query<ListQuery>,
 ) -> Result<Response, ApiError> {
     let after = q.cursor.as_deref().map(room_name).transpose()?;
-    Ok(reply(
-        StatusCode::OK,
-        &s.broker.rooms(after.as_ref(), q.limit)?,
-    ))
+    let mut page = s.broker.rooms(after.as_ref(), q.limit)?;
+    // Only the Rooms the caller has a right on (all of them for an administrator).
+    page.items.retain(|r| id.rights.any_on(&r.name));
+    Ok(reply(StatusCode::OK, &page))
 }
 
 /// Reads a Room.
@@ -134,8 +146,14 @@ async fn list(
         (status = 404, response = NotFound),
     )
 )]
-async fn read(State(s): State<AppState>, Path(room): Path<String>) -> Result<Response, ApiError> {
-    Ok(reply(StatusCode::OK, &s.broker.room(&room_name(&room)?)?))
+async fn read(
+    State(s): State<AppState>,
+    id: Identity,
+    Path(room): Path<String>,
+) -> Result<Response, ApiError> {
+    let room = room_name(&room)?;
+    id.require(id.rights.any_on(&room), "read this Room")?;
+    Ok(reply(StatusCode::OK, &s.broker.room(&room)?))
 }
 
 /// Changes a Room's description, status, ordering default, retention or retry defaults.
@@ -157,9 +175,11 @@ async fn read(State(s): State<AppState>, Path(room): Path<String>) -> Result<Res
 )]
 async fn update(
     State(s): State<AppState>,
+    id: Identity,
     Path(room): Path<String>,
     ApiJson(patch): ApiJson<RoomPatch>,
 ) -> Result<Response, ApiError> {
+    id.require(id.rights.manages(&room_name(&room)?), "change this Room")?;
     Ok(reply(
         StatusCode::OK,
         &s.broker.update_room(&room_name(&room)?, patch).await?,
@@ -181,8 +201,10 @@ async fn update(
 )]
 async fn remove(
     State(s): State<AppState>,
+    id: Identity,
     Path(room): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    id.require(id.rights.manages(&room_name(&room)?), "delete this Room")?;
     s.broker.delete_room(&room_name(&room)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -203,8 +225,10 @@ async fn remove(
 )]
 async fn approve(
     State(s): State<AppState>,
+    id: Identity,
     Path(room): Path<String>,
 ) -> Result<Response, ApiError> {
+    id.require(id.rights.is_admin(), "approve Rooms")?;
     Ok(reply(
         StatusCode::OK,
         &s.broker.approve_room(&room_name(&room)?).await?,
@@ -248,9 +272,14 @@ struct PutType {
 )]
 async fn put_type(
     State(s): State<AppState>,
+    id: Identity,
     Path((room, ty)): Path<(String, String)>,
     ApiJson(body): ApiJson<PutType>,
 ) -> Result<Response, ApiError> {
+    id.require(
+        id.rights.manages(&room_name(&room)?),
+        "register event types here",
+    )?;
     let spec = EventTypeSpec {
         name: parse("type", &ty, EventTypeName::new)?,
         description: body.description,
@@ -284,8 +313,10 @@ async fn put_type(
 )]
 async fn read_type(
     State(s): State<AppState>,
+    id: Identity,
     Path((room, ty)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    id.require(id.rights.any_on(&room_name(&room)?), "read this Room")?;
     let ty = parse("type", &ty, EventTypeName::new)?;
     Ok(reply(
         StatusCode::OK,
@@ -308,8 +339,10 @@ async fn read_type(
 )]
 async fn list_types(
     State(s): State<AppState>,
+    id: Identity,
     Path(room): Path<String>,
 ) -> Result<Response, ApiError> {
+    id.require(id.rights.any_on(&room_name(&room)?), "read this Room")?;
     Ok(reply(
         StatusCode::OK,
         &serde_json::json!({"items": s.broker.event_types(&room_name(&room)?)?}),

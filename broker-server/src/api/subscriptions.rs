@@ -4,7 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::Response;
@@ -23,7 +24,38 @@ use super::schemas::{
     UnsupportedMediaType,
 };
 use super::{optional_json, parse, reply, ApiJson, AppState, RawBody};
+use crate::auth::Identity;
 use crate::error::ApiError;
+
+/// A subscription the caller may act on: as its subscriber, as a manager of its Room, or as an
+/// administrator.
+pub(super) struct Owned {
+    id: SubscriptionId,
+    sub: broker_core::Subscription,
+    who: Identity,
+}
+
+impl FromRequestParts<AppState> for Owned {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let who = Identity::from_request_parts(parts, state).await?;
+        let Path(params) =
+            Path::<std::collections::HashMap<String, String>>::from_request_parts(parts, state)
+                .await
+                .map_err(|e| ApiError::param("path", e.body_text()))?;
+        let raw = params
+            .get("id")
+            .ok_or_else(|| ApiError::param("id", "missing"))?;
+        let id = sub_id(raw)?;
+        let sub = state.broker.subscription(id)?;
+        who.require(
+            sub.subscriber == who.principal || who.rights.manages(&sub.room),
+            "act on this subscription",
+        )?;
+        Ok(Owned { id, sub, who })
+    }
+}
 
 /// The routes, relative to `/v1`. Each action is its own path, as
 /// `/subscriptions/{id}/{action}` was before the actions were split; an unknown action still
@@ -168,10 +200,16 @@ struct CreatedResponse {
 )]
 async fn create(
     State(s): State<AppState>,
+    who: Identity,
     Path(room): Path<String>,
     ApiJson(b): ApiJson<CreateBody>,
 ) -> Result<Response, ApiError> {
     let room = parse("room", &room, RoomName::new)?;
+    let types = b.event_types.clone().map(type_list).transpose()?;
+    who.require(
+        who.rights.can_subscribe(&room, types.as_deref()),
+        "subscribe to these event types",
+    )?;
     let mode = match (b.mode, b.push) {
         (Mode::Push, Some(p)) => DeliveryMode::Push(p.into()),
         (Mode::Push, None) => {
@@ -188,8 +226,8 @@ async fn create(
             ))
         }
     };
-    let mut new = NewSubscription::new(s.principal.clone(), mode);
-    new.event_types = b.event_types.map(type_list).transpose()?;
+    let mut new = NewSubscription::new(who.principal.clone(), mode);
+    new.event_types = types;
     new.ordered = b.ordered;
     new.retry = b.retry;
     new.in_flight_max = b.in_flight_max;
@@ -217,10 +255,18 @@ async fn create(
         (status = 404, response = NotFound),
     )
 )]
-async fn list(State(s): State<AppState>, Path(room): Path<String>) -> Result<Response, ApiError> {
-    let subs = s
-        .broker
-        .subscriptions(&parse("room", &room, RoomName::new)?)?;
+async fn list(
+    State(s): State<AppState>,
+    who: Identity,
+    Path(room): Path<String>,
+) -> Result<Response, ApiError> {
+    let room = parse("room", &room, RoomName::new)?;
+    who.require(who.rights.any_on(&room), "read this Room")?;
+    let mut subs = s.broker.subscriptions(&room)?;
+    // A manager sees every subscription of the Room; anyone else only their own.
+    if !who.rights.manages(&room) {
+        subs.retain(|sub| sub.subscriber == who.principal);
+    }
     Ok(reply(
         StatusCode::OK,
         &json!({"items": subs.iter().map(view).collect::<Vec<_>>()}),
@@ -240,11 +286,8 @@ async fn list(State(s): State<AppState>, Path(room): Path<String>) -> Result<Res
         (status = 404, response = NotFound),
     )
 )]
-async fn read(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    Ok(reply(
-        StatusCode::OK,
-        &view(&s.broker.subscription(sub_id(&id)?)?),
-    ))
+async fn read(State(s): State<AppState>, Owned { id, .. }: Owned) -> Result<Response, ApiError> {
+    Ok(reply(StatusCode::OK, &view(&s.broker.subscription(id)?)))
 }
 
 /// Changes to a subscription; an absent field is left as it is.
@@ -287,7 +330,7 @@ struct PatchBody {
 )]
 async fn update(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    Owned { id, sub, who }: Owned,
     ApiJson(b): ApiJson<PatchBody>,
 ) -> Result<Response, ApiError> {
     let event_types = match b.event_types {
@@ -299,6 +342,13 @@ async fn update(
             Some(Some(type_list(list)?))
         }
     };
+    if let Some(types) = &event_types {
+        // Widening a subscription needs the same right as subscribing.
+        who.require(
+            who.rights.can_subscribe(&sub.room, types.as_deref()),
+            "subscribe to these event types",
+        )?;
+    }
     let patch = SubscriptionPatch {
         event_types,
         push: b.push.map(Into::into),
@@ -309,7 +359,7 @@ async fn update(
     };
     Ok(reply(
         StatusCode::OK,
-        &view(&s.broker.update_subscription(sub_id(&id)?, patch).await?),
+        &view(&s.broker.update_subscription(id, patch).await?),
     ))
 }
 
@@ -326,8 +376,11 @@ async fn update(
         (status = 404, response = NotFound),
     )
 )]
-async fn remove(State(s): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
-    s.broker.delete_subscription(sub_id(&id)?).await?;
+async fn remove(
+    State(s): State<AppState>,
+    Owned { id, .. }: Owned,
+) -> Result<StatusCode, ApiError> {
+    s.broker.delete_subscription(id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -539,11 +592,10 @@ fn results(r: Vec<broker_core::Result<()>>, ids: Vec<String>) -> Response {
 )]
 async fn pause(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    Owned { id, .. }: Owned,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let id = sub_id(&id)?;
     action_body(&headers, &body)?;
     Ok(reply(
         StatusCode::OK,
@@ -568,11 +620,10 @@ async fn pause(
 )]
 async fn resume(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    Owned { id, .. }: Owned,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let id = sub_id(&id)?;
     action_body(&headers, &body)?;
     Ok(reply(
         StatusCode::OK,
@@ -597,11 +648,14 @@ async fn resume(
 )]
 async fn approve(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    Owned { id, sub, who }: Owned,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let id = sub_id(&id)?;
+    who.require(
+        who.rights.manages(&sub.room),
+        "approve subscriptions of this Room",
+    )?;
     action_body(&headers, &body)?;
     Ok(reply(
         StatusCode::OK,
@@ -634,11 +688,10 @@ struct SecretResponse {
 )]
 async fn rotate_secret(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    Owned { id, .. }: Owned,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let id = sub_id(&id)?;
     action_body(&headers, &body)?;
     Ok(reply(
         StatusCode::OK,
@@ -673,11 +726,10 @@ struct SeekResponse {
 )]
 async fn seek(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    Owned { id, .. }: Owned,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let id = sub_id(&id)?;
     let b = SeekRequest::from(action_body(&headers, &body)?);
     let target = match b.to.as_deref() {
         None | Some("oldest") => SeekTarget::Oldest,
@@ -713,11 +765,10 @@ async fn seek(
 )]
 async fn pull(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    Owned { id, .. }: Owned,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let id = sub_id(&id)?;
     let b = PullRequest::from(action_body(&headers, &body)?);
     let msgs = s
         .broker
@@ -758,11 +809,10 @@ async fn pull(
 )]
 async fn ack(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    Owned { id, .. }: Owned,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let id = sub_id(&id)?;
     let b = AckRequest::try_from(action_body(&headers, &body)?)?;
     Ok(results(s.broker.ack(id, &b.ack_ids).await?, b.ack_ids))
 }
@@ -785,11 +835,10 @@ async fn ack(
 )]
 async fn nack(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    Owned { id, .. }: Owned,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let id = sub_id(&id)?;
     let b = NackRequest::try_from(action_body(&headers, &body)?)?;
     Ok(results(
         s.broker.nack(id, &b.ack_ids, b.delay_ms).await?,
@@ -814,11 +863,10 @@ async fn nack(
 )]
 async fn extend(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    Owned { id, .. }: Owned,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let id = sub_id(&id)?;
     let b = ExtendRequest::try_from(action_body(&headers, &body)?)?;
     Ok(results(
         s.broker.extend(id, &b.ack_ids, b.lease_ms).await?,
@@ -843,11 +891,10 @@ async fn extend(
 )]
 async fn term(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    Owned { id, .. }: Owned,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let id = sub_id(&id)?;
     let b = AckRequest::try_from(action_body(&headers, &body)?)?;
     Ok(results(
         s.broker.terminate(id, &b.ack_ids).await?,
@@ -880,13 +927,12 @@ struct PageQuery {
 )]
 async fn dead_letters(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    Owned { id, .. }: Owned,
     Query(q): Query<PageQuery>,
 ) -> Result<Response, ApiError> {
     Ok(reply(
         StatusCode::OK,
-        &s.broker
-            .dead_letters(sub_id(&id)?, q.cursor.as_deref(), q.limit)?,
+        &s.broker.dead_letters(id, q.cursor.as_deref(), q.limit)?,
     ))
 }
 
@@ -923,7 +969,7 @@ struct RedriveResponse {
 )]
 async fn redrive(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    Owned { id, .. }: Owned,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
@@ -939,7 +985,7 @@ async fn redrive(
     Ok(reply(
         StatusCode::OK,
         &RedriveResponse {
-            redriven: s.broker.redrive(sub_id(&id)?, events).await?,
+            redriven: s.broker.redrive(id, events).await?,
         },
     ))
 }
@@ -964,11 +1010,11 @@ struct PurgeResponse {
         (status = 404, response = NotFound),
     )
 )]
-async fn purge(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn purge(State(s): State<AppState>, Owned { id, .. }: Owned) -> Result<Response, ApiError> {
     Ok(reply(
         StatusCode::OK,
         &PurgeResponse {
-            purged: s.broker.purge_dead_letters(sub_id(&id)?).await?,
+            purged: s.broker.purge_dead_letters(id).await?,
         },
     ))
 }
@@ -988,13 +1034,12 @@ async fn purge(State(s): State<AppState>, Path(id): Path<String>) -> Result<Resp
 )]
 async fn attempts(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    Owned { id, .. }: Owned,
     Query(q): Query<PageQuery>,
 ) -> Result<Response, ApiError> {
     Ok(reply(
         StatusCode::OK,
-        &s.broker
-            .attempts(sub_id(&id)?, q.cursor.as_deref(), q.limit)?,
+        &s.broker.attempts(id, q.cursor.as_deref(), q.limit)?,
     ))
 }
 
@@ -1014,11 +1059,11 @@ async fn attempts(
 )]
 async fn blocked_keys(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    Owned { id, .. }: Owned,
     Query(q): Query<PageQuery>,
 ) -> Result<Response, ApiError> {
     Ok(reply(
         StatusCode::OK,
-        &json!({"items": s.broker.blocked_keys(sub_id(&id)?, q.limit)?}),
+        &json!({"items": s.broker.blocked_keys(id, q.limit)?}),
     ))
 }
