@@ -81,6 +81,8 @@ pub struct Auth {
     issuer: String,
     /// With authentication off, every caller is this administrator.
     insecure_admin: Option<Principal>,
+    /// A trusted external issuer, if configured.
+    external: Option<Arc<crate::auth_external::ExternalVerifier>>,
 }
 
 /// The name of the token signing key in the broker's key store.
@@ -89,7 +91,11 @@ const TOKEN_KEY: &str = "oauth-token-hs256";
 impl Auth {
     /// The authenticator for `broker`; the signing key is loaded (or on first start created)
     /// when first needed.
-    pub fn new(broker: Broker, config: &AuthConfig) -> broker_core::Result<Auth> {
+    pub fn new(
+        broker: Broker,
+        config: &AuthConfig,
+        external: Option<Arc<crate::auth_external::ExternalVerifier>>,
+    ) -> broker_core::Result<Auth> {
         let insecure_admin = if config.insecure_no_auth {
             Some(Principal::new(crate::LOCAL_ADMIN)?)
         } else {
@@ -101,6 +107,7 @@ impl Auth {
             ttl_secs: config.token_ttl_secs.max(1),
             issuer: config.token_issuer.clone(),
             insecure_admin,
+            external,
         })
     }
 
@@ -166,9 +173,21 @@ impl Auth {
         v.set_issuer(&[&self.issuer]);
         v.set_audience(&[&self.issuer]);
         v.set_required_spec_claims(&["iss", "aud", "sub", "exp"]);
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.keys().await?.1, &v)
-            .map_err(|_| unauth("the token is not valid"))?
-            .claims;
+        let claims = match jsonwebtoken::decode::<Claims>(token, &self.keys().await?.1, &v) {
+            Ok(t) => t.claims,
+            // Not one of ours: perhaps the trusted external issuer's.
+            Err(_) => match &self.external {
+                Some(ext) => {
+                    let principal = ext
+                        .verify_or_refresh(token, self.now_secs())
+                        .await
+                        .map_err(|why| unauth(&format!("the token is not valid: {why}")))?;
+                    let rights = self.broker.rights(&principal)?;
+                    return Ok(Identity { principal, rights });
+                }
+                None => return Err(unauth("the token is not valid")),
+            },
+        };
         if claims.exp <= self.now_secs() {
             return Err(unauth("the token has expired"));
         }

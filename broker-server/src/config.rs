@@ -111,6 +111,18 @@ pub struct TlsConfig {
     pub key_path: Option<PathBuf>,
 }
 
+impl TlsConfig {
+    /// The error when only one of the two files is set: serving plain HTTP then would silently
+    /// drop the TLS the operator asked for.
+    pub const HALF_SET: &'static str =
+        "TLS needs both tls.cert_path and tls.key_path; only one of them is set";
+
+    /// Whether the server speaks HTTPS: both files are set.
+    pub fn is_enabled(&self) -> bool {
+        self.cert_path.is_some() && self.key_path.is_some()
+    }
+}
+
 /// Everything `postroom serve` runs with.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -181,6 +193,23 @@ impl ServerConfig {
         toml::Value::Table(doc)
             .try_into()
             .map_err(|e: toml::de::Error| StartError::Config(e.to_string()))
+    }
+
+    /// Checks the settings that depend on each other or on where the server listens, before it
+    /// starts: `insecure_no_auth` only on a loopback `listen_addr` (127.0.0.0/8 or ::1), because
+    /// anyone who can reach the port would otherwise act as the administrator; and the TLS
+    /// certificate and key set together or not at all.
+    pub fn validate(&self, listen_addr: SocketAddr) -> Result<(), StartError> {
+        if self.auth.insecure_no_auth && !listen_addr.ip().is_loopback() {
+            return Err(StartError::Config(format!(
+                "--insecure-no-auth is only allowed on a loopback address; {listen_addr} is not \
+                 one (listen on 127.0.0.1 or [::1], or turn authentication on)"
+            )));
+        }
+        if self.tls.cert_path.is_some() != self.tls.key_path.is_some() {
+            return Err(StartError::Config(TlsConfig::HALF_SET.into()));
+        }
+        Ok(())
     }
 
     /// The database file inside the data folder.
@@ -309,6 +338,45 @@ mod tests {
             broker_core::PushAllow::default(),
             "nothing non-public is allowed by default"
         );
+    }
+
+    #[test]
+    fn insecure_no_auth_is_only_allowed_on_loopback() {
+        let mut c = ServerConfig::default();
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(
+            c.validate(addr("0.0.0.0:8080")).is_ok(),
+            "auth on: any address"
+        );
+        c.auth.insecure_no_auth = true;
+        for ok in ["127.0.0.1:8080", "127.1.2.3:0", "[::1]:8080"] {
+            assert!(c.validate(addr(ok)).is_ok(), "{ok} is loopback");
+        }
+        for bad in [
+            "0.0.0.0:8080",
+            "[::]:8080",
+            "192.0.2.1:8080",
+            "[::ffff:127.0.0.1]:8080",
+        ] {
+            let e = c.validate(addr(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains("--insecure-no-auth is only allowed on a loopback address"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut c = ServerConfig::default();
+        c.tls.cert_path = Some("cert.pem".into());
+        assert!(!c.tls.is_enabled());
+        let e = c.validate(addr).unwrap_err().to_string();
+        assert!(e.contains("tls.key_path"), "{e}");
+        c.tls.key_path = Some("key.pem".into());
+        assert!(c.tls.is_enabled());
+        assert!(c.validate(addr).is_ok());
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! Postroom's HTTP server: a thin axum layer over broker-core. The router is built by
-//! [`api::app`]; [`serve`] runs it with the configured limits and shuts down gracefully.
+//! [`api::app`]; [`serve`] runs it with the configured limits, over HTTPS when a certificate is
+//! configured, and shuts down gracefully.
 
 pub mod api;
 pub mod auth;
+pub mod auth_external;
 pub mod cli;
 pub mod config;
 pub mod error;
 mod middleware;
+pub mod tls;
 
 use std::future::Future;
 use std::time::Duration;
@@ -28,7 +31,16 @@ pub const LOCAL_ADMIN: &str = "local-admin";
 /// The router with the HTTP limits of `config` around it: body size, request timeout and a bound
 /// on concurrent requests beyond which requests are shed with 503 and `Retry-After`.
 pub fn router(broker: Broker, config: &ServerConfig) -> Result<Router, StartError> {
-    let auth = std::sync::Arc::new(auth::Auth::new(broker.clone(), &config.auth)?);
+    router_with(broker, config, None)
+}
+
+/// [`router`] that also accepts tokens of a trusted external issuer.
+pub fn router_with(
+    broker: Broker,
+    config: &ServerConfig,
+    external: Option<std::sync::Arc<auth_external::ExternalVerifier>>,
+) -> Result<Router, StartError> {
+    let auth = std::sync::Arc::new(auth::Auth::new(broker.clone(), &config.auth, external)?);
     let limits = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
             ApiError::Busy
@@ -74,14 +86,26 @@ pub fn router(broker: Broker, config: &ServerConfig) -> Result<Router, StartErro
     )))
 }
 
-/// Opens the broker and serves on `listener` until `shutdown` completes; then stops accepting,
-/// lets requests in flight finish (up to `shutdown_grace_ms`), and closes the broker so that
-/// everything queued is committed.
+/// Checks the configuration against the listener's address, opens the broker and serves on
+/// `listener` (HTTPS when `config.tls` names a certificate and key, else plain HTTP) until
+/// `shutdown` completes; then stops accepting, lets requests in flight finish (up to
+/// `shutdown_grace_ms`), and closes the broker so that everything queued is committed.
 pub async fn serve(
     listener: TcpListener,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    let addr = listener.local_addr().map_err(StartError::Serve)?;
+    config.validate(addr)?;
+    // The certificate is loaded before the broker opens, so that a bad file fails fast and
+    // leaves the data untouched.
+    let tls = tls::load(&config.tls)?;
+    let external = match &config.auth.external {
+        Some(cfg) => Some(std::sync::Arc::new(
+            auth_external::ExternalVerifier::load(cfg).await?,
+        )),
+        None => None,
+    };
     let broker = Broker::open(config.database_path(), config.broker.clone()).await?;
     if let Some((client_id, secret)) = auth::bootstrap(&broker, &config.auth).await? {
         // Shown once, on the terminal that started the server; never logged.
@@ -103,15 +127,30 @@ pub async fn serve(
             );
         }
     }
-    let app = router(broker.clone(), &config)?;
+    let app = router_with(broker.clone(), &config, external)?;
     let grace = Duration::from_millis(config.http.shutdown_grace_ms);
+    let outcome = match tls {
+        None => serve_http(listener, app, grace, shutdown).await,
+        Some(tls) => serve_https(listener, app, tls, grace, shutdown).await,
+    };
+    broker.close().await;
+    outcome
+}
+
+/// Plain HTTP with axum's own server.
+async fn serve_http(
+    listener: TcpListener,
+    app: Router,
+    grace: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         let _ = stopped_tx.send(());
     });
     let served = tokio::spawn(async move { server.await });
-    let outcome = tokio::select! {
+    tokio::select! {
         r = served => r.map_err(|e| StartError::Serve(std::io::Error::other(e)))?.map_err(StartError::Serve),
         _ = async {
             let _ = stopped_rx.await;
@@ -120,8 +159,37 @@ pub async fn serve(
             tracing::warn!("requests still running after the shutdown grace period; stopping anyway");
             Ok(())
         }
-    };
-    broker.close().await;
+    }
+}
+
+/// HTTPS with axum-server's rustls acceptor, whose `Handle` gives the same shutdown as
+/// [`serve_http`]: stop accepting, let connections finish for up to `grace`, then drop them.
+async fn serve_https(
+    listener: TcpListener,
+    app: Router,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    grace: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let handle = axum_server::Handle::new();
+    let listener = listener.into_std().map_err(StartError::Serve)?;
+    let server = axum_server::from_tcp_rustls(
+        listener,
+        axum_server::tls_rustls::RustlsConfig::from_config(tls),
+    )
+    .map_err(StartError::Serve)?
+    .handle(handle.clone());
+    let served = server.serve(app.into_make_service());
+    tokio::pin!(served);
+    tokio::select! {
+        r = &mut served => return r.map_err(StartError::Serve),
+        _ = shutdown => {}
+    }
+    handle.graceful_shutdown(Some(grace));
+    let outcome = served.await.map_err(StartError::Serve);
+    if handle.connection_count() > 0 {
+        tracing::warn!("requests still running after the shutdown grace period; stopping anyway");
+    }
     outcome
 }
 

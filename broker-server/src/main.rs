@@ -34,6 +34,10 @@ enum Command {
         /// The data folder (overrides the file and the environment).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Turns authentication off: every caller acts as the local administrator. Refused
+        /// unless the server listens on a loopback address (127.0.0.0/8 or ::1).
+        #[arg(long)]
+        insecure_no_auth: bool,
     },
     #[command(flatten)]
     Client(ClientCommand),
@@ -46,7 +50,8 @@ fn main() -> ExitCode {
             config,
             listen,
             data_dir,
-        } => run_server(config, listen, data_dir),
+            insecure_no_auth,
+        } => run_server(config, listen, data_dir, insecure_no_auth),
         Command::Client(command) => broker_server::cli::run(cli.global, command),
     }
 }
@@ -55,6 +60,7 @@ fn run_server(
     config: Option<PathBuf>,
     listen: Option<std::net::SocketAddr>,
     data_dir: Option<PathBuf>,
+    insecure_no_auth: bool,
 ) -> ExitCode {
     // Only the server logs: the client subcommands' output is for the person at the terminal.
     tracing_subscriber::fmt()
@@ -89,6 +95,11 @@ fn run_server(
         if let Ok(secret) = std::env::var("POSTROOM_ADMIN_CLIENT_SECRET") {
             cfg.auth.admin_client_secret = Some(secret);
         }
+        // The flag can only turn the setting on: a file or variable that turned it on is not
+        // silently undone by leaving the flag out.
+        if insecure_no_auth {
+            cfg.auth.insecure_no_auth = true;
+        }
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|source| broker_server::StartError::Bind {
@@ -98,11 +109,24 @@ fn run_server(
         let addr = listener
             .local_addr()
             .map_err(broker_server::StartError::Serve)?;
+        // `serve` checks this too; checking before the line below keeps a server that is about
+        // to refuse to start from announcing that it listens.
+        cfg.validate(addr)?;
+        let scheme = if cfg.tls.is_enabled() {
+            "https"
+        } else {
+            "http"
+        };
         // Printed on stdout so that scripts (and tests) can find the port when it was 0.
         println!(
-            "postroom listening on http://{addr} with data in {}",
+            "postroom listening on {scheme}://{addr} with data in {}",
             cfg.data_dir.display()
         );
+        if cfg.auth.insecure_no_auth {
+            tracing::warn!(
+                "authentication is off (--insecure-no-auth): every caller is the administrator"
+            );
+        }
         serve(listener, cfg, shutdown_signal()).await
     });
     match result {

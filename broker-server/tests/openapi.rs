@@ -101,6 +101,10 @@ fn concrete(path: &str) -> String {
     path.replace("{room}", "moves")
         .replace("{type}", "MoveProposed")
         .replace("{id}", "0190a0b0-1c2d-7e3f-8a4b-5c6d7e8f9a0b")
+        .replace("{member}", "UK%2FGOV%2FHO")
+        .replace("{application}", "UK%2FGOV%2FHO%2Firc")
+        .replace("{client_id}", "irc-centre")
+        .replace("{secret_id}", "1")
 }
 
 /// True when the answer is the router's own "no route" or "method not allowed" fallback, not an
