@@ -551,7 +551,12 @@ async fn list_subs(
     caller: Caller,
     Path(p): Path<RoomPath>,
 ) -> GovResult {
-    let subs = s.broker.subscriptions(&room_name(&p.app)?)?;
+    let room = room_name(&p.app)?;
+    caller.require(
+        caller.rights.any_on(&room),
+        "use subscriptions of this Room",
+    )?;
+    let subs = s.broker.subscriptions(&room)?;
     let items: Vec<Value> = subs
         .iter()
         .filter(|sub| sub.subscriber == caller.principal)
@@ -634,6 +639,10 @@ async fn add_sub(
 async fn read_sub(State(s): State<AppState>, caller: Caller, Path(p): Path<TypePath>) -> GovResult {
     let room = room_name(&p.app)?;
     let ty = type_name(&p.event_type)?;
+    caller.require(
+        caller.rights.any_on(&room),
+        "use subscriptions of this Room",
+    )?;
     let sub =
         find_sub(&s, &room, &caller.principal, &ty)?.ok_or_else(|| sub_missing(&p.event_type))?;
     Ok(json_reply(StatusCode::OK, sub_item(&sub, ty.as_str())))
@@ -648,6 +657,10 @@ async fn patch_sub(
 ) -> GovResult {
     let room = room_name(&p.app)?;
     let ty = type_name(&p.event_type)?;
+    caller.require(
+        caller.rights.any_on(&room),
+        "use subscriptions of this Room",
+    )?;
     let b: SubBody = body(&headers, &raw)?;
     let sub =
         find_sub(&s, &room, &caller.principal, &ty)?.ok_or_else(|| sub_missing(&p.event_type))?;
@@ -712,6 +725,10 @@ async fn delete_sub(
 ) -> GovResult {
     let room = room_name(&p.app)?;
     let ty = type_name(&p.event_type)?;
+    caller.require(
+        caller.rights.any_on(&room),
+        "use subscriptions of this Room",
+    )?;
     let sub =
         find_sub(&s, &room, &caller.principal, &ty)?.ok_or_else(|| sub_missing(&p.event_type))?;
     s.broker.delete_subscription(sub.id).await?;
@@ -722,9 +739,16 @@ async fn delete_sub(
 
 /// The caller's PULL subscription to the type; the yaml's "invalid request" (409) when there is
 /// none or it is a PUSH subscription.
-fn pull_sub(s: &AppState, p: &TypePath, caller: &Principal) -> Result<Subscription, ApiError> {
+fn pull_sub(s: &AppState, p: &TypePath, caller: &Caller) -> Result<Subscription, ApiError> {
     let room = room_name(&p.app)?;
     let ty = type_name(&p.event_type)?;
+    caller.require(
+        caller
+            .rights
+            .can_subscribe(&room, Some(std::slice::from_ref(&ty))),
+        "receive this event type",
+    )?;
+    let caller = &caller.principal;
     let invalid = |why: &str| ApiError::NotSubscribed(why.to_string());
     match find_sub(s, &room, caller, &ty) {
         Ok(Some(sub)) if matches!(sub.mode, DeliveryMode::Pull) => Ok(sub),
@@ -739,7 +763,7 @@ fn pull_sub(s: &AppState, p: &TypePath, caller: &Principal) -> Result<Subscripti
 }
 
 async fn pull(State(s): State<AppState>, caller: Caller, Path(p): Path<TypePath>) -> GovResult {
-    let sub = pull_sub(&s, &p, &caller.principal)?;
+    let sub = pull_sub(&s, &p, &caller)?;
     let mut msgs = s.broker.pull(sub.id, 1, None, 0).await?;
     match msgs.pop() {
         Some(m) => {
@@ -760,7 +784,7 @@ async fn confirm(State(s): State<AppState>, caller: Caller, Path(p): Path<EventP
         app: p.app.clone(),
         event_type: p.event_type.clone(),
     };
-    let sub = pull_sub(&s, &tp, &caller.principal)?;
+    let sub = pull_sub(&s, &tp, &caller)?;
     let not_found = || {
         ApiError::Core(broker_core::Error::EventNotFound {
             id: p.event_id.clone(),

@@ -1,0 +1,869 @@
+//! Access control end to end through the router: the OAuth 2.0 token endpoint (RFC 6749
+//! client credentials, both client authentication methods, its error answers), token expiry on
+//! the injected clock, secret rotation, the first-start administrator, the GovStack header
+//! check, the audit log, and a matrix of every role against every endpoint. Guards against an
+//! endpoint that forgets its rights check, and against a token outliving its client.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use base64::Engine;
+use broker_core::{Broker, ManualClock, Timestamp};
+use broker_server::{router, ServerConfig};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const ADMIN_SECRET: &str = "the-administrators-secret";
+
+struct Answer {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: Value,
+}
+
+struct Server {
+    app: axum::Router,
+    clock: ManualClock,
+}
+
+impl Server {
+    async fn start() -> Server {
+        let mut config = ServerConfig::default();
+        config.auth.admin_client_id = Some("admin".into());
+        config.auth.admin_client_secret = Some(ADMIN_SECRET.into());
+        let clock = ManualClock::new(Timestamp(1_767_225_600_000));
+        let broker = Broker::open_in_memory(config.broker.clone(), Arc::new(clock.clone()))
+            .await
+            .unwrap();
+        let made = broker_server::auth::bootstrap(&broker, &config.auth)
+            .await
+            .unwrap();
+        assert_eq!(
+            made,
+            Some(("admin".to_string(), None)),
+            "secret given, not shown"
+        );
+        Server {
+            app: router(broker, &config).unwrap(),
+            clock,
+        }
+    }
+
+    async fn raw(&self, req: Request<Body>) -> Answer {
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        Answer {
+            status,
+            headers,
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        client_header: Option<&str>,
+        body: Option<Value>,
+    ) -> Answer {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if let Some(c) = client_header {
+            req = req.header("x-govstack-client", c);
+        }
+        let body = match body {
+            Some(b) => {
+                req = req.header("content-type", "application/json");
+                Body::from(b.to_string())
+            }
+            None => Body::empty(),
+        };
+        self.raw(req.body(body).unwrap()).await
+    }
+
+    async fn form(&self, body: &str, basic: Option<(&str, &str)>) -> Answer {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri("/oauth/token")
+            .header("content-type", "application/x-www-form-urlencoded");
+        if let Some((id, secret)) = basic {
+            let cred = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
+            req = req.header("authorization", format!("Basic {cred}"));
+        }
+        self.raw(req.body(Body::from(body.to_string())).unwrap())
+            .await
+    }
+
+    async fn token(&self, id: &str, secret: &str) -> String {
+        let a = self
+            .form("grant_type=client_credentials", Some((id, secret)))
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+        a.body["access_token"].as_str().unwrap().to_string()
+    }
+
+    /// Creates an application with a client and returns the client's token.
+    async fn member_app(&self, admin: &str, code: &str) -> String {
+        let a = self
+            .call(
+                Method::POST,
+                "/v1/admin/applications",
+                Some(admin),
+                None,
+                Some(json!({"member": "UK/GOV/HO", "code": code})),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+        let c = self
+            .call(
+                Method::POST,
+                "/v1/admin/clients",
+                Some(admin),
+                None,
+                Some(json!({"application": format!("UK/GOV/HO/{code}"), "client_id": code})),
+            )
+            .await;
+        assert_eq!(c.status, StatusCode::CREATED, "{}", c.body);
+        let secret = c.body["client_secret"].as_str().unwrap().to_string();
+        self.token(code, &secret).await
+    }
+
+    async fn grant(&self, admin: &str, code: &str, role: &str, types: Option<Value>) {
+        let mut body = json!({"principal": format!("UK/GOV/HO/{code}"), "role": role, "room": "r"});
+        if let Some(t) = types {
+            body["event_types"] = t;
+        }
+        let a = self
+            .call(
+                Method::POST,
+                "/v1/admin/grants",
+                Some(admin),
+                None,
+                Some(body),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    }
+}
+
+#[tokio::test]
+async fn the_token_endpoint_follows_rfc_6749() {
+    let s = Server::start().await;
+    // client_secret_basic and client_secret_post both work.
+    let basic = s
+        .form(
+            "grant_type=client_credentials",
+            Some(("admin", ADMIN_SECRET)),
+        )
+        .await;
+    assert_eq!(basic.status, StatusCode::OK);
+    assert_eq!(basic.body["token_type"], "bearer");
+    assert_eq!(basic.body["expires_in"], 3600);
+    assert_eq!(basic.headers["cache-control"], "no-store");
+    let post = s
+        .form(
+            &format!("grant_type=client_credentials&client_id=admin&client_secret={ADMIN_SECRET}"),
+            None,
+        )
+        .await;
+    assert_eq!(post.status, StatusCode::OK);
+
+    let wrong = s
+        .form(
+            "grant_type=client_credentials",
+            Some(("admin", "not-the-secret")),
+        )
+        .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(wrong.body["error"], "invalid_client");
+    assert!(wrong.headers.contains_key("www-authenticate"));
+    let unknown = s
+        .form(
+            "grant_type=client_credentials",
+            Some(("nobody", ADMIN_SECRET)),
+        )
+        .await;
+    assert_eq!(unknown.body["error"], "invalid_client");
+    let grant = s
+        .form("grant_type=password", Some(("admin", ADMIN_SECRET)))
+        .await;
+    assert_eq!(grant.status, StatusCode::BAD_REQUEST);
+    assert_eq!(grant.body["error"], "unsupported_grant_type");
+    let missing = s.form("", Some(("admin", ADMIN_SECRET))).await;
+    assert_eq!(missing.body["error"], "invalid_request");
+    let both = s
+        .form(
+            &format!("grant_type=client_credentials&client_id=admin&client_secret={ADMIN_SECRET}"),
+            Some(("admin", ADMIN_SECRET)),
+        )
+        .await;
+    assert_eq!(both.body["error"], "invalid_request");
+    let json_body = s
+        .call(
+            Method::POST,
+            "/oauth/token",
+            None,
+            None,
+            Some(json!({"grant_type": "client_credentials"})),
+        )
+        .await;
+    assert_eq!(json_body.body["error"], "invalid_request");
+}
+
+#[tokio::test]
+async fn tokens_expire_on_the_clock_and_die_with_their_client() {
+    let s = Server::start().await;
+    let admin = s.token("admin", ADMIN_SECRET).await;
+    let none = s.call(Method::GET, "/v1/rooms", None, None, None).await;
+    assert_eq!(none.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(none.body["code"], "unauthenticated");
+    assert!(none.headers["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Bearer"));
+    let forged = s
+        .call(Method::GET, "/v1/rooms", Some("a.b.c"), None, None)
+        .await;
+    assert_eq!(forged.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        s.call(Method::GET, "/v1/rooms", Some(&admin), None, None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    s.clock.advance_ms(3_600_000);
+    assert_eq!(
+        s.call(Method::GET, "/v1/rooms", Some(&admin), None, None)
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED,
+        "expired after expires_in"
+    );
+    let admin = s.token("admin", ADMIN_SECRET).await;
+
+    // Rotation: a second secret, both valid; revoke the first; deleting the client kills its
+    // tokens at once.
+    s.call(
+        Method::POST,
+        "/v1/admin/members",
+        Some(&admin),
+        None,
+        Some(json!({"id": "UK/GOV/HO"})),
+    )
+    .await;
+    let token = s.member_app(&admin, "rotating").await;
+    let added = s
+        .call(
+            Method::POST,
+            "/v1/admin/clients/rotating/secrets",
+            Some(&admin),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(added.status, StatusCode::CREATED, "{}", added.body);
+    let second = added.body["client_secret"].as_str().unwrap().to_string();
+    s.token("rotating", &second).await;
+    let revoked = s
+        .call(
+            Method::DELETE,
+            "/v1/admin/clients/rotating/secrets/2",
+            Some(&admin),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::OK);
+    let old = s
+        .form("grant_type=client_credentials", Some(("rotating", &second)))
+        .await;
+    assert_eq!(old.status, StatusCode::UNAUTHORIZED, "the revoked secret");
+    assert_eq!(
+        s.call(Method::GET, "/v1/rooms", Some(&token), None, None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let del = s
+        .call(
+            Method::DELETE,
+            "/v1/admin/clients/rotating",
+            Some(&admin),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(del.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        s.call(Method::GET, "/v1/rooms", Some(&token), None, None)
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED,
+        "a deleted client's token stops at once"
+    );
+}
+
+/// Who calls in the matrix.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Who {
+    Anonymous,
+    Admin,
+    Manager,
+    Publisher,
+    Subscriber,
+    Outsider,
+}
+
+const EVERYONE: &[Who] = &[
+    Who::Admin,
+    Who::Manager,
+    Who::Publisher,
+    Who::Subscriber,
+    Who::Outsider,
+];
+
+#[tokio::test]
+async fn every_role_against_every_endpoint() {
+    use Who::*;
+    let s = Server::start().await;
+    let admin = s.token("admin", ADMIN_SECRET).await;
+    s.call(
+        Method::POST,
+        "/v1/admin/members",
+        Some(&admin),
+        None,
+        Some(json!({"id": "UK/GOV/HO"})),
+    )
+    .await;
+    let schema = json!({"type": "object"});
+    assert_eq!(
+        s.call(
+            Method::POST,
+            "/v1/rooms",
+            Some(&admin),
+            None,
+            Some(json!({"name": "r"}))
+        )
+        .await
+        .status,
+        StatusCode::CREATED
+    );
+    s.call(
+        Method::PUT,
+        "/v1/rooms/r/event-types/t",
+        Some(&admin),
+        None,
+        Some(json!({"schema": schema})),
+    )
+    .await;
+    let tokens = [
+        (Manager, s.member_app(&admin, "manager").await),
+        (Publisher, s.member_app(&admin, "publisher").await),
+        (Subscriber, s.member_app(&admin, "subscriber").await),
+        (Outsider, s.member_app(&admin, "outsider").await),
+    ];
+    s.grant(&admin, "manager", "room_manager", None).await;
+    s.grant(&admin, "publisher", "publisher", Some(json!(["t"])))
+        .await;
+    s.grant(&admin, "subscriber", "subscriber", Some(json!(["t"])))
+        .await;
+    let token = |w: Who| -> Option<String> {
+        match w {
+            Anonymous => None,
+            Admin => Some(admin.clone()),
+            other => tokens
+                .iter()
+                .find(|(k, _)| *k == other)
+                .map(|(_, t)| t.clone()),
+        }
+    };
+    let principal = |w: Who| match w {
+        Admin => "local/ADMIN/postroom/admin".to_string(),
+        Anonymous | Outsider => "UK/GOV/HO/outsider".to_string(),
+        other => format!("UK/GOV/HO/{}", format!("{other:?}").to_lowercase()),
+    };
+    // The subscriber's subscription and the publisher's event, for the routes that need them.
+    let sub = s
+        .call(
+            Method::POST,
+            "/v1/rooms/r/subscriptions",
+            token(Subscriber).as_deref(),
+            None,
+            Some(json!({"mode": "pull", "event_types": ["t"]})),
+        )
+        .await;
+    assert_eq!(sub.status, StatusCode::CREATED, "{}", sub.body);
+    let sid = sub.body["subscription"]["id"].as_str().unwrap().to_string();
+    let ev = s
+        .call(
+            Method::POST,
+            "/v1/rooms/r/events/t",
+            token(Publisher).as_deref(),
+            None,
+            Some(json!({"n": 1})),
+        )
+        .await;
+    assert_eq!(ev.status, StatusCode::CREATED, "{}", ev.body);
+    let eid = ev.body["id"].as_str().unwrap().to_string();
+
+    let gov = "/r1/UK/GOV/HO/r";
+    let managers: &[Who] = &[Admin, Manager];
+    let in_room: &[Who] = &[Admin, Manager, Publisher, Subscriber];
+    let publishers: &[Who] = &[Admin, Manager, Publisher];
+    let subscribers: &[Who] = &[Admin, Manager, Subscriber];
+    let admins: &[Who] = &[Admin];
+    // (method, path, body, who may): destructive rows come last, so that earlier rows find
+    // what they need.
+    let rows: Vec<(Method, String, Option<Value>, &[Who])> = vec![
+        (Method::GET, "/v1/rooms".into(), None, EVERYONE),
+        (
+            Method::POST,
+            "/v1/rooms".into(),
+            Some(json!({"name": "ROLE"})),
+            EVERYONE,
+        ),
+        (Method::GET, "/v1/rooms/r".into(), None, in_room),
+        (
+            Method::PATCH,
+            "/v1/rooms/r".into(),
+            Some(json!({"description": "d"})),
+            managers,
+        ),
+        (Method::POST, "/v1/rooms/r/approve".into(), None, admins),
+        (
+            Method::PUT,
+            "/v1/rooms/r/event-types/t2".into(),
+            Some(json!({"schema": schema})),
+            managers,
+        ),
+        (Method::GET, "/v1/rooms/r/event-types".into(), None, in_room),
+        (
+            Method::GET,
+            "/v1/rooms/r/event-types/t".into(),
+            None,
+            in_room,
+        ),
+        (
+            Method::GET,
+            "/v1/rooms/r/openapi.json".into(),
+            None,
+            in_room,
+        ),
+        (
+            Method::POST,
+            "/v1/rooms/r/events/t".into(),
+            Some(json!({"n": 2})),
+            publishers,
+        ),
+        (Method::GET, "/v1/rooms/r/events".into(), None, managers),
+        (Method::GET, format!("/v1/events/{eid}"), None, publishers),
+        (
+            Method::POST,
+            "/v1/rooms/r/subscriptions".into(),
+            Some(json!({"mode": "pull", "event_types": ["t"]})),
+            subscribers,
+        ),
+        (
+            Method::GET,
+            "/v1/rooms/r/subscriptions".into(),
+            None,
+            in_room,
+        ),
+        (
+            Method::GET,
+            format!("/v1/subscriptions/{sid}"),
+            None,
+            subscribers,
+        ),
+        (
+            Method::PATCH,
+            format!("/v1/subscriptions/{sid}"),
+            Some(json!({"ordered": true})),
+            subscribers,
+        ),
+        (
+            Method::POST,
+            format!("/v1/subscriptions/{sid}/pause"),
+            None,
+            subscribers,
+        ),
+        (
+            Method::POST,
+            format!("/v1/subscriptions/{sid}/resume"),
+            None,
+            subscribers,
+        ),
+        (
+            Method::POST,
+            format!("/v1/subscriptions/{sid}/approve"),
+            None,
+            managers,
+        ),
+        (
+            Method::POST,
+            format!("/v1/subscriptions/{sid}/rotate-secret"),
+            None,
+            subscribers,
+        ),
+        (
+            Method::POST,
+            format!("/v1/subscriptions/{sid}/seek"),
+            Some(json!({"to": "oldest"})),
+            subscribers,
+        ),
+        (
+            Method::POST,
+            format!("/v1/subscriptions/{sid}/pull"),
+            Some(json!({"max_messages": 1})),
+            subscribers,
+        ),
+        (
+            Method::POST,
+            format!("/v1/subscriptions/{sid}/ack"),
+            Some(json!({"ack_ids": ["1-1"]})),
+            subscribers,
+        ),
+        (
+            Method::POST,
+            format!("/v1/subscriptions/{sid}/nack"),
+            Some(json!({"ack_ids": ["1-1"]})),
+            subscribers,
+        ),
+        (
+            Method::POST,
+            format!("/v1/subscriptions/{sid}/extend"),
+            Some(json!({"ack_ids": ["1-1"], "lease_ms": 1000})),
+            subscribers,
+        ),
+        (
+            Method::POST,
+            format!("/v1/subscriptions/{sid}/term"),
+            Some(json!({"ack_ids": ["1-1"]})),
+            subscribers,
+        ),
+        (
+            Method::GET,
+            format!("/v1/subscriptions/{sid}/dead-letters"),
+            None,
+            subscribers,
+        ),
+        (
+            Method::POST,
+            format!("/v1/subscriptions/{sid}/dead-letters/redrive"),
+            None,
+            subscribers,
+        ),
+        (
+            Method::DELETE,
+            format!("/v1/subscriptions/{sid}/dead-letters"),
+            None,
+            subscribers,
+        ),
+        (
+            Method::GET,
+            format!("/v1/subscriptions/{sid}/attempts"),
+            None,
+            subscribers,
+        ),
+        (
+            Method::GET,
+            format!("/v1/subscriptions/{sid}/blocked-keys"),
+            None,
+            subscribers,
+        ),
+        (Method::GET, "/v1/admin/members".into(), None, admins),
+        (
+            Method::POST,
+            "/v1/admin/members".into(),
+            Some(json!({"id": "UK/GOV/MOJ"})),
+            admins,
+        ),
+        (Method::GET, "/v1/admin/applications".into(), None, admins),
+        (
+            Method::POST,
+            "/v1/admin/applications".into(),
+            Some(json!({"member": "UK/GOV/HO", "code": "x"})),
+            admins,
+        ),
+        (Method::GET, "/v1/admin/clients".into(), None, admins),
+        (
+            Method::POST,
+            "/v1/admin/clients".into(),
+            Some(json!({"application": "UK/GOV/HO/x"})),
+            admins,
+        ),
+        (
+            Method::GET,
+            "/v1/admin/clients/manager".into(),
+            None,
+            admins,
+        ),
+        (
+            Method::POST,
+            "/v1/admin/clients/nobody/secrets".into(),
+            None,
+            admins,
+        ),
+        (
+            Method::DELETE,
+            "/v1/admin/clients/nobody/secrets/1".into(),
+            None,
+            admins,
+        ),
+        (Method::GET, "/v1/admin/grants".into(), None, admins),
+        (
+            Method::POST,
+            "/v1/admin/grants".into(),
+            Some(json!({"principal": "UK/GOV/HO/x", "role": "subscriber", "room": "r"})),
+            admins,
+        ),
+        (
+            Method::POST,
+            "/v1/admin/grants/revoke".into(),
+            Some(json!({"principal": "UK/GOV/HO/x", "role": "subscriber", "room": "r"})),
+            admins,
+        ),
+        (Method::GET, "/v1/admin/audit".into(), None, admins),
+        (
+            Method::DELETE,
+            "/v1/admin/clients/nobody".into(),
+            None,
+            admins,
+        ),
+        (
+            Method::DELETE,
+            "/v1/admin/applications/UK%2FGOV%2FHO%2Fnobody".into(),
+            None,
+            admins,
+        ),
+        (
+            Method::DELETE,
+            "/v1/admin/members/UK%2FGOV%2FNONE".into(),
+            None,
+            admins,
+        ),
+        // The native subscription goes before the GovStack rows, which find it as the
+        // subscriber's subscription to `t` and delete it.
+        (
+            Method::DELETE,
+            format!("/v1/subscriptions/{sid}"),
+            None,
+            subscribers,
+        ),
+        // GovStack, with X-GovStack-Client naming the caller.
+        (
+            Method::GET,
+            format!("{gov}/api/v1/eventType"),
+            None,
+            in_room,
+        ),
+        (
+            Method::POST,
+            format!("{gov}/api/v1/eventType"),
+            Some(json!({"eventType": "g", "schema": schema})),
+            managers,
+        ),
+        (
+            Method::GET,
+            format!("{gov}/api/v1/eventType/t"),
+            None,
+            in_room,
+        ),
+        (
+            Method::POST,
+            format!("{gov}/pub/v1/t"),
+            Some(json!({"eventType": "t", "event": {"n": 3}})),
+            publishers,
+        ),
+        (
+            Method::GET,
+            format!("{gov}/pub/v1/t/{eid}"),
+            None,
+            publishers,
+        ),
+        (Method::GET, format!("{gov}/api/v1/subs"), None, in_room),
+        (
+            Method::POST,
+            format!("{gov}/api/v1/subs/t"),
+            Some(json!({"eventType": "t", "delivery": "PULL"})),
+            subscribers,
+        ),
+        (Method::GET, format!("{gov}/api/v1/subs/t"), None, in_room),
+        (
+            Method::PATCH,
+            format!("{gov}/api/v1/subs/t"),
+            Some(json!({"eventType": "t"})),
+            in_room,
+        ),
+        (Method::GET, format!("{gov}/pull/v1/t"), None, subscribers),
+        (
+            Method::DELETE,
+            format!("{gov}/pull/v1/t/{eid}"),
+            None,
+            subscribers,
+        ),
+        (
+            Method::DELETE,
+            format!("{gov}/api/v1/subs/t"),
+            None,
+            in_room,
+        ),
+        (
+            Method::DELETE,
+            format!("{gov}/pub/v1/t/{eid}"),
+            None,
+            publishers,
+        ),
+        (
+            Method::DELETE,
+            format!("{gov}/api/v1/eventType/g"),
+            None,
+            managers,
+        ),
+        // Last: what the rows above rely on.
+        (Method::DELETE, "/v1/rooms/r".into(), None, managers),
+    ];
+    let mut checked = 0;
+    for (method, path, body, allowed) in &rows {
+        // The refused first: they must change nothing the allowed ones rely on.
+        let mut order: Vec<Who> = std::iter::once(Anonymous)
+            .chain(EVERYONE.iter().copied().filter(|w| !allowed.contains(w)))
+            .collect();
+        order.extend(allowed.iter().copied());
+        for who in order {
+            let body = body.clone().map(|b| {
+                if b == json!({"name": "ROLE"}) {
+                    json!({"name": format!("room-{}", format!("{who:?}").to_lowercase())})
+                } else {
+                    b
+                }
+            });
+            let header = path.starts_with("/r1/").then(|| principal(who));
+            let a = s
+                .call(
+                    method.clone(),
+                    path,
+                    token(who).as_deref(),
+                    header.as_deref(),
+                    body,
+                )
+                .await;
+            let want = if who == Anonymous {
+                "401"
+            } else if allowed.contains(&who) {
+                "allowed"
+            } else {
+                "403"
+            };
+            let got = match a.status.as_u16() {
+                401 => "401",
+                403 => "403",
+                _ => "allowed",
+            };
+            assert_eq!(
+                got, want,
+                "{who:?} {method} {path}: {} {}",
+                a.status, a.body
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 300, "{checked} checks");
+}
+
+#[tokio::test]
+async fn the_govstack_header_must_name_the_token_s_application_and_changes_are_audited() {
+    let s = Server::start().await;
+    let admin = s.token("admin", ADMIN_SECRET).await;
+    s.call(
+        Method::POST,
+        "/v1/admin/members",
+        Some(&admin),
+        None,
+        Some(json!({"id": "UK/GOV/HO"})),
+    )
+    .await;
+    let police = s.member_app(&admin, "police").await;
+    // Another member's identity in the header: refused even for a right the caller has.
+    let a = s
+        .call(
+            Method::GET,
+            "/r1/UK/GOV/HO/births/api/v1/eventType",
+            Some(&police),
+            Some("UK/GOV/HO/births"),
+            None,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert!(a.body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("does not match"));
+    // Its own name: a member may ask for a Room through GovStack; it waits for approval.
+    let b = s
+        .call(
+            Method::POST,
+            "/r1/UK/GOV/HO/policeroom/api/v1/eventType",
+            Some(&police),
+            Some("UK/GOV/HO/police"),
+            Some(json!({"eventType": "arrest", "schema": {"type": "object"}})),
+        )
+        .await;
+    assert_eq!(b.status, StatusCode::OK, "{}", b.body);
+    let room = s
+        .call(
+            Method::GET,
+            "/v1/rooms/policeroom",
+            Some(&police),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(room.body["status"], "pending");
+
+    // The audit log has the changes, with actors and failures, and no secret anywhere.
+    let log = s
+        .call(Method::GET, "/v1/admin/audit", Some(&admin), None, None)
+        .await;
+    let items = log.body["items"].as_array().unwrap();
+    assert!(items.iter().any(|e| e["action"] == "POST /v1/admin/members"
+        && e["actor"] == "local/ADMIN/postroom/admin"
+        && e["outcome"] == "success"));
+    assert!(items.iter().any(
+        |e| e["action"] == "POST /r1/UK/GOV/HO/policeroom/api/v1/eventType"
+            && e["actor"] == "UK/GOV/HO/police"
+    ));
+    let refused = s
+        .call(
+            Method::POST,
+            "/v1/admin/members",
+            Some(&police),
+            None,
+            Some(json!({"id": "UK/GOV/X"})),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    let failures = s
+        .call(
+            Method::GET,
+            "/v1/admin/audit?outcome=failure",
+            Some(&admin),
+            None,
+            None,
+        )
+        .await;
+    assert!(failures.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["actor"] == "UK/GOV/HO/police" && e["error"] == "forbidden"));
+    assert!(!log.body.to_string().contains(ADMIN_SECRET));
+}
