@@ -867,3 +867,146 @@ async fn the_govstack_header_must_name_the_token_s_application_and_changes_are_a
         .any(|e| e["actor"] == "UK/GOV/HO/police" && e["error"] == "forbidden"));
     assert!(!log.body.to_string().contains(ADMIN_SECRET));
 }
+
+/// Starts `postroom serve` on a free port with `envs`, returning the child, its stdout reader
+/// (kept open: the server prints the first administrator's credentials after the address)
+/// and its base URL.
+fn start_binary(
+    dir: &std::path::Path,
+    envs: &[(&str, &str)],
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+    String,
+) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_postroom"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .envs(envs.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("address line")
+        .to_string();
+    // Answering /healthz means the server runs, with its signal handler in place.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        reqwest::get(format!("{url}/healthz"))
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, 200);
+    (child, out, url)
+}
+
+fn stop(mut child: std::process::Child) {
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert!(child.wait().unwrap().success());
+}
+
+/// README's path for a newcomer: start the server, take the printed credentials, get a token,
+/// create a Room and an event type, publish.
+#[test]
+fn a_newcomer_gets_a_token_from_the_printed_credentials_and_publishes() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let (child, mut out, url) = start_binary(dir.path(), &[]);
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+            .to_string()
+    };
+    let (id, secret) = (field("client_id"), field("client_secret"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let token: Value = http
+            .post(format!("{url}/oauth/token"))
+            .basic_auth(&id, Some(&secret))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("grant_type=client_credentials")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = token["access_token"].as_str().unwrap().to_string();
+        let steps = [
+            ("POST", "/v1/rooms", json!({"name": "irc"}), 201),
+            (
+                "PUT",
+                "/v1/rooms/irc/event-types/bed",
+                json!({"schema": {"type": "object"}}),
+                201,
+            ),
+            ("POST", "/v1/rooms/irc/events/bed", json!({"bed": 1}), 201),
+        ];
+        for (method, path, body, want) in steps {
+            let r = http
+                .request(method.parse().unwrap(), format!("{url}{path}"))
+                .bearer_auth(&token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), want, "{method} {path}");
+        }
+        let anonymous = http
+            .post(format!("{url}/v1/rooms/irc/events/bed"))
+            .json(&json!({"bed": 2}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(anonymous.status().as_u16(), 401);
+    });
+    stop(child);
+
+    // A restart creates nobody new; with the variables on a fresh folder, that client is made.
+    let (child, mut out, _) = start_binary(dir.path(), &[]);
+    stop(child);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(!rest.contains("client_secret"), "{rest}");
+    let fresh = tempfile::tempdir().unwrap();
+    let (child, mut out, url) = start_binary(
+        fresh.path(),
+        &[
+            ("POSTROOM_ADMIN_CLIENT_ID", "ops"),
+            ("POSTROOM_ADMIN_CLIENT_SECRET", "a-long-chosen-secret"),
+        ],
+    );
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(
+        line.contains("`ops`") && !line.contains("a-long-chosen-secret"),
+        "{line}"
+    );
+    let status = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("{url}/oauth/token"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("grant_type=client_credentials&client_id=ops&client_secret=a-long-chosen-secret")
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, 200);
+    stop(child);
+}
