@@ -417,3 +417,23 @@ async fn docs_page_works_offline() {
         );
     }
 }
+
+#[test]
+fn the_document_declares_the_bearer_token_on_every_operation_but_health() {
+    let doc = serde_json::to_value(openapi()).unwrap();
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    for (path, method) in operations(&doc) {
+        let op = &doc["paths"][&path][&method];
+        if path == "/healthz" {
+            assert!(op.get("security").is_none());
+            continue;
+        }
+        assert_eq!(op["security"][0]["bearer"], json!([]), "{method} {path}");
+        for code in ["401", "403"] {
+            assert!(op["responses"].get(code).is_some(), "{method} {path} {code}");
+        }
+    }
+}

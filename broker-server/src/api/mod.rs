@@ -82,12 +82,64 @@ fn native_routes() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI 3.1 document of the native API, as served at `/openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    native_routes().into_openapi()
+    let mut doc = native_routes().into_openapi();
+    secure(&mut doc);
+    doc
+}
+
+/// Declares the bearer token scheme and, on every operation but the health check, the token
+/// requirement and the 401 and 403 answers that every such operation can give.
+fn secure(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::security::{
+        HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+    };
+    use utoipa::openapi::{Ref, RefOr};
+    doc.components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some(
+                        "An access token from `POST /oauth/token` (RFC 6749 client credentials).",
+                    ))
+                    .build(),
+            ),
+        );
+    for (path, item) in doc.paths.paths.iter_mut() {
+        if path == "/healthz" {
+            continue;
+        }
+        for op in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            op.security = Some(vec![SecurityRequirement::new(
+                "bearer",
+                Vec::<String>::new(),
+            )]);
+            for (code, name) in [("401", "Unauthorized"), ("403", "Forbidden")] {
+                op.responses
+                    .responses
+                    .entry(code.to_string())
+                    .or_insert_with(|| RefOr::Ref(Ref::from_response_name(name)));
+            }
+        }
+    }
 }
 
 /// The whole router: the native API, its document and the `/docs` page.
 pub fn app(state: AppState) -> Router {
-    let (native, doc) = native_routes().split_for_parts();
+    let (native, mut doc) = native_routes().split_for_parts();
+    secure(&mut doc);
     native
         .merge(docs::routes(&doc))
         .merge(govstack::routes())

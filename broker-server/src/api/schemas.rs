@@ -32,6 +32,8 @@ macro_rules! problem_responses {
     ($($name:ident => $description:literal;)*) => {
         $(
             #[doc = $description]
+            // Some are named only by the document's post-processing, not by a handler.
+            #[allow(dead_code)]
             pub(crate) struct $name;
 
             impl<'r> ToResponse<'r> for $name {
@@ -57,6 +59,8 @@ problem_responses! {
     Unprocessable => "The request is well-formed but invalid: a schema violation, an invalid value or an exceeded limit.";
     Overloaded => "The broker's write queue is full; retry after the `Retry-After` seconds.";
     Unavailable => "The server is busy or shutting down; retry after the `Retry-After` seconds.";
+    Unauthorized => "No valid bearer token: get one from `POST /oauth/token` (client credentials).";
+    Forbidden => "The token is valid but its application has no right to do this.";
 }
 
 /// One way in which a payload fails its event type's JSON Schema.
