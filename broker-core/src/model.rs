@@ -67,6 +67,8 @@ pub struct Room {
     pub events_stored: u64,
     /// Payload bytes currently stored in the Room.
     pub bytes_stored: u64,
+    /// True when new subscriptions (by anyone but a manager) wait for a manager's approval.
+    pub subscription_approval: bool,
 }
 
 /// A request to create a Room.
@@ -87,6 +89,9 @@ pub struct NewRoom {
     /// True when the requester is an administrator: the Room starts active. Otherwise it starts
     /// pending until [`crate::Broker::approve_room`].
     pub approved: bool,
+    /// True when new subscriptions (by anyone but a manager) start pending until a manager
+    /// approves them.
+    pub subscription_approval: bool,
 }
 
 impl NewRoom {
@@ -100,6 +105,7 @@ impl NewRoom {
             retention: Retention::default(),
             retry: RetryOverrides::default(),
             approved: false,
+            subscription_approval: false,
         }
     }
 
@@ -125,6 +131,9 @@ pub struct RoomPatch {
     pub retention: Option<Retention>,
     /// New retry defaults (replacing the old ones).
     pub retry: Option<RetryOverrides>,
+    /// Whether new subscriptions wait for a manager's approval.
+    #[serde(default)]
+    pub subscription_approval: Option<bool>,
 }
 
 /// What a caller registers for an event type.

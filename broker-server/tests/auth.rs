@@ -1010,3 +1010,79 @@ fn a_newcomer_gets_a_token_from_the_printed_credentials_and_publishes() {
     assert_eq!(status, 200);
     stop(child);
 }
+
+#[tokio::test]
+async fn in_a_room_that_asks_for_it_subscriptions_wait_for_a_manager() {
+    let s = Server::start().await;
+    let admin = s.token("admin", ADMIN_SECRET).await;
+    s.call(
+        Method::POST,
+        "/v1/admin/members",
+        Some(&admin),
+        None,
+        Some(json!({"id": "UK/GOV/HO"})),
+    )
+    .await;
+    let room = s
+        .call(
+            Method::POST,
+            "/v1/rooms",
+            Some(&admin),
+            None,
+            Some(json!({"name": "r", "subscription_approval": true})),
+        )
+        .await;
+    assert_eq!(room.body["subscription_approval"], true);
+    let subscriber = s.member_app(&admin, "subscriber").await;
+    let manager = s.member_app(&admin, "manager").await;
+    s.grant(&admin, "subscriber", "subscriber", None).await;
+    s.grant(&admin, "manager", "room_manager", None).await;
+    let pull = Some(json!({"mode": "pull"}));
+    let sub = s
+        .call(
+            Method::POST,
+            "/v1/rooms/r/subscriptions",
+            Some(&subscriber),
+            None,
+            pull.clone(),
+        )
+        .await;
+    assert_eq!(
+        sub.body["subscription"]["status"], "pending",
+        "{}",
+        sub.body
+    );
+    let sid = sub.body["subscription"]["id"].as_str().unwrap().to_string();
+    // The subscriber cannot approve itself; the manager can.
+    let own = s
+        .call(
+            Method::POST,
+            &format!("/v1/subscriptions/{sid}/approve"),
+            Some(&subscriber),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(own.status, StatusCode::FORBIDDEN);
+    let approved = s
+        .call(
+            Method::POST,
+            &format!("/v1/subscriptions/{sid}/approve"),
+            Some(&manager),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(approved.body["status"], "active", "{}", approved.body);
+    // A manager's own subscription needs nobody's approval.
+    let managers = s
+        .call(
+            Method::POST,
+            "/v1/rooms/r/subscriptions",
+            Some(&manager),
+            None,
+            pull,
+        )
+        .await;
+    assert_eq!(managers.body["subscription"]["status"], "active");
+}

@@ -433,7 +433,10 @@ fn the_document_declares_the_bearer_token_on_every_operation_but_health() {
         }
         assert_eq!(op["security"][0]["bearer"], json!([]), "{method} {path}");
         for code in ["401", "403"] {
-            assert!(op["responses"].get(code).is_some(), "{method} {path} {code}");
+            assert!(
+                op["responses"].get(code).is_some(),
+                "{method} {path} {code}"
+            );
         }
     }
 }

@@ -72,12 +72,18 @@ async fn rooms_are_created_once_listed_in_pages_and_updated() {
         }),
         status: Some(RoomStatus::Disabled),
         retry: None,
+        subscription_approval: Some(true),
     };
     let updated = broker.update_room(&room("a"), patch).await.unwrap();
     assert_eq!(updated.description, "bed events");
     assert!(!updated.ordered);
     assert_eq!(updated.retention.age_ms_max, Some(1000));
     assert_eq!(updated.status, RoomStatus::Disabled);
+    assert!(updated.subscription_approval);
+    assert!(
+        broker.room(&room("a")).unwrap().subscription_approval,
+        "read back"
+    );
     assert!(updated.updated_at > updated.created_at);
     let back = broker
         .update_room(

@@ -113,6 +113,9 @@ pub(crate) enum RecordKind {
     Application,
     Client,
     Grant,
+    /// Per-Room-incarnation policies kept beside the Room record (keyed by the Room's id), such
+    /// as whether subscriptions need approval.
+    RoomPolicy,
     /// Random keys the broker keeps for its host (such as a server's token signing key).
     Key,
 }
@@ -125,6 +128,7 @@ impl RecordKind {
             RecordKind::Client => "client",
             RecordKind::Grant => "grant",
             RecordKind::Key => "key",
+            RecordKind::RoomPolicy => "room_policy",
         }
     }
 }

@@ -20,7 +20,8 @@ use super::redb_delivery::{
 };
 use super::redb_records::{AUDIT, RECORDS};
 use super::{
-    Applied, DeliveryDefaults, PreparedEvent, PublishTarget, Storage, WriteOp, WriteOutput,
+    Applied, DeliveryDefaults, PreparedEvent, PublishTarget, RecordKind, Storage, WriteOp,
+    WriteOutput,
 };
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
@@ -195,8 +196,22 @@ storage_errors!(
     redb::SetDurabilityError
 );
 
-fn room_from(name: &str, r: RoomRecord, stats: (u64, u64, u64)) -> Result<Room> {
+/// The key of a Room incarnation's policy record; the value is `b"approval"` when subscriptions
+/// need approval. Kept out of `RoomRecord` so that stored Rooms keep their layout.
+fn policy_key(room_id: u64) -> String {
+    room_id.to_string()
+}
+
+const APPROVAL: &[u8] = b"approval";
+
+fn room_from(
+    name: &str,
+    r: RoomRecord,
+    stats: (u64, u64, u64),
+    subscription_approval: bool,
+) -> Result<Room> {
     Ok(Room {
+        subscription_approval,
         name: RoomName::new(name).map_err(|e| Error::Storage(format!("stored room name: {e}")))?,
         description: r.description,
         owner: r.owner,
@@ -368,6 +383,12 @@ impl RedbStorage {
         Ok(cache)
     }
 
+    fn approval_read(&self, room_id: u64) -> Result<bool> {
+        Ok(self
+            .record_read(RecordKind::RoomPolicy, &policy_key(room_id))?
+            .is_some_and(|v| v == APPROVAL))
+    }
+
     fn read_room(&self, name: &RoomName) -> Result<Option<(RoomRecord, RoomStats)>> {
         let txn = self.db.begin_read()?;
         let rooms = txn.open_table(ROOMS)?;
@@ -536,7 +557,23 @@ impl<'t> Tables<'t> {
     fn store_room(&mut self, name: &RoomName, rec: &RoomRecord) -> Result<Room> {
         self.rooms.insert(name.as_str(), encode(rec)?.as_slice())?;
         let stats = self.stats(rec.id)?;
-        room_from(name.as_str(), decode(&encode(rec)?)?, stats)
+        let approval = self
+            .records
+            .get((RecordKind::RoomPolicy.as_str(), policy_key(rec.id).as_str()))?
+            .is_some_and(|g| g.value() == APPROVAL);
+        room_from(name.as_str(), decode(&encode(rec)?)?, stats, approval)
+    }
+
+    fn set_approval(&mut self, room_id: u64, on: bool) -> Result<()> {
+        let key = policy_key(room_id);
+        if on {
+            self.records
+                .insert((RecordKind::RoomPolicy.as_str(), key.as_str()), APPROVAL)?;
+        } else {
+            self.records
+                .remove((RecordKind::RoomPolicy.as_str(), key.as_str()))?;
+        }
+        Ok(())
     }
 
     fn create_room(&mut self, now: Timestamp, room: NewRoom, rooms_max: usize) -> Result<Room> {
@@ -571,6 +608,7 @@ impl<'t> Tables<'t> {
             created_at: now,
             updated_at: now,
         };
+        self.set_approval(id, room.subscription_approval)?;
         self.store_room(&room.name, &rec)
     }
 
@@ -605,6 +643,9 @@ impl<'t> Tables<'t> {
         if let Some(r) = patch.retry {
             rec.retry = r;
         }
+        if let Some(a) = patch.subscription_approval {
+            self.set_approval(rec.id, a)?;
+        }
         rec.updated_at = now;
         self.store_room(name, &rec)
     }
@@ -629,6 +670,7 @@ impl<'t> Tables<'t> {
         let rec = self.room_record(name)?;
         self.rooms.remove(name.as_str())?;
         self.deleted_rooms.insert(rec.id, ())?;
+        self.set_approval(rec.id, false)?;
         // Its subscriptions go with it: their queues point into the Room's log.
         self.delete_room_subscriptions(rec.id)?;
         self.seqs.last.retain(|(rid, _), _| *rid != rec.id);
@@ -1390,9 +1432,11 @@ impl Storage for RedbStorage {
     }
 
     fn room(&self, name: &RoomName) -> Result<Option<Room>> {
-        self.read_room(name)?
-            .map(|(rec, stats)| room_from(name.as_str(), rec, stats))
-            .transpose()
+        let Some((rec, stats)) = self.read_room(name)? else {
+            return Ok(None);
+        };
+        let approval = self.approval_read(rec.id)?;
+        room_from(name.as_str(), rec, stats, approval).map(Some)
     }
 
     fn rooms(&self, after: Option<&RoomName>, limit: usize) -> Result<Vec<Room>> {
@@ -1411,7 +1455,8 @@ impl Storage for RedbStorage {
             }
             let rec: RoomRecord = decode(v.value())?;
             let s = stats.get(rec.id)?.map(|g| g.value()).unwrap_or_default();
-            out.push(room_from(k.value(), rec, s)?);
+            let approval = self.approval_read(rec.id)?;
+            out.push(room_from(k.value(), rec, s, approval)?);
         }
         Ok(out)
     }

@@ -51,6 +51,10 @@ struct CreateRoom {
     #[serde(default)]
     #[schema(value_type = RetryOverridesSchema)]
     retry: RetryOverrides,
+    /// When true, subscriptions by anyone but the Room's managers start `pending` until a
+    /// manager approves them (default false: a subscriber right is approval enough).
+    #[serde(default)]
+    subscription_approval: bool,
 }
 
 fn room_name(raw: &str) -> Result<RoomName, ApiError> {
@@ -82,6 +86,7 @@ async fn create(
     new.ordered = body.ordered.unwrap_or(true);
     new.retention = body.retention;
     new.retry = body.retry;
+    new.subscription_approval = body.subscription_approval;
     // An administrator's Rooms need no approval; a member's wait for one.
     new.approved = id.rights.is_admin();
     let room = s.broker.create_room(new).await?;

@@ -137,6 +137,8 @@ pub(crate) struct RoomPatchSchema {
     retention: Option<RetentionSchema>,
     /// New retry defaults (replacing the old ones).
     retry: Option<RetryOverridesSchema>,
+    /// Whether new subscriptions wait for a manager's approval.
+    subscription_approval: Option<bool>,
 }
 
 /// A free-form JSON object, for answers whose shape is a broker-core type (a Room, an event

@@ -227,6 +227,8 @@ async fn create(
         }
     };
     let mut new = NewSubscription::new(who.principal.clone(), mode);
+    // In a Room that asks for it, a subscription waits for a manager's approval.
+    new.approved = who.rights.manages(&room) || !s.broker.room(&room)?.subscription_approval;
     new.event_types = types;
     new.ordered = b.ordered;
     new.retry = b.retry;
