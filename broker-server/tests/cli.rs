@@ -833,6 +833,38 @@ fn login_caches_a_token_that_later_commands_reuse() {
         stderr(&out)
     );
 
+    // The JSON form says where and until when.
+    let v = right.json(&["login"]);
+    assert_eq!(v["client_id"], "admin");
+    assert_eq!(v["cache_file"], files[0].display().to_string());
+    let expires_in = v["expires_in"].as_u64().unwrap();
+    assert!(expires_in > 3000 && expires_in <= 3600, "{v}");
+    assert!(v.get("access_token").is_none(), "only with --print-token");
+
+    // Without POSTROOM_CACHE_DIR the cache is under XDG_CACHE_HOME, else under HOME.
+    let xdg = tempfile::tempdir().unwrap();
+    let out = s
+        .command(&["login", "--client-id", "admin"])
+        .env("POSTROOM_CLIENT_SECRET", ADMIN_SECRET)
+        .env("XDG_CACHE_HOME", xdg.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(cache_files(&xdg.path().join("postroom")).len(), 1);
+    let home = tempfile::tempdir().unwrap();
+    let out = s
+        .command(&["login", "--client-id", "admin"])
+        .env("POSTROOM_CLIENT_SECRET", ADMIN_SECRET)
+        .env_remove("XDG_CACHE_HOME")
+        .env("HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        cache_files(&home.path().join(".cache").join("postroom")).len(),
+        1
+    );
+
     // A secret without a client id is a usage error.
     let out = s
         .command(&["rooms", "list"])

@@ -187,6 +187,14 @@ impl Client {
         })
     }
 
+    /// The client id the client logs in with, when it uses client credentials.
+    pub fn client_id(&self) -> Option<&str> {
+        match &self.auth {
+            Auth::Credentials(c) => Some(&c.client_id),
+            _ => None,
+        }
+    }
+
     /// The server's base URL, always ending with a slash.
     pub fn base(&self) -> &Url {
         &self.base

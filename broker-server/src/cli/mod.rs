@@ -432,6 +432,7 @@ async fn login(client: &Client, json: bool, a: LoginArgs) -> Result<(), CliError
     if json {
         let mut v = json!({
             "server": client.base().as_str(),
+            "client_id": client.client_id(),
             "expires_at": expires_at,
             "expires_in": expires_in,
             "cache_file": cached.as_ref().map(|p| p.display().to_string()),
