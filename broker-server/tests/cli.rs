@@ -794,6 +794,23 @@ fn login_caches_a_token_that_later_commands_reuse() {
         assert_eq!(mode & 0o777, 0o600);
     }
 
+    // With the client id alone the cached token is used; with nothing cached it is a usage
+    // error that asks for the secret.
+    let out = s
+        .command(&["rooms", "list", "--client-id", "admin"])
+        .env("POSTROOM_CACHE_DIR", cache.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let empty = tempfile::tempdir().unwrap();
+    let out = s
+        .command(&["rooms", "list", "--client-id", "admin"])
+        .env("POSTROOM_CACHE_DIR", empty.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--client-secret"), "{}", stderr(&out));
+
     // With a wrong secret the cached token still works: no token was requested.
     assert!(wrong.ok(&["rooms", "create", "irc"]).contains("irc"));
     assert!(right.ok(&["rooms", "list"]).contains("irc"));

@@ -92,7 +92,7 @@ pub struct Answer {
 }
 
 /// How the client authenticates.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub enum Auth {
     /// No `Authorization` header (a server with authentication off, or health checks).
     #[default]
@@ -101,6 +101,17 @@ pub enum Auth {
     Token(String),
     /// Tokens got from the server's token endpoint with these client credentials.
     Credentials(Credentials),
+}
+
+impl fmt::Debug for Auth {
+    // Written by hand so that a token never reaches a debug print or a log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Auth::Anonymous => f.write_str("Anonymous"),
+            Auth::Token(_) => f.write_str("Token(***)"),
+            Auth::Credentials(c) => f.debug_tuple("Credentials").field(c).finish(),
+        }
+    }
 }
 
 /// Client credentials, and where their tokens are cached.
@@ -519,6 +530,22 @@ mod tests {
         );
         let c = Client::new("http://h:1", None).expect("client");
         assert_eq!(c.url(&["healthz"], &[]).as_str(), "http://h:1/healthz");
+    }
+
+    #[test]
+    fn debug_prints_hide_tokens_and_secrets() {
+        let c = Client::new("http://h:1", Some("tok-123")).expect("client");
+        assert!(!format!("{c:?}").contains("tok-123"));
+        let auth = Auth::Credentials(Credentials {
+            client_id: "ci".into(),
+            client_secret: Some("sec-456".into()),
+            cache_dir: None,
+        });
+        let shown = format!("{auth:?}");
+        assert!(
+            shown.contains("ci") && !shown.contains("sec-456"),
+            "{shown}"
+        );
     }
 
     #[test]
