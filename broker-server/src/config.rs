@@ -179,10 +179,19 @@ impl ServerConfig {
                 continue;
             };
             // Variables the program itself reads elsewhere (credentials, log settings, and the
-            // client subcommands' `POSTROOM_SERVER` and `POSTROOM_TOKEN`) are not configuration
-            // keys: a shell set up for the client must still be able to run `postroom serve`.
-            if matches!(rest, "LOG" | "LOG_FORMAT" | "SERVER" | "TOKEN")
-                || rest.starts_with("ADMIN_")
+            // client subcommands' `POSTROOM_SERVER`, `POSTROOM_TOKEN`, credentials and token
+            // cache) are not configuration keys: a shell set up for the client must still be
+            // able to run `postroom serve`.
+            if matches!(
+                rest,
+                "LOG"
+                    | "LOG_FORMAT"
+                    | "SERVER"
+                    | "TOKEN"
+                    | "CLIENT_ID"
+                    | "CLIENT_SECRET"
+                    | "CACHE_DIR"
+            ) || rest.starts_with("ADMIN_")
             {
                 continue;
             }
@@ -384,6 +393,9 @@ mod tests {
         let env = vec![
             ("POSTROOM_SERVER".to_string(), "http://h:1".to_string()),
             ("POSTROOM_TOKEN".to_string(), "t".to_string()),
+            ("POSTROOM_CLIENT_ID".to_string(), "c".to_string()),
+            ("POSTROOM_CLIENT_SECRET".to_string(), "s".to_string()),
+            ("POSTROOM_CACHE_DIR".to_string(), "/tmp/x".to_string()),
         ];
         assert_eq!(
             ServerConfig::load(None, env).unwrap(),

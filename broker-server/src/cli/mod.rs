@@ -3,9 +3,11 @@
 //! publish, pull and watch events from a shell without writing HTTP requests by hand. Each
 //! subcommand is one or a few API calls; the server stays the only place with behaviour.
 
+pub mod admin;
 pub mod client;
 pub mod output;
 pub mod tail;
+pub mod token;
 
 use std::io::Read as _;
 use std::path::PathBuf;
@@ -17,7 +19,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use client::{CliError, Client};
+use client::{Auth, CliError, Client, Credentials};
 use output::{at, cell, items, out, print_json, print_object, Table};
 
 /// The options every client subcommand shares. They can be given before or after the
@@ -33,8 +35,8 @@ pub struct GlobalArgs {
         default_value = "http://127.0.0.1:8080"
     )]
     pub server: String,
-    /// A token sent as `Authorization: Bearer TOKEN` (client subcommands only). The server does
-    /// not check it until authentication lands, but scripts can already pass it.
+    /// A token sent as `Authorization: Bearer TOKEN` (client subcommands only). It wins over
+    /// `--client-id` and `--client-secret`.
     #[arg(
         long,
         global = true,
@@ -43,6 +45,34 @@ pub struct GlobalArgs {
         hide_env_values = true
     )]
     pub token: Option<String>,
+    /// The API client id to log in with: tokens are fetched from the server's `/oauth/token`
+    /// and cached until they expire (client subcommands only).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "POSTROOM_CLIENT_ID"
+    )]
+    pub client_id: Option<String>,
+    /// The API client's secret; prefer the environment variable, since command lines are
+    /// visible to other users of the machine (client subcommands only).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "POSTROOM_CLIENT_SECRET",
+        hide_env_values = true
+    )]
+    pub client_secret: Option<String>,
+    /// The folder of the token cache (default `$XDG_CACHE_HOME/postroom` or
+    /// `$HOME/.cache/postroom`).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "POSTROOM_CACHE_DIR"
+    )]
+    pub cache_dir: Option<PathBuf>,
     /// Print the server's JSON answers instead of tables (client subcommands only).
     #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
@@ -75,6 +105,41 @@ pub enum ClientCommand {
     /// Inspect, redrive or purge a subscription's dead letters.
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
+    /// Get a token with --client-id and --client-secret, cache it, and show when it expires.
+    Login(LoginArgs),
+    /// Members, applications, API clients, rights and the audit log (administrators only).
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
+}
+
+/// `postroom login ...`
+#[derive(Args, Debug)]
+pub struct LoginArgs {
+    /// Print only the token, for use with other tools (`curl -H "Authorization: Bearer ..."`).
+    #[arg(long)]
+    pub print_token: bool,
+}
+
+impl GlobalArgs {
+    /// How the client authenticates: `--token` when given, else the client credentials, else
+    /// not at all. Empty values count as absent, so that `POSTROOM_TOKEN=` unsets a token.
+    pub fn auth(&self) -> Result<Auth, CliError> {
+        let given = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+        if let Some(t) = given(&self.token) {
+            return Ok(Auth::Token(t));
+        }
+        match (given(&self.client_id), given(&self.client_secret)) {
+            (Some(client_id), client_secret) => Ok(Auth::Credentials(Credentials {
+                client_id,
+                client_secret,
+                cache_dir: token::cache_dir(self.cache_dir.as_deref()),
+            })),
+            (None, Some(_)) => Err(CliError::Usage(
+                "--client-secret needs --client-id (or POSTROOM_CLIENT_ID)".to_string(),
+            )),
+            (None, None) => Ok(Auth::Anonymous),
+        }
+    }
 }
 
 /// `postroom rooms ...`
@@ -316,7 +381,7 @@ pub fn run(global: GlobalArgs, command: ClientCommand) -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        let client = Client::new(&global.server, global.token.as_deref())?;
+        let client = Client::with_auth(&global.server, global.auth()?)?;
         tokio::select! {
             r = dispatch(&client, global.json, command) => r,
             // Ctrl-C is how `tail` is meant to end, so it is a success for every subcommand.
@@ -355,7 +420,38 @@ async fn dispatch(client: &Client, json: bool, command: ClientCommand) -> Result
             tail::tail(client, &opts).await
         }
         ClientCommand::DeadLetters(c) => dead_letters(client, json, c).await,
+        ClientCommand::Login(a) => login(client, json, a).await,
+        ClientCommand::Admin(c) => admin::admin(client, json, c).await,
     }
+}
+
+async fn login(client: &Client, json: bool, a: LoginArgs) -> Result<(), CliError> {
+    let (fresh, cached) = client.login().await?;
+    let expires_in = fresh.expires_at.saturating_sub(token::now_secs());
+    let expires_at = broker_core::Timestamp(fresh.expires_at.saturating_mul(1000)).to_rfc3339();
+    if json {
+        let mut v = json!({
+            "server": client.base().as_str(),
+            "client_id": client.client_id(),
+            "expires_at": expires_at,
+            "expires_in": expires_in,
+            "cache_file": cached.as_ref().map(|p| p.display().to_string()),
+        });
+        if a.print_token {
+            v["access_token"] = json!(fresh.access_token);
+        }
+        print_json(&v);
+    } else if a.print_token {
+        // Only the token on stdout, so that `$(postroom login --print-token)` is just the token.
+        out!("{}", fresh.access_token);
+    } else {
+        out!("logged in; the token expires at {expires_at} (in {expires_in} s)");
+        match cached {
+            Some(p) => out!("cached in {}", p.display()),
+            None => out!("not cached: set POSTROOM_CACHE_DIR, XDG_CACHE_HOME or HOME"),
+        }
+    }
+    Ok(())
 }
 
 /// Every item of a paged listing, following `next_cursor` until the end.
