@@ -137,3 +137,17 @@ fn run_server(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap's own consistency checks: among them, that no subcommand's option shares a name
+    /// with a global one, which once made `admin clients create --client-id` log in as the new
+    /// client.
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
