@@ -125,6 +125,25 @@ pub fn requests_in_flight() -> i64 {
     IN_FLIGHT.load(Ordering::Relaxed)
 }
 
+/// One request in flight; leaving is on drop, so that a request whose client went away (its
+/// future dropped mid-way) does not stay counted.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> InFlight {
+        IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(HTTP_REQUESTS_IN_FLIGHT).increment(1.0);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(HTTP_REQUESTS_IN_FLIGHT).decrement(1.0);
+    }
+}
+
 /// Counts and times every request by its route template (`/v1/rooms/{room}`), never its raw
 /// path, so that the number of series is bounded by the routes; requests no route matched are
 /// `unmatched`. Applied to the router as a whole, it sees the `MatchedPath` that routing sets.
@@ -136,11 +155,9 @@ pub async fn track(req: Request, next: Next) -> Response {
         .unwrap_or_else(|| "unmatched".to_string());
     let method = req.method().as_str().to_string();
     let started = Instant::now();
-    IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
-    metrics::gauge!(HTTP_REQUESTS_IN_FLIGHT).increment(1.0);
+    let in_flight = InFlight::enter();
     let resp = next.run(req).await;
-    IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
-    metrics::gauge!(HTTP_REQUESTS_IN_FLIGHT).decrement(1.0);
+    drop(in_flight);
     let status = resp.status().as_u16().to_string();
     metrics::histogram!(HTTP_REQUEST_DURATION, "route" => route.clone(), "method" => method.clone())
         .record(started.elapsed().as_secs_f64());
