@@ -205,6 +205,19 @@ impl Broker {
         let _ = tokio::task::spawn_blocking(move || inner.writer.close()).await;
     }
 
+    /// Why the broker cannot take writes now; empty when it can. Cheap (no I/O), so that a
+    /// readiness probe may call it often.
+    pub fn unready_reasons(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if self.inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            reasons.push("the broker is shutting down".to_string());
+        }
+        if !self.inner.writer.is_running() {
+            reasons.push("the storage writer has stopped".to_string());
+        }
+        reasons
+    }
+
     /// Commits and applied operations so far.
     pub fn writer_counters(&self) -> WriterCounters {
         use std::sync::atomic::Ordering::Relaxed;
@@ -405,6 +418,19 @@ impl Broker {
 
     /// Validates and stores one event; returns once it is durable on disk.
     pub async fn publish(&self, req: PublishRequest) -> Result<Receipt> {
+        let started = std::time::Instant::now();
+        let (room, event_type) = (req.room.clone(), req.event_type.clone());
+        let result = self.publish_one(req).await;
+        crate::telemetry::publish(
+            &room,
+            &event_type,
+            result.as_ref().map(|r| r.duplicate),
+            started.elapsed(),
+        );
+        result
+    }
+
+    async fn publish_one(&self, req: PublishRequest) -> Result<Receipt> {
         let prepared = self.prepare(req)?;
         match self.write(WriteOp::Publish(vec![prepared])).await? {
             WriteOutput::Receipts(mut r) if r.len() == 1 => {
@@ -426,6 +452,11 @@ impl Broker {
                 reqs.len() as u64,
             ));
         }
+        let started = std::time::Instant::now();
+        let names: Vec<(RoomName, EventTypeName)> = reqs
+            .iter()
+            .map(|r| (r.room.clone(), r.event_type.clone()))
+            .collect();
         let mut results: Vec<Option<Result<Receipt>>> = Vec::with_capacity(reqs.len());
         let mut prepared = Vec::with_capacity(reqs.len());
         for req in reqs {
@@ -447,10 +478,16 @@ impl Broker {
                 *slot = receipts.next();
             }
         }
-        Ok(results
+        let results: Vec<Result<Receipt>> = results
             .into_iter()
             .map(|r| r.unwrap_or(Err(Error::Storage("missing receipt".into()))))
-            .collect())
+            .collect();
+        // Every event of the batch waited for the same commit, so each gets the batch's time.
+        let took = started.elapsed();
+        for ((room, event_type), r) in names.iter().zip(&results) {
+            crate::telemetry::publish(room, event_type, r.as_ref().map(|r| r.duplicate), took);
+        }
+        Ok(results)
     }
 
     /// Every check that needs no write: limits, JSON, Room status, schema, ordering key.

@@ -44,6 +44,7 @@ mod retry;
 mod schema;
 mod storage;
 mod subscription;
+pub mod telemetry;
 mod webhook;
 mod writer;
 

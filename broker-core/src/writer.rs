@@ -30,7 +30,8 @@ struct Job {
     reply: oneshot::Sender<Result<WriteOutput>>,
 }
 
-/// Counters the writer keeps about itself, for tests, benchmarks and (later) metrics.
+/// Counters the writer keeps about itself, for tests and benchmarks; [`crate::telemetry`]
+/// exports the same points as metrics.
 #[derive(Default, Debug)]
 pub(crate) struct WriterStats {
     pub commits: std::sync::atomic::AtomicU64,
@@ -106,6 +107,19 @@ impl Writer {
         rx.await.unwrap_or(Err(Error::ShuttingDown))
     }
 
+    /// Whether the writer takes operations: not closed, and its thread has not ended (it ends
+    /// only when closed, or if it panicked).
+    pub(crate) fn is_running(&self) -> bool {
+        let open = self.tx.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        let alive = self
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|h| !h.is_finished());
+        open && alive
+    }
+
     /// Stops taking new operations, lets the writer finish what is queued, and waits for it.
     pub(crate) fn close(&self) {
         self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -166,6 +180,8 @@ fn run(
         queued_bytes.fetch_sub(batch_bytes, Ordering::SeqCst);
         stats.commits.fetch_add(1, Ordering::Relaxed);
         stats.ops.fetch_add(n as u64, Ordering::Relaxed);
+        // The same points as the counters above, exported for operators.
+        crate::telemetry::commit(n);
         match outcome {
             Ok(applied) => {
                 for (reply, result) in replies.into_iter().zip(applied.results) {

@@ -266,7 +266,7 @@ pub async fn bootstrap(
 fn is_public(path: &str) -> bool {
     matches!(
         path,
-        "/healthz" | "/openapi.json" | "/oauth/token" | "/docs"
+        "/healthz" | "/readyz" | "/metrics" | "/openapi.json" | "/oauth/token" | "/docs"
     ) || path.starts_with("/docs/")
 }
 

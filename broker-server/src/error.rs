@@ -40,6 +40,9 @@ pub struct Problem {
     /// The input at fault (`invalid_input` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// Why the server is not ready (`not_ready` only, from `GET /readyz`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasons: Option<Vec<String>>,
 }
 
 /// An exceeded limit, as reported in a [`Problem`].
@@ -110,6 +113,9 @@ pub enum ApiError {
     /// Another request with the same idempotency key is still being processed.
     #[error("a request with idempotency key `{0}` is still in progress; retry later")]
     IdempotencyInProgress(String),
+    /// The server cannot take writes now (`GET /readyz`); the reasons say why.
+    #[error("not ready: {}", .0.join("; "))]
+    NotReady(Vec<String>),
 }
 
 impl ApiError {
@@ -131,6 +137,7 @@ impl ApiError {
             ApiError::Unauthenticated(_) => "unauthenticated",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::IdempotencyInProgress(_) => "idempotency_in_progress",
+            ApiError::NotReady(_) => "not_ready",
         }
     }
 
@@ -162,7 +169,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::NoRoute => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Busy | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -226,6 +233,7 @@ fn problem(err: ApiError, status: StatusCode) -> Response {
         schema_version: None,
         limit: None,
         field: None,
+        reasons: None,
     };
     let mut retry_after = None;
     match &err {
@@ -251,6 +259,7 @@ fn problem(err: ApiError, status: StatusCode) -> Response {
             retry_after = Some(retry_after_ms.div_ceil(1000).max(1));
         }
         ApiError::Core(broker_core::Error::ShuttingDown) | ApiError::Busy => retry_after = Some(1),
+        ApiError::NotReady(reasons) => body.reasons = Some(reasons.clone()),
         _ => {}
     }
     // Serialising plain strings and numbers cannot fail; the fallback keeps the status.

@@ -9,6 +9,8 @@ pub mod cli;
 pub mod config;
 pub mod error;
 mod middleware;
+pub mod observe;
+pub mod system;
 pub mod tls;
 
 use std::future::Future;
@@ -40,6 +42,9 @@ pub fn router_with(
     config: &ServerConfig,
     external: Option<std::sync::Arc<auth_external::ExternalVerifier>>,
 ) -> Result<Router, StartError> {
+    // Installed before the first request so that nothing recorded early is lost.
+    observe::prometheus();
+    system::mark_started();
     let auth = std::sync::Arc::new(auth::Auth::new(broker.clone(), &config.auth, external)?);
     let limits = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
@@ -60,10 +65,11 @@ pub fn router_with(
     let token = Router::new()
         .route("/oauth/token", axum::routing::post(auth::token))
         .with_state(auth.clone());
-    // Layers run outside in: header limits, body limit, load shedding and the timeout, the
+    // Layers run outside in: request metrics, header limits, body limit, load shedding and the timeout, the
     // audit log, authentication, then idempotency around the handler.
     Ok(app(AppState {
         broker: broker.clone(),
+        database_path: config.database_path(),
     })
     .merge(token)
     .layer(axum::middleware::from_fn_with_state(
@@ -83,7 +89,9 @@ pub fn router_with(
     .layer(axum::middleware::from_fn_with_state(
         header_limits,
         middleware::header_limits,
-    )))
+    ))
+    // Outermost, so that answers of the limits above (431, 413, 503) are counted too.
+    .layer(axum::middleware::from_fn(observe::track)))
 }
 
 /// Checks the configuration against the listener's address, opens the broker and serves on

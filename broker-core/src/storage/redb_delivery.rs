@@ -550,6 +550,7 @@ impl<'t> Tables<'t> {
                 self.dead_letters
                     .insert((t.id, offset), encode(&dead_rec)?.as_slice())?;
                 self.sub_stats.insert(t.id, (backlog, dead + 1))?;
+                crate::telemetry::dead_lettered(t.id, "queue_full");
             } else {
                 self.deliveries
                     .insert((t.id, offset), encode(&rec)?.as_slice())?;
@@ -599,6 +600,7 @@ impl<'t> Tables<'t> {
                     latency_ms: 0,
                     at: now,
                 },
+                rec.published_at,
             )?;
             self.dead_letter(now, sub, offset, rec, "stopped")?;
             n += 1;
@@ -620,15 +622,21 @@ impl<'t> Tables<'t> {
         )
     }
 
+    /// Logs one attempt; `published_at` is the event's, for the delivery latency metric.
     fn log_attempt(
         &mut self,
         sub: u128,
         offset: u64,
         attempt: u32,
         rec: &AttemptRecord,
+        published_at: Timestamp,
     ) -> Result<()> {
         self.attempts
             .insert((sub, offset, attempt), encode(rec)?.as_slice())?;
+        // Counted here, inside the transaction, because this is the one place every attempt
+        // passes. Should the commit fail, the count runs slightly ahead of the log; a counter
+        // increment is too cheap to be worth deferring past the commit.
+        crate::telemetry::attempt(sub, rec.outcome, published_at, rec.at);
         Ok(())
     }
 
@@ -649,6 +657,7 @@ impl<'t> Tables<'t> {
         };
         self.dead_letters
             .insert((sub, offset), encode(&dead)?.as_slice())?;
+        crate::telemetry::dead_lettered(sub, reason);
         let (backlog, dead_n) = self.sub_stats(sub)?;
         self.sub_stats
             .insert(sub, (backlog.saturating_sub(1), dead_n + 1))?;
@@ -745,6 +754,7 @@ impl<'t> Tables<'t> {
                 latency_ms: resp.latency_ms,
                 at: now,
             },
+            rec.published_at,
         )?;
         if ok {
             return self.complete(sub_id, offset);
@@ -851,6 +861,7 @@ impl<'t> Tables<'t> {
                         latency_ms: until.ms_since(now),
                         at: now,
                     },
+                    rec.published_at,
                 )?;
                 let snapshot = rec.clone();
                 // The attempt failed at the deadline, however late a pull notices: the backoff
@@ -889,6 +900,7 @@ impl<'t> Tables<'t> {
                     latency_ms: 0,
                     at: now,
                 },
+                rec.published_at,
             )?;
             grants.push(LeaseGrant {
                 offset,
@@ -990,6 +1002,7 @@ impl<'t> Tables<'t> {
                     latency_ms: 0,
                     at: now,
                 },
+                rec.published_at,
             )?;
             results.push(Ok(()));
         }

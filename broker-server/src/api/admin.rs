@@ -1,6 +1,6 @@
-//! The administrators' API: members, applications, API clients and their secrets, rights, and
-//! the audit log. Every route here needs the admin role. Secrets appear only in the answer that
-//! creates them.
+//! The administrators' API: members, applications, API clients and their secrets, rights, the
+//! audit log, and the host's state. Every route here needs the admin role. Secrets appear only
+//! in the answer that creates them.
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -31,6 +31,7 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(create_grant, list_grants))
         .routes(routes!(revoke_grant))
         .routes(routes!(audit))
+        .routes(routes!(system))
 }
 
 fn admin(id: &Identity) -> Result<(), ApiError> {
@@ -444,4 +445,26 @@ async fn audit(
         cursor: q.cursor.clone(),
     };
     Ok(reply(StatusCode::OK, &s.broker.audit(filter)?))
+}
+
+/// The host's state: version, uptime, OS, CPUs, load, memory, free disk space of the data
+/// folder and requests in flight. Values the platform does not offer are `null`.
+#[utoipa::path(get, path = "/admin/system", operation_id = "systemInfo", tag = "admin",
+    responses((status = 200, description = "The host's state.", body = crate::system::SystemInfo)))]
+async fn system(State(s): State<AppState>, id: Identity) -> Result<Response, ApiError> {
+    admin(&id)?;
+    let dir = s
+        .database_path
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    // Reading /proc and statvfs touches the file system: keep it off the async workers.
+    let info = tokio::task::spawn_blocking(move || crate::system::read(&dir))
+        .await
+        .map_err(|e| {
+            ApiError::Core(broker_core::Error::Storage(format!(
+                "cannot read the system state: {e}"
+            )))
+        })?;
+    Ok(reply(StatusCode::OK, &info))
 }

@@ -31,6 +31,9 @@ use crate::error::ApiError;
 pub struct AppState {
     /// The broker.
     pub broker: Broker,
+    /// The database file, for its size in `/metrics` and the free space beside it in
+    /// `/v1/admin/system` (absent for a broker in memory: size 0).
+    pub database_path: std::path::PathBuf,
 }
 
 /// The document's fixed parts: what the API is, its tags, and the components that handlers refer
@@ -143,6 +146,10 @@ pub fn app(state: AppState) -> Router {
     native
         .merge(docs::routes(&doc))
         .merge(govstack::routes())
+        // Operators' endpoints, outside the OpenAPI document like `/docs`: they are for
+        // monitoring systems, not API clients.
+        .route("/readyz", axum::routing::get(crate::observe::readyz))
+        .route("/metrics", axum::routing::get(crate::observe::metrics_page))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)
