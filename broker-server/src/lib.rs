@@ -51,7 +51,11 @@ pub fn router_with(
             ApiError::Busy
         }))
         .load_shed()
-        .concurrency_limit(config.http.concurrent_requests_max.max(1))
+        // Global: axum applies a router's layers to each route separately, and a plain
+        // concurrency limit would then count per route, not for the server.
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            config.http.concurrent_requests_max.max(1),
+        ))
         .timeout(Duration::from_millis(config.http.request_timeout_ms));
     let idempotency = middleware::Idempotency {
         broker: broker.clone(),

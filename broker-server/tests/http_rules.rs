@@ -291,3 +291,53 @@ async fn too_many_or_too_large_headers_are_431() {
     let b = call(&app, Method::GET, "/v1/rooms", Value::Null, &many).await;
     assert_eq!(b.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_concurrency_bound_holds_across_routes() {
+    let mut config = local();
+    config.http.concurrent_requests_max = 1;
+    let app = memory_app(&config).await;
+    assert_eq!(
+        call(&app, Method::POST, "/v1/rooms", json!({"name": "r"}), &[])
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    let sub = call(
+        &app,
+        Method::POST,
+        "/v1/rooms/r/subscriptions",
+        json!({"mode": "pull"}),
+        &[],
+    )
+    .await;
+    let id = sub.body["subscription"]["id"].as_str().unwrap().to_string();
+    // One long-poll holds the only slot...
+    let held = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            call(
+                &app,
+                Method::POST,
+                &format!("/v1/subscriptions/{id}/pull"),
+                json!({"wait_ms": 20000}),
+                &[],
+            )
+            .await
+            .status
+        })
+    };
+    // ...so a request to another route is shed, once the poll has started (polled with a
+    // deadline: the spawned request needs a moment to take the slot).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let shed = loop {
+        let a = call(&app, Method::GET, "/v1/rooms", Value::Null, &[]).await;
+        if a.status == StatusCode::SERVICE_UNAVAILABLE {
+            break a;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never shed");
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(shed.body["code"], "overloaded");
+    held.abort();
+}
