@@ -117,6 +117,8 @@ fn run_server(
         } else {
             "http"
         };
+        // Signal handlers first, so that a SIGTERM from now on means a graceful shutdown.
+        let shutdown = shutdown_signal();
         // Printed on stdout so that scripts (and tests) can find the port when it was 0.
         println!(
             "postroom listening on {scheme}://{addr} with data in {}",
@@ -127,7 +129,7 @@ fn run_server(
                 "authentication is off (--insecure-no-auth): every caller is the administrator"
             );
         }
-        serve(listener, cfg, shutdown_signal()).await
+        serve(listener, cfg, shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,9 @@
 //! binary: statuses, problem+json errors, and the publish/subscribe/pull flow. Guards against
 //! the server mapping an error to the wrong status, or a bad request to a 500.
 
+mod common;
+use common::local;
+
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -10,14 +13,6 @@ use broker_core::{Broker, ManualClock, Timestamp};
 use broker_server::{router, ServerConfig};
 use serde_json::{json, Value};
 use tower::ServiceExt;
-
-/// The server's default configuration with authentication off (every caller the local
-/// administrator): these tests are about the API's behaviour, not access control.
-fn local() -> ServerConfig {
-    let mut c = ServerConfig::default();
-    c.auth.insecure_no_auth = true;
-    c
-}
 
 struct Api {
     app: axum::Router,

@@ -3,26 +3,17 @@
 //! exits. These exist because the unit tests of the CLI modules cannot show that the commands,
 //! the HTTP routes and the exit codes fit together.
 
+mod common;
+use common::{local, wait, DEADLINE};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use broker_server::ServerConfig;
 use serde_json::Value;
-
-/// The server's default configuration with authentication off (every caller the local
-/// administrator): these tests are about the API's behaviour, not access control.
-fn local() -> ServerConfig {
-    let mut c = ServerConfig::default();
-    c.auth.insecure_no_auth = true;
-    c
-}
-
-/// How long any one step may take before the test gives up; generous, since CI machines are slow,
-/// and never spent unless something is wrong.
-const DEADLINE: Duration = Duration::from_secs(30);
 
 /// A server on a free port with its own data folder, stopped when dropped.
 struct Server {
@@ -205,21 +196,6 @@ fn bare_command() -> Command {
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Waits for `child` to exit, killing it and failing the test after `DEADLINE`.
-fn wait(child: &mut Child) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if start.elapsed() > DEADLINE {
-            let _ = child.kill();
-            panic!("postroom did not exit within {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

@@ -2,6 +2,9 @@
 //! errors not remembered, keys per caller, surviving a restart) and the header limits. Guards
 //! against a retried request creating a second subscription, and against unbounded headers.
 
+mod common;
+use common::local;
+
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -10,14 +13,6 @@ use broker_core::{Broker, ManualClock, Timestamp};
 use broker_server::{router, ServerConfig};
 use serde_json::{json, Value};
 use tower::ServiceExt;
-
-/// The server's default configuration with authentication off (every caller the local
-/// administrator): these tests are about the API's behaviour, not access control.
-fn local() -> ServerConfig {
-    let mut c = ServerConfig::default();
-    c.auth.insecure_no_auth = true;
-    c
-}
 
 struct Answer {
     status: StatusCode,

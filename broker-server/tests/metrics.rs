@@ -3,6 +3,9 @@
 //! run in parallel, so each test uses its own Room and compares counters it shares with others
 //! before and after, never as absolute values.
 
+mod common;
+use common::local;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -12,12 +15,6 @@ use broker_core::{Broker, ManualClock, Timestamp};
 use broker_server::{router, ServerConfig};
 use serde_json::{json, Value};
 use tower::ServiceExt;
-
-fn local() -> ServerConfig {
-    let mut c = ServerConfig::default();
-    c.auth.insecure_no_auth = true;
-    c
-}
 
 async fn broker(config: &ServerConfig) -> Broker {
     Broker::open_in_memory(

@@ -4,22 +4,17 @@
 //! describing payloads other than the registered schemas, and against `/docs` needing the
 //! internet.
 
+mod common;
+use common::local;
+
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use broker_core::{Broker, ManualClock, Timestamp};
-use broker_server::{openapi, router, ServerConfig};
+use broker_server::{openapi, router};
 use serde_json::{json, Value};
 use tower::ServiceExt;
-
-/// The server's default configuration with authentication off (every caller the local
-/// administrator): these tests are about the API's behaviour, not access control.
-fn local() -> ServerConfig {
-    let mut c = ServerConfig::default();
-    c.auth.insecure_no_auth = true;
-    c
-}
 
 struct Answer {
     status: StatusCode,

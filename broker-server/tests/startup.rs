@@ -3,14 +3,12 @@
 //! `--insecure-no-auth` being usable on a reachable address, and against a TLS server
 //! announcing itself as plain HTTP.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+mod common;
+use common::{wait, DEADLINE};
 
-/// How long any one step may take before the test gives up; never spent unless something is
-/// wrong.
-const DEADLINE: Duration = Duration::from_secs(30);
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
 
 /// The binary with none of the user's `POSTROOM_*` settings.
 fn postroom() -> Command {
@@ -21,21 +19,6 @@ fn postroom() -> Command {
         }
     }
     c
-}
-
-/// Waits for `child` to exit, killing it and failing the test after `DEADLINE`.
-fn wait(child: &mut Child) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if start.elapsed() > DEADLINE {
-            let _ = child.kill();
-            panic!("postroom did not exit within {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
