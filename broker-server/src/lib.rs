@@ -94,8 +94,33 @@ pub fn router_with(
         header_limits,
         middleware::header_limits,
     ))
-    // Outermost, so that answers of the limits above (431, 413, 503) are counted too.
-    .layer(axum::middleware::from_fn(observe::track)))
+    // So that answers of the limits above (431, 413, 503) are counted too.
+    .layer(axum::middleware::from_fn(observe::track))
+    // Outermost: every request gets an `x-request-id` (the caller's, or a new UUID), every log
+    // line of the request carries it in its span, and the answer echoes it. The span holds the
+    // method and path only: no headers (tokens) and no bodies (payloads).
+    .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
+    .layer(
+        tower_http::trace::TraceLayer::new_for_http()
+            // One line per answered request at the default level, with status and latency.
+            .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO))
+            .make_span_with(|req: &axum::http::Request<axum::body::Body>| {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tracing::info_span!(
+                    "request",
+                    request_id = %id,
+                    method = %req.method(),
+                    path = %req.uri().path(),
+                )
+            }),
+    )
+    .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(
+        tower_http::request_id::MakeRequestUuid,
+    )))
 }
 
 /// Checks the configuration against the listener's address, opens the broker and serves on

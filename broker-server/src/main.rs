@@ -63,13 +63,25 @@ fn run_server(
     insecure_no_auth: bool,
 ) -> ExitCode {
     // Only the server logs: the client subcommands' output is for the person at the terminal.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("POSTROOM_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // `POSTROOM_LOG_FORMAT=json` gives one JSON object per line for log collectors; the
+    // default is text for people.
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("POSTROOM_LOG")
+            .unwrap_or_else(|_| "info".into())
+    };
+    if std::env::var("POSTROOM_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -721,3 +721,66 @@ fn the_binary_serves_and_exits_zero_on_sigterm() {
     let exit = child.wait().unwrap();
     assert!(exit.success(), "exit status {exit:?}");
 }
+
+/// With `POSTROOM_LOG_FORMAT=json` every log line is a JSON object, and a request's line names
+/// its request id; no token appears in the log.
+#[test]
+fn json_logs_carry_the_request_id_and_no_secrets() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_postroom"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("POSTROOM_LOG_FORMAT", "json")
+        .env("POSTROOM_ADMIN_CLIENT_ID", "ops")
+        .env("POSTROOM_ADMIN_CLIENT_SECRET", "a-long-chosen-secret")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("address line")
+        .to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        reqwest::Client::new()
+            .get(format!("{url}/v1/rooms"))
+            .header("x-request-id", "rid-json-1")
+            .bearer_auth("not-a-real-token-but-secret-looking")
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, 401);
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert!(child.wait().unwrap().success());
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let lines: Vec<Value> = err
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["span"]["request_id"] == "rid-json-1" && l["span"]["path"] == "/v1/rooms"),
+        "{err}"
+    );
+    assert!(!err.contains("secret-looking") && !err.contains("a-long-chosen-secret"));
+}

@@ -339,3 +339,33 @@ async fn the_concurrency_bound_holds_across_routes() {
     assert_eq!(shed.body["code"], "overloaded");
     held.abort();
 }
+
+#[tokio::test]
+async fn every_answer_carries_a_request_id() {
+    let config = local();
+    let app = memory_app(&config).await;
+    let fresh = app
+        .clone()
+        .oneshot(Request::get("/v1/rooms").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let id = fresh.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+    let given = app
+        .oneshot(
+            Request::get("/no/such/route")
+                .header("x-request-id", "caller-chosen-1")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        given.headers()["x-request-id"],
+        "caller-chosen-1",
+        "errors too"
+    );
+}
