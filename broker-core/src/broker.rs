@@ -20,7 +20,8 @@ use crate::model::{
 };
 use crate::net_guard::PushGuard;
 use crate::schema::{self, ValidatorCache};
-use crate::storage::DeliveryDefaults;
+use crate::stats::Stats;
+use crate::storage::{DeliveryDefaults, Observation};
 use crate::storage::{IdempotencyClaim, PreparedEvent, RedbStorage, Storage, WriteOp, WriteOutput};
 use crate::webhook::{HttpTransport, Transport};
 use crate::writer::Writer;
@@ -35,10 +36,15 @@ pub(crate) struct Inner {
     pub(crate) store: Arc<dyn Storage>,
     writer: Writer,
     clock: Arc<dyn Clock>,
-    config: Config,
+    /// Swapped whole by [`Broker::reconfigure`]; readers take a snapshot.
+    pub(crate) config: std::sync::RwLock<Arc<Config>>,
+    /// Serialises reconfigurations, so that two concurrent patches do not lose one another.
+    pub(crate) reconfiguring: tokio::sync::Mutex<()>,
     validators: ValidatorCache,
     /// Wake-ups for dispatchers and long-polling pullers.
     pub(crate) signals: Arc<Signals>,
+    /// The live statistics behind [`Broker::stats`].
+    pub(crate) stats: Arc<Stats>,
     /// Push subscriptions whose dispatcher is running.
     pub(crate) dispatchers: Mutex<HashSet<SubscriptionId>>,
     /// Sends push deliveries.
@@ -49,6 +55,16 @@ pub(crate) struct Inner {
     pub(crate) closing: std::sync::atomic::AtomicBool,
     /// Push requests under way, so that `close` can wait for them.
     pub(crate) pushes_in_flight: std::sync::atomic::AtomicUsize,
+}
+
+impl Inner {
+    /// The configuration in force now.
+    pub(crate) fn config_now(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 impl Drop for Inner {
@@ -116,9 +132,15 @@ impl Broker {
         // anything.
         let push_guard = Arc::new(PushGuard::new(&config.delivery.push_allow)?);
         let signals = Arc::new(Signals::default());
+        let stats = Arc::new(Stats::new(config.limits.stats_series_max, clock.now()));
         let on_commit = {
             let signals = signals.clone();
-            Arc::new(move |ids: &[SubscriptionId]| signals.wake(ids))
+            let stats = stats.clone();
+            let clock = clock.clone();
+            Arc::new(move |ids: &[SubscriptionId], observed: &[Observation]| {
+                signals.wake(ids);
+                observe(&stats, clock.now(), observed);
+            })
         };
         let writer = Writer::start(
             store.clone(),
@@ -135,19 +157,21 @@ impl Broker {
             store,
             writer,
             clock,
-            config,
+            config: std::sync::RwLock::new(Arc::new(config)),
+            reconfiguring: tokio::sync::Mutex::new(()),
             validators: ValidatorCache::default(),
             signals,
+            stats,
             dispatchers: Mutex::new(HashSet::new()),
             transport,
             push_guard,
             closing: std::sync::atomic::AtomicBool::new(false),
             pushes_in_flight: std::sync::atomic::AtomicUsize::new(0),
         });
-        if inner.config.retention.interval_ms > 0 {
+        if inner.config_now().retention.interval_ms > 0 {
             spawn_retention(
                 Arc::downgrade(&inner),
-                Duration::from_millis(inner.config.retention.interval_ms),
+                Duration::from_millis(inner.config_now().retention.interval_ms),
             );
         }
         let broker = Broker { inner };
@@ -182,9 +206,10 @@ impl Broker {
         self.inner.signals.wake_all();
     }
 
-    /// The configuration the broker runs with.
-    pub fn config(&self) -> &Config {
-        &self.inner.config
+    /// The configuration the broker runs with now (see [`Broker::reconfigure`] for what changes
+    /// while it runs). A snapshot: hold it for one decision, not for the broker's life.
+    pub fn config(&self) -> Arc<Config> {
+        self.inner.config_now()
     }
 
     /// Shuts down: dispatchers stop starting pushes, pushes under way get up to the push
@@ -196,7 +221,7 @@ impl Broker {
         self.inner.closing.store(true, SeqCst);
         self.inner.signals.wake_all();
         let deadline = tokio::time::Instant::now()
-            + Duration::from_millis(self.inner.config.delivery.push_timeout_ms + 1000);
+            + Duration::from_millis(self.config().delivery.push_timeout_ms + 1000);
         while self.inner.pushes_in_flight.load(SeqCst) > 0 && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -232,7 +257,7 @@ impl Broker {
     }
 
     pub(crate) fn check_description(&self, d: &str) -> Result<()> {
-        let max = self.inner.config.limits.description_bytes_max;
+        let max = self.config().limits.description_bytes_max;
         if d.len() > max {
             return Err(Error::limit(
                 "description_bytes_max",
@@ -248,7 +273,7 @@ impl Broker {
     /// Creates a Room: active at once when `room.approved`, otherwise pending.
     pub async fn create_room(&self, room: NewRoom) -> Result<Room> {
         self.check_description(&room.description)?;
-        let rooms_max = self.inner.config.limits.rooms_max;
+        let rooms_max = self.config().limits.rooms_max;
         match self.write(WriteOp::CreateRoom { room, rooms_max }).await? {
             WriteOutput::Room(r) => Ok(r),
             other => Err(unexpected(other)),
@@ -359,7 +384,8 @@ impl Broker {
         spec: EventTypeSpec,
         create_only: bool,
     ) -> Result<PutEventTypeOutcome> {
-        let limits = &self.inner.config.limits;
+        let config = self.config();
+        let limits = &config.limits;
         self.check_description(&spec.description)?;
         let schema_bytes = spec.schema.to_string().len();
         if schema_bytes > limits.schema_bytes_max {
@@ -373,7 +399,7 @@ impl Broker {
             schema::check_pointer(p)?;
         }
         let schema_value = spec.schema.clone();
-        let formats = self.inner.config.validate_formats;
+        let formats = self.config().validate_formats;
         // Compiling a large schema can take a while: keep it off the async workers.
         tokio::task::spawn_blocking(move || schema::compile(&schema_value, formats))
             .await
@@ -419,15 +445,43 @@ impl Broker {
     /// Validates and stores one event; returns once it is durable on disk.
     pub async fn publish(&self, req: PublishRequest) -> Result<Receipt> {
         let started = std::time::Instant::now();
-        let (room, event_type) = (req.room.clone(), req.event_type.clone());
+        let names = (
+            req.room.clone(),
+            req.event_type.clone(),
+            req.publisher.clone(),
+        );
         let result = self.publish_one(req).await;
-        crate::telemetry::publish(
-            &room,
-            &event_type,
+        self.count_publish(
+            &names,
             result.as_ref().map(|r| r.duplicate),
             started.elapsed(),
         );
         result
+    }
+
+    /// Counts one publish in the metrics and the statistics.
+    fn count_publish(
+        &self,
+        (room, event_type, publisher): &(RoomName, EventTypeName, Principal),
+        outcome: std::result::Result<bool, &Error>,
+        took: Duration,
+    ) {
+        let label = crate::telemetry::publish(room, event_type, outcome, took);
+        // Refusals for Rooms or types that do not exist are not kept per Room: their names come
+        // from callers, and a series per made-up name would let anyone fill the bound.
+        if !matches!(
+            outcome,
+            Err(Error::RoomNotFound { .. } | Error::EventTypeNotFound { .. })
+        ) {
+            self.inner.stats.publish(
+                self.now(),
+                room,
+                event_type,
+                publisher,
+                label,
+                took.as_micros().min(u128::from(u64::MAX)) as u64,
+            );
+        }
     }
 
     async fn publish_one(&self, req: PublishRequest) -> Result<Receipt> {
@@ -444,7 +498,7 @@ impl Broker {
     /// succeeds or fails on its own (a schema violation refuses that event only); all that succeed
     /// are durable when this returns. Events of one key are numbered in batch order.
     pub async fn publish_batch(&self, reqs: Vec<PublishRequest>) -> Result<Vec<Result<Receipt>>> {
-        let max = self.inner.config.limits.batch_events_max;
+        let max = self.config().limits.batch_events_max;
         if reqs.len() > max {
             return Err(Error::limit(
                 "batch_events_max",
@@ -453,9 +507,9 @@ impl Broker {
             ));
         }
         let started = std::time::Instant::now();
-        let names: Vec<(RoomName, EventTypeName)> = reqs
+        let names: Vec<(RoomName, EventTypeName, Principal)> = reqs
             .iter()
-            .map(|r| (r.room.clone(), r.event_type.clone()))
+            .map(|r| (r.room.clone(), r.event_type.clone(), r.publisher.clone()))
             .collect();
         let mut results: Vec<Option<Result<Receipt>>> = Vec::with_capacity(reqs.len());
         let mut prepared = Vec::with_capacity(reqs.len());
@@ -484,15 +538,16 @@ impl Broker {
             .collect();
         // Every event of the batch waited for the same commit, so each gets the batch's time.
         let took = started.elapsed();
-        for ((room, event_type), r) in names.iter().zip(&results) {
-            crate::telemetry::publish(room, event_type, r.as_ref().map(|r| r.duplicate), took);
+        for (names, r) in names.iter().zip(&results) {
+            self.count_publish(names, r.as_ref().map(|r| r.duplicate), took);
         }
         Ok(results)
     }
 
     /// Every check that needs no write: limits, JSON, Room status, schema, ordering key.
     fn prepare(&self, req: PublishRequest) -> Result<PreparedEvent> {
-        let limits = &self.inner.config.limits;
+        let config = self.config();
+        let limits = &config.limits;
         if req.payload.len() > limits.payload_bytes_max {
             return Err(Error::limit(
                 "payload_bytes_max",
@@ -525,10 +580,8 @@ impl Broker {
                         &req.event_type,
                         target.version,
                     )?;
-                    let compiled = Arc::new(schema::compile(
-                        &v.schema,
-                        self.inner.config.validate_formats,
-                    )?);
+                    let compiled =
+                        Arc::new(schema::compile(&v.schema, self.config().validate_formats)?);
                     self.inner.validators.insert(
                         target.room_id,
                         req.event_type.as_str(),
@@ -561,7 +614,7 @@ impl Broker {
                 &req.payload,
             ),
             key,
-            window_ms: self.inner.config.idempotency_window_ms,
+            window_ms: self.config().idempotency_window_ms,
         });
         Ok(PreparedEvent {
             room: req.room,
@@ -590,7 +643,7 @@ impl Broker {
     /// A page of a Room's events, oldest first (or in sequence order when filtered by key).
     pub async fn events(&self, room: &RoomName, filter: EventFilter) -> Result<Page<Event>> {
         let limit = self.page_limit(filter.limit);
-        let scan_max = self.inner.config.limits.list_scan_max;
+        let scan_max = self.config().limits.list_scan_max;
         let store = self.inner.store.clone();
         let room = room.clone();
         tokio::task::spawn_blocking(move || store.events(&room, &filter, limit, scan_max))
@@ -601,7 +654,7 @@ impl Broker {
     fn page_limit(&self, asked: Option<usize>) -> usize {
         asked
             .unwrap_or(LIST_ITEMS_DEFAULT)
-            .clamp(1, self.inner.config.limits.list_items_max)
+            .clamp(1, self.config().limits.list_items_max)
     }
 
     // ----- Retention -----
@@ -610,7 +663,7 @@ impl Broker {
     /// Rooms, and events beyond their Room's age or byte bound (never one still owed to a
     /// subscriber). The background task calls this on its interval; hosts and tests may too.
     pub async fn sweep_retention(&self) -> Result<SweepReport> {
-        let delete_max = self.inner.config.retention.delete_batch_max;
+        let delete_max = self.config().retention.delete_batch_max;
         match self.write(WriteOp::Sweep { delete_max }).await? {
             WriteOutput::Swept(r) => Ok(r),
             other => Err(unexpected(other)),
@@ -635,7 +688,7 @@ fn page_by_name<T>(mut items: Vec<T>, limit: usize, name: impl Fn(&T) -> String)
 
 impl Broker {
     fn check_idempotency_key(&self, k: &str) -> Result<()> {
-        let max = self.inner.config.limits.idempotency_key_bytes_max;
+        let max = self.config().limits.idempotency_key_bytes_max;
         if k.is_empty() || k.chars().any(char::is_control) {
             return Err(Error::invalid(
                 "idempotency key",
@@ -686,7 +739,7 @@ impl Broker {
         response: StoredResponse,
     ) -> Result<()> {
         self.check_idempotency_key(key)?;
-        let max = self.inner.config.limits.payload_bytes_max;
+        let max = self.config().limits.payload_bytes_max;
         if response.body.len() > max {
             return Err(Error::limit(
                 "payload_bytes_max",
@@ -699,7 +752,7 @@ impl Broker {
             key: key.to_string(),
             request_hash: sha256(request),
             response,
-            expires_at: self.now().plus_ms(self.inner.config.idempotency_window_ms),
+            expires_at: self.now().plus_ms(self.config().idempotency_window_ms),
         };
         match self.write(op).await? {
             WriteOutput::Deleted => Ok(()),
@@ -734,7 +787,7 @@ fn request_hash(
     h.finalize().into()
 }
 
-fn delivery_defaults(config: &Config) -> DeliveryDefaults {
+pub(crate) fn delivery_defaults(config: &Config) -> DeliveryDefaults {
     let d = &config.delivery;
     DeliveryDefaults {
         retry: d.retry.clone(),
@@ -773,4 +826,25 @@ fn spawn_retention(inner: Weak<Inner>, every: Duration) {
             }
         }
     });
+}
+
+/// Counts what a committed batch did, in the metrics and in the statistics.
+fn observe(stats: &Stats, now: crate::clock::Timestamp, observed: &[Observation]) {
+    for o in observed {
+        match *o {
+            Observation::Attempt {
+                sub,
+                outcome,
+                published_at,
+                at,
+            } => {
+                crate::telemetry::attempt(sub, outcome, published_at, at);
+                stats.attempt(at, sub, outcome, published_at);
+            }
+            Observation::DeadLettered { sub, reason } => {
+                crate::telemetry::dead_lettered(sub, reason);
+                stats.dead_lettered(now, sub);
+            }
+        }
+    }
 }

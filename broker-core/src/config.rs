@@ -33,6 +33,9 @@ pub struct Limits {
     /// Most records one list call may scan while filtering before it returns a partial page with a
     /// cursor (default 100,000), so that a selective filter cannot hold a reader for long.
     pub list_scan_max: usize,
+    /// Series the live statistics keep (one per Room, event type and publisher, and one per
+    /// subscription; default 4,096); samples for more are counted as dropped.
+    pub stats_series_max: usize,
 }
 
 impl Default for Limits {
@@ -49,6 +52,7 @@ impl Default for Limits {
             schema_versions_max: 1000,
             list_items_max: 1000,
             list_scan_max: 100_000,
+            stats_series_max: 4096,
         }
     }
 }

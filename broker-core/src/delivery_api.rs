@@ -44,7 +44,7 @@ impl Broker {
         }
     }
 
-    fn check_retry(&self, r: &RetryOverrides) -> Result<()> {
+    pub(crate) fn check_retry(&self, r: &RetryOverrides) -> Result<()> {
         if r.multiplier
             .is_some_and(|m| !m.is_finite() || !(1.0..=100.0).contains(&m))
         {
@@ -283,6 +283,7 @@ impl Broker {
         match self.delivery(DeliveryOp::Delete { id }).await? {
             WriteOutput::Deleted => {
                 self.inner().signals.forget(id);
+                self.inner().stats.forget_subscription(id.0.as_u128());
                 Ok(())
             }
             other => Err(unexpected(other)),

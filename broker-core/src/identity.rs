@@ -231,6 +231,9 @@ pub struct AuditEntry {
     pub outcome: String,
     /// For a failure, the error code.
     pub error: Option<String>,
+    /// What was changed, when the action records it (e.g. a configuration patch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
 }
 
 /// What to record in the audit log (the broker adds the sequence number and time).
@@ -244,6 +247,8 @@ pub struct NewAuditEntry {
     pub target: String,
     /// `None` for success, else the error code.
     pub error: Option<String>,
+    /// What was changed, when the action records it.
+    pub detail: Option<serde_json::Value>,
 }
 
 /// Which audit entries to list. Every filter is optional.
@@ -835,6 +840,7 @@ impl Broker {
                         "success".into()
                     },
                     error: entry.error,
+                    detail: entry.detail,
                 };
                 // The sequence number is the key; storing it inside too keeps entries whole.
                 let bytes = to_bytes(&e)?;

@@ -40,8 +40,11 @@ mod identity;
 mod ids;
 mod model;
 mod net_guard;
+mod operations;
 mod retry;
+mod runtime;
 mod schema;
+mod stats;
 mod storage;
 mod subscription;
 pub mod telemetry;
@@ -61,6 +64,11 @@ pub use model::{
     Event, EventFilter, EventType, EventTypeSpec, EventTypeVersion, NewRoom, Page, PublishRequest,
     PutEventTypeOutcome, Receipt, Retention, Room, RoomPatch, RoomStatus, StoredResponse,
     SweepReport,
+};
+pub use operations::{DeliverySummary, MessageFilter, MessageLogEntry, MessageStatus};
+pub use runtime::{ConfigPatch, DeliveryPatch, LimitsPatch};
+pub use stats::{
+    Latency, RoomStats, StatsFilter, StatsReport, StatsTotals, SubscriptionStats, Window,
 };
 pub use subscription::{
     Attempt, AttemptOutcome, BasicAuth, BlockedKey, CreatedSubscription, DeadLetter, DeliveryMode,

@@ -61,14 +61,15 @@ pub fn describe() {
     );
 }
 
-/// Records one publish. Unknown Rooms and event types are labelled `-`, because their names
-/// come from callers and would otherwise let anyone create series.
+/// Records one publish and returns its outcome label. Unknown Rooms and event types are
+/// labelled `-`, because their names come from callers and would otherwise let anyone create
+/// series.
 pub(crate) fn publish(
     room: &RoomName,
     event_type: &EventTypeName,
     outcome: std::result::Result<bool, &Error>,
     took: Duration,
-) {
+) -> &'static str {
     let (outcome, known) = match outcome {
         Ok(false) => ("accepted", true),
         Ok(true) => ("duplicate", true),
@@ -85,6 +86,7 @@ pub(crate) fn publish(
     metrics::counter!(PUBLISH_TOTAL, "room" => room, "event_type" => event_type, "outcome" => outcome)
         .increment(1);
     metrics::histogram!(PUBLISH_DURATION).record(took.as_secs_f64());
+    outcome
 }
 
 /// Records one write transaction of `ops` operations.
@@ -94,7 +96,7 @@ pub(crate) fn commit(ops: usize) {
 }
 
 /// The label value of an attempt outcome, as in the attempt log's JSON.
-fn outcome_label(o: AttemptOutcome) -> &'static str {
+pub(crate) fn outcome_label(o: AttemptOutcome) -> &'static str {
     match o {
         AttemptOutcome::Delivered => "delivered",
         AttemptOutcome::Failed => "failed",

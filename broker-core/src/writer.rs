@@ -21,8 +21,10 @@ use crate::error::{Error, Result};
 use crate::ids::SubscriptionId;
 use crate::storage::{Storage, WriteOp, WriteOutput};
 
-/// Called on the writer thread after each commit with the subscriptions whose queues changed.
-pub(crate) type OnCommit = Arc<dyn Fn(&[SubscriptionId]) + Send + Sync>;
+/// Called on the writer thread after each commit with the subscriptions whose queues changed
+/// and what the batch did that operators count.
+pub(crate) type OnCommit =
+    Arc<dyn Fn(&[SubscriptionId], &[crate::storage::Observation]) + Send + Sync>;
 
 struct Job {
     op: WriteOp,
@@ -184,11 +186,13 @@ fn run(
         crate::telemetry::commit(n);
         match outcome {
             Ok(applied) => {
+                // Before the replies: a caller that hears "done" then reads the statistics or
+                // pulls must find the batch counted and the dispatchers woken.
+                if !applied.touched.is_empty() || !applied.observed.is_empty() {
+                    on_commit(&applied.touched, &applied.observed);
+                }
                 for (reply, result) in replies.into_iter().zip(applied.results) {
                     let _ = reply.send(result);
-                }
-                if !applied.touched.is_empty() {
-                    on_commit(&applied.touched);
                 }
             }
             Err(e) => {

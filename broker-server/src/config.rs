@@ -101,6 +101,15 @@ fn default_application_claim() -> String {
     "postroom_application".into()
 }
 
+/// What operators may see.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ObservabilityConfig {
+    /// Whether `GET /v1/admin/messages?payload=true` may show payloads (default false: payloads
+    /// often carry personal data, and an operator chasing a delivery rarely needs them).
+    pub message_log_payloads: bool,
+}
+
 /// HTTPS: when both files are given the server speaks TLS (rustls) instead of plain HTTP.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -137,6 +146,8 @@ pub struct ServerConfig {
     pub auth: AuthConfig,
     /// HTTPS.
     pub tls: TlsConfig,
+    /// What operators may see.
+    pub observability: ObservabilityConfig,
     /// The core's settings (limits, writer, retention, delivery).
     pub broker: broker_core::Config,
 }
@@ -149,6 +160,7 @@ impl Default for ServerConfig {
             http: HttpConfig::default(),
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
+            observability: ObservabilityConfig::default(),
             broker: broker_core::Config::default(),
         }
     }

@@ -116,6 +116,10 @@ pub enum ApiError {
     /// The server cannot take writes now (`GET /readyz`); the reasons say why.
     #[error("not ready: {}", .0.join("; "))]
     NotReady(Vec<String>),
+    /// A setting this process does not control (log levels when the logger belongs to the
+    /// program embedding the server).
+    #[error("{0}")]
+    NotManaged(String),
 }
 
 impl ApiError {
@@ -136,6 +140,7 @@ impl ApiError {
             ApiError::NotSubscribed(_) => "not_subscribed",
             ApiError::Unauthenticated(_) => "unauthenticated",
             ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotManaged(_) => "not_managed",
             ApiError::IdempotencyInProgress(_) => "idempotency_in_progress",
             ApiError::NotReady(_) => "not_ready",
         }
@@ -173,6 +178,7 @@ impl ApiError {
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotManaged(_) => StatusCode::CONFLICT,
             ApiError::BadClient(_) => StatusCode::BAD_REQUEST,
             ApiError::Exists(_)
             | ApiError::NotSubscribed(_)

@@ -8,6 +8,7 @@ pub mod auth_external;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod logging;
 mod middleware;
 pub mod observe;
 pub mod system;
@@ -74,6 +75,7 @@ pub fn router_with(
     Ok(app(AppState {
         broker: broker.clone(),
         database_path: config.database_path(),
+        message_log_payloads: config.observability.message_log_payloads,
     })
     .merge(token)
     .layer(axum::middleware::from_fn_with_state(

@@ -65,22 +65,11 @@ fn run_server(
     // Only the server logs: the client subcommands' output is for the person at the terminal.
     // `POSTROOM_LOG_FORMAT=json` gives one JSON object per line for log collectors; the
     // default is text for people.
-    let filter = || {
-        tracing_subscriber::EnvFilter::try_from_env("POSTROOM_LOG")
-            .unwrap_or_else(|_| "info".into())
-    };
-    if std::env::var("POSTROOM_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
-        tracing_subscriber::fmt()
-            .json()
-            .with_current_span(true)
-            .with_env_filter(filter())
-            .with_writer(std::io::stderr)
-            .init();
-    } else {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter())
-            .with_writer(std::io::stderr)
-            .init();
+    let directives = std::env::var("POSTROOM_LOG").unwrap_or_else(|_| "info".into());
+    let json = std::env::var("POSTROOM_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    if let Err(e) = broker_server::logging::init(&directives, json) {
+        eprintln!("postroom: {e} (POSTROOM_LOG={directives})");
+        return ExitCode::FAILURE;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -59,6 +59,12 @@ fn action_of(method: &Method, path: &str) -> String {
     format!("{method} {}", generic.join("/"))
 }
 
+/// What a handler wants the audit entry of its request to say about the change, beyond the
+/// action and target (e.g. the configuration patch it applied). Put in the response's
+/// extensions.
+#[derive(Clone, Debug)]
+pub(crate) struct AuditDetail(pub serde_json::Value);
+
 /// Records every administrative change, successful or not, with who made it.
 pub(crate) async fn audit(State(broker): State<Broker>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
@@ -72,6 +78,10 @@ pub(crate) async fn audit(State(broker): State<Broker>, req: Request, next: Next
         .get::<crate::auth::Identity>()
         .map(|i| i.principal.clone())
         .or_else(|| Principal::new("anonymous").ok());
+    let detail = response
+        .extensions()
+        .get::<AuditDetail>()
+        .map(|d| d.0.clone());
     let (parts, body) = response.into_parts();
     let (error, body) = if parts.status.is_success() {
         (None, body)
@@ -92,6 +102,7 @@ pub(crate) async fn audit(State(broker): State<Broker>, req: Request, next: Next
             action: action_of(&method, &path),
             target: path,
             error,
+            detail,
         };
         if let Err(e) = broker.record_audit(entry).await {
             tracing::error!(error = %e, "could not write the audit log");

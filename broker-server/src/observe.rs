@@ -33,6 +33,12 @@ pub const HTTP_REQUESTS_IN_FLIGHT: &str = "postroom_http_requests_in_flight";
 pub const BACKLOG: &str = "postroom_backlog";
 /// Dead letters kept, per subscription.
 pub const DEAD_LETTERS: &str = "postroom_dead_letters";
+/// Age of each subscription's oldest undelivered event.
+pub const OLDEST_UNDELIVERED_AGE: &str = "postroom_oldest_undelivered_age_seconds";
+/// Events leased to pullers now, per subscription.
+pub const LEASED: &str = "postroom_in_flight";
+/// Keys whose failing head event holds later events back, per subscription.
+pub const BLOCKED_KEYS: &str = "postroom_blocked_keys";
 /// Size of the database file.
 pub const DATABASE_BYTES: &str = "postroom_database_bytes";
 
@@ -114,6 +120,16 @@ fn describe() {
     describe_gauge!(BACKLOG, "Events waiting for delivery, per subscription.");
     describe_gauge!(DEAD_LETTERS, "Dead letters kept, per subscription.");
     describe_gauge!(
+        OLDEST_UNDELIVERED_AGE,
+        Unit::Seconds,
+        "Age of the oldest undelivered event, per subscription (0 when none waits)."
+    );
+    describe_gauge!(LEASED, "Events leased to pullers now, per subscription.");
+    describe_gauge!(
+        BLOCKED_KEYS,
+        "Keys whose failing head event holds later events back, per subscription."
+    );
+    describe_gauge!(
         DATABASE_BYTES,
         Unit::Bytes,
         "Size of the database file (0 when in memory)."
@@ -166,23 +182,19 @@ pub async fn track(req: Request, next: Next) -> Response {
     resp
 }
 
-/// Sets the gauges that describe stored state: each subscription's backlog and dead letters
-/// (every Room, page by page), and the database file's size.
+/// Sets the gauges that describe stored state: each subscription's backlog, dead letters,
+/// leases, blocked keys and oldest undelivered age (from the statistics report, which reads
+/// every Room's subscriptions), and the database file's size.
 pub fn refresh_gauges(broker: &Broker, database: &Path) -> broker_core::Result<()> {
-    let mut after = None;
-    loop {
-        let page = broker.rooms(after.as_ref(), None)?;
-        for room in &page.items {
-            for sub in broker.subscriptions(&room.name)? {
-                let id = sub.id.to_string();
-                metrics::gauge!(BACKLOG, "subscription" => id.clone()).set(sub.backlog as f64);
-                metrics::gauge!(DEAD_LETTERS, "subscription" => id).set(sub.dead_letters as f64);
-            }
-        }
-        match (page.next_cursor, page.items.last()) {
-            (Some(_), Some(last)) => after = Some(last.name.clone()),
-            _ => break,
-        }
+    let report = broker.stats(&broker_core::StatsFilter::default())?;
+    for sub in &report.subscriptions {
+        let id = sub.id.to_string();
+        metrics::gauge!(BACKLOG, "subscription" => id.clone()).set(sub.backlog as f64);
+        metrics::gauge!(DEAD_LETTERS, "subscription" => id.clone()).set(sub.dead_letters as f64);
+        metrics::gauge!(LEASED, "subscription" => id.clone()).set(sub.in_flight as f64);
+        metrics::gauge!(BLOCKED_KEYS, "subscription" => id.clone()).set(sub.blocked_keys as f64);
+        let age = sub.oldest_undelivered_age_ms.unwrap_or(0) as f64 / 1000.0;
+        metrics::gauge!(OLDEST_UNDELIVERED_AGE, "subscription" => id).set(age);
     }
     // A broker in memory has no file: its size is 0.
     let bytes = std::fs::metadata(database).map(|m| m.len()).unwrap_or(0);

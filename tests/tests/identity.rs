@@ -218,6 +218,7 @@ async fn the_audit_log_keeps_every_entry_in_order_across_a_reopen() {
                     action: "POST /v1/rooms".into(),
                     target: format!("/v1/rooms/r{i}"),
                     error: error.map(String::from),
+                    detail: None,
                 })
                 .await
                 .unwrap();

@@ -283,12 +283,45 @@ pub(crate) struct LeaseGrant {
 /// A page of the attempt log: ((offset, attempt), attempt) and whether more follow.
 pub(crate) type AttemptPage = (Vec<((u64, u32), Attempt)>, bool);
 
+/// A subscription's queue as it stands, for operators.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct QueueHealth {
+    /// Deliveries leased to a puller now.
+    pub in_flight: u64,
+    /// Keys whose head delivery has failed.
+    pub blocked_keys: u64,
+    /// When the oldest undelivered event was published.
+    pub oldest_published_at: Option<Timestamp>,
+    /// False when the scan stopped at its bound, so the counts are lower bounds.
+    pub complete: bool,
+}
+
+/// An event with its state for each subscription that owes or owed it.
+pub(crate) type LoggedEvent = (Event, Vec<EventDelivery>);
+
 /// What a committed batch did.
 #[derive(Debug)]
 pub(crate) struct Applied {
     pub results: Vec<Result<WriteOutput>>,
     /// Subscriptions whose queues changed, so their dispatchers can look again.
     pub touched: Vec<SubscriptionId>,
+    /// What the batch did that operators count, reported only once it is committed so that
+    /// a failed commit counts nothing.
+    pub observed: Vec<Observation>,
+}
+
+/// Something a committed batch did that metrics and statistics count.
+#[derive(Debug, Clone)]
+pub(crate) enum Observation {
+    /// An attempt was logged; `published_at` is the event's, for the delivery latency.
+    Attempt {
+        sub: u128,
+        outcome: crate::subscription::AttemptOutcome,
+        published_at: Timestamp,
+        at: Timestamp,
+    },
+    /// A delivery moved to the dead letters, for one of the core's fixed reasons.
+    DeadLettered { sub: u128, reason: &'static str },
 }
 
 impl WriteOp {
@@ -440,6 +473,26 @@ pub(crate) trait Storage: Send + Sync + 'static {
     ) -> Result<Option<(u32, bool)>>;
     /// Total undelivered deliveries, for tests and metrics.
     fn deliveries_total(&self) -> Result<u64>;
+    /// Replaces the broker-wide delivery defaults (a runtime reconfiguration).
+    fn set_delivery_defaults(&self, defaults: DeliveryDefaults);
+    /// A subscription's queue health, scanning at most `scan_max` deliveries.
+    fn queue_health(
+        &self,
+        id: SubscriptionId,
+        now: Timestamp,
+        scan_max: usize,
+    ) -> Result<QueueHealth>;
+    /// A page of a Room's events with each one's deliveries, keeping the events the filter and
+    /// `keep` accept; scans at most `scan_max` events.
+    fn event_log(
+        &self,
+        room: &RoomName,
+        filter: &EventFilter,
+        keep: &(dyn Fn(&Event, &[EventDelivery]) -> bool + Sync),
+        limit: usize,
+        scan_max: usize,
+        now: Timestamp,
+    ) -> Result<Page<LoggedEvent>>;
     /// A page of a Room's events.
     fn events(
         &self,

@@ -550,7 +550,10 @@ impl<'t> Tables<'t> {
                 self.dead_letters
                     .insert((t.id, offset), encode(&dead_rec)?.as_slice())?;
                 self.sub_stats.insert(t.id, (backlog, dead + 1))?;
-                crate::telemetry::dead_lettered(t.id, "queue_full");
+                self.observed.push(super::Observation::DeadLettered {
+                    sub: t.id,
+                    reason: "queue_full",
+                });
             } else {
                 self.deliveries
                     .insert((t.id, offset), encode(&rec)?.as_slice())?;
@@ -633,10 +636,14 @@ impl<'t> Tables<'t> {
     ) -> Result<()> {
         self.attempts
             .insert((sub, offset, attempt), encode(rec)?.as_slice())?;
-        // Counted here, inside the transaction, because this is the one place every attempt
-        // passes. Should the commit fail, the count runs slightly ahead of the log; a counter
-        // increment is too cheap to be worth deferring past the commit.
-        crate::telemetry::attempt(sub, rec.outcome, published_at, rec.at);
+        // Observed here because this is the one place every attempt passes; counted after the
+        // commit, so that a failed commit counts nothing.
+        self.observed.push(super::Observation::Attempt {
+            sub,
+            outcome: rec.outcome,
+            published_at,
+            at: rec.at,
+        });
         Ok(())
     }
 
@@ -647,7 +654,7 @@ impl<'t> Tables<'t> {
         sub: u128,
         offset: u64,
         rec: DeliveryRecord,
-        reason: &str,
+        reason: &'static str,
     ) -> Result<()> {
         self.deliveries.remove((sub, offset))?;
         let dead = DeadRecord {
@@ -657,7 +664,8 @@ impl<'t> Tables<'t> {
         };
         self.dead_letters
             .insert((sub, offset), encode(&dead)?.as_slice())?;
-        crate::telemetry::dead_lettered(sub, reason);
+        self.observed
+            .push(super::Observation::DeadLettered { sub, reason });
         let (backlog, dead_n) = self.sub_stats(sub)?;
         self.sub_stats
             .insert(sub, (backlog.saturating_sub(1), dead_n + 1))?;
@@ -1582,6 +1590,47 @@ impl RedbStorage {
             }
         }
         Ok(out)
+    }
+
+    /// Walks the start of a subscription's queue (in log order, so the first delivery is the
+    /// oldest): leases held now, keys whose head has failed, and the oldest event's age.
+    pub(super) fn queue_health_read(
+        &self,
+        id: SubscriptionId,
+        now: Timestamp,
+        scan_max: usize,
+    ) -> Result<super::QueueHealth> {
+        let txn = self.db().begin_read()?;
+        let sub_id = id.0.as_u128();
+        self.read_sub(&txn, sub_id)?;
+        let mut heads = HashSet::new();
+        let mut health = super::QueueHealth {
+            complete: true,
+            ..Default::default()
+        };
+        let deliveries = txn.open_table(DELIVERIES)?;
+        for (n, item) in deliveries
+            .range((sub_id, 0)..=(sub_id, u64::MAX))?
+            .enumerate()
+        {
+            if n >= scan_max {
+                health.complete = false;
+                break;
+            }
+            let (_, v) = item?;
+            let rec: DeliveryRecord = decode(v.value())?;
+            if health.oldest_published_at.is_none() {
+                health.oldest_published_at = Some(rec.published_at);
+            }
+            if rec.lease_until.is_some_and(|u| u > now) {
+                health.in_flight += 1;
+            }
+            // As in `blocked_keys_read`: a head that has failed holds its key back.
+            if heads.insert(rec.key.clone()) && rec.attempts > 0 && rec.last_error.is_some() {
+                health.blocked_keys += 1;
+            }
+        }
+        Ok(health)
     }
 
     pub(super) fn queued_read(

@@ -449,6 +449,8 @@ pub(super) struct Tables<'t> {
     pub(super) fanout: &'t mut FanoutCache,
     /// Subscriptions whose queues this batch changed, to wake their dispatchers after commit.
     pub(super) touched: HashSet<u128>,
+    /// What the batch did that operators count, handed over after commit.
+    pub(super) observed: Vec<super::Observation>,
     pub(super) defaults: DeliveryDefaults,
 }
 
@@ -486,6 +488,7 @@ impl<'t> Tables<'t> {
             seqs,
             fanout,
             touched: HashSet::new(),
+            observed: Vec::new(),
             defaults,
         })
     }
@@ -1255,6 +1258,7 @@ impl Storage for RedbStorage {
         let outcome = (|| {
             let mut results = Vec::with_capacity(ops.len());
             let touched;
+            let observed;
             {
                 let mut tables = Tables::open(&txn, &mut seqs, &mut fanout, defaults)?;
                 for op in ops {
@@ -1270,6 +1274,7 @@ impl Storage for RedbStorage {
                     tables.checkpoint_seqs()?;
                 }
                 touched = std::mem::take(&mut tables.touched);
+                observed = std::mem::take(&mut tables.observed);
             }
             txn.commit()?;
             Ok(Applied {
@@ -1278,6 +1283,7 @@ impl Storage for RedbStorage {
                     .into_iter()
                     .map(|id| crate::ids::SubscriptionId(Uuid::from_u128(id)))
                     .collect(),
+                observed,
             })
         })();
         if outcome.is_err() {
@@ -1579,6 +1585,37 @@ impl Storage for RedbStorage {
         Ok((!deleted).then(|| event_from(id, rec)))
     }
 
+    fn set_delivery_defaults(&self, defaults: DeliveryDefaults) {
+        *self.defaults.write().unwrap_or_else(|p| p.into_inner()) = defaults;
+    }
+
+    fn queue_health(
+        &self,
+        id: crate::ids::SubscriptionId,
+        now: Timestamp,
+        scan_max: usize,
+    ) -> Result<super::QueueHealth> {
+        self.queue_health_read(id, now, scan_max)
+    }
+
+    fn event_log(
+        &self,
+        room: &RoomName,
+        filter: &EventFilter,
+        keep: &(dyn Fn(&Event, &[crate::subscription::EventDelivery]) -> bool + Sync),
+        limit: usize,
+        scan_max: usize,
+        now: Timestamp,
+    ) -> Result<Page<super::LoggedEvent>> {
+        let rid = self.require_room_id(room)?;
+        self.scan_log(rid, filter, limit, scan_max, |offset, event| {
+            // Each event's deliveries come from their own read: a log page is a report, and a
+            // delivery settling between two events' reads is simply newer news.
+            let deliveries = self.event_deliveries_read(rid, offset, now)?;
+            Ok(keep(&event, &deliveries).then_some((event, deliveries)))
+        })
+    }
+
     fn events(
         &self,
         room: &RoomName,
@@ -1587,6 +1624,21 @@ impl Storage for RedbStorage {
         scan_max: usize,
     ) -> Result<Page<Event>> {
         let rid = self.require_room_id(room)?;
+        self.scan_log(rid, filter, limit, scan_max, |_, event| Ok(Some(event)))
+    }
+}
+
+impl RedbStorage {
+    /// Walks a Room's log from the filter's cursor, keeping events that match the filter and
+    /// that `map` turns into items, until `limit` items or `scan_max` positions.
+    fn scan_log<T>(
+        &self,
+        rid: u64,
+        filter: &EventFilter,
+        limit: usize,
+        scan_max: usize,
+        mut map: impl FnMut(u64, Event) -> Result<Option<T>>,
+    ) -> Result<Page<T>> {
         let start = match &filter.cursor {
             None => 0,
             Some(c) => c
@@ -1625,7 +1677,9 @@ impl Storage for RedbStorage {
                 && filter.since.is_none_or(|s| rec.received_at >= s)
                 && filter.until.is_none_or(|u| rec.received_at < u);
             if keep {
-                items.push(event_from(id, rec));
+                if let Some(item) = map(pos, event_from(id, rec))? {
+                    items.push(item);
+                }
             }
         }
         Ok(Page { items, next_cursor })

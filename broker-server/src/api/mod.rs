@@ -6,6 +6,7 @@ mod admin;
 mod docs;
 mod events;
 pub mod govstack;
+mod ops;
 mod room_openapi;
 mod rooms;
 pub(crate) mod schemas;
@@ -34,6 +35,8 @@ pub struct AppState {
     /// The database file, for its size in `/metrics` and the free space beside it in
     /// `/v1/admin/system` (absent for a broker in memory: size 0).
     pub database_path: std::path::PathBuf,
+    /// Whether the message log may show payloads (`observability.message_log_payloads`).
+    pub message_log_payloads: bool,
 }
 
 /// The document's fixed parts: what the API is, its tags, and the components that handlers refer
@@ -79,7 +82,8 @@ fn native_routes() -> OpenApiRouter<AppState> {
                 .merge(room_openapi::routes())
                 .merge(events::routes())
                 .merge(subscriptions::routes())
-                .merge(admin::routes()),
+                .merge(admin::routes())
+                .merge(ops::routes()),
         )
 }
 
