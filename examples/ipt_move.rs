@@ -89,7 +89,9 @@ async fn hook(State(s): State<Arc<Supplier>>, headers: HeaderMap, body: Bytes) -
         return StatusCode::INTERNAL_SERVER_ERROR;
     }
     // 2. Drop repeats by id: at-least-once delivery sends an event again after a failure.
-    let mut seen = lock(&s.seen);
+    let mut guard = lock(&s.seen);
+    // A plain `&mut Seen`, so that its fields can be borrowed apart.
+    let seen = &mut *guard;
     if !seen.ids.insert(id) {
         seen.repeats_dropped += 1;
         return StatusCode::OK;

@@ -85,7 +85,9 @@ struct Centre {
 
 impl Centre {
     fn counts(&self) -> Counts {
-        let count = |list: &[(_, &str)], g: &str| list.iter().filter(|p| p.1 == g).count() as u64;
+        fn count<T>(list: &[(T, &str)], g: &str) -> u64 {
+            list.iter().filter(|p| p.1 == g).count() as u64
+        }
         Counts {
             male_occupied: count(&self.people, "m"),
             female_occupied: count(&self.people, "f"),
@@ -335,7 +337,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     ));
 
     let mut senders = Vec::new();
-    for (i, name) in CENTRES.iter().take(centres).enumerate() {
+    for (i, name) in CENTRES.iter().copied().take(centres).enumerate() {
         let centre = Centre {
             name,
             http: http.clone(),
