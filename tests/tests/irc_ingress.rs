@@ -179,6 +179,8 @@ async fn the_irc_ingress_answers_as_the_icd_consumer_did() {
         (ev, with(first.clone(), "foo", json!(1)), 400, "schema_violation", Some("foo")),
         (ev, with(first.clone(), "gender", json!("x")), 400, "schema_violation", Some("gender")),
         (ev, with(first.clone(), "person_id", json!(-1)), 400, "schema_violation", Some("person_id")),
+        // An integer written as 1.0: not an integer for the ICD's draft-04 schema.
+        (ev, with(first.clone(), "cid_id", json!(1.0)), 400, "schema_violation", Some("cid_id")),
         (ev, with(first.clone(), "timestamp", json!("soon")), 400, "schema_violation", Some("timestamp")),
         (ev, with(first.clone(), "operation", json!("check-in")), 400, "schema_violation", Some("operation")),
         (ev, without(first.clone(), "operation"), 400, "schema_violation", Some("operation")),

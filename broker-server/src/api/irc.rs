@@ -47,6 +47,32 @@ pub fn routes() -> Router<AppState> {
         .route("/irc_entry/{centre}/heartbeat", post(heartbeat))
 }
 
+/// The ICD's integer fields in events.
+pub const EVENT_INTEGER_FIELDS: [&str; 3] = ["person_id", "cid_id", "single_occupancy_person_id"];
+
+/// The ICD's integer fields in heartbeats. Other properties are allowed in a heartbeat, with any
+/// value, so only these count.
+pub const HEARTBEAT_INTEGER_FIELDS: [&str; 6] = [
+    "male_occupied",
+    "female_occupied",
+    "male_outofcommission",
+    "female_outofcommission",
+    "male_total_configured",
+    "female_total_configured",
+];
+
+/// The first of `fields` whose number is written with a fraction or an exponent (`1.0`,
+/// `1e3`). The ICD's draft-04 schemas refuse those ("an integer is a JSON number without a
+/// fraction or exponent part"); JSON Schema 2020-12 counts any whole number as an integer and
+/// has no keyword to tell `1.0` from `1`, so our schemas accept them and this rule, applied by
+/// the ingress before publishing, restores the ICD's verdict exactly.
+pub fn integer_written_as_float(doc: &Value, fields: &[&str]) -> Option<String> {
+    fields
+        .iter()
+        .find(|f| doc.get(**f).is_some_and(Value::is_f64))
+        .map(|f| f.to_string())
+}
+
 /// `^[a-z]{3,30}$`, the ICD's centre name.
 pub fn valid_centre(s: &str) -> bool {
     (3..=30).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase())
@@ -122,6 +148,18 @@ async fn ingest(
                 body: body_centre.to_string(),
             });
         }
+    }
+    let integers: &[&str] = if is_event {
+        &EVENT_INTEGER_FIELDS
+    } else {
+        &HEARTBEAT_INTEGER_FIELDS
+    };
+    if let Some(field) = integer_written_as_float(&doc, integers) {
+        return Err(ApiError::FieldInvalid {
+            field,
+            message: "must be an integer written without a fraction or exponent".into(),
+            violations: Vec::new(),
+        });
     }
     let room = RoomName::new(IRC_ROOM)?;
     let ty = EventTypeName::new(ty)?;
