@@ -101,7 +101,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             acked += 1;
         }
     }
-    println!("acked {acked}; backlog {}", broker.subscription(sub.id)?.backlog);
+    println!(
+        "acked {acked}; backlog {}",
+        broker.subscription(sub.id)?.backlog
+    );
     broker.close().await;
     Ok(())
 }

@@ -7,7 +7,8 @@
 //! before, or even after, it has taken an event, so the broker retries and sends repeats).
 //!
 //! Run: `cargo run -p postroom-examples --bin ipt_move [MOVES] [SEED]` (default 5 moves, seed 2).
-//! It prints each move's statuses as the supplier saw them, then a summary line.
+//! It prints the answer to one forged request (401), each move's statuses as the supplier saw
+//! them, then a summary line.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -166,6 +167,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}/hook", listener.local_addr()?);
+    let hook_url = url.clone();
     let app = Router::new()
         .route("/hook", post(hook))
         .with_state(supplier.clone());
@@ -217,12 +219,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (step, (ty, _)) in LIFECYCLE.iter().enumerate() {
         for id in &ids {
             let body = payload(id, ty, 10 + step as u32).to_string();
-            let req = PublishRequest::new(
-                room.clone(),
-                EventTypeName::new(*ty)?,
-                pecs.clone(),
-                body,
-            );
+            let req =
+                PublishRequest::new(room.clone(), EventTypeName::new(*ty)?, pecs.clone(), body);
             broker.publish(req).await?;
         }
     }
@@ -235,15 +233,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             _ => break,
         }
     }
-    let seen = lock(&supplier.seen);
-    for (id, statuses) in &seen.moves {
-        println!("move {id}: {}", statuses.join(" -> "));
+    // A request that did not come from the broker is refused, and counted.
+    let forged = reqwest::Client::new()
+        .post(&hook_url)
+        .header("webhook-id", "msg_forged")
+        .header("webhook-timestamp", "1614265330")
+        .header("webhook-signature", "v1,bm90IGEgc2lnbmF0dXJl")
+        .body(r#"{"event_type":"MoveCancel"}"#)
+        .send()
+        .await?;
+    println!("forged request: {}", forged.status().as_u16());
+    {
+        let seen = lock(&supplier.seen);
+        for (id, statuses) in &seen.moves {
+            println!("move {id}: {}", statuses.join(" -> "));
+        }
+        println!(
+            "moves {completed}/{moves} completed, out of order {}, repeats dropped {}, failures injected {}, bad signatures {}",
+            seen.out_of_order, seen.repeats_dropped, seen.failures_injected, seen.bad_signatures
+        );
     }
-    println!(
-        "moves {completed}/{moves} completed, out of order {}, repeats dropped {}, failures injected {}, bad signatures {}",
-        seen.out_of_order, seen.repeats_dropped, seen.failures_injected, seen.bad_signatures
-    );
-    drop(seen);
     broker.close().await;
     if completed < moves {
         return Err("not every move reached the supplier in time".into());

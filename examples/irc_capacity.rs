@@ -20,7 +20,13 @@ use broker_core::{Broker, Config, Principal, SystemClock};
 use broker_server::ServerConfig;
 use serde_json::{json, Value};
 
-const CENTRES: [&str; 5] = ["brookhouse", "colnbrook", "harmondsworth", "tinsley", "yarlswood"];
+const CENTRES: [&str; 5] = [
+    "brookhouse",
+    "colnbrook",
+    "harmondsworth",
+    "tinsley",
+    "yarlswood",
+];
 /// How often a centre sends: every 20 ms instead of every minute.
 const INTERVAL: Duration = Duration::from_millis(20);
 
@@ -193,7 +199,10 @@ impl Centre {
                 .await
                 .map_err(|e| e.to_string())?;
             if status != 201 {
-                return Err(format!("{}: heartbeat answered {status}: {answer}", self.name));
+                return Err(format!(
+                    "{}: heartbeat answered {status}: {answer}",
+                    self.name
+                ));
             }
             tokio::time::sleep(INTERVAL).await;
         }
@@ -206,13 +215,13 @@ impl Centre {
         if self.name == CENTRES[0] {
             // The ICD's own answers, once: a repeat, another centre's body, a bad field.
             let (status, answer) = self.post("event", &last).await.map_err(|e| e.to_string())?;
-            println!(
-                "repeated event: {status} duplicate={}",
-                answer["duplicate"]
-            );
+            println!("repeated event: {status} duplicate={}", answer["duplicate"]);
             let mut other = last.clone();
             other["centre"] = json!("elsewhere");
-            let (status, answer) = self.post("event", &other).await.map_err(|e| e.to_string())?;
+            let (status, answer) = self
+                .post("event", &other)
+                .await
+                .map_err(|e| e.to_string())?;
             println!("other centre's body: {status} {}", answer["code"]);
             let mut bad = last;
             bad["timestamp"] = json!("yesterday");
@@ -291,8 +300,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pack = broker_server::pack::Pack::load(
         concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/irc/pack.toml").as_ref(),
     )?;
-    broker_server::pack::apply(&broker, &pack, &Principal::new("local/ADMIN/postroom/admin")?)
-        .await?;
+    broker_server::pack::apply(
+        &broker,
+        &pack,
+        &Principal::new("local/ADMIN/postroom/admin")?,
+    )
+    .await?;
     let app = broker_server::router(broker.clone(), &config)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);

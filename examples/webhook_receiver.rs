@@ -149,7 +149,10 @@ mod tests {
     #[test]
     fn verifies_the_standard_webhooks_test_vector() {
         let mut h = HeaderMap::new();
-        h.insert("webhook-id", "msg_p5jXN8AQM9LWM0D4loKWxJek".parse().unwrap());
+        h.insert(
+            "webhook-id",
+            "msg_p5jXN8AQM9LWM0D4loKWxJek".parse().unwrap(),
+        );
         h.insert("webhook-timestamp", "1614265330".parse().unwrap());
         h.insert(
             "webhook-signature",

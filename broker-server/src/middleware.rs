@@ -324,8 +324,14 @@ mod tests {
     /// The IRC ingress is publishing (data plane), so it stays out of the audit log.
     #[test]
     fn irc_ingress_is_not_administrative() {
-        assert!(!is_administrative(&Method::POST, "/irc_entry/brookhouse/event"));
-        assert!(!is_administrative(&Method::POST, "/irc_entry/brookhouse/heartbeat"));
+        assert!(!is_administrative(
+            &Method::POST,
+            "/irc_entry/brookhouse/event"
+        ));
+        assert!(!is_administrative(
+            &Method::POST,
+            "/irc_entry/brookhouse/heartbeat"
+        ));
         assert!(is_administrative(&Method::POST, "/v1/rooms"));
     }
 }

@@ -236,7 +236,10 @@ pub async fn apply(
         let mut types = Vec::with_capacity(r.event_types.len());
         for spec in &r.event_types {
             let out = broker.put_event_type(&r.name, spec.clone()).await?;
-            types.push((spec.name.clone(), type_outcome(out.created, out.new_version)));
+            types.push((
+                spec.name.clone(),
+                type_outcome(out.created, out.new_version),
+            ));
         }
         report.push(AppliedRoom {
             room: r.name.clone(),

@@ -1070,11 +1070,17 @@ fn pack_apply_is_idempotent_and_reports_changes() {
     let first = outcomes(&s.json(&["pack", "apply", &irc_pack()]));
     assert_eq!(first.len(), 9, "{first:?}");
     assert_eq!(first[0], ("irc".into(), "".into(), "created".into()));
-    assert!(first[1..].iter().all(|(_, _, o)| o == "created"), "{first:?}");
+    assert!(
+        first[1..].iter().all(|(_, _, o)| o == "created"),
+        "{first:?}"
+    );
     let again = outcomes(&s.json(&["pack", "apply", &irc_pack()]));
     assert!(again.iter().all(|(_, _, o)| o == "unchanged"), "{again:?}");
     let table = s.ok(&["pack", "apply", &irc_pack()]);
-    assert!(table.contains("heartbeat") && table.contains("unchanged"), "{table}");
+    assert!(
+        table.contains("heartbeat") && table.contains("unchanged"),
+        "{table}"
+    );
 
     s.file("t.schema.json", r#"{"type": "object", "required": ["a"]}"#);
     let pack = s.file(
@@ -1090,7 +1096,10 @@ fn pack_apply_is_idempotent_and_reports_changes() {
             ("irc".into(), "heartbeat".into(), "new version".into())
         ]
     );
-    let bad = s.file("bad.toml", "[[rooms]]\nname = \"x\"\n[[rooms.event_types]]\nname = \"t\"\nschema = \"missing.json\"\n");
+    let bad = s.file(
+        "bad.toml",
+        "[[rooms]]\nname = \"x\"\n[[rooms.event_types]]\nname = \"t\"\nschema = \"missing.json\"\n",
+    );
     let out = s.run(&["pack", "apply", &bad]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("missing.json"), "{}", stderr(&out));

@@ -19,7 +19,10 @@ fn embedded_publishes_pulls_in_key_order_and_acks_everything() {
     let first = run(dir.path());
     assert!(first.contains("room orders created"), "{first}");
     assert!(first.contains("published key=ada sequence=2"), "{first}");
-    let pulled: Vec<&str> = first.lines().filter(|l| l.starts_with("pulled key=ada")).collect();
+    let pulled: Vec<&str> = first
+        .lines()
+        .filter(|l| l.starts_with("pulled key=ada"))
+        .collect();
     assert_eq!(
         pulled,
         [

@@ -32,7 +32,10 @@ fn the_dashboard_shows_what_the_centres_sent() {
         stdout.lines().filter(|l| l.starts_with("live ")).count() >= 36,
         "a live line per heartbeat: {stdout}"
     );
-    assert!(stdout.contains("repeated event: 201 duplicate=true"), "{stdout}");
+    assert!(
+        stdout.contains("repeated event: 201 duplicate=true"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("other centre's body: 422 \"centre_mismatch\""),
         "{stdout}"

@@ -149,8 +149,15 @@ async fn the_irc_ingress_answers_as_the_icd_consumer_did() {
     // Access: 401 without a token, 403 with one that may not publish to the Room.
     irc.check(ev, None, first.clone(), 401, Some("unauthenticated"), None)
         .await;
-    irc.check(ev, Some(&irc.other_token), first.clone(), 403, Some("forbidden"), None)
-        .await;
+    irc.check(
+        ev,
+        Some(&irc.other_token),
+        first.clone(),
+        403,
+        Some("forbidden"),
+        None,
+    )
+    .await;
 
     // Accepted, then the same event again (even with another body) without a second event.
     let a = irc.check(ev, t, first.clone(), 201, None, None).await;
@@ -158,37 +165,132 @@ async fn the_irc_ingress_answers_as_the_icd_consumer_did() {
     assert_eq!(a["key"], "brookhouse");
     assert_eq!(a["duplicate"], false);
     let b = irc.check(ev, t, first.clone(), 201, None, None).await;
-    assert_eq!((b["id"].clone(), b["duplicate"].clone()), (a["id"].clone(), json!(true)));
+    assert_eq!(
+        (b["id"].clone(), b["duplicate"].clone()),
+        (a["id"].clone(), json!(true))
+    );
     let c = irc
-        .check(ev, t, with(first.clone(), "nationality", json!("gbr")), 201, None, None)
+        .check(
+            ev,
+            t,
+            with(first.clone(), "nationality", json!("gbr")),
+            201,
+            None,
+            None,
+        )
         .await;
     assert_eq!(c["id"], a["id"]);
     // Another timestamp is another event.
     let d = irc
-        .check(ev, t, check_in("brookhouse", 1, "2024-01-01T10:00:01Z"), 201, None, None)
+        .check(
+            ev,
+            t,
+            check_in("brookhouse", 1, "2024-01-01T10:00:01Z"),
+            201,
+            None,
+            None,
+        )
         .await;
     assert_eq!(d["duplicate"], false);
     assert_eq!(d["sequence"], 2);
 
     // The ICD's refusals.
     for (path, body, status, code, field) in [
-        (ev, with(first.clone(), "centre", json!("yarlswood")), 422, "centre_mismatch", None),
-        ("/irc_entry/AB/event", first.clone(), 400, "invalid_parameter", None),
-        ("/irc_entry/ab/event", first.clone(), 400, "invalid_parameter", None),
-        (ev, without(first.clone(), "person_id"), 400, "schema_violation", Some("person_id")),
-        (ev, with(first.clone(), "foo", json!(1)), 400, "schema_violation", Some("foo")),
-        (ev, with(first.clone(), "gender", json!("x")), 400, "schema_violation", Some("gender")),
-        (ev, with(first.clone(), "person_id", json!(-1)), 400, "schema_violation", Some("person_id")),
+        (
+            ev,
+            with(first.clone(), "centre", json!("yarlswood")),
+            422,
+            "centre_mismatch",
+            None,
+        ),
+        (
+            "/irc_entry/AB/event",
+            first.clone(),
+            400,
+            "invalid_parameter",
+            None,
+        ),
+        (
+            "/irc_entry/ab/event",
+            first.clone(),
+            400,
+            "invalid_parameter",
+            None,
+        ),
+        (
+            ev,
+            without(first.clone(), "person_id"),
+            400,
+            "schema_violation",
+            Some("person_id"),
+        ),
+        (
+            ev,
+            with(first.clone(), "foo", json!(1)),
+            400,
+            "schema_violation",
+            Some("foo"),
+        ),
+        (
+            ev,
+            with(first.clone(), "gender", json!("x")),
+            400,
+            "schema_violation",
+            Some("gender"),
+        ),
+        (
+            ev,
+            with(first.clone(), "person_id", json!(-1)),
+            400,
+            "schema_violation",
+            Some("person_id"),
+        ),
         // An integer written as 1.0: not an integer for the ICD's draft-04 schema.
-        (ev, with(first.clone(), "cid_id", json!(1.0)), 400, "schema_violation", Some("cid_id")),
-        (ev, with(first.clone(), "timestamp", json!("soon")), 400, "schema_violation", Some("timestamp")),
-        (ev, with(first.clone(), "operation", json!("check-in")), 400, "schema_violation", Some("operation")),
-        (ev, without(first.clone(), "operation"), 400, "schema_violation", Some("operation")),
+        (
+            ev,
+            with(first.clone(), "cid_id", json!(1.0)),
+            400,
+            "schema_violation",
+            Some("cid_id"),
+        ),
+        (
+            ev,
+            with(first.clone(), "timestamp", json!("soon")),
+            400,
+            "schema_violation",
+            Some("timestamp"),
+        ),
+        (
+            ev,
+            with(first.clone(), "operation", json!("check-in")),
+            400,
+            "schema_violation",
+            Some("operation"),
+        ),
+        (
+            ev,
+            without(first.clone(), "operation"),
+            400,
+            "schema_violation",
+            Some("operation"),
+        ),
         (ev, json!("raw:{not json"), 400, "invalid_json", None),
-        (hb, json!({"centre": "yarlswood", "male_occupied": 1, "female_occupied": 2,
-                     "male_outofcommission": 0, "female_outofcommission": 0}), 422, "centre_mismatch", None),
-        (hb, json!({"centre": "brookhouse", "male_occupied": 5001, "female_occupied": 2,
-                     "male_outofcommission": 0, "female_outofcommission": 0}), 400, "schema_violation", Some("male_occupied")),
+        (
+            hb,
+            json!({"centre": "yarlswood", "male_occupied": 1, "female_occupied": 2,
+                     "male_outofcommission": 0, "female_outofcommission": 0}),
+            422,
+            "centre_mismatch",
+            None,
+        ),
+        (
+            hb,
+            json!({"centre": "brookhouse", "male_occupied": 5001, "female_occupied": 2,
+                     "male_outofcommission": 0, "female_outofcommission": 0}),
+            400,
+            "schema_violation",
+            Some("male_occupied"),
+        ),
     ] {
         irc.check(path, t, body, status, Some(code), field).await;
     }
@@ -206,13 +308,19 @@ async fn the_irc_ingress_answers_as_the_icd_consumer_did() {
             None,
         )
         .await;
-    assert_eq!((beat["event_type"].clone(), beat["sequence"].clone()), (json!("heartbeat"), json!(3)));
+    assert_eq!(
+        (beat["event_type"].clone(), beat["sequence"].clone()),
+        (json!("heartbeat"), json!(3))
+    );
     let single = json!({"operation": "out commission", "timestamp": "2024-01-01T11:00:00Z",
         "centre": "brookhouse", "bed_ref": "A-1", "reason": "Single Occupancy",
         "single_occupancy_person_id": 4, "gender": "m"});
     let s = irc.check(ev, t, single.clone(), 201, None, None).await;
     assert_eq!(s["event_type"], "out_commission");
-    assert_eq!(irc.check(ev, t, single, 201, None, None).await["duplicate"], true);
+    assert_eq!(
+        irc.check(ev, t, single, 201, None, None).await["duplicate"],
+        true
+    );
     let transfer = json!({"operation": "inter site transfer", "timestamp": "2024-01-01T12:00:00Z",
         "centre": "brookhouse", "centre_to": "yarlswood", "person_id": 1, "reason": "Other"});
     assert_eq!(
@@ -227,13 +335,26 @@ async fn the_irc_ingress_answers_as_the_icd_consumer_did() {
         .events(&room("irc"), EventFilter::default())
         .await
         .expect("events");
-    let types: Vec<String> = stored.items.iter().map(|e| e.event_type.to_string()).collect();
+    let types: Vec<String> = stored
+        .items
+        .iter()
+        .map(|e| e.event_type.to_string())
+        .collect();
     assert_eq!(
         types,
-        ["check_in", "check_in", "heartbeat", "out_commission", "inter_site_transfer"]
+        [
+            "check_in",
+            "check_in",
+            "heartbeat",
+            "out_commission",
+            "inter_site_transfer"
+        ]
     );
     assert!(stored.items.iter().all(|e| e.key.as_str() == "brookhouse"));
     let seqs: Vec<u64> = stored.items.iter().map(|e| e.sequence.0).collect();
     assert_eq!(seqs, [1, 2, 3, 4, 5]);
-    assert_eq!(stored.items[0].payload, serde_json::to_vec(&first).expect("bytes"));
+    assert_eq!(
+        stored.items[0].payload,
+        serde_json::to_vec(&first).expect("bytes")
+    );
 }

@@ -255,7 +255,10 @@ mod tests {
     fn duplicate_ids_depend_on_the_icd_tuple_only() {
         let a = json!({"operation": "check out", "timestamp": "2024-01-01T00:00:00Z", "person_id": 7, "centre": "brookhouse"});
         let b = json!({"timestamp": "2024-01-01T00:00:00Z", "person_id": 7, "operation": "check out", "extra": 1});
-        assert_eq!(duplicate_id("brookhouse", &a), duplicate_id("brookhouse", &b));
+        assert_eq!(
+            duplicate_id("brookhouse", &a),
+            duplicate_id("brookhouse", &b)
+        );
         assert_ne!(
             duplicate_id("brookhouse", &a),
             duplicate_id("yarlswood", &a)
@@ -267,7 +270,12 @@ mod tests {
 
     #[test]
     fn centre_names() {
-        for (s, ok) in [("abc", true), ("ab", false), ("Abc", false), ("a-bc", false)] {
+        for (s, ok) in [
+            ("abc", true),
+            ("ab", false),
+            ("Abc", false),
+            ("a-bc", false),
+        ] {
             assert_eq!(valid_centre(s), ok, "{s}");
         }
         assert!(valid_centre(&"a".repeat(30)));

@@ -76,7 +76,9 @@ pub async fn pack(client: &Client, json: bool, command: PackCommand) -> Result<(
                 .await?;
             let flag = |k: &str| answer.body.get(k).and_then(Value::as_bool).unwrap_or(false);
             let outcome = type_outcome(flag("created"), flag("new_version"));
-            rows.push(json!({"room": name, "event_type": t.name.as_str(), "outcome": outcome.as_str()}));
+            rows.push(
+                json!({"room": name, "event_type": t.name.as_str(), "outcome": outcome.as_str()}),
+            );
         }
     }
     if json {
