@@ -3,7 +3,7 @@
 //! publishes three events for two keys, pulls them (in order per key), acknowledges them, and
 //! shows that nothing is left to pull.
 //!
-//! Run: `cargo run -p postroom-examples --bin embedded [DATA_DIR]` (default `./data-embedded`).
+//! Run: `cargo run -p postroom-examples --bin embedded [DATA_DIR]` (default `./data/embedded`).
 //! It prints one line per step; run it twice and the sequences carry on from the first run.
 
 use broker_core::{
@@ -16,7 +16,7 @@ use serde_json::json;
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::args()
         .nth(1)
-        .unwrap_or_else(|| "data-embedded".to_string());
+        .unwrap_or_else(|| "data/embedded".to_string());
     std::fs::create_dir_all(&dir)?;
     // 1. Open: one redb file; every acknowledged publish is on disk.
     let broker = Broker::open(format!("{dir}/postroom.redb"), Config::default()).await?;

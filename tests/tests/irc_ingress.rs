@@ -126,6 +126,15 @@ fn check_in(centre: &str, person: u64, ts: &str) -> Value {
            "cid_id": 9, "gender": "f", "nationality": "xxx"})
 }
 
+fn out_commission(reason: &str, single: Option<u64>, gender: &str) -> Value {
+    let mut v = json!({"operation": "out commission", "timestamp": "2024-01-01T09:00:00Z",
+        "centre": "brookhouse", "bed_ref": "B-2", "reason": reason, "gender": gender});
+    if let Some(p) = single {
+        v["single_occupancy_person_id"] = json!(p);
+    }
+    v
+}
+
 fn with(mut v: Value, k: &str, val: Value) -> Value {
     v[k] = val;
     v
@@ -273,6 +282,34 @@ async fn the_irc_ingress_answers_as_the_icd_consumer_did() {
             400,
             "schema_violation",
             Some("operation"),
+        ),
+        (
+            ev,
+            out_commission("Crime Scene", Some(3), "m"),
+            400,
+            "schema_violation",
+            Some("single_occupancy_person_id"),
+        ),
+        (
+            ev,
+            out_commission("Single Occupancy", None, "m"),
+            400,
+            "schema_violation",
+            Some("single_occupancy_person_id"),
+        ),
+        (
+            ev,
+            out_commission("Flood", None, "m"),
+            400,
+            "schema_violation",
+            Some("reason"),
+        ),
+        (
+            ev,
+            out_commission("Other", None, "x"),
+            400,
+            "schema_violation",
+            Some("gender"),
         ),
         (ev, json!("raw:{not json"), 400, "invalid_json", None),
         (

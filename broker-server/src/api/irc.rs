@@ -235,6 +235,13 @@ fn first_field(violations: &[Violation]) -> (String, String) {
         quoted(&v.message, '"').unwrap_or("body").to_string()
     } else if v.schema_path.ends_with("/additionalProperties") {
         quoted(&v.message, '\'').unwrap_or("body").to_string()
+    } else if v.schema_path.ends_with("/not") {
+        // `{"required":["x"]} is not allowed for ...`: a property that must be absent.
+        v.message
+            .split_once("[\"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map_or("body", |(name, _)| name)
+            .to_string()
     } else {
         "body".to_string()
     };
