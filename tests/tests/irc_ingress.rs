@@ -45,6 +45,14 @@ async fn start() -> Irc {
     broker_server::pack::apply(&broker, &pack, &admin)
         .await
         .expect("apply");
+    // Applying again (every start does) changes nothing.
+    let again = broker_server::pack::apply(&broker, &pack, &admin)
+        .await
+        .expect("apply again");
+    assert!(again.iter().all(|r| r.outcome == "unchanged"
+        && r.event_types
+            .iter()
+            .all(|(_, o)| *o == broker_server::pack::TypeOutcome::Unchanged)));
     broker
         .create_member("UK/GOV/HO", "Home Office")
         .await
