@@ -150,6 +150,10 @@ pub struct ServerConfig {
     pub observability: ObservabilityConfig,
     /// The core's settings (limits, writer, retention, delivery).
     pub broker: broker_core::Config,
+    /// Domain packs (`schemas/irc/pack.toml`, ...) applied at every start, before the server
+    /// answers: their Rooms and event types are created or updated (see [`crate::pack`]).
+    /// Relative paths are relative to the working directory.
+    pub packs: Vec<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -162,6 +166,7 @@ impl Default for ServerConfig {
             tls: TlsConfig::default(),
             observability: ObservabilityConfig::default(),
             broker: broker_core::Config::default(),
+            packs: Vec::new(),
         }
     }
 }

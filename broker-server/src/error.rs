@@ -120,6 +120,25 @@ pub enum ApiError {
     /// program embedding the server).
     #[error("{0}")]
     NotManaged(String),
+    /// A payload fails its schema, reported with the field at fault (the IRC ingress, whose
+    /// ICD answers 400 naming the field).
+    #[error("{field}: {message}")]
+    FieldInvalid {
+        /// The field (`operation`, `gender`, ...), `body` when no one field is at fault.
+        field: String,
+        /// What is wrong.
+        message: String,
+        /// Every violation, as in `schema_violation` answers.
+        violations: Vec<broker_core::Violation>,
+    },
+    /// An IRC body names another centre than its path (the ICD's 422).
+    #[error("the body's centre `{body}` differs from the path's `{path}`")]
+    CentreMismatch {
+        /// The centre in the path.
+        path: String,
+        /// The centre in the body.
+        body: String,
+    },
 }
 
 impl ApiError {
@@ -143,6 +162,8 @@ impl ApiError {
             ApiError::NotManaged(_) => "not_managed",
             ApiError::IdempotencyInProgress(_) => "idempotency_in_progress",
             ApiError::NotReady(_) => "not_ready",
+            ApiError::FieldInvalid { .. } => "schema_violation",
+            ApiError::CentreMismatch { .. } => "centre_mismatch",
         }
     }
 
@@ -179,7 +200,8 @@ impl ApiError {
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotManaged(_) => StatusCode::CONFLICT,
-            ApiError::BadClient(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadClient(_) | ApiError::FieldInvalid { .. } => StatusCode::BAD_REQUEST,
+            ApiError::CentreMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Exists(_)
             | ApiError::NotSubscribed(_)
             | ApiError::IdempotencyInProgress(_) => StatusCode::CONFLICT,
@@ -266,6 +288,12 @@ fn problem(err: ApiError, status: StatusCode) -> Response {
         }
         ApiError::Core(broker_core::Error::ShuttingDown) | ApiError::Busy => retry_after = Some(1),
         ApiError::NotReady(reasons) => body.reasons = Some(reasons.clone()),
+        ApiError::FieldInvalid {
+            field, violations, ..
+        } => {
+            body.field = Some(field.clone());
+            body.violations = (!violations.is_empty()).then(|| violations.clone());
+        }
         _ => {}
     }
     // Serialising plain strings and numbers cannot fail; the fallback keeps the status.

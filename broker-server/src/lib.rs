@@ -11,6 +11,7 @@ pub mod error;
 pub mod logging;
 mod middleware;
 pub mod observe;
+pub mod pack;
 pub mod system;
 pub mod tls;
 
@@ -145,6 +146,12 @@ pub async fn serve(
         )),
         None => None,
     };
+    // Packs are read before the broker opens, so that a bad file fails fast.
+    let packs = config
+        .packs
+        .iter()
+        .map(|p| pack::Pack::load(p).map_err(|e| StartError::Config(format!("pack: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
     let broker = Broker::open(config.database_path(), config.broker.clone()).await?;
     if let Some((client_id, secret)) = auth::bootstrap(&broker, &config.auth).await? {
         // Shown once, on the terminal that started the server; never logged.
@@ -164,6 +171,18 @@ pub async fn serve(
                 "could not show the new administrator's credentials (stdout is closed); set \
                  POSTROOM_ADMIN_CLIENT_ID and POSTROOM_ADMIN_CLIENT_SECRET on a fresh data folder"
             );
+        }
+    }
+    if !packs.is_empty() {
+        let owner = broker_core::Principal::new(format!(
+            "{}/{}",
+            auth::BOOTSTRAP_MEMBER,
+            auth::BOOTSTRAP_APPLICATION
+        ))?;
+        for p in &packs {
+            for room in pack::apply(&broker, p, &owner).await? {
+                tracing::info!(pack = %p.path.display(), room = %room.room, outcome = room.outcome, "pack applied");
+            }
         }
     }
     let app = router_with(broker.clone(), &config, external)?;

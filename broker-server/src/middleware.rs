@@ -40,6 +40,7 @@ fn is_administrative(method: &Method, path: &str) -> bool {
             ]
             | ["r1", _, _, _, _, "pub", "v1", _]
             | ["r1", _, _, _, _, "pull", "v1", ..]
+            | ["irc_entry", _, "event" | "heartbeat"]
     )
 }
 
@@ -329,5 +330,19 @@ mod tests {
         assert!(!creates(&Method::POST, "/v1/rooms/irc/events/moved"));
         assert!(!creates(&Method::POST, "/v1/subscriptions/x/pull"));
         assert!(!creates(&Method::POST, "/r1/i/GOV/m/app/pub/v1/newBirth"));
+    }
+
+    /// The IRC ingress is publishing (data plane), so it stays out of the audit log.
+    #[test]
+    fn irc_ingress_is_not_administrative() {
+        assert!(!is_administrative(
+            &Method::POST,
+            "/irc_entry/brookhouse/event"
+        ));
+        assert!(!is_administrative(
+            &Method::POST,
+            "/irc_entry/brookhouse/heartbeat"
+        ));
+        assert!(is_administrative(&Method::POST, "/v1/rooms"));
     }
 }

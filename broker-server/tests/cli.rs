@@ -1045,3 +1045,82 @@ fn admin_commands_set_up_a_publisher() {
     let members = root.json(&["admin", "members", "list"]);
     assert!(!members.to_string().contains("UK/GOV/HO"), "{members}");
 }
+
+/// The `irc` pack shipped in `schemas/`.
+fn irc_pack() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/irc/pack.toml").to_string()
+}
+
+/// `pack apply` creates a pack's Room and types, reports `unchanged` when applied again, and
+/// `updated` / `new version` for what changed; a pack with a bad schema file fails (exit 1)
+/// without touching the server.
+#[test]
+fn pack_apply_is_idempotent_and_reports_changes() {
+    let s = Server::start();
+    let outcomes = |v: &Value| -> Vec<(String, String, String)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let f = |k: &str| r[k].as_str().unwrap().to_string();
+                (f("room"), f("event_type"), f("outcome"))
+            })
+            .collect()
+    };
+    let first = outcomes(&s.json(&["pack", "apply", &irc_pack()]));
+    assert_eq!(first.len(), 9, "{first:?}");
+    assert_eq!(first[0], ("irc".into(), "".into(), "created".into()));
+    assert!(
+        first[1..].iter().all(|(_, _, o)| o == "created"),
+        "{first:?}"
+    );
+    let again = outcomes(&s.json(&["pack", "apply", &irc_pack()]));
+    assert!(again.iter().all(|(_, _, o)| o == "unchanged"), "{again:?}");
+    let table = s.ok(&["pack", "apply", &irc_pack()]);
+    assert!(
+        table.contains("heartbeat") && table.contains("unchanged"),
+        "{table}"
+    );
+
+    s.file("t.schema.json", r#"{"type": "object", "required": ["a"]}"#);
+    let pack = s.file(
+        "p.toml",
+        "[[rooms]]\nname = \"irc\"\ndescription = \"changed\"\n[rooms.retry]\nattempts_max = 60\n\
+         [[rooms.event_types]]\nname = \"heartbeat\"\nschema = \"t.schema.json\"\nkey_pointer = \"/centre\"\n",
+    );
+    let changed = outcomes(&s.json(&["pack", "apply", &pack]));
+    assert_eq!(
+        changed,
+        [
+            ("irc".into(), "".into(), "updated".into()),
+            ("irc".into(), "heartbeat".into(), "new version".into())
+        ]
+    );
+    let bad = s.file(
+        "bad.toml",
+        "[[rooms]]\nname = \"x\"\n[[rooms.event_types]]\nname = \"t\"\nschema = \"missing.json\"\n",
+    );
+    let out = s.run(&["pack", "apply", &bad]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("missing.json"), "{}", stderr(&out));
+    assert!(s.run(&["rooms", "get", "x"]).status.code() == Some(1));
+}
+
+/// `packs = [...]` in the configuration applies them at start.
+#[test]
+fn packs_in_the_config_are_applied_at_start() {
+    let mut c = local();
+    c.packs = vec![irc_pack().into()];
+    let s = Server::start_with(c);
+    let types = s.json(&["types", "list", "irc"]);
+    let names: Vec<&str> = types
+        .as_array()
+        .or(types["items"].as_array())
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    for name in ["check_in", "out_commission", "heartbeat"] {
+        assert!(names.contains(&name), "{names:?}");
+    }
+}

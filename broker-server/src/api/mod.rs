@@ -6,6 +6,7 @@ mod admin;
 mod docs;
 mod events;
 pub mod govstack;
+pub mod irc;
 mod ops;
 mod room_openapi;
 mod rooms;
@@ -150,6 +151,7 @@ pub fn app(state: AppState) -> Router {
     native
         .merge(docs::routes(&doc))
         .merge(govstack::routes())
+        .merge(irc::routes())
         // Operators' endpoints, outside the OpenAPI document like `/docs`: they are for
         // monitoring systems, not API clients.
         .route("/readyz", axum::routing::get(crate::observe::readyz))

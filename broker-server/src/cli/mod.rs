@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod client;
 pub mod output;
+pub mod pack;
 pub mod tail;
 pub mod token;
 
@@ -110,6 +111,9 @@ pub enum ClientCommand {
     /// Members, applications, API clients, rights and the audit log (administrators only).
     #[command(subcommand)]
     Admin(admin::AdminCommand),
+    /// Domain packs: Rooms and event types declared in a file.
+    #[command(subcommand)]
+    Pack(pack::PackCommand),
 }
 
 /// `postroom login ...`
@@ -422,6 +426,7 @@ async fn dispatch(client: &Client, json: bool, command: ClientCommand) -> Result
         ClientCommand::DeadLetters(c) => dead_letters(client, json, c).await,
         ClientCommand::Login(a) => login(client, json, a).await,
         ClientCommand::Admin(c) => admin::admin(client, json, c).await,
+        ClientCommand::Pack(c) => pack::pack(client, json, c).await,
     }
 }
 

@@ -1,0 +1,291 @@
+//! IRC ingress: the two endpoints of the IRC Capacity Management ICD (release 1.2.0),
+//! `POST /irc_entry/{centre}/event` and `POST /irc_entry/{centre}/heartbeat`, so that the
+//! centres' existing clients can send to Postroom unchanged.
+//!
+//! This is a translation, not a feature of the core: each request becomes one ordinary publish
+//! into the `irc` Room, whose event types (one per ICD operation, plus `heartbeat`) come from the
+//! `irc` domain pack (`schemas/irc/pack.toml`). The body is stored byte for byte. What is
+//! specific to the ICD lives here: the event type is taken from `operation`, the path's centre
+//! must equal the body's (422), a schema violation is 400 naming the field, and a repeated event
+//! (same centre, person, operation and timestamp) is acknowledged without a second event.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use broker_core::{EventId, EventTypeName, PublishRequest, RoomName, Violation};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::{AppState, RawBody};
+use crate::auth::Identity;
+use crate::error::ApiError;
+
+/// The Room the IRC endpoints publish into (the `irc` pack's Room).
+pub const IRC_ROOM: &str = "irc";
+
+/// The event type of heartbeats.
+pub const HEARTBEAT_TYPE: &str = "heartbeat";
+
+/// The ICD's operations, each with the event type that carries it.
+pub const OPERATIONS: [(&str, &str); 7] = [
+    ("check in", "check_in"),
+    ("update individual", "update_individual"),
+    ("check out", "check_out"),
+    ("reinstatement", "reinstatement"),
+    ("inter site transfer", "inter_site_transfer"),
+    ("out commission", "out_commission"),
+    ("in commission", "in_commission"),
+];
+
+/// The routes, at the root like the ICD's (outside `/v1` and the OpenAPI document, like the
+/// GovStack routes: their contract is the ICD).
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/irc_entry/{centre}/event", post(event))
+        .route("/irc_entry/{centre}/heartbeat", post(heartbeat))
+}
+
+/// The ICD's integer fields in events.
+pub const EVENT_INTEGER_FIELDS: [&str; 3] = ["person_id", "cid_id", "single_occupancy_person_id"];
+
+/// The ICD's integer fields in heartbeats. Other properties are allowed in a heartbeat, with any
+/// value, so only these count.
+pub const HEARTBEAT_INTEGER_FIELDS: [&str; 6] = [
+    "male_occupied",
+    "female_occupied",
+    "male_outofcommission",
+    "female_outofcommission",
+    "male_total_configured",
+    "female_total_configured",
+];
+
+/// The first of `fields` whose number is written with a fraction or an exponent (`1.0`,
+/// `1e3`). The ICD's draft-04 schemas refuse those ("an integer is a JSON number without a
+/// fraction or exponent part"); JSON Schema 2020-12 counts any whole number as an integer and
+/// has no keyword to tell `1.0` from `1`, so our schemas accept them and this rule, applied by
+/// the ingress before publishing, restores the ICD's verdict exactly.
+pub fn integer_written_as_float(doc: &Value, fields: &[&str]) -> Option<String> {
+    fields
+        .iter()
+        .find(|f| doc.get(**f).is_some_and(Value::is_f64))
+        .map(|f| f.to_string())
+}
+
+/// `^[a-z]{3,30}$`, the ICD's centre name.
+pub fn valid_centre(s: &str) -> bool {
+    (3..=30).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase())
+}
+
+/// The event type for an ICD `operation`, if it is one.
+pub fn event_type_for(operation: &str) -> Option<&'static str> {
+    OPERATIONS
+        .iter()
+        .find(|(op, _)| *op == operation)
+        .map(|(_, ty)| *ty)
+}
+
+async fn event(
+    State(s): State<AppState>,
+    who: Identity,
+    Path(centre): Path<String>,
+    RawBody(body): RawBody,
+) -> Response {
+    ingest(&s, &who, &centre, &body, true)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn heartbeat(
+    State(s): State<AppState>,
+    who: Identity,
+    Path(centre): Path<String>,
+    RawBody(body): RawBody,
+) -> Response {
+    ingest(&s, &who, &centre, &body, false)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// One request to one publish. The content type is not checked: the ICD does not name one, and
+/// its clients must work unchanged.
+async fn ingest(
+    s: &AppState,
+    who: &Identity,
+    centre: &str,
+    body: &[u8],
+    is_event: bool,
+) -> Result<Response, ApiError> {
+    if !valid_centre(centre) {
+        return Err(ApiError::param("centre", "must match ^[a-z]{3,30}$"));
+    }
+    let doc: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadJson(format!("invalid request body: {e}")))?;
+    let ty = if is_event {
+        let op = doc.get("operation").and_then(Value::as_str).unwrap_or("");
+        event_type_for(op).ok_or_else(|| ApiError::FieldInvalid {
+            field: "operation".into(),
+            message: format!(
+                "must be one of {}",
+                OPERATIONS
+                    .iter()
+                    .map(|(op, _)| format!("`{op}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            violations: Vec::new(),
+        })?
+    } else {
+        HEARTBEAT_TYPE
+    };
+    // A well-formed centre that differs from the path is the ICD's 422; a missing or malformed
+    // one is left to the schema (400).
+    if let Some(body_centre) = doc.get("centre").and_then(Value::as_str) {
+        if valid_centre(body_centre) && body_centre != centre {
+            return Err(ApiError::CentreMismatch {
+                path: centre.to_string(),
+                body: body_centre.to_string(),
+            });
+        }
+    }
+    let integers: &[&str] = if is_event {
+        &EVENT_INTEGER_FIELDS
+    } else {
+        &HEARTBEAT_INTEGER_FIELDS
+    };
+    if let Some(field) = integer_written_as_float(&doc, integers) {
+        return Err(ApiError::FieldInvalid {
+            field,
+            message: "must be an integer written without a fraction or exponent".into(),
+            violations: Vec::new(),
+        });
+    }
+    let room = RoomName::new(IRC_ROOM)?;
+    let ty = EventTypeName::new(ty)?;
+    who.require(who.rights.can_publish(&room, &ty), "publish IRC events")?;
+    let mut req = PublishRequest::new(room, ty, who.principal.clone(), body.to_vec());
+    if is_event {
+        req.event_id = duplicate_id(centre, &doc);
+    }
+    let receipt = s.broker.publish(req).await.map_err(|e| match e {
+        broker_core::Error::SchemaViolation { violations, .. } => {
+            let (field, message) = first_field(&violations);
+            ApiError::FieldInvalid {
+                field,
+                message,
+                violations,
+            }
+        }
+        e => ApiError::Core(e),
+    })?;
+    let mut resp = (
+        StatusCode::CREATED,
+        axum::Json(json!({
+            "id": receipt.id,
+            "event_type": receipt.event_type,
+            "key": receipt.key,
+            "sequence": receipt.sequence.0,
+            "duplicate": receipt.duplicate,
+        })),
+    )
+        .into_response();
+    if receipt.duplicate {
+        resp.headers_mut()
+            .insert("postroom-duplicate", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
+/// The event id of an ICD event, derived from what makes two events the same one for the ICD:
+/// centre, person (the bed for bed events, which name no person), operation and timestamp, as
+/// written. Publishing an id again returns the first receipt and stores nothing, for as long as
+/// the first event is retained, which outlasts the centres' retry queues (unlike a 10-minute
+/// idempotency key). `None` when a part is missing: the schema refuses such a payload anyway.
+pub fn duplicate_id(centre: &str, doc: &Value) -> Option<EventId> {
+    let operation = doc.get("operation")?.as_str()?;
+    let timestamp = doc.get("timestamp")?.as_str()?;
+    let who = match (doc.get("person_id"), doc.get("bed_ref")) {
+        (Some(p), _) => format!("person:{p}"),
+        (None, Some(Value::String(b))) => format!("bed:{b}"),
+        _ => return None,
+    };
+    let mut h = Sha256::new();
+    for part in ["irc-event", centre, &who, operation, timestamp] {
+        h.update(part.as_bytes());
+        // A separator that cannot occur in the parts, so that no two tuples hash alike.
+        h.update([0u8]);
+    }
+    let digest = h.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    // Version 8 ("custom"): a name-based id, never mistaken for a broker-assigned v7.
+    Some(EventId(uuid::Builder::from_custom_bytes(bytes).into_uuid()))
+}
+
+/// The field a schema violation is about, and its message: the instance path when the fault is
+/// inside a property, else the property a `required` or `additionalProperties` message names.
+fn first_field(violations: &[Violation]) -> (String, String) {
+    let Some(v) = violations.first() else {
+        return ("body".into(), "does not match the schema".into());
+    };
+    let field = if !v.instance_path.is_empty() {
+        v.instance_path.trim_start_matches('/').to_string()
+    } else if v.schema_path.ends_with("/required") {
+        quoted(&v.message, '"').unwrap_or("body").to_string()
+    } else if v.schema_path.ends_with("/additionalProperties") {
+        quoted(&v.message, '\'').unwrap_or("body").to_string()
+    } else if v.schema_path.ends_with("/not") {
+        // `{"required":["x"]} is not allowed for ...`: a property that must be absent.
+        v.message
+            .split_once("[\"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map_or("body", |(name, _)| name)
+            .to_string()
+    } else {
+        "body".to_string()
+    };
+    (field, v.message.clone())
+}
+
+fn quoted(s: &str, q: char) -> Option<&str> {
+    let start = s.find(q)? + 1;
+    let len = s[start..].find(q)?;
+    Some(&s[start..start + len])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplicate_ids_depend_on_the_icd_tuple_only() {
+        let a = json!({"operation": "check out", "timestamp": "2024-01-01T00:00:00Z", "person_id": 7, "centre": "brookhouse"});
+        let b = json!({"timestamp": "2024-01-01T00:00:00Z", "person_id": 7, "operation": "check out", "extra": 1});
+        assert_eq!(
+            duplicate_id("brookhouse", &a),
+            duplicate_id("brookhouse", &b)
+        );
+        assert_ne!(
+            duplicate_id("brookhouse", &a),
+            duplicate_id("yarlswood", &a)
+        );
+        let bed = json!({"operation": "in commission", "timestamp": "2024-01-01T00:00:00Z", "bed_ref": "A 1"});
+        assert!(duplicate_id("brookhouse", &bed).is_some());
+        assert_eq!(duplicate_id("brookhouse", &json!({"operation": "x"})), None);
+    }
+
+    #[test]
+    fn centre_names() {
+        for (s, ok) in [
+            ("abc", true),
+            ("ab", false),
+            ("Abc", false),
+            ("a-bc", false),
+        ] {
+            assert_eq!(valid_centre(s), ok, "{s}");
+        }
+        assert!(valid_centre(&"a".repeat(30)));
+        assert!(!valid_centre(&"a".repeat(31)));
+    }
+}
