@@ -7,6 +7,7 @@ pub mod auth;
 pub mod auth_external;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod logging;
 mod middleware;
@@ -203,6 +204,7 @@ async fn serve_http(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let listener = connections::CountedListener::new(listener);
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         let _ = stopped_tx.send(());
@@ -236,6 +238,7 @@ async fn serve_https(
         axum_server::tls_rustls::RustlsConfig::from_config(tls),
     )
     .map_err(StartError::Serve)?
+    .map(connections::CountingAcceptor::new)
     .handle(handle.clone());
     let served = server.serve(app.into_make_service());
     tokio::pin!(served);

@@ -117,6 +117,10 @@ fn describe() {
         "HTTP request durations by route template and method."
     );
     describe_gauge!(HTTP_REQUESTS_IN_FLIGHT, "HTTP requests being handled now.");
+    describe_gauge!(
+        crate::connections::CONNECTIONS_OPEN,
+        "Client connections open now (idle keep-alive ones included)."
+    );
     describe_gauge!(BACKLOG, "Events waiting for delivery, per subscription.");
     describe_gauge!(DEAD_LETTERS, "Dead letters kept, per subscription.");
     describe_gauge!(

@@ -40,9 +40,11 @@ pub struct SystemInfo {
     pub process_resident_bytes: Option<u64>,
     /// Free space for the server on the data folder's file system, in bytes.
     pub disk_free_bytes: Option<u64>,
-    /// HTTP requests being handled now (this one included). Connections are not counted: idle
-    /// keep-alive connections would be missing from this number.
+    /// HTTP requests being handled now (this one included).
     pub requests_in_flight: i64,
+    /// Client connections open now, idle keep-alive ones included; `null` when the router is
+    /// served by a program embedding it rather than by `postroom serve`.
+    pub connections_open: Option<i64>,
 }
 
 /// Reads the host's state now. `data_dir` is the folder whose file system is measured.
@@ -72,6 +74,7 @@ pub fn read(data_dir: &Path) -> SystemInfo {
             .map(|pages| pages * rustix::param::page_size() as u64),
         disk_free_bytes: disk_free(data_dir),
         requests_in_flight: crate::observe::requests_in_flight(),
+        connections_open: crate::connections::open(),
     }
 }
 

@@ -556,3 +556,76 @@ async fn the_running_configuration_changes_without_a_restart_and_is_audited() {
     assert_eq!(entries[0]["detail"], patch);
     assert!(entries[1..].iter().all(|e| e["outcome"] == "failure"));
 }
+
+/// Sends one keep-alive request on `conn` and returns the JSON body of the answer.
+async fn get_on(conn: &mut tokio::net::TcpStream, path: &str) -> Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // Reads until the head and a body of the announced length are in.
+    loop {
+        let n = conn.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the server closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).to_string();
+        if let Some(head_end) = text.find("\r\n\r\n") {
+            let length: usize = text[..head_end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .expect("a content-length");
+            if buf.len() >= head_end + 4 + length {
+                // `/healthz` answers plain text: Null then.
+                return serde_json::from_slice(&buf[head_end + 4..head_end + 4 + length])
+                    .unwrap_or(Value::Null);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_connections_are_counted_idle_ones_included() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        data_dir: dir.path().to_path_buf(),
+        ..local()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(broker_server::serve(listener, config, async move {
+        let _ = stop_rx.await;
+    }));
+    let mut a = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The idle connection is counted once the server has accepted it; it answers a request on
+    // it to be sure of that, then stays idle.
+    get_on(&mut idle, "/healthz").await;
+    let info = get_on(&mut a, "/v1/admin/system").await;
+    assert_eq!(info["connections_open"], 2, "{info}");
+    // Other tests of this file make requests too (in flight is per process): this one at least.
+    assert!(info["requests_in_flight"].as_i64().unwrap() >= 1, "{info}");
+    drop(idle);
+    // The server notices a closed connection when it next reads it, at a time of its own: poll.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = get_on(&mut a, "/v1/admin/system").await;
+        if info["connections_open"] == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection stays counted: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop_tx.send(()).unwrap();
+    drop(a);
+    server.await.unwrap().unwrap();
+}
