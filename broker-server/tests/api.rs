@@ -651,17 +651,8 @@ async fn subscriptions_pull_ack_and_dead_letters() {
 /// The server on a real socket, stopped by its shutdown future.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_on_a_real_socket_and_shuts_down_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = ServerConfig {
-        data_dir: dir.path().to_path_buf(),
-        ..local()
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(broker_server::serve(listener, config, async move {
-        let _ = stop_rx.await;
-    }));
+    let served = common::Served::start(local()).await;
+    let addr = served.addr;
     let client = reqwest::Client::new();
     let base = format!("http://{addr}");
     assert_eq!(
@@ -680,8 +671,7 @@ async fn serves_on_a_real_socket_and_shuts_down_cleanly() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    stop_tx.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    let dir = served.stop().await;
     assert!(dir.path().join("postroom.redb").exists());
 }
 

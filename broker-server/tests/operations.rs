@@ -591,17 +591,8 @@ async fn get_on(conn: &mut tokio::net::TcpStream, path: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_connections_are_counted_idle_ones_included() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = ServerConfig {
-        data_dir: dir.path().to_path_buf(),
-        ..local()
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(broker_server::serve(listener, config, async move {
-        let _ = stop_rx.await;
-    }));
+    let served = common::Served::start(local()).await;
+    let addr = served.addr;
     let mut a = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
     // The idle connection is counted once the server has accepted it; it answers a request on
@@ -625,7 +616,6 @@ async fn open_connections_are_counted_idle_ones_included() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    stop_tx.send(()).unwrap();
     drop(a);
-    server.await.unwrap().unwrap();
+    served.stop().await;
 }

@@ -34,7 +34,7 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(system))
 }
 
-fn admin(id: &Identity) -> Result<(), ApiError> {
+pub(super) fn admin(id: &Identity) -> Result<(), ApiError> {
     id.require(id.rights.is_admin(), "use the administrators' API")
 }
 

@@ -198,7 +198,7 @@ struct ListQuery {
     cursor: Option<String>,
 }
 
-fn time(name: &str, raw: &str) -> Result<Timestamp, ApiError> {
+pub(super) fn time(name: &str, raw: &str) -> Result<Timestamp, ApiError> {
     Timestamp::parse_rfc3339(raw)
         .ok_or_else(|| ApiError::param(name, format!("`{raw}` is not an RFC 3339 time")))
 }

@@ -16,6 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::admin::admin;
 use super::schemas::{BadRequest, CoreObject, NotFound, Unprocessable};
 use super::{parse, reply, ApiJson, AppState};
 use crate::auth::Identity;
@@ -30,16 +31,8 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(read_config, patch_config))
 }
 
-fn admin(id: &Identity) -> Result<(), ApiError> {
-    id.require(id.rights.is_admin(), "use the operators' API")
-}
-
 fn time(name: &str, raw: Option<&str>) -> Result<Option<Timestamp>, ApiError> {
-    raw.map(|t| {
-        Timestamp::parse_rfc3339(t)
-            .ok_or_else(|| ApiError::param(name, format!("`{t}` is not an RFC 3339 time")))
-    })
-    .transpose()
+    raw.map(|t| super::events::time(name, t)).transpose()
 }
 
 /// Filters of the statistics report; they combine with "and".

@@ -33,3 +33,44 @@ pub fn wait(child: &mut Child) -> std::process::ExitStatus {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `serve()` on an ephemeral loopback port with data in a temporary folder, stopped by
+/// [`Served::stop`].
+pub struct Served {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    /// The data folder, removed when this is dropped.
+    pub dir: tempfile::TempDir,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), broker_server::StartError>>,
+}
+
+impl Served {
+    /// Starts the server with `config` (its `data_dir` replaced by a temporary folder).
+    pub async fn start(config: ServerConfig) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServerConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..config
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(broker_server::serve(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        Served {
+            addr,
+            dir,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops the server and waits for it to finish cleanly.
+    pub async fn stop(self) -> tempfile::TempDir {
+        self.stop.send(()).unwrap();
+        self.task.await.unwrap().unwrap();
+        self.dir
+    }
+}
