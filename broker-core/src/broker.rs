@@ -451,21 +451,33 @@ impl Broker {
             req.publisher.clone(),
         );
         let result = self.publish_one(req).await;
-        self.count_publish(
-            &names,
-            result.as_ref().map(|r| r.duplicate),
-            started.elapsed(),
-        );
+        self.count_publish(&names, result.as_ref(), started.elapsed());
         result
     }
 
-    /// Counts one publish in the metrics and the statistics.
+    /// Counts one publish in the metrics and the statistics, and logs it at debug level under
+    /// the `postroom::messages` target (metadata only, never the payload), so that an operator
+    /// can turn on a trail of every event with `log_level` at run time.
     fn count_publish(
         &self,
         (room, event_type, publisher): &(RoomName, EventTypeName, Principal),
-        outcome: std::result::Result<bool, &Error>,
+        result: std::result::Result<&Receipt, &Error>,
         took: Duration,
     ) {
+        match result {
+            Ok(r) => tracing::debug!(
+                target: "postroom::messages",
+                event_id = %r.id, room = %r.room, event_type = %r.event_type,
+                version = r.version, publisher = %publisher, key = %r.key.as_str(),
+                sequence = r.sequence.0, duplicate = r.duplicate, "event received"
+            ),
+            Err(e) => tracing::debug!(
+                target: "postroom::messages",
+                room = %room, event_type = %event_type, publisher = %publisher,
+                code = e.code(), "event refused"
+            ),
+        }
+        let outcome = result.map(|r| r.duplicate);
         let label = crate::telemetry::publish(room, event_type, outcome, took);
         // Refusals for Rooms or types that do not exist are not kept per Room: their names come
         // from callers, and a series per made-up name would let anyone fill the bound.
@@ -539,7 +551,7 @@ impl Broker {
         // Every event of the batch waited for the same commit, so each gets the batch's time.
         let took = started.elapsed();
         for (names, r) in names.iter().zip(&results) {
-            self.count_publish(names, r.as_ref().map(|r| r.duplicate), took);
+            self.count_publish(names, r.as_ref(), took);
         }
         Ok(results)
     }
@@ -834,10 +846,17 @@ fn observe(stats: &Stats, now: crate::clock::Timestamp, observed: &[Observation]
         match *o {
             Observation::Attempt {
                 sub,
+                event,
                 outcome,
                 published_at,
                 at,
             } => {
+                // The delivery trail, for `log_level = "postroom::deliveries=debug"`.
+                tracing::debug!(
+                    target: "postroom::deliveries",
+                    subscription = %uuid::Uuid::from_u128(sub), event_id = %uuid::Uuid::from_u128(event),
+                    outcome = crate::telemetry::outcome_label(outcome), "delivery attempt"
+                );
                 crate::telemetry::attempt(sub, outcome, published_at, at);
                 stats.attempt(at, sub, outcome, published_at);
             }

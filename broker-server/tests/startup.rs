@@ -127,3 +127,107 @@ fn https_is_announced_and_served_and_insecure_no_auth_runs_on_loopback() {
     assert_eq!(answer.unwrap(), "ok");
     assert!(status.success(), "{status:?}");
 }
+
+/// Lines of a child's stream, read on a thread and handed over a channel.
+fn lines_of(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// Waits for a line that `wanted` accepts, up to [`DEADLINE`]; kills the child on failure.
+fn expect_line(
+    lines: &mpsc::Receiver<String>,
+    child: &mut std::process::Child,
+    wanted: impl Fn(&str) -> bool,
+) -> String {
+    let until = std::time::Instant::now() + DEADLINE;
+    loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if wanted(&line) => return line,
+            Ok(_) => continue,
+            Err(e) => {
+                let _ = child.kill();
+                panic!("no such line: {e}");
+            }
+        }
+    }
+}
+
+/// `PATCH /v1/admin/config` with `log_level` changes what a running server logs: the trail of
+/// received events (`postroom::messages`, metadata only) appears without a restart, and the
+/// payload never does.
+#[test]
+fn the_log_level_changes_at_run_time_and_the_message_trail_carries_no_payload() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = postroom()
+        .args(["serve", "--insecure-no-auth", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("POSTROOM_LOG", "warn")
+        .env("POSTROOM_LOG_FORMAT", "json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = lines_of(child.stdout.take().unwrap());
+    let stderr = lines_of(child.stderr.take().unwrap());
+    let line = expect_line(&stdout, &mut child, |l| l.contains("listening"));
+    let base = line
+        .strip_prefix("postroom listening on ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("an address")
+        .to_string();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let secret = "do-not-log-this-payload";
+    let result: Result<(u16, u16), reqwest::Error> = runtime.block_on(async {
+        let c = reqwest::Client::builder().timeout(DEADLINE).build()?;
+        c.post(format!("{base}/v1/rooms"))
+            .json(&serde_json::json!({"name": "logs"}))
+            .send()
+            .await?;
+        c.put(format!("{base}/v1/rooms/logs/event-types/Note"))
+            .json(&serde_json::json!({"schema": {"type": "object"}}))
+            .send()
+            .await?;
+        let patched = c
+            .patch(format!("{base}/v1/admin/config"))
+            .json(&serde_json::json!({"log_level": "warn,postroom::messages=debug"}))
+            .send()
+            .await?
+            .status()
+            .as_u16();
+        let published = c
+            .post(format!("{base}/v1/rooms/logs/events/Note"))
+            .json(&serde_json::json!({"text": secret}))
+            .send()
+            .await?
+            .status()
+            .as_u16();
+        Ok((patched, published))
+    });
+    let (patched, published) = result.unwrap();
+    assert_eq!((patched, published), (200, 201));
+    let trail = expect_line(&stderr, &mut child, |l| l.contains("event received"));
+    let entry: serde_json::Value = serde_json::from_str(&trail).unwrap();
+    assert_eq!(entry["target"], "postroom::messages", "{trail}");
+    assert_eq!(entry["fields"]["room"], "logs", "{trail}");
+    assert!(
+        !trail.contains(secret),
+        "a payload reached the log: {trail}"
+    );
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert!(wait(&mut child).success());
+}

@@ -316,6 +316,7 @@ pub(crate) enum Observation {
     /// An attempt was logged; `published_at` is the event's, for the delivery latency.
     Attempt {
         sub: u128,
+        event: u128,
         outcome: crate::subscription::AttemptOutcome,
         published_at: Timestamp,
         at: Timestamp,

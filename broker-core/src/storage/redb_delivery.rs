@@ -640,6 +640,7 @@ impl<'t> Tables<'t> {
         // commit, so that a failed commit counts nothing.
         self.observed.push(super::Observation::Attempt {
             sub,
+            event: rec.event_id,
             outcome: rec.outcome,
             published_at,
             at: rec.at,
