@@ -197,6 +197,21 @@ async fn the_irc_ingress_answers_as_the_icd_consumer_did() {
         )
         .await;
     assert_eq!(c["id"], a["id"]);
+    // The same instant written another way is the same event, as the original compared dates.
+    let e = irc
+        .check(
+            ev,
+            t,
+            check_in("brookhouse", 1, "2024-01-01T11:00:00.000+01:00"),
+            201,
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (e["id"].clone(), e["duplicate"].clone()),
+        (a["id"].clone(), json!(true))
+    );
     // Another timestamp is another event.
     let d = irc
         .check(
