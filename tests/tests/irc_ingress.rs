@@ -176,6 +176,17 @@ async fn the_irc_ingress_answers_as_the_icd_consumer_did() {
     )
     .await;
 
+    // Rights come before the body's details: no 422 (or 400) for a caller that may not publish.
+    irc.check(
+        ev,
+        Some(&irc.other_token),
+        with(first.clone(), "centre", json!("yarlswood")),
+        403,
+        Some("forbidden"),
+        None,
+    )
+    .await;
+
     // Accepted, then the same event again (even with another body) without a second event.
     let a = irc.check(ev, t, first.clone(), 201, None, None).await;
     assert_eq!(a["event_type"], "check_in");

@@ -139,6 +139,11 @@ async fn ingest(
     } else {
         HEARTBEAT_TYPE
     };
+    // Rights before the body's details: a caller that may not publish here learns nothing
+    // about what the Room would accept.
+    let room = RoomName::new(IRC_ROOM)?;
+    let ty = EventTypeName::new(ty)?;
+    who.require(who.rights.can_publish(&room, &ty), "publish IRC events")?;
     // A well-formed centre that differs from the path is the ICD's 422; a missing or malformed
     // one is left to the schema (400).
     if let Some(body_centre) = doc.get("centre").and_then(Value::as_str) {
@@ -161,9 +166,6 @@ async fn ingest(
             violations: Vec::new(),
         });
     }
-    let room = RoomName::new(IRC_ROOM)?;
-    let ty = EventTypeName::new(ty)?;
-    who.require(who.rights.can_publish(&room, &ty), "publish IRC events")?;
     let mut req = PublishRequest::new(room, ty, who.principal.clone(), body.to_vec());
     if is_event {
         req.event_id = duplicate_id(centre, &doc);
