@@ -162,7 +162,10 @@ async fn ingest(
     if let Some(field) = integer_written_as_float(&doc, integers) {
         return Err(ApiError::FieldInvalid {
             field,
-            message: "must be an integer written without a fraction or exponent".into(),
+            // serde_json reads an integer beyond u64 as a float too, so the message names both.
+            message: "must be an integer written without a fraction or exponent, \
+                      at most 18446744073709551615"
+                .into(),
             violations: Vec::new(),
         });
     }
