@@ -7,7 +7,7 @@
 //! Run: `WEBHOOK_SECRET=whsec_... cargo run -p postroom-examples --bin webhook_receiver -- 127.0.0.1:9000`
 //! (the secret is the one `POST /v1/rooms/{room}/subscriptions` showed once). It prints
 //! `listening on http://ADDR`, then one line per request: `accepted`, `repeat` or `rejected`.
-//! Point a push subscription at `http://ADDR/hook`.
+//! Point a push subscription at `http://ADDR/hook`. It runs until stopped (Ctrl-C).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -127,6 +127,14 @@ async fn hook(State(r): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let secret = std::env::var("WEBHOOK_SECRET")
         .map_err(|_| "set WEBHOOK_SECRET to the subscription's whsec_... secret")?;
+    // A mistyped secret would refuse every push; say so now rather than on each request.
+    if secret
+        .strip_prefix("whsec_")
+        .and_then(|k| B64.decode(k).ok())
+        .is_none_or(|k| k.is_empty())
+    {
+        return Err("WEBHOOK_SECRET must be whsec_ followed by the base64 key".into());
+    }
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:9000".to_string());

@@ -262,12 +262,26 @@ pub async fn bootstrap(
     Ok(Some((client.client_id, shown)))
 }
 
+/// The token endpoint's second path, where an OpenID Connect client configured with a Keycloak
+/// credentials file (the IRC ICD's) looks for it.
+pub const ICD_TOKEN_PATH: &str = "/realms/{realm}/protocol/openid-connect/token";
+
+/// Whether `path` is [`ICD_TOKEN_PATH`] for some realm.
+pub(crate) fn is_icd_token_path(path: &str) -> bool {
+    let s: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    matches!(
+        s.as_slice(),
+        ["realms", realm, "protocol", "openid-connect", "token"] if !realm.is_empty()
+    )
+}
+
 /// Paths anyone may call: health, the API documents, and the token endpoint itself.
 fn is_public(path: &str) -> bool {
     matches!(
         path,
         "/healthz" | "/readyz" | "/metrics" | "/openapi.json" | "/oauth/token" | "/docs"
     ) || path.starts_with("/docs/")
+        || is_icd_token_path(path)
 }
 
 /// Authenticates every request except the public ones; the handlers then find the
@@ -511,5 +525,8 @@ mod tests {
         assert!(is_public("/docs/swagger-ui.css"));
         assert!(!is_public("/v1/rooms"));
         assert!(!is_public("/docsx"));
+        assert!(is_public("/realms/irc/protocol/openid-connect/token"));
+        assert!(!is_public("/realms//protocol/openid-connect/token"));
+        assert!(!is_public("/realms/irc/protocol/openid-connect/token/x"));
     }
 }

@@ -71,6 +71,11 @@ pub fn router_with(
     };
     let token = Router::new()
         .route("/oauth/token", axum::routing::post(auth::token))
+        // The same endpoint where the IRC ICD's clients build their token URL from a Keycloak
+        // credentials file (`<auth-server-url>/realms/<realm>/protocol/openid-connect/token`),
+        // so that they need only a new file, not new code. There is one realm: its name is
+        // not checked.
+        .route(auth::ICD_TOKEN_PATH, axum::routing::post(auth::token))
         .with_state(auth.clone());
     // Layers run outside in: request metrics, header limits, body limit, load shedding and the timeout, the
     // audit log, authentication, then idempotency around the handler.

@@ -24,7 +24,9 @@ use crate::error::ApiError;
 /// but GET and HEAD, except the data plane (publishing, pulling and settling messages) and the
 /// token endpoint.
 fn is_administrative(method: &Method, path: &str) -> bool {
-    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+        || crate::auth::is_icd_token_path(path)
+    {
         return false;
     }
     let s: Vec<&str> = path.trim_start_matches('/').split('/').collect();

@@ -107,7 +107,10 @@ struct TypeFile {
 }
 
 impl Pack {
-    /// Reads a pack file and the schema files it names.
+    /// Reads a pack file and the schema files it names, and checks everything that can be
+    /// checked without a broker (names, duplicates, key pointers, schemas against their
+    /// meta-schema), so that a bad pack is refused before a Room is created or changed. Each
+    /// error names the pack file and, for an event type, the Room, the type and its schema file.
     pub fn load(path: &Path) -> Result<Pack, PackError> {
         let text = std::fs::read_to_string(path).map_err(|source| PackError::Read {
             path: path.to_path_buf(),
@@ -118,23 +121,36 @@ impl Pack {
             message,
         };
         let file: PackFile = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        if file.rooms.is_empty() {
+            return Err(invalid("declares no Room (`[[rooms]]`)".into()));
+        }
         let base = path.parent().unwrap_or(Path::new("."));
-        let mut rooms = Vec::with_capacity(file.rooms.len());
+        let mut rooms: Vec<PackRoom> = Vec::with_capacity(file.rooms.len());
         for r in file.rooms {
             let name = RoomName::new(&r.name).map_err(|e| invalid(e.to_string()))?;
-            let mut event_types = Vec::with_capacity(r.event_types.len());
+            if rooms.iter().any(|seen| seen.name == name) {
+                return Err(invalid(format!("Room `{name}` is declared twice")));
+            }
+            let mut event_types: Vec<EventTypeSpec> = Vec::with_capacity(r.event_types.len());
             for t in r.event_types {
-                let ty = EventTypeName::new(&t.name).map_err(|e| invalid(e.to_string()))?;
+                let ty = EventTypeName::new(&t.name)
+                    .map_err(|e| invalid(format!("Room `{name}`: {e}")))?;
+                if event_types.iter().any(|seen| seen.name == ty) {
+                    return Err(invalid(format!(
+                        "event type `{name}/{ty}` is declared twice"
+                    )));
+                }
                 let schema_path = base.join(&t.schema);
-                let raw = std::fs::read(&schema_path).map_err(|source| PackError::Read {
-                    path: schema_path.clone(),
-                    source,
-                })?;
-                let schema: serde_json::Value =
-                    serde_json::from_slice(&raw).map_err(|e| PackError::Invalid {
-                        path: schema_path.clone(),
-                        message: format!("not JSON: {e}"),
-                    })?;
+                // Every later error is about this type and its schema file: say so.
+                let place = format!(
+                    "event type `{name}/{ty}` (schema {})",
+                    schema_path.display()
+                );
+                let at = |what: String| invalid(format!("{place}: {what}"));
+                let raw = std::fs::read(&schema_path)
+                    .map_err(|e| at(format!("cannot read the schema: {e}")))?;
+                let schema: serde_json::Value = serde_json::from_slice(&raw)
+                    .map_err(|e| at(format!("the schema is not JSON: {e}")))?;
                 // The schema's own description is the default, so that it is written once.
                 let description = t.description.unwrap_or_else(|| {
                     schema
@@ -143,12 +159,14 @@ impl Pack {
                         .unwrap_or_default()
                         .to_string()
                 });
-                event_types.push(EventTypeSpec {
+                let spec = EventTypeSpec {
                     name: ty,
                     description,
                     schema,
                     key_pointer: t.key_pointer,
-                });
+                };
+                spec.check().map_err(|e| at(e.to_string()))?;
+                event_types.push(spec);
             }
             rooms.push(PackRoom {
                 name,

@@ -1104,6 +1104,38 @@ fn pack_apply_is_idempotent_and_reports_changes() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("missing.json"), "{}", stderr(&out));
     assert!(s.run(&["rooms", "get", "x"]).status.code() == Some(1));
+
+    // Every other bad file is refused before the server is touched, with an error that names
+    // the file and, for a type, the Room, the type and its schema file.
+    s.file("five.schema.json", r#"{"type": 5}"#);
+    for (name, text, expected) in [
+        (
+            "bad-schema.toml",
+            "[[rooms]]\nname = \"x\"\n[[rooms.event_types]]\nname = \"t\"\nschema = \"five.schema.json\"\n",
+            "event type `x/t` (schema ",
+        ),
+        (
+            "bad-pointer.toml",
+            "[[rooms]]\nname = \"x\"\n[[rooms.event_types]]\nname = \"t\"\nschema = \"t.schema.json\"\nkey_pointer = \"a\"\n",
+            "key_pointer",
+        ),
+        (
+            "twice.toml",
+            "[[rooms]]\nname = \"x\"\n[[rooms.event_types]]\nname = \"t\"\nschema = \"t.schema.json\"\n\
+             [[rooms.event_types]]\nname = \"t\"\nschema = \"t.schema.json\"\n",
+            "`x/t` is declared twice",
+        ),
+        ("unknown-key.toml", "[[rooms]]\nname = \"x\"\ncolour = \"red\"\n", "unknown field `colour`"),
+        ("not-toml.toml", "[[rooms]\nname = \"x\"\n", "TOML parse error"),
+        ("empty.toml", "rooms = []\n", "declares no Room"),
+    ] {
+        let path = s.file(name, text);
+        let out = s.run(&["pack", "apply", &path]);
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", stderr(&out));
+        assert!(stderr(&out).contains(name), "{name}: {}", stderr(&out));
+        assert!(stderr(&out).contains(expected), "{name}: {}", stderr(&out));
+        assert!(s.run(&["rooms", "get", "x"]).status.code() == Some(1), "{name}");
+    }
 }
 
 /// `packs = [...]` in the configuration applies them at start.

@@ -160,3 +160,21 @@ async fn verifies_broker_pushes_refuses_forgeries_and_drops_repeats() {
     }
     broker.close().await;
 }
+
+/// A secret that is not `whsec_` + base64 stops the receiver at once with a message, instead of
+/// a receiver that refuses every push.
+#[test]
+fn a_malformed_secret_is_refused_at_start() {
+    for secret in ["", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_!!!"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_webhook_receiver"))
+            .arg("127.0.0.1:0")
+            .env("WEBHOOK_SECRET", secret)
+            .output()
+            .expect("start webhook_receiver");
+        assert_eq!(out.status.code(), Some(1), "{secret:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("WEBHOOK_SECRET must be whsec_"),
+            "{secret:?}: {out:?}"
+        );
+    }
+}

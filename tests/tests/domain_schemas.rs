@@ -484,6 +484,9 @@ fn move_example(ty: &str) -> Value {
         "MoveProposed" => {
             json!({"from_location": loc, "date_from": "2020-07-06", "move_type": "prison_transfer"})
         }
+        "MoveRequested" => {
+            json!({"from_location": loc, "date": "2020-07-08", "move_type": "court_appearance"})
+        }
         "MoveApprove" => json!({"date": "2020-07-08"}),
         "MoveCancel" => {
             json!({"cancellation_reason": "made_in_error", "cancellation_reason_comment": "x"})
@@ -518,7 +521,7 @@ fn move_schemas_accept_their_examples_and_every_event_is_a_valid_notification() 
         .iter()
         .map(|t| t.name.to_string())
         .collect();
-    assert!(types.len() >= 17, "{types:?}");
+    assert!(types.len() >= 18, "{types:?}");
     for ty in &types {
         let s = moves_schema(ty);
         let ok = move_example(ty);

@@ -1,9 +1,10 @@
 //! The IRC ingress (`POST /irc_entry/{centre}/event|heartbeat`) on a real socket, with the
-//! `irc` pack applied and real tokens, driven through one `check` helper. Guards against the
-//! ICD contract drifting: 201 on success, 400 naming the field on a schema violation, 422 when
-//! the body's centre is not the path's, 401 without a token, 403 without a publisher right,
-//! and a repeated event (same centre, person, operation, timestamp) acknowledged without a
-//! second event; and against events losing their per-centre order.
+//! `irc` pack applied and real tokens (the centres' from the ICD's token path), driven through
+//! one `check` helper. Guards against the ICD contract drifting: 201 on success, 400 naming the
+//! field on a schema violation, 422 when the body's centre is not the path's, 401 without a
+//! token, 403 without a publisher right (before any check of the body), and a repeated event
+//! (same centre, person, operation, timestamp) acknowledged without a second event; and against
+//! events losing their per-centre order.
 
 use broker_core::{Broker, EventFilter, Principal, Role};
 use broker_server::ServerConfig;
@@ -19,9 +20,9 @@ struct Irc {
     other_token: String,
 }
 
-async fn token(http: &Client, base: &str, id: &str, secret: &str) -> String {
+async fn token(http: &Client, url: &str, id: &str, secret: &str) -> String {
     let v: Value = http
-        .post(format!("{base}/oauth/token"))
+        .post(url)
         .basic_auth(id, Some(secret))
         .header("content-type", "application/x-www-form-urlencoded")
         .body("grant_type=client_credentials")
@@ -83,8 +84,22 @@ async fn start() -> Irc {
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, app).await });
     let http = Client::new();
-    let centre_token = token(&http, &base, "centres", "centres-secret-0123456789abcdef").await;
-    let other_token = token(&http, &base, "other", "other-secret-0123456789abcdef").await;
+    // The centres get theirs where the ICD says a client builds the URL from its credentials
+    // file (`<auth-server-url>/realms/<realm>/protocol/openid-connect/token`, Basic auth).
+    let centre_token = token(
+        &http,
+        &format!("{base}/realms/irc/protocol/openid-connect/token"),
+        "centres",
+        "centres-secret-0123456789abcdef",
+    )
+    .await;
+    let other_token = token(
+        &http,
+        &format!("{base}/oauth/token"),
+        "other",
+        "other-secret-0123456789abcdef",
+    )
+    .await;
     Irc {
         http,
         base,
@@ -176,6 +191,17 @@ async fn the_irc_ingress_answers_as_the_icd_consumer_did() {
     )
     .await;
 
+    // Rights come before the body's details: no 422 (or 400) for a caller that may not publish.
+    irc.check(
+        ev,
+        Some(&irc.other_token),
+        with(first.clone(), "centre", json!("yarlswood")),
+        403,
+        Some("forbidden"),
+        None,
+    )
+    .await;
+
     // Accepted, then the same event again (even with another body) without a second event.
     let a = irc.check(ev, t, first.clone(), 201, None, None).await;
     assert_eq!(a["event_type"], "check_in");
@@ -197,6 +223,21 @@ async fn the_irc_ingress_answers_as_the_icd_consumer_did() {
         )
         .await;
     assert_eq!(c["id"], a["id"]);
+    // The same instant written another way is the same event, as the original compared dates.
+    let e = irc
+        .check(
+            ev,
+            t,
+            check_in("brookhouse", 1, "2024-01-01T11:00:00.000+01:00"),
+            201,
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (e["id"].clone(), e["duplicate"].clone()),
+        (a["id"].clone(), json!(true))
+    );
     // Another timestamp is another event.
     let d = irc
         .check(

@@ -14,7 +14,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use broker_core::{EventId, EventTypeName, PublishRequest, RoomName, Violation};
+use broker_core::{EventId, EventTypeName, PublishRequest, RoomName, Timestamp, Violation};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -139,6 +139,11 @@ async fn ingest(
     } else {
         HEARTBEAT_TYPE
     };
+    // Rights before the body's details: a caller that may not publish here learns nothing
+    // about what the Room would accept.
+    let room = RoomName::new(IRC_ROOM)?;
+    let ty = EventTypeName::new(ty)?;
+    who.require(who.rights.can_publish(&room, &ty), "publish IRC events")?;
     // A well-formed centre that differs from the path is the ICD's 422; a missing or malformed
     // one is left to the schema (400).
     if let Some(body_centre) = doc.get("centre").and_then(Value::as_str) {
@@ -157,13 +162,13 @@ async fn ingest(
     if let Some(field) = integer_written_as_float(&doc, integers) {
         return Err(ApiError::FieldInvalid {
             field,
-            message: "must be an integer written without a fraction or exponent".into(),
+            // serde_json reads an integer beyond u64 as a float too, so the message names both.
+            message: "must be an integer written without a fraction or exponent, \
+                      at most 18446744073709551615"
+                .into(),
             violations: Vec::new(),
         });
     }
-    let room = RoomName::new(IRC_ROOM)?;
-    let ty = EventTypeName::new(ty)?;
-    who.require(who.rights.can_publish(&room, &ty), "publish IRC events")?;
     let mut req = PublishRequest::new(room, ty, who.principal.clone(), body.to_vec());
     if is_event {
         req.event_id = duplicate_id(centre, &doc);
@@ -198,13 +203,22 @@ async fn ingest(
 }
 
 /// The event id of an ICD event, derived from what makes two events the same one for the ICD:
-/// centre, person (the bed for bed events, which name no person), operation and timestamp, as
-/// written. Publishing an id again returns the first receipt and stores nothing, for as long as
-/// the first event is retained, which outlasts the centres' retry queues (unlike a 10-minute
+/// centre, person (the bed for bed events, which name no person), operation and timestamp.
+/// The timestamp counts as the instant it names, to the millisecond, as the original consumer
+/// compared it (a date column, not the text): `10:00:00Z`, `10:00:00.000Z` and `11:00:00+01:00`
+/// are one time. Publishing an id again returns the first receipt and stores nothing, for as long
+/// as the first event is retained, which outlasts the centres' retry queues (unlike a 10-minute
 /// idempotency key). `None` when a part is missing: the schema refuses such a payload anyway.
 pub fn duplicate_id(centre: &str, doc: &Value) -> Option<EventId> {
     let operation = doc.get("operation")?.as_str()?;
-    let timestamp = doc.get("timestamp")?.as_str()?;
+    let written = doc.get("timestamp")?.as_str()?;
+    // A time the parser cannot place (before 1970, or not RFC 3339, which the schema then
+    // refuses) is compared as written.
+    let timestamp = match Timestamp::parse_rfc3339(written) {
+        Some(t) => format!("ms:{}", t.as_ms()),
+        None => format!("text:{written}"),
+    };
+    let timestamp = timestamp.as_str();
     let who = match (doc.get("person_id"), doc.get("bed_ref")) {
         (Some(p), _) => format!("person:{p}"),
         (None, Some(Value::String(b))) => format!("bed:{b}"),
@@ -270,6 +284,18 @@ mod tests {
             duplicate_id("brookhouse", &a),
             duplicate_id("yarlswood", &a)
         );
+        // One instant written three ways is one event; another millisecond is another.
+        let at = |ts: &str| {
+            duplicate_id(
+                "brookhouse",
+                &json!({"operation": "check out", "timestamp": ts, "person_id": 7}),
+            )
+        };
+        assert_eq!(at("2024-01-01T00:00:00Z"), at("2024-01-01T00:00:00.000Z"));
+        assert_eq!(at("2024-01-01T00:00:00Z"), at("2024-01-01T01:00:00+01:00"));
+        assert_ne!(at("2024-01-01T00:00:00Z"), at("2024-01-01T00:00:00.001Z"));
+        assert_eq!(at("1969-12-31T23:59:59Z"), at("1969-12-31T23:59:59Z"));
+        assert_ne!(at("1969-12-31T23:59:59Z"), at("1969-12-31T23:59:59.000Z"));
         let bed = json!({"operation": "in commission", "timestamp": "2024-01-01T00:00:00Z", "bed_ref": "A 1"});
         assert!(duplicate_id("brookhouse", &bed).is_some());
         assert_eq!(duplicate_id("brookhouse", &json!({"operation": "x"})), None);
