@@ -58,6 +58,14 @@ impl Server {
         let app =
             broker_server::router(broker, &config)?.merge(Router::new().route("/noop", post(noop)));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // As `broker_server::serve` does. `BENCH_NODELAY=0` turns it off to show what Nagle's
+        // algorithm cost before it was set there (the profile step in BENCHMARKS.md).
+        let nodelay = std::env::var("BENCH_NODELAY").map_or(true, |v| v != "0");
+        let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp| {
+            if nodelay {
+                let _ = tcp.set_nodelay(true);
+            }
+        });
         let served = tokio::spawn(async move {
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
@@ -223,6 +231,7 @@ pub async fn ceiling(settings: &Settings) -> Result<Vec<Section>, Error> {
             ("p50_ms", "p50 ms"),
             ("p99_ms", "p99 ms"),
             ("errors", "errors"),
+            ("ops_per_commit", "events per commit"),
         ],
     );
     let noop = Target {
@@ -238,8 +247,18 @@ pub async fn ceiling(settings: &Settings) -> Result<Vec<Section>, Error> {
     for connections in [64usize, 1000] {
         let n = load(server.addr, &noop, connections, settings.length()).await?;
         s.row(load_row("no-op", connections, &n));
+        let c0 = server.fixture.broker.writer_counters();
         let p = load(server.addr, &publish, connections, settings.length()).await?;
-        s.row(load_row("publish", connections, &p));
+        let c1 = server.fixture.broker.writer_counters();
+        let mut row = load_row("publish", connections, &p);
+        row["ops_per_commit"] =
+            json!((c1.ops - c0.ops) as f64 / (c1.commits - c0.commits).max(1) as f64);
+        s.row(row);
+        // The same broker without HTTP, to split the gap between storage and the HTTP stack.
+        let e = common::publish_load(&server.fixture, connections, KEYS, settings.length()).await?;
+        let mut row = load_row("embedded publish (no HTTP)", connections, &e);
+        row["requests_per_s"] = json!(e.rate());
+        s.row(row);
         let ratio = p.rate() / n.rate();
         ratios.push(ratio);
         s.note(format!(
