@@ -18,15 +18,13 @@ const CONCURRENCY: usize = 64;
 const KEYS: u64 = 1000;
 const RESTART_AT: u64 = 1_000_000;
 
-async fn with_pull_subscription(path: &str) -> Result<Fixture, Error> {
+async fn with_pull_subscription(path: &str, depth: u64) -> Result<Fixture, Error> {
     let f = Fixture::new(Broker::open(path, common::config()).await?).await?;
     if f.broker.subscriptions(&f.room)?.is_empty() {
-        f.broker
-            .create_subscription(
-                &f.room,
-                NewSubscription::new(f.me.clone(), DeliveryMode::Pull),
-            )
-            .await?;
+        let mut s = NewSubscription::new(f.me.clone(), DeliveryMode::Pull);
+        // The default queue depth bound (1M) would stop the backlog growing past it.
+        s.queue_depth_max = Some(depth);
+        f.broker.create_subscription(&f.room, s).await?;
     }
     Ok(f)
 }
@@ -43,6 +41,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<Section>, Error> {
         "Cost growth: publish with a backlog of undelivered events (one pull subscription nobody pulls; 64 publishers)",
         &[
             ("backlog", "backlog before the case"),
+            ("backlog_after", "after"),
             ("publishes_per_s", "publishes/s"),
             ("p99_ms", "p99 ms"),
             ("rss_mib", "RSS MiB"),
@@ -60,7 +59,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<Section>, Error> {
         ],
     );
     let path = settings.db("growth-backlog");
-    let mut f = with_pull_subscription(&path).await?;
+    let mut f = with_pull_subscription(&path, 2 * settings.backlog_max.max(1_000_000)).await?;
     let mut next = 0u64;
     let mut rss = Vec::new();
     for target in [0u64, 100_000, 1_000_000, 10_000_000] {
@@ -79,7 +78,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<Section>, Error> {
             fill_rate = Some((target - have) as f64 / t0.elapsed().as_secs_f64());
             next += target - have;
         }
-        if target == RESTART_AT {
+        if target == RESTART_AT.min(settings.backlog_max) && target > 0 {
             let pending = f.broker.backlog_total()?;
             f.broker.close().await;
             drop(f);
@@ -103,8 +102,9 @@ pub async fn run(settings: &Settings) -> Result<Vec<Section>, Error> {
         let l = common::publish_load(&f, CONCURRENCY, KEYS, settings.length()).await?;
         let mem = common::rss_mib();
         rss.push(mem);
+        let after = f.broker.backlog_total()?;
         backlog.row(json!({
-            "backlog": before, "publishes_per_s": l.rate(), "p50_ms": l.latency.p50_ms,
+            "backlog": before, "backlog_after": after, "publishes_per_s": l.rate(), "p50_ms": l.latency.p50_ms,
             "p99_ms": l.latency.p99_ms, "rss_mib": mem, "file_gib": file_gib(&path),
             "fill_per_s": fill_rate,
         }));
@@ -133,7 +133,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<Section>, Error> {
     );
     for n in [1u64, 1_000, 100_000] {
         let path = settings.db(&format!("growth-keys{n}"));
-        let f = with_pull_subscription(&path).await?;
+        let f = with_pull_subscription(&path, 2 * settings.backlog_max.max(1_000_000)).await?;
         let l = common::publish_load(&f, CONCURRENCY, n, settings.length()).await?;
         keys.row(json!({
             "keys": n, "publishes_per_s": l.rate(), "p50_ms": l.latency.p50_ms,

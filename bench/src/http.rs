@@ -55,8 +55,13 @@ impl Server {
         let broker =
             broker_core::Broker::open(config.database_path(), config.broker.clone()).await?;
         let fixture = Fixture::new(broker.clone()).await?;
-        let app =
-            broker_server::router(broker, &config)?.merge(Router::new().route("/noop", post(noop)));
+        let app = broker_server::router(broker, &config)?
+            .merge(Router::new().route("/noop", post(noop)))
+            .merge(
+                Router::new()
+                    .route("/publish-bare", post(bare_publish))
+                    .with_state(fixture.clone()),
+            );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         // As `broker_server::serve` does. `BENCH_NODELAY=0` turns it off to show what Nagle's
         // algorithm cost before it was set there (the profile step in BENCHMARKS.md).
@@ -93,6 +98,23 @@ async fn noop(body: Bytes) -> StatusCode {
     match serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
         Ok(_) => StatusCode::OK,
         Err(_) => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// The broker's publish behind a bare handler, outside the server's layers: with the no-op
+/// and the real route it splits the gap into what the layers cost and what storage costs.
+async fn bare_publish(
+    axum::extract::State(f): axum::extract::State<Fixture>,
+    body: Bytes,
+) -> (StatusCode, String) {
+    let req =
+        broker_core::PublishRequest::new(f.room.clone(), f.ty.clone(), f.me.clone(), body.to_vec());
+    match f.broker.publish(req).await {
+        Ok(r) => (
+            StatusCode::CREATED,
+            json!({"id": r.id, "sequence": r.sequence}).to_string(),
+        ),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
@@ -247,6 +269,16 @@ pub async fn ceiling(settings: &Settings) -> Result<Vec<Section>, Error> {
     for connections in [64usize, 1000] {
         let n = load(server.addr, &noop, connections, settings.length()).await?;
         s.row(load_row("no-op", connections, &n));
+        let bare = Target {
+            path: "/publish-bare",
+            ..noop.clone()
+        };
+        let b = load(server.addr, &bare, connections, settings.length()).await?;
+        s.row(load_row(
+            "publish, bare handler (no layers)",
+            connections,
+            &b,
+        ));
         let c0 = server.fixture.broker.writer_counters();
         let p = load(server.addr, &publish, connections, settings.length()).await?;
         let c1 = server.fixture.broker.writer_counters();
