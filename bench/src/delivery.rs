@@ -1,0 +1,239 @@
+//! Delivery: push deliveries/s to a local receiver with 1, 10 and 100 subscriptions,
+//! publish-to-receive latency at a fixed 1,000 events/s, and pull+ack messages/s. The same cases
+//! as `broker-core/benches/delivery.rs`, here so that they run in the same command and under the
+//! same load as the other parts.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+use axum::routing::post;
+use axum::Router;
+use broker_core::{Broker, DeliveryMode, NewSubscription, PushEndpoint, SubscriptionId};
+use serde_json::json;
+
+use crate::common::{self, Error, Fixture, Latency, Section, Settings};
+
+const KEYS: u64 = 1000;
+/// Deliveries per push case (split over the subscriptions).
+const PUSH_DELIVERIES: u64 = 50_000;
+
+/// Counts deliveries and notes when each event id first arrived.
+#[derive(Default)]
+struct Sink {
+    count: AtomicU64,
+    arrivals: Mutex<HashMap<String, Instant>>,
+    track: AtomicBool,
+}
+
+async fn start_receiver(sink: Arc<Sink>) -> Result<String, Error> {
+    let app = Router::new().route(
+        "/hook",
+        post(move |headers: HeaderMap, _body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                if sink.track.load(Ordering::Relaxed) {
+                    let id = headers
+                        .get("webhook-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
+                    sink.arrivals
+                        .lock()
+                        .expect("lock")
+                        .entry(id)
+                        .or_insert_with(Instant::now);
+                }
+                sink.count.fetch_add(1, Ordering::Relaxed);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(url)
+}
+
+async fn fixture(settings: &Settings, name: &str) -> Result<Fixture, Error> {
+    let mut config = common::config();
+    config.delivery.scheduler_tick_ms = 50;
+    let broker = Broker::open(settings.db(name), config).await?;
+    Fixture::new(broker).await
+}
+
+fn push_sub(f: &Fixture, url: &str) -> NewSubscription {
+    let mut s = NewSubscription::new(
+        f.me.clone(),
+        DeliveryMode::Push(PushEndpoint {
+            url: url.into(),
+            headers: vec![],
+            basic_auth: None,
+        }),
+    );
+    s.in_flight_max = Some(64);
+    s
+}
+
+/// Publishes to paused subscriptions, resumes them all, and times until every delivery arrived.
+async fn push_case(settings: &Settings, subs: usize) -> Result<(f64, u64), Error> {
+    let sink = Arc::new(Sink::default());
+    let url = start_receiver(sink.clone()).await?;
+    let f = fixture(settings, &format!("delivery-push{subs}")).await?;
+    let mut ids = Vec::new();
+    for _ in 0..subs {
+        let id = f
+            .broker
+            .create_subscription(&f.room, push_sub(&f, &url))
+            .await?
+            .subscription
+            .id;
+        f.broker.pause_subscription(id).await?;
+        ids.push(id);
+    }
+    let events = PUSH_DELIVERIES / subs as u64;
+    f.fill(0, events, KEYS).await?;
+    let total = events * subs as u64;
+    let start = Instant::now();
+    for id in &ids {
+        f.broker.resume_subscription(*id).await?;
+    }
+    let deadline = start + Duration::from_secs(300);
+    while sink.count.load(Ordering::Relaxed) < total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let got = sink.count.load(Ordering::Relaxed);
+    f.broker.close().await;
+    Ok((got as f64 / secs, got))
+}
+
+/// Publishes at a fixed rate to one push subscription and times each event from the publish
+/// call to the receiver's handler.
+async fn latency_case(settings: &Settings, rate: u64) -> Result<(Latency, u64), Error> {
+    let sink = Arc::new(Sink::default());
+    sink.track.store(true, Ordering::Relaxed);
+    let url = start_receiver(sink.clone()).await?;
+    let f = fixture(settings, "delivery-latency").await?;
+    f.broker
+        .create_subscription(&f.room, push_sub(&f, &url))
+        .await?;
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..rate * settings.secs {
+        tick.tick().await;
+        let (broker, req, tx) = (f.broker.clone(), f.request(i, KEYS), tx.clone());
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            if let Ok(r) = broker.publish(req).await {
+                let _ = tx.send((r.id.to_string(), t0));
+            }
+        });
+    }
+    drop(tx);
+    let mut sent = Vec::new();
+    while let Some(s) = rx.recv().await {
+        sent.push(s);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sink.arrivals.lock().expect("lock").len() < sent.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let arrivals = sink.arrivals.lock().expect("lock").clone();
+    let lat: Vec<u64> = sent
+        .iter()
+        .filter_map(|(id, t0)| {
+            arrivals
+                .get(id)
+                .map(|t| t.duration_since(*t0).as_micros() as u64)
+        })
+        .collect();
+    let n = lat.len() as u64;
+    f.broker.close().await;
+    Ok((Latency::of(lat), n))
+}
+
+/// One client pulling `batch` messages and acknowledging them, in a loop.
+async fn pull_case(settings: &Settings, batch: usize, events: u64) -> Result<f64, Error> {
+    let f = fixture(settings, &format!("delivery-pull{batch}")).await?;
+    let id: SubscriptionId = f
+        .broker
+        .create_subscription(
+            &f.room,
+            NewSubscription::new(f.me.clone(), DeliveryMode::Pull),
+        )
+        .await?
+        .subscription
+        .id;
+    f.fill(0, events, KEYS).await?;
+    let start = Instant::now();
+    let mut done = 0u64;
+    while done < events {
+        let msgs = f.broker.pull(id, batch, None, 0).await?;
+        if msgs.is_empty() {
+            break;
+        }
+        let acks: Vec<String> = msgs.iter().map(|m| m.ack_id.clone()).collect();
+        for r in f.broker.ack(id, &acks).await? {
+            r?;
+        }
+        done += msgs.len() as u64;
+    }
+    let rate = done as f64 / start.elapsed().as_secs_f64();
+    f.broker.close().await;
+    Ok(rate)
+}
+
+/// Part 4.
+pub async fn run(settings: &Settings) -> Result<Vec<Section>, Error> {
+    let mut push = Section::new(
+        "Delivery: push to a local receiver (in_flight_max 64, 1,000 keys, ordered)",
+        &[
+            ("subscriptions", "push subscriptions"),
+            ("deliveries", "deliveries"),
+            ("deliveries_per_s", "deliveries/s"),
+        ],
+    );
+    for subs in [1usize, 10, 100] {
+        let (rate, got) = push_case(settings, subs).await?;
+        push.row(json!({"subscriptions": subs, "deliveries": got, "deliveries_per_s": rate}));
+    }
+    push.print();
+    let mut latency = Section::new(
+        "Delivery: publish-to-receive latency, one push subscription",
+        &[
+            ("rate", "publish rate"),
+            ("events", "events"),
+            ("p50_ms", "p50 ms"),
+            ("p99_ms", "p99 ms"),
+        ],
+    );
+    let (l, n) = latency_case(settings, 1000).await?;
+    latency.row(json!({"rate": "1000/s", "events": n, "p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "max_ms": l.max_ms}));
+    latency.print();
+    let mut pull = Section::new(
+        "Delivery: pull + ack, one client",
+        &[("batch", "pull batch"), ("messages_per_s", "messages/s")],
+    );
+    for (batch, events) in [(1usize, 5_000u64), (100, 50_000)] {
+        let rate = pull_case(settings, batch, events).await?;
+        pull.row(json!({"batch": batch, "messages_per_s": rate}));
+    }
+    pull.print();
+    for name in [
+        "delivery-push1",
+        "delivery-push10",
+        "delivery-push100",
+        "delivery-latency",
+        "delivery-pull1",
+        "delivery-pull100",
+    ] {
+        let _ = std::fs::remove_file(settings.db(name));
+    }
+    Ok(vec![push, latency, pull])
+}
