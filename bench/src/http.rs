@@ -290,38 +290,58 @@ pub async fn ceiling(settings: &Settings) -> Result<Vec<Section>, Error> {
         path: PUBLISH_PATH,
         ..noop.clone()
     };
-    let mut ratios = Vec::new();
-    for connections in [64usize, 1000] {
-        let n = load(server.addr, &noop, connections, settings.length()).await?;
-        s.row(load_row("no-op", connections, &n));
-        let bare = Target {
-            path: "/publish-bare",
-            ..noop.clone()
-        };
-        let b = load(server.addr, &bare, connections, settings.length()).await?;
-        s.row(load_row(
-            "publish, bare handler (no layers)",
-            connections,
-            &b,
-        ));
-        let c0 = server.fixture.broker.writer_counters();
-        let p = load(server.addr, &publish, connections, settings.length()).await?;
-        let c1 = server.fixture.broker.writer_counters();
-        let mut row = load_row("publish", connections, &p);
-        row["ops_per_commit"] =
-            json!((c1.ops - c0.ops) as f64 / (c1.commits - c0.commits).max(1) as f64);
-        s.row(row);
-        // The same broker without HTTP, to split the gap between storage and the HTTP stack.
-        let e = common::publish_load(&server.fixture, connections, KEYS, settings.length()).await?;
-        let mut row = load_row("embedded publish (no HTTP)", connections, &e);
-        row["requests_per_s"] = json!(e.rate());
-        s.row(row);
-        let ratio = p.rate() / n.rate();
-        ratios.push(ratio);
-        s.note(format!(
-            "publish/no-op at {connections} connections: {ratio:.2} (target at least 0.5: {})",
-            if ratio >= 0.5 { "met" } else { "not met" }
-        ));
+    // `BENCH_CASES` (e.g. `publish`) and `BENCH_CONNECTIONS` (e.g. `1000`) narrow the part to
+    // some cases, for profiling one of them; the ratio needs both `noop` and `publish`.
+    let cases =
+        std::env::var("BENCH_CASES").unwrap_or_else(|_| "noop,bare,publish,embedded".into());
+    let wanted = |case: &str| cases.split(',').any(|c| c.trim() == case);
+    let counts: Vec<usize> = std::env::var("BENCH_CONNECTIONS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![64, 1000]);
+    for connections in counts {
+        let mut noop_rate = None;
+        if wanted("noop") {
+            let n = load(server.addr, &noop, connections, settings.length()).await?;
+            s.row(load_row("no-op", connections, &n));
+            noop_rate = Some(n.rate());
+        }
+        if wanted("bare") {
+            let bare = Target {
+                path: "/publish-bare",
+                ..noop.clone()
+            };
+            let b = load(server.addr, &bare, connections, settings.length()).await?;
+            s.row(load_row(
+                "publish, bare handler (no layers)",
+                connections,
+                &b,
+            ));
+        }
+        let mut publish_rate = None;
+        if wanted("publish") {
+            let c0 = server.fixture.broker.writer_counters();
+            let p = load(server.addr, &publish, connections, settings.length()).await?;
+            let c1 = server.fixture.broker.writer_counters();
+            let mut row = load_row("publish", connections, &p);
+            row["ops_per_commit"] =
+                json!((c1.ops - c0.ops) as f64 / (c1.commits - c0.commits).max(1) as f64);
+            s.row(row);
+            publish_rate = Some(p.rate());
+        }
+        if wanted("embedded") {
+            // The same broker without HTTP, to split the gap between storage and the HTTP stack.
+            let e =
+                common::publish_load(&server.fixture, connections, KEYS, settings.length()).await?;
+            s.row(load_row("embedded publish (no HTTP)", connections, &e));
+        }
+        if let (Some(n), Some(p)) = (noop_rate, publish_rate) {
+            let ratio = p / n;
+            s.note(format!(
+                "publish/no-op at {connections} connections: {ratio:.2} (target at least 0.5: {})",
+                if ratio >= 0.5 { "met" } else { "not met" }
+            ));
+        }
     }
     server.stop().await;
     s.print();

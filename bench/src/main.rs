@@ -20,6 +20,13 @@ use serde_json::{json, Value};
 
 use common::{Error, Section, Settings};
 
+/// The allocator of the `postroom` binary, so that the server measured here is the one shipped.
+/// `--features system-allocator` measures with the platform's malloc instead (the "before" of
+/// the allocator row in BENCHMARKS.md).
+#[cfg(not(feature = "system-allocator"))]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(about = "Postroom's side-by-side benchmarks (issue 8)")]
 struct Cli {

@@ -286,14 +286,24 @@ fn is_public(path: &str) -> bool {
 
 /// Authenticates every request except the public ones; the handlers then find the
 /// [`Identity`] in the request.
-pub async fn authenticate(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
+pub async fn authenticate(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
+    authenticate_with(&auth, req, move |req| next.run(req)).await
+}
+
+/// [`authenticate`] with the rest of the chain as a function, so that the server can run it
+/// inside one middleware layer with the others.
+pub(crate) async fn authenticate_with<F, Fut>(auth: &Auth, mut req: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     if is_public(req.uri().path()) {
-        return next.run(req).await;
+        return next(req).await;
     }
     match auth.identify(req.headers()).await {
         Ok(identity) => {
             req.extensions_mut().insert(identity.clone());
-            let mut resp = next.run(req).await;
+            let mut resp = next(req).await;
             // Layers outside this one (the audit log) learn the caller from the response.
             resp.extensions_mut().insert(identity);
             resp

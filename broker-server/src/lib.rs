@@ -77,59 +77,61 @@ pub fn router_with(
         // not checked.
         .route(auth::ICD_TOKEN_PATH, axum::routing::post(auth::token))
         .with_state(auth.clone());
-    // Layers run outside in: request metrics, header limits, body limit, load shedding and the timeout, the
-    // audit log, authentication, then idempotency around the handler.
-    Ok(app(AppState {
+    let gate = middleware::Gate {
         broker: broker.clone(),
+        auth,
+        idempotency,
+    };
+    // Layers run outside in: request metrics and header limits, the body limit, load shedding
+    // and the timeout, then the audit log, authentication and idempotency around the handler.
+    // These wrap each route (metrics need the route template that routing finds), so they are
+    // kept to four: axum clones and boxes every per-route layer on every request (see
+    // `middleware::front`).
+    let routes = app(AppState {
+        broker,
         database_path: config.database_path(),
         message_log_payloads: config.observability.message_log_payloads,
     })
     .merge(token)
-    .layer(axum::middleware::from_fn_with_state(
-        idempotency,
-        middleware::idempotency,
-    ))
-    .layer(axum::middleware::from_fn_with_state(
-        auth,
-        auth::authenticate,
-    ))
-    .layer(axum::middleware::from_fn_with_state(
-        broker,
-        middleware::audit,
-    ))
+    .layer(axum::middleware::from_fn_with_state(gate, middleware::gate))
     .layer(limits)
     .layer(DefaultBodyLimit::max(config.http.body_bytes_max))
+    // Outside the limits, so that their answers (431, 413, 503) are counted too.
     .layer(axum::middleware::from_fn_with_state(
         header_limits,
-        middleware::header_limits,
-    ))
-    // So that answers of the limits above (431, 413, 503) are counted too.
-    .layer(axum::middleware::from_fn(observe::track))
-    // Outermost: every request gets an `x-request-id` (the caller's, or a new UUID), every log
-    // line of the request carries it in its span, and the answer echoes it. The span holds the
-    // method and path only: no headers (tokens) and no bodies (payloads).
-    .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
-    .layer(
-        tower_http::trace::TraceLayer::new_for_http()
-            // One line per answered request at the default level, with status and latency.
-            .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO))
-            .make_span_with(|req: &axum::http::Request<axum::body::Body>| {
-                let id = req
-                    .headers()
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                tracing::info_span!(
-                    "request",
-                    request_id = %id,
-                    method = %req.method(),
-                    path = %req.uri().path(),
+        middleware::front,
+    ));
+    // Around the router, once rather than per route: every request gets an `x-request-id` (the
+    // caller's, or a new UUID), every log line of the request carries it in its span, and the
+    // answer echoes it. The span holds the method and path only: no headers (tokens) and no
+    // bodies (payloads).
+    let outer = ServiceBuilder::new()
+        .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(
+            tower_http::request_id::MakeRequestUuid,
+        ))
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                // One line per answered request at the default level, with status and latency.
+                .on_response(
+                    tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO),
                 )
-            }),
-    )
-    .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(
-        tower_http::request_id::MakeRequestUuid,
-    )))
+                .make_span_with(|req: &axum::http::Request<axum::body::Body>| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    tracing::info_span!(
+                        "request",
+                        request_id = %id,
+                        method = %req.method(),
+                        path = %req.uri().path(),
+                    )
+                }),
+        )
+        .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
+        .service(routes);
+    Ok(Router::new().fallback_service(outer))
 }
 
 /// Checks the configuration against the listener's address, opens the broker and serves on

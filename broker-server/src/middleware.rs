@@ -8,11 +8,12 @@
 //! transaction as the event, which is stronger than remembering an HTTP answer.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use broker_core::{Broker, Principal, StoredResponse};
@@ -68,14 +69,19 @@ fn action_of(method: &Method, path: &str) -> String {
 #[derive(Clone, Debug)]
 pub(crate) struct AuditDetail(pub serde_json::Value);
 
-/// Records every administrative change, successful or not, with who made it.
-pub(crate) async fn audit(State(broker): State<Broker>, req: Request, next: Next) -> Response {
+/// Records every administrative change, successful or not, with who made it; `next` is the
+/// rest of the chain.
+pub(crate) async fn audit<F, Fut>(broker: &Broker, req: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
+    if !is_administrative(req.method(), req.uri().path()) {
+        return next(req).await;
+    }
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    if !is_administrative(&method, &path) {
-        return next.run(req).await;
-    }
-    let response = next.run(req).await;
+    let response = next(req).await;
     let actor = response
         .extensions()
         .get::<crate::auth::Identity>()
@@ -114,6 +120,49 @@ pub(crate) async fn audit(State(broker): State<Broker>, req: Request, next: Next
     Response::from_parts(parts, body)
 }
 
+/// The two middleware layers of every route. Each `Router::layer` wraps every route in one
+/// more boxed service that axum clones and boxes again on every request; the profile of the
+/// publish route (BENCHMARKS.md, issue 8) showed ten such layers costing about as much CPU as
+/// the publish itself, so the server's own steps run in two layers, in the order they had:
+///
+/// - [`front`], outside the body limit and the load-shedding limits: request metrics, then
+///   the header limits;
+/// - [`gate`], inside them: the audit log, authentication, then idempotency.
+pub(crate) async fn front(
+    State(limits): State<HeaderLimits>,
+    req: Request,
+    next: Next,
+) -> Response {
+    crate::observe::track_with(req, move |req| async move {
+        match check_header_limits(limits, req.headers()) {
+            Ok(()) => next.run(req).await,
+            Err(e) => e.into_response(),
+        }
+    })
+    .await
+}
+
+/// What [`gate`] needs: the broker for the audit log, the authenticator, and the idempotency
+/// layer's state.
+#[derive(Clone)]
+pub(crate) struct Gate {
+    pub broker: Broker,
+    pub auth: Arc<crate::auth::Auth>,
+    pub idempotency: Idempotency,
+}
+
+/// The audit log, authentication and idempotency around the handler (see [`front`]).
+pub(crate) async fn gate(State(g): State<Gate>, req: Request, next: Next) -> Response {
+    let g = &g;
+    audit(&g.broker, req, move |req| async move {
+        crate::auth::authenticate_with(&g.auth, req, move |req| {
+            idempotency(&g.idempotency, req, move |req| next.run(req))
+        })
+        .await
+    })
+    .await
+}
+
 /// Header limits, checked before anything else reads the request.
 #[derive(Clone, Copy)]
 pub(crate) struct HeaderLimits {
@@ -121,20 +170,14 @@ pub(crate) struct HeaderLimits {
     pub count_max: usize,
 }
 
-/// Answers 431 when the request's headers are too many or too large.
-pub(crate) async fn header_limits(
-    State(limits): State<HeaderLimits>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let headers = req.headers();
+/// Refuses (431) a request whose headers are too many or too large.
+fn check_header_limits(limits: HeaderLimits, headers: &HeaderMap) -> Result<(), ApiError> {
     if headers.len() > limits.count_max {
-        return ApiError::HeadersTooLarge(format!(
+        return Err(ApiError::HeadersTooLarge(format!(
             "{} headers, at most {} allowed (http.headers_max)",
             headers.len(),
             limits.count_max
-        ))
-        .into_response();
+        )));
     }
     // Each header as it appears on the wire: `name: value\r\n`.
     let bytes: usize = headers
@@ -142,13 +185,12 @@ pub(crate) async fn header_limits(
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
         .sum();
     if bytes > limits.bytes_max {
-        return ApiError::HeadersTooLarge(format!(
+        return Err(ApiError::HeadersTooLarge(format!(
             "{bytes} bytes of headers, at most {} allowed (http.header_bytes_max)",
             limits.bytes_max
-        ))
-        .into_response();
+        )));
     }
-    next.run(req).await
+    Ok(())
 }
 
 /// What the idempotency layer needs.
@@ -191,17 +233,18 @@ impl Drop for Running {
     }
 }
 
-/// Replays or remembers the answer of a creating POST that carries `Idempotency-Key`.
-pub(crate) async fn idempotency(
-    State(state): State<Idempotency>,
-    req: Request,
-    next: Next,
-) -> Response {
+/// Replays or remembers the answer of a creating POST that carries `Idempotency-Key`; `next`
+/// is the rest of the chain.
+pub(crate) async fn idempotency<F, Fut>(state: &Idempotency, req: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let Some(key) = req.headers().get("idempotency-key") else {
-        return next.run(req).await;
+        return next(req).await;
     };
     if !creates(req.method(), req.uri().path()) {
-        return next.run(req).await;
+        return next(req).await;
     }
     match remembered(state, key.clone(), req, next).await {
         Ok(r) => r,
@@ -209,12 +252,16 @@ pub(crate) async fn idempotency(
     }
 }
 
-async fn remembered(
-    state: Idempotency,
+async fn remembered<F, Fut>(
+    state: &Idempotency,
     key: HeaderValue,
     req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
+    next: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let key = key
         .to_str()
         .map_err(|_| ApiError::param("Idempotency-Key", "must be visible ASCII"))?
@@ -274,7 +321,7 @@ async fn remembered(
     {
         return Ok(replay(stored));
     }
-    let response = next.run(Request::from_parts(parts, Body::from(body))).await;
+    let response = next(Request::from_parts(parts, Body::from(body))).await;
     if !response.status().is_success() {
         // Errors are not remembered: the caller may fix the cause and retry with the same key.
         return Ok(response);

@@ -168,6 +168,16 @@ impl Drop for InFlight {
 /// path, so that the number of series is bounded by the routes; requests no route matched are
 /// `unmatched`. Applied to the router as a whole, it sees the `MatchedPath` that routing sets.
 pub async fn track(req: Request, next: Next) -> Response {
+    track_with(req, move |req| next.run(req)).await
+}
+
+/// [`track`] with the rest of the chain as a function, so that the server can run it inside
+/// one middleware layer with the header limits.
+pub(crate) async fn track_with<F, Fut>(req: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -176,7 +186,7 @@ pub async fn track(req: Request, next: Next) -> Response {
     let method = req.method().as_str().to_string();
     let started = Instant::now();
     let in_flight = InFlight::enter();
-    let resp = next.run(req).await;
+    let resp = next(req).await;
     drop(in_flight);
     let status = resp.status().as_u16().to_string();
     metrics::histogram!(HTTP_REQUEST_DURATION, "route" => route.clone(), "method" => method.clone())
