@@ -40,9 +40,19 @@ pub struct Server {
 }
 
 impl Server {
+    /// A server with authentication off (every caller is the local administrator).
     pub async fn start(settings: &Settings, name: &str) -> Result<Server, Error> {
+        Server::start_with(settings, name, false).await
+    }
+
+    /// A server that checks bearer tokens when `authenticated`, as `postroom serve` does.
+    pub async fn start_with(
+        settings: &Settings,
+        name: &str,
+        authenticated: bool,
+    ) -> Result<Server, Error> {
         let mut config = ServerConfig::default();
-        config.auth.insecure_no_auth = true;
+        config.auth.insecure_no_auth = !authenticated;
         config.data_dir = format!("{}/{name}", settings.dir).into();
         let _ = std::fs::remove_dir_all(&config.data_dir);
         std::fs::create_dir_all(&config.data_dir)?;
@@ -90,6 +100,66 @@ impl Server {
         let _ = self.stop.send(());
         let _ = self.served.await;
         self.fixture.broker.close().await;
+    }
+}
+
+/// A publisher's access token on an authenticated server: registers a member, an application
+/// with the publisher right on the benchmark Room and an API client, then asks the server's
+/// `POST /oauth/token` for a token as a client would (RFC 6749 client credentials).
+async fn bearer_token(server: &Server) -> Result<String, Error> {
+    let broker = &server.fixture.broker;
+    let (client_id, secret) = ("bench-publisher", "bench-publisher-secret-0123456789");
+    broker
+        .create_member("BENCH/GOV/M2", "benchmark publisher")
+        .await?;
+    let app = broker
+        .create_application("BENCH/GOV/M2", "publisher", "benchmark publisher")
+        .await?
+        .id;
+    broker
+        .create_client(&app, Some(client_id.into()), Some(secret.into()))
+        .await?;
+    broker
+        .grant(
+            &app,
+            broker_core::Role::Publisher,
+            Some(server.fixture.room.clone()),
+            None,
+        )
+        .await?;
+    let stream = tokio::net::TcpStream::connect(server.addr).await?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("token handshake: {e}"))?;
+    tokio::spawn(conn);
+    let form =
+        format!("grant_type=client_credentials&client_id={client_id}&client_secret={secret}");
+    let req = Request::post("/oauth/token")
+        .header(header::HOST, "bench")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from(form)))
+        .map_err(|e| e.to_string())?;
+    let answer = send
+        .send_request(req)
+        .await
+        .map_err(|e| format!("token request: {e}"))?;
+    let status = answer.status();
+    let body = answer
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let token = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["access_token"].as_str().map(String::from));
+    match token {
+        Some(t) if status.is_success() => Ok(t),
+        _ => Err(format!(
+            "no token from /oauth/token ({status}): {}",
+            String::from_utf8_lossy(&body)
+        )
+        .into()),
     }
 }
 
@@ -293,12 +363,27 @@ pub async fn ceiling(settings: &Settings) -> Result<Vec<Section>, Error> {
     // `BENCH_CASES` (e.g. `publish`) and `BENCH_CONNECTIONS` (e.g. `1000`) narrow the part to
     // some cases, for profiling one of them; the ratio needs both `noop` and `publish`.
     let cases =
-        std::env::var("BENCH_CASES").unwrap_or_else(|_| "noop,bare,publish,embedded".into());
+        std::env::var("BENCH_CASES").unwrap_or_else(|_| "noop,bare,publish,auth,embedded".into());
     let wanted = |case: &str| cases.split(',').any(|c| c.trim() == case);
     let counts: Vec<usize> = std::env::var("BENCH_CONNECTIONS")
         .ok()
         .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![64, 1000]);
+    // The same publish with authentication on, on a second server: every request's token is
+    // checked and its client and rights read, as `postroom serve` does by default.
+    let authenticated = if wanted("auth") {
+        let server = Server::start_with(settings, "ceiling-auth", true).await?;
+        let token = bearer_token(&server).await?;
+        let value = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|e| format!("token header: {e}"))?;
+        let target = Target {
+            headers: vec![(header::AUTHORIZATION, value)],
+            ..publish.clone()
+        };
+        Some((server, target))
+    } else {
+        None
+    };
     for connections in counts {
         let mut noop_rate = None;
         if wanted("noop") {
@@ -329,6 +414,14 @@ pub async fn ceiling(settings: &Settings) -> Result<Vec<Section>, Error> {
             s.row(row);
             publish_rate = Some(p.rate());
         }
+        if let Some((server, target)) = &authenticated {
+            let a = load(server.addr, target, connections, settings.length()).await?;
+            s.row(load_row(
+                "publish (all layers, bearer token)",
+                connections,
+                &a,
+            ));
+        }
         if wanted("embedded") {
             // The same broker without HTTP, to split the gap between storage and the HTTP stack.
             let e =
@@ -344,6 +437,9 @@ pub async fn ceiling(settings: &Settings) -> Result<Vec<Section>, Error> {
         }
     }
     server.stop().await;
+    if let Some((server, _)) = authenticated {
+        server.stop().await;
+    }
     s.print();
     Ok(vec![s])
 }

@@ -41,6 +41,8 @@ pub(crate) struct Inner {
     /// Serialises reconfigurations, so that two concurrent patches do not lose one another.
     pub(crate) reconfiguring: tokio::sync::Mutex<()>,
     validators: ValidatorCache,
+    /// Clients and rights read by authentication, kept between writes.
+    pub(crate) identities: crate::identity::IdentityCache,
     /// Wake-ups for dispatchers and long-polling pullers.
     pub(crate) signals: Arc<Signals>,
     /// The live statistics behind [`Broker::stats`].
@@ -160,6 +162,7 @@ impl Broker {
             config: std::sync::RwLock::new(Arc::new(config)),
             reconfiguring: tokio::sync::Mutex::new(()),
             validators: ValidatorCache::default(),
+            identities: Default::default(),
             signals,
             stats,
             dispatchers: Mutex::new(HashSet::new()),
@@ -191,7 +194,7 @@ impl Broker {
     }
 
     pub(crate) async fn write_op(&self, op: WriteOp) -> Result<WriteOutput> {
-        self.inner.writer.submit(op).await
+        self.write(op).await
     }
 
     /// Undelivered deliveries across all subscriptions (pending or in flight).
@@ -252,8 +255,16 @@ impl Broker {
         }
     }
 
+    /// Every write goes through here. A write that may change who may do what (anything but a
+    /// publish or a delivery outcome) moves the identity cache on once it has committed and
+    /// before its caller hears back, so that the next request reads the change.
     async fn write(&self, op: WriteOp) -> Result<WriteOutput> {
-        self.inner.writer.submit(op).await
+        let hot = matches!(op, WriteOp::Publish(_) | WriteOp::Delivery(_));
+        let out = self.inner.writer.submit(op).await;
+        if !hot {
+            self.inner.identities.invalidate();
+        }
+        out
     }
 
     pub(crate) fn check_description(&self, d: &str) -> Result<()> {

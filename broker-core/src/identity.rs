@@ -27,6 +27,74 @@ use crate::ids::{EventTypeName, Principal, RoomName};
 use crate::model::Page;
 use crate::storage::{RecordKind, RecordOp, RecordTxn, WriteOp, WriteOutput};
 
+/// The identity reads that every authenticated request makes (the token's client, then the
+/// application's rights), kept between writes. Each answer is cached under the write
+/// generation it was read at; every committed write other than a publish or a delivery outcome
+/// moves the generation on before its caller hears back (see `Broker::write`), so a revoked
+/// grant or a deleted client stops working exactly when it did without the cache: at the
+/// commit. In the profile of the authenticated publish (BENCHMARKS.md, issue 8) these two
+/// reads were 10% of all samples.
+#[derive(Default)]
+pub(crate) struct IdentityCache {
+    generation: std::sync::atomic::AtomicU64,
+    entries: std::sync::Mutex<IdentityEntries>,
+}
+
+#[derive(Default)]
+struct IdentityEntries {
+    /// The generation every entry was read at; older entries are dropped together.
+    generation: u64,
+    clients: std::collections::HashMap<String, ApiClient>,
+    rights: std::collections::HashMap<Principal, Rights>,
+}
+
+impl IdentityCache {
+    /// Most entries of each kind kept at once; the cache starts again empty when full.
+    const ENTRIES_MAX: usize = 10_000;
+
+    /// Called after a write that may change identities has committed.
+    pub(crate) fn invalidate(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    fn now(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, IdentityEntries> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cached answer of `pick`, if it was read at the current generation.
+    fn get<T: Clone>(&self, pick: impl FnOnce(&IdentityEntries) -> Option<&T>) -> Option<T> {
+        let generation = self.now();
+        let e = self.entries();
+        if e.generation != generation {
+            return None;
+        }
+        pick(&e).cloned()
+    }
+
+    /// Keeps an answer read at `generation`, unless a write has moved the generation on since
+    /// (the answer may then be stale, and the next read fetches it again).
+    fn put(&self, generation: u64, put: impl FnOnce(&mut IdentityEntries)) {
+        let mut e = self.entries();
+        if generation != self.now() || generation < e.generation {
+            return;
+        }
+        if e.generation != generation
+            || e.clients.len() >= Self::ENTRIES_MAX
+            || e.rights.len() >= Self::ENTRIES_MAX
+        {
+            e.clients.clear();
+            e.rights.clear();
+            e.generation = generation;
+        }
+        put(&mut e);
+    }
+}
+
 /// Most secrets a client holds at once: two, so that one can be rotated without downtime.
 pub const CLIENT_SECRETS_MAX: usize = 2;
 /// Shortest secret accepted from a caller, in bytes.
@@ -572,13 +640,23 @@ impl Broker {
 
     /// One client (without its secrets).
     pub fn client(&self, client_id: &str) -> Result<ApiClient> {
-        self.inner()
+        let cache = &self.inner().identities;
+        if let Some(c) = cache.get(|e| e.clients.get(client_id)) {
+            return Ok(c);
+        }
+        let generation = cache.now();
+        let client = self
+            .inner()
             .store
             .record(RecordKind::Client, client_id)?
             .map(|b| from_bytes::<ClientRecord>(&b))
             .transpose()?
             .map(|r| r.client)
-            .ok_or_else(|| not_found(RecordKind::Client, client_id))
+            .ok_or_else(|| not_found(RecordKind::Client, client_id))?;
+        cache.put(generation, |e| {
+            e.clients.insert(client_id.to_string(), client.clone());
+        });
+        Ok(client)
     }
 
     /// Clients, of one application or all.
@@ -789,9 +867,18 @@ impl Broker {
 
     /// What `principal` may do.
     pub fn rights(&self, principal: &Principal) -> Result<Rights> {
-        Ok(Rights {
+        let cache = &self.inner().identities;
+        if let Some(r) = cache.get(|e| e.rights.get(principal)) {
+            return Ok(r);
+        }
+        let generation = cache.now();
+        let rights = Rights {
             grants: self.grants(Some(principal))?,
-        })
+        };
+        cache.put(generation, |e| {
+            e.rights.insert(principal.clone(), rights.clone());
+        });
+        Ok(rights)
     }
 
     // ----- Keys -----

@@ -59,7 +59,7 @@ impl Identity {
 }
 
 /// The claims of an access token.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct Claims {
     iss: String,
     aud: String,
@@ -83,7 +83,15 @@ pub struct Auth {
     insecure_admin: Option<Principal>,
     /// A trusted external issuer, if configured.
     external: Option<Arc<crate::auth_external::ExternalVerifier>>,
+    /// Tokens of ours already verified, with their claims: a client sends the same token on
+    /// every request until it expires, and checking its signature and decoding its JSON was
+    /// the largest cost of authentication in the profile (BENCHMARKS.md, issue 8). Only the
+    /// signature check is skipped: expiry, the client and its rights are checked every time.
+    verified: std::sync::Mutex<std::collections::HashMap<String, Claims>>,
 }
+
+/// Most verified tokens remembered; the memory starts again empty when full.
+const VERIFIED_TOKENS_MAX: usize = 10_000;
 
 /// The name of the token signing key in the broker's key store.
 const TOKEN_KEY: &str = "oauth-token-hs256";
@@ -108,6 +116,7 @@ impl Auth {
             issuer: config.token_issuer.clone(),
             insecure_admin,
             external,
+            verified: Default::default(),
         })
     }
 
@@ -167,25 +176,17 @@ impl Auth {
             .or_else(|| value.strip_prefix("bearer "))
             .ok_or_else(|| unauth("the Authorization header must be `Bearer <token>`"))?
             .trim();
-        let mut v = Validation::new(Algorithm::HS256);
-        // Expiry is checked below against the broker's clock, not the system's.
-        v.validate_exp = false;
-        v.set_issuer(&[&self.issuer]);
-        v.set_audience(&[&self.issuer]);
-        v.set_required_spec_claims(&["iss", "aud", "sub", "exp"]);
-        let claims = match jsonwebtoken::decode::<Claims>(token, &self.keys().await?.1, &v) {
-            Ok(t) => t.claims,
-            // Not one of ours: perhaps the trusted external issuer's.
-            Err(_) => match &self.external {
-                Some(ext) => {
-                    let principal = ext
-                        .verify_or_refresh(token, self.now_secs())
-                        .await
-                        .map_err(|why| unauth(&format!("the token is not valid: {why}")))?;
-                    let rights = self.broker.rights(&principal)?;
-                    return Ok(Identity { principal, rights });
-                }
-                None => return Err(unauth("the token is not valid")),
+        let remembered = self
+            .verified
+            .lock()
+            .ok()
+            .and_then(|m| m.get(token).cloned());
+        let claims = match remembered {
+            Some(claims) => claims,
+            None => match self.verify(token).await? {
+                Some(claims) => claims,
+                // Not one of ours: perhaps the trusted external issuer's.
+                None => return self.identify_external(token).await,
             },
         };
         if claims.exp <= self.now_secs() {
@@ -207,6 +208,43 @@ impl Auth {
             principal: client.application,
             rights,
         })
+    }
+
+    /// The claims of one of our tokens, signature and claims checked (expiry aside), and
+    /// remembered; `None` when the token is not one of ours.
+    async fn verify(&self, token: &str) -> Result<Option<Claims>, ApiError> {
+        let mut v = Validation::new(Algorithm::HS256);
+        // Expiry is checked by the caller against the broker's clock, not the system's.
+        v.validate_exp = false;
+        v.set_issuer(&[&self.issuer]);
+        v.set_audience(&[&self.issuer]);
+        v.set_required_spec_claims(&["iss", "aud", "sub", "exp"]);
+        match jsonwebtoken::decode::<Claims>(token, &self.keys().await?.1, &v) {
+            Ok(t) => {
+                if let Ok(mut m) = self.verified.lock() {
+                    if m.len() >= VERIFIED_TOKENS_MAX {
+                        m.clear();
+                    }
+                    m.insert(token.to_string(), t.claims.clone());
+                }
+                Ok(Some(t.claims))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// A token that is not ours, checked against the trusted external issuer if there is one.
+    async fn identify_external(&self, token: &str) -> Result<Identity, ApiError> {
+        let unauth = |m: &str| ApiError::Unauthenticated(m.to_string());
+        let Some(ext) = &self.external else {
+            return Err(unauth("the token is not valid"));
+        };
+        let principal = ext
+            .verify_or_refresh(token, self.now_secs())
+            .await
+            .map_err(|why| unauth(&format!("the token is not valid: {why}")))?;
+        let rights = self.broker.rights(&principal)?;
+        Ok(Identity { principal, rights })
     }
 }
 

@@ -263,3 +263,59 @@ async fn the_audit_log_keeps_every_entry_in_order_across_a_reopen() {
     assert_eq!(failures.items.len(), 1);
     broker.close().await;
 }
+
+/// Authentication reads a client and its application's rights on every request, and the core
+/// keeps those answers between writes. A change must still be seen by the very next read:
+/// rights granted and revoked, a client deleted, an application deleted, each after the old
+/// answer was read (and so cached).
+#[tokio::test]
+async fn cached_identity_reads_follow_every_change_at_once() {
+    let (broker, _) = memory_broker(test_config()).await;
+    setup_room(&broker, "sensors").await;
+    let p = app(&broker, "reader").await;
+    broker
+        .create_client(&p, Some("reader-client".into()), None)
+        .await
+        .unwrap();
+
+    assert!(!broker
+        .rights(&p)
+        .unwrap()
+        .can_publish(&room("sensors"), &ty("reading")));
+    broker
+        .grant(&p, Role::Publisher, Some(room("sensors")), None)
+        .await
+        .unwrap();
+    assert!(broker
+        .rights(&p)
+        .unwrap()
+        .can_publish(&room("sensors"), &ty("reading")));
+    // Read twice, so that the second answer is the cached one.
+    assert!(broker
+        .rights(&p)
+        .unwrap()
+        .can_publish(&room("sensors"), &ty("reading")));
+    broker
+        .revoke(&p, Role::Publisher, Some(&room("sensors")))
+        .await
+        .unwrap();
+    assert!(!broker
+        .rights(&p)
+        .unwrap()
+        .can_publish(&room("sensors"), &ty("reading")));
+
+    assert_eq!(broker.client("reader-client").unwrap().application, p);
+    assert_eq!(broker.client("reader-client").unwrap().application, p);
+    broker.delete_client("reader-client").await.unwrap();
+    assert!(broker.client("reader-client").is_err());
+
+    // A new client of the same id for another application is seen as that application's.
+    let q = app(&broker, "writer").await;
+    broker
+        .create_client(&q, Some("reader-client".into()), None)
+        .await
+        .unwrap();
+    assert_eq!(broker.client("reader-client").unwrap().application, q);
+    broker.delete_application(&q).await.unwrap();
+    assert!(broker.client("reader-client").is_err());
+}
