@@ -188,6 +188,48 @@ impl Load {
     }
 }
 
+/// A closed-loop load of `concurrency` tasks, each calling `op(i)` again as soon as the previous
+/// call returned, for `length`, and timing every call. Task `t` starts at `i = t` and steps by a
+/// prime, so that the tasks spread over whatever `i` selects (keys, payloads).
+pub async fn closed_loop<F, Fut, E>(
+    concurrency: usize,
+    length: Duration,
+    op: F,
+) -> Result<Load, Error>
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send,
+    E: Into<Error> + Send + 'static,
+{
+    let start = std::time::Instant::now();
+    let deadline = start + length;
+    let mut tasks = Vec::new();
+    for t in 0..concurrency {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = t as u64;
+            while std::time::Instant::now() < deadline {
+                let t0 = std::time::Instant::now();
+                op(i).await?;
+                lat.push(t0.elapsed().as_micros() as u64);
+                i += 7919;
+            }
+            Ok::<_, E>(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?.map_err(Into::into)?);
+    }
+    Ok(Load {
+        ok: all.len() as u64,
+        errors: 0,
+        secs: start.elapsed().as_secs_f64(),
+        latency: Latency::of(all),
+    })
+}
+
 /// Embedded durable publish: `concurrency` tasks calling `Broker::publish` in a loop, keys
 /// spread over `keys`, for `length`.
 pub async fn publish_load(
@@ -196,34 +238,12 @@ pub async fn publish_load(
     keys: u64,
     length: Duration,
 ) -> Result<Load, Error> {
-    let start = std::time::Instant::now();
-    let deadline = start + length;
-    let mut tasks = Vec::new();
-    for t in 0..concurrency {
+    let f = f.clone();
+    closed_loop(concurrency, length, move |i| {
         let f = f.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut i = t as u64;
-            while std::time::Instant::now() < deadline {
-                let req = f.request(i, keys);
-                let t0 = std::time::Instant::now();
-                f.broker.publish(req).await?;
-                lat.push(t0.elapsed().as_micros() as u64);
-                i += 7919;
-            }
-            Ok::<_, broker_core::Error>(lat)
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await??);
-    }
-    Ok(Load {
-        ok: all.len() as u64,
-        errors: 0,
-        secs: start.elapsed().as_secs_f64(),
-        latency: Latency::of(all),
+        async move { f.broker.publish(f.request(i, keys)).await.map(|_| ()) }
     })
+    .await
 }
 
 /// This process's resident memory in MiB (`VmRSS`), or NaN where /proc is missing.

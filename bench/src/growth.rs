@@ -84,7 +84,15 @@ pub async fn run(settings: &Settings) -> Result<Vec<Section>, Error> {
             drop(f);
             let t0 = Instant::now();
             let broker = Broker::open(&path, common::config()).await?;
+            // Readiness is a state, not an event: poll it, up to a minute.
             while !broker.unready_reasons().is_empty() {
+                if t0.elapsed() > std::time::Duration::from_secs(60) {
+                    return Err(format!(
+                        "not ready a minute after opening: {:?}",
+                        broker.unready_reasons()
+                    )
+                    .into());
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
             let open_s = t0.elapsed().as_secs_f64();

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::json;
 
-use crate::common::{self, Error, Fixture, Latency, Load, Section, Settings};
+use crate::common::{self, Error, Fixture, Load, Section, Settings};
 
 const CONCURRENCY: usize = 64;
 const KEYS: u64 = 1000;
@@ -136,38 +136,18 @@ async fn jetstream_load(url: &str, length: Duration) -> Result<Load, Error> {
             .map(|i| Bytes::from(common::payload(i, KEYS)))
             .collect(),
     );
-    let start = Instant::now();
-    let deadline = start + length;
-    let mut tasks = Vec::new();
-    for t in 0..CONCURRENCY {
-        let (js, payloads) = (js.clone(), payloads.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut i = t;
-            while Instant::now() < deadline {
-                let t0 = Instant::now();
-                let payload = payloads[i % payloads.len()].clone();
-                js.publish("bench.reading", payload)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .await
-                    .map_err(|e| e.to_string())?;
-                lat.push(t0.elapsed().as_micros() as u64);
-                i += 7919;
-            }
-            Ok::<_, String>(lat)
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await??);
-    }
-    Ok(Load {
-        ok: all.len() as u64,
-        errors: 0,
-        secs: start.elapsed().as_secs_f64(),
-        latency: Latency::of(all),
+    common::closed_loop(CONCURRENCY, length, move |i| {
+        let (js, payload) = (js.clone(), payloads[i as usize % payloads.len()].clone());
+        async move {
+            js.publish("bench.reading", payload)
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(())
+        }
     })
+    .await
 }
 
 fn row(what: &str, durable: &str, l: &Load) -> serde_json::Value {

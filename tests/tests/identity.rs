@@ -273,36 +273,30 @@ async fn cached_identity_reads_follow_every_change_at_once() {
     let (broker, _) = memory_broker(test_config()).await;
     setup_room(&broker, "sensors").await;
     let p = app(&broker, "reader").await;
+    let publishes = |p: &broker_core::Principal| {
+        broker
+            .rights(p)
+            .unwrap()
+            .can_publish(&room("sensors"), &ty("reading"))
+    };
     broker
         .create_client(&p, Some("reader-client".into()), None)
         .await
         .unwrap();
 
-    assert!(!broker
-        .rights(&p)
-        .unwrap()
-        .can_publish(&room("sensors"), &ty("reading")));
+    assert!(!publishes(&p));
     broker
         .grant(&p, Role::Publisher, Some(room("sensors")), None)
         .await
         .unwrap();
-    assert!(broker
-        .rights(&p)
-        .unwrap()
-        .can_publish(&room("sensors"), &ty("reading")));
+    assert!(publishes(&p));
     // Read twice, so that the second answer is the cached one.
-    assert!(broker
-        .rights(&p)
-        .unwrap()
-        .can_publish(&room("sensors"), &ty("reading")));
+    assert!(publishes(&p));
     broker
         .revoke(&p, Role::Publisher, Some(&room("sensors")))
         .await
         .unwrap();
-    assert!(!broker
-        .rights(&p)
-        .unwrap()
-        .can_publish(&room("sensors"), &ty("reading")));
+    assert!(!publishes(&p));
 
     assert_eq!(broker.client("reader-client").unwrap().application, p);
     assert_eq!(broker.client("reader-client").unwrap().application, p);
