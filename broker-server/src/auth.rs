@@ -11,7 +11,6 @@ use std::sync::Arc;
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -323,14 +322,8 @@ fn is_public(path: &str) -> bool {
 }
 
 /// Authenticates every request except the public ones; the handlers then find the
-/// [`Identity`] in the request.
-pub async fn authenticate(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
-    authenticate_with(&auth, req, move |req| next.run(req)).await
-}
-
-/// [`authenticate`] with the rest of the chain as a function, so that the server can run it
-/// inside one middleware layer with the others.
-pub(crate) async fn authenticate_with<F, Fut>(auth: &Auth, mut req: Request, next: F) -> Response
+/// [`Identity`] in the request. `next` is the rest of the chain (see `middleware::gate`).
+pub(crate) async fn authenticate<F, Fut>(auth: &Auth, mut req: Request, next: F) -> Response
 where
     F: FnOnce(Request) -> Fut,
     Fut: std::future::Future<Output = Response>,

@@ -121,9 +121,9 @@ where
 }
 
 /// The two middleware layers of every route. Each `Router::layer` wraps every route in one
-/// more boxed service that axum clones and boxes again on every request; the profile of the
-/// publish route (BENCHMARKS.md, issue 8) showed ten such layers costing about as much CPU as
-/// the publish itself, so the server's own steps run in two layers, in the order they had:
+/// more boxed service that axum clones and boxes again on every request; in the profile of the
+/// publish route (BENCHMARKS.md, issue 8, step 5) that machinery for ten layers was ~9% of the
+/// samples, so the server's own steps run in two layers, in the order they had:
 ///
 /// - [`front`], outside the body limit and the load-shedding limits: request metrics, then
 ///   the header limits;
@@ -133,7 +133,7 @@ pub(crate) async fn front(
     req: Request,
     next: Next,
 ) -> Response {
-    crate::observe::track_with(req, move |req| async move {
+    crate::observe::track(req, move |req| async move {
         match check_header_limits(limits, req.headers()) {
             Ok(()) => next.run(req).await,
             Err(e) => e.into_response(),
@@ -155,7 +155,7 @@ pub(crate) struct Gate {
 pub(crate) async fn gate(State(g): State<Gate>, req: Request, next: Next) -> Response {
     let g = &g;
     audit(&g.broker, req, move |req| async move {
-        crate::auth::authenticate_with(&g.auth, req, move |req| {
+        crate::auth::authenticate(&g.auth, req, move |req| {
             idempotency(&g.idempotency, req, move |req| next.run(req))
         })
         .await

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use broker_core::Broker;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -166,14 +165,9 @@ impl Drop for InFlight {
 
 /// Counts and times every request by its route template (`/v1/rooms/{room}`), never its raw
 /// path, so that the number of series is bounded by the routes; requests no route matched are
-/// `unmatched`. Applied to the router as a whole, it sees the `MatchedPath` that routing sets.
-pub async fn track(req: Request, next: Next) -> Response {
-    track_with(req, move |req| next.run(req)).await
-}
-
-/// [`track`] with the rest of the chain as a function, so that the server can run it inside
-/// one middleware layer with the header limits.
-pub(crate) async fn track_with<F, Fut>(req: Request, next: F) -> Response
+/// `unmatched`. Run around each route (by `middleware::front`), it sees the `MatchedPath`
+/// that routing sets; `next` is the rest of the chain.
+pub(crate) async fn track<F, Fut>(req: Request, next: F) -> Response
 where
     F: FnOnce(Request) -> Fut,
     Fut: std::future::Future<Output = Response>,
