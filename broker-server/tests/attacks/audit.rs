@@ -1,0 +1,1 @@
+//! Attacks: audit (filled in by its item's fix).

@@ -1,0 +1,1 @@
+//! Attacks: data_folder (filled in by its item's fix).

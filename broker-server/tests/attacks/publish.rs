@@ -1,0 +1,1 @@
+//! Attacks: publish (filled in by its item's fix).

@@ -1,0 +1,1 @@
+//! Attacks: revocation (filled in by its item's fix).

@@ -1,0 +1,1 @@
+//! Attacks: secrets (filled in by its item's fix).

@@ -1,0 +1,1 @@
+//! Attacks: tokens (filled in by its item's fix).

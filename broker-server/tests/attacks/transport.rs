@@ -1,0 +1,1 @@
+//! Attacks: transport (filled in by its item's fix).
