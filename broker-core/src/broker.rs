@@ -21,7 +21,7 @@ use crate::model::{
 use crate::net_guard::PushGuard;
 use crate::schema::{self, ValidatorCache};
 use crate::stats::Stats;
-use crate::storage::{DeliveryDefaults, Observation};
+use crate::storage::{DeliveryDefaults, Observation, RoomQuota};
 use crate::storage::{IdempotencyClaim, PreparedEvent, RedbStorage, Storage, WriteOp, WriteOutput};
 use crate::webhook::{HttpTransport, Transport};
 use crate::writer::Writer;
@@ -43,6 +43,9 @@ pub(crate) struct Inner {
     validators: ValidatorCache,
     /// Clients and rights read by authentication, kept between writes.
     pub(crate) identities: crate::identity::IdentityCache,
+    /// Whether subscribers' rights are checked on every delivery (see
+    /// [`Broker::enforce_subscriber_rights`]).
+    pub(crate) enforce_rights: std::sync::atomic::AtomicBool,
     /// Wake-ups for dispatchers and long-polling pullers.
     pub(crate) signals: Arc<Signals>,
     /// The live statistics behind [`Broker::stats`].
@@ -163,6 +166,7 @@ impl Broker {
             reconfiguring: tokio::sync::Mutex::new(()),
             validators: ValidatorCache::default(),
             identities: Default::default(),
+            enforce_rights: Default::default(),
             signals,
             stats,
             dispatchers: Mutex::new(HashSet::new()),
@@ -281,11 +285,20 @@ impl Broker {
 
     // ----- Rooms -----
 
-    /// Creates a Room: active at once when `room.approved`, otherwise pending.
+    /// Creates a Room: active at once when `room.approved`, otherwise pending. An active Room
+    /// counts against [`crate::Limits::rooms_max`]; a pending one (a member's request) only
+    /// against [`crate::Limits::pending_rooms_max`] and, per owner,
+    /// [`crate::Limits::pending_rooms_per_application_max`], so that requests never use up the
+    /// administrators' capacity.
     pub async fn create_room(&self, room: NewRoom) -> Result<Room> {
         self.check_description(&room.description)?;
-        let rooms_max = self.config().limits.rooms_max;
-        match self.write(WriteOp::CreateRoom { room, rooms_max }).await? {
+        let l = &self.config().limits;
+        let quota = RoomQuota {
+            rooms_max: l.rooms_max,
+            pending_max: l.pending_rooms_max,
+            pending_per_owner_max: l.pending_rooms_per_application_max,
+        };
+        match self.write(WriteOp::CreateRoom { room, quota }).await? {
             WriteOutput::Room(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -329,7 +342,10 @@ impl Broker {
     /// nothing; a disabled Room cannot be approved (enable it with [`Broker::update_room`]).
     pub async fn approve_room(&self, name: &RoomName) -> Result<Room> {
         match self
-            .write(WriteOp::ApproveRoom { name: name.clone() })
+            .write(WriteOp::ApproveRoom {
+                name: name.clone(),
+                rooms_max: self.config().limits.rooms_max,
+            })
             .await?
         {
             WriteOutput::Room(r) => Ok(r),
@@ -345,9 +361,12 @@ impl Broker {
             .write(WriteOp::DeleteRoom { name: name.clone() })
             .await?
         {
-            WriteOutput::Deleted => Ok(()),
-            other => Err(unexpected(other)),
+            WriteOutput::Deleted => {}
+            other => return Err(unexpected(other)),
         }
+        // The rights given on this Room no longer apply (they are bound to its incarnation);
+        // their records go too.
+        self.forget_room_grants(name).await
     }
 
     // ----- Event types -----
@@ -683,14 +702,18 @@ impl Broker {
     // ----- Retention -----
 
     /// Runs one bounded retention sweep now: expired idempotency records, the contents of deleted
-    /// Rooms, and events beyond their Room's age or byte bound (never one still owed to a
+    /// Rooms, audit entries beyond the audit retention, and events beyond their Room's age or byte bound (never one still owed to a
     /// subscriber). The background task calls this on its interval; hosts and tests may too.
     pub async fn sweep_retention(&self) -> Result<SweepReport> {
         let delete_max = self.config().retention.delete_batch_max;
-        match self.write(WriteOp::Sweep { delete_max }).await? {
-            WriteOutput::Swept(r) => Ok(r),
-            other => Err(unexpected(other)),
-        }
+        let mut report = match self.write(WriteOp::Sweep { delete_max }).await? {
+            WriteOutput::Swept(r) => r,
+            other => return Err(unexpected(other)),
+        };
+        let (removed, more) = self.trim_audit(delete_max).await?;
+        report.audit_entries_removed = removed;
+        report.more |= more;
+        Ok(report)
     }
 
     /// The clock the broker runs on.

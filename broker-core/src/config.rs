@@ -22,8 +22,14 @@ pub struct Limits {
     pub description_bytes_max: usize,
     /// Most events in one [`crate::Broker::publish_batch`] call (default 1,000).
     pub batch_events_max: usize,
-    /// Most Rooms on one broker (default 10,000).
+    /// Most active Rooms on one broker (default 10,000). Pending requests do not count: they
+    /// have their own bounds below, so that members' requests never use up the capacity
+    /// administrators create Rooms in. Approving a request needs room under this bound.
     pub rooms_max: usize,
+    /// Most pending Room requests on one broker, from all applications together (default 100).
+    pub pending_rooms_max: usize,
+    /// Most pending Room requests of one application (default 3).
+    pub pending_rooms_per_application_max: usize,
     /// Most event types in one Room (default 1,000).
     pub event_types_per_room_max: usize,
     /// Most schema versions kept per event type (default 1,000).
@@ -48,6 +54,8 @@ impl Default for Limits {
             description_bytes_max: 4096,
             batch_events_max: 1000,
             rooms_max: 10_000,
+            pending_rooms_max: 100,
+            pending_rooms_per_application_max: 3,
             event_types_per_room_max: 1000,
             schema_versions_max: 1000,
             list_items_max: 1000,
@@ -103,6 +111,12 @@ pub struct RetentionConfig {
     /// Most records deleted by one sweep step, so that a sweep never holds the writer for long
     /// (default 1,000).
     pub delete_batch_max: usize,
+    /// How long audit entries are kept, in milliseconds (default 400 days: a year's audit
+    /// with a month to spare).
+    pub audit_retention_ms: u64,
+    /// Most audit entries kept; the oldest beyond it are removed (default 1,000,000, about
+    /// 300 MB at the size entries are bounded to).
+    pub audit_entries_max: usize,
 }
 
 impl Default for RetentionConfig {
@@ -110,6 +124,8 @@ impl Default for RetentionConfig {
         RetentionConfig {
             interval_ms: 1000,
             delete_batch_max: 1000,
+            audit_retention_ms: 400 * 24 * 3_600_000,
+            audit_entries_max: 1_000_000,
         }
     }
 }

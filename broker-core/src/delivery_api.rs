@@ -251,8 +251,10 @@ impl Broker {
         self.subscription_op(op).await
     }
 
-    /// Delivers again, also after the broker disabled it (e.g. on 410 Gone).
+    /// Delivers again, also after the broker disabled it (e.g. on 410 Gone). Refused with
+    /// [`Error::SubscriberRevoked`] while its subscriber lacks the right to receive it.
     pub async fn resume_subscription(&self, id: SubscriptionId) -> Result<Subscription> {
+        self.check_subscriber_of(id).await?;
         let op = DeliveryOp::SetStatus {
             id,
             to: SubscriptionStatus::Active,
@@ -266,8 +268,10 @@ impl Broker {
         Ok(s)
     }
 
-    /// Approves a pending subscription (the Room manager's act).
+    /// Approves a pending subscription (the Room manager's act). Refused with
+    /// [`Error::SubscriberRevoked`] while its subscriber lacks the right to receive it.
     pub async fn approve_subscription(&self, id: SubscriptionId) -> Result<Subscription> {
+        self.check_subscriber_of(id).await?;
         let op = DeliveryOp::SetStatus {
             id,
             to: SubscriptionStatus::Active,
@@ -340,6 +344,7 @@ impl Broker {
                 wait_ms,
             ));
         }
+        self.check_subscriber_of(id).await?;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
         let signals = self.inner().signals.get(id);
         loop {
@@ -400,6 +405,7 @@ impl Broker {
             .iter()
             .map(|a| parse_ack_id(a))
             .collect::<Result<Vec<_>>>()?;
+        self.check_subscriber_of(id).await?;
         match self
             .delivery(DeliveryOp::Settle { id, refs, action })
             .await?
@@ -655,6 +661,7 @@ impl Broker {
     /// Returns how many events were queued.
     pub async fn seek(&self, id: SubscriptionId, target: SeekTarget) -> Result<u64> {
         let sub = self.subscription(id)?;
+        self.check_subscriber(&sub).await?;
         let at: Option<Timestamp> = match target {
             SeekTarget::Oldest => None,
             SeekTarget::Time(t) => Some(t),

@@ -117,6 +117,17 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
             }
             if sub.status != SubscriptionStatus::Active {
                 tick
+            } else if !broker.subscriber_may_receive(&sub).unwrap_or(false) {
+                // Its subscriber lost the right (or it cannot be read): nothing is pushed, and
+                // the subscription is paused so that operators see why.
+                let b = broker.clone();
+                let s = sub.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = b.check_subscriber(&s).await {
+                        tracing::info!(subscription = %s.id, error = %e, "push subscription paused");
+                    }
+                });
+                tick
             } else {
                 dispatch_due(&broker, &sub, &mut busy, &settled_tx)
                     .unwrap_or(tick)

@@ -41,6 +41,15 @@ pub enum ErrorKind {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The subscription's subscriber no longer holds the right to receive it (a revoked grant,
+    /// a deleted application); it is paused until the right is given back.
+    #[error("the subscriber `{subscriber}` of subscription `{id}` no longer has the right to receive it")]
+    SubscriberRevoked {
+        /// The subscription.
+        id: String,
+        /// Its subscriber.
+        subscriber: String,
+    },
     /// No Room with this name.
     #[error("room `{room}` not found")]
     RoomNotFound {
@@ -208,6 +217,7 @@ impl Error {
             Error::EventNotFound { .. } => "event_not_found",
             Error::SubscriptionNotFound { .. } => "subscription_not_found",
             Error::SubscriptionState { .. } => "subscription_state",
+            Error::SubscriberRevoked { .. } => "subscriber_revoked",
             Error::LeaseNotHeld { .. } => "lease_not_held",
             Error::RoomExists { .. } => "room_exists",
             Error::IdentityExists { .. } => "identity_exists",
@@ -246,6 +256,7 @@ impl Error {
             | Error::IdempotencyConflict { .. }
             | Error::EventIdConflict { .. }
             | Error::SubscriptionState { .. }
+            | Error::SubscriberRevoked { .. }
             | Error::LeaseNotHeld { .. } => ErrorKind::Conflict,
             Error::InvalidInput { .. }
             | Error::InvalidJson { .. }
@@ -294,6 +305,10 @@ mod tests {
             },
             Error::LeaseNotHeld {
                 ack_id: "1-1".into(),
+            },
+            Error::SubscriberRevoked {
+                id: "x".into(),
+                subscriber: "a/B/c/d".into(),
             },
             Error::RoomExists { room: "a".into() },
             Error::EventTypeExists {

@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use crate::broker::{unexpected, Broker};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
-use crate::ids::{EventTypeName, Principal, RoomName};
-use crate::model::Page;
+use crate::ids::Principal;
+use crate::rights::Rights;
 use crate::storage::{RecordKind, RecordOp, RecordTxn, WriteOp, WriteOutput};
 
 /// The identity reads that every authenticated request makes (the token's client, then the
@@ -41,11 +41,11 @@ pub(crate) struct IdentityCache {
 }
 
 #[derive(Default)]
-struct IdentityEntries {
+pub(crate) struct IdentityEntries {
     /// The generation every entry was read at; older entries are dropped together.
     generation: u64,
-    clients: std::collections::HashMap<String, ApiClient>,
-    rights: std::collections::HashMap<Principal, Rights>,
+    pub(crate) clients: std::collections::HashMap<String, ApiClient>,
+    pub(crate) rights: std::collections::HashMap<Principal, Rights>,
 }
 
 impl IdentityCache {
@@ -58,7 +58,7 @@ impl IdentityCache {
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
-    fn now(&self) -> u64 {
+    pub(crate) fn now(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
@@ -67,7 +67,10 @@ impl IdentityCache {
     }
 
     /// The cached answer of `pick`, if it was read at the current generation.
-    fn get<T: Clone>(&self, pick: impl FnOnce(&IdentityEntries) -> Option<&T>) -> Option<T> {
+    pub(crate) fn get<T: Clone>(
+        &self,
+        pick: impl FnOnce(&IdentityEntries) -> Option<&T>,
+    ) -> Option<T> {
         let generation = self.now();
         let e = self.entries();
         if e.generation != generation {
@@ -78,7 +81,7 @@ impl IdentityCache {
 
     /// Keeps an answer read at `generation`, unless a write has moved the generation on since
     /// (the answer may then be stale, and the next read fetches it again).
-    fn put(&self, generation: u64, put: impl FnOnce(&mut IdentityEntries)) {
+    pub(crate) fn put(&self, generation: u64, put: impl FnOnce(&mut IdentityEntries)) {
         let mut e = self.entries();
         if generation != self.now() || generation < e.generation {
             return;
@@ -102,7 +105,7 @@ pub const CLIENT_SECRET_BYTES_MIN: usize = 16;
 /// Longest part of a member or application identifier, in bytes.
 pub const ID_PART_BYTES_MAX: usize = 64;
 /// Most records one listing returns.
-const LIST_MAX: usize = 1000;
+pub(crate) const LIST_MAX: usize = 1000;
 
 /// An organisation in the ecosystem.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,187 +162,6 @@ struct ClientRecord {
     next_secret: u32,
 }
 
-/// A role, global or on one Room.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Everything, everywhere: approves Rooms, manages identities and rights.
-    Admin,
-    /// Manages one Room: its settings, event types, subscriptions and their approval.
-    RoomManager,
-    /// Publishes to one Room (optionally only some event types).
-    Publisher,
-    /// Subscribes to one Room (optionally only some event types).
-    Subscriber,
-}
-
-impl Role {
-    fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::RoomManager => "room_manager",
-            Role::Publisher => "publisher",
-            Role::Subscriber => "subscriber",
-        }
-    }
-}
-
-/// A right given to an application.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Grant {
-    /// Who holds it.
-    pub principal: Principal,
-    /// The role.
-    pub role: Role,
-    /// The Room (`None` only for [`Role::Admin`]).
-    pub room: Option<RoomName>,
-    /// For publishers and subscribers: only these event types (`None` for all).
-    pub event_types: Option<Vec<EventTypeName>>,
-    /// When it was given.
-    pub created_at: Timestamp,
-}
-
-impl Grant {
-    fn key(principal: &Principal, role: Role, room: Option<&RoomName>) -> String {
-        format!(
-            "{}\u{0}{}\u{0}{}",
-            principal.as_str(),
-            room.map(RoomName::as_str).unwrap_or(""),
-            role.as_str()
-        )
-    }
-}
-
-/// What one principal may do, from its grants.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Rights {
-    grants: Vec<Grant>,
-}
-
-impl Rights {
-    /// Rights that allow everything (the local administrator of an unauthenticated server).
-    pub fn all(principal: Principal) -> Rights {
-        Rights {
-            grants: vec![Grant {
-                principal,
-                role: Role::Admin,
-                room: None,
-                event_types: None,
-                created_at: Timestamp(0),
-            }],
-        }
-    }
-
-    /// The grants these rights come from.
-    pub fn grants(&self) -> &[Grant] {
-        &self.grants
-    }
-
-    /// True for an administrator.
-    pub fn is_admin(&self) -> bool {
-        self.grants.iter().any(|g| g.role == Role::Admin)
-    }
-
-    fn on<'a>(&'a self, room: &'a RoomName, role: Role) -> impl Iterator<Item = &'a Grant> {
-        self.grants
-            .iter()
-            .filter(move |g| g.role == role && g.room.as_ref() == Some(room))
-    }
-
-    /// True for an administrator or a manager of `room`.
-    pub fn manages(&self, room: &RoomName) -> bool {
-        self.is_admin() || self.on(room, Role::RoomManager).next().is_some()
-    }
-
-    /// True when the principal holds any right on `room` (or is an administrator).
-    pub fn any_on(&self, room: &RoomName) -> bool {
-        self.is_admin() || self.grants.iter().any(|g| g.room.as_ref() == Some(room))
-    }
-
-    fn typed(&self, room: &RoomName, role: Role, ty: Option<&EventTypeName>) -> bool {
-        self.manages(room)
-            || self.on(room, role).any(|g| match (&g.event_types, ty) {
-                (None, _) => true,
-                (Some(list), Some(t)) => list.contains(t),
-                (Some(_), None) => false,
-            })
-    }
-
-    /// True when the principal may publish `ty` to `room` (managers may too).
-    pub fn can_publish(&self, room: &RoomName, ty: &EventTypeName) -> bool {
-        self.typed(room, Role::Publisher, Some(ty))
-    }
-
-    /// True when the principal may subscribe to `types` of `room` (`None`: every type, which
-    /// needs an unrestricted subscriber grant). Managers may too.
-    pub fn can_subscribe(&self, room: &RoomName, types: Option<&[EventTypeName]>) -> bool {
-        match types {
-            None => self.typed(room, Role::Subscriber, None),
-            Some(ts) => ts
-                .iter()
-                .all(|t| self.typed(room, Role::Subscriber, Some(t))),
-        }
-    }
-}
-
-/// One administrative change, as the audit log keeps it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditEntry {
-    /// Its position in the log, from 1.
-    pub seq: u64,
-    /// When it happened.
-    pub at: Timestamp,
-    /// Who did it.
-    pub actor: Principal,
-    /// What was done, e.g. `POST /v1/rooms`.
-    pub action: String,
-    /// What it was done to, e.g. `/v1/rooms/irc`.
-    pub target: String,
-    /// `success` or `failure`.
-    pub outcome: String,
-    /// For a failure, the error code.
-    pub error: Option<String>,
-    /// What was changed, when the action records it (e.g. a configuration patch).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detail: Option<serde_json::Value>,
-}
-
-/// What to record in the audit log (the broker adds the sequence number and time).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NewAuditEntry {
-    /// Who did it.
-    pub actor: Principal,
-    /// What was done.
-    pub action: String,
-    /// What it was done to.
-    pub target: String,
-    /// `None` for success, else the error code.
-    pub error: Option<String>,
-    /// What was changed, when the action records it.
-    pub detail: Option<serde_json::Value>,
-}
-
-/// Which audit entries to list. Every filter is optional.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AuditFilter {
-    /// Only this actor.
-    pub actor: Option<Principal>,
-    /// Only actions starting with this.
-    pub action: Option<String>,
-    /// Only targets starting with this.
-    pub target: Option<String>,
-    /// Only `success` or `failure`.
-    pub outcome: Option<String>,
-    /// Only entries at or after this time.
-    pub since: Option<Timestamp>,
-    /// Only entries before this time.
-    pub until: Option<Timestamp>,
-    /// Page size (default 100, at most 1000).
-    pub limit: Option<usize>,
-    /// A cursor from a previous page.
-    pub cursor: Option<String>,
-}
-
 /// Checks one part of a member or application identifier: 1 to 64 bytes of letters, digits,
 /// `-`, `.`, `_`, `~` or `%` (the percent-encoded form of anything else, as in the
 /// `X-GovStack-Client` header).
@@ -380,22 +202,22 @@ fn exists(kind: RecordKind, id: &str) -> Error {
     }
 }
 
-fn not_found(kind: RecordKind, id: &str) -> Error {
+pub(crate) fn not_found(kind: RecordKind, id: &str) -> Error {
     Error::IdentityNotFound {
         kind: kind.as_str(),
         id: id.to_string(),
     }
 }
 
-fn to_bytes<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+pub(crate) fn to_bytes<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(v).map_err(|e| Error::Storage(format!("encode record: {e}")))
 }
 
-fn from_bytes<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T> {
+pub(crate) fn from_bytes<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T> {
     serde_json::from_slice(b).map_err(|e| Error::Storage(format!("decode record: {e}")))
 }
 
-fn get<T: for<'de> Deserialize<'de>>(
+pub(crate) fn get<T: for<'de> Deserialize<'de>>(
     tx: &dyn RecordTxn,
     kind: RecordKind,
     id: &str,
@@ -445,7 +267,7 @@ const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$
     Z0Q0c1ZxRnpmS0hFT1ZUQ0J3d1l0Zz09ZG9ub3R1c2U";
 
 impl Broker {
-    async fn record_op(
+    pub(crate) async fn record_op(
         &self,
         f: impl FnOnce(&mut dyn RecordTxn, Timestamp) -> Result<Vec<u8>> + Send + 'static,
     ) -> Result<Vec<u8>> {
@@ -456,7 +278,11 @@ impl Broker {
         }
     }
 
-    fn list<T: for<'de> Deserialize<'de>>(&self, kind: RecordKind, prefix: &str) -> Result<Vec<T>> {
+    pub(crate) fn list<T: for<'de> Deserialize<'de>>(
+        &self,
+        kind: RecordKind,
+        prefix: &str,
+    ) -> Result<Vec<T>> {
         self.inner()
             .store
             .records(kind, prefix, None, LIST_MAX)?
@@ -565,10 +391,13 @@ impl Broker {
         self.list(RecordKind::Application, &prefix)
     }
 
-    /// Removes an application with its clients and grants.
+    /// Removes an application with its clients and grants; its subscriptions are paused
+    /// (reason [`crate::SUBSCRIBER_REVOKED`]) and receive nothing more.
     pub async fn delete_application(&self, id: &Principal) -> Result<()> {
         let id = id.clone();
+        let app = id.clone();
         self.record_op(move |tx, _| {
+            let id = app;
             if !tx.delete(RecordKind::Application, id.as_str())? {
                 return Err(not_found(RecordKind::Application, id.as_str()));
             }
@@ -587,8 +416,10 @@ impl Broker {
             }
             Ok(Vec::new())
         })
-        .await
-        .map(|_| ())
+        .await?;
+        // Its subscriptions stop receiving before the caller hears back.
+        self.pause_revoked(Some(&id)).await?;
+        Ok(())
     }
 
     // ----- API clients -----
@@ -778,109 +609,6 @@ impl Broker {
         }
     }
 
-    // ----- Rights -----
-
-    /// Gives a right. A Room role needs the Room to exist; the administrator role takes no
-    /// Room; event types limit only publishers and subscribers. Giving a right that exists
-    /// replaces it (so its event types can be changed).
-    pub async fn grant(
-        &self,
-        principal: &Principal,
-        role: Role,
-        room: Option<RoomName>,
-        event_types: Option<Vec<EventTypeName>>,
-    ) -> Result<Grant> {
-        match (role, &room) {
-            (Role::Admin, Some(_)) => {
-                return Err(Error::invalid(
-                    "room",
-                    "the admin role is global: give no room",
-                ))
-            }
-            (Role::Admin, None) => {}
-            (_, None) => return Err(Error::invalid("room", "this role needs a room")),
-            _ => {}
-        }
-        if event_types.is_some() && !matches!(role, Role::Publisher | Role::Subscriber) {
-            return Err(Error::invalid(
-                "event_types",
-                "only publisher and subscriber rights are limited to event types",
-            ));
-        }
-        let principal = principal.clone();
-        let out = self
-            .record_op(move |tx, now| {
-                if tx
-                    .get(RecordKind::Application, principal.as_str())?
-                    .is_none()
-                {
-                    return Err(not_found(RecordKind::Application, principal.as_str()));
-                }
-                if let Some(r) = &room {
-                    if !tx.room_exists(r)? {
-                        return Err(Error::RoomNotFound {
-                            room: r.to_string(),
-                        });
-                    }
-                }
-                let g = Grant {
-                    principal,
-                    role,
-                    room,
-                    event_types,
-                    created_at: now,
-                };
-                let key = Grant::key(&g.principal, g.role, g.room.as_ref());
-                tx.put(RecordKind::Grant, &key, &to_bytes(&g)?)?;
-                to_bytes(&g)
-            })
-            .await?;
-        from_bytes(&out)
-    }
-
-    /// Takes a right away.
-    pub async fn revoke(
-        &self,
-        principal: &Principal,
-        role: Role,
-        room: Option<&RoomName>,
-    ) -> Result<()> {
-        let key = Grant::key(principal, role, room);
-        self.record_op(move |tx, _| {
-            if tx.delete(RecordKind::Grant, &key)? {
-                Ok(Vec::new())
-            } else {
-                Err(not_found(RecordKind::Grant, &key.replace('\u{0}', " ")))
-            }
-        })
-        .await
-        .map(|_| ())
-    }
-
-    /// Grants, of one principal or all.
-    pub fn grants(&self, principal: Option<&Principal>) -> Result<Vec<Grant>> {
-        let prefix = principal
-            .map(|p| format!("{}\u{0}", p.as_str()))
-            .unwrap_or_default();
-        self.list(RecordKind::Grant, &prefix)
-    }
-
-    /// What `principal` may do.
-    pub fn rights(&self, principal: &Principal) -> Result<Rights> {
-        let cache = &self.inner().identities;
-        if let Some(r) = cache.get(|e| e.rights.get(principal)) {
-            return Ok(r);
-        }
-        let generation = cache.now();
-        let rights = Rights {
-            grants: self.grants(Some(principal))?,
-        };
-        cache.put(generation, |e| {
-            e.rights.insert(principal.clone(), rights.clone());
-        });
-        Ok(rights)
-    }
-
     // ----- Keys -----
 
     /// A random 32-byte key kept in the database under `name`, created on first use: for a
@@ -908,85 +636,6 @@ impl Broker {
         })
         .await
     }
-
-    // ----- Audit -----
-
-    /// Appends an entry to the audit log.
-    pub async fn record_audit(&self, entry: NewAuditEntry) -> Result<AuditEntry> {
-        let out = self
-            .record_op(move |tx, now| {
-                let mut e = AuditEntry {
-                    seq: 0,
-                    at: now,
-                    actor: entry.actor,
-                    action: entry.action,
-                    target: entry.target,
-                    outcome: if entry.error.is_some() {
-                        "failure".into()
-                    } else {
-                        "success".into()
-                    },
-                    error: entry.error,
-                    detail: entry.detail,
-                };
-                // The sequence number is the key; storing it inside too keeps entries whole.
-                let bytes = to_bytes(&e)?;
-                e.seq = tx.append_audit(&bytes)?;
-                to_bytes(&e)
-            })
-            .await?;
-        from_bytes(&out)
-    }
-
-    /// A page of the audit log, oldest first.
-    pub fn audit(&self, filter: AuditFilter) -> Result<Page<AuditEntry>> {
-        let limit = filter.limit.unwrap_or(100).clamp(1, LIST_MAX);
-        let mut after = match &filter.cursor {
-            None => 0,
-            Some(c) => c
-                .parse::<u64>()
-                .map_err(|_| Error::invalid("cursor", "not a cursor this listing returned"))?,
-        };
-        let scan_max = self.config().delivery.scan_records_max;
-        let mut items = Vec::new();
-        let mut scanned = 0;
-        loop {
-            let batch = self.inner().store.audit(after, 256)?;
-            if batch.is_empty() {
-                return Ok(Page {
-                    items,
-                    next_cursor: None,
-                });
-            }
-            for (seq, bytes) in batch {
-                if items.len() >= limit || scanned >= scan_max {
-                    return Ok(Page {
-                        items,
-                        next_cursor: Some(after.to_string()),
-                    });
-                }
-                scanned += 1;
-                after = seq;
-                let mut e: AuditEntry = from_bytes(&bytes)?;
-                e.seq = seq;
-                let keep = filter.actor.as_ref().is_none_or(|a| *a == e.actor)
-                    && filter
-                        .action
-                        .as_deref()
-                        .is_none_or(|a| e.action.starts_with(a))
-                    && filter
-                        .target
-                        .as_deref()
-                        .is_none_or(|t| e.target.starts_with(t))
-                    && filter.outcome.as_deref().is_none_or(|o| e.outcome == o)
-                    && filter.since.is_none_or(|s| e.at >= s)
-                    && filter.until.is_none_or(|u| e.at < u);
-                if keep {
-                    items.push(e);
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -1005,50 +654,5 @@ mod tests {
     #[test]
     fn the_dummy_hash_parses_so_unknown_clients_cost_a_verification() {
         assert!(PasswordHash::new(DUMMY_HASH).is_ok());
-    }
-
-    fn grant(role: Role, room: Option<&str>, types: Option<&[&str]>) -> Grant {
-        Grant {
-            principal: Principal::new("a/B/c/d").unwrap(),
-            role,
-            room: room.map(|r| RoomName::new(r).unwrap()),
-            event_types: types
-                .map(|ts| ts.iter().map(|t| EventTypeName::new(*t).unwrap()).collect()),
-            created_at: Timestamp(0),
-        }
-    }
-
-    #[test]
-    fn rights_follow_grants() {
-        let r1 = RoomName::new("r1").unwrap();
-        let r2 = RoomName::new("r2").unwrap();
-        let a = EventTypeName::new("a").unwrap();
-        let b = EventTypeName::new("b").unwrap();
-        let rights = Rights {
-            grants: vec![
-                grant(Role::Publisher, Some("r1"), Some(&["a"])),
-                grant(Role::Subscriber, Some("r1"), None),
-                grant(Role::RoomManager, Some("r2"), None),
-            ],
-        };
-        assert!(!rights.is_admin());
-        assert!(rights.can_publish(&r1, &a));
-        assert!(!rights.can_publish(&r1, &b));
-        assert!(rights.can_subscribe(&r1, None));
-        assert!(rights.can_subscribe(&r1, Some(&[a.clone(), b.clone()])));
-        assert!(!rights.manages(&r1));
-        assert!(rights.manages(&r2));
-        assert!(rights.can_publish(&r2, &b), "managers publish");
-        assert!(rights.any_on(&r1) && rights.any_on(&r2));
-        assert!(!rights.any_on(&RoomName::new("r3").unwrap()));
-        let narrow = Rights {
-            grants: vec![grant(Role::Subscriber, Some("r1"), Some(&["a"]))],
-        };
-        assert!(
-            !narrow.can_subscribe(&r1, None),
-            "all types needs an unrestricted grant"
-        );
-        assert!(narrow.can_subscribe(&r1, Some(std::slice::from_ref(&a))));
-        assert!(Rights::all(Principal::new("x").unwrap()).manages(&r1));
     }
 }

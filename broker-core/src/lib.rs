@@ -30,6 +30,7 @@
 
 #![warn(missing_docs)]
 
+mod audit;
 mod broker;
 mod clock;
 mod config;
@@ -42,6 +43,7 @@ mod model;
 mod net_guard;
 mod operations;
 mod retry;
+mod rights;
 mod runtime;
 mod schema;
 mod stats;
@@ -51,14 +53,14 @@ pub mod telemetry;
 mod webhook;
 mod writer;
 
+pub use audit::{
+    AuditEntry, AuditFilter, NewAuditEntry, AUDIT_DETAIL_BYTES_MAX, AUDIT_TEXT_BYTES_MAX,
+};
 pub use broker::{Broker, WriterCounters};
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use config::{Config, DeliveryConfig, Limits, PushAllow, RetentionConfig, WriterConfig};
 pub use error::{Error, ErrorKind, Result, Violation};
-pub use identity::{
-    ApiClient, Application, AuditEntry, AuditFilter, Grant, Member, NewAuditEntry, Rights, Role,
-    SecretInfo, CLIENT_SECRETS_MAX,
-};
+pub use identity::{ApiClient, Application, Member, SecretInfo, CLIENT_SECRETS_MAX};
 pub use ids::{EventId, EventTypeName, OrderingKey, Principal, RoomName, Sequence, SubscriptionId};
 pub use model::{
     Event, EventFilter, EventType, EventTypeSpec, EventTypeVersion, NewRoom, Page, PublishRequest,
@@ -66,6 +68,7 @@ pub use model::{
     SweepReport,
 };
 pub use operations::{DeliverySummary, MessageFilter, MessageLogEntry, MessageStatus};
+pub use rights::{Grant, Rights, Role, SUBSCRIBER_REVOKED};
 pub use runtime::{ConfigPatch, DeliveryPatch, LimitsPatch};
 pub use stats::{
     Latency, RoomStats, StatsFilter, StatsReport, StatsTotals, SubscriptionStats, Window,

@@ -357,6 +357,8 @@ pub struct SweepReport {
     pub dead_letters_expired: u64,
     /// Queue records of deleted subscriptions removed.
     pub deleted_subscription_records_removed: u64,
+    /// Audit entries removed because they outlived the audit retention or its count bound.
+    pub audit_entries_removed: u64,
     /// True when the sweep stopped at its batch limit and more work remains.
     pub more: bool,
 }

@@ -49,6 +49,9 @@ pub fn router_with(
     observe::prometheus();
     system::mark_started();
     let auth = std::sync::Arc::new(auth::Auth::new(broker.clone(), &config.auth, external)?);
+    // With access control on, a subscriber's right is checked on every delivery, not only
+    // when it subscribed.
+    broker.enforce_subscriber_rights(!config.auth.insecure_no_auth);
     let limits = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
             ApiError::Busy

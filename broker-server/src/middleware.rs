@@ -47,8 +47,41 @@ fn is_administrative(method: &Method, path: &str) -> bool {
     )
 }
 
-/// The action as logged: the method and the path with ids (UUIDs) generalised, so that entries
-/// can be filtered by kind of action.
+/// Longest path segment kept in an audit entry's action or target, in bytes: names and ids
+/// are far shorter, so only a hostile path is cut.
+const AUDIT_SEGMENT_BYTES_MAX: usize = 96;
+/// Most path segments kept in an audit entry's action or target.
+const AUDIT_SEGMENTS_MAX: usize = 10;
+
+/// A path segment as the audit log keeps it: cut to [`AUDIT_SEGMENT_BYTES_MAX`] bytes.
+fn audit_segment(seg: &str) -> std::borrow::Cow<'_, str> {
+    if seg.len() <= AUDIT_SEGMENT_BYTES_MAX {
+        return seg.into();
+    }
+    let mut end = AUDIT_SEGMENT_BYTES_MAX;
+    while !seg.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &seg[..end]).into()
+}
+
+/// The path as the audit log keeps it: at most [`AUDIT_SEGMENTS_MAX`] segments of at most
+/// [`AUDIT_SEGMENT_BYTES_MAX`] bytes, so that an entry stays a few hundred bytes whatever the
+/// caller sent (the core cuts every text again at `AUDIT_TEXT_BYTES_MAX`).
+fn audit_target(path: &str) -> String {
+    let mut segs: Vec<std::borrow::Cow<'_, str>> = path
+        .split('/')
+        .take(AUDIT_SEGMENTS_MAX + 1)
+        .map(audit_segment)
+        .collect();
+    if path.split('/').count() > AUDIT_SEGMENTS_MAX + 1 {
+        segs.push("…".into());
+    }
+    segs.join("/")
+}
+
+/// The action as logged: the method and the bounded path with ids (UUIDs) generalised, so
+/// that entries can be filtered by kind of action.
 fn action_of(method: &Method, path: &str) -> String {
     let generic: Vec<&str> = path
         .split('/')
@@ -60,7 +93,43 @@ fn action_of(method: &Method, path: &str) -> String {
             }
         })
         .collect();
-    format!("{method} {}", generic.join("/"))
+    format!("{method} {}", audit_target(&generic.join("/")))
+}
+
+/// Seconds since the epoch of the last "refused before authentication" log line, and how
+/// many refusals were not logged since.
+static UNAUTH_LOGGED_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static UNAUTH_UNLOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// At most one log line about unauthenticated refusals per this many seconds.
+const UNAUTH_LOG_EVERY_SECS: u64 = 10;
+
+/// Counts an administrative request refused before authentication: a metric, and at most one
+/// warning every [`UNAUTH_LOG_EVERY_SECS`] saying how many there were. Not in the audit log:
+/// anyone can send these, and writing each durably let anonymous callers fill the disk.
+fn note_unauthenticated(method: &Method, path: &str, status: StatusCode) {
+    use std::sync::atomic::Ordering::Relaxed;
+    metrics::counter!(crate::observe::UNAUTHENTICATED_REFUSALS).increment(1);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let last = UNAUTH_LOGGED_AT.load(Relaxed);
+    if now.saturating_sub(last) >= UNAUTH_LOG_EVERY_SECS
+        && UNAUTH_LOGGED_AT
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .is_ok()
+    {
+        let unlogged = UNAUTH_UNLOGGED.swap(0, Relaxed);
+        tracing::warn!(
+            action = %action_of(method, path),
+            status = status.as_u16(),
+            not_logged_since_last = unlogged,
+            "administrative request refused before authentication (counted in {}, not audited)",
+            crate::observe::UNAUTHENTICATED_REFUSALS
+        );
+    } else {
+        UNAUTH_UNLOGGED.fetch_add(1, Relaxed);
+    }
 }
 
 /// What a handler wants the audit entry of its request to say about the change, beyond the
@@ -69,8 +138,9 @@ fn action_of(method: &Method, path: &str) -> String {
 #[derive(Clone, Debug)]
 pub(crate) struct AuditDetail(pub serde_json::Value);
 
-/// Records every administrative change, successful or not, with who made it; `next` is the
-/// rest of the chain.
+/// Records every administrative change by an authenticated caller, successful or not, with
+/// who made it; `next` is the rest of the chain. Requests refused before authentication are
+/// counted instead (see [`note_unauthenticated`]).
 pub(crate) async fn audit<F, Fut>(broker: &Broker, req: Request, next: F) -> Response
 where
     F: FnOnce(Request) -> Fut,
@@ -82,11 +152,14 @@ where
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let response = next(req).await;
-    let actor = response
+    let Some(actor) = response
         .extensions()
         .get::<crate::auth::Identity>()
         .map(|i| i.principal.clone())
-        .or_else(|| Principal::new("anonymous").ok());
+    else {
+        note_unauthenticated(&method, &path, response.status());
+        return response;
+    };
     let detail = response
         .extensions()
         .get::<AuditDetail>()
@@ -105,17 +178,15 @@ where
             .unwrap_or_else(|| format!("http_{}", parts.status.as_u16()));
         (Some(code), Body::from(bytes))
     };
-    if let Some(actor) = actor {
-        let entry = broker_core::NewAuditEntry {
-            actor,
-            action: action_of(&method, &path),
-            target: path,
-            error,
-            detail,
-        };
-        if let Err(e) = broker.record_audit(entry).await {
-            tracing::error!(error = %e, "could not write the audit log");
-        }
+    let entry = broker_core::NewAuditEntry {
+        actor,
+        action: action_of(&method, &path),
+        target: audit_target(&path),
+        error,
+        detail,
+    };
+    if let Err(e) = broker.record_audit(entry).await {
+        tracing::error!(error = %e, "could not write the audit log");
     }
     Response::from_parts(parts, body)
 }

@@ -40,6 +40,9 @@ pub const LEASED: &str = "postroom_in_flight";
 pub const BLOCKED_KEYS: &str = "postroom_blocked_keys";
 /// Size of the database file.
 pub const DATABASE_BYTES: &str = "postroom_database_bytes";
+/// Administrative requests refused before their caller was authenticated; counted, not
+/// written to the audit log (anyone can send them).
+pub const UNAUTHENTICATED_REFUSALS: &str = "postroom_unauthenticated_refusals_total";
 
 /// Gauges not refreshed for this long are dropped, so that a deleted subscription's backlog
 /// does not linger; any scrape interval shorter than this keeps live ones.
@@ -131,6 +134,10 @@ fn describe() {
     describe_gauge!(
         BLOCKED_KEYS,
         "Keys whose failing head event holds later events back, per subscription."
+    );
+    describe_counter!(
+        UNAUTHENTICATED_REFUSALS,
+        "Administrative requests refused before authentication (not kept in the audit log)."
     );
     describe_gauge!(
         DATABASE_BYTES,

@@ -54,13 +54,24 @@ pub(crate) struct IdempotencyClaim {
     pub window_ms: u64,
 }
 
+/// The bounds on Rooms checked when one is created or approved. Active Rooms (the
+/// administrators' and approved requests) count against `rooms_max`; pending requests count
+/// only against their own two bounds, so that members' requests never use up the capacity
+/// administrators create Rooms in.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RoomQuota {
+    pub rooms_max: usize,
+    pub pending_max: usize,
+    pub pending_per_owner_max: usize,
+}
+
 /// One mutation. Each either applies completely or, with a logical error, changes nothing;
 /// a storage error fails the whole batch it is in.
 #[derive(Debug)]
 pub(crate) enum WriteOp {
     CreateRoom {
         room: NewRoom,
-        rooms_max: usize,
+        quota: RoomQuota,
     },
     UpdateRoom {
         name: RoomName,
@@ -68,6 +79,7 @@ pub(crate) enum WriteOp {
     },
     ApproveRoom {
         name: RoomName,
+        rooms_max: usize,
     },
     DeleteRoom {
         name: RoomName,
@@ -135,7 +147,8 @@ impl RecordKind {
 
 /// A transactional view of the administrative records: small, rarely written documents keyed
 /// by kind and id, plus the append-only audit log. Identity and rights logic lives in the core
-/// (`identity.rs`) and sees only this view, so another backend needs just these six calls.
+/// (`identity.rs`, `rights.rs`, `audit.rs`) and sees only this view, so another backend needs
+/// just these calls.
 pub(crate) trait RecordTxn {
     fn get(&self, kind: RecordKind, id: &str) -> Result<Option<Vec<u8>>>;
     fn put(&mut self, kind: RecordKind, id: &str, value: &[u8]) -> Result<()>;
@@ -143,9 +156,17 @@ pub(crate) trait RecordTxn {
     fn delete(&mut self, kind: RecordKind, id: &str) -> Result<bool>;
     /// Ids starting with `prefix`, in order.
     fn ids(&self, kind: RecordKind, prefix: &str, limit: usize) -> Result<Vec<String>>;
-    fn room_exists(&self, room: &RoomName) -> Result<bool>;
-    /// Appends an audit entry and returns its sequence number (from 1).
+    /// The current incarnation id of a Room, `None` when there is no such Room.
+    fn room_id(&self, room: &RoomName) -> Result<Option<u64>>;
+    /// Appends an audit entry and returns its sequence number (from 1, never reused while the
+    /// newest entry is kept).
     fn append_audit(&mut self, entry: &[u8]) -> Result<u64>;
+    /// The newest audit entry's sequence number.
+    fn audit_last(&self) -> Result<Option<u64>>;
+    /// Audit entries after sequence `after`, oldest first, at most `limit`.
+    fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>>;
+    /// Removes one audit entry (retention).
+    fn delete_audit(&mut self, seq: u64) -> Result<()>;
 }
 
 /// A record change; see [`WriteOp::Records`].

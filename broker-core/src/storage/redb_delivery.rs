@@ -270,14 +270,16 @@ impl<'t> Tables<'t> {
             } => {
                 let id = id.0.as_u128();
                 let mut rec = self.sub_record(id)?;
-                if rec.status != to {
-                    if !from.contains(&rec.status) {
-                        return Err(Error::SubscriptionState {
-                            id: SubscriptionId(Uuid::from_u128(id)).to_string(),
-                            status: rec.status.as_str().into(),
-                            wanted: to.as_str().into(),
-                        });
-                    }
+                if rec.status != to && !from.contains(&rec.status) {
+                    return Err(Error::SubscriptionState {
+                        id: SubscriptionId(Uuid::from_u128(id)).to_string(),
+                        status: rec.status.as_str().into(),
+                        wanted: to.as_str().into(),
+                    });
+                }
+                // A reason given for a status the subscription already has replaces its reason
+                // (e.g. a paused subscription whose subscriber then lost its right).
+                if rec.status != to || (reason.is_some() && rec.status_reason != reason) {
                     rec.status = to;
                     rec.status_reason = reason;
                     rec.updated_at = now;

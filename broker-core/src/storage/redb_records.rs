@@ -6,7 +6,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::redb_store::{RedbStorage, Tables};
 use super::{RecordKind, RecordTxn};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ids::RoomName;
 
 /// (kind, id) -> the record as the core encoded it.
@@ -48,8 +48,32 @@ impl RecordTxn for Tables<'_> {
             .collect()
     }
 
-    fn room_exists(&self, room: &RoomName) -> Result<bool> {
-        Ok(self.rooms.get(room.as_str())?.is_some())
+    fn room_id(&self, room: &RoomName) -> Result<Option<u64>> {
+        match self.room_record(room) {
+            Ok(r) => Ok(Some(r.id)),
+            Err(Error::RoomNotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn audit_last(&self) -> Result<Option<u64>> {
+        Ok(self.audit.last()?.map(|(k, _)| k.value()))
+    }
+
+    fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.audit
+            .range(after.saturating_add(1)..)?
+            .take(limit)
+            .map(|r| {
+                r.map(|(k, v)| (k.value(), v.value().to_vec()))
+                    .map_err(Into::into)
+            })
+            .collect()
+    }
+
+    fn delete_audit(&mut self, seq: u64) -> Result<()> {
+        self.audit.remove(seq)?;
+        Ok(())
     }
 
     fn append_audit(&mut self, entry: &[u8]) -> Result<u64> {

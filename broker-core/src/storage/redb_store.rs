@@ -6,10 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Mutex;
 
-use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
-    TableDefinition,
-};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -20,8 +17,8 @@ use super::redb_delivery::{
 };
 use super::redb_records::{AUDIT, RECORDS};
 use super::{
-    Applied, DeliveryDefaults, PreparedEvent, PublishTarget, RecordKind, Storage, WriteOp,
-    WriteOutput,
+    Applied, DeliveryDefaults, PreparedEvent, PublishTarget, RecordKind, RoomQuota, Storage,
+    WriteOp, WriteOutput,
 };
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
@@ -495,13 +492,15 @@ impl<'t> Tables<'t> {
 
     fn apply(&mut self, now: Timestamp, op: WriteOp) -> Result<WriteOutput> {
         match op {
-            WriteOp::CreateRoom { room, rooms_max } => self
-                .create_room(now, room, rooms_max)
-                .map(WriteOutput::Room),
+            WriteOp::CreateRoom { room, quota } => {
+                self.create_room(now, room, quota).map(WriteOutput::Room)
+            }
             WriteOp::UpdateRoom { name, patch } => {
                 self.update_room(now, &name, patch).map(WriteOutput::Room)
             }
-            WriteOp::ApproveRoom { name } => self.approve_room(now, &name).map(WriteOutput::Room),
+            WriteOp::ApproveRoom { name, rooms_max } => self
+                .approve_room(now, &name, rooms_max)
+                .map(WriteOutput::Room),
             WriteOp::DeleteRoom { name } => self.delete_room(&name).map(|()| WriteOutput::Deleted),
             WriteOp::PutEventType {
                 room,
@@ -579,15 +578,54 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    fn create_room(&mut self, now: Timestamp, room: NewRoom, rooms_max: usize) -> Result<Room> {
+    /// Counts the Rooms: (active or disabled, pending, pending owned by `owner`).
+    fn room_counts(&self, owner: &Principal) -> Result<(u64, u64, u64)> {
+        let (mut active, mut pending, mut mine) = (0, 0, 0);
+        for r in self.rooms.iter()? {
+            let (_, v) = r?;
+            let rec: RoomRecord = decode(v.value())?;
+            if rec.status == RoomStatus::Pending {
+                pending += 1;
+                if rec.owner == *owner {
+                    mine += 1;
+                }
+            } else {
+                active += 1;
+            }
+        }
+        Ok((active, pending, mine))
+    }
+
+    fn create_room(&mut self, now: Timestamp, room: NewRoom, quota: RoomQuota) -> Result<Room> {
         if self.rooms.get(room.name.as_str())?.is_some() {
             return Err(Error::RoomExists {
                 room: room.name.to_string(),
             });
         }
-        let count = self.rooms.len()?;
-        if count >= rooms_max as u64 {
-            return Err(Error::limit("rooms_max", rooms_max as u64, count + 1));
+        let (active, pending, mine) = self.room_counts(&room.owner)?;
+        if room.approved {
+            if active >= quota.rooms_max as u64 {
+                return Err(Error::limit(
+                    "rooms_max",
+                    quota.rooms_max as u64,
+                    active + 1,
+                ));
+            }
+        } else {
+            if mine >= quota.pending_per_owner_max as u64 {
+                return Err(Error::limit(
+                    "pending_rooms_per_application_max",
+                    quota.pending_per_owner_max as u64,
+                    mine + 1,
+                ));
+            }
+            if pending >= quota.pending_max as u64 {
+                return Err(Error::limit(
+                    "pending_rooms_max",
+                    quota.pending_max as u64,
+                    pending + 1,
+                ));
+            }
         }
         let id = self
             .meta
@@ -653,10 +691,14 @@ impl<'t> Tables<'t> {
         self.store_room(name, &rec)
     }
 
-    fn approve_room(&mut self, now: Timestamp, name: &RoomName) -> Result<Room> {
+    fn approve_room(&mut self, now: Timestamp, name: &RoomName, rooms_max: usize) -> Result<Room> {
         let mut rec = self.room_record(name)?;
         match rec.status {
             RoomStatus::Pending => {
+                let (active, _, _) = self.room_counts(&rec.owner)?;
+                if active >= rooms_max as u64 {
+                    return Err(Error::limit("rooms_max", rooms_max as u64, active + 1));
+                }
                 rec.status = RoomStatus::Active;
                 rec.updated_at = now;
                 self.store_room(name, &rec)

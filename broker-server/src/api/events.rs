@@ -158,7 +158,7 @@ async fn read(
     let id = parse("id", &id, EventId::parse)?;
     let event = s.broker.event(id)?;
     who.require(
-        who.rights.manages(&event.room) || event.publisher == who.principal,
+        who.rights.may_follow_event(&who.principal, &event),
         "read this event",
     )?;
     let payload: serde_json::Value = event.payload_json().unwrap_or(serde_json::Value::Null);

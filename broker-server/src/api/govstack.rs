@@ -442,7 +442,7 @@ fn event_item(e: &Event) -> Value {
 async fn status(State(s): State<AppState>, caller: Caller, Path(p): Path<EventPath>) -> GovResult {
     let event = event_in(&s, &p)?;
     caller.require(
-        event.publisher == caller.principal || caller.rights.manages(&event.room),
+        caller.rights.may_follow_event(&caller.principal, &event),
         "read this event's status",
     )?;
     let deliveries = s.broker.event_deliveries(event.id)?;
@@ -475,7 +475,7 @@ async fn status(State(s): State<AppState>, caller: Caller, Path(p): Path<EventPa
 async fn stop(State(s): State<AppState>, caller: Caller, Path(p): Path<EventPath>) -> GovResult {
     let event = event_in(&s, &p)?;
     caller.require(
-        event.publisher == caller.principal || caller.rights.manages(&event.room),
+        caller.rights.may_follow_event(&caller.principal, &event),
         "stop this event",
     )?;
     s.broker.stop_event(event.id).await?;

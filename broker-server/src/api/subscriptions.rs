@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::HeaderMap;
 use axum::http::StatusCode;
+use axum::http::{HeaderMap, Method};
 use axum::response::Response;
 use broker_core::{
     BasicAuth, DeliveryMode, EventId, EventTypeName, NewSubscription, PushEndpoint, RetryOverrides,
@@ -53,6 +53,23 @@ impl FromRequestParts<AppState> for Owned {
             sub.subscriber == who.principal || who.rights.manages(&sub.room),
             "act on this subscription",
         )?;
+        // Rights are checked on every use: a subscriber whose right to receive was taken away
+        // may still read its subscription (its status says why it is paused) and delete it,
+        // and nothing else.
+        let bare = parts
+            .uri
+            .path()
+            .trim_end_matches('/')
+            .ends_with(raw.as_str());
+        let reading_or_deleting =
+            bare && matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE);
+        if !who.rights.manages(&sub.room) && !reading_or_deleting {
+            who.require(
+                who.rights
+                    .can_subscribe(&sub.room, sub.event_types.as_deref()),
+                "use this subscription: its right to receive was taken away",
+            )?;
+        }
         Ok(Owned { id, sub, who })
     }
 }

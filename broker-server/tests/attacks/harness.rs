@@ -25,6 +25,8 @@ pub struct Answer {
     pub body: Value,
     /// The body's length in bytes.
     pub len: usize,
+    /// The body as received.
+    pub raw_body: Vec<u8>,
 }
 
 /// An application with one API client and a token for it.
@@ -101,6 +103,7 @@ impl World {
             headers,
             body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
             len: bytes.len(),
+            raw_body: bytes.to_vec(),
         }
     }
 
@@ -238,7 +241,9 @@ impl World {
     /// The administrator takes a role on `room` away from `who`.
     pub async fn revoke(&self, who: &Actor, role: &str, room: &str) {
         let body = json!({"principal": who.principal, "role": role, "room": room});
-        let a = self.post("/v1/admin/grants/revoke", &self.admin, body).await;
+        let a = self
+            .post("/v1/admin/grants/revoke", &self.admin, body)
+            .await;
         assert!(a.status.is_success(), "{}", a.body);
     }
 
@@ -274,5 +279,59 @@ impl World {
     pub async fn publish(&self, room: &str, token: &str, payload: Value) -> Answer {
         self.post(&format!("/v1/rooms/{room}/events/t"), token, payload)
             .await
+    }
+}
+
+/// A webhook receiver on a loopback port: every POST to `/{name}` is answered 200 and its
+/// path name is handed to the test, in arrival order.
+pub struct Receiver {
+    addr: SocketAddr,
+    rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl Receiver {
+    /// Starts the receiver.
+    pub async fn start() -> Receiver {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let counts: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>> =
+            Default::default();
+        let c = counts.clone();
+        let app = axum::Router::new().route(
+            "/{name}",
+            axum::routing::post(
+                move |axum::extract::Path(name): axum::extract::Path<String>| {
+                    let tx = tx.clone();
+                    let c = c.clone();
+                    async move {
+                        *c.lock().unwrap().entry(name.clone()).or_default() += 1;
+                        let _ = tx.send(name);
+                        StatusCode::OK
+                    }
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Receiver { addr, rx, counts }
+    }
+
+    /// The URL of webhook `name`.
+    pub fn url(&self, name: &str) -> String {
+        format!("http://{}/{name}", self.addr)
+    }
+
+    /// The name of the next webhook called (fails the test after 20 s).
+    pub async fn next(&mut self) -> String {
+        tokio::time::timeout(std::time::Duration::from_secs(20), self.rx.recv())
+            .await
+            .expect("no push within 20 s")
+            .expect("receiver stopped")
+    }
+
+    /// How many pushes webhook `name` has received.
+    pub fn received(&self, name: &str) -> usize {
+        self.counts.lock().unwrap().get(name).copied().unwrap_or(0)
     }
 }

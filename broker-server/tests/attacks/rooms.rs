@@ -62,3 +62,80 @@ async fn a_managers_right_dies_with_its_room() {
     assert_eq!(grants.status, StatusCode::OK, "{}", grants.body);
     assert_eq!(grants.body["items"], json!([]), "{}", grants.body);
 }
+
+/// Issue 14, item 11. Mallory, a member application with no rights at all, asks for Rooms
+/// until the broker refuses. Before the fix her pending requests counted against `rooms_max`
+/// and, once it was reached, nobody (the administrator included) could create a Room. Now she
+/// is stopped after a few pending requests, and the administrator's capacity is untouched.
+#[tokio::test]
+async fn pending_room_requests_cannot_exhaust_the_administrators_capacity() {
+    let mut config = crate::harness::config();
+    config.broker.limits.rooms_max = 3;
+    config.broker.limits.pending_rooms_per_application_max = 2;
+    config.broker.limits.pending_rooms_max = 3;
+    let w = World::start_with(config).await;
+    let mallory = w.home_office("mallory").await;
+    let trudy = w.home_office("trudy").await;
+    let eve = w.justice("eve").await;
+
+    // Mallory's requests stop at her own bound.
+    for i in 0..2 {
+        let a = w
+            .post(
+                "/v1/rooms",
+                &mallory.token,
+                json!({"name": format!("m{i}")}),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    }
+    let refused = w
+        .post("/v1/rooms", &mallory.token, json!({"name": "m2"}))
+        .await;
+    assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(refused.body["code"], "limit_exceeded", "{}", refused.body);
+    assert!(
+        refused
+            .body
+            .to_string()
+            .contains("pending_rooms_per_application_max"),
+        "{}",
+        refused.body
+    );
+    // Her accomplices fill the broker-wide pending bound.
+    let a = w
+        .post("/v1/rooms", &trudy.token, json!({"name": "t0"}))
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    let full = w.post("/v1/rooms", &eve.token, json!({"name": "e0"})).await;
+    assert_eq!(
+        full.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        full.body
+    );
+    assert!(
+        full.body.to_string().contains("pending_rooms_max"),
+        "{}",
+        full.body
+    );
+
+    // The administrator still creates every Room `rooms_max` allows.
+    for name in ["a0", "a1", "a2"] {
+        let a = w.post("/v1/rooms", &w.admin, json!({"name": name})).await;
+        assert_eq!(a.status, StatusCode::CREATED, "{name}: {}", a.body);
+    }
+    // And approving a request needs room under that bound too.
+    let approve = w.post("/v1/rooms/m0/approve", &w.admin, json!({})).await;
+    assert_eq!(
+        approve.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        approve.body
+    );
+    assert!(approve.body.to_string().contains("rooms_max"));
+    let gone = w.delete("/v1/rooms/a2", &w.admin).await;
+    assert_eq!(gone.status, StatusCode::NO_CONTENT);
+    let approve = w.post("/v1/rooms/m0/approve", &w.admin, json!({})).await;
+    assert_eq!(approve.status, StatusCode::OK, "{}", approve.body);
+}
