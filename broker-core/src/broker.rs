@@ -58,6 +58,10 @@ pub(crate) struct Inner {
     pub(crate) push_guard: Arc<PushGuard>,
     /// Set by `close`: dispatchers stop starting pushes and exit.
     pub(crate) closing: std::sync::atomic::AtomicBool,
+    /// Held by the retention task while it holds the broker; [`Broker::close`] takes it so that
+    /// the task has let go of the database before `close` returns (a host may open the same
+    /// file again at once).
+    pub(crate) retention_turn: Arc<tokio::sync::Mutex<()>>,
     /// Push requests under way, so that `close` can wait for them.
     pub(crate) pushes_in_flight: std::sync::atomic::AtomicUsize,
 }
@@ -173,11 +177,13 @@ impl Broker {
             transport,
             push_guard,
             closing: std::sync::atomic::AtomicBool::new(false),
+            retention_turn: Default::default(),
             pushes_in_flight: std::sync::atomic::AtomicUsize::new(0),
         });
         if inner.config_now().retention.interval_ms > 0 {
             spawn_retention(
                 Arc::downgrade(&inner),
+                inner.retention_turn.clone(),
                 Duration::from_millis(inner.config_now().retention.interval_ms),
             );
         }
@@ -235,6 +241,9 @@ impl Broker {
         }
         let inner = self.inner.clone();
         let _ = tokio::task::spawn_blocking(move || inner.writer.close()).await;
+        // A sweep running now fails at its next write; wait (bounded) until it let go.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), self.inner.retention_turn.lock()).await;
     }
 
     /// Why the broker cannot take writes now; empty when it can. Cheap (no I/O), so that a
@@ -851,16 +860,25 @@ pub(crate) fn unexpected(out: WriteOutput) -> Error {
 
 /// Sweeps on an interval until the broker is dropped, a batch at a time: when a sweep reports
 /// more work it runs again at once, so a large backlog drains without one long transaction.
-fn spawn_retention(inner: Weak<Inner>, every: Duration) {
+/// The broker is held only while `turn` is, and not once it is closing (see
+/// [`Inner::retention_turn`]).
+fn spawn_retention(inner: Weak<Inner>, turn: Arc<tokio::sync::Mutex<()>>, every: Duration) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             loop {
+                let held = turn.lock().await;
                 let Some(inner) = inner.upgrade() else { return };
+                if inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
                 let broker = Broker { inner };
-                match broker.sweep_retention().await {
+                let swept = broker.sweep_retention().await;
+                drop(broker);
+                drop(held);
+                match swept {
                     Ok(r) if r.more => continue,
                     Ok(_) => break,
                     Err(Error::ShuttingDown) => return,

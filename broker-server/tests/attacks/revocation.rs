@@ -5,7 +5,13 @@
 use axum::http::StatusCode;
 use serde_json::json;
 
-use crate::harness::{Receiver, World};
+use crate::harness::{Answer, Receiver, World};
+
+/// `POST /v1/subscriptions/{id}/{action}` with `token`.
+async fn on(w: &World, id: &str, action: &str, token: &str, body: serde_json::Value) -> Answer {
+    w.post(&format!("/v1/subscriptions/{id}/{action}"), token, body)
+        .await
+}
 
 /// Issue 14, item 2. Eve (Ministry of Justice) subscribes by pull to Room `transfers` while
 /// she may, pulls an event, and then has her subscriber right revoked. Before the fix she
@@ -33,13 +39,7 @@ async fn a_revoked_subscriber_can_no_longer_use_its_subscription() {
             .await;
         assert_eq!(p.status, StatusCode::CREATED, "{}", p.body);
     }
-    let pulled = w
-        .post(
-            &format!("/v1/subscriptions/{id}/pull"),
-            &eve.token,
-            json!({"max_messages": 1}),
-        )
-        .await;
+    let pulled = on(&w, &id, "pull", &eve.token, json!({"max_messages": 1})).await;
     assert_eq!(pulled.status, StatusCode::OK, "{}", pulled.body);
     let ack_id = pulled.body["messages"][0]["ack_id"]
         .as_str()
@@ -61,13 +61,7 @@ async fn a_revoked_subscriber_can_no_longer_use_its_subscription() {
         ("seek", json!({"to": "oldest"})),
         ("resume", json!({})),
     ] {
-        let a = w
-            .post(
-                &format!("/v1/subscriptions/{id}/{action}"),
-                &eve.token,
-                body,
-            )
-            .await;
+        let a = on(&w, &id, action, &eve.token, body).await;
         assert_eq!(a.status, StatusCode::FORBIDDEN, "{action}: {}", a.body);
     }
     let dead = w
@@ -76,22 +70,10 @@ async fn a_revoked_subscriber_can_no_longer_use_its_subscription() {
     assert_eq!(dead.status, StatusCode::FORBIDDEN, "{}", dead.body);
 
     // Even the administrator cannot make it deliver to a subscriber without the right.
-    let resumed = w
-        .post(
-            &format!("/v1/subscriptions/{id}/resume"),
-            &w.admin,
-            json!({}),
-        )
-        .await;
+    let resumed = on(&w, &id, "resume", &w.admin, json!({})).await;
     assert_eq!(resumed.status, StatusCode::CONFLICT, "{}", resumed.body);
     assert_eq!(resumed.body["code"], "subscriber_revoked");
-    let pulled = w
-        .post(
-            &format!("/v1/subscriptions/{id}/pull"),
-            &w.admin,
-            json!({"max_messages": 10}),
-        )
-        .await;
+    let pulled = on(&w, &id, "pull", &w.admin, json!({"max_messages": 10})).await;
     assert_eq!(pulled.status, StatusCode::CONFLICT, "{}", pulled.body);
 
     // She may still see why, and clean up.
@@ -101,21 +83,9 @@ async fn a_revoked_subscriber_can_no_longer_use_its_subscription() {
 
     // Given the right back, an operator resumes it and it delivers again.
     w.grant(&eve, "subscriber", "transfers", None).await;
-    let resumed = w
-        .post(
-            &format!("/v1/subscriptions/{id}/resume"),
-            &w.admin,
-            json!({}),
-        )
-        .await;
+    let resumed = on(&w, &id, "resume", &w.admin, json!({})).await;
     assert_eq!(resumed.status, StatusCode::OK, "{}", resumed.body);
-    let pulled = w
-        .post(
-            &format!("/v1/subscriptions/{id}/pull"),
-            &eve.token,
-            json!({"max_messages": 10}),
-        )
-        .await;
+    let pulled = on(&w, &id, "pull", &eve.token, json!({"max_messages": 10})).await;
     assert_eq!(pulled.status, StatusCode::OK, "{}", pulled.body);
     let deleted = w
         .delete(&format!("/v1/subscriptions/{id}"), &eve.token)
