@@ -181,16 +181,17 @@ async fn limits_on_rooms_are_enforced() {
         broker.create_room(long).await.unwrap_err().code(),
         "limit_exceeded"
     );
+    // `rooms_max` bounds active Rooms; pending requests have bounds of their own.
     broker
-        .create_room(NewRoom::new(room("a"), who("x")))
+        .create_room(NewRoom::new(room("a"), who("x")).approved())
         .await
         .unwrap();
     broker
-        .create_room(NewRoom::new(room("b"), who("x")))
+        .create_room(NewRoom::new(room("b"), who("x")).approved())
         .await
         .unwrap();
     let err = broker
-        .create_room(NewRoom::new(room("c"), who("x")))
+        .create_room(NewRoom::new(room("c"), who("x")).approved())
         .await
         .unwrap_err();
     assert!(
