@@ -63,6 +63,21 @@ pub struct AuthConfig {
     pub admin_client_id: Option<String>,
     /// Its secret (`POSTROOM_ADMIN_CLIENT_SECRET`); generated and printed once when absent.
     pub admin_client_secret: Option<String>,
+    /// Failed client authentications allowed per client id and source address per minute
+    /// (default 10), refilled evenly (one every 6 s by default). Beyond it that pair is
+    /// refused with 429 before any secret is checked, the right secret included. Zero turns
+    /// the limit off. Keyed by the pair, not the client id alone, so that nobody can lock a
+    /// client out by failing on purpose from elsewhere.
+    pub failures_per_client_address_per_minute: u32,
+    /// Failed client authentications allowed per source address per minute, whatever client
+    /// they name (default 30), so that cycling client ids does not get around the limit above.
+    /// IPv6 addresses count per /64, the block one host usually has. Zero turns it off
+    /// (behind a reverse proxy every caller has the proxy's address).
+    pub failures_per_address_per_minute: u32,
+    /// Most client id and address pairs, and most addresses, whose failures are remembered
+    /// (default 100,000 each, a few MB). Pairs whose failures have been refilled are forgotten
+    /// first; when that is not enough, new pairs are not counted until it is.
+    pub failure_keys_max: usize,
 }
 
 impl Default for AuthConfig {
@@ -74,6 +89,9 @@ impl Default for AuthConfig {
             external: None,
             admin_client_id: None,
             admin_client_secret: None,
+            failures_per_client_address_per_minute: 10,
+            failures_per_address_per_minute: 30,
+            failure_keys_max: 100_000,
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod auth;
 pub mod auth_external;
+pub mod brakes;
 pub mod cli;
 pub mod config;
 pub mod connections;

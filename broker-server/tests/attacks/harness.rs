@@ -238,7 +238,9 @@ impl World {
     /// The administrator takes a role on `room` away from `who`.
     pub async fn revoke(&self, who: &Actor, role: &str, room: &str) {
         let body = json!({"principal": who.principal, "role": role, "room": room});
-        let a = self.post("/v1/admin/grants/revoke", &self.admin, body).await;
+        let a = self
+            .post("/v1/admin/grants/revoke", &self.admin, body)
+            .await;
         assert!(a.status.is_success(), "{}", a.body);
     }
 
