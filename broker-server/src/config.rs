@@ -29,6 +29,11 @@ pub struct HttpConfig {
     /// Most headers one request may carry; beyond it the answer is 431 (default 64; the HTTP
     /// parser itself refuses more than 100).
     pub headers_max: usize,
+    /// Longest a client may take to send a request's line and headers, in milliseconds
+    /// (default 10 s); the connection is then closed. It applies to each request of an HTTP/1
+    /// connection (so an idle keep-alive connection is closed after it too) and to a new
+    /// connection's first request whatever its protocol, over HTTP and HTTPS.
+    pub header_read_timeout_ms: u64,
 }
 
 impl Default for HttpConfig {
@@ -40,6 +45,7 @@ impl Default for HttpConfig {
             shutdown_grace_ms: 30_000,
             header_bytes_max: 16 * 1024,
             headers_max: 64,
+            header_read_timeout_ms: 10_000,
         }
     }
 }

@@ -237,3 +237,36 @@ async fn parallel_secret_checks_beyond_the_bound_are_refused() {
     let later = ask(9).await;
     assert_eq!(later.status, StatusCode::OK, "{}", later.body);
 }
+
+/// Issue 14, item 5, over a real socket. The address limits count the TCP peer's address, as
+/// `postroom serve` passes it to the handlers: with one failure allowed per address (and no
+/// limit per client id), Mallory's second attempt from 127.0.0.1, naming another client id, is
+/// refused with 429 before its secret is checked. A forged `X-Forwarded-For` does not move her
+/// to another address.
+#[tokio::test]
+async fn the_address_is_the_connections() {
+    let mut config = crate::harness::config();
+    config.auth.failures_per_client_address_per_minute = 0;
+    config.auth.failures_per_address_per_minute = 1;
+    let served = crate::common::Served::start(config).await;
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/oauth/token", served.addr);
+    let attempt = |id: &'static str| {
+        http.post(&url)
+            .basic_auth(id, Some("guess"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-forwarded-for", format!("198.51.100.{}", id.len()))
+            .body(GRANT)
+            .send()
+    };
+    let first = attempt("nobody").await.unwrap();
+    assert_eq!(first.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let second = attempt("somebody-else").await.unwrap();
+    assert_eq!(
+        second.status(),
+        reqwest::StatusCode::TOO_MANY_REQUESTS,
+        "{:?}",
+        second.text().await
+    );
+    served.stop().await;
+}
