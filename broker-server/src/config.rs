@@ -32,7 +32,7 @@ pub struct HttpConfig {
     /// Longest a client may take to send a request's line and headers, in milliseconds
     /// (default 10 s); the connection is then closed. It applies to each request of an HTTP/1
     /// connection (so an idle keep-alive connection is closed after it too) and to a new
-    /// connection's first request whatever its protocol, over HTTP and HTTPS.
+    /// connection's first request whatever its protocol, over HTTP and HTTPS. At least 1.
     pub header_read_timeout_ms: u64,
 }
 
@@ -248,7 +248,7 @@ impl ServerConfig {
     /// Checks the settings that depend on each other or on where the server listens, before it
     /// starts: `insecure_no_auth` only on a loopback `listen_addr` (127.0.0.0/8 or ::1), because
     /// anyone who can reach the port would otherwise act as the administrator; and the TLS
-    /// certificate and key set together or not at all.
+    /// certificate and key set together or not at all; a header read timeout of at least 1 ms.
     pub fn validate(&self, listen_addr: SocketAddr) -> Result<(), StartError> {
         if self.auth.insecure_no_auth && !listen_addr.ip().is_loopback() {
             return Err(StartError::Config(format!(
@@ -258,6 +258,11 @@ impl ServerConfig {
         }
         if self.tls.cert_path.is_some() != self.tls.key_path.is_some() {
             return Err(StartError::Config(TlsConfig::HALF_SET.into()));
+        }
+        if self.http.header_read_timeout_ms == 0 {
+            return Err(StartError::Config(
+                "http.header_read_timeout_ms must be at least 1 (milliseconds)".into(),
+            ));
         }
         Ok(())
     }
@@ -427,6 +432,15 @@ mod tests {
         c.tls.key_path = Some("key.pem".into());
         assert!(c.tls.is_enabled());
         assert!(c.validate(addr).is_ok());
+    }
+
+    #[test]
+    fn a_header_read_timeout_is_required() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut c = ServerConfig::default();
+        c.http.header_read_timeout_ms = 0;
+        let e = c.validate(addr).unwrap_err().to_string();
+        assert!(e.contains("header_read_timeout_ms"), "{e}");
     }
 
     #[test]

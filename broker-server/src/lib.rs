@@ -196,7 +196,7 @@ pub async fn serve(
     }
     let app = router_with(broker.clone(), &config, external)?;
     let grace = Duration::from_millis(config.http.shutdown_grace_ms);
-    let header_read = Duration::from_millis(config.http.header_read_timeout_ms.max(1));
+    let header_read = Duration::from_millis(config.http.header_read_timeout_ms);
     let outcome = match serve_on(listener, app, tls, header_read, grace, shutdown).await {
         Ok(()) => Ok(()),
         Err(e) => Err(StartError::Serve(e)),
