@@ -64,6 +64,9 @@ pub(crate) struct Inner {
     pub(crate) retention_turn: Arc<tokio::sync::Mutex<()>>,
     /// Push requests under way, so that `close` can wait for them.
     pub(crate) pushes_in_flight: std::sync::atomic::AtomicUsize,
+    /// Slots for client secret checks (`limits.secret_checks_max`), so that a flood of token
+    /// requests runs a bounded number of Argon2 checks rather than one per request.
+    pub(crate) secret_checks: Arc<tokio::sync::Semaphore>,
 }
 
 impl Inner {
@@ -140,6 +143,7 @@ impl Broker {
         // Built first so that a malformed `push_allow.cidrs` stops the broker before it starts
         // anything.
         let push_guard = Arc::new(PushGuard::new(&config.delivery.push_allow)?);
+        let secret_checks = crate::identity::secret_checks(&config.limits);
         let signals = Arc::new(Signals::default());
         let stats = Arc::new(Stats::new(config.limits.stats_series_max, clock.now()));
         let on_commit = {
@@ -179,6 +183,7 @@ impl Broker {
             closing: std::sync::atomic::AtomicBool::new(false),
             retention_turn: Default::default(),
             pushes_in_flight: std::sync::atomic::AtomicUsize::new(0),
+            secret_checks: Arc::new(tokio::sync::Semaphore::new(secret_checks)),
         });
         if inner.config_now().retention.interval_ms > 0 {
             spawn_retention(

@@ -42,6 +42,16 @@ pub struct Limits {
     /// Series the live statistics keep (one per Room, event type and publisher, and one per
     /// subscription; default 4,096); samples for more are counted as dropped.
     pub stats_series_max: usize,
+    /// Most client secret checks (Argon2id, about 19 MiB of memory and tens of milliseconds of
+    /// one core each) running at once; zero, the default, means one per available core. A
+    /// check that finds none free waits up to `secret_check_wait_ms`, then gets
+    /// [`crate::Error::AuthenticationBusy`]. Fixed when the broker starts.
+    pub secret_checks_max: usize,
+    /// How long a client secret check may wait for one of the `secret_checks_max` slots, in
+    /// milliseconds (default 200: enough for a burst of clients starting together to be served
+    /// one after another, short enough that a flood is refused rather than queued). Zero
+    /// refuses at once when every slot is taken.
+    pub secret_check_wait_ms: u64,
 }
 
 impl Default for Limits {
@@ -61,6 +71,8 @@ impl Default for Limits {
             list_items_max: 1000,
             list_scan_max: 100_000,
             stats_series_max: 4096,
+            secret_checks_max: 0,
+            secret_check_wait_ms: 200,
         }
     }
 }

@@ -200,6 +200,13 @@ pub enum Error {
         /// A suggested delay before retrying.
         retry_after_ms: u64,
     },
+    /// Every slot for client secret checks (`limits.secret_checks_max`) stayed taken for
+    /// `limits.secret_check_wait_ms`; retry after the hinted delay.
+    #[error("too many client authentications at once, retry in {retry_after_ms} ms")]
+    AuthenticationBusy {
+        /// A suggested delay before retrying.
+        retry_after_ms: u64,
+    },
     /// The broker is closed or closing.
     #[error("broker is shutting down")]
     ShuttingDown,
@@ -234,6 +241,7 @@ impl Error {
             Error::SchemaViolation { .. } => "schema_violation",
             Error::LimitExceeded { .. } => "limit_exceeded",
             Error::Overloaded { .. } => "overloaded",
+            Error::AuthenticationBusy { .. } => "authentication_busy",
             Error::ShuttingDown => "shutting_down",
             Error::Storage(_) => "storage",
         }
@@ -263,7 +271,7 @@ impl Error {
             | Error::InvalidSchema { .. }
             | Error::SchemaViolation { .. } => ErrorKind::InvalidInput,
             Error::LimitExceeded { .. } => ErrorKind::LimitExceeded,
-            Error::Overloaded { .. } => ErrorKind::Overloaded,
+            Error::Overloaded { .. } | Error::AuthenticationBusy { .. } => ErrorKind::Overloaded,
             Error::ShuttingDown => ErrorKind::Unavailable,
             Error::Storage(_) => ErrorKind::Internal,
         }
@@ -345,6 +353,7 @@ mod tests {
             },
             Error::limit("payload_bytes_max", 1, 2),
             Error::Overloaded { retry_after_ms: 1 },
+            Error::AuthenticationBusy { retry_after_ms: 1 },
             Error::ShuttingDown,
             Error::Storage("s".into()),
         ];

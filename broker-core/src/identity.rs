@@ -18,6 +18,8 @@ use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::Argon2;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use crate::broker::{unexpected, Broker};
@@ -261,12 +263,47 @@ async fn hash_secret(secret: String) -> Result<String> {
     .map_err(|e| Error::Storage(format!("hash task: {e}")))?
 }
 
+/// How many client secret checks may run at once: `limits.secret_checks_max`, or one per
+/// available core when it is zero.
+pub(crate) fn secret_checks(limits: &crate::config::Limits) -> usize {
+    match limits.secret_checks_max {
+        0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        n => n,
+    }
+}
+
+/// The delay suggested to a caller refused with [`Error::AuthenticationBusy`]: one check takes
+/// tens of milliseconds, and HTTP's `Retry-After` counts whole seconds.
+const AUTHENTICATION_BUSY_RETRY_MS: u64 = 1000;
+
 /// A hash of no secret anyone has, so that an unknown client id costs as much as a wrong
 /// secret and the two cannot be told apart by timing.
 const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$\
     Z0Q0c1ZxRnpmS0hFT1ZUQ0J3d1l0Zz09ZG9ub3R1c2U";
 
 impl Broker {
+    /// One of the `limits.secret_checks_max` slots for a secret check, waiting at most
+    /// `limits.secret_check_wait_ms` for it. Waiters queue in order (tokio's semaphore is fair)
+    /// and are bounded by that wait and by however many requests the caller lets in at once.
+    async fn secret_check_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        let slots = self.inner().secret_checks.clone();
+        let busy = Error::AuthenticationBusy {
+            retry_after_ms: AUTHENTICATION_BUSY_RETRY_MS,
+        };
+        let wait_ms = self.inner().config_now().limits.secret_check_wait_ms;
+        if let Ok(permit) = slots.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        if wait_ms == 0 {
+            return Err(busy);
+        }
+        match tokio::time::timeout(Duration::from_millis(wait_ms), slots.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            // Timed out, or the semaphore was closed (it never is).
+            _ => Err(busy),
+        }
+    }
+
     pub(crate) async fn record_op(
         &self,
         f: impl FnOnce(&mut dyn RecordTxn, Timestamp) -> Result<Vec<u8>> + Send + 'static,
@@ -580,6 +617,11 @@ impl Broker {
 
     /// Checks a client's credentials: [`Error::InvalidClient`] for an unknown id or a wrong
     /// secret alike, after the same amount of work, so that neither can be told from the other.
+    ///
+    /// At most `limits.secret_checks_max` checks run at once; a call that finds every slot
+    /// taken for `limits.secret_check_wait_ms` gets [`Error::AuthenticationBusy`] without
+    /// checking anything. Limiting failures per client or caller is the caller's business (the
+    /// server limits them per client id and source address, which the core does not know).
     pub async fn authenticate_client(&self, client_id: &str, secret: &str) -> Result<ApiClient> {
         let rec: Option<ClientRecord> = self
             .inner()
@@ -592,7 +634,11 @@ impl Broker {
             None => vec![DUMMY_HASH.to_string()],
         };
         let secret = secret.to_string();
+        let permit = self.secret_check_slot().await?;
         let ok = tokio::task::spawn_blocking(move || {
+            // Held until the check ends, not until the caller stops waiting for it: a caller
+            // that gives up (a closed connection) must not free a slot while Argon2 still runs.
+            let _permit = permit;
             hashes.iter().any(|h| {
                 PasswordHash::new(h).is_ok_and(|p| {
                     Argon2::default()

@@ -87,6 +87,8 @@ pub struct Auth {
     /// the largest cost of authentication in the profile (BENCHMARKS.md, issue 8). Only the
     /// signature check is skipped: expiry, the client and its rights are checked every time.
     verified: std::sync::Mutex<std::collections::HashMap<String, Claims>>,
+    /// The failure limits of the token endpoint.
+    brakes: crate::brakes::Brakes,
 }
 
 /// Most verified tokens remembered; the memory starts again empty when full.
@@ -109,6 +111,7 @@ impl Auth {
             None
         };
         Ok(Auth {
+            brakes: crate::brakes::Brakes::new(broker.clone(), config),
             broker,
             keys: tokio::sync::OnceCell::new(),
             ttl_secs: config.token_ttl_secs.max(1),
@@ -417,8 +420,16 @@ fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>, ()
 
 /// `POST /oauth/token`: the client credentials grant, with `client_secret_basic` or
 /// `client_secret_post`.
+///
+/// Its errors are RFC 6749's (`{"error": ...}`) where OAuth defines one (400 and 401). Its
+/// brakes are not OAuth errors, and OAuth defines none for them, so they answer as the server
+/// does everywhere when it refuses for load: problem+json with `Retry-After`, 429
+/// `too_many_failures` for a caller over a failure limit (see [`crate::brakes`]) and 503
+/// `authentication_busy` when every secret check slot is taken (as load shedding answers 503
+/// `overloaded`).
 pub async fn token(
     State(auth): State<Arc<Auth>>,
+    crate::brakes::Peer(peer): crate::brakes::Peer,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
@@ -508,14 +519,24 @@ pub async fn token(
             )
         }
     };
+    // Before the secret check, so that a limited caller costs no Argon2 work.
+    if let Err(e) = auth.brakes.admit(&id, peer).await {
+        return e.into_response();
+    }
     let client = match auth.broker.authenticate_client(&id, &secret).await {
         Ok(c) => c,
+        Err(e @ broker_core::Error::AuthenticationBusy { .. }) => {
+            metrics::counter!(crate::observe::AUTH_REFUSED_TOTAL, "reason" => e.code())
+                .increment(1);
+            return ApiError::from(e).into_response();
+        }
         Err(broker_core::Error::InvalidClient) => {
+            auth.brakes.failed(&id, peer);
             return oauth_error(
                 StatusCode::UNAUTHORIZED,
                 "invalid_client",
                 "client authentication failed",
-            )
+            );
         }
         Err(e) => return ApiError::from(e).into_response(),
     };

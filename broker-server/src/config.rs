@@ -29,6 +29,11 @@ pub struct HttpConfig {
     /// Most headers one request may carry; beyond it the answer is 431 (default 64; the HTTP
     /// parser itself refuses more than 100).
     pub headers_max: usize,
+    /// Longest a client may take to send a request's line and headers, in milliseconds
+    /// (default 10 s); the connection is then closed. It applies to each request of an HTTP/1
+    /// connection (so an idle keep-alive connection is closed after it too) and to a new
+    /// connection's first request whatever its protocol, over HTTP and HTTPS. At least 1.
+    pub header_read_timeout_ms: u64,
 }
 
 impl Default for HttpConfig {
@@ -40,6 +45,7 @@ impl Default for HttpConfig {
             shutdown_grace_ms: 30_000,
             header_bytes_max: 16 * 1024,
             headers_max: 64,
+            header_read_timeout_ms: 10_000,
         }
     }
 }
@@ -63,6 +69,21 @@ pub struct AuthConfig {
     pub admin_client_id: Option<String>,
     /// Its secret (`POSTROOM_ADMIN_CLIENT_SECRET`); generated and printed once when absent.
     pub admin_client_secret: Option<String>,
+    /// Failed client authentications allowed per client id and source address per minute
+    /// (default 10), refilled evenly (one every 6 s by default). Beyond it that pair is
+    /// refused with 429 before any secret is checked, the right secret included. Zero turns
+    /// the limit off. Keyed by the pair, not the client id alone, so that nobody can lock a
+    /// client out by failing on purpose from elsewhere.
+    pub failures_per_client_address_per_minute: u32,
+    /// Failed client authentications allowed per source address per minute, whatever client
+    /// they name (default 30), so that cycling client ids does not get around the limit above.
+    /// IPv6 addresses count per /64, the block one host usually has. Zero turns it off
+    /// (behind a reverse proxy every caller has the proxy's address).
+    pub failures_per_address_per_minute: u32,
+    /// Most client id and address pairs, and most addresses, whose failures are remembered
+    /// (default 100,000 each, a few MB). Pairs whose failures have been refilled are forgotten
+    /// first; when that is not enough, new pairs are not counted until it is.
+    pub failure_keys_max: usize,
 }
 
 impl Default for AuthConfig {
@@ -74,6 +95,9 @@ impl Default for AuthConfig {
             external: None,
             admin_client_id: None,
             admin_client_secret: None,
+            failures_per_client_address_per_minute: 10,
+            failures_per_address_per_minute: 30,
+            failure_keys_max: 100_000,
         }
     }
 }
@@ -224,7 +248,7 @@ impl ServerConfig {
     /// Checks the settings that depend on each other or on where the server listens, before it
     /// starts: `insecure_no_auth` only on a loopback `listen_addr` (127.0.0.0/8 or ::1), because
     /// anyone who can reach the port would otherwise act as the administrator; and the TLS
-    /// certificate and key set together or not at all.
+    /// certificate and key set together or not at all; a header read timeout of at least 1 ms.
     pub fn validate(&self, listen_addr: SocketAddr) -> Result<(), StartError> {
         if self.auth.insecure_no_auth && !listen_addr.ip().is_loopback() {
             return Err(StartError::Config(format!(
@@ -234,6 +258,11 @@ impl ServerConfig {
         }
         if self.tls.cert_path.is_some() != self.tls.key_path.is_some() {
             return Err(StartError::Config(TlsConfig::HALF_SET.into()));
+        }
+        if self.http.header_read_timeout_ms == 0 {
+            return Err(StartError::Config(
+                "http.header_read_timeout_ms must be at least 1 (milliseconds)".into(),
+            ));
         }
         Ok(())
     }
@@ -403,6 +432,15 @@ mod tests {
         c.tls.key_path = Some("key.pem".into());
         assert!(c.tls.is_enabled());
         assert!(c.validate(addr).is_ok());
+    }
+
+    #[test]
+    fn a_header_read_timeout_is_required() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut c = ServerConfig::default();
+        c.http.header_read_timeout_ms = 0;
+        let e = c.validate(addr).unwrap_err().to_string();
+        assert!(e.contains("header_read_timeout_ms"), "{e}");
     }
 
     #[test]

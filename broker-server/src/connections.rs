@@ -22,7 +22,7 @@ pub fn open() -> Option<i64> {
         .then(|| OPEN.load(Ordering::Relaxed))
 }
 
-/// Set once a counting listener or acceptor exists.
+/// Set once a counting acceptor exists.
 static COUNTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The gauge's name.
@@ -88,32 +88,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     }
 }
 
-/// A listener for `axum::serve` whose connections are counted.
-pub struct CountedListener<L>(L);
-
-impl<L> CountedListener<L> {
-    /// Counts the connections `listener` accepts.
-    pub fn new(listener: L) -> Self {
-        COUNTING.store(true, Ordering::Relaxed);
-        CountedListener(listener)
-    }
-}
-
-impl<L: axum::serve::Listener> axum::serve::Listener for CountedListener<L> {
-    type Io = Counted<L::Io>;
-    type Addr = L::Addr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let (io, addr) = self.0.accept().await;
-        (Counted::new(io), addr)
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.0.local_addr()
-    }
-}
-
-/// An axum-server acceptor (HTTPS) that counts the TCP connections before the TLS handshake.
+/// An axum-server acceptor that counts the TCP connections (over HTTPS, before the TLS
+/// handshake).
 #[derive(Clone)]
 pub struct CountingAcceptor<A>(A);
 

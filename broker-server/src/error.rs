@@ -89,6 +89,13 @@ pub enum ApiError {
     /// The server is overloaded or the request took too long.
     #[error("server busy, retry later")]
     Busy,
+    /// The token endpoint refuses a caller over a failure limit (`auth.failures_per_*`),
+    /// before checking its secret.
+    #[error("too many failed authentications; retry in {retry_after_secs} s")]
+    TooManyFailures {
+        /// When the caller may try again, in seconds (`Retry-After`).
+        retry_after_secs: u64,
+    },
     /// The request's headers are larger than `http.header_bytes_max` or more numerous than
     /// `http.headers_max`.
     #[error("request headers too large: {0}")]
@@ -153,6 +160,7 @@ impl ApiError {
             ApiError::NoRoute => "no_route",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Busy => "overloaded",
+            ApiError::TooManyFailures { .. } => "too_many_failures",
             ApiError::HeadersTooLarge(_) => "headers_too_large",
             ApiError::BadClient(_) => "invalid_client_header",
             ApiError::Exists(_) => "already_exists",
@@ -174,6 +182,11 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             ApiError::Core(broker_core::Error::InvalidJson { .. }) => StatusCode::BAD_REQUEST,
+            // The server as a whole has no capacity for one more secret check now, as when it
+            // sheds load; not this caller sending too much (the writer's queue, 429).
+            ApiError::Core(broker_core::Error::AuthenticationBusy { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Core(e) => match e.kind() {
                 ErrorKind::NotFound => StatusCode::NOT_FOUND,
                 ErrorKind::Conflict => StatusCode::CONFLICT,
@@ -196,6 +209,7 @@ impl ApiError {
             ApiError::NoRoute => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Busy | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyFailures { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -283,8 +297,14 @@ fn problem(err: ApiError, status: StatusCode) -> Response {
         ApiError::Core(broker_core::Error::InvalidInput { field, .. }) => {
             body.field = Some(field.clone());
         }
-        ApiError::Core(broker_core::Error::Overloaded { retry_after_ms }) => {
+        ApiError::Core(
+            broker_core::Error::Overloaded { retry_after_ms }
+            | broker_core::Error::AuthenticationBusy { retry_after_ms },
+        ) => {
             retry_after = Some(retry_after_ms.div_ceil(1000).max(1));
+        }
+        ApiError::TooManyFailures { retry_after_secs } => {
+            retry_after = Some((*retry_after_secs).max(1));
         }
         ApiError::Core(broker_core::Error::ShuttingDown) | ApiError::Busy => retry_after = Some(1),
         ApiError::NotReady(reasons) => body.reasons = Some(reasons.clone()),

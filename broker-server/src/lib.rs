@@ -5,6 +5,7 @@
 pub mod api;
 pub mod auth;
 pub mod auth_external;
+pub mod brakes;
 pub mod cli;
 pub mod config;
 pub mod connections;
@@ -198,70 +199,82 @@ pub async fn serve(
     }
     let app = router_with(broker.clone(), &config, external)?;
     let grace = Duration::from_millis(config.http.shutdown_grace_ms);
-    let outcome = match tls {
-        None => serve_http(listener, app, grace, shutdown).await,
-        Some(tls) => serve_https(listener, app, tls, grace, shutdown).await,
+    let header_read = Duration::from_millis(config.http.header_read_timeout_ms);
+    let outcome = match serve_on(listener, app, tls, header_read, grace, shutdown).await {
+        Ok(()) => Ok(()),
+        Err(e) => Err(StartError::Serve(e)),
     };
     broker.close().await;
     outcome
 }
 
-/// Plain HTTP with axum's own server.
-async fn serve_http(
+/// Serves `app` on `listener` with axum-server, over rustls when `tls` is given, until
+/// `shutdown` completes; then stops accepting, lets connections finish for up to `grace`, and
+/// drops them. Plain HTTP goes through axum-server too, not `axum::serve`, because only
+/// axum-server exposes hyper's connection builder, and with it the header read timeout.
+///
+/// `header_read` bounds the time a client may take to send a request's line and headers:
+/// hyper's HTTP/1 `header_read_timeout` for every request of a connection (its timer is
+/// axum-server's `TokioTimer`), and axum-server's first-request timeout for a new connection
+/// whatever its protocol (it also covers the protocol detection, which hyper does not time,
+/// and a client that connects and says nothing). A client past it is disconnected.
+///
+/// Handlers see the connection's remote address as `ConnectInfo<SocketAddr>`.
+async fn serve_on(
     listener: TcpListener,
     app: Router,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    header_read: Duration,
     grace: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), StartError> {
-    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
-    let listener = connections::CountedListener::new(listener);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = stopped_tx.send(());
-    });
-    let served = tokio::spawn(async move { server.await });
-    tokio::select! {
-        r = served => r.map_err(|e| StartError::Serve(std::io::Error::other(e)))?.map_err(StartError::Serve),
-        _ = async {
-            let _ = stopped_rx.await;
-            tokio::time::sleep(grace).await;
-        } => {
-            tracing::warn!("requests still running after the shutdown grace period; stopping anyway");
-            Ok(())
-        }
-    }
-}
-
-/// HTTPS with axum-server's rustls acceptor, whose `Handle` gives the same shutdown as
-/// [`serve_http`]: stop accepting, let connections finish for up to `grace`, then drop them.
-async fn serve_https(
-    listener: TcpListener,
-    app: Router,
-    tls: std::sync::Arc<rustls::ServerConfig>,
-    grace: Duration,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), StartError> {
+) -> std::io::Result<()> {
     let handle = axum_server::Handle::new();
-    let listener = listener.into_std().map_err(StartError::Serve)?;
-    let server = axum_server::from_tcp_rustls(
-        listener,
-        axum_server::tls_rustls::RustlsConfig::from_config(tls),
-    )
-    .map_err(StartError::Serve)?
-    .map(connections::CountingAcceptor::new)
-    .handle(handle.clone());
-    let served = server.serve(app.into_make_service());
-    tokio::pin!(served);
+    let listener = listener.into_std()?;
+    let service = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let mut served = match tls {
+        None => {
+            let mut server = axum_server::from_tcp(listener)?
+                .map(connections::CountingAcceptor::new)
+                .handle(handle.clone())
+                .first_request_timeout(header_read);
+            server
+                .http_builder()
+                .http1()
+                .header_read_timeout(header_read);
+            boxed(server.serve(service))
+        }
+        Some(tls) => {
+            let mut server = axum_server::from_tcp_rustls(
+                listener,
+                axum_server::tls_rustls::RustlsConfig::from_config(tls),
+            )?
+            .map(connections::CountingAcceptor::new)
+            .handle(handle.clone())
+            .first_request_timeout(header_read);
+            server
+                .http_builder()
+                .http1()
+                .header_read_timeout(header_read);
+            boxed(server.serve(service))
+        }
+    };
     tokio::select! {
-        r = &mut served => return r.map_err(StartError::Serve),
+        r = &mut served => return r,
         _ = shutdown => {}
     }
     handle.graceful_shutdown(Some(grace));
-    let outcome = served.await.map_err(StartError::Serve);
+    let outcome = served.await;
     if handle.connection_count() > 0 {
         tracing::warn!("requests still running after the shutdown grace period; stopping anyway");
     }
     outcome
+}
+
+/// The two servers' futures have different types; boxed, one shutdown path serves both.
+fn boxed(
+    f: impl Future<Output = std::io::Result<()>> + Send + 'static,
+) -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> {
+    Box::pin(f)
 }
 
 /// A future that completes on SIGINT or SIGTERM. The handlers are installed when this is

@@ -43,6 +43,15 @@ pub const DATABASE_BYTES: &str = "postroom_database_bytes";
 /// Administrative requests refused before their caller was authenticated; counted, not
 /// written to the audit log (anyone can send them).
 pub const UNAUTHENTICATED_REFUSALS: &str = "postroom_unauthenticated_refusals_total";
+/// Token requests refused before their secret was checked, by reason (`too_many_failures`,
+/// `authentication_busy`).
+pub const AUTH_REFUSED_TOTAL: &str = "postroom_auth_refused_total";
+/// Failure limits of the token endpoint that tripped (at most once per key and minute), by
+/// limit (`client_address`, `address`).
+pub const AUTH_LIMIT_TRIPS_TOTAL: &str = "postroom_auth_limit_trips_total";
+/// Failed authentications not counted against the failure limits because their tables were
+/// full of keys still being limited (`auth.failure_keys_max`).
+pub const AUTH_FAILURES_UNCOUNTED_TOTAL: &str = "postroom_auth_failures_uncounted_total";
 
 /// Gauges not refreshed for this long are dropped, so that a deleted subscription's backlog
 /// does not linger; any scrape interval shorter than this keeps live ones.
@@ -119,6 +128,18 @@ fn describe() {
         "HTTP request durations by route template and method."
     );
     describe_gauge!(HTTP_REQUESTS_IN_FLIGHT, "HTTP requests being handled now.");
+    describe_counter!(
+        AUTH_REFUSED_TOTAL,
+        "Token requests refused before their secret was checked, by reason."
+    );
+    describe_counter!(
+        AUTH_LIMIT_TRIPS_TOTAL,
+        "Failure limits of the token endpoint that tripped, by limit."
+    );
+    describe_counter!(
+        AUTH_FAILURES_UNCOUNTED_TOTAL,
+        "Failed authentications not counted because the failure tables were full."
+    );
     describe_gauge!(
         crate::connections::CONNECTIONS_OPEN,
         "Client connections open now (idle keep-alive ones included)."

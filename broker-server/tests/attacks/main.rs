@@ -6,13 +6,19 @@
 //! The modules group the attacks by what they go after: `rooms` (rights that outlive a Room,
 //! quota exhaustion), `revocation` (revoked rights and deleted applications), `audit` (filling
 //! the disk through the audit log), `data_folder` (the database on disk and the signing key),
-//! `tokens` (token lifetime, what minted a token, the token endpoint's brakes, external issuers),
+//! `tokens` (token lifetime, what minted a token, external issuers), `brakes` (the token
+//! endpoint's cost: guessing secrets, floods of Argon2 checks),
 //! `publish` (violation amplification, event ids, IRC centres), `secrets` (push secrets shown
 //! back) and `transport` (slow headers, DNS answers in errors).
 
 mod harness;
 
+// `Served`: the server on a real socket, for the transport attacks.
+#[path = "../common/mod.rs"]
+mod common;
+
 mod audit;
+mod brakes;
 mod data_folder;
 mod publish;
 mod revocation;
