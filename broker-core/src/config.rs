@@ -36,6 +36,14 @@ pub struct Limits {
     /// Series the live statistics keep (one per Room, event type and publisher, and one per
     /// subscription; default 4,096); samples for more are counted as dropped.
     pub stats_series_max: usize,
+    /// Most schema violations a refused payload's error lists (default 100). The error still
+    /// says how many there were in all, so that a payload built to break every rule of its
+    /// schema cannot make an answer many times its own size.
+    pub schema_violations_max: usize,
+    /// Longest text of a listed schema violation (its instance path, schema path and message,
+    /// each), in bytes (default 512). A longer one is cut and ends in `…`: a message quotes
+    /// the offending value, which may be most of the payload.
+    pub violation_text_bytes_max: usize,
 }
 
 impl Default for Limits {
@@ -53,6 +61,8 @@ impl Default for Limits {
             list_items_max: 1000,
             list_scan_max: 100_000,
             stats_series_max: 4096,
+            schema_violations_max: 100,
+            violation_text_bytes_max: 512,
         }
     }
 }

@@ -230,6 +230,11 @@ pub struct PublishRequest {
     /// The ordering key, when the publisher names it. When the event type also has a key pointer
     /// and both are present they must agree.
     pub ordering_key: Option<String>,
+    /// When set, the event's ordering key must be one of these, or the publish is refused with
+    /// [`crate::Error::KeyNotAllowed`]: the publisher's right is limited to them. A host that
+    /// checks rights passes [`crate::Rights::publish_keys`] here, because only the broker
+    /// knows the key (it may come from the payload).
+    pub keys_allowed: Option<Vec<String>>,
 }
 
 impl PublishRequest {
@@ -248,6 +253,7 @@ impl PublishRequest {
             event_id: None,
             idempotency_key: None,
             ordering_key: None,
+            keys_allowed: None,
         }
     }
 }

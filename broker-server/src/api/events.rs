@@ -108,7 +108,9 @@ async fn publish(
         who.rights.can_publish(&room, &ty),
         "publish this event type",
     )?;
+    let keys_allowed = who.rights.publish_keys(&room, &ty);
     let mut req = PublishRequest::new(room, ty, who.principal.clone(), body.to_vec());
+    req.keys_allowed = keys_allowed;
     req.idempotency_key = header(&headers, "idempotency-key")?.map(String::from);
     req.event_id = header(&headers, "postroom-event-id")?
         .map(|v| parse("Postroom-Event-Id", v, EventId::parse))

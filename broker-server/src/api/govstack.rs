@@ -402,7 +402,9 @@ async fn publish(
     }
     let payload =
         serde_json::to_vec(&b.event).map_err(|e| ApiError::BadJson(format!("event: {e}")))?;
+    let keys_allowed = caller.rights.publish_keys(&room, &ty);
     let mut req = PublishRequest::new(room, ty, caller.principal, payload);
+    req.keys_allowed = keys_allowed;
     req.event_id =
         b.id.as_deref()
             .map(|id| parse("id", id, EventId::parse))

@@ -135,6 +135,7 @@ async fn ingest(
                     .join(", ")
             ),
             violations: Vec::new(),
+            violations_total: 0,
         })?
     } else {
         HEARTBEAT_TYPE
@@ -144,6 +145,14 @@ async fn ingest(
     let room = RoomName::new(IRC_ROOM)?;
     let ty = EventTypeName::new(ty)?;
     who.require(who.rights.can_publish(&room, &ty), "publish IRC events")?;
+    // A centre's client posts for its own centre only: its publisher right is limited to the
+    // centre's ordering key (the pack keys every type by `/centre`). Checked on the path's
+    // centre before the body, and again by the core on the key it takes from the body.
+    who.require(
+        who.rights.can_publish_key(&room, &ty, centre),
+        &format!("publish for centre `{centre}`"),
+    )?;
+    let keys_allowed = who.rights.publish_keys(&room, &ty);
     // A well-formed centre that differs from the path is the ICD's 422; a missing or malformed
     // one is left to the schema (400).
     if let Some(body_centre) = doc.get("centre").and_then(Value::as_str) {
@@ -167,19 +176,24 @@ async fn ingest(
                       at most 18446744073709551615"
                 .into(),
             violations: Vec::new(),
+            violations_total: 0,
         });
     }
     let mut req = PublishRequest::new(room, ty, who.principal.clone(), body.to_vec());
+    req.keys_allowed = keys_allowed;
     if is_event {
         req.event_id = duplicate_id(centre, &doc);
     }
     let receipt = s.broker.publish(req).await.map_err(|e| match e {
-        broker_core::Error::SchemaViolation { violations, .. } => {
+        broker_core::Error::SchemaViolation {
+            violations, total, ..
+        } => {
             let (field, message) = first_field(&violations);
             ApiError::FieldInvalid {
                 field,
                 message,
                 violations,
+                violations_total: total,
             }
         }
         e => ApiError::Core(e),
