@@ -141,8 +141,10 @@ pub enum Error {
         /// The idempotency key.
         key: String,
     },
-    /// The publisher's own event id is already taken by an event elsewhere.
-    #[error("event id `{id}` is already used by another room or event type")]
+    /// The publisher's own event id names another event: one with another payload, key, type
+    /// or Room, or another publisher's. Deliberately not saying which, so that nobody learns
+    /// whose id it is.
+    #[error("event id `{id}` is already used by another event; give a new event a new id")]
     EventIdConflict {
         /// The event id.
         id: String,

@@ -221,8 +221,9 @@ pub struct PublishRequest {
     pub payload: Vec<u8>,
     /// Who publishes.
     pub publisher: Principal,
-    /// The publisher's own event id. Publishing the same id again returns the first receipt and
-    /// stores nothing.
+    /// The publisher's own event id. The same publisher publishing the same event again (same
+    /// Room, type, key and payload bytes) gets the first receipt and stores nothing; any other
+    /// use of a known id is [`crate::Error::EventIdConflict`].
     pub event_id: Option<EventId>,
     /// An idempotency key: the same key with the same request within the window returns the first
     /// receipt; with a different request it is a conflict.
