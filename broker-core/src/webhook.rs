@@ -256,11 +256,18 @@ impl reqwest::dns::Resolve for GuardedResolver {
                     let addrs: reqwest::dns::Addrs = Box::new(allowed.into_iter());
                     Ok(addrs)
                 }
-                (true, Some(refused)) => Err(Box::new(TargetRefused(format!(
-                    "{host} resolves to {}",
-                    refused.apposition()
-                )))
-                    as Box<dyn std::error::Error + Send + Sync>),
+                // The attempt log is read by the subscriber and the Room's managers, so the
+                // refusal names no address (see `check_push_target`); operators get it here.
+                (true, Some(refused)) => {
+                    tracing::warn!(
+                        target: "postroom::push_guard", host, refusal = %refused,
+                        "push target refused at connect"
+                    );
+                    Err(Box::new(TargetRefused(format!(
+                        "{host} is not an allowed push target"
+                    )))
+                        as Box<dyn std::error::Error + Send + Sync>)
+                }
                 (true, None) => Err(format!("{host} resolves to no address").into()),
             }
         })
@@ -323,7 +330,12 @@ impl Transport for HttpTransport {
                         latency_ms,
                     }
                 }
-                Err(e) => {
+                Err(mut e) => {
+                    // reqwest names the URL in its errors; the attempt log must not show
+                    // credentials a URL stored before they were refused may carry.
+                    if let Some(u) = e.url_mut() {
+                        crate::subscription::redact_userinfo(u);
+                    }
                     let error = if let Some(refusal) = find_refusal(&e) {
                         refusal
                     } else {
@@ -529,9 +541,9 @@ mod tests {
         let got = refusing.send(post(url.clone())).await;
         assert_eq!(got.status, None);
         let error = got.error.expect("an error text");
-        assert!(
-            error.starts_with("push target refused: localhost resolves to ")
-                && error.contains("a loopback address"),
+        // The attempt log is the subscriber's to read: the refusal names no address.
+        assert_eq!(
+            error, "push target refused: localhost is not an allowed push target",
             "{error}"
         );
         assert_eq!(hits.load(Ordering::SeqCst), 0, "the receiver saw nothing");

@@ -525,7 +525,7 @@ fn ttl_ms(ttl: u64) -> Result<u64, ApiError> {
 
 fn sub_item(sub: &Subscription, event_type: &str) -> Value {
     let (delivery, push_url) = match &sub.mode {
-        DeliveryMode::Push(p) => ("PUSH", Some(p.url.clone())),
+        DeliveryMode::Push(p) => ("PUSH", Some(broker_core::redact_url(&p.url))),
         DeliveryMode::Pull => ("PULL", None),
     };
     json!({
