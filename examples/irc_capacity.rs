@@ -14,6 +14,7 @@
 //! `postroom admin grants add APP publisher --room irc --key CENTRE` gives), so that no centre
 //! can post for another; for brevity the dashboard uses the administrator's token, where a
 //! deployment gives it a client with a `subscriber` right.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

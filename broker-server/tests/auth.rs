@@ -3,6 +3,7 @@
 //! the injected clock, secret rotation, the first-start administrator, the GovStack header
 //! check, the audit log, and a matrix of every role against every endpoint. Guards against an
 //! endpoint that forgets its rights check, and against a token outliving its client.
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 

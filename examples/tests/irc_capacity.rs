@@ -4,6 +4,7 @@
 //! its count of bed events must equal what each centre sent. Also checks the ingress's ICD
 //! answers: a repeat is acknowledged without a second event, another centre's body is 422, a
 //! post for a centre the client is not bound to is 403, a bad field is 400 naming it.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::process::Command;

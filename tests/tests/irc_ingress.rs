@@ -5,6 +5,7 @@
 //! token, 403 without a publisher right or for a centre the client is not bound to (before any
 //! check of the body), and a repeated event (same centre, person, operation, timestamp)
 //! acknowledged without a second event; and against events losing their per-centre order.
+#![forbid(unsafe_code)]
 
 use broker_core::{Broker, EventFilter, Principal, Role};
 use broker_server::ServerConfig;

@@ -1,6 +1,7 @@
 //! Publishing: per-key sequences under concurrency, group commit, idempotency, publisher ids,
 //! schema violations and limits. Guards against lost, duplicated or misnumbered events and against
 //! bad input being stored or answered vaguely.
+#![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashSet};
 

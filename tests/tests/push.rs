@@ -2,6 +2,7 @@
 //! failures, retry scheduling (Retry-After, 410, redirects, timeouts), dead letters and redrive,
 //! isolation between subscriptions, replay. Guards against lost, reordered, unsigned or
 //! mis-scheduled webhooks.
+#![forbid(unsafe_code)]
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

@@ -9,6 +9,7 @@
 //! `tokens` (token lifetime, what minted a token, the token endpoint's brakes, external issuers),
 //! `publish` (violation amplification, event ids, IRC centres), `secrets` (push secrets shown
 //! back) and `transport` (slow headers, DNS answers in errors).
+#![forbid(unsafe_code)]
 
 mod harness;
 
