@@ -239,8 +239,24 @@ impl reqwest::dns::Resolve for GuardedResolver {
         let guard = self.guard.clone();
         let host = name.as_str().to_string();
         Box::pin(async move {
+            // The attempt log is read by the subscriber and the Room's managers, so a refusal
+            // names no address, and a name that does not resolve reads the same as one that
+            // resolves only to refused addresses (see `check_push_target`): the broker's DNS
+            // answers describe its own network. Operators get the detail here.
+            let refuse = |reason: String| {
+                tracing::warn!(
+                    target: "postroom::push_guard", host, reason,
+                    "push target refused at connect"
+                );
+                Box::new(TargetRefused(format!(
+                    "{host} is not an allowed push target"
+                ))) as Box<dyn std::error::Error + Send + Sync>
+            };
             // reqwest's request timeout bounds the whole call, resolution included.
-            let resolved = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            let resolved = match tokio::net::lookup_host((host.as_str(), 0)).await {
+                Ok(resolved) => resolved,
+                Err(e) => return Err(refuse(format!("does not resolve: {e}"))),
+            };
             let mut allowed = Vec::new();
             let mut first_refusal = None;
             for addr in resolved {
@@ -256,19 +272,8 @@ impl reqwest::dns::Resolve for GuardedResolver {
                     let addrs: reqwest::dns::Addrs = Box::new(allowed.into_iter());
                     Ok(addrs)
                 }
-                // The attempt log is read by the subscriber and the Room's managers, so the
-                // refusal names no address (see `check_push_target`); operators get it here.
-                (true, Some(refused)) => {
-                    tracing::warn!(
-                        target: "postroom::push_guard", host, refusal = %refused,
-                        "push target refused at connect"
-                    );
-                    Err(Box::new(TargetRefused(format!(
-                        "{host} is not an allowed push target"
-                    )))
-                        as Box<dyn std::error::Error + Send + Sync>)
-                }
-                (true, None) => Err(format!("{host} resolves to no address").into()),
+                (true, Some(refused)) => Err(refuse(format!("resolves to {refused}"))),
+                (true, None) => Err(refuse("resolves to no address".into())),
             }
         })
     }
