@@ -271,7 +271,8 @@ fn icd_repeat(
 /// compared it (a date column, not the text): `10:00:00Z`, `10:00:00.000Z` and `11:00:00+01:00`
 /// are one time. The same client posting the same event again gets the first receipt and
 /// nothing is stored, for as long as the first event is retained, which outlasts the centres'
-/// retry queues (unlike a 10-minute idempotency key). `None` when a part is missing: the schema refuses such a payload anyway.
+/// retry queues (unlike a 10-minute idempotency key). `None` when a part is missing: the schema
+/// refuses such a payload anyway.
 pub fn duplicate_id(centre: &str, doc: &Value) -> Option<EventId> {
     let operation = doc.get("operation")?.as_str()?;
     let written = doc.get("timestamp")?.as_str()?;
