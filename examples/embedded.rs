@@ -5,6 +5,7 @@
 //!
 //! Run: `cargo run -p postroom-examples --bin embedded [DATA_DIR]` (default `./data/embedded`).
 //! It prints one line per step; run it twice and the sequences carry on from the first run.
+#![forbid(unsafe_code)]
 
 use broker_core::{
     Broker, Config, DeliveryMode, Error, EventTypeName, EventTypeSpec, NewRoom, NewSubscription,

@@ -9,6 +9,7 @@
 //! Run: `cargo run -p postroom-examples --bin ipt_move [MOVES] [SEED]` (default 5 moves, seed 2).
 //! It prints the answer to one forged request (401), each move's statuses as the supplier saw
 //! them, then a summary line.
+#![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};

@@ -4,19 +4,23 @@
 //! dashboard subscribes to the `irc` Room in pull mode and prints live occupancy per centre.
 //! At the end each centre prints what it last reported and the dashboard what it last saw: the
 //! two agree. It also shows the ingress's answers to a repeated event (201, no second event),
-//! a body naming another centre (422) and a schema violation (400 naming the field).
+//! a body naming another centre (422), a post for a centre the client is not bound to (403)
+//! and a schema violation (400 naming the field).
 //!
 //! Run: `cargo run -p postroom-examples --bin irc_capacity [CENTRES] [ROUNDS]` (default 3
 //! centres, 20 rounds). The server runs in this process on a free loopback port, in memory,
-//! with the `irc` pack applied. For brevity every centre and the dashboard use the
-//! administrator's token; a deployment gives each centre a client with a `publisher` right on
-//! the Room and the dashboard one with a `subscriber` right.
+//! with the `irc` pack applied. Each centre has its own application and client, bound to its
+//! centre (a `publisher` right on the Room limited to the centre's ordering key, as
+//! `postroom admin grants add APP publisher --room irc --key CENTRE` gives), so that no centre
+//! can post for another; for brevity the dashboard uses the administrator's token, where a
+//! deployment gives it a client with a `subscriber` right.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use broker_core::{Broker, Config, Principal, SystemClock};
+use broker_core::{Broker, Config, Principal, Role, RoomName, SystemClock};
 use broker_server::ServerConfig;
 use serde_json::{json, Value};
 
@@ -223,6 +227,18 @@ impl Centre {
                 .await
                 .map_err(|e| e.to_string())?;
             println!("other centre's body: {status} {}", answer["code"]);
+            let r = self
+                .http
+                .post(format!("{}/irc_entry/elsewhere/event", self.base))
+                .bearer_auth(&self.token)
+                .json(&other)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("posting for another centre: {} {}", r.status().as_u16(), {
+                let v: Value = r.json().await.unwrap_or(Value::Null);
+                v["code"].clone()
+            });
             let mut bad = last;
             bad["timestamp"] = json!("yesterday");
             let (status, answer) = self.post("event", &bad).await.map_err(|e| e.to_string())?;
@@ -230,6 +246,28 @@ impl Centre {
         }
         Ok(())
     }
+}
+
+/// An access token for a client, from the token endpoint.
+async fn access_token(
+    http: &reqwest::Client,
+    base: &str,
+    client_id: &str,
+    secret: &str,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let answer: Value = http
+        .post(format!("{base}/oauth/token"))
+        .basic_auth(client_id, Some(secret))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("grant_type=client_credentials")
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(answer["access_token"]
+        .as_str()
+        .ok_or("no access token")?
+        .to_string())
 }
 
 /// The dashboard: pulls the Room's events and prints occupancy per centre after each heartbeat,
@@ -312,19 +350,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     let http = reqwest::Client::new();
-    let token: Value = http
-        .post(format!("{base}/oauth/token"))
-        .basic_auth("admin", Some(secret))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("grant_type=client_credentials")
-        .send()
-        .await?
-        .json()
-        .await?;
-    let token = token["access_token"]
-        .as_str()
-        .ok_or("no access token")?
-        .to_string();
+    let token = access_token(&http, &base, "admin", secret).await?;
 
     // The dashboard subscribes before the centres start, so it sees everything.
     let sub: Value = http
@@ -349,13 +375,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         rounds,
     ));
 
+    // Each centre's client, bound to its centre.
+    broker.create_member("UK/GOV/HO", "Home Office").await?;
     let mut senders = Vec::new();
     for (i, name) in CENTRES.iter().copied().take(centres).enumerate() {
+        let app = broker
+            .create_application("UK/GOV/HO", name, &format!("{name} IRC client"))
+            .await?;
+        let client_secret = format!("{name}-demo-secret-0123456789");
+        broker
+            .create_client(&app.id, Some(name.to_string()), Some(client_secret.clone()))
+            .await?;
+        broker
+            .grant_limited(
+                &app.id,
+                Role::Publisher,
+                Some(RoomName::new("irc")?),
+                None,
+                Some(vec![name.to_string()]),
+            )
+            .await?;
         let centre = Centre {
             name,
             http: http.clone(),
             base: base.clone(),
-            token: token.clone(),
+            token: access_token(&http, &base, name, &client_secret).await?,
             rng: Rng(0x1C0 + i as u64),
             people: Vec::new(),
             closed: Vec::new(),

@@ -6,6 +6,7 @@
 //! Every line of standard input that is a JSON object `{"person": "...", "n": 1}` is published
 //! too, e.g. `echo '{"person":"ada","n":1}' | cargo run -p postroom-examples --bin quickstart`.
 //! Run it twice: the data is still there and each person's sequence continues.
+#![forbid(unsafe_code)]
 
 use std::io::{BufRead, IsTerminal};
 

@@ -8,6 +8,7 @@
 //! (the secret is the one `POST /v1/rooms/{room}/subscriptions` showed once). It prints
 //! `listening on http://ADDR`, then one line per request: `accepted`, `repeat` or `rejected`.
 //! Point a push subscription at `http://ADDR/hook`. It runs until stopped (Ctrl-C).
+#![forbid(unsafe_code)]
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};

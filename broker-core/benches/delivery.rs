@@ -4,6 +4,7 @@
 //! Run: `cargo bench -p broker-core --bench delivery` (env: `BENCH_DIR` for the database files,
 //! default `target/bench-data`; `BENCH_EVENTS`, deliveries per push case, default 50,000).
 //! Prints Markdown tables and writes `target/bench/delivery.json`.
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -4,6 +4,7 @@
 //! seconds per case; `BENCH_DIR`, where the database files go, default `target/bench-data`, which
 //! must be a real disk for the fsync figures to mean anything; `BENCH_ONLY`, one concurrency). Prints a Markdown table and
 //! writes `target/bench/publish.json`.
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -647,12 +647,18 @@ impl Broker {
                     compiled
                 }
             };
-        let violations = schema::violations(&validator, &payload);
-        if !violations.is_empty() {
+        let found = schema::violations(
+            &validator,
+            &payload,
+            limits.schema_violations_max,
+            limits.violation_text_bytes_max,
+        );
+        if found.total > 0 {
             return Err(Error::SchemaViolation {
                 event_type: req.event_type.to_string(),
                 version: target.version,
-                violations,
+                violations: found.listed,
+                total: found.total,
             });
         }
         let key = schema::ordering_key(
@@ -662,6 +668,13 @@ impl Broker {
             req.event_type.as_str(),
             limits.key_bytes_max,
         )?;
+        if let Some(allowed) = &req.keys_allowed {
+            if !allowed.iter().any(|k| k == key.as_str()) {
+                return Err(Error::KeyNotAllowed {
+                    key: key.as_str().to_string(),
+                });
+            }
+        }
         let idempotency = req.idempotency_key.map(|key| IdempotencyClaim {
             request_hash: request_hash(
                 &req.event_type,

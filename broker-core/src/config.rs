@@ -52,6 +52,14 @@ pub struct Limits {
     /// one after another, short enough that a flood is refused rather than queued). Zero
     /// refuses at once when every slot is taken.
     pub secret_check_wait_ms: u64,
+    /// Most schema violations a refused payload's error lists (default 100). The error still
+    /// says how many there were in all, so that a payload built to break every rule of its
+    /// schema cannot make an answer many times its own size.
+    pub schema_violations_max: usize,
+    /// Longest text of a listed schema violation (its instance path, schema path and message,
+    /// each), in bytes (default 512). A longer one is cut and ends in `…`: a message quotes
+    /// the offending value, which may be most of the payload.
+    pub violation_text_bytes_max: usize,
 }
 
 impl Default for Limits {
@@ -73,6 +81,8 @@ impl Default for Limits {
             stats_series_max: 4096,
             secret_checks_max: 0,
             secret_check_wait_ms: 200,
+            schema_violations_max: 100,
+            violation_text_bytes_max: 512,
         }
     }
 }

@@ -74,12 +74,22 @@ impl Broker {
     }
 
     fn check_push(&self, p: &PushEndpoint) -> Result<()> {
+        // The URL is not echoed: it may carry a password.
         let url = reqwest::Url::parse(&p.url)
-            .map_err(|e| Error::invalid("push.url", format!("`{}`: {e}", p.url)))?;
+            .map_err(|e| Error::invalid("push.url", format!("not a URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(Error::invalid(
                 "push.url",
                 "must be an http or https URL with a host",
+            ));
+        }
+        // Credentials in the URL would be shown back with it to everyone who may read the
+        // subscription; `basic_auth` keeps its password write-only.
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(Error::invalid(
+                "push.url",
+                "must not carry credentials (`user:password@`): give them as `basic_auth`, \
+                 whose password is never shown back",
             ));
         }
         let max = self.config().delivery.push_headers_max;
@@ -118,9 +128,15 @@ impl Broker {
     /// that resolves to one public and one internal address would otherwise let the broker reach
     /// the internal one. Called on the caller's task before anything goes to the writer, because
     /// resolving is a network call. The transport checks again at connect time.
+    ///
+    /// A refused name gets one answer, whether it does not resolve, resolves too slowly or
+    /// resolves to a refused address, and the answer names no address: the broker's DNS answers
+    /// are its network's, and a subscriber must not map that network through refusals. The
+    /// detail goes to the operators' log (`postroom::push_guard`, at info). An IP literal is
+    /// judged as written, so its class is said: the caller wrote it.
     async fn check_push_target(&self, p: &PushEndpoint) -> Result<()> {
         let url = reqwest::Url::parse(&p.url)
-            .map_err(|e| Error::invalid("push.url", format!("`{}`: {e}", p.url)))?;
+            .map_err(|e| Error::invalid("push.url", format!("not a URL: {e}")))?;
         let guard = &self.inner().push_guard;
         let advice = "push targets must be public unless delivery.push_allow allows it";
         if let Some(ip) = literal_ip(&url) {
@@ -130,21 +146,21 @@ impl Broker {
         }
         let host = url.host_str().unwrap_or_default();
         let timeout = Duration::from_millis(self.config().delivery.push_resolve_timeout_ms);
-        let ips = lookup(host, timeout).await.map_err(|e| {
-            Error::invalid(
-                "push.url",
-                format!("{e}; a push endpoint's host must resolve when it is set"),
-            )
-        })?;
-        for ip in ips {
-            guard.check(ip).map_err(|refused| {
-                Error::invalid(
-                    "push.url",
-                    format!("`{host}` resolves to {}; {advice}", refused.apposition()),
-                )
-            })?;
-        }
-        Ok(())
+        let why = match lookup(host, timeout).await {
+            Err(e) => e,
+            Ok(ips) => match ips.into_iter().find_map(|ip| guard.check(ip).err()) {
+                None => return Ok(()),
+                Some(refused) => format!("`{host}` resolves to {}", refused.apposition()),
+            },
+        };
+        tracing::info!(target: "postroom::push_guard", host, reason = %why, "push target refused");
+        Err(Error::invalid(
+            "push.url",
+            format!(
+                "`{host}` is not an allowed push target: its name must resolve, and only to \
+                 public addresses unless delivery.push_allow allows others"
+            ),
+        ))
     }
 
     fn check_bounds(&self, in_flight_max: Option<u32>, queue_depth_max: Option<u64>) -> Result<()> {

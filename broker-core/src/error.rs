@@ -25,6 +25,8 @@ pub enum ErrorKind {
     Conflict,
     /// The caller's credentials are not valid.
     Unauthenticated,
+    /// The caller is known but its rights do not cover this request.
+    Forbidden,
     /// The request is malformed or violates a rule; retrying it unchanged will fail again.
     InvalidInput,
     /// The request is larger than a configured limit.
@@ -148,11 +150,20 @@ pub enum Error {
         /// The idempotency key.
         key: String,
     },
-    /// The publisher's own event id is already taken by an event elsewhere.
-    #[error("event id `{id}` is already used by another room or event type")]
+    /// The publisher's own event id names another event: one with another payload, key, type
+    /// or Room, or another publisher's. Deliberately not saying which, so that nobody learns
+    /// whose id it is.
+    #[error("event id `{id}` is already used by another event; give a new event a new id")]
     EventIdConflict {
         /// The event id.
         id: String,
+    },
+    /// The publisher's right is limited to some ordering keys and this event's key is not one
+    /// of them (see [`crate::Rights::publish_keys`]).
+    #[error("the publisher's right does not cover ordering key `{key}`")]
+    KeyNotAllowed {
+        /// The event's ordering key.
+        key: String,
     },
     /// The request is invalid; `field` names the offending input.
     #[error("invalid {field}: {message}")]
@@ -174,15 +185,20 @@ pub enum Error {
         /// What the schema compiler or meta-schema check reported.
         message: String,
     },
-    /// The payload does not satisfy its event type's schema; every violation is listed.
-    #[error("payload violates the schema of `{event_type}` version {version}: {} violation(s)", violations.len())]
+    /// The payload does not satisfy its event type's schema. The first violations are listed
+    /// (at most [`crate::Limits::schema_violations_max`]), with the count of all.
+    #[error("payload violates the schema of `{event_type}` version {version}: {total} violation(s){}",
+        if *total > violations.len() { format!(", the first {} listed", violations.len()) } else { String::new() })]
     SchemaViolation {
         /// The event type.
         event_type: String,
         /// The schema version that was applied.
         version: u32,
-        /// Every violation found, not only the first.
+        /// The first violations found, not only the first one; fewer than `total` when the cap
+        /// cut the list.
         violations: Vec<Violation>,
+        /// How many violations the payload has, listed or not.
+        total: usize,
     },
     /// A configured limit was exceeded.
     #[error("{limit} exceeded: {actual} > {max}")]
@@ -235,6 +251,7 @@ impl Error {
             Error::RoomNotActive { .. } => "room_not_active",
             Error::IdempotencyConflict { .. } => "idempotency_conflict",
             Error::EventIdConflict { .. } => "event_id_conflict",
+            Error::KeyNotAllowed { .. } => "key_not_allowed",
             Error::InvalidInput { .. } => "invalid_input",
             Error::InvalidJson { .. } => "invalid_json",
             Error::InvalidSchema { .. } => "invalid_schema",
@@ -256,6 +273,7 @@ impl Error {
             | Error::SubscriptionNotFound { .. }
             | Error::IdentityNotFound { .. } => ErrorKind::NotFound,
             Error::InvalidClient => ErrorKind::Unauthenticated,
+            Error::KeyNotAllowed { .. } => ErrorKind::Forbidden,
             Error::RoomExists { .. }
             | Error::IdentityExists { .. }
             | Error::EventTypeExists { .. }
@@ -339,6 +357,7 @@ mod tests {
             },
             Error::IdempotencyConflict { key: "k".into() },
             Error::EventIdConflict { id: "x".into() },
+            Error::KeyNotAllowed { key: "k".into() },
             Error::invalid("f", "m"),
             Error::InvalidJson {
                 message: "m".into(),
@@ -350,6 +369,7 @@ mod tests {
                 event_type: "t".into(),
                 version: 1,
                 violations: vec![],
+                total: 0,
             },
             Error::limit("payload_bytes_max", 1, 2),
             Error::Overloaded { retry_after_ms: 1 },

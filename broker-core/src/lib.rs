@@ -28,6 +28,7 @@
 //! # Ok(()) }
 //! ```
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod audit;
@@ -73,9 +74,10 @@ pub use runtime::{ConfigPatch, DeliveryPatch, LimitsPatch};
 pub use stats::{
     Latency, RoomStats, StatsFilter, StatsReport, StatsTotals, SubscriptionStats, Window,
 };
+pub use subscription::redact_url;
 pub use subscription::{
     Attempt, AttemptOutcome, BasicAuth, BlockedKey, CreatedSubscription, DeadLetter, DeliveryMode,
     DeliveryState, EventDelivery, NewSubscription, PulledMessage, PushEndpoint, RetryOverrides,
-    RetryPolicy, SeekTarget, Subscription, SubscriptionPatch, SubscriptionStatus,
+    RetryPolicy, SeekTarget, Subscription, SubscriptionPatch, SubscriptionStatus, REDACTED,
 };
 pub use webhook::{sign as sign_webhook, verify as verify_webhook};

@@ -221,8 +221,9 @@ pub struct PublishRequest {
     pub payload: Vec<u8>,
     /// Who publishes.
     pub publisher: Principal,
-    /// The publisher's own event id. Publishing the same id again returns the first receipt and
-    /// stores nothing.
+    /// The publisher's own event id. The same publisher publishing the same event again (same
+    /// Room, type, key and payload bytes) gets the first receipt and stores nothing; any other
+    /// use of a known id is [`crate::Error::EventIdConflict`].
     pub event_id: Option<EventId>,
     /// An idempotency key: the same key with the same request within the window returns the first
     /// receipt; with a different request it is a conflict.
@@ -230,6 +231,11 @@ pub struct PublishRequest {
     /// The ordering key, when the publisher names it. When the event type also has a key pointer
     /// and both are present they must agree.
     pub ordering_key: Option<String>,
+    /// When set, the event's ordering key must be one of these, or the publish is refused with
+    /// [`crate::Error::KeyNotAllowed`]: the publisher's right is limited to them. A host that
+    /// checks rights passes [`crate::Rights::publish_keys`] here, because only the broker
+    /// knows the key (it may come from the payload).
+    pub keys_allowed: Option<Vec<String>>,
 }
 
 impl PublishRequest {
@@ -248,6 +254,7 @@ impl PublishRequest {
             event_id: None,
             idempotency_key: None,
             ordering_key: None,
+            keys_allowed: None,
         }
     }
 }

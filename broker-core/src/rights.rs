@@ -69,6 +69,11 @@ pub struct Grant {
     pub room_id: Option<u64>,
     /// For publishers and subscribers: only these event types (`None` for all).
     pub event_types: Option<Vec<EventTypeName>>,
+    /// For publishers: only events whose ordering key is one of these (`None` for any key).
+    /// This is what binds an IRC centre to its client: the `irc` pack keys every event type
+    /// by `/centre`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<Vec<String>>,
     /// When it was given.
     pub created_at: Timestamp,
 }
@@ -105,6 +110,7 @@ impl Rights {
                 room: None,
                 room_id: None,
                 event_types: None,
+                keys: None,
                 created_at: Timestamp(0),
             }],
         }
@@ -145,9 +151,40 @@ impl Rights {
             })
     }
 
-    /// True when the principal may publish `ty` to `room` (managers may too).
+    /// True when the principal may publish `ty` to `room` (managers may too), with some
+    /// ordering key at least (see [`Rights::publish_keys`]).
     pub fn can_publish(&self, room: &RoomName, ty: &EventTypeName) -> bool {
         self.typed(room, Role::Publisher, Some(ty))
+    }
+
+    /// The ordering keys the principal may publish `ty` to `room` with: `None` for any key (an
+    /// administrator, a manager of the Room, or a publisher right without keys), or the keys
+    /// its publisher right is limited to. Meaningful only where [`Rights::can_publish`] holds;
+    /// the broker checks it with [`crate::PublishRequest::keys_allowed`].
+    pub fn publish_keys(&self, room: &RoomName, ty: &EventTypeName) -> Option<Vec<String>> {
+        if self.manages(room) {
+            return None;
+        }
+        let mut keys: Vec<String> = Vec::new();
+        for g in self.on(room, Role::Publisher).filter(|g| {
+            g.event_types
+                .as_ref()
+                .is_none_or(|types| types.contains(ty))
+        }) {
+            match &g.keys {
+                None => return None,
+                Some(k) => keys.extend(k.iter().cloned()),
+            }
+        }
+        Some(keys)
+    }
+
+    /// True when the principal may publish `ty` to `room` with ordering key `key`.
+    pub fn can_publish_key(&self, room: &RoomName, ty: &EventTypeName, key: &str) -> bool {
+        self.can_publish(room, ty)
+            && self
+                .publish_keys(room, ty)
+                .is_none_or(|keys| keys.iter().any(|k| k == key))
     }
 
     /// True when `caller` (whose rights these are) may read or stop `event`: a manager of its
@@ -181,6 +218,39 @@ impl Broker {
         room: Option<RoomName>,
         event_types: Option<Vec<EventTypeName>>,
     ) -> Result<Grant> {
+        self.grant_limited(principal, role, room, event_types, None)
+            .await
+    }
+
+    /// [`Broker::grant`], and for a publisher right, limited to the ordering keys `keys` (at
+    /// least one; each a valid ordering key): events with any other key are refused with
+    /// [`Error::KeyNotAllowed`]. Giving the right again replaces its keys.
+    pub async fn grant_limited(
+        &self,
+        principal: &Principal,
+        role: Role,
+        room: Option<RoomName>,
+        event_types: Option<Vec<EventTypeName>>,
+        keys: Option<Vec<String>>,
+    ) -> Result<Grant> {
+        if let Some(keys) = &keys {
+            if role != Role::Publisher {
+                return Err(Error::invalid(
+                    "keys",
+                    "only publisher rights are limited to ordering keys",
+                ));
+            }
+            if keys.is_empty() {
+                return Err(Error::invalid(
+                    "keys",
+                    "name at least one ordering key, or give no list for any key",
+                ));
+            }
+            let max = self.config().limits.key_bytes_max;
+            for k in keys {
+                crate::ids::OrderingKey::new(k.clone(), max)?;
+            }
+        }
         match (role, &room) {
             (Role::Admin, Some(_)) => {
                 return Err(Error::invalid(
@@ -216,6 +286,7 @@ impl Broker {
                     room,
                     room_id,
                     event_types,
+                    keys,
                     created_at: now,
                 };
                 let key = Grant::key(&g.principal, g.role, g.room.as_ref());
@@ -444,8 +515,37 @@ mod tests {
             room_id: Some(1),
             event_types: types
                 .map(|ts| ts.iter().map(|t| EventTypeName::new(*t).unwrap()).collect()),
+            keys: None,
             created_at: Timestamp(0),
         }
+    }
+
+    #[test]
+    fn publisher_rights_limited_to_keys() {
+        let irc = RoomName::new("irc").unwrap();
+        let check_in = EventTypeName::new("check_in").unwrap();
+        let mut bound = grant(Role::Publisher, Some("irc"), None);
+        bound.keys = Some(vec!["brookhouse".into()]);
+        let rights = Rights {
+            grants: vec![bound],
+        };
+        assert!(rights.can_publish(&irc, &check_in));
+        assert_eq!(
+            rights.publish_keys(&irc, &check_in),
+            Some(vec!["brookhouse".to_string()])
+        );
+        assert!(rights.can_publish_key(&irc, &check_in, "brookhouse"));
+        assert!(!rights.can_publish_key(&irc, &check_in, "harmondsworth"));
+        let open = Rights {
+            grants: vec![grant(Role::Publisher, Some("irc"), None)],
+        };
+        assert_eq!(open.publish_keys(&irc, &check_in), None);
+        assert!(open.can_publish_key(&irc, &check_in, "harmondsworth"));
+        let manager = Rights {
+            grants: vec![grant(Role::RoomManager, Some("irc"), None)],
+        };
+        assert!(manager.can_publish_key(&irc, &check_in, "harmondsworth"));
+        assert!(!Rights::default().can_publish_key(&irc, &check_in, "brookhouse"));
     }
 
     #[test]

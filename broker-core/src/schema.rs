@@ -33,16 +33,63 @@ pub(crate) fn compile(schema: &Value, validate_formats: bool) -> Result<Validato
         })
 }
 
-/// Every violation of `payload` against `validator`, in the validator's order.
-pub(crate) fn violations(validator: &Validator, payload: &Value) -> Vec<Violation> {
-    validator
-        .iter_errors(payload)
-        .map(|e| Violation {
-            instance_path: e.instance_path().as_str().to_string(),
-            schema_path: e.schema_path().as_str().to_string(),
-            message: e.to_string(),
-        })
-        .collect()
+/// What a payload's schema check found: the first violations, in the validator's order, and
+/// how many there are in all.
+#[derive(Debug)]
+pub(crate) struct Found {
+    /// At most the cap asked for.
+    pub listed: Vec<Violation>,
+    /// Every violation found, listed or not.
+    pub total: usize,
+}
+
+/// The violations of `payload` against `validator`: at most `max` of them listed, each text (the
+/// two paths and the message) cut to `text_bytes_max` bytes, with the count of all.
+///
+/// Why both bounds: a 1 MB array of 500,000 wrong items has 500,000 violations, and a single
+/// violation's message quotes the offending value, which can be the whole payload; listing
+/// everything made a 48 MB answer. Only the first `max` are turned into strings. The validator
+/// (jsonschema 0.61, the latest release) finds every error before its iterator yields the
+/// first and has no error budget, so its own transient list (about 340 bytes per violation,
+/// some 170 MB for that array) is not bounded by `max`; since it exists anyway, counting the
+/// rest costs nothing more. A valid payload takes the allocation-free `is_valid` path.
+pub(crate) fn violations(
+    validator: &Validator,
+    payload: &Value,
+    max: usize,
+    text_bytes_max: usize,
+) -> Found {
+    let mut listed = Vec::new();
+    let mut total = 0;
+    if validator.is_valid(payload) {
+        return Found { listed, total };
+    }
+    for e in validator.iter_errors(payload) {
+        total += 1;
+        if listed.len() < max {
+            listed.push(Violation {
+                instance_path: cut(e.instance_path().as_str().to_string(), text_bytes_max),
+                schema_path: cut(e.schema_path().as_str().to_string(), text_bytes_max),
+                message: cut(e.to_string(), text_bytes_max),
+            });
+        }
+    }
+    Found { listed, total }
+}
+
+/// `text` cut to at most `max` bytes on a character boundary, ending in `…` when cut.
+fn cut(mut text: String, max: usize) -> String {
+    const ELLIPSIS: &str = "\u{2026}";
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max.saturating_sub(ELLIPSIS.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(ELLIPSIS);
+    text
 }
 
 /// Checks the syntax of a JSON Pointer (RFC 6901): empty, or `/`-separated tokens where `~` is
@@ -166,7 +213,7 @@ mod tests {
             "properties": {"a": {"type": "integer"}, "c": {"type": "string", "maxLength": 2}}
         });
         let v = compile(&schema, true).unwrap();
-        let found = violations(&v, &json!({"a": "x", "c": "long"}));
+        let found = violations(&v, &json!({"a": "x", "c": "long"}), 100, 512).listed;
         let paths: Vec<_> = found
             .iter()
             .map(|v| (v.instance_path.as_str(), v.schema_path.as_str()))
@@ -178,6 +225,23 @@ mod tests {
         );
         assert!(paths.contains(&("", "/required")), "{paths:?}");
         assert_eq!(found.len(), 3);
+    }
+
+    #[test]
+    fn violations_are_capped_and_their_texts_cut() {
+        let v = compile(&json!({"type": "array", "items": {"type": "string"}}), true).unwrap();
+        let found = violations(&v, &json!(vec![0; 1000]), 10, 512);
+        assert_eq!((found.listed.len(), found.total), (10, 1000));
+        assert_eq!(found.listed[9].instance_path, "/9");
+        // A message quoting a long value is cut on a character boundary.
+        let v = compile(&json!({"type": "integer"}), true).unwrap();
+        let found = violations(&v, &json!("é".repeat(1000)), 10, 64);
+        let message = &found.listed[0].message;
+        assert!(
+            message.len() <= 64 && message.ends_with('\u{2026}'),
+            "{message}"
+        );
+        assert_eq!(cut("short".into(), 64), "short");
     }
 
     #[test]
@@ -207,15 +271,18 @@ mod tests {
                 true,
             )
             .unwrap();
-            assert_eq!(violations(&v, &json!({})).len(), 1, "{draft}");
+            assert_eq!(violations(&v, &json!({}), 100, 512).total, 1, "{draft}");
         }
     }
 
     #[test]
     fn formats_are_asserted() {
         let v = compile(&json!({"type": "string", "format": "date-time"}), true).unwrap();
-        assert!(violations(&v, &json!("2026-11-22T10:00:00Z")).is_empty());
-        assert_eq!(violations(&v, &json!("yesterday")).len(), 1);
+        assert_eq!(
+            violations(&v, &json!("2026-11-22T10:00:00Z"), 100, 512).total,
+            0
+        );
+        assert_eq!(violations(&v, &json!("yesterday"), 100, 512).total, 1);
     }
 
     #[test]

@@ -94,15 +94,72 @@ impl std::fmt::Debug for BasicAuth {
     }
 }
 
+/// What a write-only value is shown as.
+pub const REDACTED: &str = "***";
+
 /// Where and how push deliveries are sent.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PushEndpoint {
-    /// An `http` or `https` URL.
+    /// An `http` or `https` URL, without credentials (they go in `basic_auth`).
     pub url: String,
     /// Extra request headers (names are checked; Postroom's own headers cannot be replaced).
+    /// The values are write-only: they often carry an API key.
     pub headers: Vec<(String, String)>,
     /// Optional HTTP Basic credentials.
     pub basic_auth: Option<BasicAuth>,
+}
+
+impl PushEndpoint {
+    /// The endpoint as it may be shown to anyone who may read the subscription (its Room's
+    /// managers too): header values replaced by [`REDACTED`], credentials in the URL (refused
+    /// since issue 14, but possibly stored before) replaced by it, and the Basic password
+    /// emptied. Header names, the URL and the Basic user name stay visible.
+    pub fn redacted(&self) -> PushEndpoint {
+        PushEndpoint {
+            url: redact_url(&self.url),
+            headers: self
+                .headers
+                .iter()
+                .map(|(name, _)| (name.clone(), REDACTED.to_string()))
+                .collect(),
+            basic_auth: self.basic_auth.as_ref().map(|b| BasicAuth {
+                username: b.username.clone(),
+                password: String::new(),
+            }),
+        }
+    }
+}
+
+/// `url` with any user name and password replaced by [`REDACTED`]; as it was when it does not
+/// parse or has none.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            redact_userinfo(&mut u);
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Replaces a URL's user name and password with [`REDACTED`].
+pub(crate) fn redact_userinfo(u: &mut reqwest::Url) {
+    if !u.username().is_empty() || u.password().is_some() {
+        // Only URLs that cannot have credentials refuse these, and those have none.
+        let _ = u.set_password(None);
+        let _ = u.set_username(REDACTED);
+    }
+}
+
+impl std::fmt::Debug for PushEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = self.redacted();
+        f.debug_struct("PushEndpoint")
+            .field("url", &shown.url)
+            .field("headers", &shown.headers)
+            .field("basic_auth", &self.basic_auth)
+            .finish()
+    }
 }
 
 /// How a subscription receives its events.
@@ -233,6 +290,18 @@ pub struct Subscription {
     pub created_at: Timestamp,
     /// When it last changed.
     pub updated_at: Timestamp,
+}
+
+impl Subscription {
+    /// The subscription as it may be shown: its push endpoint [`PushEndpoint::redacted`].
+    /// Every answer that shows a subscription goes through this.
+    pub fn redacted(&self) -> Subscription {
+        let mut shown = self.clone();
+        if let DeliveryMode::Push(p) = &self.mode {
+            shown.mode = DeliveryMode::Push(p.redacted());
+        }
+        shown
+    }
 }
 
 /// A new subscription and, for push, its signing secret, shown only this once.
@@ -370,4 +439,34 @@ pub enum SeekTarget {
     Oldest,
     /// The first event received at or after this time.
     Time(Timestamp),
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn push_secrets_are_redacted_and_kept_out_of_debug() {
+        let p = PushEndpoint {
+            url: "https://user:pa55@hooks.example.org/x?y=1".into(),
+            headers: vec![("X-Api-Key".into(), "k3y".into())],
+            basic_auth: Some(BasicAuth {
+                username: "u".into(),
+                password: "pw".into(),
+            }),
+        };
+        let shown = p.redacted();
+        assert_eq!(shown.url, "https://***@hooks.example.org/x?y=1");
+        assert_eq!(shown.headers, vec![("X-Api-Key".into(), "***".into())]);
+        assert_eq!(
+            shown.basic_auth.as_ref().map(|b| b.password.as_str()),
+            Some("")
+        );
+        let debug = format!("{p:?}");
+        for secret in ["pa55", "k3y", "pw"] {
+            assert!(!debug.contains(secret), "{debug}");
+        }
+        assert_eq!(redact_url("http://h/p"), "http://h/p");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
 }

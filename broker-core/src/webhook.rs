@@ -239,8 +239,24 @@ impl reqwest::dns::Resolve for GuardedResolver {
         let guard = self.guard.clone();
         let host = name.as_str().to_string();
         Box::pin(async move {
+            // The attempt log is read by the subscriber and the Room's managers, so a refusal
+            // names no address, and a name that does not resolve reads the same as one that
+            // resolves only to refused addresses (see `check_push_target`): the broker's DNS
+            // answers describe its own network. Operators get the detail here.
+            let refuse = |reason: String| {
+                tracing::warn!(
+                    target: "postroom::push_guard", host, reason,
+                    "push target refused at connect"
+                );
+                Box::new(TargetRefused(format!(
+                    "{host} is not an allowed push target"
+                ))) as Box<dyn std::error::Error + Send + Sync>
+            };
             // reqwest's request timeout bounds the whole call, resolution included.
-            let resolved = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            let resolved = match tokio::net::lookup_host((host.as_str(), 0)).await {
+                Ok(resolved) => resolved,
+                Err(e) => return Err(refuse(format!("does not resolve: {e}"))),
+            };
             let mut allowed = Vec::new();
             let mut first_refusal = None;
             for addr in resolved {
@@ -256,12 +272,8 @@ impl reqwest::dns::Resolve for GuardedResolver {
                     let addrs: reqwest::dns::Addrs = Box::new(allowed.into_iter());
                     Ok(addrs)
                 }
-                (true, Some(refused)) => Err(Box::new(TargetRefused(format!(
-                    "{host} resolves to {}",
-                    refused.apposition()
-                )))
-                    as Box<dyn std::error::Error + Send + Sync>),
-                (true, None) => Err(format!("{host} resolves to no address").into()),
+                (true, Some(refused)) => Err(refuse(format!("resolves to {refused}"))),
+                (true, None) => Err(refuse("resolves to no address".into())),
             }
         })
     }
@@ -323,7 +335,12 @@ impl Transport for HttpTransport {
                         latency_ms,
                     }
                 }
-                Err(e) => {
+                Err(mut e) => {
+                    // reqwest names the URL in its errors; the attempt log must not show
+                    // credentials a URL stored before they were refused may carry.
+                    if let Some(u) = e.url_mut() {
+                        crate::subscription::redact_userinfo(u);
+                    }
                     let error = if let Some(refusal) = find_refusal(&e) {
                         refusal
                     } else {
@@ -529,9 +546,9 @@ mod tests {
         let got = refusing.send(post(url.clone())).await;
         assert_eq!(got.status, None);
         let error = got.error.expect("an error text");
-        assert!(
-            error.starts_with("push target refused: localhost resolves to ")
-                && error.contains("a loopback address"),
+        // The attempt log is the subscriber's to read: the refusal names no address.
+        assert_eq!(
+            error, "push target refused: localhost is not an allowed push target",
             "{error}"
         );
         assert_eq!(hits.load(Ordering::SeqCst), 0, "the receiver saw nothing");

@@ -31,6 +31,13 @@ pub struct Problem {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Vec<crate::api::schemas::ViolationSchema>>)]
     pub violations: Option<Vec<broker_core::Violation>>,
+    /// How many violations the payload has in all (`schema_violation` only); `violations`
+    /// lists at most `broker.limits.schema_violations_max` of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub violations_total: Option<usize>,
+    /// True when `violations` does not list them all (`schema_violation` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub violations_truncated: Option<bool>,
     /// The schema version the payload was validated against (`schema_violation` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub schema_version: Option<u32>,
@@ -135,8 +142,10 @@ pub enum ApiError {
         field: String,
         /// What is wrong.
         message: String,
-        /// Every violation, as in `schema_violation` answers.
+        /// The first violations, as in `schema_violation` answers.
         violations: Vec<broker_core::Violation>,
+        /// How many violations there are in all (0 for a fault found before the schema).
+        violations_total: usize,
     },
     /// An IRC body names another centre than its path (the ICD's 422).
     #[error("the body's centre `{body}` differs from the path's `{path}`")]
@@ -200,6 +209,7 @@ impl ApiError {
                 },
                 ErrorKind::Overloaded => StatusCode::TOO_MANY_REQUESTS,
                 ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+                ErrorKind::Forbidden => StatusCode::FORBIDDEN,
                 ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
@@ -272,6 +282,8 @@ fn problem(err: ApiError, status: StatusCode) -> Response {
         detail,
         code: code.to_string(),
         violations: None,
+        violations_total: None,
+        violations_truncated: None,
         schema_version: None,
         limit: None,
         field: None,
@@ -282,9 +294,12 @@ fn problem(err: ApiError, status: StatusCode) -> Response {
         ApiError::Core(broker_core::Error::SchemaViolation {
             violations,
             version,
+            total,
             ..
         }) => {
             body.violations = Some(violations.clone());
+            body.violations_total = Some(*total);
+            body.violations_truncated = Some(*total > violations.len());
             body.schema_version = Some(*version);
         }
         ApiError::Core(broker_core::Error::LimitExceeded { limit, max, actual }) => {
@@ -309,10 +324,17 @@ fn problem(err: ApiError, status: StatusCode) -> Response {
         ApiError::Core(broker_core::Error::ShuttingDown) | ApiError::Busy => retry_after = Some(1),
         ApiError::NotReady(reasons) => body.reasons = Some(reasons.clone()),
         ApiError::FieldInvalid {
-            field, violations, ..
+            field,
+            violations,
+            violations_total,
+            ..
         } => {
             body.field = Some(field.clone());
-            body.violations = (!violations.is_empty()).then(|| violations.clone());
+            if !violations.is_empty() {
+                body.violations = Some(violations.clone());
+                body.violations_total = Some(*violations_total);
+                body.violations_truncated = Some(*violations_total > violations.len());
+            }
         }
         _ => {}
     }

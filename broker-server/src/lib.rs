@@ -1,6 +1,7 @@
 //! Postroom's HTTP server: a thin axum layer over broker-core. The router is built by
 //! [`api::app`]; [`serve`] runs it with the configured limits, over HTTPS when a certificate is
 //! configured, and shuts down gracefully.
+#![forbid(unsafe_code)]
 
 pub mod api;
 pub mod auth;

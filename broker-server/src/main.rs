@@ -1,5 +1,6 @@
 //! The `postroom` binary: `postroom serve` runs the broker's HTTP server; every other
 //! subcommand is a client of a running server (see `broker_server::cli`).
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

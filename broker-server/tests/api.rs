@@ -1,6 +1,7 @@
 //! The native HTTP API through the router (no socket), one real socket, and the `postroom`
 //! binary: statuses, problem+json errors, and the publish/subscribe/pull flow. Guards against
 //! the server mapping an error to the wrong status, or a bad request to a 500.
+#![forbid(unsafe_code)]
 
 mod common;
 use common::local;

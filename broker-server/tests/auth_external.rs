@@ -2,6 +2,7 @@
 //! Web Key Set made in the test from freshly generated RSA and EC keys. Guards against accepting
 //! a token that is not the issuer's, not for this broker, out of date or not naming a valid
 //! application, and against missing a key the issuer has just published.
+#![forbid(unsafe_code)]
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -2,6 +2,7 @@
 //! free loopback port, runs the built binary against it and checks what it prints and how it
 //! exits. These exist because the unit tests of the CLI modules cannot show that the commands,
 //! the HTTP routes and the exit codes fit together.
+#![forbid(unsafe_code)]
 
 mod common;
 use common::{local, wait, DEADLINE};

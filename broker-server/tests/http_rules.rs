@@ -1,6 +1,7 @@
 //! Rules that hold across routes: `Idempotency-Key` on creating POSTs (replay, conflict,
 //! errors not remembered, keys per caller, surviving a restart) and the header limits. Guards
 //! against a retried request creating a second subscription, and against unbounded headers.
+#![forbid(unsafe_code)]
 
 mod common;
 use common::local;

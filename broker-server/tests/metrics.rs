@@ -2,6 +2,7 @@
 //! `/v1/admin/system`. The metrics recorder is global to the process and the tests of this file
 //! run in parallel, so each test uses its own Room and compares counters it shares with others
 //! before and after, never as absolute values.
+#![forbid(unsafe_code)]
 
 mod common;
 use common::local;

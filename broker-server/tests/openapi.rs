@@ -3,6 +3,7 @@
 //! operation that is not documented, a `$ref` to nothing), against the per-Room document
 //! describing payloads other than the registered schemas, and against `/docs` needing the
 //! internet.
+#![forbid(unsafe_code)]
 
 mod common;
 use common::local;

@@ -2,6 +2,7 @@
 //! running configuration `GET|PATCH /v1/admin/config`, plus the queue gauges of `/metrics`.
 //! Guards against figures that do not move when the broker works: each test publishes, fails,
 //! leases and dead-letters deliveries, then checks that the numbers say exactly that.
+#![forbid(unsafe_code)]
 
 mod common;
 use common::local;

@@ -2,6 +2,7 @@
 //! before anything listens, and the line that tells where the server listens. Guards against
 //! `--insecure-no-auth` being usable on a reachable address, and against a TLS server
 //! announcing itself as plain HTTP.
+#![forbid(unsafe_code)]
 
 mod common;
 use common::{wait, DEADLINE};

@@ -2,6 +2,7 @@
 //! certificate gets answers, a plain-HTTP client does not) and still shuts down cleanly; bad TLS
 //! settings stop the server before it starts, naming the file at fault. Guards against a
 //! configured certificate being silently ignored, which would serve credentials in clear text.
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

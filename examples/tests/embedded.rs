@@ -1,6 +1,7 @@
 //! Runs the embedded example twice in one folder, as its header says. Guards against the run
 //! command breaking, against events not being pulled in per-key order, and against
 //! acknowledged events coming back.
+#![forbid(unsafe_code)]
 
 use std::process::Command;
 

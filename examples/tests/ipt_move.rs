@@ -2,6 +2,7 @@
 //! against a supplier seeing a move's events out of order, losing one, or seeing a repeat it
 //! cannot drop, while its receiver fails at random; and against the signature check failing
 //! on the broker's real pushes.
+#![forbid(unsafe_code)]
 
 use std::process::Command;
 

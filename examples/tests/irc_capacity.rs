@@ -3,7 +3,8 @@
 //! the occupancy the dashboard prints last must equal what each centre last reported, and
 //! its count of bed events must equal what each centre sent. Also checks the ingress's ICD
 //! answers: a repeat is acknowledged without a second event, another centre's body is 422, a
-//! bad field is 400 naming it.
+//! post for a centre the client is not bound to is 403, a bad field is 400 naming it.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -38,6 +39,10 @@ fn the_dashboard_shows_what_the_centres_sent() {
     );
     assert!(
         stdout.contains("other centre's body: 422 \"centre_mismatch\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("posting for another centre: 403 \"forbidden\""),
         "{stdout}"
     );
     assert!(

@@ -1,5 +1,6 @@
 //! Drives the quickstart program as a user would: twice in the same folder, with input on stdin.
 //! Guards against the README's run command breaking and against data not persisting.
+#![forbid(unsafe_code)]
 
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -1,6 +1,7 @@
 //! Runs the webhook receiver example as its header says and sends it real pushes from a broker,
 //! plus a forged request and a repeat. Guards against the copyable receiver refusing the
 //! broker's genuine signatures, accepting a forged one, or processing a repeat twice.
+#![forbid(unsafe_code)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -1,5 +1,6 @@
 //! Shared helpers for Postroom's integration tests, so that each test file states only what it
 //! checks: a broker on a temporary file or in memory, a Room with an event type, a payload maker.
+#![forbid(unsafe_code)]
 
 pub mod receiver;
 

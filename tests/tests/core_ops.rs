@@ -3,6 +3,7 @@
 //! an event's deliveries, and remembering responses under idempotency keys. Guards against a
 //! deleted type reusing a version number, an ack landing on the wrong event, a stopped event
 //! still being delivered, and a replayed answer for a different request.
+#![forbid(unsafe_code)]
 
 use broker_core::{
     DeliveryMode, DeliveryState, EventTypeSpec, NewSubscription, StoredResponse, SubscriptionId,

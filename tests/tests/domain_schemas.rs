@@ -17,6 +17,7 @@
 //! ingress's verdict (that rule, then our schema) equals the original's on every payload. Then: both packs load and compile, and each Book a
 //! Secure Move event type accepts its own example, refuses the others' `event_type`, and its
 //! events are valid supplier notifications.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -1,6 +1,7 @@
 //! Durability: what was acknowledged survives a clean reopen and a SIGKILL. Guards against an
 //! acknowledgement given before the commit is on disk, and against sequences that break across
 //! a restart.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

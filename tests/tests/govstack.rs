@@ -2,6 +2,7 @@
 //! from the yaml would drive it: event type admin, publish, status and stop, PULL and PUSH
 //! subscriptions, pull of the next event and its confirmation. Every status code asserted here
 //! is the one the yaml lists for that case, so a change that drifts from the yaml fails.
+#![forbid(unsafe_code)]
 
 use std::time::Duration;
 

@@ -2,6 +2,7 @@
 //! core. Guards against a secret that keeps working after revocation, a third secret, an
 //! unknown client told apart from a wrong secret, rights leaking across Rooms, and audit
 //! entries lost or out of order across a reopen.
+#![forbid(unsafe_code)]
 
 use broker_core::{AuditFilter, Broker, NewAuditEntry, Role};
 use postroom_tests::{memory_broker, room, setup_room, test_config, ty, who};

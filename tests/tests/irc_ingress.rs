@@ -2,9 +2,10 @@
 //! `irc` pack applied and real tokens (the centres' from the ICD's token path), driven through
 //! one `check` helper. Guards against the ICD contract drifting: 201 on success, 400 naming the
 //! field on a schema violation, 422 when the body's centre is not the path's, 401 without a
-//! token, 403 without a publisher right (before any check of the body), and a repeated event
-//! (same centre, person, operation, timestamp) acknowledged without a second event; and against
-//! events losing their per-centre order.
+//! token, 403 without a publisher right or for a centre the client is not bound to (before any
+//! check of the body), and a repeated event (same centre, person, operation, timestamp)
+//! acknowledged without a second event; and against events losing their per-centre order.
+#![forbid(unsafe_code)]
 
 use broker_core::{Broker, EventFilter, Principal, Role};
 use broker_server::ServerConfig;
@@ -72,9 +73,17 @@ async fn start() -> Irc {
             .await
             .expect("client");
     }
+    // Brook House's client, bound to its centre: a publisher right limited to the ordering
+    // key `brookhouse` (the pack keys every type by `/centre`).
     let centres = Principal::new("UK/GOV/HO/centres").expect("principal");
     broker
-        .grant(&centres, Role::Publisher, Some(room("irc")), None)
+        .grant_limited(
+            &centres,
+            Role::Publisher,
+            Some(room("irc")),
+            None,
+            Some(vec!["brookhouse".into()]),
+        )
         .await
         .expect("grant");
     let app = broker_server::router(broker.clone(), &config).expect("router");
@@ -185,6 +194,27 @@ async fn the_irc_ingress_answers_as_the_icd_consumer_did() {
         ev,
         Some(&irc.other_token),
         first.clone(),
+        403,
+        Some("forbidden"),
+        None,
+    )
+    .await;
+
+    // A centre's client posts for its own centre only, events and heartbeats alike.
+    irc.check(
+        "/irc_entry/yarlswood/event",
+        t,
+        check_in("yarlswood", 1, "2024-01-01T10:00:00Z"),
+        403,
+        Some("forbidden"),
+        None,
+    )
+    .await;
+    irc.check(
+        "/irc_entry/yarlswood/heartbeat",
+        t,
+        json!({"centre": "yarlswood", "male_occupied": 1, "female_occupied": 2,
+               "male_outofcommission": 0, "female_outofcommission": 0}),
         403,
         Some("forbidden"),
         None,

@@ -1,6 +1,7 @@
 //! Publishing: per-key sequences under concurrency, group commit, idempotency, publisher ids,
 //! schema violations and limits. Guards against lost, duplicated or misnumbered events and against
 //! bad input being stored or answered vaguely.
+#![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -129,6 +130,19 @@ async fn publisher_ids_are_taken_and_repeats_store_nothing() {
         (again.id, again.sequence, again.received_at),
         (first.id, first.sequence, first.received_at)
     );
+    assert_eq!(broker.room(&room("r")).unwrap().events_stored, 1);
+    // Another payload, or the same payload from another publisher, under the id: a conflict,
+    // never the first receipt.
+    let mut changed = moved("r", "p", 2);
+    changed.event_id = Some(id);
+    let mut other = req.clone();
+    other.publisher = who("q");
+    for r in [changed, other] {
+        assert_eq!(
+            broker.publish(r).await.unwrap_err().code(),
+            "event_id_conflict"
+        );
+    }
     assert_eq!(broker.room(&room("r")).unwrap().events_stored, 1);
     // The same id in another Room is not the same event.
     let mut elsewhere = moved("other", "p", 1);

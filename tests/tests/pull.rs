@@ -1,6 +1,7 @@
 //! Pull delivery with leases, on a manual clock: per-key FIFO, ack, nack with and without a
 //! delay, lease expiry and extension, terminate, long-poll, and recovery after a reopen. Guards
 //! against messages handed out twice at once, out of order, or lost when a lease lapses.
+#![forbid(unsafe_code)]
 
 use std::time::Duration;
 

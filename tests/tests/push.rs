@@ -2,6 +2,7 @@
 //! failures, retry scheduling (Retry-After, 410, redirects, timeouts), dead letters and redrive,
 //! isolation between subscriptions, replay. Guards against lost, reordered, unsigned or
 //! mis-scheduled webhooks.
+#![forbid(unsafe_code)]
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -636,9 +637,16 @@ async fn non_public_push_targets_are_refused_unless_allowed() {
                 .create_subscription(&room("r"), push_to(url.clone()))
                 .await,
         );
+        // A literal is judged as written, so its class is named; a name's refusal names no
+        // address and no class (the broker's DNS answers are not the subscriber's to read).
+        let says = if *host == "localhost" {
+            "is not an allowed push target"
+        } else {
+            "a loopback address"
+        };
         assert!(
             message.contains(host)
-                && message.contains("a loopback address")
+                && message.contains(says)
                 && message.contains("delivery.push_allow"),
             "{url}: {message}"
         );
@@ -649,7 +657,8 @@ async fn non_public_push_targets_are_refused_unless_allowed() {
             .await,
     );
     assert!(
-        message.starts_with("`localhost` resolves to 127.0.0.1, a loopback address;"),
+        message.starts_with("`localhost` is not an allowed push target:")
+            && !message.contains("127.0.0.1"),
         "{message}"
     );
     for (url, says) in [

@@ -1,5 +1,6 @@
 //! Retention: age and byte bounds per Room, idempotency expiry, bounded sweeps. Guards against
 //! retention deleting too much, too little, or stalling the writer with one huge transaction.
+#![forbid(unsafe_code)]
 
 use broker_core::{EventFilter, NewRoom, Retention, RoomPatch};
 use postroom_tests::{memory_broker, moved, padded, room, setup_room, test_config, who};

@@ -1,5 +1,6 @@
 //! Room lifecycle: creation and approval, updates, listing, deletion. Guards against publishing
 //! into a Room that is not open, and against a deleted Room's events resurfacing.
+#![forbid(unsafe_code)]
 
 use broker_core::{NewRoom, Retention, RoomPatch, RoomStatus};
 use postroom_tests::{memory_broker, moved, room, setup_room, test_config, who};

@@ -925,16 +925,28 @@ impl<'t> Tables<'t> {
         }
         let id = ev.event_id.0.as_u128();
         if ev.id_from_publisher {
+            // A publisher's id names one event: the same publisher sending the same event again
+            // (same Room incarnation, type, key and payload bytes) gets the first receipt;
+            // anything else is a conflict, with the same answer whoever the first event's
+            // publisher is, so that the answer does not tell whose id it is.
             let prior: Option<EventRecord> = match self.events.get(id)? {
-                Some(g) => Some(decode_event(g.value())?),
+                Some(g) => {
+                    let (prior, payload): (EventRecord, &[u8]) = decode_with_tail(g.value())?;
+                    let same = prior.room_id == room.id
+                        && prior.event_type == ev.event_type
+                        && prior.publisher == ev.publisher
+                        && prior.key == ev.key
+                        && payload == ev.payload.as_slice();
+                    if !same {
+                        return Err(Error::EventIdConflict {
+                            id: ev.event_id.to_string(),
+                        });
+                    }
+                    Some(prior)
+                }
                 None => None,
             };
             if let Some(prior) = prior {
-                if prior.room_id != room.id || prior.event_type != ev.event_type {
-                    return Err(Error::EventIdConflict {
-                        id: ev.event_id.to_string(),
-                    });
-                }
                 return Ok(Receipt {
                     id: ev.event_id,
                     room: prior.room,

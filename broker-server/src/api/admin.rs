@@ -315,6 +315,9 @@ struct GrantBody {
     room: Option<String>,
     /// Publisher and subscriber only: just these event types.
     event_types: Option<Vec<String>>,
+    /// Publisher only: just events with these ordering keys (on the `irc` Room, the centres
+    /// the application posts for).
+    keys: Option<Vec<String>>,
 }
 
 impl GrantBody {
@@ -352,7 +355,9 @@ async fn create_grant(
         .transpose()?;
     Ok(reply(
         StatusCode::CREATED,
-        &s.broker.grant(&p, b.role, room, types).await?,
+        &s.broker
+            .grant_limited(&p, b.role, room, types, b.keys)
+            .await?,
     ))
 }
 
@@ -373,7 +378,7 @@ async fn list_grants(
     ))
 }
 
-/// Takes a right away (`event_types` is ignored).
+/// Takes a right away (`event_types` and `keys` are ignored).
 #[utoipa::path(post, path = "/admin/grants/revoke", operation_id = "revokeGrant", tag = "admin",
     request_body = GrantBody,
     responses((status = 204, description = "Taken away."), (status = 404, response = NotFound)))]

@@ -76,12 +76,12 @@ pub(super) fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'
         ("room" = String, Path, description = "The Room's name."),
         ("type" = String, Path, description = "The event type's name."),
         ("Idempotency-Key" = Option<String>, Header, description = "Makes a retried publish safe: the same key returns the first receipt."),
-        ("Postroom-Event-Id" = Option<String>, Header, format = Uuid, description = "The event's id when the publisher assigns it."),
+        ("Postroom-Event-Id" = Option<String>, Header, format = Uuid, description = "The event's id when the publisher assigns it. Sending it again with the same payload bytes answers the first receipt; any other use of a known id is 409 `event_id_conflict`."),
         ("Postroom-Ordering-Key" = Option<String>, Header, description = "The ordering key; when the event type also has a key pointer, the two must agree."),
     ),
     request_body(content = Object, content_type = "application/json", description = "The event's payload: a JSON value satisfying the event type's schema."),
     responses(
-        (status = 201, description = "Accepted and stored. A repeat (same Idempotency-Key or event id) answers the first receipt with `Postroom-Duplicate: true`.",
+        (status = 201, description = "Accepted and stored. A repeat (same Idempotency-Key, or the same publisher sending the same event id with the same payload bytes) answers the first receipt with `Postroom-Duplicate: true`; an event id already used otherwise is 409 `event_id_conflict`.",
             body = PublishReceipt,
             headers(("Postroom-Duplicate" = String, description = "`true` when this is the receipt of an earlier publish."))),
         (status = 400, response = BadRequest),
@@ -108,7 +108,9 @@ async fn publish(
         who.rights.can_publish(&room, &ty),
         "publish this event type",
     )?;
+    let keys_allowed = who.rights.publish_keys(&room, &ty);
     let mut req = PublishRequest::new(room, ty, who.principal.clone(), body.to_vec());
+    req.keys_allowed = keys_allowed;
     req.idempotency_key = header(&headers, "idempotency-key")?.map(String::from);
     req.event_id = header(&headers, "postroom-event-id")?
         .map(|v| parse("Postroom-Event-Id", v, EventId::parse))
@@ -137,7 +139,9 @@ async fn publish(
     Ok(resp)
 }
 
-/// Reads one event: its metadata, payload, state for each subscription and a summary.
+/// Reads one event: its metadata, payload, state for each subscription and a summary. Its
+/// publisher, the Room's managers and administrators may read it; for anyone else it is 404,
+/// as an id that does not exist, so that the answer does not tell whether it does.
 #[utoipa::path(
     get,
     path = "/events/{id}",
@@ -156,11 +160,15 @@ async fn read(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse("id", &id, EventId::parse)?;
-    let event = s.broker.event(id)?;
-    who.require(
-        who.rights.may_follow_event(&who.principal, &event),
-        "read this event",
-    )?;
+    // Someone else's event is answered as no event at all: a 403 would tell that the id
+    // exists, and event ids are chosen by publishers.
+    let event = match s.broker.event(id) {
+        Ok(e) if who.rights.may_follow_event(&who.principal, &e) => e,
+        Ok(_) | Err(broker_core::Error::EventNotFound { .. }) => {
+            return Err(broker_core::Error::EventNotFound { id: id.to_string() }.into())
+        }
+        Err(e) => return Err(e.into()),
+    };
     let payload: serde_json::Value = event.payload_json().unwrap_or(serde_json::Value::Null);
     let deliveries = s.broker.event_deliveries(id)?;
     let delivered = deliveries

@@ -402,7 +402,9 @@ async fn publish(
     }
     let payload =
         serde_json::to_vec(&b.event).map_err(|e| ApiError::BadJson(format!("event: {e}")))?;
+    let keys_allowed = caller.rights.publish_keys(&room, &ty);
     let mut req = PublishRequest::new(room, ty, caller.principal, payload);
+    req.keys_allowed = keys_allowed;
     req.event_id =
         b.id.as_deref()
             .map(|id| parse("id", id, EventId::parse))
@@ -410,25 +412,40 @@ async fn publish(
     req.idempotency_key = super::events::header(&headers, "idempotency-key")?.map(String::from);
     req.ordering_key = super::events::header(&headers, "postroom-ordering-key")?.map(String::from);
     let r = s.broker.publish(req).await?;
-    Ok(json_reply(
+    let mut resp = json_reply(
         StatusCode::CREATED,
         json!({"id": r.id, "sequence": r.sequence, "key": r.key}),
-    ))
+    );
+    if r.duplicate {
+        resp.headers_mut().insert(
+            "postroom-duplicate",
+            axum::http::HeaderValue::from_static("true"),
+        );
+    }
+    Ok(resp)
 }
 
-/// The event of this Room and type, or 404.
-fn event_in(s: &AppState, p: &EventPath) -> Result<Event, ApiError> {
+/// The event of this Room and type that `caller` may see (its publisher or a manager of the
+/// Room), or 404: another's event is answered as no event at all, with the same text, so that
+/// the answer does not tell whether the id exists.
+fn event_in(s: &AppState, p: &EventPath, caller: &Caller) -> Result<Event, ApiError> {
     let not_found = || {
         ApiError::Core(broker_core::Error::EventNotFound {
             id: p.event_id.clone(),
         })
     };
     let id = EventId::parse(&p.event_id).map_err(|_| not_found())?;
-    let event = s.broker.event(id)?;
-    if event.room.as_str() != p.app || event.event_type.as_str() != p.event_type {
-        return Err(not_found());
+    match s.broker.event(id) {
+        Ok(e)
+            if e.room.as_str() == p.app
+                && e.event_type.as_str() == p.event_type
+                && caller.rights.may_follow_event(&caller.principal, &e) =>
+        {
+            Ok(e)
+        }
+        Ok(_) | Err(broker_core::Error::EventNotFound { .. }) => Err(not_found()),
+        Err(e) => Err(e.into()),
     }
-    Ok(event)
 }
 
 fn event_item(e: &Event) -> Value {
@@ -440,11 +457,7 @@ fn event_item(e: &Event) -> Value {
 }
 
 async fn status(State(s): State<AppState>, caller: Caller, Path(p): Path<EventPath>) -> GovResult {
-    let event = event_in(&s, &p)?;
-    caller.require(
-        caller.rights.may_follow_event(&caller.principal, &event),
-        "read this event's status",
-    )?;
+    let event = event_in(&s, &p, &caller)?;
     let deliveries = s.broker.event_deliveries(event.id)?;
     let mut counts = Map::new();
     for state in ["pending", "in_flight", "delivered", "dead_lettered"] {
@@ -473,11 +486,7 @@ async fn status(State(s): State<AppState>, caller: Caller, Path(p): Path<EventPa
 }
 
 async fn stop(State(s): State<AppState>, caller: Caller, Path(p): Path<EventPath>) -> GovResult {
-    let event = event_in(&s, &p)?;
-    caller.require(
-        caller.rights.may_follow_event(&caller.principal, &event),
-        "stop this event",
-    )?;
+    let event = event_in(&s, &p, &caller)?;
     s.broker.stop_event(event.id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -516,7 +525,7 @@ fn ttl_ms(ttl: u64) -> Result<u64, ApiError> {
 
 fn sub_item(sub: &Subscription, event_type: &str) -> Value {
     let (delivery, push_url) = match &sub.mode {
-        DeliveryMode::Push(p) => ("PUSH", Some(p.url.clone())),
+        DeliveryMode::Push(p) => ("PUSH", Some(broker_core::redact_url(&p.url))),
         DeliveryMode::Pull => ("PULL", None),
     };
     json!({

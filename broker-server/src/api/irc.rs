@@ -135,6 +135,7 @@ async fn ingest(
                     .join(", ")
             ),
             violations: Vec::new(),
+            violations_total: 0,
         })?
     } else {
         HEARTBEAT_TYPE
@@ -144,6 +145,14 @@ async fn ingest(
     let room = RoomName::new(IRC_ROOM)?;
     let ty = EventTypeName::new(ty)?;
     who.require(who.rights.can_publish(&room, &ty), "publish IRC events")?;
+    // A centre's client posts for its own centre only: its publisher right is limited to the
+    // centre's ordering key (the pack keys every type by `/centre`). Checked on the path's
+    // centre before the body, and again by the core on the key it takes from the body.
+    who.require(
+        who.rights.can_publish_key(&room, &ty, centre),
+        &format!("publish for centre `{centre}`"),
+    )?;
+    let keys_allowed = who.rights.publish_keys(&room, &ty);
     // A well-formed centre that differs from the path is the ICD's 422; a missing or malformed
     // one is left to the schema (400).
     if let Some(body_centre) = doc.get("centre").and_then(Value::as_str) {
@@ -167,30 +176,46 @@ async fn ingest(
                       at most 18446744073709551615"
                 .into(),
             violations: Vec::new(),
+            violations_total: 0,
         });
     }
-    let mut req = PublishRequest::new(room, ty, who.principal.clone(), body.to_vec());
-    if is_event {
-        req.event_id = duplicate_id(centre, &doc);
-    }
-    let receipt = s.broker.publish(req).await.map_err(|e| match e {
-        broker_core::Error::SchemaViolation { violations, .. } => {
+    let mut req = PublishRequest::new(room, ty.clone(), who.principal.clone(), body.to_vec());
+    req.keys_allowed = keys_allowed;
+    let id = is_event.then(|| duplicate_id(centre, &doc)).flatten();
+    req.event_id = id;
+    let receipt = match s.broker.publish(req).await {
+        Ok(r) => Answer {
+            id: r.id,
+            key: r.key,
+            sequence: r.sequence.0,
+            duplicate: r.duplicate,
+        },
+        Err(e @ broker_core::Error::EventIdConflict { .. }) => {
+            match id.map(|id| icd_repeat(s, who, &ty, id)).transpose()? {
+                Some(Some(first)) => first,
+                _ => return Err(e.into()),
+            }
+        }
+        Err(broker_core::Error::SchemaViolation {
+            violations, total, ..
+        }) => {
             let (field, message) = first_field(&violations);
-            ApiError::FieldInvalid {
+            return Err(ApiError::FieldInvalid {
                 field,
                 message,
                 violations,
-            }
+                violations_total: total,
+            });
         }
-        e => ApiError::Core(e),
-    })?;
+        Err(e) => return Err(e.into()),
+    };
     let mut resp = (
         StatusCode::CREATED,
         axum::Json(json!({
             "id": receipt.id,
-            "event_type": receipt.event_type,
+            "event_type": ty,
             "key": receipt.key,
-            "sequence": receipt.sequence.0,
+            "sequence": receipt.sequence,
             "duplicate": receipt.duplicate,
         })),
     )
@@ -202,13 +227,52 @@ async fn ingest(
     Ok(resp)
 }
 
+/// What the ingress answers about an accepted event.
+struct Answer {
+    id: EventId,
+    key: broker_core::OrderingKey,
+    sequence: u64,
+    duplicate: bool,
+}
+
+/// The first receipt for an ICD repeat whose body differs from the first one's (the instant
+/// written another way, a field corrected): the core refuses a known id with other bytes, but
+/// for the ICD the event is the one its (centre, person, operation, timestamp) names, and the
+/// original consumer acknowledged such a repeat without storing it. Only the same client's
+/// event of the same type counts; `None` otherwise, and the caller answers the core's conflict
+/// unchanged.
+fn icd_repeat(
+    s: &AppState,
+    who: &Identity,
+    ty: &EventTypeName,
+    id: EventId,
+) -> Result<Option<Answer>, ApiError> {
+    match s.broker.event(id) {
+        Ok(e)
+            if e.publisher == who.principal
+                && e.room.as_str() == IRC_ROOM
+                && &e.event_type == ty =>
+        {
+            Ok(Some(Answer {
+                id: e.id,
+                key: e.key,
+                sequence: e.sequence.0,
+                duplicate: true,
+            }))
+        }
+        Ok(_) | Err(broker_core::Error::EventNotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The event id of an ICD event, derived from what makes two events the same one for the ICD:
 /// centre, person (the bed for bed events, which name no person), operation and timestamp.
 /// The timestamp counts as the instant it names, to the millisecond, as the original consumer
 /// compared it (a date column, not the text): `10:00:00Z`, `10:00:00.000Z` and `11:00:00+01:00`
-/// are one time. Publishing an id again returns the first receipt and stores nothing, for as long
-/// as the first event is retained, which outlasts the centres' retry queues (unlike a 10-minute
-/// idempotency key). `None` when a part is missing: the schema refuses such a payload anyway.
+/// are one time. The same client posting the same event again gets the first receipt and
+/// nothing is stored, for as long as the first event is retained, which outlasts the centres'
+/// retry queues (unlike a 10-minute idempotency key). `None` when a part is missing: the schema
+/// refuses such a payload anyway.
 pub fn duplicate_id(centre: &str, doc: &Value) -> Option<EventId> {
     let operation = doc.get("operation")?.as_str()?;
     let written = doc.get("timestamp")?.as_str()?;

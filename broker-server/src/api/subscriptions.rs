@@ -101,9 +101,10 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PushBody {
-    /// The webhook URL.
+    /// The webhook URL, without credentials (`user:password@` is refused: use `basic_auth`).
     url: String,
-    /// Extra headers sent with every delivery.
+    /// Extra headers sent with every delivery. Their values are write-only: answers show
+    /// each header's name with the value `***`.
     #[serde(default)]
     headers: BTreeMap<String, String>,
     /// HTTP Basic credentials for the endpoint; the password is never shown again.
@@ -176,9 +177,10 @@ fn type_list(types: Vec<String>) -> Result<Vec<EventTypeName>, ApiError> {
         .collect()
 }
 
-/// The subscription as JSON, without the push endpoint's password.
+/// The subscription as JSON, as anyone who may read it may see it: the push endpoint's header
+/// values shown as `***`, no credentials in its URL and no Basic password (all write-only).
 fn view(sub: &broker_core::Subscription) -> Value {
-    let mut v = serde_json::to_value(sub).unwrap_or(Value::Null);
+    let mut v = serde_json::to_value(sub.redacted()).unwrap_or(Value::Null);
     if let Some(auth) = v
         .pointer_mut("/mode/basic_auth")
         .and_then(Value::as_object_mut)
@@ -191,7 +193,7 @@ fn view(sub: &broker_core::Subscription) -> Value {
 /// What creating a subscription answers.
 #[derive(Serialize, ToSchema)]
 struct CreatedResponse {
-    /// The subscription (a push endpoint's password is never shown).
+    /// The subscription (a push endpoint's header values and password are never shown).
     #[schema(value_type = Object)]
     subscription: Value,
     /// `whsec_...`, the push signing secret, shown only here; `null` for pull.
@@ -317,7 +319,8 @@ struct PatchBody {
     #[serde(default)]
     #[schema(value_type = Option<Vec<String>>)]
     event_types: Option<Value>,
-    /// A new webhook (push subscriptions only).
+    /// A new webhook (push subscriptions only), replacing the old one whole: header values and
+    /// the Basic password are write-only, so send them again.
     push: Option<PushBody>,
     /// Per-key FIFO delivery.
     ordered: Option<bool>,

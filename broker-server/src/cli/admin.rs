@@ -172,6 +172,11 @@ pub enum GrantsCommand {
         /// Publisher and subscriber only: just this event type (repeatable; all when absent).
         #[arg(long = "type", value_name = "TYPE")]
         types: Vec<String>,
+        /// Publisher only: just events with this ordering key (repeatable; any key when
+        /// absent). On the `irc` Room the key is the centre: `--key brookhouse` binds the
+        /// application to Brook House.
+        #[arg(long = "key", value_name = "KEY")]
+        keys: Vec<String>,
     },
     /// Take a right away.
     Revoke {
@@ -460,17 +465,18 @@ async fn grants(client: &Client, json: bool, command: GrantsCommand) -> Result<(
                 print_json(&answer);
                 return Ok(());
             }
-            let mut t = Table::new(&["PRINCIPAL", "ROLE", "ROOM", "TYPES", "CREATED"]);
+            let mut t = Table::new(&["PRINCIPAL", "ROLE", "ROOM", "TYPES", "KEYS", "CREATED"]);
+            let list = |g: &Value, name: &str| match g.get(name) {
+                Some(Value::Array(vs)) => vs.iter().map(cell).collect::<Vec<_>>().join(","),
+                _ => "*".to_string(),
+            };
             for g in items(&answer) {
-                let types = match g.get("event_types") {
-                    Some(Value::Array(ts)) => ts.iter().map(cell).collect::<Vec<_>>().join(","),
-                    _ => "*".to_string(),
-                };
                 t.row(vec![
                     at(g, "/principal"),
                     at(g, "/role"),
                     at(g, "/room"),
-                    types,
+                    list(g, "event_types"),
+                    list(g, "keys"),
                     time(g, "/created_at"),
                 ]);
             }
@@ -481,6 +487,7 @@ async fn grants(client: &Client, json: bool, command: GrantsCommand) -> Result<(
             role,
             room,
             types,
+            keys,
         } => {
             let mut body = json!({ "principal": principal, "role": role.as_str() });
             if let Some(r) = &room {
@@ -488,6 +495,9 @@ async fn grants(client: &Client, json: bool, command: GrantsCommand) -> Result<(
             }
             if !types.is_empty() {
                 body["event_types"] = json!(types);
+            }
+            if !keys.is_empty() {
+                body["keys"] = json!(keys);
             }
             let answer = client
                 .call(Method::POST, &["v1", "admin", "grants"], Some(&body))

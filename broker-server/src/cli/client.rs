@@ -488,6 +488,14 @@ fn problem(status: StatusCode, bytes: &[u8]) -> CliError {
             let at = if at.is_empty() { "(root)" } else { at };
             notes.push(format!("at {at}: {msg}"));
         }
+        let total = parsed
+            .as_ref()
+            .and_then(|v| v.get("violations_total"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        if total > vs.len() as u64 {
+            notes.push(format!("... and {} more", total - vs.len() as u64));
+        }
     }
     if let Some(f) = field("field") {
         notes.push(format!("field: {f}"));
@@ -574,6 +582,9 @@ mod tests {
             e.to_string(),
             "error: payload violates (schema_violation, HTTP 422)\n  at /n: \"a\" is not of type \"integer\""
         );
+        let body = br#"{"detail":"payload violates","code":"schema_violation","violations_total":3,"violations_truncated":true,"violations":[{"instance_path":"/0","schema_path":"/x","message":"m"}]}"#;
+        let e = problem(StatusCode::UNPROCESSABLE_ENTITY, body);
+        assert!(e.to_string().ends_with("at /0: m\n  ... and 2 more"), "{e}");
         let e = problem(StatusCode::BAD_GATEWAY, b"<html>oops</html>");
         assert_eq!(
             e.to_string(),

@@ -333,5 +333,67 @@ impl Receiver {
     /// How many pushes webhook `name` has received.
     pub fn received(&self, name: &str) -> usize {
         self.counts.lock().unwrap().get(name).copied().unwrap_or(0)
+// ----- Publish, secrets and transport attacks (issue 14, items 6, 7, 8, 10, 13) -----
+
+impl World {
+    /// A request with a bearer token, extra headers and an optional JSON body.
+    pub async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Answer {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {token}"));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let body = match body {
+            Some(b) => {
+                req = req.header("content-type", "application/json");
+                Body::from(b.to_string())
+            }
+            None => Body::empty(),
+        };
+        self.raw(req.body(body).unwrap()).await
+    }
+
+    /// A GovStack call by `who` on Room `room`: `/r1/{who's member}/{room}/{rest}` with
+    /// `X-GovStack-Client` naming `who`.
+    pub async fn gov(
+        &self,
+        method: Method,
+        who: &Actor,
+        room: &str,
+        rest: &str,
+        body: Option<Value>,
+    ) -> Answer {
+        let member = who.principal.rsplit_once('/').unwrap().0;
+        let path = format!("/r1/{member}/{room}/{rest}");
+        self.call_with(
+            method,
+            &path,
+            &who.token,
+            &[("x-govstack-client", who.principal.as_str())],
+            body,
+        )
+        .await
+    }
+
+    /// Applies the `irc` domain pack (the `irc` Room and its event types) as the bootstrap
+    /// administrator, as `packs = [...]` does at start.
+    pub async fn irc_pack(&self) {
+        let pack = broker_server::pack::Pack::load(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/irc/pack.toml").as_ref(),
+        )
+        .unwrap();
+        let admin = broker_core::Principal::new("local/ADMIN/postroom/admin").unwrap();
+        broker_server::pack::apply(&self.broker, &pack, &admin)
+            .await
+            .unwrap();
     }
 }

@@ -10,6 +10,7 @@
 //! endpoint's cost: guessing secrets, floods of Argon2 checks),
 //! `publish` (violation amplification, event ids, IRC centres), `secrets` (push secrets shown
 //! back) and `transport` (slow headers, DNS answers in errors).
+#![forbid(unsafe_code)]
 
 mod harness;
 

@@ -5,6 +5,7 @@
 //! Usage: crash_publisher <database file> <keys> <concurrency> [push URL]
 //! With a push URL, the first run also subscribes that URL to the Room, so deliveries are in
 //! flight when the process dies.
+#![forbid(unsafe_code)]
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
