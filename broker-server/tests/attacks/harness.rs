@@ -119,12 +119,21 @@ impl World {
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        let body = match body {
-            Some(b) => {
-                req = req.header("content-type", "application/json");
-                Body::from(b.to_string())
-            }
-            None => Body::empty(),
+        self.send_json(req, body).await
+    }
+
+    /// Sends `req` with `body` as JSON, or with no body.
+    pub async fn send_json(
+        &self,
+        req: axum::http::request::Builder,
+        body: Option<Value>,
+    ) -> Answer {
+        let (req, body) = match body {
+            Some(b) => (
+                req.header("content-type", "application/json"),
+                Body::from(b.to_string()),
+            ),
+            None => (req, Body::empty()),
         };
         self.raw(req.body(body).unwrap()).await
     }
@@ -333,6 +342,9 @@ impl Receiver {
     /// How many pushes webhook `name` has received.
     pub fn received(&self, name: &str) -> usize {
         self.counts.lock().unwrap().get(name).copied().unwrap_or(0)
+    }
+}
+
 // ----- Publish, secrets and transport attacks (issue 14, items 6, 7, 8, 10, 13) -----
 
 impl World {
@@ -352,14 +364,7 @@ impl World {
         for (name, value) in headers {
             req = req.header(*name, *value);
         }
-        let body = match body {
-            Some(b) => {
-                req = req.header("content-type", "application/json");
-                Body::from(b.to_string())
-            }
-            None => Body::empty(),
-        };
-        self.raw(req.body(body).unwrap()).await
+        self.send_json(req, body).await
     }
 
     /// A GovStack call by `who` on Room `room`: `/r1/{who's member}/{room}/{rest}` with
