@@ -38,6 +38,7 @@ mod dispatch;
 mod error;
 mod identity;
 mod ids;
+mod keyring;
 mod model;
 mod net_guard;
 mod operations;
@@ -60,6 +61,7 @@ pub use identity::{
     SecretInfo, CLIENT_SECRETS_MAX,
 };
 pub use ids::{EventId, EventTypeName, OrderingKey, Principal, RoomName, Sequence, SubscriptionId};
+pub use keyring::{KeyRing, Rotation, SigningKey, SigningKeyInfo};
 pub use model::{
     Event, EventFilter, EventType, EventTypeSpec, EventTypeVersion, NewRoom, Page, PublishRequest,
     PutEventTypeOutcome, Receipt, Retention, Room, RoomPatch, RoomStatus, StoredResponse,
