@@ -46,6 +46,8 @@ pub(crate) struct Inner {
     /// Whether subscribers' rights are checked on every delivery (see
     /// [`Broker::enforce_subscriber_rights`]).
     pub(crate) enforce_rights: std::sync::atomic::AtomicBool,
+    /// Rings of signing keys, kept up to date by the writes that change them.
+    pub(crate) key_rings: crate::keyring::KeyRingCache,
     /// Wake-ups for dispatchers and long-polling pullers.
     pub(crate) signals: Arc<Signals>,
     /// The live statistics behind [`Broker::stats`].
@@ -85,6 +87,33 @@ impl Drop for Inner {
     }
 }
 
+/// Creates the database file's folder (0700) and the file itself (0600) when they do not exist,
+/// so that other users of the host cannot read the data: it holds the identity records and the
+/// host's keys. Existing folders and files are left as they are (a server checks the folder
+/// before it opens the broker). Unix only; elsewhere the platform's defaults apply.
+fn create_private(path: &Path) -> Result<()> {
+    let fail = |what: &Path, e: std::io::Error| {
+        Error::Storage(format!("cannot create {}: {e}", what.display()))
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(dir).map_err(|e| fail(dir, e))?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    // redb makes a new database in an empty file.
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(fail(path, e)),
+    }
+}
+
 /// Counters about the writer, for tests and benchmarks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WriterCounters {
@@ -121,10 +150,7 @@ impl Broker {
         clock: Arc<dyn Clock>,
     ) -> Result<Broker> {
         let path = path.as_ref().to_path_buf();
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::Storage(format!("cannot create {}: {e}", dir.display())))?;
-        }
+        create_private(&path)?;
         let cache = config.cache_bytes;
         let defaults = delivery_defaults(&config);
         let store = tokio::task::spawn_blocking(move || RedbStorage::open(&path, cache, defaults))
@@ -175,6 +201,7 @@ impl Broker {
             validators: ValidatorCache::default(),
             identities: Default::default(),
             enforce_rights: Default::default(),
+            key_rings: Default::default(),
             signals,
             stats,
             dispatchers: Mutex::new(HashSet::new()),

@@ -153,6 +153,12 @@ pub struct ApiClient {
     pub secrets: Vec<SecretInfo>,
     /// When it was created.
     pub created_at: Timestamp,
+    /// A random id given to the client when it is created, so that a client deleted and
+    /// created again under the same id is told apart from the first (a token names the
+    /// incarnation it was issued to). Empty for a client created before incarnations existed;
+    /// a client created since never has an empty one.
+    #[serde(default)]
+    pub incarnation: String,
 }
 
 /// A client as stored: with the hashes.
@@ -304,6 +310,7 @@ impl Broker {
         }
     }
 
+    /// Runs `f` in the writer's transaction as one record operation and returns its output.
     pub(crate) async fn record_op(
         &self,
         f: impl FnOnce(&mut dyn RecordTxn, Timestamp) -> Result<Vec<u8>> + Send + 'static,
@@ -495,6 +502,7 @@ impl Broker {
                             created_at: now,
                         }],
                         created_at: now,
+                        incarnation: uuid::Uuid::new_v4().simple().to_string(),
                     },
                     hashes: vec![(1, hash)],
                     next_secret: 2,
@@ -615,42 +623,50 @@ impl Broker {
         .map(|_| ())
     }
 
-    /// Checks a client's credentials: [`Error::InvalidClient`] for an unknown id or a wrong
-    /// secret alike, after the same amount of work, so that neither can be told from the other.
+    /// Checks a client's credentials and says which of its secrets matched (its
+    /// [`SecretInfo::id`]), so that what is issued on the strength of that secret can be
+    /// withdrawn with it. [`Error::InvalidClient`] for an unknown id or a wrong secret alike,
+    /// after the same amount of work, so that neither can be told from the other.
     ///
     /// At most `limits.secret_checks_max` checks run at once; a call that finds every slot
     /// taken for `limits.secret_check_wait_ms` gets [`Error::AuthenticationBusy`] without
     /// checking anything. Limiting failures per client or caller is the caller's business (the
     /// server limits them per client id and source address, which the core does not know).
-    pub async fn authenticate_client(&self, client_id: &str, secret: &str) -> Result<ApiClient> {
+    pub async fn authenticate_client(
+        &self,
+        client_id: &str,
+        secret: &str,
+    ) -> Result<(ApiClient, u32)> {
         let rec: Option<ClientRecord> = self
             .inner()
             .store
             .record(RecordKind::Client, client_id)?
             .map(|b| from_bytes(&b))
             .transpose()?;
-        let hashes: Vec<String> = match &rec {
-            Some(r) => r.hashes.iter().map(|(_, h)| h.clone()).collect(),
-            None => vec![DUMMY_HASH.to_string()],
+        let hashes: Vec<(u32, String)> = match &rec {
+            Some(r) => r.hashes.clone(),
+            None => vec![(0, DUMMY_HASH.to_string())],
         };
         let secret = secret.to_string();
         let permit = self.secret_check_slot().await?;
-        let ok = tokio::task::spawn_blocking(move || {
+        let matched = tokio::task::spawn_blocking(move || {
             // Held until the check ends, not until the caller stops waiting for it: a caller
             // that gives up (a closed connection) must not free a slot while Argon2 still runs.
             let _permit = permit;
-            hashes.iter().any(|h| {
-                PasswordHash::new(h).is_ok_and(|p| {
-                    Argon2::default()
-                        .verify_password(secret.as_bytes(), &p)
-                        .is_ok()
-                })
+            hashes.iter().find_map(|(id, h)| {
+                PasswordHash::new(h)
+                    .is_ok_and(|p| {
+                        Argon2::default()
+                            .verify_password(secret.as_bytes(), &p)
+                            .is_ok()
+                    })
+                    .then_some(*id)
             })
         })
         .await
         .map_err(|e| Error::Storage(format!("verify task: {e}")))?;
-        match rec {
-            Some(r) if ok => Ok(r.client),
+        match (rec, matched) {
+            (Some(r), Some(id)) => Ok((r.client, id)),
             _ => Err(Error::InvalidClient),
         }
     }

@@ -40,6 +40,7 @@ mod dispatch;
 mod error;
 mod identity;
 mod ids;
+mod keyring;
 mod model;
 mod net_guard;
 mod operations;
@@ -63,6 +64,7 @@ pub use config::{Config, DeliveryConfig, Limits, PushAllow, RetentionConfig, Wri
 pub use error::{Error, ErrorKind, Result, Violation};
 pub use identity::{ApiClient, Application, Member, SecretInfo, CLIENT_SECRETS_MAX};
 pub use ids::{EventId, EventTypeName, OrderingKey, Principal, RoomName, Sequence, SubscriptionId};
+pub use keyring::{KeyRing, Rotation, SigningKey, SigningKeyInfo};
 pub use model::{
     Event, EventFilter, EventType, EventTypeSpec, EventTypeVersion, NewRoom, Page, PublishRequest,
     PutEventTypeOutcome, Receipt, Retention, Room, RoomPatch, RoomStatus, StoredResponse,

@@ -1,10 +1,9 @@
 //! Authentication: the OAuth 2.0 token endpoint (client credentials grant, RFC 6749 section
-//! 4.4) and the middleware that turns a bearer token back into an [`Identity`] for the handlers.
-//!
-//! Tokens are HS256 JSON Web Tokens signed with a key the broker keeps in its database, so they
-//! survive a restart and need no key file to manage. Each token names its client; a request
-//! with a token of a deleted client is refused at once, not at expiry. Expiry is checked against
-//! the broker's clock, so tests can move time.
+//! 4.4) and the middleware that turns a bearer token back into an [`Identity`] for the handlers:
+//! one of Postroom's own tokens (issued and checked in `tokens.rs`: signed with a rotatable key
+//! the broker keeps in its database, bound to its client's incarnation and secret, its lifetime
+//! capped), or one of the trusted external issuer's (`auth_external.rs`), which may not name a
+//! `local/...` identity. Expiry is checked against the broker's clock, so tests can move time.
 
 use std::sync::Arc;
 
@@ -14,13 +13,12 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use broker_core::{Broker, Principal, Rights};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde::{Deserialize, Serialize};
+use broker_core::{Broker, KeyRing, Principal, Rights};
 use serde_json::json;
 
 use crate::config::AuthConfig;
-use crate::error::ApiError;
+use crate::error::{ApiError, TokenRefusal};
+use crate::tokens::Tokens;
 
 /// Who is calling and what they may do; put in the request by [`authenticate`].
 #[derive(Clone, Debug)]
@@ -57,48 +55,38 @@ impl Identity {
     }
 }
 
-/// The claims of an access token.
-#[derive(Clone, Serialize, Deserialize)]
-struct Claims {
-    iss: String,
-    aud: String,
-    /// The client id.
-    sub: String,
-    /// The application the client acts for.
-    app: String,
-    iat: u64,
-    exp: u64,
-    jti: String,
-}
-
 /// Issues and checks tokens.
 pub struct Auth {
     broker: Broker,
-    /// Loaded from the database on first use, so that building the router needs no await.
-    keys: tokio::sync::OnceCell<(EncodingKey, DecodingKey)>,
-    ttl_secs: u64,
-    issuer: String,
+    /// Postroom's own tokens.
+    tokens: Tokens,
     /// With authentication off, every caller is this administrator.
     insecure_admin: Option<Principal>,
     /// A trusted external issuer, if configured.
     external: Option<Arc<crate::auth_external::ExternalVerifier>>,
-    /// Tokens of ours already verified, with their claims: a client sends the same token on
-    /// every request until it expires, and checking its signature and decoding its JSON was
-    /// the largest cost of authentication in the profile (BENCHMARKS.md, issue 8). Only the
-    /// signature check is skipped: expiry, the client and its rights are checked every time.
-    verified: std::sync::Mutex<std::collections::HashMap<String, Claims>>,
     /// The failure limits of the token endpoint.
     brakes: crate::brakes::Brakes,
 }
 
-/// Most verified tokens remembered; the memory starts again empty when full.
-const VERIFIED_TOKENS_MAX: usize = 10_000;
+/// The name of the ring of token signing keys in the broker's key store.
+pub use crate::tokens::TOKEN_KEY;
 
-/// The name of the token signing key in the broker's key store.
-const TOKEN_KEY: &str = "oauth-token-hs256";
+/// The instance of the identities that belong to Postroom's own clients (the bootstrap
+/// administrator is `local/ADMIN/postroom/admin`): no external issuer's token may name one.
+pub const RESERVED_INSTANCE: &str = "local";
+
+/// Whether `principal` is in the [`RESERVED_INSTANCE`] (compared without regard to case, so
+/// that `LOCAL/...` cannot be mistaken for it by a person reading a log).
+pub fn is_reserved(principal: &Principal) -> bool {
+    principal
+        .as_str()
+        .split('/')
+        .next()
+        .is_some_and(|instance| instance.eq_ignore_ascii_case(RESERVED_INSTANCE))
+}
 
 impl Auth {
-    /// The authenticator for `broker`; the signing key is loaded (or on first start created)
+    /// The authenticator for `broker`; the signing keys are loaded (or on first start created)
     /// when first needed.
     pub fn new(
         broker: Broker,
@@ -112,51 +100,29 @@ impl Auth {
         };
         Ok(Auth {
             brakes: crate::brakes::Brakes::new(broker.clone(), config),
+            tokens: Tokens::new(broker.clone(), config),
             broker,
-            keys: tokio::sync::OnceCell::new(),
-            ttl_secs: config.token_ttl_secs.max(1),
-            issuer: config.token_issuer.clone(),
             insecure_admin,
             external,
-            verified: Default::default(),
         })
     }
 
-    async fn keys(&self) -> Result<&(EncodingKey, DecodingKey), ApiError> {
-        self.keys
-            .get_or_try_init(|| async {
-                let key = self.broker.host_key(TOKEN_KEY).await?;
-                Ok::<_, ApiError>((
-                    EncodingKey::from_secret(&key),
-                    DecodingKey::from_secret(&key),
-                ))
-            })
-            .await
+    /// The ring of token signing keys (from memory after the first use; the core keeps it up
+    /// to date with every rotation, so there is nothing to cache here).
+    pub async fn signing_keys(&self) -> Result<Arc<KeyRing>, ApiError> {
+        self.tokens.signing_keys().await
+    }
+
+    /// Rotates the token signing key: a new key signs from now on; the previous one verifies
+    /// the tokens it signed until they have expired (`auth.token_ttl_secs`), or, with
+    /// `drop_previous`, not at all (every token issued before is refused from the next
+    /// request).
+    pub async fn rotate_signing_key(&self, drop_previous: bool) -> Result<Arc<KeyRing>, ApiError> {
+        self.tokens.rotate(drop_previous).await
     }
 
     fn now_secs(&self) -> u64 {
         self.broker.now().as_ms() / 1000
-    }
-
-    /// A signed access token for a verified client, and its lifetime in seconds.
-    async fn issue(&self, client: &broker_core::ApiClient) -> Result<(String, u64), ApiError> {
-        let now = self.now_secs();
-        let claims = Claims {
-            iss: self.issuer.clone(),
-            aud: self.issuer.clone(),
-            sub: client.client_id.clone(),
-            app: client.application.to_string(),
-            iat: now,
-            exp: now + self.ttl_secs,
-            jti: uuid::Uuid::new_v4().to_string(),
-        };
-        let token = jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &self.keys().await?.0,
-        )
-        .map_err(|e| ApiError::Core(broker_core::Error::Storage(format!("sign token: {e}"))))?;
-        Ok((token, self.ttl_secs))
     }
 
     /// The caller of a request, from its `Authorization: Bearer` token.
@@ -178,61 +144,16 @@ impl Auth {
             .or_else(|| value.strip_prefix("bearer "))
             .ok_or_else(|| unauth("the Authorization header must be `Bearer <token>`"))?
             .trim();
-        let remembered = self
-            .verified
-            .lock()
-            .ok()
-            .and_then(|m| m.get(token).cloned());
-        let claims = match remembered {
-            Some(claims) => claims,
-            None => match self.verify(token).await? {
-                Some(claims) => claims,
-                // Not one of ours: perhaps the trusted external issuer's.
-                None => return self.identify_external(token).await,
-            },
+        let Some(verified) = self.tokens.verified(token).await? else {
+            // Not one of ours: perhaps the trusted external issuer's.
+            return self.identify_external(token).await;
         };
-        if claims.exp <= self.now_secs() {
-            return Err(unauth("the token has expired"));
-        }
-        // A deleted client's tokens stop working at once.
-        let client = match self.broker.client(&claims.sub) {
-            Ok(c) => c,
-            Err(broker_core::Error::IdentityNotFound { .. }) => {
-                return Err(unauth("the token's client no longer exists"))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if client.application.as_str() != claims.app {
-            return Err(unauth("the token is not valid"));
-        }
+        let client = self.tokens.client_of(&verified).await?;
         let rights = self.broker.rights(&client.application)?;
         Ok(Identity {
             principal: client.application,
             rights,
         })
-    }
-
-    /// The claims of one of our tokens, signature and claims checked (expiry aside), and
-    /// remembered; `None` when the token is not one of ours.
-    async fn verify(&self, token: &str) -> Result<Option<Claims>, ApiError> {
-        let mut v = Validation::new(Algorithm::HS256);
-        // Expiry is checked by the caller against the broker's clock, not the system's.
-        v.validate_exp = false;
-        v.set_issuer(&[&self.issuer]);
-        v.set_audience(&[&self.issuer]);
-        v.set_required_spec_claims(&["iss", "aud", "sub", "exp"]);
-        match jsonwebtoken::decode::<Claims>(token, &self.keys().await?.1, &v) {
-            Ok(t) => {
-                if let Ok(mut m) = self.verified.lock() {
-                    if m.len() >= VERIFIED_TOKENS_MAX {
-                        m.clear();
-                    }
-                    m.insert(token.to_string(), t.claims.clone());
-                }
-                Ok(Some(t.claims))
-            }
-            Err(_) => Ok(None),
-        }
     }
 
     /// A token that is not ours, checked against the trusted external issuer if there is one.
@@ -245,12 +166,21 @@ impl Auth {
             .verify_or_refresh(token, self.now_secs())
             .await
             .map_err(|why| unauth(&format!("the token is not valid: {why}")))?;
+        if is_reserved(&principal) {
+            return Err(ApiError::TokenRefused {
+                reason: TokenRefusal::ReservedIdentity,
+                message: format!(
+                    "`{principal}` is reserved for Postroom's own clients; an external issuer's \
+                     token cannot name it"
+                ),
+            });
+        }
         let rights = self.broker.rights(&principal)?;
         Ok(Identity { principal, rights })
     }
 }
 
-/// The member and application of the first administrator.
+/// The member and application of the first administrator, in the [`RESERVED_INSTANCE`].
 pub const BOOTSTRAP_MEMBER: &str = "local/ADMIN/postroom";
 /// See [`BOOTSTRAP_MEMBER`].
 pub const BOOTSTRAP_APPLICATION: &str = "admin";
@@ -523,7 +453,7 @@ pub async fn token(
     if let Err(e) = auth.brakes.admit(&id, peer).await {
         return e.into_response();
     }
-    let client = match auth.broker.authenticate_client(&id, &secret).await {
+    let (client, secret_id) = match auth.broker.authenticate_client(&id, &secret).await {
         Ok(c) => c,
         Err(e @ broker_core::Error::AuthenticationBusy { .. }) => {
             metrics::counter!(crate::observe::AUTH_REFUSED_TOTAL, "reason" => e.code())
@@ -540,7 +470,7 @@ pub async fn token(
         }
         Err(e) => return ApiError::from(e).into_response(),
     };
-    match auth.issue(&client).await {
+    match auth.tokens.issue(&client, secret_id).await {
         Ok((token, ttl)) => {
             let mut resp = (
                 StatusCode::OK,
@@ -579,6 +509,15 @@ mod tests {
         h.insert(header::AUTHORIZATION, "Basic !!!".parse().unwrap());
         assert_eq!(basic_credentials(&h), Err(()));
         assert_eq!(basic_credentials(&HeaderMap::new()), Ok(None));
+    }
+
+    #[test]
+    fn the_local_instance_is_reserved() {
+        let p = |s: &str| Principal::new(s).unwrap();
+        assert!(is_reserved(&p("local/ADMIN/postroom/admin")));
+        assert!(is_reserved(&p("LOCAL/GOV/x/y")));
+        assert!(!is_reserved(&p("UK/GOV/HO/visa")));
+        assert!(!is_reserved(&p("localhost/GOV/x/y")));
     }
 
     #[test]

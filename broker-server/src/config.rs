@@ -84,6 +84,13 @@ pub struct AuthConfig {
     /// (default 100,000 each, a few MB). Pairs whose failures have been refilled are forgotten
     /// first; when that is not enough, new pairs are not counted until it is.
     pub failure_keys_max: usize,
+    /// How far in the future a token of ours may say it was issued (`iat`), in seconds, for a
+    /// clock stepped back (default 60). Later ones are refused.
+    pub token_clock_skew_secs: u64,
+    /// Most token signing keys in use at once: the one that signs and the retired ones still
+    /// verifying the tokens they signed (default 8). A rotation beyond it is refused until
+    /// older keys have expired, or drops them with `drop_previous`.
+    pub signing_keys_max: usize,
 }
 
 impl Default for AuthConfig {
@@ -98,6 +105,8 @@ impl Default for AuthConfig {
             failures_per_client_address_per_minute: 10,
             failures_per_address_per_minute: 30,
             failure_keys_max: 100_000,
+            token_clock_skew_secs: 60,
+            signing_keys_max: 8,
         }
     }
 }
@@ -162,8 +171,14 @@ impl TlsConfig {
 pub struct ServerConfig {
     /// Where to listen (default `127.0.0.1:8080`).
     pub listen: SocketAddr,
-    /// The data folder; the database is `postroom.redb` inside it (default `./data`).
+    /// The data folder; the database is `postroom.redb` inside it (default `./data`). Created
+    /// 0700, the database 0600; an existing folder that other users can read or write is
+    /// refused at start unless [`ServerConfig::allow_open_data_dir`] is set.
     pub data_dir: PathBuf,
+    /// Starts even when the data folder can be read or written by other users (default false;
+    /// also `--allow-open-data-dir`). The database holds the token signing keys: only set this
+    /// when the folder is shared on purpose (a backup agent's group, say).
+    pub allow_open_data_dir: bool,
     /// HTTP limits.
     pub http: HttpConfig,
     /// Authentication.
@@ -185,6 +200,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("data"),
+            allow_open_data_dir: false,
             http: HttpConfig::default(),
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
@@ -432,6 +448,26 @@ mod tests {
         c.tls.key_path = Some("key.pem".into());
         assert!(c.tls.is_enabled());
         assert!(c.validate(addr).is_ok());
+    }
+
+    /// The data folder's escape hatch, from the file and the environment (the flag is
+    /// `--allow-open-data-dir`).
+    #[test]
+    fn allow_open_data_dir_from_the_file_and_the_environment() {
+        assert!(!ServerConfig::default().allow_open_data_dir);
+        let env = vec![(
+            "POSTROOM_ALLOW_OPEN_DATA_DIR".to_string(),
+            "true".to_string(),
+        )];
+        assert!(ServerConfig::load(None, env).unwrap().allow_open_data_dir);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("postroom.toml");
+        std::fs::write(&file, "allow_open_data_dir = true\n").unwrap();
+        assert!(
+            ServerConfig::load(Some(&file), Vec::new())
+                .unwrap()
+                .allow_open_data_dir
+        );
     }
 
     #[test]

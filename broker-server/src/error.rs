@@ -121,6 +121,15 @@ pub enum ApiError {
     /// No valid credentials (401, with `WWW-Authenticate: Bearer`).
     #[error("{0}")]
     Unauthenticated(String),
+    /// A token that is well formed and correctly signed, refused for a reason of its own (401,
+    /// with the reason's code).
+    #[error("{message}")]
+    TokenRefused {
+        /// Why.
+        reason: TokenRefusal,
+        /// What is wrong, for people.
+        message: String,
+    },
     /// Valid credentials without the right to do this (403).
     #[error("{0}")]
     Forbidden(String),
@@ -175,6 +184,7 @@ impl ApiError {
             ApiError::Exists(_) => "already_exists",
             ApiError::NotSubscribed(_) => "not_subscribed",
             ApiError::Unauthenticated(_) => "unauthenticated",
+            ApiError::TokenRefused { reason, .. } => reason.code(),
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotManaged(_) => "not_managed",
             ApiError::IdempotencyInProgress(_) => "idempotency_in_progress",
@@ -221,7 +231,9 @@ impl ApiError {
             ApiError::Busy | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooManyFailures { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthenticated(_) | ApiError::TokenRefused { .. } => {
+                StatusCode::UNAUTHORIZED
+            }
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotManaged(_) => StatusCode::CONFLICT,
             ApiError::BadClient(_) | ApiError::FieldInvalid { .. } => StatusCode::BAD_REQUEST,
@@ -254,6 +266,37 @@ impl ApiError {
         ApiError::BadParameter {
             name: name.to_string(),
             message: message.into(),
+        }
+    }
+}
+
+/// Why a correctly signed token is refused (see [`ApiError::TokenRefused`]). Each reason has
+/// its own code, so that a client can tell "fetch a new token" from "this token was forged".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TokenRefusal {
+    /// Its lifetime (`exp - iat`) is longer than `auth.token_ttl_secs`: no token of ours is.
+    LifetimeExceeded,
+    /// Its `iat` is later than now plus `auth.token_clock_skew_secs`.
+    IssuedInFuture,
+    /// The client secret it was issued for has been revoked.
+    SecretRevoked,
+    /// Its client was deleted, and perhaps created again under the same id.
+    ClientReplaced,
+    /// A token of the external issuer names a `local/` identity, which only Postroom's own
+    /// clients may have.
+    ReservedIdentity,
+}
+
+impl TokenRefusal {
+    /// The stable code sent in the problem body.
+    pub fn code(self) -> &'static str {
+        match self {
+            TokenRefusal::LifetimeExceeded => "token_lifetime_exceeded",
+            TokenRefusal::IssuedInFuture => "token_issued_in_future",
+            TokenRefusal::SecretRevoked => "token_secret_revoked",
+            TokenRefusal::ClientReplaced => "token_client_replaced",
+            TokenRefusal::ReservedIdentity => "reserved_identity",
         }
     }
 }
@@ -367,6 +410,25 @@ pub enum StartError {
     /// The broker could not open its data.
     #[error("storage: {0}")]
     Broker(#[from] broker_core::Error),
+    /// The data folder can be read or written by other users of the host, and
+    /// `allow_open_data_dir` is not set.
+    #[error(
+        "the data folder {} can be read or written by other users (mode {mode:04o}); it holds \
+         the database with the token signing keys and the client records. Run `chmod 700 {}`, \
+         or set allow_open_data_dir (--allow-open-data-dir, POSTROOM_ALLOW_OPEN_DATA_DIR=true) \
+         if others must read it",
+        dir.display(),
+        dir.display()
+    )]
+    OpenDataDir {
+        /// The folder.
+        dir: std::path::PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The data folder could not be created or inspected.
+    #[error("data folder: {0}")]
+    DataDir(String),
     /// The listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {

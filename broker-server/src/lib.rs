@@ -10,6 +10,7 @@ pub mod brakes;
 pub mod cli;
 pub mod config;
 pub mod connections;
+pub mod data_dir;
 pub mod error;
 pub mod logging;
 mod middleware;
@@ -17,6 +18,7 @@ pub mod observe;
 pub mod pack;
 pub mod system;
 pub mod tls;
+mod tokens;
 
 use std::future::Future;
 use std::time::Duration;
@@ -84,7 +86,7 @@ pub fn router_with(
         .with_state(auth.clone());
     let gate = middleware::Gate {
         broker: broker.clone(),
-        auth,
+        auth: auth.clone(),
         idempotency,
     };
     // Layers run outside in: request metrics and header limits, the body limit, load shedding
@@ -96,6 +98,7 @@ pub fn router_with(
         broker,
         database_path: config.database_path(),
         message_log_payloads: config.observability.message_log_payloads,
+        auth,
     })
     .merge(token)
     .layer(axum::middleware::from_fn_with_state(gate, middleware::gate))
@@ -165,6 +168,8 @@ pub async fn serve(
         .iter()
         .map(|p| pack::Pack::load(p).map_err(|e| StartError::Config(format!("pack: {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
+    // The folder is checked last, just before the broker writes into it.
+    data_dir::prepare(&config)?;
     let broker = Broker::open(config.database_path(), config.broker.clone()).await?;
     if let Some((client_id, secret)) = auth::bootstrap(&broker, &config.auth).await? {
         // Shown once, on the terminal that started the server; never logged.

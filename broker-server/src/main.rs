@@ -45,6 +45,10 @@ enum Command {
         /// unless the server listens on a loopback address (127.0.0.0/8 or ::1).
         #[arg(long)]
         insecure_no_auth: bool,
+        /// Starts even when other users of the host can read or write the data folder, which
+        /// holds the token signing keys (by default such a folder is refused).
+        #[arg(long)]
+        allow_open_data_dir: bool,
     },
     #[command(flatten)]
     Client(ClientCommand),
@@ -58,17 +62,35 @@ fn main() -> ExitCode {
             listen,
             data_dir,
             insecure_no_auth,
-        } => run_server(config, listen, data_dir, insecure_no_auth),
+            allow_open_data_dir,
+        } => run_server(ServeArgs {
+            config,
+            listen,
+            data_dir,
+            insecure_no_auth,
+            allow_open_data_dir,
+        }),
         Command::Client(command) => broker_server::cli::run(cli.global, command),
     }
 }
 
-fn run_server(
+/// The options of `postroom serve`.
+struct ServeArgs {
     config: Option<PathBuf>,
     listen: Option<std::net::SocketAddr>,
     data_dir: Option<PathBuf>,
     insecure_no_auth: bool,
-) -> ExitCode {
+    allow_open_data_dir: bool,
+}
+
+fn run_server(args: ServeArgs) -> ExitCode {
+    let ServeArgs {
+        config,
+        listen,
+        data_dir,
+        insecure_no_auth,
+        allow_open_data_dir,
+    } = args;
     // Only the server logs: the client subcommands' output is for the person at the terminal.
     // `POSTROOM_LOG_FORMAT=json` gives one JSON object per line for log collectors; the
     // default is text for people.
@@ -108,6 +130,9 @@ fn run_server(
         if insecure_no_auth {
             cfg.auth.insecure_no_auth = true;
         }
+        if allow_open_data_dir {
+            cfg.allow_open_data_dir = true;
+        }
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|source| broker_server::StartError::Bind {
@@ -117,9 +142,11 @@ fn run_server(
         let addr = listener
             .local_addr()
             .map_err(broker_server::StartError::Serve)?;
-        // `serve` checks this too; checking before the line below keeps a server that is about
-        // to refuse to start from announcing that it listens.
+        // `serve` checks these too (the configuration, and that the data folder is private);
+        // checking before the line below keeps a server that is about to refuse to start from
+        // announcing that it listens.
         cfg.validate(addr)?;
+        broker_server::data_dir::prepare(&cfg)?;
         let scheme = if cfg.tls.is_enabled() {
             "https"
         } else {

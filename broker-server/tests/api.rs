@@ -673,7 +673,7 @@ async fn serves_on_a_real_socket_and_shuts_down_cleanly() {
         .unwrap();
     assert_eq!(r.status(), 201);
     let dir = served.stop().await;
-    assert!(dir.path().join("postroom.redb").exists());
+    assert!(dir.path().join("data").join("postroom.redb").exists());
 }
 
 /// `postroom serve` as a user runs it: it answers, and SIGTERM stops it with exit status 0.
@@ -683,7 +683,8 @@ fn the_binary_serves_and_exits_zero_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_postroom"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
+        // Created by the server, private; the temporary folder itself is 0755.
+        .arg(dir.path().join("data"))
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -721,7 +722,8 @@ fn json_logs_carry_the_request_id_and_no_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_postroom"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
+        // Created by the server, private; the temporary folder itself is 0755.
+        .arg(dir.path().join("data"))
         .env("POSTROOM_LOG_FORMAT", "json")
         .env("POSTROOM_ADMIN_CLIENT_ID", "ops")
         .env("POSTROOM_ADMIN_CLIENT_SECRET", "a-long-chosen-secret")

@@ -633,6 +633,14 @@ async fn every_role_against_every_endpoint() {
             admins,
         ),
         (Method::GET, "/v1/admin/audit".into(), None, admins),
+        (Method::GET, "/v1/admin/signing-keys".into(), None, admins),
+        // Every role's token, issued before, keeps working after the rotation.
+        (
+            Method::POST,
+            "/v1/admin/signing-keys/rotate".into(),
+            None,
+            admins,
+        ),
         (
             Method::DELETE,
             "/v1/admin/clients/nobody".into(),
@@ -896,7 +904,8 @@ fn start_binary(
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_postroom"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
+        // Created by the server, private; the temporary folder itself is 0755.
+        .arg(dir.join("data"))
         .envs(envs.iter().copied())
         .stdout(std::process::Stdio::piped())
         .spawn()

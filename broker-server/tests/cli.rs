@@ -58,7 +58,8 @@ impl Server {
             .unwrap();
         let addr = listener.local_addr().unwrap();
         let config = ServerConfig {
-            data_dir: dir.path().to_path_buf(),
+            // Created by the server, private; the temporary folder itself is 0755.
+            data_dir: dir.path().join("data"),
             ..base
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -1156,4 +1157,52 @@ fn packs_in_the_config_are_applied_at_start() {
     for name in ["check_in", "out_commission", "heartbeat"] {
         assert!(names.contains(&name), "{names:?}");
     }
+}
+
+/// `postroom admin rotate-signing-key`: the new key signs, the cached token from before keeps
+/// working; with `--drop-previous` the cached token is refused and the CLI gets a new one by
+/// itself.
+#[test]
+fn admin_rotates_the_token_signing_key() {
+    let s = Server::start_secured();
+    let cache = tempfile::tempdir().unwrap();
+    let root = admin(&s, cache.path(), ADMIN_SECRET);
+
+    let keys = root.ok(&["admin", "signing-keys"]);
+    assert!(keys.starts_with("KID"), "{keys}");
+    assert!(
+        keys.lines()
+            .any(|l| l.starts_with("k1 ") && l.contains(" yes ")),
+        "{keys}"
+    );
+    let cached = std::fs::read(&cache_files(cache.path())[0]).unwrap();
+
+    let out = root.ok(&["admin", "rotate-signing-key"]);
+    assert!(out.contains("k2 signs from now on"), "{out}");
+    let keys = root.json(&["admin", "signing-keys"]);
+    assert_eq!(keys["signing_kid"], "k2", "{keys}");
+    assert_eq!(keys["items"][1]["kid"], "k1", "{keys}");
+    assert_eq!(keys["items"][1]["signing"], false, "{keys}");
+    assert_eq!(
+        std::fs::read(&cache_files(cache.path())[0]).unwrap(),
+        cached,
+        "the token from before the rotation still works"
+    );
+
+    let out = root.ok(&["admin", "rotate-signing-key", "--drop-previous"]);
+    assert!(out.contains("k3 signs from now on"), "{out}");
+    // The cached token (signed by k1) is refused now; the CLI replaces it once and goes on.
+    let keys = root.json(&["admin", "signing-keys"]);
+    assert_eq!(keys["items"].as_array().unwrap().len(), 1, "{keys}");
+    assert_ne!(
+        std::fs::read(&cache_files(cache.path())[0]).unwrap(),
+        cached,
+        "a new token was cached"
+    );
+    let audit = root.json(&["admin", "audit", "--action", "POST /v1/admin/signing-keys"]);
+    assert_eq!(audit["items"].as_array().unwrap().len(), 2, "{audit}");
+    assert_eq!(
+        audit["items"][1]["detail"]["drop_previous"], true,
+        "{audit}"
+    );
 }

@@ -1,7 +1,7 @@
 //! `postroom serve` as an operator starts it: the checks that refuse a dangerous configuration
 //! before anything listens, and the line that tells where the server listens. Guards against
-//! `--insecure-no-auth` being usable on a reachable address, and against a TLS server
-//! announcing itself as plain HTTP.
+//! `--insecure-no-auth` being usable on a reachable address, a data folder other users can
+//! read, and a TLS server announcing itself as plain HTTP.
 #![forbid(unsafe_code)]
 
 mod common;
@@ -231,4 +231,56 @@ fn the_log_level_changes_at_run_time_and_the_message_trail_carries_no_payload() 
         .unwrap();
     assert!(killed.success());
     assert!(wait(&mut child).success());
+}
+
+/// A data folder other users can read (a temporary folder is 0755) is refused before the server
+/// announces itself, with the fix in the message; `--allow-open-data-dir` starts it anyway.
+#[test]
+fn an_open_data_folder_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = dir.path().join("data");
+    std::fs::create_dir(&open).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut child = postroom()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&open)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait(&mut child);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success(), "{status:?}");
+    assert!(
+        stderr.contains(&format!("chmod 700 {}", open.display())) && stderr.contains("0755"),
+        "{stderr}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("listening"),
+        "a refused server must not announce itself"
+    );
+    assert!(!open.join("postroom.redb").exists());
+
+    let mut child = postroom()
+        .args(["serve", "--allow-open-data-dir", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(&open)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = lines_of(child.stdout.take().unwrap());
+    // The bootstrap's line comes after the database is open.
+    expect_line(&stdout, &mut child, |l| {
+        l.contains("created the administrator client")
+    });
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert!(wait(&mut child).success());
+    assert!(open.join("postroom.redb").exists());
 }

@@ -84,7 +84,8 @@ fn birth(mother: &str) -> Value {
 async fn the_govstack_flow_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = ServerConfig {
-        data_dir: dir.path().to_path_buf(),
+        // Created by the server, private; the temporary folder itself is 0755.
+        data_dir: dir.path().join("data"),
         ..local()
     };
     // The PUSH subscriber below is a receiver on loopback, which the push target guard refuses

@@ -63,14 +63,14 @@ async fn members_applications_and_clients() {
         .unwrap();
     assert_eq!(client.application, irc);
     assert!(secret.len() >= 32);
-    assert_eq!(
-        broker
-            .authenticate_client("irc-centre", &secret)
-            .await
-            .unwrap()
-            .client_id,
-        "irc-centre"
-    );
+    let (authenticated, secret_id) = broker
+        .authenticate_client("irc-centre", &secret)
+        .await
+        .unwrap();
+    assert_eq!(authenticated.client_id, "irc-centre");
+    assert_eq!(secret_id, 1, "the secret that matched");
+    assert!(!client.incarnation.is_empty());
+    assert_eq!(authenticated.incarnation, client.incarnation);
     for (id, s) in [
         ("irc-centre", "wrong-secret-123456"),
         ("nobody", secret.as_str()),
@@ -92,14 +92,23 @@ async fn members_applications_and_clients() {
     // Rotation: a second secret, both work; a third is refused; revoke the first.
     let (second, second_secret) = broker.add_client_secret("irc-centre", None).await.unwrap();
     assert_eq!(second.id, 2);
-    assert!(broker
-        .authenticate_client("irc-centre", &secret)
-        .await
-        .is_ok());
-    assert!(broker
-        .authenticate_client("irc-centre", &second_secret)
-        .await
-        .is_ok());
+    assert_eq!(
+        broker
+            .authenticate_client("irc-centre", &secret)
+            .await
+            .unwrap()
+            .1,
+        1
+    );
+    assert_eq!(
+        broker
+            .authenticate_client("irc-centre", &second_secret)
+            .await
+            .unwrap()
+            .1,
+        2,
+        "the second secret is told apart from the first"
+    );
     assert_eq!(
         broker
             .add_client_secret("irc-centre", None)
@@ -313,4 +322,119 @@ async fn cached_identity_reads_follow_every_change_at_once() {
     assert_eq!(broker.client("reader-client").unwrap().application, q);
     broker.delete_application(&q).await.unwrap();
     assert!(broker.client("reader-client").is_err());
+}
+
+/// A ring of signing keys: the newest signs, a retired key verifies only what it signed before
+/// it retired and only during its grace, a rotation beyond the bound is refused, `drop_previous`
+/// forgets every earlier key, and the ring survives a reopen. The database the broker creates
+/// is private to its user (folder 0700, file 0600). Guards against a key that cannot be
+/// replaced, a stolen old key that keeps signing, and a world-readable key store.
+#[tokio::test]
+async fn signing_keys_rotate_expire_and_persist_in_a_private_file() {
+    use broker_core::{Clock, ManualClock, Rotation, Timestamp};
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data").join("db.redb");
+    let clock = ManualClock::new(Timestamp(1_000_000));
+    let broker = Broker::open_with_clock(&path, test_config(), std::sync::Arc::new(clock.clone()))
+        .await
+        .unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(path.parent().unwrap()), 0o700);
+    assert_eq!(mode(&path), 0o600);
+
+    let first = broker.signing_keys("tokens").await.unwrap();
+    assert_eq!(first.signer().kid(), "k1");
+    let rotation = Rotation {
+        grace_ms: 60_000,
+        keys_max: 3,
+        drop_previous: false,
+    };
+    let t1 = clock.now();
+    let second = broker.rotate_signing_key("tokens", rotation).await.unwrap();
+    assert_eq!(second.signer().kid(), "k2");
+    assert_ne!(second.signer().secret(), first.signer().secret());
+    assert!(
+        second.verifier("k1", t1, t1).is_some(),
+        "signed before it retired"
+    );
+    assert!(
+        second.verifier("k1", t1.plus_ms(1), t1).is_none(),
+        "signed after"
+    );
+    assert!(
+        second.verifier("k1", t1, t1.plus_ms(60_000)).is_none(),
+        "grace over"
+    );
+    assert_eq!(
+        broker.signing_keys("tokens").await.unwrap().version(),
+        second.version(),
+        "readers see the rotation at once"
+    );
+
+    clock.advance_ms(1_000);
+    broker.rotate_signing_key("tokens", rotation).await.unwrap();
+    assert_eq!(
+        broker
+            .rotate_signing_key("tokens", rotation)
+            .await
+            .unwrap_err()
+            .code(),
+        "limit_exceeded",
+        "k1, k2 and k3 are all in use"
+    );
+    // Once k1's grace is over (k2's, from a second later, is not), there is room again and
+    // k1 is gone.
+    clock.advance_ms(59_500);
+    let fourth = broker.rotate_signing_key("tokens", rotation).await.unwrap();
+    let kids: Vec<String> = fourth
+        .keys(clock.now())
+        .into_iter()
+        .map(|k| k.kid)
+        .collect();
+    assert_eq!(kids, ["k4", "k3", "k2"]);
+    let dropped = broker
+        .rotate_signing_key(
+            "tokens",
+            Rotation {
+                drop_previous: true,
+                ..rotation
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(dropped.keys(clock.now()).len(), 1);
+    assert!(dropped.verifier("k4", clock.now(), clock.now()).is_none());
+    let kept = dropped.signer().secret().to_vec();
+    broker.close().await;
+    drop(broker);
+
+    let broker = Broker::open(&path, test_config()).await.unwrap();
+    let reopened = broker.signing_keys("tokens").await.unwrap();
+    assert_eq!(reopened.signer().kid(), "k5");
+    assert_eq!(reopened.signer().secret(), kept.as_slice());
+    broker.close().await;
+}
+
+/// A client deleted and created again under the same id is another incarnation, so that what
+/// was issued to the first (a token) can be told from what is issued to the second.
+#[tokio::test]
+async fn a_client_created_again_is_another_incarnation() {
+    let (broker, _) = memory_broker(test_config()).await;
+    let irc = app(&broker, "irc").await;
+    let (first, _) = broker
+        .create_client(&irc, Some("centre".into()), None)
+        .await
+        .unwrap();
+    broker.delete_client("centre").await.unwrap();
+    let (second, _) = broker
+        .create_client(&irc, Some("centre".into()), None)
+        .await
+        .unwrap();
+    assert!(!first.incarnation.is_empty());
+    assert_ne!(first.incarnation, second.incarnation);
+    assert_eq!(
+        broker.client("centre").unwrap().incarnation,
+        second.incarnation
+    );
 }

@@ -11,6 +11,7 @@ mod ops;
 mod room_openapi;
 mod rooms;
 pub(crate) mod schemas;
+mod signing_keys;
 mod subscriptions;
 
 use axum::extract::rejection::JsonRejection;
@@ -38,6 +39,8 @@ pub struct AppState {
     pub database_path: std::path::PathBuf,
     /// Whether the message log may show payloads (`observability.message_log_payloads`).
     pub message_log_payloads: bool,
+    /// The authenticator, for the routes that manage its signing keys.
+    pub auth: std::sync::Arc<crate::auth::Auth>,
 }
 
 /// The document's fixed parts: what the API is, its tags, and the components that handlers refer
@@ -84,6 +87,7 @@ fn native_routes() -> OpenApiRouter<AppState> {
                 .merge(events::routes())
                 .merge(subscriptions::routes())
                 .merge(admin::routes())
+                .merge(signing_keys::routes())
                 .merge(ops::routes()),
         )
 }

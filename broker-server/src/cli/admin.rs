@@ -1,8 +1,8 @@
 //! `postroom admin ...`: the administrators' API (`/v1/admin`) from a shell: members,
-//! applications, API clients and their secrets, rights, and the audit log. It exists so that an
-//! operator can set up who may do what without writing HTTP requests by hand; like the other
-//! subcommands each command is one API call (the audit log follows its pages), and the server
-//! decides what is allowed.
+//! applications, API clients and their secrets, rights, the audit log, and the token signing
+//! keys (in `signing_keys.rs`). It exists so that an operator can set up who may do what
+//! without writing HTTP requests by hand; like the other subcommands each command is one API
+//! call (the audit log follows its pages), and the server decides what is allowed.
 //!
 //! Member and application ids contain `/`; the client percent-encodes every path segment on its
 //! own, so that an id stays one segment (`UK%2FGOV%2FHO`) as the API expects.
@@ -31,6 +31,16 @@ pub enum AdminCommand {
     Grants(GrantsCommand),
     /// The audit log of administrative changes, oldest first.
     Audit(AuditArgs),
+    /// The token signing keys in use (never the keys themselves).
+    SigningKeys,
+    /// Rotate the token signing key: a new key signs from now on, and the previous one
+    /// verifies the tokens it signed until they expire (auth.token_ttl_secs).
+    RotateSigningKey {
+        /// Stop accepting the previous keys at once (for a key that was stolen): every token
+        /// issued before is refused, and every client must get a new one.
+        #[arg(long)]
+        drop_previous: bool,
+    },
 }
 
 /// `postroom admin members ...`
@@ -254,6 +264,10 @@ pub async fn admin(client: &Client, json: bool, command: AdminCommand) -> Result
         AdminCommand::Clients(c) => clients(client, json, c).await,
         AdminCommand::Grants(c) => grants(client, json, c).await,
         AdminCommand::Audit(a) => audit(client, json, a).await,
+        AdminCommand::SigningKeys => super::signing_keys::list(client, json).await,
+        AdminCommand::RotateSigningKey { drop_previous } => {
+            super::signing_keys::rotate(client, json, drop_previous).await
+        }
     }
 }
 

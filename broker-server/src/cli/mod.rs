@@ -7,6 +7,7 @@ pub mod admin;
 pub mod client;
 pub mod output;
 pub mod pack;
+pub mod signing_keys;
 pub mod tail;
 pub mod token;
 

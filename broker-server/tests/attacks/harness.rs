@@ -402,3 +402,38 @@ impl World {
             .unwrap();
     }
 }
+// ----- Added for the token attacks (issue 14, items 4, 9 and 12) -----
+
+impl World {
+    /// A world with `config` whose server also trusts the external issuer `external` (as
+    /// `postroom serve` does with `[auth.external]`).
+    pub async fn start_with_external(
+        config: ServerConfig,
+        external: Arc<broker_server::auth_external::ExternalVerifier>,
+    ) -> World {
+        let mut w = World::start_with(config).await;
+        w.app = broker_server::router_with(w.broker.clone(), &w.config, Some(external)).unwrap();
+        w
+    }
+
+    /// The broker's clock in whole seconds, as tokens count time.
+    pub fn now_secs(&self) -> u64 {
+        use broker_core::Clock;
+        self.clock.now().as_ms() / 1000
+    }
+}
+
+/// The header and claims of a JSON Web Token, read without checking anything.
+pub fn jwt_parts(token: &str) -> (Value, Value) {
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut parts = token.split('.');
+    let mut next = || -> Value {
+        let raw = b64
+            .decode(parts.next().expect("a JWT part"))
+            .expect("base64url");
+        serde_json::from_slice(&raw).expect("JSON")
+    };
+    let header = next();
+    let claims = next();
+    (header, claims)
+}

@@ -50,7 +50,9 @@ impl Served {
     pub async fn start(config: ServerConfig) -> Served {
         let dir = tempfile::tempdir().unwrap();
         let config = ServerConfig {
-            data_dir: dir.path().to_path_buf(),
+            // A folder the server creates (0700): a temporary folder itself is 0755, which
+            // `serve` refuses as a data folder.
+            data_dir: dir.path().join("data"),
             ..config
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
