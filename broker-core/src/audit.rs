@@ -111,7 +111,7 @@ impl Broker {
             actor: entry.actor,
         };
         let out = self
-            .record_op(move |tx, now| {
+            .record_op_quiet(move |tx, now| {
                 let mut e = AuditEntry {
                     seq: 0,
                     at: now,
@@ -194,7 +194,7 @@ impl Broker {
         let (age_max, count_max) = (r.audit_retention_ms, r.audit_entries_max as u64);
         let now = self.now();
         let out = self
-            .record_op(move |tx, _| {
+            .record_op_quiet(move |tx, _| {
                 let Some(last) = tx.audit_last()? else {
                     return to_bytes(&(0u64, false));
                 };

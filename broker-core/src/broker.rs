@@ -301,10 +301,16 @@ impl Broker {
     }
 
     /// Every write goes through here. A write that may change who may do what (anything but a
-    /// publish or a delivery outcome) moves the identity cache on once it has committed and
+    /// publish, a delivery outcome, a retention sweep or an audit entry) moves the identity cache on once it has committed and
     /// before its caller hears back, so that the next request reads the change.
     async fn write(&self, op: WriteOp) -> Result<WriteOutput> {
-        let hot = matches!(op, WriteOp::Publish(_) | WriteOp::Delivery(_));
+        let hot = matches!(
+            op,
+            WriteOp::Publish(_)
+                | WriteOp::Delivery(_)
+                | WriteOp::Sweep { .. }
+                | WriteOp::Records(crate::storage::RecordOp(_, false))
+        );
         let out = self.inner.writer.submit(op).await;
         if !hot {
             self.inner.identities.invalidate();

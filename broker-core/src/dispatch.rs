@@ -204,6 +204,11 @@ async fn push_one(broker: &Broker, sub: &Subscription, d: &DueDelivery) -> PushR
     let DeliveryMode::Push(endpoint) = &sub.mode else {
         return failed("not a push subscription");
     };
+    // Checked again right before sending: the right may have been taken away since this push
+    // was scheduled (the dispatcher then pauses the subscription).
+    if !broker.subscriber_may_receive(sub).unwrap_or(false) {
+        return failed("not sent: the subscriber no longer has the right to receive it");
+    }
     let event = match broker.event(d.event_id) {
         Ok(e) => e,
         Err(e) => return failed(&format!("event unavailable: {e}")),

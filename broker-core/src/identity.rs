@@ -315,7 +315,27 @@ impl Broker {
         &self,
         f: impl FnOnce(&mut dyn RecordTxn, Timestamp) -> Result<Vec<u8>> + Send + 'static,
     ) -> Result<Vec<u8>> {
-        let op = RecordOp(Box::new(move |tx, now| f(tx, now).map(WriteOutput::Record)));
+        self.record_write(f, true).await
+    }
+
+    /// [`Broker::record_op`] for a change that cannot change who may do what (the audit log),
+    /// so the identity cache stays as it is.
+    pub(crate) async fn record_op_quiet(
+        &self,
+        f: impl FnOnce(&mut dyn RecordTxn, Timestamp) -> Result<Vec<u8>> + Send + 'static,
+    ) -> Result<Vec<u8>> {
+        self.record_write(f, false).await
+    }
+
+    async fn record_write(
+        &self,
+        f: impl FnOnce(&mut dyn RecordTxn, Timestamp) -> Result<Vec<u8>> + Send + 'static,
+        rights: bool,
+    ) -> Result<Vec<u8>> {
+        let op = RecordOp(
+            Box::new(move |tx, now| f(tx, now).map(WriteOutput::Record)),
+            rights,
+        );
         match self.write_op(WriteOp::Records(op)).await? {
             WriteOutput::Record(b) => Ok(b),
             other => Err(unexpected(other)),

@@ -43,22 +43,21 @@ fn check_existing(config: &ServerConfig, meta: &std::fs::Metadata) -> Result<(),
     /// Read, write or search by the group or by others.
     const OPEN: u32 = 0o077;
     let mode = meta.permissions().mode() & 0o7777;
-    if config.allow_open_data_dir {
-        if mode & OPEN != 0 {
-            tracing::warn!(
-                dir = %config.data_dir.display(),
-                mode = format!("{mode:04o}"),
-                "the data folder is open to other users (allow_open_data_dir is set)"
-            );
-        }
-        return Ok(());
-    }
     if mode & OPEN != 0 {
-        return Err(StartError::OpenDataDir {
-            dir: config.data_dir.clone(),
-            mode,
-        });
+        if !config.allow_open_data_dir {
+            return Err(StartError::OpenDataDir {
+                dir: config.data_dir.clone(),
+                mode,
+            });
+        }
+        tracing::warn!(
+            dir = %config.data_dir.display(),
+            mode = format!("{mode:04o}"),
+            "the data folder is open to other users (allow_open_data_dir is set)"
+        );
     }
+    // The database file is made private even in a folder left open on purpose: it holds the
+    // token signing keys.
     let db = config.database_path();
     if let Ok(file) = std::fs::metadata(&db) {
         let file_mode = file.permissions().mode() & 0o7777;

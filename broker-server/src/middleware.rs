@@ -151,6 +151,12 @@ where
     }
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    // A request for no route changes nothing; the HTTP metrics count it (route `unmatched`).
+    // Not auditing it keeps an authenticated caller from flooding the log with junk paths.
+    let routed = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .is_some();
     let response = next(req).await;
     let Some(actor) = response
         .extensions()
@@ -160,6 +166,9 @@ where
         note_unauthenticated(&method, &path, response.status());
         return response;
     };
+    if !routed {
+        return response;
+    }
     let detail = response
         .extensions()
         .get::<AuditDetail>()

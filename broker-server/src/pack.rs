@@ -216,8 +216,22 @@ pub struct AppliedRoom {
     pub event_types: Vec<(EventTypeName, TypeOutcome)>,
 }
 
+/// Why a pack is not applied to a Room that is a member's pending request: the requester manages
+/// it, and a pack adopting it would hand that member a domain Room (and, as its manager, every
+/// right on it). An administrator approves the request on purpose, or deletes it, first.
+pub fn pending_room(room: &RoomName, owner: &str) -> broker_core::Error {
+    broker_core::Error::InvalidInput {
+        field: "pack".into(),
+        message: format!(
+            "Room `{room}` is a pending request by `{owner}`; an administrator approves or deletes \
+             it before the pack is applied"
+        ),
+    }
+}
+
 /// Applies a pack directly to a broker: the startup path (`packs = [...]` in the config). New
-/// Rooms are created active and owned by `owner`.
+/// Rooms are created active and owned by `owner`. A Room that is a member's pending request is
+/// refused (see [`pending_room`]).
 pub async fn apply(
     broker: &Broker,
     pack: &Pack,
@@ -226,6 +240,9 @@ pub async fn apply(
     let mut report = Vec::with_capacity(pack.rooms.len());
     for r in &pack.rooms {
         let outcome = match broker.room(&r.name) {
+            Ok(existing) if existing.status == broker_core::RoomStatus::Pending => {
+                return Err(pending_room(&existing.name, existing.owner.as_str()))
+            }
             Ok(existing) => {
                 let patch = RoomPatch {
                     description: (existing.description != r.description)

@@ -706,11 +706,12 @@ async fn every_role_against_every_endpoint() {
             subscribers,
         ),
         (Method::GET, format!("{gov}/api/v1/subs/t"), None, in_room),
+        // Changing a subscription is a use of it: the right to receive is checked again.
         (
             Method::PATCH,
             format!("{gov}/api/v1/subs/t"),
             Some(json!({"eventType": "t"})),
-            in_room,
+            subscribers,
         ),
         (Method::GET, format!("{gov}/pull/v1/t"), None, subscribers),
         (

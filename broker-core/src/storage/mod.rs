@@ -169,10 +169,13 @@ pub(crate) trait RecordTxn {
     fn delete_audit(&mut self, seq: u64) -> Result<()>;
 }
 
-/// A record change; see [`WriteOp::Records`].
+/// A record change; see [`WriteOp::Records`]. The flag says whether it may change who may do
+/// what (an identity or a right); only those move the identity cache on (an audit entry does
+/// not, so that a flood of audited requests cannot empty the cache).
 pub(crate) struct RecordOp(
     #[allow(clippy::type_complexity)]
     pub  Box<dyn FnOnce(&mut dyn RecordTxn, Timestamp) -> Result<WriteOutput> + Send>,
+    pub bool,
 );
 
 impl std::fmt::Debug for RecordOp {

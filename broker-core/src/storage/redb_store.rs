@@ -657,10 +657,12 @@ impl<'t> Tables<'t> {
         let mut rec = self.room_record(name)?;
         if let Some(status) = patch.status {
             match (rec.status, status) {
-                (RoomStatus::Pending, RoomStatus::Active) => {
+                // Not even to disabled: a disabled Room counts as an active one, and could be
+                // enabled again without an administrator's approval.
+                (RoomStatus::Pending, _) => {
                     return Err(Error::invalid(
                         "status",
-                        "a pending room becomes active only by approval",
+                        "a pending room changes status only by approval (or is deleted)",
                     ))
                 }
                 (_, RoomStatus::Pending) => {

@@ -666,9 +666,14 @@ async fn patch_sub(
 ) -> GovResult {
     let room = room_name(&p.app)?;
     let ty = type_name(&p.event_type)?;
+    // Changing a subscription is a use of it: its subscriber's right is checked again (a
+    // manager may change any).
     caller.require(
-        caller.rights.any_on(&room),
-        "use subscriptions of this Room",
+        caller.rights.manages(&room)
+            || caller
+                .rights
+                .can_subscribe(&room, Some(std::slice::from_ref(&ty))),
+        "change a subscription to this event type",
     )?;
     let b: SubBody = body(&headers, &raw)?;
     let sub =

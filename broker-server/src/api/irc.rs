@@ -15,8 +15,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use broker_core::{EventId, EventTypeName, PublishRequest, RoomName, Timestamp, Violation};
+use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 
 use super::{AppState, RawBody};
 use crate::auth::Identity;
@@ -148,6 +149,14 @@ async fn ingest(
     // A centre's client posts for its own centre only: its publisher right is limited to the
     // centre's ordering key (the pack keys every type by `/centre`). Checked on the path's
     // centre before the body, and again by the core on the key it takes from the body.
+    // The ingress is what centres' clients use, so a publisher right here must be bound to
+    // centres: an unbound one (a system that speaks for every centre) publishes through the
+    // native route. Managers and administrators may post for any centre.
+    who.require(
+        who.rights.manages(&room) || who.rights.publish_keys(&room, &ty).is_some(),
+        "post to the IRC ingress with a publisher right not bound to centres (give it with \
+         `keys`, one per centre)",
+    )?;
     who.require(
         who.rights.can_publish_key(&room, &ty, centre),
         &format!("publish for centre `{centre}`"),
@@ -181,7 +190,10 @@ async fn ingest(
     }
     let mut req = PublishRequest::new(room, ty.clone(), who.principal.clone(), body.to_vec());
     req.keys_allowed = keys_allowed;
-    let id = is_event.then(|| duplicate_id(centre, &doc)).flatten();
+    let id_key = s.broker.host_key(EVENT_ID_KEY).await?;
+    let id = is_event
+        .then(|| duplicate_id(&id_key, centre, &doc))
+        .flatten();
     req.event_id = id;
     let receipt = match s.broker.publish(req).await {
         Ok(r) => Answer {
@@ -273,7 +285,13 @@ fn icd_repeat(
 /// nothing is stored, for as long as the first event is retained, which outlasts the centres'
 /// retry queues (unlike a 10-minute idempotency key). `None` when a part is missing: the schema
 /// refuses such a payload anyway.
-pub fn duplicate_id(centre: &str, doc: &Value) -> Option<EventId> {
+///
+/// The id is an HMAC of that tuple under `key`, a random key the broker keeps
+/// ([`EVENT_ID_KEY`]), not a plain hash: event ids are unique across the broker, and a
+/// publisher in any Room who could compute the id of a centre's next event could take it first
+/// (the genuine event would then be refused as a conflict) or probe with it whether a person had
+/// that movement.
+pub fn duplicate_id(key: &[u8], centre: &str, doc: &Value) -> Option<EventId> {
     let operation = doc.get("operation")?.as_str()?;
     let written = doc.get("timestamp")?.as_str()?;
     // A time the parser cannot place (before 1970, or not RFC 3339, which the schema then
@@ -288,18 +306,21 @@ pub fn duplicate_id(centre: &str, doc: &Value) -> Option<EventId> {
         (None, Some(Value::String(b))) => format!("bed:{b}"),
         _ => return None,
     };
-    let mut h = Sha256::new();
+    let mut h = <Hmac<Sha256> as Mac>::new_from_slice(key).ok()?;
     for part in ["irc-event", centre, &who, operation, timestamp] {
         h.update(part.as_bytes());
         // A separator that cannot occur in the parts, so that no two tuples hash alike.
-        h.update([0u8]);
+        h.update(&[0u8]);
     }
-    let digest = h.finalize();
+    let digest = h.finalize().into_bytes();
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
     // Version 8 ("custom"): a name-based id, never mistaken for a broker-assigned v7.
     Some(EventId(uuid::Builder::from_custom_bytes(bytes).into_uuid()))
 }
+
+/// The name of the key behind [`duplicate_id`] in the broker's key store.
+pub const EVENT_ID_KEY: &str = "irc-event-id-hmac";
 
 /// The field a schema violation is about, and its message: the instance path when the fault is
 /// inside a property, else the property a `required` or `additionalProperties` message names.
@@ -341,16 +362,17 @@ mod tests {
         let a = json!({"operation": "check out", "timestamp": "2024-01-01T00:00:00Z", "person_id": 7, "centre": "brookhouse"});
         let b = json!({"timestamp": "2024-01-01T00:00:00Z", "person_id": 7, "operation": "check out", "extra": 1});
         assert_eq!(
-            duplicate_id("brookhouse", &a),
-            duplicate_id("brookhouse", &b)
+            duplicate_id(b"k", "brookhouse", &a),
+            duplicate_id(b"k", "brookhouse", &b)
         );
         assert_ne!(
-            duplicate_id("brookhouse", &a),
-            duplicate_id("yarlswood", &a)
+            duplicate_id(b"k", "brookhouse", &a),
+            duplicate_id(b"k", "yarlswood", &a)
         );
         // One instant written three ways is one event; another millisecond is another.
         let at = |ts: &str| {
             duplicate_id(
+                b"k",
                 "brookhouse",
                 &json!({"operation": "check out", "timestamp": ts, "person_id": 7}),
             )
@@ -361,8 +383,16 @@ mod tests {
         assert_eq!(at("1969-12-31T23:59:59Z"), at("1969-12-31T23:59:59Z"));
         assert_ne!(at("1969-12-31T23:59:59Z"), at("1969-12-31T23:59:59.000Z"));
         let bed = json!({"operation": "in commission", "timestamp": "2024-01-01T00:00:00Z", "bed_ref": "A 1"});
-        assert!(duplicate_id("brookhouse", &bed).is_some());
-        assert_eq!(duplicate_id("brookhouse", &json!({"operation": "x"})), None);
+        assert!(duplicate_id(b"k", "brookhouse", &bed).is_some());
+        assert_eq!(
+            duplicate_id(b"k", "brookhouse", &json!({"operation": "x"})),
+            None
+        );
+        // Without the key, nobody can compute a centre's event id.
+        assert_ne!(
+            duplicate_id(b"k", "brookhouse", &bed),
+            duplicate_id(b"another key", "brookhouse", &bed)
+        );
     }
 
     #[test]

@@ -37,6 +37,12 @@ pub async fn pack(client: &Client, json: bool, command: PackCommand) -> Result<(
             "retry": r.retry,
         });
         let room_outcome = match client.get(&["v1", "rooms", name], &[]).await {
+            Ok(existing) if existing.get("status").and_then(|v| v.as_str()) == Some("pending") => {
+                let owner = existing.get("owner").and_then(|v| v.as_str());
+                return Err(CliError::Local(
+                    crate::pack::pending_room(&r.name, owner.unwrap_or("?")).to_string(),
+                ));
+            }
             Ok(existing) => {
                 let same = ["description", "ordered", "retry"]
                     .iter()

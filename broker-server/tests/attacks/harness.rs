@@ -392,16 +392,22 @@ impl World {
     /// Applies the `irc` domain pack (the `irc` Room and its event types) as the bootstrap
     /// administrator, as `packs = [...]` does at start.
     pub async fn irc_pack(&self) {
+        self.try_irc_pack().await.unwrap();
+    }
+
+    /// [`World::irc_pack`], with the outcome.
+    pub async fn try_irc_pack(
+        &self,
+    ) -> Result<Vec<broker_server::pack::AppliedRoom>, broker_core::Error> {
         let pack = broker_server::pack::Pack::load(
             concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/irc/pack.toml").as_ref(),
         )
         .unwrap();
         let admin = broker_core::Principal::new("local/ADMIN/postroom/admin").unwrap();
-        broker_server::pack::apply(&self.broker, &pack, &admin)
-            .await
-            .unwrap();
+        broker_server::pack::apply(&self.broker, &pack, &admin).await
     }
 }
+
 // ----- Added for the token attacks (issue 14, items 4, 9 and 12) -----
 
 impl World {

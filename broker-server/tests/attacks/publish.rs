@@ -170,7 +170,13 @@ async fn a_centre_cannot_post_for_another_centre() {
     assert_eq!(ingress.status, StatusCode::FORBIDDEN, "{}", ingress.body);
     assert_eq!(ingress.body["code"], "forbidden");
 
-    let id = broker_server::api::irc::duplicate_id("harmondsworth", &forged)
+    // The ids are keyed by a secret of the broker's; the test reads it, an attacker cannot.
+    let key = w
+        .broker
+        .host_key(broker_server::api::irc::EVENT_ID_KEY)
+        .await
+        .unwrap();
+    let id = broker_server::api::irc::duplicate_id(&key, "harmondsworth", &forged)
         .unwrap()
         .to_string();
     let native = w
@@ -389,4 +395,78 @@ async fn a_reused_event_id_is_a_conflict_and_reveals_nothing_govstack() {
         .await;
     assert_eq!(mine.status, StatusCode::OK, "{}", mine.body);
     assert_eq!(mine.body["event"], original);
+}
+
+/// The IRC event id as it was derived before the fix: a plain SHA-256 of the ICD tuple, which
+/// anyone who knows the tuple can compute.
+fn unkeyed_irc_id(centre: &str, person: u64, operation: &str, ts_ms: u64) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [
+        "irc-event",
+        centre,
+        &format!("person:{person}"),
+        operation,
+        &format!("ms:{ts_ms}"),
+    ] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&h.finalize()[..16]);
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .to_string()
+}
+
+/// Found in review of issue 14, items 7 and 8. Event ids are unique across the broker, and the
+/// IRC ingress derived a centre's event id from the ICD tuple alone. Mallory, who may publish
+/// only to her own Room, computes the id of a person's next check-in at Harmondsworth and
+/// publishes anything under it first. Before the fix the genuine check-in was then refused
+/// (409) and lost, and a 201/409 told her whether that movement had happened. Now the ids are
+/// keyed by a secret of the broker's, and the genuine event is accepted.
+#[tokio::test]
+async fn a_centres_event_id_cannot_be_taken_first() {
+    let w = World::start().await;
+    w.irc_pack().await;
+    w.room("transfers").await;
+    let mallory = w.home_office("mallory").await;
+    w.grant(&mallory, "publisher", "transfers", None).await;
+    let genuine = w.home_office("harmondsworth").await;
+    bind_centre(&w, &genuine, "harmondsworth").await;
+
+    // 2024-03-01T09:00:00Z
+    let id = unkeyed_irc_id("harmondsworth", 7, "check in", 1_709_283_600_000);
+    let squat = publish_with_id(&w, &mallory, &id, json!({"id": "squat"})).await;
+    assert_eq!(squat.status, StatusCode::CREATED, "{}", squat.body);
+
+    let real = w
+        .post(
+            "/irc_entry/harmondsworth/event",
+            &genuine.token,
+            check_in("harmondsworth", 7, "2024-03-01T09:00:00Z"),
+        )
+        .await;
+    assert_eq!(real.status, StatusCode::CREATED, "{}", real.body);
+    assert_ne!(real.body["id"], json!(id), "{}", real.body);
+}
+
+/// Found in review of issue 14, item 7. A publisher right on `irc` that names no centres is
+/// for a system that speaks for every centre, through the native route; the ICD ingress, which
+/// the centres' own clients use, refuses it, so that forgetting to bind a centre's client does
+/// not let it post for every centre.
+#[tokio::test]
+async fn an_unbound_publisher_cannot_use_the_irc_ingress() {
+    let w = World::start().await;
+    w.irc_pack().await;
+    let mallory = w.home_office("brookhouse").await;
+    w.grant(&mallory, "publisher", "irc", None).await;
+    let a = w
+        .post(
+            "/irc_entry/harmondsworth/event",
+            &mallory.token,
+            check_in("harmondsworth", 7, "2024-03-01T09:00:00Z"),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.body);
 }

@@ -139,3 +139,58 @@ async fn pending_room_requests_cannot_exhaust_the_administrators_capacity() {
     let approve = w.post("/v1/rooms/m0/approve", &w.admin, json!({})).await;
     assert_eq!(approve.status, StatusCode::OK, "{}", approve.body);
 }
+
+/// Found in review of issue 14, items 1 and 11. Mallory asks for Room `x` and, as the pending
+/// Room's manager, patches its status to `disabled` and then `active`. Before the fix that made
+/// an approved-looking Room without an administrator (and freed her pending quota, so she could
+/// repeat it until `rooms_max` was reached). Now a pending Room changes status only by approval.
+#[tokio::test]
+async fn a_pending_room_cannot_be_activated_by_its_requester() {
+    let w = World::start().await;
+    let mallory = w.home_office("mallory").await;
+    let asked = w
+        .post("/v1/rooms", &mallory.token, json!({"name": "x"}))
+        .await;
+    assert_eq!(asked.status, StatusCode::CREATED, "{}", asked.body);
+    for status in ["disabled", "active"] {
+        let a = w
+            .call(
+                axum::http::Method::PATCH,
+                "/v1/rooms/x",
+                Some(&mallory.token),
+                Some(json!({"status": status})),
+            )
+            .await;
+        assert_eq!(
+            a.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{status}: {}",
+            a.body
+        );
+    }
+    let room = w.get("/v1/rooms/x", &mallory.token).await;
+    assert_eq!(room.body["status"], "pending", "{}", room.body);
+}
+
+/// Found in review of issue 14, item 1. Before the operator enables the `irc` pack, Mallory asks
+/// for Room `irc` and so manages it while it is pending. Before the fix the pack adopted her
+/// Room ("updated"), leaving her its manager: every IRC event readable, any centre postable.
+/// Now the pack is refused until an administrator approves or deletes the request.
+#[tokio::test]
+async fn a_pack_does_not_adopt_a_members_pending_room() {
+    let w = World::start().await;
+    let mallory = w.home_office("mallory").await;
+    let asked = w
+        .post("/v1/rooms", &mallory.token, json!({"name": "irc"}))
+        .await;
+    assert_eq!(asked.status, StatusCode::CREATED, "{}", asked.body);
+    let refused = w.try_irc_pack().await.unwrap_err();
+    assert!(refused.to_string().contains("pending request"), "{refused}");
+    // Once the request is deleted, the pack creates the Room for the administrators, and
+    // Mallory's right died with her Room.
+    let gone = w.delete("/v1/rooms/irc", &w.admin).await;
+    assert_eq!(gone.status, StatusCode::NO_CONTENT);
+    w.irc_pack().await;
+    let read = w.get("/v1/rooms/irc/events", &mallory.token).await;
+    assert_eq!(read.status, StatusCode::FORBIDDEN, "{}", read.body);
+}
