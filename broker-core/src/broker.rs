@@ -46,6 +46,9 @@ pub(crate) struct Inner {
     /// Whether subscribers' rights are checked on every delivery (see
     /// [`Broker::enforce_subscriber_rights`]).
     pub(crate) enforce_rights: std::sync::atomic::AtomicBool,
+    /// Slots for listing a refused payload's schema violations (one per core): each listing
+    /// holds memory in proportion to its payload, so only this many run at once.
+    pub(crate) violation_checks: Arc<tokio::sync::Semaphore>,
     /// Rings of signing keys, kept up to date by the writes that change them.
     pub(crate) key_rings: crate::keyring::KeyRingCache,
     /// Wake-ups for dispatchers and long-polling pullers.
@@ -201,6 +204,9 @@ impl Broker {
             validators: ValidatorCache::default(),
             identities: Default::default(),
             enforce_rights: Default::default(),
+            violation_checks: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
             key_rings: Default::default(),
             signals,
             stats,
@@ -574,7 +580,7 @@ impl Broker {
     }
 
     async fn publish_one(&self, req: PublishRequest) -> Result<Receipt> {
-        let prepared = self.prepare(req)?;
+        let prepared = self.prepare(req).await?;
         match self.write(WriteOp::Publish(vec![prepared])).await? {
             WriteOutput::Receipts(mut r) if r.len() == 1 => {
                 r.pop().unwrap_or(Err(Error::ShuttingDown))
@@ -603,7 +609,7 @@ impl Broker {
         let mut results: Vec<Option<Result<Receipt>>> = Vec::with_capacity(reqs.len());
         let mut prepared = Vec::with_capacity(reqs.len());
         for req in reqs {
-            match self.prepare(req) {
+            match self.prepare(req).await {
                 Ok(p) => {
                     prepared.push(p);
                     results.push(None);
@@ -634,7 +640,7 @@ impl Broker {
     }
 
     /// Every check that needs no write: limits, JSON, Room status, schema, ordering key.
-    fn prepare(&self, req: PublishRequest) -> Result<PreparedEvent> {
+    async fn prepare(&self, req: PublishRequest) -> Result<PreparedEvent> {
         let config = self.config();
         let limits = &config.limits;
         if req.payload.len() > limits.payload_bytes_max {
@@ -680,18 +686,31 @@ impl Broker {
                     compiled
                 }
             };
-        let found = schema::violations(
-            &validator,
-            &payload,
-            limits.schema_violations_max,
-            limits.violation_text_bytes_max,
-        );
-        if found.total > 0 {
+        if !validator.is_valid(&payload) {
+            // Listing what is wrong costs memory in proportion to the payload (the validator
+            // builds every error first), so it runs off the async workers, a few at a time.
+            let slot = self
+                .inner
+                .violation_checks
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::ShuttingDown)?;
+            let (max, text_max) = (
+                limits.schema_violations_max,
+                limits.violation_text_bytes_max,
+            );
+            let found = tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                schema::violations(&validator, &payload, max, text_max)
+            })
+            .await
+            .map_err(|e| Error::Storage(format!("validation task: {e}")))?;
             return Err(Error::SchemaViolation {
                 event_type: req.event_type.to_string(),
                 version: target.version,
                 violations: found.listed,
-                total: found.total,
+                total: found.total.max(1),
             });
         }
         let key = schema::ordering_key(

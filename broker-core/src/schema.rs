@@ -52,7 +52,8 @@ pub(crate) struct Found {
 /// (jsonschema 0.61, the latest release) finds every error before its iterator yields the
 /// first and has no error budget, so its own transient list (about 340 bytes per violation,
 /// some 170 MB for that array) is not bounded by `max`; since it exists anyway, counting the
-/// rest costs nothing more. A valid payload takes the allocation-free `is_valid` path.
+/// rest costs nothing more. Callers check `is_valid` first (allocation-free) and list only
+/// for a payload that fails, a few at a time off the async workers (see `Broker::prepare`).
 pub(crate) fn violations(
     validator: &Validator,
     payload: &Value,
@@ -61,9 +62,6 @@ pub(crate) fn violations(
 ) -> Found {
     let mut listed = Vec::new();
     let mut total = 0;
-    if validator.is_valid(payload) {
-        return Found { listed, total };
-    }
     for e in validator.iter_errors(payload) {
         total += 1;
         if listed.len() < max {

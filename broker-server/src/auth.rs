@@ -470,6 +470,7 @@ pub async fn token(
         }
         Err(e) => return ApiError::from(e).into_response(),
     };
+    auth.brakes.issued(&id);
     match auth.tokens.issue(&client, secret_id).await {
         Ok((token, ttl)) => {
             let mut resp = (

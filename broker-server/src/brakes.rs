@@ -246,6 +246,8 @@ pub(crate) struct Brakes {
     pair: Option<Limit<(u64, Option<IpAddr>)>>,
     /// Per address; not applied when the address is unknown (every caller would share it).
     address: Option<Limit<IpAddr>>,
+    /// Tokens issued per client id (its hash), counted on success.
+    issued: Option<Limit<u64>>,
     /// Hashes client ids into fixed-size keys, with a key chosen at random per process so
     /// that nobody can aim collisions.
     hasher: RandomState,
@@ -276,6 +278,12 @@ impl Brakes {
                 "address",
                 "auth.failures_per_address_per_minute",
                 config.failures_per_address_per_minute,
+                &clock,
+            ),
+            issued: Limit::new(
+                "client_tokens",
+                "auth.tokens_per_client_per_minute",
+                config.tokens_per_client_per_minute,
                 &clock,
             ),
             broker,
@@ -336,6 +344,18 @@ impl Brakes {
             }
         }
         let Some(retry_after_secs) = wait else {
+            if let Some(limit) = &self.issued {
+                if let Some(d) = limit.wait(&self.hasher.hash_one(client_id), &self.clock) {
+                    metrics::counter!(
+                        crate::observe::AUTH_REFUSED_TOTAL,
+                        "reason" => "too_many_tokens"
+                    )
+                    .increment(1);
+                    return Err(ApiError::TooManyTokens {
+                        retry_after_secs: secs(d),
+                    });
+                }
+            }
             return Ok(());
         };
         metrics::counter!(crate::observe::AUTH_REFUSED_TOTAL, "reason" => "too_many_failures")
@@ -344,6 +364,16 @@ impl Brakes {
             self.record_trip(trip).await;
         }
         Err(ApiError::TooManyFailures { retry_after_secs })
+    }
+
+    /// Counts a token issued to `client_id` against its limit.
+    pub(crate) fn issued(&self, client_id: &str) {
+        if let Some(limit) = &self.issued {
+            let now_ms = self.broker.now().as_ms();
+            if !limit.fail(self.hasher.hash_one(client_id), self.keys_max, now_ms) {
+                metrics::counter!(crate::observe::AUTH_FAILURES_UNCOUNTED_TOTAL).increment(1);
+            }
+        }
     }
 
     /// Counts a failed authentication against every limit.

@@ -84,6 +84,11 @@ pub struct AuthConfig {
     /// (default 100,000 each, a few MB). Pairs whose failures have been refilled are forgotten
     /// first; when that is not enough, new pairs are not counted until it is.
     pub failure_keys_max: usize,
+    /// Tokens one client may be issued per minute (default 60), refilled evenly; beyond it the
+    /// client gets 429 `too_many_tokens` before its secret is checked. A client keeps a token
+    /// until it expires (an hour by default), so this only stops a client that loops on the
+    /// token endpoint and so holds the secret-check slots everyone shares. Zero turns it off.
+    pub tokens_per_client_per_minute: u32,
     /// How far in the future a token of ours may say it was issued (`iat`), in seconds, for a
     /// clock stepped back (default 60). Later ones are refused.
     pub token_clock_skew_secs: u64,
@@ -105,6 +110,7 @@ impl Default for AuthConfig {
             failures_per_client_address_per_minute: 10,
             failures_per_address_per_minute: 30,
             failure_keys_max: 100_000,
+            tokens_per_client_per_minute: 60,
             token_clock_skew_secs: 60,
             signing_keys_max: 8,
         }

@@ -103,6 +103,15 @@ pub enum ApiError {
         /// When the caller may try again, in seconds (`Retry-After`).
         retry_after_secs: u64,
     },
+    /// The token endpoint refuses a client that asked for more tokens than
+    /// `auth.tokens_per_client_per_minute`, before checking its secret: a client keeps its
+    /// token until it expires, and one looping on the endpoint would hold the secret-check
+    /// slots everyone shares.
+    #[error("too many tokens asked for by this client; retry in {retry_after_secs} s")]
+    TooManyTokens {
+        /// When the caller may try again, in seconds (`Retry-After`).
+        retry_after_secs: u64,
+    },
     /// The request's headers are larger than `http.header_bytes_max` or more numerous than
     /// `http.headers_max`.
     #[error("request headers too large: {0}")]
@@ -179,6 +188,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Busy => "overloaded",
             ApiError::TooManyFailures { .. } => "too_many_failures",
+            ApiError::TooManyTokens { .. } => "too_many_tokens",
             ApiError::HeadersTooLarge(_) => "headers_too_large",
             ApiError::BadClient(_) => "invalid_client_header",
             ApiError::Exists(_) => "already_exists",
@@ -229,7 +239,9 @@ impl ApiError {
             ApiError::NoRoute => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Busy | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::TooManyFailures { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyFailures { .. } | ApiError::TooManyTokens { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Unauthenticated(_) | ApiError::TokenRefused { .. } => {
                 StatusCode::UNAUTHORIZED
@@ -361,7 +373,8 @@ fn problem(err: ApiError, status: StatusCode) -> Response {
         ) => {
             retry_after = Some(retry_after_ms.div_ceil(1000).max(1));
         }
-        ApiError::TooManyFailures { retry_after_secs } => {
+        ApiError::TooManyFailures { retry_after_secs }
+        | ApiError::TooManyTokens { retry_after_secs } => {
             retry_after = Some((*retry_after_secs).max(1));
         }
         ApiError::Core(broker_core::Error::ShuttingDown) | ApiError::Busy => retry_after = Some(1),

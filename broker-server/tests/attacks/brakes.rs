@@ -270,3 +270,41 @@ async fn the_address_is_the_connections() {
     );
     served.stop().await;
 }
+
+/// Found in review of issue 14, item 5. A member application with a valid secret asks for
+/// tokens in a loop. Each request holds one of the few secret-check slots for an Argon2 check,
+/// so before the fix one client could keep every other client's authentication waiting or
+/// refused. Now a client gets at most `auth.tokens_per_client_per_minute` tokens, and the
+/// rest are refused (429 `too_many_tokens`) before its secret is checked; other clients are
+/// not affected.
+#[tokio::test]
+async fn a_client_looping_on_the_token_endpoint_is_slowed_down() {
+    let mut config = crate::harness::config();
+    config.auth.tokens_per_client_per_minute = 5;
+    let w = World::start_with(config).await;
+    let greedy = w.home_office("greedy").await; // its first token
+    let other = w.justice("other").await;
+    let peer: std::net::SocketAddr = "198.51.100.7:5000".parse().unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        let a = w
+            .token_form(
+                "grant_type=client_credentials",
+                Some((&greedy.client_id, &greedy.secret)),
+                peer,
+            )
+            .await;
+        if a.status == axum::http::StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(a.body["code"], "too_many_tokens", "{}", a.body);
+            assert!(a.headers.contains_key("retry-after"));
+        }
+        statuses.push(a.status.as_u16());
+    }
+    let granted = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(granted, 4, "{statuses:?}"); // 5 a minute, one already taken
+    assert!(statuses[4..].iter().all(|s| *s == 429), "{statuses:?}");
+    // Another client is served, and the greedy one again a minute later.
+    w.token(&other.client_id, &other.secret).await;
+    w.clock.advance_ms(60_000);
+    w.token(&greedy.client_id, &greedy.secret).await;
+}
