@@ -42,7 +42,7 @@ pub(crate) struct Inner {
     pub(crate) reconfiguring: tokio::sync::Mutex<()>,
     validators: ValidatorCache,
     /// Clients and rights read by authentication, kept between writes.
-    pub(crate) identities: crate::identity::IdentityCache,
+    pub(crate) identities: Arc<crate::identity::IdentityCache>,
     /// Whether subscribers' rights are checked on every delivery (see
     /// [`Broker::enforce_subscriber_rights`]).
     pub(crate) enforce_rights: std::sync::atomic::AtomicBool,
@@ -175,14 +175,21 @@ impl Broker {
         let secret_checks = crate::identity::secret_checks(&config.limits);
         let signals = Arc::new(Signals::default());
         let stats = Arc::new(Stats::new(config.limits.stats_series_max, clock.now()));
+        let identities = Arc::new(crate::identity::IdentityCache::default());
         let on_commit = {
             let signals = signals.clone();
             let stats = stats.clone();
             let clock = clock.clone();
-            Arc::new(move |ids: &[SubscriptionId], observed: &[Observation]| {
-                signals.wake(ids);
-                observe(&stats, clock.now(), observed);
-            })
+            let identities = identities.clone();
+            Arc::new(
+                move |ids: &[SubscriptionId], observed: &[Observation], rights: bool| {
+                    if rights {
+                        identities.invalidate();
+                    }
+                    signals.wake(ids);
+                    observe(&stats, clock.now(), observed);
+                },
+            )
         };
         let writer = Writer::start(
             store.clone(),
@@ -202,7 +209,7 @@ impl Broker {
             config: std::sync::RwLock::new(Arc::new(config)),
             reconfiguring: tokio::sync::Mutex::new(()),
             validators: ValidatorCache::default(),
-            identities: Default::default(),
+            identities,
             enforce_rights: Default::default(),
             violation_checks: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -306,22 +313,12 @@ impl Broker {
         }
     }
 
-    /// Every write goes through here. A write that may change who may do what (anything but a
-    /// publish, a delivery outcome, a retention sweep or an audit entry) moves the identity cache on once it has committed and
-    /// before its caller hears back, so that the next request reads the change.
+    /// Every write goes through here. A write that may change who may do what
+    /// ([`WriteOp::may_change_rights`]) moves the identity cache on once it has committed,
+    /// on the writer thread before any caller hears back (see `writer.rs`), so that the next
+    /// request reads the change even if this caller stopped waiting.
     async fn write(&self, op: WriteOp) -> Result<WriteOutput> {
-        let hot = matches!(
-            op,
-            WriteOp::Publish(_)
-                | WriteOp::Delivery(_)
-                | WriteOp::Sweep { .. }
-                | WriteOp::Records(crate::storage::RecordOp(_, false))
-        );
-        let out = self.inner.writer.submit(op).await;
-        if !hot {
-            self.inner.identities.invalidate();
-        }
-        out
+        self.inner.writer.submit(op).await
     }
 
     pub(crate) fn check_description(&self, d: &str) -> Result<()> {

@@ -23,8 +23,11 @@ use crate::storage::{Storage, WriteOp, WriteOutput};
 
 /// Called on the writer thread after each commit with the subscriptions whose queues changed
 /// and what the batch did that operators count.
+/// Called on the writer thread after each successful commit, before any caller hears back:
+/// the subscriptions whose queues changed, what operators count, and whether the batch may
+/// have changed who may do what.
 pub(crate) type OnCommit =
-    Arc<dyn Fn(&[SubscriptionId], &[crate::storage::Observation]) + Send + Sync>;
+    Arc<dyn Fn(&[SubscriptionId], &[crate::storage::Observation], bool) + Send + Sync>;
 
 struct Job {
     op: WriteOp,
@@ -178,6 +181,7 @@ fn run(
         last_batch_len = batch.len();
         let (ops, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|j| (j.op, j.reply)).unzip();
         let n = ops.len();
+        let rights_changed = ops.iter().any(WriteOp::may_change_rights);
         let outcome = store.apply(clock.now(), ops);
         queued_bytes.fetch_sub(batch_bytes, Ordering::SeqCst);
         stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -188,8 +192,10 @@ fn run(
             Ok(applied) => {
                 // Before the replies: a caller that hears "done" then reads the statistics or
                 // pulls must find the batch counted and the dispatchers woken.
-                if !applied.touched.is_empty() || !applied.observed.is_empty() {
-                    on_commit(&applied.touched, &applied.observed);
+                // Here, not in the caller's task: a caller that stops waiting (a timed-out or
+                // dropped request) must not leave a revoked right cached.
+                if rights_changed || !applied.touched.is_empty() || !applied.observed.is_empty() {
+                    on_commit(&applied.touched, &applied.observed, rights_changed);
                 }
                 for (reply, result) in replies.into_iter().zip(applied.results) {
                     let _ = reply.send(result);

@@ -438,3 +438,48 @@ async fn a_client_created_again_is_another_incarnation() {
         second.incarnation
     );
 }
+
+/// Issue 15, defect 7. The identity cache was moved on after the writer's reply, in the
+/// caller's task: a revocation whose caller stopped waiting (a request timeout, a closed
+/// connection) committed, but the revoked right stayed cached until some unrelated write. Now
+/// the writer moves the cache on after the commit, whoever is still waiting.
+#[tokio::test]
+async fn a_revocation_whose_caller_gave_up_still_takes_effect() {
+    let mut config = test_config();
+    config.retention.interval_ms = 0;
+    let (broker, _) = memory_broker(config).await;
+    setup_room(&broker, "r").await;
+    let p = app(&broker, "publisher").await;
+    broker
+        .grant(&p, Role::Publisher, Some(room("r")), None)
+        .await
+        .unwrap();
+    // The right is read, and so cached.
+    assert!(broker.rights(&p).unwrap().can_publish(&room("r"), &ty("t")));
+
+    // The revocation is handed to the writer, and its caller stops waiting for the answer.
+    let r = room("r");
+    {
+        use std::future::Future;
+        let mut revoke = std::pin::pin!(broker.revoke(&p, Role::Publisher, Some(&r)));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        // Polled once (so handed to the writer), then dropped: the caller gives up.
+        assert!(
+            revoke.as_mut().poll(&mut cx).is_pending(),
+            "the revocation answered before its caller gave up"
+        );
+    }
+
+    // The revocation commits, and the right no longer applies, without any other write (the
+    // retention task is off, so nothing else moves the cache on).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while broker.rights(&p).unwrap().can_publish(&room("r"), &ty("t")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoked right is still cached (grants stored: {})",
+            broker.grants(Some(&p)).unwrap().len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(broker.grants(Some(&p)).unwrap().is_empty());
+}

@@ -350,6 +350,19 @@ pub(crate) enum Observation {
 }
 
 impl WriteOp {
+    /// Whether the op may change who may do what (an identity, a right, a Room a right is
+    /// bound to): anything but a publish, a delivery outcome, a retention sweep or an audit
+    /// entry. The writer moves the identity cache on after committing one.
+    pub(crate) fn may_change_rights(&self) -> bool {
+        !matches!(
+            self,
+            WriteOp::Publish(_)
+                | WriteOp::Delivery(_)
+                | WriteOp::Sweep { .. }
+                | WriteOp::Records(RecordOp(_, false))
+        )
+    }
+
     /// Payload bytes the op carries, for the writer's byte bounds.
     pub(crate) fn bytes(&self) -> usize {
         match self {
