@@ -407,12 +407,18 @@ impl Broker {
     /// bounded batches and are invisible from now on. A Room created later under the same name
     /// starts empty.
     pub async fn delete_room(&self, name: &RoomName) -> Result<()> {
+        // Its subscriptions go with it; what the broker keeps in memory for them goes too.
+        let subs = self.inner.store.subscriptions(name).unwrap_or_default();
         match self
             .write(WriteOp::DeleteRoom { name: name.clone() })
             .await?
         {
             WriteOutput::Deleted => {}
             other => return Err(unexpected(other)),
+        }
+        for sub in subs {
+            self.inner.signals.forget(sub.id);
+            self.inner.stats.forget_subscription(sub.id.0.as_u128());
         }
         // The rights given on this Room no longer apply (they are bound to its incarnation);
         // their records go too.
@@ -984,5 +990,38 @@ fn observe(stats: &Stats, now: crate::clock::Timestamp, observed: &[Observation]
                 stats.dead_lettered(now, sub);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::subscription::{DeliveryMode, NewSubscription};
+
+    /// Issue 15, defect 10: deleting a Room deleted its subscriptions but left their
+    /// dispatcher signals (and statistics series) in memory, a leak per deleted subscription.
+    #[tokio::test]
+    async fn deleting_a_room_forgets_its_subscriptions_in_memory() {
+        let clock = ManualClock::new(crate::clock::Timestamp(1_767_225_600_000));
+        let broker = Broker::open_in_memory(Config::default(), Arc::new(clock))
+            .await
+            .unwrap();
+        let room = RoomName::new("r").unwrap();
+        let admin = Principal::new("admin").unwrap();
+        broker
+            .create_room(NewRoom::new(room.clone(), admin.clone()).approved())
+            .await
+            .unwrap();
+        let created = broker
+            .create_subscription(&room, NewSubscription::new(admin, DeliveryMode::Pull))
+            .await
+            .unwrap();
+        let id = created.subscription.id;
+        // A long-poll (or a dispatcher) makes the subscription's signals.
+        broker.pull(id, 1, None, 0).await.unwrap();
+        assert!(broker.inner.signals.has(id));
+        broker.delete_room(&room).await.unwrap();
+        assert!(!broker.inner.signals.has(id), "signals left behind");
     }
 }

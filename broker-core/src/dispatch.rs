@@ -66,6 +66,15 @@ impl Signals {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
     }
+
+    /// Whether `id` has signals (for tests of what deleting forgets).
+    #[cfg(test)]
+    pub(crate) fn has(&self, id: SubscriptionId) -> bool {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&id)
+    }
 }
 
 /// Starts the dispatcher of a push subscription unless one is running.

@@ -367,44 +367,23 @@ impl Transport for HttpTransport {
     }
 }
 
-/// Retry-After as delay-seconds or an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), relative to
-/// `now`. Anything else is ignored.
+/// Retry-After as delay-seconds or an HTTP date (IMF-fixdate `Sun, 06 Nov 1994 08:49:37 GMT`,
+/// or the obsolete RFC 850 and asctime forms RFC 9110 still asks recipients to read), relative
+/// to `now`; a date in the past is 0. Anything else is ignored. Dates are parsed by `httpdate`
+/// (hyper's), which refuses out-of-range parts instead of overflowing; delay-seconds too large
+/// for a `u64` count as the longest delay (the retry policy caps it anyway).
 pub(crate) fn parse_retry_after_ms(value: &str, now: std::time::SystemTime) -> Option<u64> {
     let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(secs.saturating_mul(1000));
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(
+            value
+                .parse::<u64>()
+                .map_or(u64::MAX, |secs| secs.saturating_mul(1000)),
+        );
     }
-    // "Sun, 06 Nov 1994 08:49:37 GMT"
-    let rest = value.split_once(", ")?.1;
-    let parts: Vec<&str> = rest.split(' ').collect();
-    let [day, month, year, time, "GMT"] = parts.as_slice() else {
-        return None;
-    };
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| m == month)? as i64
-        + 1;
-    let (day, year): (i64, i64) = (day.parse().ok()?, year.parse().ok()?);
-    let hms: Vec<i64> = time
-        .split(':')
-        .map(|p| p.parse().ok())
-        .collect::<Option<_>>()?;
-    let [h, m, s] = hms.as_slice() else {
-        return None;
-    };
-    // days_from_civil (Howard Hinnant).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let at_secs = days * 86_400 + h * 3600 + m * 60 + s;
-    let now_secs = now.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64;
-    Some((at_secs - now_secs).max(0) as u64 * 1000)
+    let at = httpdate::parse_http_date(value).ok()?;
+    let wait = at.duration_since(now).unwrap_or_default();
+    Some(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
@@ -478,6 +457,34 @@ mod tests {
             Some(30_000)
         );
         assert_eq!(parse_retry_after_ms("soon", now), None);
+    }
+
+    /// Issue 15, defect 10: a hostile receiver's Retry-After could overflow the hand-written
+    /// date arithmetic (a debug build panicked the push task). Huge or malformed dates are
+    /// ignored, never a panic or a wrapped delay.
+    #[test]
+    fn retry_after_cannot_overflow() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(784_111_777);
+        for hostile in [
+            "Sun, 06 Nov 9223372036854775807 08:49:37 GMT",
+            "Sun, 9223372036854775807 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 9223372036854775807:49:37 GMT",
+            "Sun, 06 Nov -9223372036854775807 08:49:37 GMT",
+            "Sun, 06 Nov 1994 -1:-1:-1 GMT",
+        ] {
+            let got = std::panic::catch_unwind(|| parse_retry_after_ms(hostile, now));
+            assert!(matches!(got, Ok(None)), "{hostile}: {got:?}");
+        }
+        // The obsolete HTTP date forms are understood too (RFC 9110 5.6.7).
+        let later = std::time::UNIX_EPOCH + Duration::from_secs(784_111_777 - 30);
+        assert_eq!(
+            parse_retry_after_ms("Sunday, 06-Nov-94 08:49:37 GMT", later),
+            Some(30_000)
+        );
+        assert_eq!(
+            parse_retry_after_ms("99999999999999999999", now),
+            Some(u64::MAX)
+        );
     }
 
     use crate::config::PushAllow;
