@@ -482,7 +482,7 @@ impl Broker {
         })
         .await?;
         // Its subscriptions stop receiving before the caller hears back.
-        self.pause_revoked(Some(&id)).await?;
+        self.pause_revoked(Some(&id), None).await?;
         Ok(())
     }
 

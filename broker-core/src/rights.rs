@@ -290,13 +290,16 @@ impl Broker {
                     created_at: now,
                 };
                 let key = Grant::key(&g.principal, g.role, g.room.as_ref());
+                let replaced = tx.get(RecordKind::Grant, &key)?.is_some();
                 tx.put(RecordKind::Grant, &key, &to_bytes(&g)?)?;
-                to_bytes(&g)
+                to_bytes(&(g, replaced))
             })
             .await?;
-        let g: Grant = from_bytes(&out)?;
+        let (g, replaced): (Grant, bool) = from_bytes(&out)?;
         // A replaced grant may cover fewer event types than before.
-        self.pause_revoked(Some(principal)).await?;
+        if replaced {
+            self.pause_revoked(Some(principal), g.room.as_ref()).await?;
+        }
         Ok(g)
     }
 
@@ -318,7 +321,9 @@ impl Broker {
             }
         })
         .await?;
-        self.pause_revoked(Some(principal)).await?;
+        // A Room role reaches only that Room's subscriptions; the admin role reaches every one.
+        let scope = if role == Role::Admin { None } else { room };
+        self.pause_revoked(Some(principal), scope).await?;
         Ok(())
     }
 
@@ -465,11 +470,16 @@ impl Broker {
         }
     }
 
-    /// Pauses every subscription (of `principal`, or of anyone) whose subscriber no longer
-    /// holds the right to receive it. Called after a right is taken away or an application
-    /// deleted, before the caller hears back; the dispatchers and pulls check again on every
-    /// use, so a delivery racing with this one is refused there. Returns how many it paused.
-    pub(crate) async fn pause_revoked(&self, principal: Option<&Principal>) -> Result<u64> {
+    /// Pauses every subscription (of `principal`, or of anyone; in Room `only`, or in every
+    /// Room) whose subscriber no longer holds the right to receive it. Called after a right is
+    /// taken away or an application deleted, before the caller hears back; the dispatchers and
+    /// pulls check again on every use, so a delivery racing with this one is refused there.
+    /// Returns how many it paused.
+    pub(crate) async fn pause_revoked(
+        &self,
+        principal: Option<&Principal>,
+        only: Option<&RoomName>,
+    ) -> Result<u64> {
         if !self.enforcing_rights() {
             return Ok(0);
         }
@@ -477,11 +487,24 @@ impl Broker {
         let mut paused = 0;
         let mut after: Option<RoomName> = None;
         loop {
-            let rooms = store.rooms(after.as_ref(), 1000)?;
+            let rooms: Vec<RoomName> = match only {
+                Some(r) if after.is_none() => vec![r.clone()],
+                Some(_) => Vec::new(),
+                None => store
+                    .rooms(after.as_ref(), 1000)?
+                    .into_iter()
+                    .map(|r| r.name)
+                    .collect(),
+            };
             let Some(last) = rooms.last() else { break };
-            after = Some(last.name.clone());
+            after = Some(last.clone());
             for room in &rooms {
-                for sub in store.subscriptions(&room.name)? {
+                let subs = match store.subscriptions(room) {
+                    Ok(s) => s,
+                    Err(Error::RoomNotFound { .. }) => continue,
+                    Err(e) => return Err(e),
+                };
+                for sub in subs {
                     let delivering = matches!(
                         sub.status,
                         SubscriptionStatus::Active | SubscriptionStatus::Paused

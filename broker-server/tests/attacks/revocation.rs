@@ -180,3 +180,31 @@ async fn a_publisher_without_its_right_cannot_read_or_stop_its_events() {
         read.body
     );
 }
+
+/// Issue 14, item 2 (narrowing). Eve subscribes to every event type of `transfers`; the
+/// administrator then narrows her right to type `t2` only. Her subscription to all types is
+/// paused (`subscriber_revoked`) when the narrowed right is given, as a revocation would.
+#[tokio::test]
+async fn narrowing_a_subscriber_right_pauses_what_it_no_longer_covers() {
+    let w = World::start().await;
+    w.room("transfers").await;
+    w.event_type("transfers", "t2").await;
+    let eve = w.justice("eve").await;
+    w.grant(&eve, "subscriber", "transfers", None).await;
+    let sub = w
+        .post(
+            "/v1/rooms/transfers/subscriptions",
+            &eve.token,
+            json!({"mode": "pull"}),
+        )
+        .await;
+    assert_eq!(sub.status, StatusCode::CREATED, "{}", sub.body);
+    let id = sub.body["subscription"]["id"].as_str().unwrap().to_string();
+    w.grant(&eve, "subscriber", "transfers", Some(json!(["t2"])))
+        .await;
+    let seen = w.get(&format!("/v1/subscriptions/{id}"), &w.admin).await;
+    assert_eq!(seen.body["status"], "paused", "{}", seen.body);
+    assert_eq!(seen.body["status_reason"], "subscriber_revoked");
+    let pulled = on(&w, &id, "pull", &eve.token, json!({"max_messages": 1})).await;
+    assert_eq!(pulled.status, StatusCode::FORBIDDEN, "{}", pulled.body);
+}
