@@ -35,7 +35,7 @@ const LIST_ITEMS_DEFAULT: usize = 100;
 pub(crate) struct Inner {
     pub(crate) store: Arc<dyn Storage>,
     writer: Writer,
-    clock: Arc<dyn Clock>,
+    pub(crate) clock: Arc<dyn Clock>,
     /// Swapped whole by [`Broker::reconfigure`]; readers take a snapshot.
     pub(crate) config: std::sync::RwLock<Arc<Config>>,
     /// Serialises reconfigurations, so that two concurrent patches do not lose one another.
@@ -61,7 +61,8 @@ pub(crate) struct Inner {
     pub(crate) transport: Arc<dyn Transport>,
     /// Which addresses push targets may have; the transport holds the same guard.
     pub(crate) push_guard: Arc<PushGuard>,
-    /// Set by `close`: dispatchers stop starting pushes and exit.
+    /// Set by [`Broker::begin_close`] (and so by `close`): dispatchers stop starting pushes and
+    /// exit, waiting pulls are answered, new pulls are refused.
     pub(crate) closing: std::sync::atomic::AtomicBool,
     /// Held by the retention task while it holds the broker; [`Broker::close`] takes it so that
     /// the task has let go of the database before `close` returns (a host may open the same
@@ -258,8 +259,10 @@ impl Broker {
     }
 
     /// Wakes every dispatcher and long-polling puller so that they look at their queues now.
-    /// Tests call it after moving a manual clock; production never needs it, as dispatchers also
-    /// look on their own every `scheduler_tick_ms`.
+    /// Tests call it after moving a manual clock so that dispatchers look (a long-poll needs
+    /// no call: it also wakes when a [`crate::ManualClock`] passes the time it waits for);
+    /// production never needs it, as dispatchers also look on their own every
+    /// `scheduler_tick_ms`.
     pub fn wake_deliveries(&self) {
         self.inner.signals.wake_all();
     }
@@ -270,14 +273,32 @@ impl Broker {
         self.inner.config_now()
     }
 
-    /// Shuts down: dispatchers stop starting pushes, pushes under way get up to the push
-    /// timeout to finish (their outcomes are recorded, or they are simply tried again after the
-    /// next open), then the writer commits what is queued and stops. Later calls that write get
-    /// [`Error::ShuttingDown`]. The database file is released when the last clone is dropped.
+    /// Starts shutting down without stopping the writer, so that requests under way can still
+    /// finish: dispatchers stop starting pushes, every long-poll waiting in [`Broker::pull`] is
+    /// answered at once (with no messages), new pulls are refused with [`Error::ShuttingDown`],
+    /// and [`Broker::unready_reasons`] says the broker is shutting down. A server calls it when
+    /// its shutdown signal comes, before it waits for requests in flight, so that no poll holds
+    /// the shutdown for its whole wait; [`Broker::close`] calls it first too. Idempotent.
+    pub fn begin_close(&self) {
+        self.inner
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.signals.wake_all();
+    }
+
+    /// Whether [`Broker::begin_close`] (or [`Broker::close`]) has been called.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.inner.closing.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Shuts down: as [`Broker::begin_close`] (dispatchers stop starting pushes, long-polls are
+    /// answered), then pushes under way get up to the push timeout to finish (their outcomes
+    /// are recorded, or they are simply tried again after the next open), then the writer
+    /// commits what is queued and stops. Later calls that write get [`Error::ShuttingDown`].
+    /// The database file is released when the last clone is dropped.
     pub async fn close(&self) {
         use std::sync::atomic::Ordering::SeqCst;
-        self.inner.closing.store(true, SeqCst);
-        self.inner.signals.wake_all();
+        self.begin_close();
         let deadline = tokio::time::Instant::now()
             + Duration::from_millis(self.config().delivery.push_timeout_ms + 1000);
         while self.inner.pushes_in_flight.load(SeqCst) > 0 && tokio::time::Instant::now() < deadline
@@ -295,7 +316,7 @@ impl Broker {
     /// readiness probe may call it often.
     pub fn unready_reasons(&self) -> Vec<String> {
         let mut reasons = Vec::new();
-        if self.inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.is_closing() {
             reasons.push("the broker is shutting down".to_string());
         }
         if !self.inner.writer.is_running() {

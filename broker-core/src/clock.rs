@@ -2,9 +2,13 @@
 //! and so that every timestamp the broker stores (received_at, idempotency windows, retention
 //! ages) is computed the same way in production and in tests.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Notify;
 
 use serde::{Deserialize, Serialize};
 
@@ -124,10 +128,26 @@ impl Timestamp {
     }
 }
 
+/// What [`Clock::sleep_until`] returns: a future that completes when the clock reads a time.
+pub type ClockSleep<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
 /// A source of the current time. The broker asks it and nothing else.
 pub trait Clock: Send + Sync + 'static {
     /// The current time.
     fn now(&self) -> Timestamp;
+
+    /// Completes once this clock reads `at` or later (at once when it already does). The broker
+    /// waits with it for something that falls due by time, e.g. a long-poll for a retry delay
+    /// or a lease to run out.
+    ///
+    /// The default sleeps in real (monotonic) time for as long as this clock says is left, which
+    /// is right for a clock that moves with real time. If the clock steps meanwhile it may end
+    /// early or late: callers look at the time again when it ends, and bound their wait by
+    /// their own deadline. A clock that moves otherwise (see [`ManualClock`]) overrides it.
+    fn sleep_until(&self, at: Timestamp) -> ClockSleep<'_> {
+        let left = Duration::from_millis(at.ms_since(self.now()));
+        Box::pin(tokio::time::sleep(left))
+    }
 }
 
 /// The real wall clock.
@@ -145,9 +165,15 @@ impl Clock for SystemClock {
 }
 
 /// A clock that only moves when told to; cheap to clone, all clones share one time.
+///
+/// Its [`Clock::sleep_until`] ends when the clock is moved to or past the time waited for, and
+/// never by itself: a test that moves the clock wakes whoever waits for that time, with no real
+/// time passing and no race.
 #[derive(Clone, Debug)]
 pub struct ManualClock {
     now_ms: Arc<AtomicU64>,
+    /// Notified whenever the time is moved or set.
+    moved: Arc<Notify>,
 }
 
 impl ManualClock {
@@ -155,23 +181,41 @@ impl ManualClock {
     pub fn new(start: Timestamp) -> Self {
         ManualClock {
             now_ms: Arc::new(AtomicU64::new(start.0)),
+            moved: Arc::new(Notify::new()),
         }
     }
 
     /// Moves the clock forward by `ms` milliseconds.
     pub fn advance_ms(&self, ms: u64) {
         self.now_ms.fetch_add(ms, Ordering::SeqCst);
+        self.moved.notify_waiters();
     }
 
     /// Sets the clock to `t`, which may be earlier than now (tests of clock steps need that).
     pub fn set(&self, t: Timestamp) {
         self.now_ms.store(t.0, Ordering::SeqCst);
+        self.moved.notify_waiters();
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> Timestamp {
         Timestamp(self.now_ms.load(Ordering::SeqCst))
+    }
+
+    fn sleep_until(&self, at: Timestamp) -> ClockSleep<'_> {
+        Box::pin(async move {
+            loop {
+                // Registered before the time is read, so that a move in between is not missed.
+                let moved = self.moved.notified();
+                tokio::pin!(moved);
+                moved.as_mut().enable();
+                if self.now() >= at {
+                    return;
+                }
+                moved.await;
+            }
+        })
     }
 }
 
@@ -223,5 +267,23 @@ mod tests {
         assert_eq!(c.now(), Timestamp(1000));
         c2.advance_ms(500);
         assert_eq!(c.now(), Timestamp(1500));
+    }
+
+    #[tokio::test]
+    async fn manual_clock_sleep_ends_when_the_clock_is_moved_past_its_time() {
+        let c = ManualClock::new(Timestamp(1000));
+        c.sleep_until(Timestamp(900)).await;
+        let sleeper = {
+            let c = c.clone();
+            tokio::spawn(async move { c.sleep_until(Timestamp(2000)).await })
+        };
+        c.advance_ms(500);
+        tokio::task::yield_now().await;
+        assert!(!sleeper.is_finished(), "1500 is not 2000 yet");
+        c.advance_ms(500);
+        tokio::time::timeout(Duration::from_secs(10), sleeper)
+            .await
+            .expect("woken by the move")
+            .unwrap();
     }
 }

@@ -331,6 +331,11 @@ impl Broker {
     /// Leases up to `max_messages` messages for `lease_ms` (default from config), waiting up to
     /// `wait_ms` for one to arrive when none is ready. With ordering, a key's next event is only
     /// handed out once the previous one is acknowledged or dead-lettered.
+    ///
+    /// A waiting pull looks again when the queue changes and when a message it saw falls due by
+    /// time (a retry delay or a lease runs out, on the broker's clock). Once the broker is
+    /// closing (see [`Broker::begin_close`]), a waiting pull is answered at once with no
+    /// messages, and a new pull is refused with [`Error::ShuttingDown`].
     pub async fn pull(
         &self,
         id: SubscriptionId,
@@ -363,19 +368,30 @@ impl Broker {
         self.check_subscriber_of(id).await?;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
         let signals = self.inner().signals.get(id);
+        let clock = self.inner().clock.clone();
+        let mut waited = false;
         loop {
-            // Register for a wake-up before looking, so that an event arriving in between is seen.
+            // Register for a wake-up before looking, so that an event arriving (or the broker
+            // starting to close) in between is seen.
             let notified = signals.pull.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if self.is_closing() {
+                // A poll that was waiting is answered, empty; a new one is refused.
+                return if waited {
+                    Ok(Vec::new())
+                } else {
+                    Err(Error::ShuttingDown)
+                };
+            }
             let op = DeliveryOp::Lease {
                 id,
                 max: max_messages,
                 lease_ms,
                 scan_max: d.scan_records_max,
             };
-            let grants = match self.delivery(op).await? {
-                WriteOutput::Leased(g) => g,
+            let (grants, next_due) = match self.delivery(op).await? {
+                WriteOutput::Leased { grants, next_due } => (grants, next_due),
                 other => return Err(unexpected(other)),
             };
             if !grants.is_empty() {
@@ -397,9 +413,24 @@ impl Broker {
                 }
                 return Ok(out);
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            if tokio::time::Instant::now() >= deadline {
                 return Ok(Vec::new());
             }
+            // Wait for a write that changes the queue, for the next message to fall due by
+            // time (on the broker's clock, so that a manual clock's move wakes it too), or for
+            // the poll's end, whichever comes first; then look again.
+            let falls_due = async {
+                match next_due {
+                    Some(at) => clock.sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = notified => {}
+                _ = falls_due => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
+            }
+            waited = true;
         }
     }
 

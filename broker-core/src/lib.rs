@@ -59,7 +59,7 @@ pub use audit::{
     AuditEntry, AuditFilter, NewAuditEntry, AUDIT_DETAIL_BYTES_MAX, AUDIT_TEXT_BYTES_MAX,
 };
 pub use broker::{Broker, WriterCounters};
-pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use clock::{Clock, ClockSleep, ManualClock, SystemClock, Timestamp};
 pub use config::{Config, DeliveryConfig, Limits, PushAllow, RetentionConfig, WriterConfig};
 pub use error::{Error, ErrorKind, Result, Violation};
 pub use identity::{ApiClient, Application, Member, SecretInfo, CLIENT_SECRETS_MAX};

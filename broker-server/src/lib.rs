@@ -144,8 +144,9 @@ pub fn router_with(
 
 /// Checks the configuration against the listener's address, opens the broker and serves on
 /// `listener` (HTTPS when `config.tls` names a certificate and key, else plain HTTP) until
-/// `shutdown` completes; then stops accepting, lets requests in flight finish (up to
-/// `shutdown_grace_ms`), and closes the broker so that everything queued is committed.
+/// `shutdown` completes; then starts closing the broker (long-polls are answered at once, new
+/// pulls get 503: see [`Broker::begin_close`]), stops accepting, lets requests in flight finish
+/// (up to `shutdown_grace_ms`), and closes the broker so that everything queued is committed.
 pub async fn serve(
     listener: TcpListener,
     config: ServerConfig,
@@ -206,6 +207,16 @@ pub async fn serve(
     let app = router_with(broker.clone(), &config, external)?;
     let grace = Duration::from_millis(config.http.shutdown_grace_ms);
     let header_read = Duration::from_millis(config.http.header_read_timeout_ms);
+    // The broker starts closing as soon as the signal comes, before the requests in flight are
+    // waited for: long-polls are answered at once and new pulls get 503, so that no poll holds
+    // the shutdown for its whole wait. Other requests still finish within the grace period.
+    let shutdown = {
+        let broker = broker.clone();
+        async move {
+            shutdown.await;
+            broker.begin_close();
+        }
+    };
     let outcome = match serve_on(listener, app, tls, header_read, grace, shutdown).await {
         Ok(()) => Ok(()),
         Err(e) => Err(StartError::Serve(e)),

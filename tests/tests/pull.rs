@@ -220,6 +220,170 @@ async fn long_poll_returns_as_soon_as_an_event_arrives() {
     assert!(broker.pull(sub, 1, None, 50).await.unwrap().is_empty());
 }
 
+/// How long the long-polls of the issue 15 tests wait: far longer than they may take to answer.
+const LONG_WAIT: Duration = Duration::from_secs(10);
+
+/// Starts a pull of one message that waits up to [`LONG_WAIT`], and returns once its first look
+/// at the queue has been applied by the writer (nothing else writes meanwhile), so that what
+/// the test does next happens during the pull's wait. Returns the pull and when it started.
+async fn waiting_pull(
+    broker: &Broker,
+    sub: SubscriptionId,
+) -> (
+    tokio::task::JoinHandle<broker_core::Result<Vec<broker_core::PulledMessage>>>,
+    std::time::Instant,
+) {
+    let ops = broker.writer_counters().ops;
+    let started = std::time::Instant::now();
+    let puller = {
+        let broker = broker.clone();
+        let wait_ms = LONG_WAIT.as_millis() as u64;
+        tokio::spawn(async move { broker.pull(sub, 1, None, wait_ms).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while broker.writer_counters().ops == ops {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pull never looked at its queue"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    (puller, started)
+}
+
+/// Issue 15, defect 4: a long-poll wakes when a message falls due by time during its wait (here
+/// a nack's retry delay runs out), not only when something is written. On the manual clock the
+/// delay runs out when the clock is moved: the waiting pull must then hand the message out at
+/// once, not answer empty at the end of its wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_wakes_when_a_retry_delay_runs_out_during_its_wait() {
+    let (broker, clock) = memory_broker(test_config()).await;
+    setup_room(&broker, "r").await;
+    let retry = RetryOverrides {
+        jitter_percent: Some(0),
+        ..Default::default()
+    };
+    let sub = pull_sub(&broker, retry).await;
+    broker.publish(moved("r", "a", 0)).await.unwrap();
+    let m = broker.pull(sub, 1, None, 0).await.unwrap();
+    broker
+        .nack(sub, &[m[0].ack_id.clone()], Some(1000))
+        .await
+        .unwrap()[0]
+        .as_ref()
+        .unwrap();
+    let (puller, started) = waiting_pull(&broker, sub).await;
+    clock.advance_ms(1000);
+    let got = puller.await.unwrap().unwrap();
+    assert_eq!(
+        seqs(&got),
+        [("a".into(), 1)],
+        "the retry fell due during the wait"
+    );
+    assert_eq!(got[0].attempt, 2);
+    assert!(
+        started.elapsed() < LONG_WAIT,
+        "answered before its wait ended"
+    );
+}
+
+/// Issue 15, defect 4, on the system clock: the retry delay runs out in real time during the
+/// wait, and the waiting pull hands the message out then, not at the end of its wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_on_the_system_clock_wakes_when_a_retry_delay_runs_out() {
+    let broker = postroom_tests::system_broker(test_config()).await;
+    setup_room(&broker, "r").await;
+    let retry = RetryOverrides {
+        jitter_percent: Some(0),
+        ..Default::default()
+    };
+    let sub = pull_sub(&broker, retry).await;
+    broker.publish(moved("r", "a", 0)).await.unwrap();
+    let m = broker.pull(sub, 1, None, 0).await.unwrap();
+    broker
+        .nack(sub, &[m[0].ack_id.clone()], Some(300))
+        .await
+        .unwrap()[0]
+        .as_ref()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let got = broker
+        .pull(sub, 1, None, LONG_WAIT.as_millis() as u64)
+        .await
+        .unwrap();
+    assert_eq!(
+        seqs(&got),
+        [("a".into(), 1)],
+        "the retry fell due during the wait"
+    );
+    assert!(
+        started.elapsed() < LONG_WAIT,
+        "answered before its wait ended"
+    );
+}
+
+/// Issue 15, defect 4: a long-poll wakes when a lease runs out during its wait. The waiting pull
+/// itself records the expiry when the clock passes the lease's end (no other caller looks), then
+/// hands the message out when the backoff the expiry earned has passed too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_wakes_when_a_lease_runs_out_during_its_wait() {
+    let (broker, clock) = memory_broker(test_config()).await;
+    setup_room(&broker, "r").await;
+    let retry = RetryOverrides {
+        initial_delay_ms: Some(1000),
+        jitter_percent: Some(0),
+        ..Default::default()
+    };
+    let sub = pull_sub(&broker, retry).await;
+    broker.publish(moved("r", "a", 0)).await.unwrap();
+    let m = broker.pull(sub, 1, Some(2000), 0).await.unwrap();
+    let (puller, started) = waiting_pull(&broker, sub).await;
+    clock.advance_ms(2000);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = broker.attempts(sub, None, None).unwrap().items;
+        if log[0].outcome == broker_core::AttemptOutcome::LeaseExpired {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the waiting pull did not wake when the lease ran out"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(!puller.is_finished(), "the retry is not due yet");
+    clock.advance_ms(1000);
+    let got = puller.await.unwrap().unwrap();
+    assert_eq!(seqs(&got), [("a".into(), 1)]);
+    assert_eq!(got[0].attempt, 2);
+    assert_ne!(got[0].ack_id, m[0].ack_id);
+    assert!(
+        started.elapsed() < LONG_WAIT,
+        "answered before its wait ended"
+    );
+}
+
+/// Issue 15, defect 4 (and item 5): closing the broker answers a long-poll in flight at once,
+/// empty, rather than at the end of its wait; a pull that starts once closing has begun is
+/// refused with `shutting_down`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_answers_a_long_poll_at_once_and_refuses_new_pulls() {
+    let (broker, _) = memory_broker(test_config()).await;
+    setup_room(&broker, "r").await;
+    let sub = pull_sub(&broker, RetryOverrides::default()).await;
+    let (puller, _) = waiting_pull(&broker, sub).await;
+    broker.close().await;
+    let got = tokio::time::timeout(Duration::from_secs(5), puller)
+        .await
+        .expect("the long-poll was answered when the broker closed")
+        .unwrap();
+    assert!(got.unwrap().is_empty());
+    assert_eq!(
+        broker.pull(sub, 1, None, 1000).await.unwrap_err().code(),
+        "shutting_down"
+    );
+}
+
 #[tokio::test]
 async fn pull_limits_are_enforced() {
     let (broker, _) = memory_broker(test_config()).await;

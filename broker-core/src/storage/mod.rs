@@ -383,7 +383,13 @@ pub(crate) enum WriteOutput {
     Receipts(Vec<Result<Receipt>>),
     Swept(SweepReport),
     Subscription(Subscription, Option<String>),
-    Leased(Vec<LeaseGrant>),
+    /// What a lease handed out, and, when it handed out nothing, the earliest later time it saw
+    /// at which one of the messages it looked at falls due (a retry delay or a lease runs out),
+    /// so that a long-poll knows when to look again without a write to wake it.
+    Leased {
+        grants: Vec<LeaseGrant>,
+        next_due: Option<Timestamp>,
+    },
     Settled(Vec<Result<()>>),
     Count {
         n: u64,

@@ -820,7 +820,11 @@ impl<'t> Tables<'t> {
             ));
         }
         if sub.status != SubscriptionStatus::Active || sub.seeking {
-            return Ok(WriteOutput::Leased(Vec::new()));
+            // Resuming or finishing a seek is a write, which wakes waiting pullers.
+            return Ok(WriteOutput::Leased {
+                grants: Vec::new(),
+                next_due: None,
+            });
         }
         let candidates: Vec<(u64, DeliveryRecord)> = self
             .deliveries
@@ -844,9 +848,17 @@ impl<'t> Tables<'t> {
         };
         let mut heads = HashSet::new();
         let mut grants = Vec::new();
+        // The earliest later time at which a message looked at falls due by time alone: its
+        // lease runs out (which also frees its key, with ordering) or its retry delay does.
+        // Events behind a key's head fall due only by a write (an ack), which wakes pullers.
+        let mut next_due: Option<Timestamp> = None;
+        let mut due_at = |t: Timestamp| next_due = Some(next_due.map_or(t, |n| n.min(t)));
         for (offset, mut rec) in candidates {
             if grants.len() >= max {
                 break;
+            }
+            if let Some(until) = rec.lease_until.filter(|u| *u > now) {
+                due_at(until);
             }
             if sub.ordered && !heads.insert(rec.key.clone()) {
                 continue;
@@ -892,6 +904,7 @@ impl<'t> Tables<'t> {
                 }
             }
             if rec.next_attempt_at > now {
+                due_at(rec.next_attempt_at);
                 continue;
             }
             rec.attempts += 1;
@@ -920,7 +933,7 @@ impl<'t> Tables<'t> {
                 event_id: EventId(Uuid::from_u128(rec.event_id)),
             });
         }
-        Ok(WriteOutput::Leased(grants))
+        Ok(WriteOutput::Leased { grants, next_due })
     }
 
     fn settle(
