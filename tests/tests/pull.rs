@@ -632,3 +632,46 @@ async fn seek_redrive_and_room_deletion_edge_cases() {
         "subscription_not_found"
     );
 }
+
+/// Issue 15, defect 9. Stopping an event logged its dead-lettering as attempt n without
+/// raising the delivery's attempt count, so after a redrive the next attempt took the same
+/// number and overwrote that row of the attempt log. Now the stop is an attempt of its own.
+#[tokio::test]
+async fn a_stopped_then_redriven_event_keeps_every_attempt_in_its_log() {
+    let (broker, _) = memory_broker(test_config()).await;
+    setup_room(&broker, "r").await;
+    let sub = pull_sub(&broker, RetryOverrides::default()).await;
+    let event = broker.publish(moved("r", "ann", 1)).await.unwrap().id;
+    assert_eq!(broker.stop_event(event).await.unwrap(), 1);
+    assert_eq!(broker.redrive(sub, Some(vec![event])).await.unwrap(), 1);
+    let pulled = broker.pull(sub, 10, None, 0).await.unwrap();
+    assert_eq!(pulled.len(), 1);
+    assert_eq!(
+        pulled[0].attempt, 2,
+        "the redriven delivery reused the stop's number"
+    );
+    let log = broker.attempts(sub, None, None).unwrap().items;
+    let numbers: Vec<u32> = log.iter().map(|a| a.attempt).collect();
+    assert_eq!(numbers, vec![1, 2], "{log:?}");
+    assert_eq!(log[0].error.as_deref(), Some("stopped by the publisher"));
+}
+
+/// Issue 15, defect 9. The attempt log's row for an expired lease always said it took 0 ms;
+/// it now says how long the lease was held.
+#[tokio::test]
+async fn an_expired_lease_is_logged_with_how_long_it_was_held() {
+    let (broker, clock) = memory_broker(test_config()).await;
+    setup_room(&broker, "r").await;
+    let sub = pull_sub(&broker, RetryOverrides::default()).await;
+    broker.publish(moved("r", "ann", 1)).await.unwrap();
+    assert_eq!(broker.pull(sub, 1, Some(1000), 0).await.unwrap().len(), 1);
+    clock.advance_ms(60_000);
+    // The next pull notices the expiry.
+    broker.pull(sub, 1, None, 0).await.unwrap();
+    let log = broker.attempts(sub, None, None).unwrap().items;
+    let expired = log
+        .iter()
+        .find(|a| a.outcome == broker_core::AttemptOutcome::LeaseExpired)
+        .unwrap_or_else(|| panic!("no expired lease in {log:?}"));
+    assert_eq!(expired.latency_ms, 1000, "{expired:?}");
+}

@@ -588,11 +588,14 @@ impl<'t> Tables<'t> {
             .collect::<std::result::Result<_, _>>()?;
         let mut n = 0;
         for sub in subs {
-            let rec: DeliveryRecord = match self.deliveries.get((sub, offset))? {
+            let mut rec: DeliveryRecord = match self.deliveries.get((sub, offset))? {
                 Some(g) => decode(g.value())?,
                 None => continue,
             };
             let attempt = self.last_attempt_no(sub, offset)?.max(rec.attempts) + 1;
+            // The stop is an attempt of its own: a redrive continues after it, rather than
+            // logging its next attempt under the same number.
+            rec.attempts = attempt;
             self.log_attempt(
                 sub,
                 offset,
@@ -871,7 +874,12 @@ impl<'t> Tables<'t> {
                 if until > now {
                     continue;
                 }
-                // The lease ran out: that attempt failed.
+                // The lease ran out: that attempt failed, after as long as the lease was held
+                // (its row says when it was leased; this row replaces it).
+                let leased_at = match self.attempts.get((sub_id, offset, rec.attempts))? {
+                    Some(g) => decode::<AttemptRecord>(g.value())?.at,
+                    None => until,
+                };
                 self.log_attempt(
                     sub_id,
                     offset,
@@ -881,7 +889,7 @@ impl<'t> Tables<'t> {
                         outcome: AttemptOutcome::LeaseExpired,
                         status: None,
                         error: Some("lease expired".into()),
-                        latency_ms: until.ms_since(now),
+                        latency_ms: until.ms_since(leased_at),
                         at: now,
                     },
                     rec.published_at,
