@@ -21,6 +21,7 @@ use crate::model::{
 use crate::net_guard::PushGuard;
 use crate::schema::{self, ValidatorCache};
 use crate::stats::Stats;
+use crate::storage::StorageFaults;
 use crate::storage::{DeliveryDefaults, Observation, RoomQuota};
 use crate::storage::{IdempotencyClaim, PreparedEvent, RedbStorage, Storage, WriteOp, WriteOutput};
 use crate::webhook::{HttpTransport, Transport};
@@ -73,6 +74,9 @@ pub(crate) struct Inner {
     /// Slots for client secret checks (`limits.secret_checks_max`), so that a flood of token
     /// requests runs a bounded number of Argon2 checks rather than one per request.
     pub(crate) secret_checks: Arc<tokio::sync::Semaphore>,
+    /// The storage's fault switches, reached only by tests (see [`Broker::storage_faults`]).
+    #[cfg_attr(not(any(test, feature = "fault-injection")), allow(dead_code))]
+    storage_faults: Arc<StorageFaults>,
 }
 
 impl Inner {
@@ -160,16 +164,23 @@ impl Broker {
         let store = tokio::task::spawn_blocking(move || RedbStorage::open(&path, cache, defaults))
             .await
             .map_err(|e| Error::Storage(format!("open task failed: {e}")))??;
-        Self::start(Arc::new(store), config, clock)
+        let faults = store.faults();
+        Self::start(Arc::new(store), faults, config, clock)
     }
 
     /// A broker whose data lives in memory only: for tests and examples.
     pub async fn open_in_memory(config: Config, clock: Arc<dyn Clock>) -> Result<Broker> {
         let store = RedbStorage::in_memory(config.cache_bytes, delivery_defaults(&config))?;
-        Self::start(Arc::new(store), config, clock)
+        let faults = store.faults();
+        Self::start(Arc::new(store), faults, config, clock)
     }
 
-    fn start(store: Arc<dyn Storage>, config: Config, clock: Arc<dyn Clock>) -> Result<Broker> {
+    fn start(
+        store: Arc<dyn Storage>,
+        storage_faults: Arc<StorageFaults>,
+        config: Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Broker> {
         // Built first so that a malformed `push_allow.cidrs` stops the broker before it starts
         // anything.
         let push_guard = Arc::new(PushGuard::new(&config.delivery.push_allow)?);
@@ -225,6 +236,7 @@ impl Broker {
             retention_turn: Default::default(),
             pushes_in_flight: std::sync::atomic::AtomicUsize::new(0),
             secret_checks: Arc::new(tokio::sync::Semaphore::new(secret_checks)),
+            storage_faults,
         });
         if inner.config_now().retention.interval_ms > 0 {
             spawn_retention(
@@ -239,6 +251,14 @@ impl Broker {
             ensure_dispatcher(&broker, id);
         }
         Ok(broker)
+    }
+
+    /// The switches that make this broker's storage fail commits, as a full disk or an I/O
+    /// error would: for tests and simulations of what the broker does while its writes are
+    /// refused. Only with the `fault-injection` feature (never in production builds).
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub fn storage_faults(&self) -> &StorageFaults {
+        &self.inner.storage_faults
     }
 
     pub(crate) fn from_inner(inner: Arc<Inner>) -> Broker {

@@ -188,6 +188,12 @@ pub struct DeliveryConfig {
     /// Longest a dispatcher sleeps before looking again without being woken, in milliseconds
     /// (default 1,000).
     pub scheduler_tick_ms: u64,
+    /// Longest wait between tries to record a push outcome that the writer refused (a failed
+    /// commit, a full disk, a full writer queue), in milliseconds (default 5,000). The first wait
+    /// is 100 ms and doubles up to this. Until the outcome is recorded the delivery is not
+    /// pushed again and its subscription starts no new push: the record is retried, not the
+    /// push.
+    pub outcome_retry_ms_max: u64,
     /// Most subscriptions on one Room (default 1,000).
     pub subscriptions_per_room_max: usize,
     /// Most extra headers on a push endpoint (default 32).
@@ -245,6 +251,7 @@ impl Default for DeliveryConfig {
             secret_grace_ms: 24 * 3_600_000,
             scan_records_max: 10_000,
             scheduler_tick_ms: 1000,
+            outcome_retry_ms_max: 5000,
             subscriptions_per_room_max: 1000,
             push_headers_max: 32,
             push_allow: PushAllow::default(),

@@ -6,8 +6,16 @@
 //!
 //! Dispatchers wake when the writer reports that their queue changed, when an outcome has been
 //! recorded, when the earliest retry falls due, and at least every `scheduler_tick_ms`.
+//!
+//! An outcome is recorded before the next attempt of its delivery is made. If the writer
+//! refuses the record (a failed commit, a full disk, a full queue), the push's task keeps the
+//! delivery's offset busy and retries the record, not the push, with a backoff bounded by
+//! `delivery.outcome_retry_ms_max`; meanwhile its dispatcher starts no new push, since that
+//! push's outcome could not be recorded either. Each subscription holds back on its own, and at
+//! most `in_flight_max` outcomes wait per subscription (one per busy offset).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -102,12 +110,15 @@ pub(crate) fn ensure_dispatcher(broker: &Broker, id: SubscriptionId) {
 
 async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
     let mut busy: HashSet<u64> = HashSet::new();
+    // Outcomes of this subscription whose record the writer refused and that are being
+    // retried; while there are any, no push starts.
+    let refused = Arc::new(AtomicUsize::new(0));
     // Finished pushes report their offset once their outcome is recorded.
     let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<u64>();
     loop {
         let wait = {
             let Some(inner) = weak.upgrade() else { return };
-            if inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            if inner.closing.load(Ordering::SeqCst) {
                 return;
             }
             let broker = Broker::from_inner(inner);
@@ -138,7 +149,7 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
                 });
                 tick
             } else {
-                dispatch_due(&broker, &sub, &mut busy, &settled_tx)
+                dispatch_due(&broker, &sub, &mut busy, &refused, &settled_tx)
                     .unwrap_or(tick)
                     .min(tick)
             }
@@ -157,12 +168,18 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
 }
 
 /// Starts every due delivery there is room for; returns how long until the next one falls due.
+/// Starts nothing while an outcome's record is refused (`refused` > 0): the dispatcher looks
+/// again when that outcome is recorded, or at its next tick.
 fn dispatch_due(
     broker: &Broker,
     sub: &Subscription,
     busy: &mut HashSet<u64>,
+    refused: &Arc<AtomicUsize>,
     settled: &mpsc::UnboundedSender<u64>,
 ) -> Option<Duration> {
+    if refused.load(Ordering::SeqCst) > 0 {
+        return None;
+    }
     let free = (sub.in_flight_max as usize).saturating_sub(busy.len());
     if free == 0 {
         return None;
@@ -181,31 +198,106 @@ fn dispatch_due(
         broker
             .inner()
             .pushes_in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            .fetch_add(1, Ordering::SeqCst);
         let broker = broker.clone();
         let sub = sub.clone();
         let settled = settled.clone();
+        let refused = refused.clone();
         tokio::spawn(async move {
-            let offset = d.offset;
             let response = push_one(&broker, &sub, &d).await;
-            let op = WriteOp::Delivery(DeliveryOp::PushOutcome {
-                id: sub.id,
-                offset,
-                attempt: d.attempt,
-                response,
-            });
-            if let Err(e) = broker.write_op(op).await {
-                // The outcome is lost, not the delivery: it stays pending and is tried again.
-                tracing::warn!(subscription = %sub.id, error = %e, "cannot record a push outcome");
-            }
-            broker
-                .inner()
-                .pushes_in_flight
-                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            let _ = settled.send(offset);
+            record_outcome(broker, sub.id, &d, response, &refused).await;
+            // Only now may the delivery be attempted again.
+            let _ = settled.send(d.offset);
         });
     }
     next.map(|at| Duration::from_millis(at.ms_since(now)))
+}
+
+/// The first wait before trying again to record a refused outcome; it doubles up to
+/// `delivery.outcome_retry_ms_max`.
+const OUTCOME_RETRY_FIRST_MS: u64 = 100;
+
+/// Records the outcome of a push that `dispatch_due` counted in `pushes_in_flight`. While the
+/// writer refuses the record, it is retried with a bounded backoff (at least the delay an
+/// `Overloaded` answer suggests), never the push; the task holds only a weak reference to the
+/// broker while it waits. It gives up only when the broker shuts down or is dropped: the
+/// outcome is then lost, not the delivery, which is pushed again after the next open, as after
+/// a crash. A push waiting for its record no longer counts as in flight, so that `close` does
+/// not wait for a writer that refuses.
+async fn record_outcome(
+    broker: Broker,
+    sub: SubscriptionId,
+    d: &DueDelivery,
+    response: PushResponse,
+    refused: &AtomicUsize,
+) {
+    let weak = Arc::downgrade(broker.inner());
+    let mut current = Some(broker);
+    let mut tries = 0u32;
+    let mut wait_ms = 0u64;
+    let mut holding_back = false;
+    let stop_counting = |b: &Broker| {
+        b.inner().pushes_in_flight.fetch_sub(1, Ordering::SeqCst);
+    };
+    loop {
+        let Some(broker) = current
+            .take()
+            .or_else(|| weak.upgrade().map(Broker::from_inner))
+        else {
+            break;
+        };
+        tries += 1;
+        let op = WriteOp::Delivery(DeliveryOp::PushOutcome {
+            id: sub,
+            offset: d.offset,
+            attempt: d.attempt,
+            response: response.clone(),
+        });
+        let error = match broker.write_op(op).await {
+            Ok(_) => {
+                if !holding_back {
+                    stop_counting(&broker);
+                } else if refused.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    tracing::info!(subscription = %sub, tries, "push outcome recorded after the writer refused it; pushes resume");
+                }
+                return;
+            }
+            Err(e) => e,
+        };
+        let closing = broker.inner().closing.load(Ordering::SeqCst);
+        if closing || matches!(error, Error::ShuttingDown) {
+            tracing::warn!(subscription = %sub, offset = d.offset, error = %error, "push outcome not recorded: the broker is shutting down; the delivery is pushed again after the next open");
+            if !holding_back {
+                stop_counting(&broker);
+            }
+            break;
+        }
+        if !holding_back {
+            holding_back = true;
+            stop_counting(&broker);
+            // Said once per subscription and episode; each further refusal is a debug line.
+            if refused.fetch_add(1, Ordering::SeqCst) == 0 {
+                tracing::warn!(subscription = %sub, error = %error, "cannot record a push outcome; retrying the record, not the push, and holding this subscription's pushes until it is recorded");
+            }
+        } else {
+            tracing::debug!(subscription = %sub, offset = d.offset, tries, error = %error, "push outcome still not recorded");
+        }
+        let max = broker.config().delivery.outcome_retry_ms_max.max(1);
+        let suggested = match error {
+            Error::Overloaded { retry_after_ms } => retry_after_ms,
+            _ => 0,
+        };
+        wait_ms = wait_ms
+            .saturating_mul(2)
+            .max(OUTCOME_RETRY_FIRST_MS)
+            .max(suggested)
+            .min(max);
+        drop(broker);
+        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+    }
+    if holding_back {
+        refused.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Builds and sends one signed push.
@@ -225,17 +317,22 @@ async fn push_one(broker: &Broker, sub: &Subscription, d: &DueDelivery) -> PushR
     let now = broker.now();
     let ts = now.as_ms() / 1000;
     let msg_id = event.id.to_string();
-    let secrets = broker
-        .inner()
-        .store
-        .signing_secrets(sub.id, now)
-        .unwrap_or_default();
+    // Never sent unsigned: without a signature the receiver cannot tell the push from a
+    // forgery, so a push whose secrets cannot be read (or that has none usable) is an ordinary
+    // failed attempt, retried per the policy.
+    let secrets = match broker.inner().store.signing_secrets(sub.id, now) {
+        Ok(s) => s,
+        Err(e) => return failed(&format!("not sent: cannot read the signing secrets: {e}")),
+    };
     let signatures: Vec<String> = secrets
         .iter()
         .rev()
         .filter_map(|s| secret_key(s).ok())
         .map(|k| sign(&k, &msg_id, ts, &event.payload))
         .collect();
+    if signatures.is_empty() {
+        return failed("not sent: the subscription has no valid signing secret");
+    }
     let mut headers = vec![
         ("content-type".to_string(), "application/json".to_string()),
         ("webhook-id".to_string(), msg_id.clone()),
@@ -275,5 +372,97 @@ fn failed(why: &str) -> PushResponse {
         retry_after_ms: None,
         error: Some(why.to_string()),
         latency_ms: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{ManualClock, Timestamp};
+    use crate::config::Config;
+    use crate::ids::{EventTypeName, Principal, RoomName};
+    use crate::model::{EventTypeSpec, NewRoom, PublishRequest};
+    use crate::subscription::{NewSubscription, PushEndpoint};
+
+    /// Issue 15, item 10: the dispatcher sent a webhook unsigned (an empty `webhook-signature`)
+    /// when reading its signing secrets failed. Now such a push is not sent at all: it is an
+    /// ordinary failed attempt whose error says why. A push is made here for a subscription
+    /// that storage does not know (so the secrets read fails) and for one without a secret;
+    /// the target is a listening socket nobody accepts from, so any connection is seen.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_push_whose_signing_secrets_cannot_be_read_is_not_sent() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        let mut config = Config::default();
+        config.retention.interval_ms = 0;
+        config.delivery.push_allow.loopback = true;
+        config.delivery.push_timeout_ms = 500;
+        let clock = Arc::new(ManualClock::new(Timestamp(1_767_225_600_000)));
+        let broker = Broker::open_in_memory(config, clock).await.expect("broker");
+        let room = RoomName::new("r").expect("room");
+        let admin = Principal::new("admin").expect("principal");
+        broker
+            .create_room(NewRoom::new(room.clone(), admin.clone()).approved())
+            .await
+            .expect("create room");
+        let ty = EventTypeName::new("t").expect("type");
+        broker
+            .put_event_type(
+                &room,
+                EventTypeSpec {
+                    name: ty.clone(),
+                    description: String::new(),
+                    schema: serde_json::json!({"type": "object"}),
+                    key_pointer: None,
+                },
+            )
+            .await
+            .expect("event type");
+        // A pull subscription has no signing secret, and no dispatcher pushes its events.
+        let pull = broker
+            .create_subscription(
+                &room,
+                NewSubscription::new(admin.clone(), DeliveryMode::Pull),
+            )
+            .await
+            .expect("subscription")
+            .subscription;
+        let receipt = broker
+            .publish(PublishRequest::new(room, ty, admin, b"{}".to_vec()))
+            .await
+            .expect("publish");
+        let due = DueDelivery {
+            offset: 0,
+            event_id: receipt.id,
+            attempt: 1,
+            published_at: receipt.received_at,
+        };
+        let endpoint = DeliveryMode::Push(PushEndpoint {
+            url,
+            headers: vec![],
+            basic_auth: None,
+        });
+        let mut unknown = pull.clone();
+        unknown.id = SubscriptionId::new_v7();
+        unknown.mode = endpoint.clone();
+        let mut secretless = pull;
+        secretless.mode = endpoint;
+        for (sub, why) in [
+            (unknown, "cannot read the signing secrets"),
+            (secretless, "no valid signing secret"),
+        ] {
+            let response = push_one(&broker, &sub, &due).await;
+            match listener.accept() {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                other => panic!("a push was sent unsigned ({why}): {other:?}, {response:?}"),
+            }
+            let error = response.error.unwrap_or_default();
+            assert_eq!(response.status, None);
+            assert!(
+                error.starts_with("not sent") && error.contains(why),
+                "{error}"
+            );
+        }
     }
 }

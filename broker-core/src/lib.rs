@@ -76,6 +76,8 @@ pub use runtime::{ConfigPatch, DeliveryPatch, LimitsPatch};
 pub use stats::{
     Latency, RoomStats, StatsFilter, StatsReport, StatsTotals, SubscriptionStats, Window,
 };
+#[cfg(any(test, feature = "fault-injection"))]
+pub use storage::StorageFaults;
 pub use subscription::redact_url;
 pub use subscription::{
     Attempt, AttemptOutcome, BasicAuth, BlockedKey, CreatedSubscription, DeadLetter, DeliveryMode,

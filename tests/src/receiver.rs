@@ -1,6 +1,6 @@
 //! A local webhook receiver for delivery tests: an axum server on a loopback port that records
 //! every request and answers as the test tells it (succeed, fail, time out, redirect, 429 with
-//! Retry-After, 410, or fail at random).
+//! Retry-After, 410, fail at random, or hold its answer until the test releases it).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -30,6 +30,9 @@ pub enum Behaviour {
     Redirect(String),
     /// 500 with this probability (0..1), else 200.
     FailRandomly(f64),
+    /// 200 once the test has called [`Receiver::release`] (at once if it already has): lets a
+    /// test act while a push is known to be under way.
+    Hold,
 }
 
 /// One request the receiver saw.
@@ -56,6 +59,8 @@ struct Shared {
     default: Mutex<Behaviour>,
     script: Mutex<VecDeque<Behaviour>>,
     per_path: Mutex<HashMap<String, Behaviour>>,
+    /// Opened by [`Receiver::release`]; held requests wait for it.
+    gate: tokio::sync::watch::Sender<bool>,
     tx: mpsc::UnboundedSender<Received>,
 }
 
@@ -75,6 +80,7 @@ impl Receiver {
             default: Mutex::new(Behaviour::Ok),
             script: Mutex::new(VecDeque::new()),
             per_path: Mutex::new(HashMap::new()),
+            gate: tokio::sync::watch::Sender::new(false),
             tx,
         });
         let app = Router::new()
@@ -112,6 +118,11 @@ impl Receiver {
     /// Answer the next requests like these, in order.
     pub fn script(&self, answers: impl IntoIterator<Item = Behaviour>) {
         self.shared.script.lock().unwrap().extend(answers);
+    }
+
+    /// Lets every [`Behaviour::Hold`] request answer, now and from now on.
+    pub fn release(&self) {
+        self.shared.gate.send_replace(true);
     }
 
     /// The next request, waiting up to `within`.
@@ -166,7 +177,7 @@ async fn handle(
             .unwrap_or_else(|| shared.default.lock().unwrap().clone())
     };
     let status = match &behaviour {
-        Behaviour::Ok | Behaviour::Sleep(_) => 200,
+        Behaviour::Ok | Behaviour::Sleep(_) | Behaviour::Hold => 200,
         Behaviour::Status(s) | Behaviour::RetryAfter(s, _) => *s,
         Behaviour::Redirect(_) => 307,
         Behaviour::FailRandomly(p) => {
@@ -192,6 +203,11 @@ async fn handle(
     match behaviour {
         Behaviour::Sleep(d) => {
             tokio::time::sleep(d).await;
+            StatusCode::OK.into_response()
+        }
+        Behaviour::Hold => {
+            let mut gate = shared.gate.subscribe();
+            let _ = gate.wait_for(|open| *open).await;
             StatusCode::OK.into_response()
         }
         Behaviour::RetryAfter(_, secs) => {

@@ -306,6 +306,158 @@ async fn retry_after_410_redirects_and_timeouts_are_honoured() {
     );
 }
 
+/// Issue 15, defect 2: a push whose outcome cannot be recorded (the storage refuses commits, as
+/// with a full disk) is not pushed again before that outcome is durable, and its subscription
+/// starts no new push meanwhile; the record is retried, not the push. Before the fix the
+/// delivery was due again at once and a healthy receiver was hit thousands of times in seconds.
+/// Here, while commits fail, the receiver sees the one push that was under way and nothing
+/// else, not even a retry that falls due meanwhile; once commits succeed, that outcome is
+/// recorded (one attempt, delivered) without another push, and the retry goes out once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_that_cannot_be_recorded_is_retried_not_pushed_again() {
+    let mut rx = Receiver::start().await;
+    let mut config = test_config();
+    // The dispatcher looks often, so a push it should not start would start at once.
+    config.delivery.scheduler_tick_ms = 10;
+    let (broker, clock) = memory_broker(config).await;
+    setup_room(&broker, "r").await;
+    let mut new = push_to(rx.url("a"));
+    new.retry = RetryOverrides {
+        initial_delay_ms: Some(10_000),
+        multiplier: Some(1.0),
+        jitter_percent: Some(0),
+        ..Default::default()
+    };
+    let sub = broker
+        .create_subscription(&room("r"), new)
+        .await
+        .unwrap()
+        .subscription
+        .id;
+    let id_of = |r: &postroom_tests::receiver::Received| {
+        (
+            r.header("postroom-event-id").to_string(),
+            r.header("postroom-attempt").to_string(),
+        )
+    };
+
+    // Event 1 (key p) fails once; its retry is 10 s away on the manual clock.
+    rx.script([Behaviour::Status(500)]);
+    let e1 = broker.publish(moved("r", "p", 1)).await.unwrap();
+    assert_eq!(rx.next(WAIT).await.unwrap().status, 500);
+    eventually("the first failure recorded", || {
+        broker
+            .event_deliveries(e1.id)
+            .unwrap()
+            .into_iter()
+            .find(|d| d.attempts == 1 && d.next_attempt_at.is_some())
+    })
+    .await;
+
+    // Event 2 (key q) is pushed and held by the receiver; then every commit fails, and the
+    // receiver answers 200.
+    rx.set(Behaviour::Hold);
+    let e2 = broker.publish(moved("r", "q", 1)).await.unwrap();
+    let held = rx.next(WAIT).await.unwrap();
+    assert_eq!(id_of(&held), (e2.id.to_string(), "1".to_string()));
+    let faults = broker.storage_faults();
+    faults.fail_commits();
+    rx.release();
+    // Two refused commits: the outcome's first record and a retry of it.
+    eventually("the outcome's record retried", || {
+        (faults.commits_failed() >= 2).then_some(())
+    })
+    .await;
+    // Event 1's retry falls due while that outcome is not recorded.
+    clock.advance_ms(10_000);
+    broker.wake_deliveries();
+    eventually("the outcome's record retried more", || {
+        (faults.commits_failed() >= 4).then_some(())
+    })
+    .await;
+    let pushed = rx.drain();
+    assert!(
+        pushed.is_empty(),
+        "pushed {} times while an outcome could not be recorded; first (event, attempt): {:?}",
+        pushed.len(),
+        pushed.first().map(id_of)
+    );
+
+    // Commits succeed again: event 2's outcome is recorded without another push, then event 1's
+    // retry goes out once.
+    faults.clear();
+    eventually("event 2 delivered", || {
+        broker
+            .event_deliveries(e2.id)
+            .unwrap()
+            .into_iter()
+            .find(|d| d.state == DeliveryState::Delivered)
+    })
+    .await;
+    let retry = rx.next(WAIT).await.expect("event 1's retry");
+    assert_eq!(id_of(&retry), (e1.id.to_string(), "2".to_string()));
+    eventually("event 1 delivered", || {
+        broker
+            .event_deliveries(e1.id)
+            .unwrap()
+            .into_iter()
+            .find(|d| d.state == DeliveryState::Delivered)
+    })
+    .await;
+    let log: Vec<_> = broker
+        .attempts(sub, None, None)
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|a| (a.event_id, a.attempt, a.outcome))
+        .collect();
+    assert_eq!(
+        log,
+        vec![
+            (e1.id, 1, AttemptOutcome::Failed),
+            (e1.id, 2, AttemptOutcome::Delivered),
+            (e2.id, 1, AttemptOutcome::Delivered),
+        ]
+    );
+    let extra = rx.drain();
+    assert!(
+        extra.is_empty(),
+        "pushed again: {:?}",
+        extra.iter().map(id_of).collect::<Vec<_>>()
+    );
+}
+
+/// Issue 15, defect 2 (the shutdown side of its fix): a push whose outcome the storage refuses
+/// keeps its delivery out of the dispatcher while the record is retried, but it does not hold
+/// `close` for the push timeout: on shutdown the outcome is given up and the delivery is pushed
+/// again after the next open, as after a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_does_not_wait_for_an_outcome_the_storage_refuses() {
+    let mut rx = Receiver::start().await;
+    let mut config = test_config();
+    config.delivery.push_timeout_ms = 10_000;
+    let (broker, _) = memory_broker(config).await;
+    setup_room(&broker, "r").await;
+    broker
+        .create_subscription(&room("r"), push_to(rx.url("a")))
+        .await
+        .unwrap();
+    rx.set(Behaviour::Hold);
+    broker.publish(moved("r", "p", 1)).await.unwrap();
+    rx.next(WAIT).await.expect("a push");
+    let faults = broker.storage_faults();
+    faults.fail_commits();
+    rx.release();
+    eventually("the outcome refused", || {
+        (faults.commits_failed() >= 1).then_some(())
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(5), broker.close())
+        .await
+        .expect("close returns without waiting for the refused outcome");
+    assert!(rx.drain().is_empty(), "nothing more was pushed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_deliveries_are_dead_lettered_redriven_and_purged() {
     let mut rx = Receiver::start().await;

@@ -4,6 +4,7 @@
 //! rest of the core changing. Only `redb_store` names redb.
 
 mod codec;
+mod faults;
 mod redb_delivery;
 mod redb_records;
 mod redb_store;
@@ -11,6 +12,8 @@ mod redb_store;
 pub(crate) use redb_delivery::{ack_id, parse_ack_id};
 
 pub(crate) use redb_store::RedbStorage;
+
+pub use faults::StorageFaults;
 
 use crate::clock::Timestamp;
 use crate::error::Result;

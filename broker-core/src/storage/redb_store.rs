@@ -251,6 +251,8 @@ pub(crate) struct RedbStorage {
     fanout: Mutex<FanoutCache>,
     /// Broker-wide delivery defaults (the base of every retry policy).
     defaults: std::sync::RwLock<DeliveryDefaults>,
+    /// Injected faults (tests and simulations only; see `faults.rs`).
+    faults: std::sync::Arc<super::StorageFaults>,
 }
 
 impl RedbStorage {
@@ -272,6 +274,11 @@ impl RedbStorage {
             .set_cache_size(cache_bytes)
             .create_with_backend(redb::backends::InMemoryBackend::new())?;
         Self::init(db, defaults)
+    }
+
+    /// The switches that make this backend's commits fail (tests and simulations).
+    pub(crate) fn faults(&self) -> std::sync::Arc<super::StorageFaults> {
+        self.faults.clone()
     }
 
     pub(super) fn db(&self) -> &Database {
@@ -343,6 +350,7 @@ impl RedbStorage {
             seqs: Mutex::new(SeqCache::default()),
             fanout: Mutex::new(FanoutCache::default()),
             defaults: std::sync::RwLock::new(defaults),
+            faults: Default::default(),
         };
         let rebuilt = store.rebuild_seqs()?;
         *store.seqs.lock().unwrap_or_else(|p| p.into_inner()) = rebuilt;
@@ -1331,6 +1339,13 @@ impl Storage for RedbStorage {
                 }
                 touched = std::mem::take(&mut tables.touched);
                 observed = std::mem::take(&mut tables.observed);
+            }
+            if self.faults.commit_fails() {
+                // As a failed commit: nothing of the batch is written.
+                txn.abort()?;
+                return Err(Error::Storage(
+                    "injected storage fault: the commit failed".into(),
+                ));
             }
             txn.commit()?;
             Ok(Applied {
