@@ -342,6 +342,22 @@ impl Broker {
         if !self.inner.writer.is_running() {
             reasons.push("the storage writer has stopped".to_string());
         }
+        let failing = self
+            .inner
+            .writer
+            .stats
+            .failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(f) = failing {
+            reasons.push(format!(
+                "storage writes are failing since {} ({} commits refused; last error: {})",
+                f.since.to_rfc3339(),
+                f.commits,
+                f.last_error
+            ));
+        }
         reasons
     }
 

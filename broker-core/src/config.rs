@@ -108,6 +108,12 @@ pub struct WriterConfig {
     pub commit_wait_us: u64,
     /// The delay suggested to callers refused with `Overloaded`, in milliseconds (default 100).
     pub overload_retry_after_ms: u64,
+    /// The delay suggested to callers refused with `StorageUnavailable` (a commit failed: a full
+    /// disk, an I/O error), in milliseconds (default 1,000).
+    pub storage_retry_after_ms: u64,
+    /// While commits keep failing, at most one log line about it per this many milliseconds,
+    /// with the count of refused commits (default 10,000).
+    pub failure_log_interval_ms: u64,
 }
 
 impl Default for WriterConfig {
@@ -119,6 +125,8 @@ impl Default for WriterConfig {
             commit_bytes_max: 32 * 1024 * 1024,
             commit_wait_us: 200,
             overload_retry_after_ms: 100,
+            storage_retry_after_ms: 1000,
+            failure_log_interval_ms: 10_000,
         }
     }
 }

@@ -210,6 +210,15 @@ pub enum Error {
         /// The value that was refused.
         actual: u64,
     },
+    /// The storage refused to commit (a full disk, an I/O error): nothing of the operation was
+    /// stored. The broker keeps trying; retry after the hinted delay.
+    #[error("storage unavailable ({cause}); nothing was stored, retry in {retry_after_ms} ms")]
+    StorageUnavailable {
+        /// What the storage said.
+        cause: String,
+        /// A suggested delay before retrying.
+        retry_after_ms: u64,
+    },
     /// The write queue is full; retry after the hinted delay.
     #[error("broker overloaded, retry in {retry_after_ms} ms")]
     Overloaded {
@@ -258,6 +267,7 @@ impl Error {
             Error::SchemaViolation { .. } => "schema_violation",
             Error::LimitExceeded { .. } => "limit_exceeded",
             Error::Overloaded { .. } => "overloaded",
+            Error::StorageUnavailable { .. } => "storage_unavailable",
             Error::AuthenticationBusy { .. } => "authentication_busy",
             Error::ShuttingDown => "shutting_down",
             Error::Storage(_) => "storage",
@@ -290,7 +300,7 @@ impl Error {
             | Error::SchemaViolation { .. } => ErrorKind::InvalidInput,
             Error::LimitExceeded { .. } => ErrorKind::LimitExceeded,
             Error::Overloaded { .. } | Error::AuthenticationBusy { .. } => ErrorKind::Overloaded,
-            Error::ShuttingDown => ErrorKind::Unavailable,
+            Error::ShuttingDown | Error::StorageUnavailable { .. } => ErrorKind::Unavailable,
             Error::Storage(_) => ErrorKind::Internal,
         }
     }
@@ -376,6 +386,10 @@ mod tests {
             Error::AuthenticationBusy { retry_after_ms: 1 },
             Error::ShuttingDown,
             Error::Storage("s".into()),
+            Error::StorageUnavailable {
+                cause: "disk full".into(),
+                retry_after_ms: 1000,
+            },
         ];
         let mut codes: Vec<_> = all.iter().map(Error::code).collect();
         codes.sort_unstable();

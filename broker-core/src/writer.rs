@@ -41,6 +41,19 @@ struct Job {
 pub(crate) struct WriterStats {
     pub commits: std::sync::atomic::AtomicU64,
     pub ops: std::sync::atomic::AtomicU64,
+    /// Whether and since when commits fail; `None` while they succeed.
+    pub failing: Mutex<Option<Failing>>,
+}
+
+/// Commits failing in a row: since when, how many, and why (the last error).
+#[derive(Clone, Debug)]
+pub(crate) struct Failing {
+    pub since: crate::clock::Timestamp,
+    pub commits: u64,
+    pub last_error: String,
+    /// When the last log line about it was written, and the count then.
+    logged_at: Instant,
+    logged_commits: u64,
 }
 
 pub(crate) struct Writer {
@@ -190,6 +203,7 @@ fn run(
         crate::telemetry::commit(n);
         match outcome {
             Ok(applied) => {
+                note_success(&stats);
                 // Before the replies: a caller that hears "done" then reads the statistics or
                 // pulls must find the batch counted and the dispatchers woken.
                 // Here, not in the caller's task: a caller that stops waiting (a timed-out or
@@ -202,12 +216,63 @@ fn run(
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, ops = n, "commit failed; every operation of the batch is refused");
-                let msg = e.to_string();
+                let cause = e.to_string();
+                note_failure(&stats, &config, clock.now(), &cause, n);
                 for reply in replies {
-                    let _ = reply.send(Err(Error::Storage(msg.clone())));
+                    let _ = reply.send(Err(Error::StorageUnavailable {
+                        cause: cause.clone(),
+                        retry_after_ms: config.storage_retry_after_ms,
+                    }));
                 }
             }
         }
+    }
+}
+
+/// Records a failed commit. The first failure of a run is logged at once as an error; while
+/// commits keep failing, one warning per `failure_log_interval_ms` says how many were refused,
+/// so that a full disk under load does not also fill the log.
+fn note_failure(
+    stats: &WriterStats,
+    config: &WriterConfig,
+    now: crate::clock::Timestamp,
+    cause: &str,
+    ops: usize,
+) {
+    let mut failing = stats.failing.lock().unwrap_or_else(|p| p.into_inner());
+    match failing.as_mut() {
+        None => {
+            tracing::error!(error = %cause, ops, "a commit failed; writes are refused (503 storage_unavailable) until commits succeed again");
+            *failing = Some(Failing {
+                since: now,
+                commits: 1,
+                last_error: cause.to_string(),
+                logged_at: Instant::now(),
+                logged_commits: 1,
+            });
+        }
+        Some(f) => {
+            f.commits += 1;
+            f.last_error = cause.to_string();
+            if f.logged_at.elapsed() >= Duration::from_millis(config.failure_log_interval_ms) {
+                tracing::warn!(
+                    error = %cause,
+                    refused_since_last = f.commits - f.logged_commits,
+                    refused_in_all = f.commits,
+                    since = %f.since.to_rfc3339(),
+                    "commits still failing"
+                );
+                f.logged_at = Instant::now();
+                f.logged_commits = f.commits;
+            }
+        }
+    }
+}
+
+/// Records a successful commit, ending a run of failures (logged once).
+fn note_success(stats: &WriterStats) {
+    let mut failing = stats.failing.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(f) = failing.take() {
+        tracing::info!(refused = f.commits, since = %f.since.to_rfc3339(), "commits succeed again");
     }
 }

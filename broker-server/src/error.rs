@@ -373,6 +373,9 @@ fn problem(err: ApiError, status: StatusCode) -> Response {
         ) => {
             retry_after = Some(retry_after_ms.div_ceil(1000).max(1));
         }
+        ApiError::Core(broker_core::Error::StorageUnavailable { retry_after_ms, .. }) => {
+            retry_after = Some(retry_after_ms.div_ceil(1000).max(1));
+        }
         ApiError::TooManyFailures { retry_after_secs }
         | ApiError::TooManyTokens { retry_after_secs } => {
             retry_after = Some((*retry_after_secs).max(1));

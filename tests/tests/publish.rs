@@ -534,3 +534,42 @@ async fn event_listing_filters_and_pages() {
         .unwrap_err();
     assert_eq!(bad_cursor.code(), "invalid_input");
 }
+
+/// Issue 15, defect 3 (in part). While the storage refuses commits (a full disk), publishers
+/// got 500 `storage` with no `Retry-After`, `/readyz` kept answering ready, and every refused
+/// request logged errors. Now a refused publish is 503 `storage_unavailable` with
+/// `Retry-After`, `/readyz` is 503 and says why, and both recover with the storage.
+#[tokio::test]
+async fn a_failing_storage_answers_503_with_retry_after_and_is_not_ready() {
+    let (broker, _) = memory_broker(test_config()).await;
+    setup_room(&broker, "r").await;
+    let mut config = broker_server::ServerConfig::default();
+    config.auth.insecure_no_auth = true;
+    let app = broker_server::router(broker.clone(), &config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let http = reqwest::Client::new();
+    let publish = || {
+        http.post(format!("{base}/v1/rooms/r/events/moved"))
+            .header("content-type", "application/json")
+            .body(r#"{"person":"ann","n":1}"#)
+            .send()
+    };
+
+    broker.storage_faults().fail_commits();
+    let refused = publish().await.unwrap();
+    assert_eq!(refused.status().as_u16(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "storage_unavailable", "{body}");
+    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    let why = ready.text().await.unwrap();
+    assert!(why.contains("storage writes are failing"), "{why}");
+
+    broker.storage_faults().clear();
+    assert_eq!(publish().await.unwrap().status().as_u16(), 201);
+    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+}
