@@ -8,13 +8,25 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use broker_core::{
-    AttemptOutcome, DeliveryMode, DeliveryState, NewSubscription, PushEndpoint, RetryOverrides,
-    SeekTarget, SubscriptionStatus,
+    AttemptOutcome, Broker, DeliveryMode, DeliveryState, NewSubscription, PushEndpoint,
+    RetryOverrides, SeekTarget, SubscriptionId, SubscriptionStatus,
 };
 use postroom_tests::receiver::{Behaviour, Receiver};
 use postroom_tests::{memory_broker, moved, room, setup_room, system_broker, test_config, who};
 
 const WAIT: Duration = Duration::from_secs(30);
+
+/// Subscribes `supplier` to Room `r` by push to `url`, with `retry`.
+async fn push_sub(broker: &Broker, url: String, retry: RetryOverrides) -> SubscriptionId {
+    let mut new = push_to(url);
+    new.retry = retry;
+    broker
+        .create_subscription(&room("r"), new)
+        .await
+        .unwrap()
+        .subscription
+        .id
+}
 
 fn push_to(url: String) -> NewSubscription {
     NewSubscription::new(
@@ -215,18 +227,16 @@ async fn retry_after_410_redirects_and_timeouts_are_honoured() {
     config.delivery.push_timeout_ms = 300;
     let (broker, clock) = memory_broker(config).await;
     setup_room(&broker, "r").await;
-    let mut new = push_to(rx.url("a"));
-    new.retry = RetryOverrides {
-        initial_delay_ms: Some(1000),
-        jitter_percent: Some(0),
-        ..Default::default()
-    };
-    let sub = broker
-        .create_subscription(&room("r"), new)
-        .await
-        .unwrap()
-        .subscription
-        .id;
+    let sub = push_sub(
+        &broker,
+        rx.url("a"),
+        RetryOverrides {
+            initial_delay_ms: Some(1000),
+            jitter_percent: Some(0),
+            ..Default::default()
+        },
+    )
+    .await;
 
     // 429 with Retry-After 120 s: the next attempt is 120 s away, not the 1 s backoff.
     rx.script([Behaviour::RetryAfter(429, 120)]);
@@ -321,19 +331,17 @@ async fn an_outcome_that_cannot_be_recorded_is_retried_not_pushed_again() {
     config.delivery.scheduler_tick_ms = 10;
     let (broker, clock) = memory_broker(config).await;
     setup_room(&broker, "r").await;
-    let mut new = push_to(rx.url("a"));
-    new.retry = RetryOverrides {
-        initial_delay_ms: Some(10_000),
-        multiplier: Some(1.0),
-        jitter_percent: Some(0),
-        ..Default::default()
-    };
-    let sub = broker
-        .create_subscription(&room("r"), new)
-        .await
-        .unwrap()
-        .subscription
-        .id;
+    let sub = push_sub(
+        &broker,
+        rx.url("a"),
+        RetryOverrides {
+            initial_delay_ms: Some(10_000),
+            multiplier: Some(1.0),
+            jitter_percent: Some(0),
+            ..Default::default()
+        },
+    )
+    .await;
     let id_of = |r: &postroom_tests::receiver::Received| {
         (
             r.header("postroom-event-id").to_string(),
@@ -464,17 +472,15 @@ async fn exhausted_deliveries_are_dead_lettered_redriven_and_purged() {
     rx.set(Behaviour::Status(500));
     let broker = system_broker(test_config()).await;
     setup_room(&broker, "r").await;
-    let mut new = push_to(rx.url("a"));
-    new.retry = RetryOverrides {
-        attempts_max: Some(3),
-        ..fast_retry()
-    };
-    let sub = broker
-        .create_subscription(&room("r"), new)
-        .await
-        .unwrap()
-        .subscription
-        .id;
+    let sub = push_sub(
+        &broker,
+        rx.url("a"),
+        RetryOverrides {
+            attempts_max: Some(3),
+            ..fast_retry()
+        },
+    )
+    .await;
     let e = broker.publish(moved("r", "p", 1)).await.unwrap();
     let page = eventually("dead letter", || {
         broker
