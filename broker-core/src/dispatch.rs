@@ -35,6 +35,9 @@ pub(crate) struct SubSignals {
     pub dispatch: Notify,
     /// Wakes long-polling pullers (all of them).
     pub pull: Notify,
+    /// Held by a seek while it runs, so that two seeks of one subscription never interleave
+    /// their steps (which could queue an older event behind a newer one of its key).
+    pub seek: tokio::sync::Mutex<()>,
 }
 
 /// The signals of every subscription that has a dispatcher or a waiting puller.

@@ -675,3 +675,46 @@ async fn an_expired_lease_is_logged_with_how_long_it_was_held() {
         .unwrap_or_else(|| panic!("no expired lease in {log:?}"));
     assert_eq!(expired.latency_ms, 1000, "{expired:?}");
 }
+
+/// Issue 15, defect 1. A seek is several writes, and the subscription hands out nothing while
+/// one runs. It ran in the caller's task, so a caller that stopped waiting (a request timeout,
+/// a dropped connection) after the first write left the subscription holding its deliveries
+/// until a restart. Now the seek finishes on its own, and the subscription delivers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seek_whose_caller_gave_up_still_lets_the_subscription_go() {
+    let (broker, _) = memory_broker(test_config()).await;
+    setup_room(&broker, "r").await;
+    let sub = pull_sub(&broker, RetryOverrides::default()).await;
+    for n in 1..=3 {
+        broker.publish(moved("r", "ann", n)).await.unwrap();
+    }
+    let first = broker.pull(sub, 10, None, 0).await.unwrap();
+    assert_eq!(first.len(), 1, "ordered: one of the key at a time");
+    // Polled once (its first write handed to the writer), then dropped. A writer on another
+    // core may finish a small seek within that one poll, and then nobody gave up: retry.
+    let mut gave_up = false;
+    for _ in 0..50 {
+        use std::future::Future;
+        let mut seek = std::pin::pin!(broker.seek(sub, broker_core::SeekTarget::Oldest));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if seek.as_mut().poll(&mut cx).is_pending() {
+            gave_up = true;
+            break;
+        }
+    }
+    assert!(gave_up, "every seek finished within one poll");
+    // The seek completes without its caller: the key's first event is handed out again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = broker.pull(sub, 10, None, 0).await.unwrap();
+        if !got.is_empty() {
+            assert_eq!(seqs(&got), vec![("ann".to_string(), 1)]);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the subscription stayed held by a seek nobody waited for"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
