@@ -43,6 +43,8 @@ pub(crate) struct WriterStats {
     pub ops: std::sync::atomic::AtomicU64,
     /// Whether and since when commits fail; `None` while they succeed.
     pub failing: Mutex<Option<Failing>>,
+    /// `failing.is_some()`, read without the lock on every successful commit.
+    failing_now: std::sync::atomic::AtomicBool,
 }
 
 /// Commits failing in a row: since when, how many, and why (the last error).
@@ -243,6 +245,7 @@ fn note_failure(
     match failing.as_mut() {
         None => {
             tracing::error!(error = %cause, ops, "a commit failed; writes are refused (503 storage_unavailable) until commits succeed again");
+            stats.failing_now.store(true, Ordering::Release);
             *failing = Some(Failing {
                 since: now,
                 commits: 1,
@@ -271,6 +274,10 @@ fn note_failure(
 
 /// Records a successful commit, ending a run of failures (logged once).
 fn note_success(stats: &WriterStats) {
+    if !stats.failing_now.load(Ordering::Acquire) {
+        return;
+    }
+    stats.failing_now.store(false, Ordering::Release);
     let mut failing = stats.failing.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(f) = failing.take() {
         tracing::info!(refused = f.commits, since = %f.since.to_rfc3339(), "commits succeed again");
