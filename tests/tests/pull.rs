@@ -19,6 +19,26 @@ async fn pull_sub(broker: &Broker, retry: RetryOverrides) -> SubscriptionId {
         .id
 }
 
+/// Room `r` with one event of key `a`, pulled once and nacked for `delay_ms` (no jitter):
+/// its second attempt falls due `delay_ms` from now.
+async fn nacked_for(broker: &Broker, delay_ms: u64) -> SubscriptionId {
+    setup_room(broker, "r").await;
+    let retry = RetryOverrides {
+        jitter_percent: Some(0),
+        ..Default::default()
+    };
+    let sub = pull_sub(broker, retry).await;
+    broker.publish(moved("r", "a", 0)).await.unwrap();
+    let m = broker.pull(sub, 1, None, 0).await.unwrap();
+    broker
+        .nack(sub, &[m[0].ack_id.clone()], Some(delay_ms))
+        .await
+        .unwrap()[0]
+        .as_ref()
+        .unwrap();
+    sub
+}
+
 fn seqs(msgs: &[broker_core::PulledMessage]) -> Vec<(String, u64)> {
     msgs.iter()
         .map(|m| (m.event.key.to_string(), m.event.sequence.0))
@@ -258,20 +278,7 @@ async fn waiting_pull(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_poll_wakes_when_a_retry_delay_runs_out_during_its_wait() {
     let (broker, clock) = memory_broker(test_config()).await;
-    setup_room(&broker, "r").await;
-    let retry = RetryOverrides {
-        jitter_percent: Some(0),
-        ..Default::default()
-    };
-    let sub = pull_sub(&broker, retry).await;
-    broker.publish(moved("r", "a", 0)).await.unwrap();
-    let m = broker.pull(sub, 1, None, 0).await.unwrap();
-    broker
-        .nack(sub, &[m[0].ack_id.clone()], Some(1000))
-        .await
-        .unwrap()[0]
-        .as_ref()
-        .unwrap();
+    let sub = nacked_for(&broker, 1000).await;
     let (puller, started) = waiting_pull(&broker, sub).await;
     clock.advance_ms(1000);
     let got = puller.await.unwrap().unwrap();
@@ -292,20 +299,7 @@ async fn long_poll_wakes_when_a_retry_delay_runs_out_during_its_wait() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_poll_on_the_system_clock_wakes_when_a_retry_delay_runs_out() {
     let broker = postroom_tests::system_broker(test_config()).await;
-    setup_room(&broker, "r").await;
-    let retry = RetryOverrides {
-        jitter_percent: Some(0),
-        ..Default::default()
-    };
-    let sub = pull_sub(&broker, retry).await;
-    broker.publish(moved("r", "a", 0)).await.unwrap();
-    let m = broker.pull(sub, 1, None, 0).await.unwrap();
-    broker
-        .nack(sub, &[m[0].ack_id.clone()], Some(300))
-        .await
-        .unwrap()[0]
-        .as_ref()
-        .unwrap();
+    let sub = nacked_for(&broker, 300).await;
     let started = std::time::Instant::now();
     let got = broker
         .pull(sub, 1, None, LONG_WAIT.as_millis() as u64)
