@@ -23,7 +23,7 @@ use crate::schema::{self, ValidatorCache};
 use crate::stats::Stats;
 use crate::storage::StorageFaults;
 use crate::storage::{DeliveryDefaults, Observation, RoomQuota};
-use crate::storage::{RedbStorage, Storage, WriteOp, WriteOutput};
+use crate::storage::{Engine, Storage, WriteOp, WriteOutput};
 use crate::webhook::{HttpTransport, Transport};
 use crate::writer::Writer;
 use std::collections::HashSet;
@@ -161,7 +161,7 @@ impl Broker {
         create_private(&path)?;
         let cache = config.cache_bytes;
         let defaults = delivery_defaults(&config);
-        let store = tokio::task::spawn_blocking(move || RedbStorage::open(&path, cache, defaults))
+        let store = tokio::task::spawn_blocking(move || Engine::open(&path, cache, defaults))
             .await
             .map_err(|e| Error::Storage(format!("open task failed: {e}")))??;
         let faults = store.faults();
@@ -170,7 +170,7 @@ impl Broker {
 
     /// A broker whose data lives in memory only: for tests and examples.
     pub async fn open_in_memory(config: Config, clock: Arc<dyn Clock>) -> Result<Broker> {
-        let store = RedbStorage::in_memory(config.cache_bytes, delivery_defaults(&config))?;
+        let store = Engine::in_memory(config.cache_bytes, delivery_defaults(&config))?;
         let faults = store.faults();
         Self::start(Arc::new(store), faults, config, clock)
     }

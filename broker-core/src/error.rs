@@ -238,6 +238,13 @@ pub enum Error {
     /// The storage engine failed; the operation did not take effect.
     #[error("storage failure: {0}")]
     Storage(String),
+    /// A write was refused because what it was computed from changed in between (another
+    /// writer of a shared backend got there first); nothing was stored, and the writer retries.
+    #[error("storage conflict: {detail}")]
+    StorageConflict {
+        /// What changed.
+        detail: String,
+    },
 }
 
 impl Error {
@@ -271,6 +278,7 @@ impl Error {
             Error::AuthenticationBusy { .. } => "authentication_busy",
             Error::ShuttingDown => "shutting_down",
             Error::Storage(_) => "storage",
+            Error::StorageConflict { .. } => "storage_conflict",
         }
     }
 
@@ -300,7 +308,9 @@ impl Error {
             | Error::SchemaViolation { .. } => ErrorKind::InvalidInput,
             Error::LimitExceeded { .. } => ErrorKind::LimitExceeded,
             Error::Overloaded { .. } | Error::AuthenticationBusy { .. } => ErrorKind::Overloaded,
-            Error::ShuttingDown | Error::StorageUnavailable { .. } => ErrorKind::Unavailable,
+            Error::ShuttingDown
+            | Error::StorageUnavailable { .. }
+            | Error::StorageConflict { .. } => ErrorKind::Unavailable,
             Error::Storage(_) => ErrorKind::Internal,
         }
     }

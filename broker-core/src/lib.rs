@@ -37,6 +37,7 @@ mod clock;
 mod config;
 mod delivery_api;
 mod dispatch;
+mod engine;
 mod error;
 mod identity;
 mod ids;

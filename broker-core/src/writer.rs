@@ -150,6 +150,9 @@ impl Writer {
     }
 }
 
+/// How often, at most, a failing writer asks the backend to recover.
+const RECOVER_INTERVAL: Duration = Duration::from_millis(250);
+
 fn run(
     rx: Receiver<Job>,
     store: Arc<dyn Storage>,
@@ -164,6 +167,7 @@ fn run(
     // Lingering ends when no operation arrives for this long.
     let linger_gap = linger_max / 4;
     let mut last_batch_len = 0usize;
+    let mut last_recover: Option<Instant> = None;
     // Returns when every sender is gone and the queue is drained.
     while let Ok(first) = rx.recv() {
         let mut batch_bytes = first.bytes;
@@ -197,7 +201,20 @@ fn run(
         let (ops, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|j| (j.op, j.reply)).unzip();
         let n = ops.len();
         let rights_changed = ops.iter().any(WriteOp::may_change_rights);
-        let outcome = store.apply(clock.now(), ops);
+        // After failed commits the backend may need to reopen its file (redb refuses every write
+        // after an I/O error until then): give it the chance, at most once per interval, so
+        // that writes resume by themselves once the cause (a full disk) is gone.
+        let recovered = if stats.failing_now.load(Ordering::Acquire)
+            && last_recover.is_none_or(|t: Instant| t.elapsed() >= RECOVER_INTERVAL)
+        {
+            last_recover = Some(Instant::now());
+            store.recover().inspect_err(|e| {
+                tracing::debug!(error = %e, "the storage backend could not recover yet");
+            })
+        } else {
+            Ok(())
+        };
+        let outcome = recovered.and_then(|()| store.apply(clock.now(), ops));
         queued_bytes.fetch_sub(batch_bytes, Ordering::SeqCst);
         stats.commits.fetch_add(1, Ordering::Relaxed);
         stats.ops.fetch_add(n as u64, Ordering::Relaxed);

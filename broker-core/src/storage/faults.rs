@@ -1,14 +1,62 @@
 //! Injected storage faults, for tests and simulations: make commits fail on demand, the way a
 //! full disk or an I/O error does, so that what the broker does while its writes are refused can
-//! be tested deterministically. The backend asks [`StorageFaults::commit_fails`] right before it
-//! would commit a batch and, when told to fail, abandons the transaction (nothing of the batch is
-//! written) and returns a storage error, exactly as a failed commit does.
+//! be tested deterministically. [`FaultyKv`] wraps any backend and asks
+//! [`StorageFaults::commit_fails`] right before it would commit a batch; when told to fail, it
+//! writes nothing of the batch and returns a storage error, exactly as a failed commit does.
 //!
 //! Tests reach it through `Broker::storage_faults`, which exists only in the crate's own tests and
 //! with the `fault-injection` feature: a production build has no way to set a fault, and the
 //! check costs one atomic load per commit.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::kv::{Batch, KvStore, Snapshot};
+use crate::error::{Error, Result};
+
+/// A backend whose commits fail when its [`StorageFaults`] say so.
+pub(crate) struct FaultyKv {
+    inner: Arc<dyn KvStore>,
+    faults: Arc<StorageFaults>,
+}
+
+impl FaultyKv {
+    /// Wraps `inner`, every switch off.
+    pub(crate) fn new(inner: Arc<dyn KvStore>) -> FaultyKv {
+        FaultyKv {
+            inner,
+            faults: Arc::default(),
+        }
+    }
+
+    /// The switches.
+    pub(crate) fn faults(&self) -> Arc<StorageFaults> {
+        self.faults.clone()
+    }
+}
+
+impl KvStore for FaultyKv {
+    fn snapshot(&self) -> Result<Arc<dyn Snapshot>> {
+        self.inner.snapshot()
+    }
+
+    fn commit(&self, batch: Batch) -> Result<()> {
+        if self.faults.commit_fails() {
+            return Err(Error::Storage(
+                "injected storage fault: the commit failed".into(),
+            ));
+        }
+        self.inner.commit(batch)
+    }
+
+    fn recover(&self) -> Result<()> {
+        self.inner.recover()
+    }
+
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+}
 
 /// `fail_commits` value meaning "until cleared".
 const UNTIL_CLEARED: u64 = u64::MAX;

@@ -3,15 +3,21 @@
 //! backend today; a distributed one can stand beside it by implementing [`Storage`] without the
 //! rest of the core changing. Only `redb_store` names redb.
 
-mod codec;
+pub(crate) mod codec;
+#[cfg(test)]
+pub(crate) mod conformance;
 mod faults;
-mod redb_delivery;
-mod redb_records;
-mod redb_store;
+pub(crate) mod kv;
+#[cfg(test)]
+mod mem_kv;
+mod redb_kv;
+pub(crate) mod txn;
 
-pub(crate) use redb_delivery::{ack_id, parse_ack_id};
-
-pub(crate) use redb_store::RedbStorage;
+pub(crate) use crate::engine::{ack_id, parse_ack_id, Engine};
+pub(crate) use faults::FaultyKv;
+#[cfg(test)]
+pub(crate) use mem_kv::MemKv;
+pub(crate) use redb_kv::RedbKv;
 
 pub use faults::StorageFaults;
 
@@ -421,6 +427,11 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// Applies `ops` in order in one transaction and makes it durable before returning. The outer
     /// error means nothing was committed; the inner results are per operation.
     fn apply(&self, now: Timestamp, ops: Vec<WriteOp>) -> Result<Applied>;
+
+    /// After failed commits: lets the backend recover (reopen its file, reconnect) and rebuilds
+    /// what the engine keeps in memory from what is committed. The writer calls it before
+    /// trying again.
+    fn recover(&self) -> Result<()>;
 
     /// One Room.
     fn room(&self, name: &RoomName) -> Result<Option<Room>>;

@@ -2,17 +2,17 @@
 //! tables and the [`RecordTxn`] view over a write transaction. Kept apart from the event and
 //! delivery tables because nothing on the publish or delivery path reads them.
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
-
-use super::redb_store::{RedbStorage, Tables};
-use super::{RecordKind, RecordTxn};
+use super::{Engine, Tables};
 use crate::error::{Error, Result};
 use crate::ids::RoomName;
+use crate::storage::kv::Space;
+use crate::storage::txn::Def;
+use crate::storage::{RecordKind, RecordTxn};
 
 /// (kind, id) -> the record as the core encoded it.
-pub(super) const RECORDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("records");
+pub(super) const RECORDS: Def<(String, String), Vec<u8>> = Def::new(Space::Records);
 /// Sequence number -> audit entry, append only.
-pub(super) const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+pub(super) const AUDIT: Def<u64, Vec<u8>> = Def::new(Space::Audit);
 
 /// The smallest string greater than every string starting with `prefix` that is not itself
 /// such a string: the exclusive end of a prefix range.
@@ -24,10 +24,7 @@ fn prefix_end(prefix: &str) -> String {
 
 impl RecordTxn for Tables<'_> {
     fn get(&self, kind: RecordKind, id: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .records
-            .get((kind.as_str(), id))?
-            .map(|g| g.value().to_vec()))
+        Ok(self.records.get((kind.as_str(), id))?.map(|g| g.to_vec()))
     }
 
     fn put(&mut self, kind: RecordKind, id: &str, value: &[u8]) -> Result<()> {
@@ -44,7 +41,7 @@ impl RecordTxn for Tables<'_> {
         self.records
             .range((kind.as_str(), prefix)..(kind.as_str(), end.as_str()))?
             .take(limit)
-            .map(|r| r.map(|(k, _)| k.value().1.to_string()).map_err(Into::into))
+            .map(|r| r.map(|(k, _)| k.1.to_string()))
             .collect()
     }
 
@@ -57,17 +54,14 @@ impl RecordTxn for Tables<'_> {
     }
 
     fn audit_last(&self) -> Result<Option<u64>> {
-        Ok(self.audit.last()?.map(|(k, _)| k.value()))
+        Ok(self.audit.last()?.map(|(k, _)| k))
     }
 
     fn audit_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
         self.audit
             .range(after.saturating_add(1)..)?
             .take(limit)
-            .map(|r| {
-                r.map(|(k, v)| (k.value(), v.value().to_vec()))
-                    .map_err(Into::into)
-            })
+            .map(|r| r.map(|(k, v)| (k, v.to_vec())))
             .collect()
     }
 
@@ -78,7 +72,7 @@ impl RecordTxn for Tables<'_> {
 
     fn append_audit(&mut self, entry: &[u8]) -> Result<u64> {
         let next = match self.audit.last()? {
-            Some((k, _)) => k.value() + 1,
+            Some((k, _)) => k + 1,
             None => 1,
         };
         self.audit.insert(next, entry)?;
@@ -86,11 +80,11 @@ impl RecordTxn for Tables<'_> {
     }
 }
 
-impl RedbStorage {
+impl Engine {
     pub(super) fn record_read(&self, kind: RecordKind, id: &str) -> Result<Option<Vec<u8>>> {
-        let txn = self.db().begin_read()?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(RECORDS)?;
-        Ok(t.get((kind.as_str(), id))?.map(|g| g.value().to_vec()))
+        Ok(t.get((kind.as_str(), id))?.map(|g| g.to_vec()))
     }
 
     pub(super) fn records_read(
@@ -100,7 +94,7 @@ impl RedbStorage {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>> {
-        let txn = self.db().begin_read()?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(RECORDS)?;
         let end = prefix_end(prefix);
         let start = match after {
@@ -110,11 +104,11 @@ impl RedbStorage {
         let mut out = Vec::new();
         for item in t.range((kind.as_str(), start)..(kind.as_str(), end.as_str()))? {
             let (k, v) = item?;
-            let id = k.value().1;
-            if after == Some(id) {
+            let id = k.1;
+            if after == Some(id.as_str()) {
                 continue;
             }
-            out.push((id.to_string(), v.value().to_vec()));
+            out.push((id.to_string(), v.to_vec()));
             if out.len() >= limit {
                 break;
             }
@@ -123,14 +117,11 @@ impl RedbStorage {
     }
 
     pub(super) fn audit_read(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
-        let txn = self.db().begin_read()?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(AUDIT)?;
         t.range(after.saturating_add(1)..)?
             .take(limit)
-            .map(|r| {
-                r.map(|(k, v)| (k.value(), v.value().to_vec()))
-                    .map_err(Into::into)
-            })
+            .map(|r| r.map(|(k, v)| (k, v.to_vec())))
             .collect()
     }
 }

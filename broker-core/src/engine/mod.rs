@@ -2,24 +2,18 @@
 //! committed with `Durability::Immediate` so that a caller told "done" can lose nothing; reads use
 //! MVCC read transactions and never wait for the writer.
 
+mod delivery;
+mod records;
+
+pub(crate) use delivery::{ack_id, parse_ack_id};
+
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::codec::{decode, decode_with_tail, encode, encode_with_tail};
-use super::redb_delivery::{
-    DeliveryRecordInit, FanoutCache, ATTEMPTS, DEAD_LETTERS, DELETED_SUBS, DELIVERIES, ROOM_SUBS,
-    SUBSCRIPTIONS, SUB_STATS,
-};
-use super::redb_records::{AUDIT, RECORDS};
-use super::{
-    Applied, DeliveryDefaults, PreparedEvent, PublishTarget, RecordKind, RoomQuota, Storage,
-    WriteOp, WriteOutput,
-};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::ids::{EventId, EventTypeName, OrderingKey, Principal, RoomName, Sequence};
@@ -28,46 +22,57 @@ use crate::model::{
     PutEventTypeOutcome, Receipt, Retention, Room, RoomPatch, RoomStatus, StoredResponse,
     SweepReport,
 };
+use crate::storage::codec::{decode, decode_with_tail, encode, encode_with_tail};
+use crate::storage::kv::KvStore;
+use crate::storage::kv::Space;
+use crate::storage::txn::{Def, Table, Txn};
+use crate::storage::{
+    Applied, DeliveryDefaults, PreparedEvent, PublishTarget, RecordKind, RoomQuota, Storage,
+    WriteOp, WriteOutput,
+};
+use crate::storage::{FaultyKv, RedbKv};
 use crate::subscription::RetryOverrides;
+use delivery::{
+    DeliveryRecordInit, FanoutCache, ATTEMPTS, DEAD_LETTERS, DELETED_SUBS, DELIVERIES, ROOM_SUBS,
+    SUBSCRIPTIONS, SUB_STATS,
+};
+use records::{AUDIT, RECORDS};
 
 // Tables. Rooms are keyed by name; everything inside a Room by the Room's incarnation id, so that
 // deleting a Room is one small write and its contents are purged later in bounded batches.
 /// Counters: `next_room_id`, `format`.
-pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+pub(super) const META: Def<String, u64> = Def::new(Space::Meta);
 /// Room name -> RoomRecord.
-pub(super) const ROOMS: TableDefinition<&str, &[u8]> = TableDefinition::new("rooms");
+pub(super) const ROOMS: Def<String, Vec<u8>> = Def::new(Space::Rooms);
 /// Room id -> (next log offset, events stored, payload bytes stored).
-pub(super) const ROOM_STATS: TableDefinition<u64, (u64, u64, u64)> =
-    TableDefinition::new("room_stats");
+pub(super) const ROOM_STATS: Def<u64, (u64, u64, u64)> = Def::new(Space::RoomStats);
 /// (room id, type name) -> TypeRecord.
-const EVENT_TYPES: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("event_types");
+const EVENT_TYPES: Def<(u64, String), Vec<u8>> = Def::new(Space::EventTypes);
 /// (room id, type name, version) -> VersionRecord.
-const SCHEMAS: TableDefinition<(u64, &str, u32), &[u8]> = TableDefinition::new("schemas");
+const SCHEMAS: Def<(u64, String, u32), Vec<u8>> = Def::new(Space::Schemas);
 /// Event id -> EventRecord (metadata and payload).
-pub(super) const EVENTS: TableDefinition<u128, &[u8]> = TableDefinition::new("events");
+pub(super) const EVENTS: Def<u128, Vec<u8>> = Def::new(Space::Events);
 /// (room id, log offset) -> event id: the Room's events in acceptance order.
-pub(super) const ROOM_LOG: TableDefinition<(u64, u64), u128> = TableDefinition::new("room_log");
+pub(super) const ROOM_LOG: Def<(u64, u64), u128> = Def::new(Space::RoomLog);
 /// (room id, key) -> last sequence assigned, as of the Room's sequence checkpoint. Never
 /// decreases, even when retention removes events, so that a key's sequence never repeats.
-const KEY_SEQ: TableDefinition<(u64, &str), u64> = TableDefinition::new("key_seq");
+const KEY_SEQ: Def<(u64, String), u64> = Def::new(Space::KeySeq);
 /// Room id -> the log offset up to which KEY_SEQ is complete. Sequences assigned after it are
 /// recovered from the Room's log (see `SeqCache`).
-const SEQ_CHECKPOINT: TableDefinition<u64, u64> = TableDefinition::new("seq_checkpoint");
+const SEQ_CHECKPOINT: Def<u64, u64> = Def::new(Space::SeqCheckpoint);
 /// (room id, publisher, idempotency key) -> IdempotencyRecord.
-const IDEMPOTENCY: TableDefinition<(u64, &str, &str), &[u8]> = TableDefinition::new("idempotency");
+const IDEMPOTENCY: Def<(u64, String, String), Vec<u8>> = Def::new(Space::Idempotency);
 /// (expires at, room id, publisher, idempotency key) -> (): the expiry index the sweep walks.
-const IDEM_EXPIRY: TableDefinition<(u64, u64, &str, &str), ()> =
-    TableDefinition::new("idempotency_expiry");
+const IDEM_EXPIRY: Def<(u64, u64, String, String), ()> = Def::new(Space::IdemExpiry);
 /// (principal, idempotency key) -> ResponseRecord: API responses remembered for replay.
-const RESPONSES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("responses");
+const RESPONSES: Def<(String, String), Vec<u8>> = Def::new(Space::Responses);
 /// (expires at, principal, idempotency key) -> (): the expiry index of RESPONSES.
-const RESPONSE_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
-    TableDefinition::new("response_expiry");
+const RESPONSE_EXPIRY: Def<(u64, String, String), ()> = Def::new(Space::ResponseExpiry);
 /// Ids of deleted Rooms whose contents the sweep has not finished purging.
-const DELETED_ROOMS: TableDefinition<u64, ()> = TableDefinition::new("deleted_rooms");
+const DELETED_ROOMS: Def<u64, ()> = Def::new(Space::DeletedRooms);
 
 /// The on-disk layout version, checked at open.
-const LAYOUT_VERSION: u64 = 1;
+const LAYOUT_VERSION: u64 = 2;
 
 /// Sequences are checkpointed into KEY_SEQ after this many events, bounding the log replay at
 /// open to about this many records.
@@ -90,6 +95,56 @@ struct SeqCache {
     /// False after a failed rebuild: publishing is refused until a rebuild succeeds, because a
     /// sequence taken from a stale counter could repeat.
     valid: bool,
+    /// What each change of this batch replaced, so that one failed operation can be undone
+    /// alone (see [`Txn::savepoint`]).
+    undo: Vec<((u64, String), Option<u64>)>,
+}
+
+/// Where [`SeqCache::rollback`] returns to.
+#[derive(Clone, Copy)]
+struct SeqSavepoint {
+    undo: usize,
+    events_since_checkpoint: u64,
+}
+
+impl SeqCache {
+    fn set(&mut self, key: (u64, String), seq: u64) {
+        let before = self.last.insert(key.clone(), seq);
+        self.undo.push((key, before));
+    }
+
+    fn forget_room(&mut self, room_id: u64) {
+        let keys: Vec<(u64, String)> = self
+            .last
+            .keys()
+            .filter(|(rid, _)| *rid == room_id)
+            .cloned()
+            .collect();
+        for k in keys {
+            let before = self.last.remove(&k);
+            self.undo.push((k, before));
+        }
+    }
+
+    fn savepoint(&self) -> SeqSavepoint {
+        SeqSavepoint {
+            undo: self.undo.len(),
+            events_since_checkpoint: self.events_since_checkpoint,
+        }
+    }
+
+    fn rollback(&mut self, sp: SeqSavepoint) {
+        while self.undo.len() > sp.undo {
+            let Some((k, before)) = self.undo.pop() else {
+                break;
+            };
+            match before {
+                Some(v) => self.last.insert(k, v),
+                None => self.last.remove(&k),
+            };
+        }
+        self.events_since_checkpoint = sp.events_since_checkpoint;
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -242,9 +297,10 @@ fn parse_schema(text: &str) -> Result<serde_json::Value> {
     serde_json::from_str(text).map_err(|e| Error::Storage(format!("stored schema: {e}")))
 }
 
-/// The redb-backed [`Storage`].
-pub(crate) struct RedbStorage {
-    db: Database,
+/// The delivery engine: every rule of the broker, as core code over a [`KvStore`] that only
+/// stores. The writer thread calls [`Storage::apply`]; reads come from any thread.
+pub(crate) struct Engine {
+    kv: Arc<dyn KvStore>,
     /// Only the writer thread locks this, so it is never contended.
     seqs: Mutex<SeqCache>,
     /// Fan-out targets per Room, kept by the writer (locked after `seqs`, by the writer only).
@@ -252,37 +308,39 @@ pub(crate) struct RedbStorage {
     /// Broker-wide delivery defaults (the base of every retry policy).
     defaults: std::sync::RwLock<DeliveryDefaults>,
     /// Injected faults (tests and simulations only; see `faults.rs`).
-    faults: std::sync::Arc<super::StorageFaults>,
+    faults: Arc<crate::storage::StorageFaults>,
 }
 
-impl RedbStorage {
-    /// Opens the file at `path`, creating it and its tables when absent.
+impl Engine {
+    /// Opens the redb file at `path`, creating it when absent.
     pub(crate) fn open(
         path: &Path,
         cache_bytes: usize,
         defaults: DeliveryDefaults,
     ) -> Result<Self> {
-        let db = Database::builder()
-            .set_cache_size(cache_bytes)
-            .create(path)?;
-        Self::init(db, defaults)
+        Self::over(Arc::new(RedbKv::open(path, cache_bytes)?), defaults)
     }
 
-    /// A database that lives in memory only, for tests and examples.
+    /// A redb database that lives in memory only, for tests and examples.
     pub(crate) fn in_memory(cache_bytes: usize, defaults: DeliveryDefaults) -> Result<Self> {
-        let db = Database::builder()
-            .set_cache_size(cache_bytes)
-            .create_with_backend(redb::backends::InMemoryBackend::new())?;
-        Self::init(db, defaults)
+        Self::over(Arc::new(RedbKv::in_memory(cache_bytes)?), defaults)
     }
 
-    /// The switches that make this backend's commits fail (tests and simulations).
-    pub(crate) fn faults(&self) -> std::sync::Arc<super::StorageFaults> {
+    /// The engine over any backend (wrapped so that tests can inject commit failures).
+    pub(crate) fn over(kv: Arc<dyn KvStore>, defaults: DeliveryDefaults) -> Result<Self> {
+        let faulty = FaultyKv::new(kv);
+        let faults = faulty.faults();
+        Self::init(Arc::new(faulty), faults, defaults)
+    }
+
+    /// The switches that make this engine's commits fail (tests and simulations).
+    pub(crate) fn faults(&self) -> Arc<crate::storage::StorageFaults> {
         self.faults.clone()
     }
 
-    pub(super) fn db(&self) -> &Database {
-        &self.db
+    /// A read view of everything committed.
+    pub(super) fn begin_read(&self) -> Result<Txn> {
+        Ok(Txn::reader(self.kv.snapshot()?))
     }
 
     pub(super) fn delivery_defaults(&self) -> DeliveryDefaults {
@@ -296,13 +354,15 @@ impl RedbStorage {
         self.require_room_id(room)
     }
 
-    fn init(db: Database, defaults: DeliveryDefaults) -> Result<Self> {
-        let mut txn = db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
+    fn init(
+        kv: Arc<dyn KvStore>,
+        faults: Arc<crate::storage::StorageFaults>,
+        defaults: DeliveryDefaults,
+    ) -> Result<Self> {
+        let txn = Txn::new(kv.snapshot()?);
         {
-            let mut meta = txn.open_table(META)?;
-            let layout = meta.get("layout_version")?.map(|v| v.value());
-            match layout {
+            let meta = txn.open_table(META)?;
+            match meta.get("layout_version")? {
                 None => {
                     meta.insert("layout_version", LAYOUT_VERSION)?;
                     meta.insert("next_room_id", 1)?;
@@ -314,29 +374,7 @@ impl RedbStorage {
                     )))
                 }
             }
-            txn.open_table(ROOMS)?;
-            txn.open_table(ROOM_STATS)?;
-            txn.open_table(EVENT_TYPES)?;
-            txn.open_table(SCHEMAS)?;
-            txn.open_table(EVENTS)?;
-            txn.open_table(ROOM_LOG)?;
-            txn.open_table(KEY_SEQ)?;
-            txn.open_table(SEQ_CHECKPOINT)?;
-            txn.open_table(IDEMPOTENCY)?;
-            txn.open_table(IDEM_EXPIRY)?;
-            txn.open_table(RESPONSES)?;
-            txn.open_table(RECORDS)?;
-            txn.open_table(AUDIT)?;
-            txn.open_table(RESPONSE_EXPIRY)?;
-            txn.open_table(DELETED_ROOMS)?;
-            txn.open_table(SUBSCRIPTIONS)?;
-            txn.open_table(ROOM_SUBS)?;
-            txn.open_table(SUB_STATS)?;
-            txn.open_table(DELIVERIES)?;
-            txn.open_table(DEAD_LETTERS)?;
-            txn.open_table(ATTEMPTS)?;
-            txn.open_table(DELETED_SUBS)?;
-            let cleared = super::redb_delivery::clear_interrupted_seeks(&txn)?;
+            let cleared = delivery::clear_interrupted_seeks(&txn)?;
             if cleared > 0 {
                 tracing::warn!(
                     subscriptions = cleared,
@@ -344,13 +382,16 @@ impl RedbStorage {
                 );
             }
         }
-        txn.commit()?;
-        let store = RedbStorage {
-            db,
+        let batch = txn.take_batch();
+        drop(txn);
+        kv.commit(batch)?;
+        tracing::debug!(backend = kv.kind(), "storage opened");
+        let store = Engine {
+            kv,
             seqs: Mutex::new(SeqCache::default()),
             fanout: Mutex::new(FanoutCache::default()),
             defaults: std::sync::RwLock::new(defaults),
-            faults: Default::default(),
+            faults,
         };
         let rebuilt = store.rebuild_seqs()?;
         *store.seqs.lock().unwrap_or_else(|p| p.into_inner()) = rebuilt;
@@ -360,7 +401,7 @@ impl RedbStorage {
     /// Reads every Room's log after its sequence checkpoint to recover the sequences that are
     /// committed but not yet checkpointed.
     fn rebuild_seqs(&self) -> Result<SeqCache> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let stats = txn.open_table(ROOM_STATS)?;
         let deleted = txn.open_table(DELETED_ROOMS)?;
         let checkpoints = txn.open_table(SEQ_CHECKPOINT)?;
@@ -371,15 +412,15 @@ impl RedbStorage {
             ..SeqCache::default()
         };
         for item in stats.iter()? {
-            let rid = item?.0.value();
+            let rid = item?.0;
             if deleted.get(rid)?.is_some() {
                 continue;
             }
-            let from = checkpoints.get(rid)?.map(|g| g.value()).unwrap_or(0);
+            let from = checkpoints.get(rid)?.unwrap_or(0);
             for entry in log.range((rid, from)..=(rid, u64::MAX))? {
-                let id = entry?.1.value();
+                let id = entry?.1;
                 let Some(g) = events.get(id)? else { continue };
-                let (rec, _payload): (EventRecord, &[u8]) = decode_with_tail(g.value())?;
+                let (rec, _payload): (EventRecord, &[u8]) = decode_with_tail(&g)?;
                 let last = cache.last.entry((rid, rec.key.to_string())).or_insert(0);
                 *last = (*last).max(rec.sequence);
                 cache.events_since_checkpoint += 1;
@@ -395,17 +436,13 @@ impl RedbStorage {
     }
 
     fn read_room(&self, name: &RoomName) -> Result<Option<(RoomRecord, RoomStats)>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let rooms = txn.open_table(ROOMS)?;
         let Some(rec) = rooms.get(name.as_str())? else {
             return Ok(None);
         };
-        let rec: RoomRecord = decode(rec.value())?;
-        let stats = txn
-            .open_table(ROOM_STATS)?
-            .get(rec.id)?
-            .map(|g| g.value())
-            .unwrap_or_default();
+        let rec: RoomRecord = decode(&rec)?;
+        let stats = txn.open_table(ROOM_STATS)?.get(rec.id)?.unwrap_or_default();
         Ok(Some((rec, stats)))
     }
 
@@ -427,41 +464,43 @@ fn type_not_found(room: &RoomName, name: &EventTypeName) -> Error {
 
 /// Every table, opened once per write transaction, with the writer's in-memory state.
 pub(super) struct Tables<'t> {
-    meta: Table<'t, &'static str, u64>,
-    pub(super) rooms: Table<'t, &'static str, &'static [u8]>,
-    room_stats: Table<'t, u64, (u64, u64, u64)>,
-    event_types: Table<'t, (u64, &'static str), &'static [u8]>,
-    schemas: Table<'t, (u64, &'static str, u32), &'static [u8]>,
-    pub(super) events: Table<'t, u128, &'static [u8]>,
-    pub(super) room_log: Table<'t, (u64, u64), u128>,
-    key_seq: Table<'t, (u64, &'static str), u64>,
-    seq_checkpoint: Table<'t, u64, u64>,
-    idempotency: Table<'t, (u64, &'static str, &'static str), &'static [u8]>,
-    idem_expiry: Table<'t, (u64, u64, &'static str, &'static str), ()>,
-    responses: Table<'t, (&'static str, &'static str), &'static [u8]>,
-    response_expiry: Table<'t, (u64, &'static str, &'static str), ()>,
-    deleted_rooms: Table<'t, u64, ()>,
-    pub(super) subscriptions: Table<'t, u128, &'static [u8]>,
-    pub(super) room_subs: Table<'t, (u64, u128), ()>,
-    pub(super) sub_stats: Table<'t, u128, (u64, u64)>,
-    pub(super) deliveries: Table<'t, (u128, u64), &'static [u8]>,
-    pub(super) dead_letters: Table<'t, (u128, u64), &'static [u8]>,
-    pub(super) attempts: Table<'t, (u128, u64, u32), &'static [u8]>,
-    pub(super) deleted_subs: Table<'t, u128, ()>,
-    pub(super) records: Table<'t, (&'static str, &'static str), &'static [u8]>,
-    pub(super) audit: Table<'t, u64, &'static [u8]>,
+    meta: Table<String, u64>,
+    pub(super) rooms: Table<String, Vec<u8>>,
+    room_stats: Table<u64, (u64, u64, u64)>,
+    event_types: Table<(u64, String), Vec<u8>>,
+    schemas: Table<(u64, String, u32), Vec<u8>>,
+    pub(super) events: Table<u128, Vec<u8>>,
+    pub(super) room_log: Table<(u64, u64), u128>,
+    key_seq: Table<(u64, String), u64>,
+    seq_checkpoint: Table<u64, u64>,
+    idempotency: Table<(u64, String, String), Vec<u8>>,
+    idem_expiry: Table<(u64, u64, String, String), ()>,
+    responses: Table<(String, String), Vec<u8>>,
+    response_expiry: Table<(u64, String, String), ()>,
+    deleted_rooms: Table<u64, ()>,
+    pub(super) subscriptions: Table<u128, Vec<u8>>,
+    pub(super) room_subs: Table<(u64, u128), ()>,
+    pub(super) sub_stats: Table<u128, (u64, u64)>,
+    pub(super) deliveries: Table<(u128, u64), Vec<u8>>,
+    pub(super) dead_letters: Table<(u128, u64), Vec<u8>>,
+    pub(super) attempts: Table<(u128, u64, u32), Vec<u8>>,
+    pub(super) deleted_subs: Table<u128, ()>,
+    pub(super) records: Table<(String, String), Vec<u8>>,
+    pub(super) audit: Table<u64, Vec<u8>>,
+    /// The transaction every table above writes in.
+    pub(super) txn: Txn,
     seqs: &'t mut SeqCache,
     pub(super) fanout: &'t mut FanoutCache,
     /// Subscriptions whose queues this batch changed, to wake their dispatchers after commit.
     pub(super) touched: HashSet<u128>,
     /// What the batch did that operators count, handed over after commit.
-    pub(super) observed: Vec<super::Observation>,
+    pub(super) observed: Vec<crate::storage::Observation>,
     pub(super) defaults: DeliveryDefaults,
 }
 
 impl<'t> Tables<'t> {
     fn open(
-        txn: &'t redb::WriteTransaction,
+        txn: &Txn,
         seqs: &'t mut SeqCache,
         fanout: &'t mut FanoutCache,
         defaults: DeliveryDefaults,
@@ -490,6 +529,7 @@ impl<'t> Tables<'t> {
             deleted_subs: txn.open_table(DELETED_SUBS)?,
             records: txn.open_table(RECORDS)?,
             audit: txn.open_table(AUDIT)?,
+            txn: txn.clone(),
             seqs,
             fanout,
             touched: HashSet::new(),
@@ -534,10 +574,15 @@ impl<'t> Tables<'t> {
             WriteOp::Publish(events) => {
                 let mut receipts = Vec::with_capacity(events.len());
                 for event in events {
-                    match self.publish(now, event) {
-                        Err(Error::Storage(msg)) => return Err(Error::Storage(msg)),
-                        other => receipts.push(other),
+                    // Each event succeeds or changes nothing, alone.
+                    let sp = self.txn.savepoint();
+                    let seq_sp = self.seqs.savepoint();
+                    let result = self.publish(now, event);
+                    if result.is_err() {
+                        self.txn.rollback_to(sp);
+                        self.seqs.rollback(seq_sp);
                     }
+                    receipts.push(result);
                 }
                 Ok(WriteOutput::Receipts(receipts))
             }
@@ -549,7 +594,7 @@ impl<'t> Tables<'t> {
 
     pub(super) fn room_record(&self, name: &RoomName) -> Result<RoomRecord> {
         match self.rooms.get(name.as_str())? {
-            Some(g) => decode(g.value()),
+            Some(g) => decode(&g),
             None => Err(Error::RoomNotFound {
                 room: name.to_string(),
             }),
@@ -557,11 +602,7 @@ impl<'t> Tables<'t> {
     }
 
     pub(super) fn stats(&self, room_id: u64) -> Result<(u64, u64, u64)> {
-        Ok(self
-            .room_stats
-            .get(room_id)?
-            .map(|g| g.value())
-            .unwrap_or_default())
+        Ok(self.room_stats.get(room_id)?.unwrap_or_default())
     }
 
     fn store_room(&mut self, name: &RoomName, rec: &RoomRecord) -> Result<Room> {
@@ -570,7 +611,7 @@ impl<'t> Tables<'t> {
         let approval = self
             .records
             .get((RecordKind::RoomPolicy.as_str(), policy_key(rec.id).as_str()))?
-            .is_some_and(|g| g.value() == APPROVAL);
+            .is_some_and(|g| g == APPROVAL);
         room_from(name.as_str(), decode(&encode(rec)?)?, stats, approval)
     }
 
@@ -591,7 +632,7 @@ impl<'t> Tables<'t> {
         let (mut active, mut pending, mut mine) = (0, 0, 0);
         for r in self.rooms.iter()? {
             let (_, v) = r?;
-            let rec: RoomRecord = decode(v.value())?;
+            let rec: RoomRecord = decode(&v)?;
             if rec.status == RoomStatus::Pending {
                 pending += 1;
                 if rec.owner == *owner {
@@ -635,11 +676,7 @@ impl<'t> Tables<'t> {
                 ));
             }
         }
-        let id = self
-            .meta
-            .get("next_room_id")?
-            .map(|g| g.value())
-            .unwrap_or(1);
+        let id = self.meta.get("next_room_id")?.unwrap_or(1);
         self.meta.insert("next_room_id", id + 1)?;
         self.room_stats.insert(id, (0, 0, 0))?;
         let rec = RoomRecord {
@@ -728,7 +765,7 @@ impl<'t> Tables<'t> {
         self.set_approval(rec.id, false)?;
         // Its subscriptions go with it: their queues point into the Room's log.
         self.delete_room_subscriptions(rec.id)?;
-        self.seqs.last.retain(|(rid, _), _| *rid != rec.id);
+        self.seqs.forget_room(rec.id);
         Ok(())
     }
 
@@ -743,7 +780,7 @@ impl<'t> Tables<'t> {
     ) -> Result<()> {
         let k = (principal.as_str(), key);
         let live = match self.responses.get(k)? {
-            Some(g) => decode::<ResponseRecord>(g.value())?.expires_at > now,
+            Some(g) => decode::<ResponseRecord>(&g)?.expires_at > now,
             None => false,
         };
         if live {
@@ -782,7 +819,7 @@ impl<'t> Tables<'t> {
         let name = spec.name.as_str();
         let schema_json = spec.schema.to_string();
         let existing: Option<TypeRecord> = match self.event_types.get((rid, name))? {
-            Some(g) => Some(decode(g.value())?),
+            Some(g) => Some(decode(&g)?),
             None => None,
         };
         if create_only && existing.is_some() {
@@ -805,10 +842,10 @@ impl<'t> Tables<'t> {
                 // them so that a (type, version) pair never names two different schemas.
                 let last = match self
                     .schemas
-                    .range((rid, name, 0)..=(rid, name, u32::MAX))?
-                    .next_back()
+                    .range_rev((rid, name, 0)..=(rid, name, u32::MAX))?
+                    .next()
                 {
-                    Some(item) => item?.0.value().2,
+                    Some(item) => item?.0 .2,
                     None => 0,
                 };
                 if last >= versions_max {
@@ -828,7 +865,7 @@ impl<'t> Tables<'t> {
             }
             Some(mut rec) => {
                 let current: VersionRecord = match self.schemas.get((rid, name, rec.version))? {
-                    Some(g) => decode(g.value())?,
+                    Some(g) => decode(&g)?,
                     None => {
                         return Err(Error::Storage(format!(
                             "missing schema version {} of {name}",
@@ -869,7 +906,7 @@ impl<'t> Tables<'t> {
         self.event_types
             .insert((rid, name), encode(&type_rec)?.as_slice())?;
         let current: VersionRecord = match self.schemas.get((rid, name, type_rec.version))? {
-            Some(g) => decode(g.value())?,
+            Some(g) => decode(&g)?,
             None => return Err(Error::Storage("schema version vanished".into())),
         };
         Ok(PutEventTypeOutcome {
@@ -910,7 +947,7 @@ impl<'t> Tables<'t> {
         if let Some(claim) = &ev.idempotency {
             let k = (room.id, ev.publisher.as_str(), claim.key.as_str());
             let prior: Option<IdempotencyRecord> = match self.idempotency.get(k)? {
-                Some(g) => Some(decode(g.value())?),
+                Some(g) => Some(decode(&g)?),
                 None => None,
             };
             if let Some(prior) = prior {
@@ -941,7 +978,7 @@ impl<'t> Tables<'t> {
             // publisher is, so that the answer does not tell whose id it is.
             let prior: Option<EventRecord> = match self.events.get(id)? {
                 Some(g) => {
-                    let (prior, payload): (EventRecord, &[u8]) = decode_with_tail(g.value())?;
+                    let (prior, payload): (EventRecord, &[u8]) = decode_with_tail(&g)?;
                     let same = prior.room_id == room.id
                         && prior.event_type == ev.event_type
                         && prior.publisher == ev.publisher
@@ -972,11 +1009,7 @@ impl<'t> Tables<'t> {
         let seq_key = (room.id, ev.key.as_str().to_string());
         let last = match self.seqs.last.get(&seq_key) {
             Some(&s) => s,
-            None => self
-                .key_seq
-                .get((room.id, ev.key.as_str()))?
-                .map(|g| g.value())
-                .unwrap_or(0),
+            None => self.key_seq.get((room.id, ev.key.as_str()))?.unwrap_or(0),
         };
         let seq = last + 1;
         let (offset, count, bytes) = self.stats(room.id)?;
@@ -1044,7 +1077,7 @@ impl<'t> Tables<'t> {
         )?;
         // Last, so that a refused publish leaves the counters alone. A storage error after this
         // point fails the whole commit, and the writer then rebuilds the counters from disk.
-        self.seqs.last.insert(seq_key, seq);
+        self.seqs.set(seq_key, seq);
         self.seqs.events_since_checkpoint += 1;
         Ok(receipt)
     }
@@ -1072,7 +1105,7 @@ impl<'t> Tables<'t> {
     fn remove_event(&mut self, id: u128, rec: &EventRecord) -> Result<()> {
         self.events.remove(id)?;
         self.room_log.remove((rec.room_id, rec.offset))?;
-        let stats = self.room_stats.get(rec.room_id)?.map(|g| g.value());
+        let stats = self.room_stats.get(rec.room_id)?;
         if let Some((offset, count, bytes)) = stats {
             self.room_stats.insert(
                 rec.room_id,
@@ -1106,7 +1139,7 @@ impl<'t> Tables<'t> {
             .take(budget)
             .map(|r| {
                 r.map(|(k, _)| {
-                    let (e, rid, p, key) = k.value();
+                    let (e, rid, p, key) = k;
                     (e, rid, p.to_string(), key.to_string())
                 })
             })
@@ -1127,7 +1160,7 @@ impl<'t> Tables<'t> {
             .take(budget)
             .map(|r| {
                 r.map(|(k, _)| {
-                    let (e, p, key) = k.value();
+                    let (e, p, key) = k;
                     (e, p.to_string(), key.to_string())
                 })
             })
@@ -1136,7 +1169,7 @@ impl<'t> Tables<'t> {
             self.response_expiry
                 .remove((*e, p.as_str(), key.as_str()))?;
             let current = match self.responses.get((p.as_str(), key.as_str()))? {
-                Some(g) => Some(decode::<ResponseRecord>(g.value())?.expires_at.0),
+                Some(g) => Some(decode::<ResponseRecord>(&g)?.expires_at.0),
                 None => None,
             };
             if current == Some(*e) {
@@ -1150,7 +1183,7 @@ impl<'t> Tables<'t> {
         let deleted: Vec<u64> = self
             .deleted_rooms
             .iter()?
-            .map(|r| r.map(|(k, _)| k.value()))
+            .map(|r| r.map(|(k, _)| k))
             .collect::<std::result::Result<_, _>>()?;
         for rid in deleted {
             if budget == 0 {
@@ -1165,7 +1198,7 @@ impl<'t> Tables<'t> {
         let rooms: Vec<RoomRecord> = self
             .rooms
             .iter()?
-            .map(|r| r.map_err(Error::from).and_then(|(_, v)| decode(v.value())))
+            .map(|r| r.and_then(|(_, v)| decode(&v)))
             .collect::<Result<_>>()?;
         for room in rooms {
             if budget == 0 {
@@ -1198,11 +1231,11 @@ impl<'t> Tables<'t> {
             .room_log
             .range((rid, 0)..=(rid, u64::MAX))?
             .take(left)
-            .map(|r| r.map(|(k, v)| (k.value().1, v.value())))
+            .map(|r| r.map(|(k, v)| (k.1, v)))
             .collect::<std::result::Result<_, _>>()?;
         for &(offset, id) in &log {
             let rec: Option<EventRecord> = match self.events.get(id)? {
-                Some(g) => Some(decode_event(g.value())?),
+                Some(g) => Some(decode_event(&g)?),
                 None => None,
             };
             match rec {
@@ -1222,7 +1255,7 @@ impl<'t> Tables<'t> {
                 let keys: Vec<_> = $table
                     .range($range)?
                     .take(left)
-                    .map(|r| r.map(|(k, _)| $to_owned(k.value())))
+                    .map(|r| r.map(|(k, _)| $to_owned(k)))
                     .collect::<std::result::Result<_, _>>()?;
                 for $k in &keys {
                     $table.remove($as_key)?;
@@ -1233,25 +1266,25 @@ impl<'t> Tables<'t> {
         purge_prefix!(
             self.key_seq,
             (rid, "")..(rid + 1, ""),
-            |(a, b): (u64, &str)| (a, b.to_string()),
+            |k| k,
             k => (k.0, k.1.as_str())
         );
         purge_prefix!(
             self.event_types,
             (rid, "")..(rid + 1, ""),
-            |(a, b): (u64, &str)| (a, b.to_string()),
+            |k| k,
             k => (k.0, k.1.as_str())
         );
         purge_prefix!(
             self.schemas,
             (rid, "", 0u32)..(rid + 1, "", 0u32),
-            |(a, b, c): (u64, &str, u32)| (a, b.to_string(), c),
+            |k| k,
             k => (k.0, k.1.as_str(), k.2)
         );
         purge_prefix!(
             self.idempotency,
             (rid, "", "")..(rid + 1, "", ""),
-            |(a, b, c): (u64, &str, &str)| (a, b.to_string(), c.to_string()),
+            |k| k,
             k => (k.0, k.1.as_str(), k.2.as_str())
         );
         if left > 0 {
@@ -1278,7 +1311,7 @@ impl<'t> Tables<'t> {
             .room_log
             .range((room.id, 0)..=(room.id, u64::MAX))?
             .take(scan_max)
-            .map(|r| r.map(|(_, v)| v.value()))
+            .map(|r| r.map(|(_, v)| v))
             .collect::<std::result::Result<_, _>>()?;
         let (mut removed, mut kept) = (0u64, 0u64);
         for id in log {
@@ -1286,7 +1319,7 @@ impl<'t> Tables<'t> {
                 break;
             }
             let rec: EventRecord = match self.events.get(id)? {
-                Some(g) => decode_event(g.value())?,
+                Some(g) => decode_event(&g)?,
                 None => continue,
             };
             let too_old = room
@@ -1311,26 +1344,34 @@ impl<'t> Tables<'t> {
     }
 }
 
-impl Storage for RedbStorage {
+impl Storage for Engine {
     fn apply(&self, now: Timestamp, ops: Vec<WriteOp>) -> Result<Applied> {
-        let mut txn = self.db.begin_write()?;
-        // Stated explicitly: every commit is durable before any caller hears of it.
-        txn.set_durability(Durability::Immediate)?;
         let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
         let mut fanout = self.fanout.lock().unwrap_or_else(|p| p.into_inner());
         let defaults = self.delivery_defaults();
         let outcome = (|| {
+            let txn = Txn::new(self.kv.snapshot()?);
             let mut results = Vec::with_capacity(ops.len());
             let touched;
             let observed;
             {
                 let mut tables = Tables::open(&txn, &mut seqs, &mut fanout, defaults)?;
                 for op in ops {
-                    match tables.apply(now, op) {
-                        // A storage error may leave the transaction half-written: abandon the batch.
-                        Err(Error::Storage(msg)) => return Err(Error::Storage(msg)),
-                        other => results.push(other),
+                    // Each operation succeeds or changes nothing, alone: a failure (a logical
+                    // refusal, a record that does not decode) undoes its own writes and no
+                    // other operation's.
+                    let sp = txn.savepoint();
+                    let seq_sp = tables.seqs.savepoint();
+                    let observed_before = tables.observed.len();
+                    let result = tables.apply(now, op);
+                    if result.is_err() {
+                        txn.rollback_to(sp);
+                        tables.seqs.rollback(seq_sp);
+                        tables.observed.truncate(observed_before);
+                        // The fan-out cache may describe what was undone.
+                        tables.fanout.clear();
                     }
+                    results.push(result);
                 }
                 if tables.seqs.events_since_checkpoint >= SEQ_CHECKPOINT_EVENTS
                     || tables.seqs.last.len() >= SEQ_CACHE_KEYS_MAX
@@ -1340,14 +1381,10 @@ impl Storage for RedbStorage {
                 touched = std::mem::take(&mut tables.touched);
                 observed = std::mem::take(&mut tables.observed);
             }
-            if self.faults.commit_fails() {
-                // As a failed commit: nothing of the batch is written.
-                txn.abort()?;
-                return Err(Error::Storage(
-                    "injected storage fault: the commit failed".into(),
-                ));
-            }
-            txn.commit()?;
+            let batch = txn.take_batch();
+            // The snapshot goes before the commit (an in-memory backend then need not copy).
+            drop(txn);
+            self.kv.commit(batch)?;
             Ok(Applied {
                 results,
                 touched: touched
@@ -1357,16 +1394,30 @@ impl Storage for RedbStorage {
                 observed,
             })
         })();
-        if outcome.is_err() {
-            // The fan-out cache may describe uncommitted subscription changes.
-            fanout.clear();
-            // Memory may now be ahead of disk: take the counters from what is committed.
-            *seqs = self.rebuild_seqs().unwrap_or_else(|e| {
-                tracing::error!(error = %e, "cannot rebuild sequence counters; publishing is refused");
-                SeqCache::default()
-            });
+        match &outcome {
+            Ok(_) => seqs.undo.clear(),
+            Err(_) => {
+                // The fan-out cache may describe uncommitted subscription changes.
+                fanout.clear();
+                // Memory may now be ahead of what is stored: take the counters from it.
+                *seqs = self.rebuild_seqs().unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "cannot rebuild sequence counters; publishing is refused");
+                    SeqCache::default()
+                });
+            }
         }
         outcome
+    }
+
+    fn recover(&self) -> Result<()> {
+        let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
+        self.fanout
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.kv.recover()?;
+        *seqs = self.rebuild_seqs()?;
+        Ok(())
     }
 
     fn subscription(
@@ -1399,7 +1450,7 @@ impl Storage for RedbStorage {
         busy: &HashSet<u64>,
         limit: usize,
         scan_max: usize,
-    ) -> Result<(Vec<super::DueDelivery>, Option<Timestamp>)> {
+    ) -> Result<(Vec<crate::storage::DueDelivery>, Option<Timestamp>)> {
         self.due_read(id, now, busy, limit, scan_max)
     }
 
@@ -1437,12 +1488,12 @@ impl Storage for RedbStorage {
         now: Timestamp,
     ) -> Result<Vec<crate::subscription::EventDelivery>> {
         let (room_id, offset) = {
-            let txn = self.db.begin_read()?;
+            let txn = self.begin_read()?;
             let events = txn.open_table(EVENTS)?;
             let Some(g) = events.get(id.0.as_u128())? else {
                 return Err(Error::EventNotFound { id: id.to_string() });
             };
-            let rec = decode_event_header(g.value())?;
+            let rec = decode_event_header(&g)?;
             (rec.room_id, rec.offset)
         };
         self.event_deliveries_read(room_id, offset, now)
@@ -1452,13 +1503,13 @@ impl Storage for RedbStorage {
         self.offsets_for_seek(room, at)
     }
 
-    fn record(&self, kind: super::RecordKind, id: &str) -> Result<Option<Vec<u8>>> {
+    fn record(&self, kind: crate::storage::RecordKind, id: &str) -> Result<Option<Vec<u8>>> {
         self.record_read(kind, id)
     }
 
     fn records(
         &self,
-        kind: super::RecordKind,
+        kind: crate::storage::RecordKind,
         prefix: &str,
         after: Option<&str>,
         limit: usize,
@@ -1476,12 +1527,12 @@ impl Storage for RedbStorage {
         key: &str,
         now: Timestamp,
     ) -> Result<Option<([u8; 32], StoredResponse)>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(RESPONSES)?;
         let Some(g) = t.get((principal.as_str(), key))? else {
             return Ok(None);
         };
-        let rec: ResponseRecord = decode(g.value())?;
+        let rec: ResponseRecord = decode(&g)?;
         Ok((rec.expires_at > now).then_some((rec.request_hash, rec.response)))
     }
 
@@ -1496,12 +1547,12 @@ impl Storage for RedbStorage {
     }
 
     fn event_offset(&self, id: EventId) -> Result<Option<u64>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let events = txn.open_table(EVENTS)?;
         let Some(g) = events.get(id.0.as_u128())? else {
             return Ok(None);
         };
-        Ok(Some(decode_event_header(g.value())?.offset))
+        Ok(Some(decode_event_header(&g)?.offset))
     }
 
     fn deliveries_total(&self) -> Result<u64> {
@@ -1517,32 +1568,32 @@ impl Storage for RedbStorage {
     }
 
     fn rooms(&self, after: Option<&RoomName>, limit: usize) -> Result<Vec<Room>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let rooms = txn.open_table(ROOMS)?;
         let stats = txn.open_table(ROOM_STATS)?;
         let start = after.map(RoomName::as_str).unwrap_or("");
         let mut out = Vec::new();
         for item in rooms.range(start..)? {
             let (k, v) = item?;
-            if after.is_some_and(|a| a.as_str() == k.value()) {
+            if after.is_some_and(|a| a.as_str() == k) {
                 continue;
             }
             if out.len() >= limit {
                 break;
             }
-            let rec: RoomRecord = decode(v.value())?;
-            let s = stats.get(rec.id)?.map(|g| g.value()).unwrap_or_default();
+            let rec: RoomRecord = decode(&v)?;
+            let s = stats.get(rec.id)?.unwrap_or_default();
             let approval = self.approval_read(rec.id)?;
-            out.push(room_from(k.value(), rec, s, approval)?);
+            out.push(room_from(&k, rec, s, approval)?);
         }
         Ok(out)
     }
 
     fn publish_target(&self, room: &RoomName, event_type: &EventTypeName) -> Result<PublishTarget> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let rooms = txn.open_table(ROOMS)?;
         let rec: RoomRecord = match rooms.get(room.as_str())? {
-            Some(g) => decode(g.value())?,
+            Some(g) => decode(&g)?,
             None => {
                 return Err(Error::RoomNotFound {
                     room: room.to_string(),
@@ -1557,12 +1608,12 @@ impl Storage for RedbStorage {
         }
         let types = txn.open_table(EVENT_TYPES)?;
         let t: TypeRecord = match types.get((rec.id, event_type.as_str()))? {
-            Some(g) => decode(g.value())?,
+            Some(g) => decode(&g)?,
             None => return Err(type_not_found(room, event_type)),
         };
         let schemas = txn.open_table(SCHEMAS)?;
         let v: VersionRecord = match schemas.get((rec.id, event_type.as_str(), t.version))? {
-            Some(g) => decode(g.value())?,
+            Some(g) => decode(&g)?,
             None => return Err(Error::Storage("missing current schema version".into())),
         };
         Ok(PublishTarget {
@@ -1574,10 +1625,10 @@ impl Storage for RedbStorage {
 
     fn event_type(&self, room: &RoomName, name: &EventTypeName) -> Result<EventType> {
         let rid = self.require_room_id(room)?;
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let types = txn.open_table(EVENT_TYPES)?;
         let t: TypeRecord = match types.get((rid, name.as_str()))? {
-            Some(g) => decode(g.value())?,
+            Some(g) => decode(&g)?,
             None => return Err(type_not_found(room, name)),
         };
         let v = self.event_type_version(rid, room, name, t.version)?;
@@ -1596,11 +1647,11 @@ impl Storage for RedbStorage {
     fn event_types(&self, room: &RoomName) -> Result<Vec<EventType>> {
         let rid = self.require_room_id(room)?;
         let names: Vec<String> = {
-            let txn = self.db.begin_read()?;
+            let txn = self.begin_read()?;
             let types = txn.open_table(EVENT_TYPES)?;
             types
                 .range((rid, "")..(rid + 1, ""))?
-                .map(|r| r.map(|(k, _)| k.value().1.to_string()))
+                .map(|r| r.map(|(k, _)| k.1.to_string()))
                 .collect::<std::result::Result<_, _>>()?
         };
         names
@@ -1620,10 +1671,10 @@ impl Storage for RedbStorage {
         name: &EventTypeName,
         version: u32,
     ) -> Result<EventTypeVersion> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let schemas = txn.open_table(SCHEMAS)?;
         let v: VersionRecord = match schemas.get((room_id, name.as_str(), version))? {
-            Some(g) => decode(g.value())?,
+            Some(g) => decode(&g)?,
             None => {
                 return Err(Error::EventTypeNotFound {
                     room: room.to_string(),
@@ -1644,13 +1695,13 @@ impl Storage for RedbStorage {
     }
 
     fn event(&self, id: EventId) -> Result<Option<Event>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let events = txn.open_table(EVENTS)?;
         let id = id.0.as_u128();
         let Some(g) = events.get(id)? else {
             return Ok(None);
         };
-        let rec: EventRecord = decode_event(g.value())?;
+        let rec: EventRecord = decode_event(&g)?;
         // An event of a deleted Room awaiting purge is no longer visible.
         let deleted = txn.open_table(DELETED_ROOMS)?.get(rec.room_id)?.is_some();
         Ok((!deleted).then(|| event_from(id, rec)))
@@ -1665,7 +1716,7 @@ impl Storage for RedbStorage {
         id: crate::ids::SubscriptionId,
         now: Timestamp,
         scan_max: usize,
-    ) -> Result<super::QueueHealth> {
+    ) -> Result<crate::storage::QueueHealth> {
         self.queue_health_read(id, now, scan_max)
     }
 
@@ -1677,7 +1728,7 @@ impl Storage for RedbStorage {
         limit: usize,
         scan_max: usize,
         now: Timestamp,
-    ) -> Result<Page<super::LoggedEvent>> {
+    ) -> Result<Page<crate::storage::LoggedEvent>> {
         let rid = self.require_room_id(room)?;
         self.scan_log(rid, filter, limit, scan_max, |offset, event| {
             // Each event's deliveries come from their own read: a log page is a report, and a
@@ -1699,7 +1750,7 @@ impl Storage for RedbStorage {
     }
 }
 
-impl RedbStorage {
+impl Engine {
     /// Walks a Room's log from the filter's cursor, keeping events that match the filter and
     /// that `map` turns into items, until `limit` items or `scan_max` positions.
     fn scan_log<T>(
@@ -1716,7 +1767,7 @@ impl RedbStorage {
                 .parse::<u64>()
                 .map_err(|_| Error::invalid("cursor", "not a cursor this listing returned"))?,
         };
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let events = txn.open_table(EVENTS)?;
         // Every listing walks the Room's log; the cursor is the next offset to read. There is no
         // per-key index because one would cost a B-tree page per event at a random position on
@@ -1725,7 +1776,7 @@ impl RedbStorage {
         let log = txn.open_table(ROOM_LOG)?;
         let positions = log
             .range((rid, start)..=(rid, u64::MAX))?
-            .map(|r| r.map(|(k, v)| (k.value().1, v.value())));
+            .map(|r| r.map(|(k, v)| (k.1, v)));
         let mut items = Vec::new();
         let mut next_cursor = None;
         for (scanned, item) in positions.enumerate() {
@@ -1735,7 +1786,7 @@ impl RedbStorage {
                 break;
             }
             let Some(g) = events.get(id)? else { continue };
-            let rec: EventRecord = decode_event(g.value())?;
+            let rec: EventRecord = decode_event(&g)?;
             let keep = filter.key.as_ref().is_none_or(|k| *k == rec.key)
                 && filter
                     .event_type

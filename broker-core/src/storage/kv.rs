@@ -1,0 +1,242 @@
+//! The storage interface: an ordered key-value store with named key spaces, one atomic durable
+//! batch of writes, and snapshot reads. This is everything a backend implements; every rule of
+//! the broker (numbering, FIFO heads, leases, retry, dead letters, seek, retention) is core code
+//! over this interface (`storage::engine` and the modules it uses), so a backend decides nothing
+//! and a second backend (PostgreSQL, a test double that injects faults) cannot disagree with the
+//! first about what a delivery does.
+//!
+//! Invariants every backend keeps (the conformance suite in `storage::conformance` checks them):
+//! - `commit` applies a whole batch or nothing, and returns only once the batch is durable.
+//! - A snapshot sees exactly the batches committed before it was taken, never part of one, and
+//!   never changes afterwards.
+//! - Keys compare as unsigned bytes, lexicographically; `range` returns keys in that order (or
+//!   the reverse), never more than its `limit`, and a page ends only at the limit or the range's
+//!   end (there is no scan window: a backend does not stop early).
+//! - A batch's `expect` conditions are checked atomically with its writes: when any does not
+//!   hold, nothing is written and the commit fails with `Error::Conflict`, so that a networked
+//!   backend with several writers can fence a writer whose view is stale.
+//!
+//! Every method may block (on disk or on the network): the core calls them only from the
+//! writer thread or from tokio's blocking pool, never on an async worker.
+
+use std::ops::Bound;
+use std::sync::Arc;
+
+use crate::error::Result;
+
+/// The key spaces. Each is an independent ordered map; the numbers are stable (a backend may
+/// store them), so a new space takes a new number and an old one is never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub(crate) enum Space {
+    /// Counters and format markers of the whole store.
+    Meta = 1,
+    /// Room name -> Room record.
+    Rooms = 2,
+    /// Room id -> (next log position, events stored, payload bytes stored).
+    RoomStats = 3,
+    /// (room id, type name) -> event type record.
+    EventTypes = 4,
+    /// (room id, type name, version) -> schema version record.
+    Schemas = 5,
+    /// Event id -> event record with its payload.
+    Events = 6,
+    /// (room id, log position) -> event id: a Room's events in acceptance order.
+    RoomLog = 7,
+    /// (room id, key) -> last sequence assigned, as of the Room's checkpoint.
+    KeySeq = 8,
+    /// Room id -> the log position up to which `KeySeq` is complete.
+    SeqCheckpoint = 9,
+    /// (room id, publisher, idempotency key) -> idempotency record.
+    Idempotency = 10,
+    /// (expires at, room id, publisher, idempotency key) -> (): expiry index.
+    IdemExpiry = 11,
+    /// (principal, idempotency key) -> remembered API response.
+    Responses = 12,
+    /// (expires at, principal, idempotency key) -> (): expiry index.
+    ResponseExpiry = 13,
+    /// Ids of deleted Rooms not yet purged.
+    DeletedRooms = 14,
+    /// Subscription id -> subscription record.
+    Subscriptions = 15,
+    /// (room id, subscription id) -> (): a Room's subscriptions.
+    RoomSubs = 16,
+    /// Subscription id -> (backlog, dead letters) counters.
+    SubStats = 17,
+    /// (subscription id, log position) -> delivery record: what a subscription still owes.
+    Deliveries = 18,
+    /// (subscription id, log position) -> dead letter.
+    DeadLetters = 19,
+    /// (subscription id, log position, attempt) -> attempt record.
+    Attempts = 20,
+    /// Ids of deleted subscriptions not yet purged.
+    DeletedSubs = 21,
+    /// (kind, id) -> administrative record (identities, rights, keys).
+    Records = 22,
+    /// Sequence number -> audit entry.
+    Audit = 23,
+    /// (subscription id, due time, log position) -> (): the deliveries that may go out next
+    /// (each key's head, or every undelivered one without ordering), by when they fall due, so
+    /// that finding ready work never walks past blocked work.
+    Ready = 24,
+}
+
+impl Space {
+    /// Every space, in number order.
+    pub(crate) const ALL: [Space; 24] = [
+        Space::Meta,
+        Space::Rooms,
+        Space::RoomStats,
+        Space::EventTypes,
+        Space::Schemas,
+        Space::Events,
+        Space::RoomLog,
+        Space::KeySeq,
+        Space::SeqCheckpoint,
+        Space::Idempotency,
+        Space::IdemExpiry,
+        Space::Responses,
+        Space::ResponseExpiry,
+        Space::DeletedRooms,
+        Space::Subscriptions,
+        Space::RoomSubs,
+        Space::SubStats,
+        Space::Deliveries,
+        Space::DeadLetters,
+        Space::Attempts,
+        Space::DeletedSubs,
+        Space::Records,
+        Space::Audit,
+        Space::Ready,
+    ];
+
+    /// A short stable name (a backend's table name).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Space::Meta => "meta",
+            Space::Rooms => "rooms",
+            Space::RoomStats => "room_stats",
+            Space::EventTypes => "event_types",
+            Space::Schemas => "schemas",
+            Space::Events => "events",
+            Space::RoomLog => "room_log",
+            Space::KeySeq => "key_seq",
+            Space::SeqCheckpoint => "seq_checkpoint",
+            Space::Idempotency => "idempotency",
+            Space::IdemExpiry => "idempotency_expiry",
+            Space::Responses => "responses",
+            Space::ResponseExpiry => "response_expiry",
+            Space::DeletedRooms => "deleted_rooms",
+            Space::Subscriptions => "subscriptions",
+            Space::RoomSubs => "room_subs",
+            Space::SubStats => "sub_stats",
+            Space::Deliveries => "deliveries",
+            Space::DeadLetters => "dead_letters",
+            Space::Attempts => "attempts",
+            Space::DeletedSubs => "deleted_subs",
+            Space::Records => "records",
+            Space::Audit => "audit",
+            Space::Ready => "ready",
+        }
+    }
+}
+
+/// One write of a batch: a value for a key, or `None` to remove it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Put {
+    pub space: Space,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// A condition a batch commits under: the key holds exactly `value` (`None`: is absent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Expect {
+    pub space: Space,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// Writes applied together or not at all. A later write to the same key wins.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Batch {
+    pub writes: Vec<Put>,
+    pub expect: Vec<Expect>,
+}
+
+impl Batch {
+    /// True when the batch writes and expects nothing.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.expect.is_empty()
+    }
+}
+
+/// Which way a range is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Order {
+    Ascending,
+    Descending,
+}
+
+/// A key-value pair as stored.
+pub(crate) type Entry = (Vec<u8>, Vec<u8>);
+
+/// A consistent read view: what was committed when it was taken.
+pub(crate) trait Snapshot: Send + Sync {
+    /// The value of one key.
+    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// Up to `limit` entries with keys within the bounds, in `order`.
+    fn range(
+        &self,
+        space: Space,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        order: Order,
+        limit: usize,
+    ) -> Result<Vec<Entry>>;
+}
+
+/// A backend.
+pub(crate) trait KvStore: Send + Sync + 'static {
+    /// A read view of everything committed so far.
+    fn snapshot(&self) -> Result<Arc<dyn Snapshot>>;
+    /// Applies the batch atomically and durably, or fails having written nothing.
+    fn commit(&self, batch: Batch) -> Result<()>;
+    /// Gives the backend a chance to recover after failed commits (reopen a file, reconnect).
+    /// Called by the writer before it tries again; a backend that cannot fail this way does
+    /// nothing.
+    fn recover(&self) -> Result<()> {
+        Ok(())
+    }
+    /// A name for logs (`redb`, `memory`).
+    fn kind(&self) -> &'static str;
+}
+
+/// Applies a batch to an ordered map of (space, key) -> value, checking its conditions first:
+/// the reference semantics that the in-memory backend uses and the conformance suite compares
+/// real backends against.
+#[cfg(test)]
+pub(crate) fn apply_to_map(
+    map: &mut std::collections::BTreeMap<(Space, Vec<u8>), Vec<u8>>,
+    batch: Batch,
+) -> Result<()> {
+    for e in &batch.expect {
+        let now = map.get(&(e.space, e.key.clone()));
+        if now != e.value.as_ref() {
+            return Err(crate::error::Error::StorageConflict {
+                detail: format!("{}: a key changed since it was read", e.space.name()),
+            });
+        }
+    }
+    for w in batch.writes {
+        match w.value {
+            Some(v) => {
+                map.insert((w.space, w.key), v);
+            }
+            None => {
+                map.remove(&(w.space, w.key));
+            }
+        }
+    }
+    Ok(())
+}

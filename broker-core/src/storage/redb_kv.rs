@@ -1,0 +1,278 @@
+//! The redb backend, and the only file that names redb: one redb table of bytes per key space,
+//! one write transaction per batch committed with `Durability::Immediate` (so that a caller told
+//! "done" can lose nothing), MVCC read transactions as snapshots (a read never waits for the
+//! writer).
+//!
+//! After a failed commit redb refuses further writes until the database is opened again (its
+//! in-memory state may disagree with the file), so [`KvStore::recover`] reopens a file-backed
+//! database: once the cause is gone (space freed), writes succeed again without a restart.
+
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use redb::{
+    Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable,
+    TableDefinition, TableHandle,
+};
+
+use super::kv::{Batch, Entry, KvStore, Order, Snapshot, Space};
+use crate::error::{Error, Result};
+
+/// The definition of a space's table. Names carry a `kv.` prefix so that they never meet the
+/// typed tables of the first layout.
+fn table(space: Space) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
+    TableDefinition::new(TABLE_NAMES[space as usize - 1])
+}
+
+const TABLE_NAMES: [&str; 24] = [
+    "kv.meta",
+    "kv.rooms",
+    "kv.room_stats",
+    "kv.event_types",
+    "kv.schemas",
+    "kv.events",
+    "kv.room_log",
+    "kv.key_seq",
+    "kv.seq_checkpoint",
+    "kv.idempotency",
+    "kv.idempotency_expiry",
+    "kv.responses",
+    "kv.response_expiry",
+    "kv.deleted_rooms",
+    "kv.subscriptions",
+    "kv.room_subs",
+    "kv.sub_stats",
+    "kv.deliveries",
+    "kv.dead_letters",
+    "kv.attempts",
+    "kv.deleted_subs",
+    "kv.records",
+    "kv.audit",
+    "kv.ready",
+];
+
+fn err(e: impl std::fmt::Display) -> Error {
+    Error::Storage(e.to_string())
+}
+
+/// Where the database lives, for reopening.
+enum Origin {
+    File { path: PathBuf, cache_bytes: usize },
+    Memory,
+}
+
+/// The redb backend.
+pub(crate) struct RedbKv {
+    /// `None` while a reopen has not succeeded: every use fails until one does.
+    db: RwLock<Option<Arc<Database>>>,
+    origin: Origin,
+}
+
+impl RedbKv {
+    /// Opens (creating when absent) the database file at `path`.
+    pub(crate) fn open(path: &Path, cache_bytes: usize) -> Result<RedbKv> {
+        let db = Self::open_file(path, cache_bytes)?;
+        Ok(RedbKv {
+            db: RwLock::new(Some(Arc::new(db))),
+            origin: Origin::File {
+                path: path.to_path_buf(),
+                cache_bytes,
+            },
+        })
+    }
+
+    /// A database in memory only, for tests and examples.
+    pub(crate) fn in_memory(cache_bytes: usize) -> Result<RedbKv> {
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(err)?;
+        Self::create_tables(&db)?;
+        Ok(RedbKv {
+            db: RwLock::new(Some(Arc::new(db))),
+            origin: Origin::Memory,
+        })
+    }
+
+    fn open_file(path: &Path, cache_bytes: usize) -> Result<Database> {
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)
+            .map_err(err)?;
+        let names = Self::table_names(&db)?;
+        if names.iter().any(|n| n == "meta") && !names.iter().any(|n| n == "kv.meta") {
+            // Opening it as a new store would hide every stored event: refuse instead.
+            return Err(Error::Storage(format!(
+                "{} was written by an earlier Postroom (storage layout 1), which this build \
+                 cannot read; keep running the earlier release on it",
+                path.display()
+            )));
+        }
+        Self::create_tables(&db)?;
+        Ok(db)
+    }
+
+    /// Creates every space's table, so that a snapshot can open any of them.
+    fn create_tables(db: &Database) -> Result<()> {
+        let txn = db.begin_write().map_err(err)?;
+        for space in Space::ALL {
+            txn.open_table(table(space)).map_err(err)?;
+        }
+        txn.commit().map_err(err)
+    }
+
+    /// The names of the tables in the file, for recognising an older layout.
+    fn table_names(db: &Database) -> Result<Vec<String>> {
+        let txn = db.begin_read().map_err(err)?;
+        let names = txn
+            .list_tables()
+            .map_err(err)?
+            .map(|t| t.name().to_string())
+            .collect();
+        Ok(names)
+    }
+
+    fn db(&self) -> Result<Arc<Database>> {
+        self.db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| Error::Storage("the database is closed until it can be reopened".into()))
+    }
+}
+
+struct RedbSnapshot {
+    txn: ReadTransaction,
+    tables: [OnceLock<ReadOnlyTable<&'static [u8], &'static [u8]>>; 24],
+}
+
+impl RedbSnapshot {
+    fn table(&self, space: Space) -> Result<&ReadOnlyTable<&'static [u8], &'static [u8]>> {
+        let slot = &self.tables[space as usize - 1];
+        if let Some(t) = slot.get() {
+            return Ok(t);
+        }
+        let t = self.txn.open_table(table(space)).map_err(err)?;
+        Ok(slot.get_or_init(|| t))
+    }
+}
+
+impl Snapshot for RedbSnapshot {
+    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .table(space)?
+            .get(key)
+            .map_err(err)?
+            .map(|g| g.value().to_vec()))
+    }
+
+    fn range(
+        &self,
+        space: Space,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        order: Order,
+        limit: usize,
+    ) -> Result<Vec<Entry>> {
+        if empty_range(&start, &end) {
+            return Ok(Vec::new());
+        }
+        let range = self
+            .table(space)?
+            .range::<&[u8]>((start, end))
+            .map_err(err)?;
+        let pair = |r: std::result::Result<_, redb::StorageError>| {
+            r.map_err(err).map(
+                |(k, v): (redb::AccessGuard<&[u8]>, redb::AccessGuard<&[u8]>)| {
+                    (k.value().to_vec(), v.value().to_vec())
+                },
+            )
+        };
+        match order {
+            Order::Ascending => range.take(limit).map(pair).collect(),
+            Order::Descending => range.rev().take(limit).map(pair).collect(),
+        }
+    }
+}
+
+/// True when no key lies between the bounds (redb refuses such a range).
+fn empty_range(start: &Bound<&[u8]>, end: &Bound<&[u8]>) -> bool {
+    match (start, end) {
+        (Bound::Included(a), Bound::Included(b)) => a > b,
+        (Bound::Included(a) | Bound::Excluded(a), Bound::Excluded(b))
+        | (Bound::Excluded(a), Bound::Included(b)) => a >= b,
+        _ => false,
+    }
+}
+
+impl KvStore for RedbKv {
+    fn snapshot(&self) -> Result<Arc<dyn Snapshot>> {
+        let txn = self.db()?.begin_read().map_err(err)?;
+        Ok(Arc::new(RedbSnapshot {
+            txn,
+            tables: Default::default(),
+        }))
+    }
+
+    fn commit(&self, batch: Batch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let db = self.db()?;
+        let mut txn = db.begin_write().map_err(err)?;
+        // Stated explicitly: every commit is durable before any caller hears of it.
+        txn.set_durability(Durability::Immediate).map_err(err)?;
+        for e in &batch.expect {
+            let t = txn.open_table(table(e.space)).map_err(err)?;
+            let now = t
+                .get(e.key.as_slice())
+                .map_err(err)?
+                .map(|g| g.value().to_vec());
+            if now != e.value {
+                drop(t);
+                txn.abort().map_err(err)?;
+                return Err(Error::StorageConflict {
+                    detail: format!("{}: a key changed since it was read", e.space.name()),
+                });
+            }
+        }
+        let mut writes = batch.writes;
+        // Grouped by space so that each table is opened once.
+        writes.sort_by_key(|w| w.space);
+        let mut i = 0;
+        while i < writes.len() {
+            let space = writes[i].space;
+            let mut t = txn.open_table(table(space)).map_err(err)?;
+            while i < writes.len() && writes[i].space == space {
+                let w = &writes[i];
+                match &w.value {
+                    Some(v) => {
+                        t.insert(w.key.as_slice(), v.as_slice()).map_err(err)?;
+                    }
+                    None => {
+                        t.remove(w.key.as_slice()).map_err(err)?;
+                    }
+                }
+                i += 1;
+            }
+        }
+        txn.commit().map_err(err)
+    }
+
+    fn recover(&self) -> Result<()> {
+        let Origin::File { path, cache_bytes } = &self.origin else {
+            return Ok(());
+        };
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        // redb allows one open Database per file: the old one must be gone before the new one
+        // opens. Until the reopen succeeds every use fails (a later `recover` tries again).
+        drop(slot.take());
+        *slot = Some(Arc::new(Self::open_file(path, *cache_bytes)?));
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "redb"
+    }
+}

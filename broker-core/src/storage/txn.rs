@@ -1,0 +1,727 @@
+//! A write transaction the core builds over a backend's [`Snapshot`]: writes stay in memory,
+//! reads see them over the snapshot, and at the end the writes become one [`Batch`]. Savepoints
+//! let one operation of a group commit be undone alone, so that one failing operation (a record
+//! that does not decode, a logical refusal) never fails the others in its batch.
+//!
+//! The core's record code reads and writes through typed [`Table`] handles: keys encode so that
+//! their byte order is their natural order (integers big-endian, strings escaped and terminated,
+//! tuples field by field), which is all a backend needs to answer range reads in the right
+//! order.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::marker::PhantomData;
+use std::ops::{Bound, RangeBounds};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use super::kv::{Batch, Entry, Order, Put, Snapshot, Space};
+use crate::error::{Error, Result};
+
+/// Entries fetched from the snapshot per page while iterating a range.
+const PAGE: usize = 256;
+
+type Pending = BTreeMap<(Space, Vec<u8>), Option<Vec<u8>>>;
+/// A key of a transaction: its space and bytes.
+type SpaceKey = (Space, Vec<u8>);
+/// What `pending` held for a key before a write (`None`: nothing pending).
+type Before = Option<Option<Vec<u8>>>;
+
+struct Inner {
+    snapshot: Arc<dyn Snapshot>,
+    pending: Pending,
+    /// (key, what `pending` held for it before) for every write, oldest first.
+    undo: Vec<(SpaceKey, Before)>,
+    read_only: bool,
+}
+
+/// A transaction: a snapshot plus pending writes. Cheap to clone (a shared handle).
+#[derive(Clone)]
+pub(crate) struct Txn(Rc<RefCell<Inner>>);
+
+/// A point [`Txn::rollback_to`] can return to.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Savepoint(usize);
+
+impl Txn {
+    /// A transaction that may write.
+    pub(crate) fn new(snapshot: Arc<dyn Snapshot>) -> Txn {
+        Self::build(snapshot, false)
+    }
+
+    /// A read-only view (a write is a bug and fails).
+    pub(crate) fn reader(snapshot: Arc<dyn Snapshot>) -> Txn {
+        Self::build(snapshot, true)
+    }
+
+    fn build(snapshot: Arc<dyn Snapshot>, read_only: bool) -> Txn {
+        Txn(Rc::new(RefCell::new(Inner {
+            snapshot,
+            pending: BTreeMap::new(),
+            undo: Vec::new(),
+            read_only,
+        })))
+    }
+
+    /// The value of a key as this transaction sees it.
+    pub(crate) fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let inner = self.0.borrow();
+        if let Some(v) = inner.pending.get(&(space, key.to_vec())) {
+            return Ok(v.clone());
+        }
+        let snapshot = inner.snapshot.clone();
+        drop(inner);
+        snapshot.get(space, key)
+    }
+
+    /// Sets (`Some`) or removes (`None`) a key.
+    pub(crate) fn put(&self, space: Space, key: Vec<u8>, value: Option<Vec<u8>>) -> Result<()> {
+        let mut inner = self.0.borrow_mut();
+        if inner.read_only {
+            return Err(Error::Storage(format!(
+                "write to {} in a read-only view",
+                space.name()
+            )));
+        }
+        let before = inner.pending.insert((space, key.clone()), value);
+        inner.undo.push(((space, key), before));
+        Ok(())
+    }
+
+    /// Where [`Self::rollback_to`] returns to.
+    pub(crate) fn savepoint(&self) -> Savepoint {
+        Savepoint(self.0.borrow().undo.len())
+    }
+
+    /// Undoes every write made after `sp`.
+    pub(crate) fn rollback_to(&self, sp: Savepoint) {
+        let mut inner = self.0.borrow_mut();
+        while inner.undo.len() > sp.0 {
+            let Some((key, before)) = inner.undo.pop() else {
+                break;
+            };
+            match before {
+                Some(v) => {
+                    inner.pending.insert(key, v);
+                }
+                None => {
+                    inner.pending.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// The pending writes as one batch (the transaction is left empty).
+    pub(crate) fn take_batch(&self) -> Batch {
+        let mut inner = self.0.borrow_mut();
+        inner.undo.clear();
+        let pending = std::mem::take(&mut inner.pending);
+        Batch {
+            writes: pending
+                .into_iter()
+                .map(|((space, key), value)| Put { space, key, value })
+                .collect(),
+            expect: Vec::new(),
+        }
+    }
+
+    /// Entries within the bounds, in `order`, pending writes included. The snapshot is read a
+    /// page at a time as the iterator advances; pending writes are taken as of this call.
+    pub(crate) fn range(
+        &self,
+        space: Space,
+        start: Bound<Vec<u8>>,
+        end: Bound<Vec<u8>>,
+        order: Order,
+    ) -> RawRange {
+        let inner = self.0.borrow();
+        let lo = (space, Vec::new());
+        let mut overlay: Vec<(Vec<u8>, Option<Vec<u8>>)> = inner
+            .pending
+            .range(lo..)
+            .take_while(|((s, _), _)| *s == space)
+            .filter(|((_, k), _)| within(k, &start, &end))
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect();
+        if order == Order::Descending {
+            overlay.reverse();
+        }
+        RawRange {
+            snapshot: inner.snapshot.clone(),
+            space,
+            start,
+            end,
+            order,
+            page: VecDeque::new(),
+            snapshot_done: false,
+            overlay: overlay.into(),
+        }
+    }
+}
+
+fn within(k: &[u8], start: &Bound<Vec<u8>>, end: &Bound<Vec<u8>>) -> bool {
+    let after_start = match start {
+        Bound::Included(s) => k >= s.as_slice(),
+        Bound::Excluded(s) => k > s.as_slice(),
+        Bound::Unbounded => true,
+    };
+    let before_end = match end {
+        Bound::Included(e) => k <= e.as_slice(),
+        Bound::Excluded(e) => k < e.as_slice(),
+        Bound::Unbounded => true,
+    };
+    after_start && before_end
+}
+
+/// An iterator over a range of raw entries; see [`Txn::range`].
+pub(crate) struct RawRange {
+    snapshot: Arc<dyn Snapshot>,
+    space: Space,
+    start: Bound<Vec<u8>>,
+    end: Bound<Vec<u8>>,
+    order: Order,
+    page: VecDeque<Entry>,
+    snapshot_done: bool,
+    overlay: VecDeque<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl RawRange {
+    fn fill(&mut self) -> Result<()> {
+        if !self.page.is_empty() || self.snapshot_done {
+            return Ok(());
+        }
+        let got = self.snapshot.range(
+            self.space,
+            bound_ref(&self.start),
+            bound_ref(&self.end),
+            self.order,
+            PAGE,
+        )?;
+        if got.len() < PAGE {
+            self.snapshot_done = true;
+        }
+        if let Some((last, _)) = got.last() {
+            // The next page starts after the last key seen.
+            match self.order {
+                Order::Ascending => self.start = Bound::Excluded(last.clone()),
+                Order::Descending => self.end = Bound::Excluded(last.clone()),
+            }
+        }
+        self.page.extend(got);
+        Ok(())
+    }
+
+    fn before(&self, a: &[u8], b: &[u8]) -> bool {
+        match self.order {
+            Order::Ascending => a < b,
+            Order::Descending => a > b,
+        }
+    }
+}
+
+fn bound_ref(b: &Bound<Vec<u8>>) -> Bound<&[u8]> {
+    match b {
+        Bound::Included(v) => Bound::Included(v.as_slice()),
+        Bound::Excluded(v) => Bound::Excluded(v.as_slice()),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+impl Iterator for RawRange {
+    type Item = Result<Entry>;
+
+    fn next(&mut self) -> Option<Result<Entry>> {
+        loop {
+            if let Err(e) = self.fill() {
+                self.snapshot_done = true;
+                self.page.clear();
+                self.overlay.clear();
+                return Some(Err(e));
+            }
+            let take_overlay = match (self.page.front(), self.overlay.front()) {
+                (None, None) => return None,
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (Some((pk, _)), Some((ok, _))) => {
+                    if pk == ok {
+                        // The pending write replaces the committed entry.
+                        self.page.pop_front();
+                        true
+                    } else {
+                        self.before(ok, pk)
+                    }
+                }
+            };
+            if take_overlay {
+                let (k, v) = self.overlay.pop_front()?;
+                match v {
+                    Some(v) => return Some(Ok((k, v))),
+                    None => continue,
+                }
+            }
+            return self.page.pop_front().map(Ok);
+        }
+    }
+}
+
+/// A key type: encodes so that byte order is the natural order, and decodes back.
+pub(crate) trait Key: Sized {
+    /// Appends the encoding.
+    fn put(&self, out: &mut Vec<u8>);
+    /// Reads one value from the front of `input`, advancing it.
+    fn take(input: &mut &[u8]) -> Result<Self>;
+}
+
+/// Something that encodes as a key of type `K` (a borrowed form, such as `&str` for `String`).
+pub(crate) trait KeyArg<K> {
+    /// Appends the encoding, identical to `K`'s.
+    fn put_key(&self, out: &mut Vec<u8>);
+}
+
+fn short(what: &str) -> Error {
+    Error::Storage(format!("stored key: truncated {what}"))
+}
+
+macro_rules! int_key {
+    ($($t:ty),*) => {$(
+        impl Key for $t {
+            fn put(&self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_be_bytes());
+            }
+            fn take(input: &mut &[u8]) -> Result<Self> {
+                const N: usize = std::mem::size_of::<$t>();
+                if input.len() < N {
+                    return Err(short(stringify!($t)));
+                }
+                let (head, rest) = input.split_at(N);
+                *input = rest;
+                let mut b = [0u8; N];
+                b.copy_from_slice(head);
+                Ok(<$t>::from_be_bytes(b))
+            }
+        }
+        impl KeyArg<$t> for $t {
+            fn put_key(&self, out: &mut Vec<u8>) {
+                self.put(out)
+            }
+        }
+    )*};
+}
+int_key!(u32, u64, u128);
+
+/// Strings: each 0x00 byte is written 0x00 0xFF and the end is 0x00 0x00, so that a string
+/// sorts before every longer string it begins, and a tuple's later fields never mix into it.
+fn put_str(s: &str, out: &mut Vec<u8>) {
+    for &b in s.as_bytes() {
+        out.push(b);
+        if b == 0 {
+            out.push(0xFF);
+        }
+    }
+    out.extend_from_slice(&[0, 0]);
+}
+
+impl Key for String {
+    fn put(&self, out: &mut Vec<u8>) {
+        put_str(self, out)
+    }
+    fn take(input: &mut &[u8]) -> Result<Self> {
+        let mut bytes = Vec::new();
+        let mut i = 0;
+        loop {
+            match (input.get(i), input.get(i + 1)) {
+                (Some(0), Some(0)) => {
+                    *input = &input[i + 2..];
+                    break;
+                }
+                (Some(0), Some(0xFF)) => {
+                    bytes.push(0);
+                    i += 2;
+                }
+                (Some(&b), _) if b != 0 => {
+                    bytes.push(b);
+                    i += 1;
+                }
+                _ => return Err(short("string")),
+            }
+        }
+        String::from_utf8(bytes).map_err(|_| Error::Storage("stored key: not UTF-8".into()))
+    }
+}
+
+impl KeyArg<String> for String {
+    fn put_key(&self, out: &mut Vec<u8>) {
+        put_str(self, out)
+    }
+}
+impl KeyArg<String> for &String {
+    fn put_key(&self, out: &mut Vec<u8>) {
+        put_str(self, out)
+    }
+}
+impl KeyArg<String> for &str {
+    fn put_key(&self, out: &mut Vec<u8>) {
+        put_str(self, out)
+    }
+}
+
+macro_rules! tuple_key {
+    ($(($($n:ident $a:ident $i:tt),+)),*) => {$(
+        impl<$($n: Key),+> Key for ($($n,)+) {
+            fn put(&self, out: &mut Vec<u8>) {
+                $(self.$i.put(out);)+
+            }
+            fn take(input: &mut &[u8]) -> Result<Self> {
+                Ok(($($n::take(input)?,)+))
+            }
+        }
+        impl<$($n, $a: KeyArg<$n>),+> KeyArg<($($n,)+)> for ($($a,)+) {
+            fn put_key(&self, out: &mut Vec<u8>) {
+                $(self.$i.put_key(out);)+
+            }
+        }
+    )*};
+}
+tuple_key!(
+    (A A2 0, B B2 1),
+    (A A2 0, B B2 1, C C2 2),
+    (A A2 0, B B2 1, C C2 2, D D2 3)
+);
+
+/// Encodes a key argument.
+pub(crate) fn key_bytes<K, A: KeyArg<K>>(k: &A) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32);
+    k.put_key(&mut out);
+    out
+}
+
+/// Decodes a whole key.
+pub(crate) fn key_from<K: Key>(mut bytes: &[u8]) -> Result<K> {
+    let k = K::take(&mut bytes)?;
+    if !bytes.is_empty() {
+        return Err(Error::Storage("stored key: trailing bytes".into()));
+    }
+    Ok(k)
+}
+
+/// A value type of a table.
+pub(crate) trait Value: Sized {
+    /// Decodes a stored value.
+    fn from_bytes(bytes: Vec<u8>) -> Result<Self>;
+}
+
+/// Something that encodes as a value of type `V`.
+pub(crate) trait ValueArg<V> {
+    /// The stored bytes.
+    fn to_bytes(&self) -> Vec<u8>;
+}
+
+impl Value for Vec<u8> {
+    fn from_bytes(bytes: Vec<u8>) -> Result<Self> {
+        Ok(bytes)
+    }
+}
+impl ValueArg<Vec<u8>> for &[u8] {
+    fn to_bytes(&self) -> Vec<u8> {
+        self.to_vec()
+    }
+}
+impl ValueArg<Vec<u8>> for Vec<u8> {
+    fn to_bytes(&self) -> Vec<u8> {
+        self.clone()
+    }
+}
+impl ValueArg<Vec<u8>> for &Vec<u8> {
+    fn to_bytes(&self) -> Vec<u8> {
+        self.to_vec()
+    }
+}
+impl Value for () {
+    fn from_bytes(_: Vec<u8>) -> Result<Self> {
+        Ok(())
+    }
+}
+impl ValueArg<()> for () {
+    fn to_bytes(&self) -> Vec<u8> {
+        Vec::new()
+    }
+}
+
+macro_rules! fixed_value {
+    ($($t:ty),*) => {$(
+        impl Value for $t {
+            fn from_bytes(bytes: Vec<u8>) -> Result<Self> {
+                let mut s = bytes.as_slice();
+                let v = <$t as Key>::take(&mut s)?;
+                if !s.is_empty() {
+                    return Err(Error::Storage("stored value: trailing bytes".into()));
+                }
+                Ok(v)
+            }
+        }
+        impl ValueArg<$t> for $t {
+            fn to_bytes(&self) -> Vec<u8> {
+                let mut out = Vec::new();
+                self.put(&mut out);
+                out
+            }
+        }
+    )*};
+}
+fixed_value!(u64, u128, (u64, u64), (u64, u64, u64));
+
+/// A typed key space: which space, with which key and value types.
+pub(crate) struct Def<K, V> {
+    space: Space,
+    _types: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K, V> Def<K, V> {
+    /// The definition of `space`.
+    pub(crate) const fn new(space: Space) -> Self {
+        Def {
+            space,
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<K, V> Clone for Def<K, V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<K, V> Copy for Def<K, V> {}
+
+impl Txn {
+    /// The typed table `def` within this transaction.
+    pub(crate) fn open_table<K: Key, V: Value>(&self, def: Def<K, V>) -> Result<Table<K, V>> {
+        Ok(Table::open(self, def.space))
+    }
+}
+
+/// A typed view of one key space within a transaction.
+pub(crate) struct Table<K, V> {
+    space: Space,
+    txn: Txn,
+    _types: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K: Key, V: Value> Table<K, V> {
+    /// The table of `space` in `txn`.
+    pub(crate) fn open(txn: &Txn, space: Space) -> Self {
+        Table {
+            space,
+            txn: txn.clone(),
+            _types: PhantomData,
+        }
+    }
+
+    /// The value under a key.
+    pub(crate) fn get(&self, k: impl KeyArg<K>) -> Result<Option<V>> {
+        match self.txn.get(self.space, &key_bytes(&k))? {
+            Some(b) => V::from_bytes(b).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Sets a key's value.
+    pub(crate) fn insert(&self, k: impl KeyArg<K>, v: impl ValueArg<V>) -> Result<()> {
+        self.txn.put(self.space, key_bytes(&k), Some(v.to_bytes()))
+    }
+
+    /// Removes a key, returning what it held.
+    pub(crate) fn remove(&self, k: impl KeyArg<K>) -> Result<Option<V>> {
+        let key = key_bytes(&k);
+        let old = self.txn.get(self.space, &key)?;
+        if old.is_some() {
+            self.txn.put(self.space, key, None)?;
+        }
+        old.map(V::from_bytes).transpose()
+    }
+
+    /// Entries with keys in `r`, ascending.
+    pub(crate) fn range<A: KeyArg<K>>(&self, r: impl RangeBounds<A>) -> Result<Range<K, V>> {
+        Ok(self.range_in(r, Order::Ascending))
+    }
+
+    /// Entries with keys in `r`, descending.
+    pub(crate) fn range_rev<A: KeyArg<K>>(&self, r: impl RangeBounds<A>) -> Result<Range<K, V>> {
+        Ok(self.range_in(r, Order::Descending))
+    }
+
+    fn range_in<A: KeyArg<K>>(&self, r: impl RangeBounds<A>, order: Order) -> Range<K, V> {
+        let map = |b: Bound<&A>| match b {
+            Bound::Included(a) => Bound::Included(key_bytes(a)),
+            Bound::Excluded(a) => Bound::Excluded(key_bytes(a)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        self.raw_range(map(r.start_bound()), map(r.end_bound()), order)
+    }
+
+    fn raw_range(&self, start: Bound<Vec<u8>>, end: Bound<Vec<u8>>, order: Order) -> Range<K, V> {
+        Range {
+            raw: self.txn.range(self.space, start, end, order),
+            _types: PhantomData,
+        }
+    }
+
+    /// Every entry, ascending.
+    pub(crate) fn iter(&self) -> Result<Range<K, V>> {
+        Ok(self.raw_range(Bound::Unbounded, Bound::Unbounded, Order::Ascending))
+    }
+
+    /// The entry with the greatest key.
+    pub(crate) fn last(&self) -> Result<Option<(K, V)>> {
+        self.raw_range(Bound::Unbounded, Bound::Unbounded, Order::Descending)
+            .next()
+            .transpose()
+    }
+}
+
+/// A typed range; see [`Table::range`].
+pub(crate) struct Range<K, V> {
+    raw: RawRange,
+    _types: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K: Key, V: Value> Iterator for Range<K, V> {
+    type Item = Result<(K, V)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (k, v) = match self.raw.next()? {
+            Ok(e) => e,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(key_from::<K>(&k).and_then(|k| Ok((k, V::from_bytes(v)?))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::kv::KvStore;
+    use crate::storage::MemKv;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// A transaction reads its own pending writes merged into the snapshot, in order, across
+    /// page boundaries, and a rollback to a savepoint restores exactly what was pending then.
+    #[test]
+    fn pending_writes_merge_with_the_snapshot_and_roll_back() {
+        for seed in 0..40u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let kv = MemKv::new();
+            let mut committed = BTreeMap::new();
+            let mut b = Batch::default();
+            // Enough committed keys for several pages.
+            for _ in 0..rng.random_range(0..700) {
+                let k: u16 = rng.random_range(0..1000);
+                let v = vec![rng.random::<u8>()];
+                committed.insert(k.to_be_bytes().to_vec(), v.clone());
+                b.writes.push(Put {
+                    space: Space::Deliveries,
+                    key: k.to_be_bytes().to_vec(),
+                    value: Some(v),
+                });
+            }
+            kv.commit(b).unwrap();
+            let txn = Txn::new(kv.snapshot().unwrap());
+            let mut model = committed.clone();
+            type Model = BTreeMap<Vec<u8>, Vec<u8>>;
+            let mut saved: Vec<(Savepoint, Model)> = Vec::new();
+            for step in 0..300 {
+                let ctx = format!("seed {seed}, step {step}");
+                match rng.random_range(0..10) {
+                    0 => saved.push((txn.savepoint(), model.clone())),
+                    1 if !saved.is_empty() => {
+                        let i = rng.random_range(0..saved.len());
+                        let (sp, m) = saved[i].clone();
+                        saved.truncate(i);
+                        txn.rollback_to(sp);
+                        model = m;
+                    }
+                    2..=5 => {
+                        let k = rng.random_range(0u16..1000).to_be_bytes().to_vec();
+                        let v = vec![rng.random::<u8>(), 7];
+                        txn.put(Space::Deliveries, k.clone(), Some(v.clone()))
+                            .unwrap();
+                        model.insert(k, v);
+                    }
+                    _ => {
+                        let k = rng.random_range(0u16..1000).to_be_bytes().to_vec();
+                        txn.put(Space::Deliveries, k.clone(), None).unwrap();
+                        model.remove(&k);
+                    }
+                }
+                let lo = rng.random_range(0u16..1000).to_be_bytes().to_vec();
+                let order = if rng.random_bool(0.5) {
+                    Order::Ascending
+                } else {
+                    Order::Descending
+                };
+                let got: Vec<Entry> = txn
+                    .range(
+                        Space::Deliveries,
+                        Bound::Included(lo.clone()),
+                        Bound::Unbounded,
+                        order,
+                    )
+                    .collect::<Result<_>>()
+                    .unwrap();
+                let mut want: Vec<Entry> = model
+                    .range(lo.clone()..)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                if order == Order::Descending {
+                    want.reverse();
+                }
+                assert_eq!(got, want, "{ctx}: range from {lo:?}");
+                assert_eq!(
+                    txn.get(Space::Deliveries, &lo).unwrap(),
+                    model.get(&lo).cloned(),
+                    "{ctx}: get"
+                );
+            }
+            // The batch turns the snapshot into the model.
+            kv.commit(txn.take_batch()).unwrap();
+            let after = Txn::reader(kv.snapshot().unwrap());
+            let all: BTreeMap<Vec<u8>, Vec<u8>> = after
+                .range(
+                    Space::Deliveries,
+                    Bound::Unbounded,
+                    Bound::Unbounded,
+                    Order::Ascending,
+                )
+                .collect::<Result<_>>()
+                .unwrap();
+            assert_eq!(all, model, "seed {seed}: committed batch");
+            assert!(
+                after.put(Space::Deliveries, vec![1], None).is_err(),
+                "read-only"
+            );
+        }
+    }
+
+    #[test]
+    fn key_order_is_natural_order() {
+        let keys: Vec<(u64, String)> = vec![
+            (1, "".into()),
+            (1, "a".into()),
+            (1, "a\0".into()),
+            (1, "a\0b".into()),
+            (1, "ab".into()),
+            (1, "b".into()),
+            (2, "".into()),
+            (256, "a".into()),
+        ];
+        let enc: Vec<Vec<u8>> = keys.iter().map(key_bytes).collect();
+        let mut sorted = enc.clone();
+        sorted.sort();
+        assert_eq!(sorted, enc, "encoded keys sort as the keys do");
+        for (k, e) in keys.iter().zip(&enc) {
+            assert_eq!(&key_from::<(u64, String)>(e).unwrap(), k);
+        }
+        assert!(key_from::<(u64, String)>(&enc[1][..9]).is_err());
+    }
+}
