@@ -3,6 +3,8 @@
 //! MVCC read transactions and never wait for the writer.
 
 mod delivery;
+#[cfg(test)]
+mod read_tests;
 mod records;
 
 pub(crate) use delivery::{ack_id, parse_ack_id};
@@ -309,6 +311,8 @@ pub(crate) struct Engine {
     defaults: std::sync::RwLock<DeliveryDefaults>,
     /// Injected faults (tests and simulations only; see `faults.rs`).
     faults: Arc<crate::storage::StorageFaults>,
+    /// Whether the backend's reads may wait long (see [`KvStore::reads_block`]).
+    reads_block: bool,
 }
 
 impl Engine {
@@ -341,6 +345,20 @@ impl Engine {
     /// A read view of everything committed.
     pub(super) fn begin_read(&self) -> Result<Txn> {
         Ok(Txn::reader(self.kv.snapshot()?))
+    }
+
+    /// Runs a read where blocking is allowed: on a backend whose reads wait (on the network),
+    /// inside `block_in_place` when called from a tokio worker, so that the worker's other tasks
+    /// move on meanwhile; inline otherwise (redb reads come from its cache and the mapped file).
+    fn blocking<T>(&self, read: impl FnOnce() -> Result<T>) -> Result<T> {
+        if self.reads_block {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+                    return tokio::task::block_in_place(read);
+                }
+            }
+        }
+        read()
     }
 
     pub(super) fn delivery_defaults(&self) -> DeliveryDefaults {
@@ -387,11 +405,12 @@ impl Engine {
         kv.commit(batch)?;
         tracing::debug!(backend = kv.kind(), "storage opened");
         let store = Engine {
-            kv,
             seqs: Mutex::new(SeqCache::default()),
             fanout: Mutex::new(FanoutCache::default()),
             defaults: std::sync::RwLock::new(defaults),
             faults,
+            reads_block: kv.reads_block(),
+            kv,
         };
         let rebuilt = store.rebuild_seqs()?;
         *store.seqs.lock().unwrap_or_else(|p| p.into_inner()) = rebuilt;
@@ -1424,15 +1443,15 @@ impl Storage for Engine {
         &self,
         id: crate::ids::SubscriptionId,
     ) -> Result<crate::subscription::Subscription> {
-        self.subscription_read(id)
+        self.blocking(|| self.subscription_read(id))
     }
 
     fn subscriptions(&self, room: &RoomName) -> Result<Vec<crate::subscription::Subscription>> {
-        self.subscriptions_read(room)
+        self.blocking(|| self.subscriptions_read(room))
     }
 
     fn push_subscriptions(&self) -> Result<Vec<crate::ids::SubscriptionId>> {
-        self.push_subscriptions_read()
+        self.blocking(|| self.push_subscriptions_read())
     }
 
     fn signing_secrets(
@@ -1440,7 +1459,7 @@ impl Storage for Engine {
         id: crate::ids::SubscriptionId,
         now: Timestamp,
     ) -> Result<Vec<String>> {
-        self.signing_secrets_read(id, now)
+        self.blocking(|| self.signing_secrets_read(id, now))
     }
 
     fn due(
@@ -1451,7 +1470,7 @@ impl Storage for Engine {
         limit: usize,
         scan_max: usize,
     ) -> Result<(Vec<crate::storage::DueDelivery>, Option<Timestamp>)> {
-        self.due_read(id, now, busy, limit, scan_max)
+        self.blocking(|| self.due_read(id, now, busy, limit, scan_max))
     }
 
     fn dead_letters(
@@ -1460,7 +1479,7 @@ impl Storage for Engine {
         after: Option<u64>,
         limit: usize,
     ) -> Result<(Vec<(u64, crate::subscription::DeadLetter)>, bool)> {
-        self.dead_letters_read(id, after, limit)
+        self.blocking(|| self.dead_letters_read(id, after, limit))
     }
 
     fn attempts(
@@ -1469,7 +1488,7 @@ impl Storage for Engine {
         after: Option<(u64, u32)>,
         limit: usize,
     ) -> Result<(Vec<((u64, u32), crate::subscription::Attempt)>, bool)> {
-        self.attempts_read(id, after, limit)
+        self.blocking(|| self.attempts_read(id, after, limit))
     }
 
     fn blocked_keys(
@@ -1479,7 +1498,7 @@ impl Storage for Engine {
         limit: usize,
         scan_max: usize,
     ) -> Result<Vec<crate::subscription::BlockedKey>> {
-        self.blocked_keys_read(id, now, limit, scan_max)
+        self.blocking(|| self.blocked_keys_read(id, now, limit, scan_max))
     }
 
     fn event_deliveries(
@@ -1487,24 +1506,26 @@ impl Storage for Engine {
         id: EventId,
         now: Timestamp,
     ) -> Result<Vec<crate::subscription::EventDelivery>> {
-        let (room_id, offset) = {
-            let txn = self.begin_read()?;
-            let events = txn.open_table(EVENTS)?;
-            let Some(g) = events.get(id.0.as_u128())? else {
-                return Err(Error::EventNotFound { id: id.to_string() });
+        self.blocking(|| {
+            let (room_id, offset) = {
+                let txn = self.begin_read()?;
+                let events = txn.open_table(EVENTS)?;
+                let Some(g) = events.get(id.0.as_u128())? else {
+                    return Err(Error::EventNotFound { id: id.to_string() });
+                };
+                let rec = decode_event_header(&g)?;
+                (rec.room_id, rec.offset)
             };
-            let rec = decode_event_header(&g)?;
-            (rec.room_id, rec.offset)
-        };
-        self.event_deliveries_read(room_id, offset, now)
+            self.event_deliveries_read(room_id, offset, now)
+        })
     }
 
     fn seek_offsets(&self, room: &RoomName, at: Option<Timestamp>) -> Result<(u64, u64)> {
-        self.offsets_for_seek(room, at)
+        self.blocking(|| self.offsets_for_seek(room, at))
     }
 
     fn record(&self, kind: crate::storage::RecordKind, id: &str) -> Result<Option<Vec<u8>>> {
-        self.record_read(kind, id)
+        self.blocking(|| self.record_read(kind, id))
     }
 
     fn records(
@@ -1514,11 +1535,11 @@ impl Storage for Engine {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>> {
-        self.records_read(kind, prefix, after, limit)
+        self.blocking(|| self.records_read(kind, prefix, after, limit))
     }
 
     fn audit(&self, after: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
-        self.audit_read(after, limit)
+        self.blocking(|| self.audit_read(after, limit))
     }
 
     fn stored_response(
@@ -1527,13 +1548,15 @@ impl Storage for Engine {
         key: &str,
         now: Timestamp,
     ) -> Result<Option<([u8; 32], StoredResponse)>> {
-        let txn = self.begin_read()?;
-        let t = txn.open_table(RESPONSES)?;
-        let Some(g) = t.get((principal.as_str(), key))? else {
-            return Ok(None);
-        };
-        let rec: ResponseRecord = decode(&g)?;
-        Ok((rec.expires_at > now).then_some((rec.request_hash, rec.response)))
+        self.blocking(|| {
+            let txn = self.begin_read()?;
+            let t = txn.open_table(RESPONSES)?;
+            let Some(g) = t.get((principal.as_str(), key))? else {
+                return Ok(None);
+            };
+            let rec: ResponseRecord = decode(&g)?;
+            Ok((rec.expires_at > now).then_some((rec.request_hash, rec.response)))
+        })
     }
 
     fn queued(
@@ -1543,125 +1566,137 @@ impl Storage for Engine {
         event: EventId,
         now: Timestamp,
     ) -> Result<Option<(u32, bool)>> {
-        self.queued_read(id.0.as_u128(), offset, event, now)
+        self.blocking(|| self.queued_read(id.0.as_u128(), offset, event, now))
     }
 
     fn event_offset(&self, id: EventId) -> Result<Option<u64>> {
-        let txn = self.begin_read()?;
-        let events = txn.open_table(EVENTS)?;
-        let Some(g) = events.get(id.0.as_u128())? else {
-            return Ok(None);
-        };
-        Ok(Some(decode_event_header(&g)?.offset))
+        self.blocking(|| {
+            let txn = self.begin_read()?;
+            let events = txn.open_table(EVENTS)?;
+            let Some(g) = events.get(id.0.as_u128())? else {
+                return Ok(None);
+            };
+            Ok(Some(decode_event_header(&g)?.offset))
+        })
     }
 
     fn deliveries_total(&self) -> Result<u64> {
-        self.table_len_deliveries()
+        self.blocking(|| self.table_len_deliveries())
     }
 
     fn room(&self, name: &RoomName) -> Result<Option<Room>> {
-        let Some((rec, stats)) = self.read_room(name)? else {
-            return Ok(None);
-        };
-        let approval = self.approval_read(rec.id)?;
-        room_from(name.as_str(), rec, stats, approval).map(Some)
+        self.blocking(|| {
+            let Some((rec, stats)) = self.read_room(name)? else {
+                return Ok(None);
+            };
+            let approval = self.approval_read(rec.id)?;
+            room_from(name.as_str(), rec, stats, approval).map(Some)
+        })
     }
 
     fn rooms(&self, after: Option<&RoomName>, limit: usize) -> Result<Vec<Room>> {
-        let txn = self.begin_read()?;
-        let rooms = txn.open_table(ROOMS)?;
-        let stats = txn.open_table(ROOM_STATS)?;
-        let start = after.map(RoomName::as_str).unwrap_or("");
-        let mut out = Vec::new();
-        for item in rooms.range(start..)? {
-            let (k, v) = item?;
-            if after.is_some_and(|a| a.as_str() == k) {
-                continue;
+        self.blocking(|| {
+            let txn = self.begin_read()?;
+            let rooms = txn.open_table(ROOMS)?;
+            let stats = txn.open_table(ROOM_STATS)?;
+            let start = after.map(RoomName::as_str).unwrap_or("");
+            let mut out = Vec::new();
+            for item in rooms.range(start..)? {
+                let (k, v) = item?;
+                if after.is_some_and(|a| a.as_str() == k) {
+                    continue;
+                }
+                if out.len() >= limit {
+                    break;
+                }
+                let rec: RoomRecord = decode(&v)?;
+                let s = stats.get(rec.id)?.unwrap_or_default();
+                let approval = self.approval_read(rec.id)?;
+                out.push(room_from(&k, rec, s, approval)?);
             }
-            if out.len() >= limit {
-                break;
-            }
-            let rec: RoomRecord = decode(&v)?;
-            let s = stats.get(rec.id)?.unwrap_or_default();
-            let approval = self.approval_read(rec.id)?;
-            out.push(room_from(&k, rec, s, approval)?);
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     fn publish_target(&self, room: &RoomName, event_type: &EventTypeName) -> Result<PublishTarget> {
-        let txn = self.begin_read()?;
-        let rooms = txn.open_table(ROOMS)?;
-        let rec: RoomRecord = match rooms.get(room.as_str())? {
-            Some(g) => decode(&g)?,
-            None => {
-                return Err(Error::RoomNotFound {
+        self.blocking(|| {
+            let txn = self.begin_read()?;
+            let rooms = txn.open_table(ROOMS)?;
+            let rec: RoomRecord = match rooms.get(room.as_str())? {
+                Some(g) => decode(&g)?,
+                None => {
+                    return Err(Error::RoomNotFound {
+                        room: room.to_string(),
+                    })
+                }
+            };
+            if rec.status != RoomStatus::Active {
+                return Err(Error::RoomNotActive {
                     room: room.to_string(),
-                })
+                    status: rec.status.as_str().into(),
+                });
             }
-        };
-        if rec.status != RoomStatus::Active {
-            return Err(Error::RoomNotActive {
-                room: room.to_string(),
-                status: rec.status.as_str().into(),
-            });
-        }
-        let types = txn.open_table(EVENT_TYPES)?;
-        let t: TypeRecord = match types.get((rec.id, event_type.as_str()))? {
-            Some(g) => decode(&g)?,
-            None => return Err(type_not_found(room, event_type)),
-        };
-        let schemas = txn.open_table(SCHEMAS)?;
-        let v: VersionRecord = match schemas.get((rec.id, event_type.as_str(), t.version))? {
-            Some(g) => decode(&g)?,
-            None => return Err(Error::Storage("missing current schema version".into())),
-        };
-        Ok(PublishTarget {
-            room_id: rec.id,
-            version: t.version,
-            key_pointer: v.key_pointer,
+            let types = txn.open_table(EVENT_TYPES)?;
+            let t: TypeRecord = match types.get((rec.id, event_type.as_str()))? {
+                Some(g) => decode(&g)?,
+                None => return Err(type_not_found(room, event_type)),
+            };
+            let schemas = txn.open_table(SCHEMAS)?;
+            let v: VersionRecord = match schemas.get((rec.id, event_type.as_str(), t.version))? {
+                Some(g) => decode(&g)?,
+                None => return Err(Error::Storage("missing current schema version".into())),
+            };
+            Ok(PublishTarget {
+                room_id: rec.id,
+                version: t.version,
+                key_pointer: v.key_pointer,
+            })
         })
     }
 
     fn event_type(&self, room: &RoomName, name: &EventTypeName) -> Result<EventType> {
-        let rid = self.require_room_id(room)?;
-        let txn = self.begin_read()?;
-        let types = txn.open_table(EVENT_TYPES)?;
-        let t: TypeRecord = match types.get((rid, name.as_str()))? {
-            Some(g) => decode(&g)?,
-            None => return Err(type_not_found(room, name)),
-        };
-        let v = self.event_type_version(rid, room, name, t.version)?;
-        Ok(EventType {
-            room: room.clone(),
-            name: name.clone(),
-            description: t.description,
-            version: t.version,
-            schema: v.schema,
-            key_pointer: v.key_pointer,
-            created_at: t.created_at,
-            updated_at: t.updated_at,
+        self.blocking(|| {
+            let rid = self.require_room_id(room)?;
+            let txn = self.begin_read()?;
+            let types = txn.open_table(EVENT_TYPES)?;
+            let t: TypeRecord = match types.get((rid, name.as_str()))? {
+                Some(g) => decode(&g)?,
+                None => return Err(type_not_found(room, name)),
+            };
+            let v = self.event_type_version(rid, room, name, t.version)?;
+            Ok(EventType {
+                room: room.clone(),
+                name: name.clone(),
+                description: t.description,
+                version: t.version,
+                schema: v.schema,
+                key_pointer: v.key_pointer,
+                created_at: t.created_at,
+                updated_at: t.updated_at,
+            })
         })
     }
 
     fn event_types(&self, room: &RoomName) -> Result<Vec<EventType>> {
-        let rid = self.require_room_id(room)?;
-        let names: Vec<String> = {
-            let txn = self.begin_read()?;
-            let types = txn.open_table(EVENT_TYPES)?;
-            types
-                .range((rid, "")..(rid + 1, ""))?
-                .map(|r| r.map(|(k, _)| k.1.to_string()))
-                .collect::<std::result::Result<_, _>>()?
-        };
-        names
-            .into_iter()
-            .map(|n| {
-                let name = EventTypeName::new(n)
-                    .map_err(|e| Error::Storage(format!("stored type name: {e}")))?;
-                self.event_type(room, &name)
-            })
-            .collect()
+        self.blocking(|| {
+            let rid = self.require_room_id(room)?;
+            let names: Vec<String> = {
+                let txn = self.begin_read()?;
+                let types = txn.open_table(EVENT_TYPES)?;
+                types
+                    .range((rid, "")..(rid + 1, ""))?
+                    .map(|r| r.map(|(k, _)| k.1.to_string()))
+                    .collect::<std::result::Result<_, _>>()?
+            };
+            names
+                .into_iter()
+                .map(|n| {
+                    let name = EventTypeName::new(n)
+                        .map_err(|e| Error::Storage(format!("stored type name: {e}")))?;
+                    self.event_type(room, &name)
+                })
+                .collect()
+        })
     }
 
     fn event_type_version(
@@ -1671,40 +1706,44 @@ impl Storage for Engine {
         name: &EventTypeName,
         version: u32,
     ) -> Result<EventTypeVersion> {
-        let txn = self.begin_read()?;
-        let schemas = txn.open_table(SCHEMAS)?;
-        let v: VersionRecord = match schemas.get((room_id, name.as_str(), version))? {
-            Some(g) => decode(&g)?,
-            None => {
-                return Err(Error::EventTypeNotFound {
-                    room: room.to_string(),
-                    event_type: format!("{name}@{version}"),
-                })
-            }
-        };
-        Ok(EventTypeVersion {
-            version,
-            schema: parse_schema(&v.schema_json)?,
-            key_pointer: v.key_pointer,
-            created_at: v.created_at,
+        self.blocking(|| {
+            let txn = self.begin_read()?;
+            let schemas = txn.open_table(SCHEMAS)?;
+            let v: VersionRecord = match schemas.get((room_id, name.as_str(), version))? {
+                Some(g) => decode(&g)?,
+                None => {
+                    return Err(Error::EventTypeNotFound {
+                        room: room.to_string(),
+                        event_type: format!("{name}@{version}"),
+                    })
+                }
+            };
+            Ok(EventTypeVersion {
+                version,
+                schema: parse_schema(&v.schema_json)?,
+                key_pointer: v.key_pointer,
+                created_at: v.created_at,
+            })
         })
     }
 
     fn room_id(&self, room: &RoomName) -> Result<u64> {
-        self.require_room_id(room)
+        self.blocking(|| self.require_room_id(room))
     }
 
     fn event(&self, id: EventId) -> Result<Option<Event>> {
-        let txn = self.begin_read()?;
-        let events = txn.open_table(EVENTS)?;
-        let id = id.0.as_u128();
-        let Some(g) = events.get(id)? else {
-            return Ok(None);
-        };
-        let rec: EventRecord = decode_event(&g)?;
-        // An event of a deleted Room awaiting purge is no longer visible.
-        let deleted = txn.open_table(DELETED_ROOMS)?.get(rec.room_id)?.is_some();
-        Ok((!deleted).then(|| event_from(id, rec)))
+        self.blocking(|| {
+            let txn = self.begin_read()?;
+            let events = txn.open_table(EVENTS)?;
+            let id = id.0.as_u128();
+            let Some(g) = events.get(id)? else {
+                return Ok(None);
+            };
+            let rec: EventRecord = decode_event(&g)?;
+            // An event of a deleted Room awaiting purge is no longer visible.
+            let deleted = txn.open_table(DELETED_ROOMS)?.get(rec.room_id)?.is_some();
+            Ok((!deleted).then(|| event_from(id, rec)))
+        })
     }
 
     fn set_delivery_defaults(&self, defaults: DeliveryDefaults) {
@@ -1717,7 +1756,7 @@ impl Storage for Engine {
         now: Timestamp,
         scan_max: usize,
     ) -> Result<crate::storage::QueueHealth> {
-        self.queue_health_read(id, now, scan_max)
+        self.blocking(|| self.queue_health_read(id, now, scan_max))
     }
 
     fn event_log(
@@ -1729,12 +1768,14 @@ impl Storage for Engine {
         scan_max: usize,
         now: Timestamp,
     ) -> Result<Page<crate::storage::LoggedEvent>> {
-        let rid = self.require_room_id(room)?;
-        self.scan_log(rid, filter, limit, scan_max, |offset, event| {
-            // Each event's deliveries come from their own read: a log page is a report, and a
-            // delivery settling between two events' reads is simply newer news.
-            let deliveries = self.event_deliveries_read(rid, offset, now)?;
-            Ok(keep(&event, &deliveries).then_some((event, deliveries)))
+        self.blocking(|| {
+            let rid = self.require_room_id(room)?;
+            self.scan_log(rid, filter, limit, scan_max, |offset, event| {
+                // Each event's deliveries come from their own read: a log page is a report, and a
+                // delivery settling between two events' reads is simply newer news.
+                let deliveries = self.event_deliveries_read(rid, offset, now)?;
+                Ok(keep(&event, &deliveries).then_some((event, deliveries)))
+            })
         })
     }
 
@@ -1745,8 +1786,10 @@ impl Storage for Engine {
         limit: usize,
         scan_max: usize,
     ) -> Result<Page<Event>> {
-        let rid = self.require_room_id(room)?;
-        self.scan_log(rid, filter, limit, scan_max, |_, event| Ok(Some(event)))
+        self.blocking(|| {
+            let rid = self.require_room_id(room)?;
+            self.scan_log(rid, filter, limit, scan_max, |_, event| Ok(Some(event)))
+        })
     }
 }
 

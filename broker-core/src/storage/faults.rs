@@ -53,6 +53,10 @@ impl KvStore for FaultyKv {
         self.inner.recover()
     }
 
+    fn reads_block(&self) -> bool {
+        self.inner.reads_block()
+    }
+
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }

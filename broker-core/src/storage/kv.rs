@@ -16,8 +16,9 @@
 //!   hold, nothing is written and the commit fails with `Error::Conflict`, so that a networked
 //!   backend with several writers can fence a writer whose view is stale.
 //!
-//! Every method may block (on disk or on the network): the core calls them only from the
-//! writer thread or from tokio's blocking pool, never on an async worker.
+//! Every method may block (on disk or on the network). Writes come only from the writer thread;
+//! reads of a backend that says [`KvStore::reads_block`] run under `block_in_place` when called
+//! from a tokio worker, so that no worker waits on one.
 
 use std::ops::Bound;
 use std::sync::Arc;
@@ -207,6 +208,11 @@ pub(crate) trait KvStore: Send + Sync + 'static {
     /// nothing.
     fn recover(&self) -> Result<()> {
         Ok(())
+    }
+    /// True when a read may wait long (on the network): the engine then keeps it off tokio's
+    /// workers. A local store answering from memory and its mapped file says false.
+    fn reads_block(&self) -> bool {
+        false
     }
     /// A name for logs (`redb`, `memory`).
     fn kind(&self) -> &'static str;
