@@ -168,6 +168,23 @@ impl Broker {
         Self::start(Arc::new(store), faults, config, clock)
     }
 
+    /// A broker on a redb file whose writes fail with an I/O error, as on a full disk, while
+    /// [`StorageFaults::fill_disk`] is in force: for fault tests only.
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub async fn open_with_fillable_disk(
+        path: impl AsRef<Path>,
+        config: Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Broker> {
+        let path = path.as_ref().to_path_buf();
+        let defaults = delivery_defaults(&config);
+        let store = tokio::task::spawn_blocking(move || Engine::open_fillable(&path, defaults))
+            .await
+            .map_err(|e| Error::Storage(format!("open task failed: {e}")))??;
+        let faults = store.faults();
+        Self::start(Arc::new(store), faults, config, clock)
+    }
+
     /// A broker whose data lives in memory only: for tests and examples.
     pub async fn open_in_memory(config: Config, clock: Arc<dyn Clock>) -> Result<Broker> {
         let store = Engine::in_memory(config.cache_bytes, delivery_defaults(&config))?;

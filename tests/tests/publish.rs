@@ -573,3 +573,62 @@ async fn a_failing_storage_answers_503_with_retry_after_and_is_not_ready() {
     let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
     assert_eq!(ready.status().as_u16(), 200);
 }
+
+/// Issue 15, defect 3: after a real I/O error (the disk filled up) redb refuses every later
+/// write until the database is opened again, so publishing stayed impossible after space was
+/// freed, until a restart. Now the writer has the backend reopen its file, and publishing
+/// resumes by itself, with everything committed before the failure intact and sequences
+/// continuing.
+#[tokio::test]
+async fn publishing_resumes_by_itself_after_a_full_disk_frees() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker_core::Broker::open_with_fillable_disk(
+        dir.path().join("data.redb"),
+        test_config(),
+        std::sync::Arc::new(broker_core::SystemClock),
+    )
+    .await
+    .unwrap();
+    setup_room(&broker, "r").await;
+    let publish = || {
+        let broker = broker.clone();
+        async move {
+            broker
+                .publish(PublishRequest::new(
+                    room("r"),
+                    ty("moved"),
+                    who("pub"),
+                    br#"{"person":"ann","n":1}"#.to_vec(),
+                ))
+                .await
+        }
+    };
+    let first = publish().await.unwrap();
+
+    broker.storage_faults().fill_disk();
+    let refused = publish().await.unwrap_err();
+    assert_eq!(refused.code(), "storage_unavailable", "{refused}");
+
+    broker.storage_faults().free_disk();
+    // A publisher retries as told; within a bound, the broker accepts again with no restart.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let second = loop {
+        match publish().await {
+            Ok(receipt) => break receipt,
+            Err(e) if e.code() == "storage_unavailable" && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("publishing never resumed after the disk was freed: {e}"),
+        }
+    };
+    assert_eq!(
+        second.sequence.0,
+        first.sequence.0 + 1,
+        "sequences continue"
+    );
+    let kept = broker.event(first.id).unwrap();
+    assert_eq!(
+        kept.sequence, first.sequence,
+        "the event from before is intact"
+    );
+}

@@ -332,9 +332,25 @@ impl Engine {
 
     /// The engine over any backend (wrapped so that tests can inject commit failures).
     pub(crate) fn over(kv: Arc<dyn KvStore>, defaults: DeliveryDefaults) -> Result<Self> {
-        let faulty = FaultyKv::new(kv);
-        let faults = faulty.faults();
+        Self::over_with(kv, Arc::default(), defaults)
+    }
+
+    /// The engine over a backend, with fault switches made beforehand.
+    pub(crate) fn over_with(
+        kv: Arc<dyn KvStore>,
+        faults: Arc<crate::storage::StorageFaults>,
+        defaults: DeliveryDefaults,
+    ) -> Result<Self> {
+        let faulty = FaultyKv::with(kv, faults.clone());
         Self::init(Arc::new(faulty), faults, defaults)
+    }
+
+    /// A redb file whose writes fail like a full disk's while its faults say so.
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub(crate) fn open_fillable(path: &Path, defaults: DeliveryDefaults) -> Result<Self> {
+        let faults = Arc::<crate::storage::StorageFaults>::default();
+        let kv = RedbKv::open_fillable(path, faults.disk_flag())?;
+        Self::over_with(Arc::new(kv), faults, defaults)
     }
 
     /// The switches that make this engine's commits fail (tests and simulations).

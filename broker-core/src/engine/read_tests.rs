@@ -62,5 +62,9 @@ fn a_waiting_read_does_not_hold_the_tokio_worker() {
         tokio::spawn(async move { open.send(()) });
         read.await.unwrap()
     });
-    assert_eq!(rooms.unwrap().len(), 0, "the read finished once the gate opened");
+    assert_eq!(
+        rooms.unwrap().len(),
+        0,
+        "the read finished once the gate opened"
+    );
 }

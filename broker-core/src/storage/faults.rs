@@ -8,7 +8,7 @@
 //! with the `fault-injection` feature: a production build has no way to set a fault, and the
 //! check costs one atomic load per commit.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::kv::{Batch, KvStore, Snapshot};
@@ -21,17 +21,9 @@ pub(crate) struct FaultyKv {
 }
 
 impl FaultyKv {
-    /// Wraps `inner`, every switch off.
-    pub(crate) fn new(inner: Arc<dyn KvStore>) -> FaultyKv {
-        FaultyKv {
-            inner,
-            faults: Arc::default(),
-        }
-    }
-
-    /// The switches.
-    pub(crate) fn faults(&self) -> Arc<StorageFaults> {
-        self.faults.clone()
+    /// Wraps `inner` with existing switches.
+    pub(crate) fn with(inner: Arc<dyn KvStore>, faults: Arc<StorageFaults>) -> FaultyKv {
+        FaultyKv { inner, faults }
     }
 }
 
@@ -72,6 +64,9 @@ pub struct StorageFaults {
     fail_commits: AtomicU64,
     /// Commits failed by this injection so far.
     failed: AtomicU64,
+    /// Read by a fillable file backend (`RedbKv::open_fillable`): while set, its writes fail
+    /// with "no space left on device", as a real full disk's do.
+    disk_full: Arc<AtomicBool>,
 }
 
 #[cfg_attr(not(any(test, feature = "fault-injection")), allow(dead_code))]
@@ -85,6 +80,22 @@ impl StorageFaults {
     /// Fails every commit until [`Self::clear`] is called.
     pub fn fail_commits(&self) {
         self.fail_commits.store(UNTIL_CLEARED, Ordering::SeqCst);
+    }
+
+    /// Makes the disk full: every write of a fillable file backend fails with an I/O error
+    /// (only a broker opened with `Broker::open_with_fillable_disk` has one).
+    pub fn fill_disk(&self) {
+        self.disk_full.store(true, Ordering::SeqCst);
+    }
+
+    /// Frees the disk again.
+    pub fn free_disk(&self) {
+        self.disk_full.store(false, Ordering::SeqCst);
+    }
+
+    /// The flag a fillable backend reads.
+    pub(crate) fn disk_flag(&self) -> Arc<AtomicBool> {
+        self.disk_full.clone()
     }
 
     /// Lets commits succeed again.

@@ -58,8 +58,17 @@ fn err(e: impl std::fmt::Display) -> Error {
 
 /// Where the database lives, for reopening.
 enum Origin {
-    File { path: PathBuf, cache_bytes: usize },
+    File {
+        path: PathBuf,
+        cache_bytes: usize,
+    },
     Memory,
+    /// A file behind a backend that can be made to fail like a full disk (tests).
+    #[cfg(any(test, feature = "fault-injection"))]
+    Fillable {
+        path: PathBuf,
+        full: Arc<std::sync::atomic::AtomicBool>,
+    },
 }
 
 /// The redb backend.
@@ -131,6 +140,23 @@ impl RedbKv {
             .map(|t| t.name().to_string())
             .collect();
         Ok(names)
+    }
+
+    /// A file-backed database whose writes fail with "no space left on device" while `full` is
+    /// set, the way a full disk fails them (tests and fault injection).
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub(crate) fn open_fillable(
+        path: &Path,
+        full: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<RedbKv> {
+        let db = fillable::open(path, full.clone())?;
+        Ok(RedbKv {
+            db: RwLock::new(Some(Arc::new(db))),
+            origin: Origin::Fillable {
+                path: path.to_path_buf(),
+                full,
+            },
+        })
     }
 
     fn db(&self) -> Result<Arc<Database>> {
@@ -261,18 +287,123 @@ impl KvStore for RedbKv {
     }
 
     fn recover(&self) -> Result<()> {
-        let Origin::File { path, cache_bytes } = &self.origin else {
-            return Ok(());
+        let reopen = || match &self.origin {
+            Origin::File { path, cache_bytes } => Self::open_file(path, *cache_bytes).map(Some),
+            Origin::Memory => Ok(None),
+            #[cfg(any(test, feature = "fault-injection"))]
+            Origin::Fillable { path, full } => fillable::open(path, full.clone()).map(Some),
         };
+        if matches!(self.origin, Origin::Memory) {
+            return Ok(());
+        }
         let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
         // redb allows one open Database per file: the old one must be gone before the new one
         // opens. Until the reopen succeeds every use fails (a later `recover` tries again).
         drop(slot.take());
-        *slot = Some(Arc::new(Self::open_file(path, *cache_bytes)?));
+        *slot = reopen()?.map(Arc::new);
         Ok(())
     }
 
     fn kind(&self) -> &'static str {
         "redb"
+    }
+}
+
+/// A redb storage backend over a file that fails like a full disk on demand.
+#[cfg(any(test, feature = "fault-injection"))]
+mod fillable {
+    use std::ops::Bound;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use redb::backends::FileBackend;
+    use redb::{BackendError, Database, StorageBackend};
+
+    use super::{err, RedbKv};
+    use crate::error::Result;
+
+    #[derive(Debug)]
+    struct Fillable {
+        file: FileBackend,
+        full: Arc<AtomicBool>,
+    }
+
+    impl Fillable {
+        fn check(&self) -> std::io::Result<()> {
+            if self.full.load(Ordering::SeqCst) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    "No space left on device (injected)",
+                ));
+            }
+            Ok(())
+        }
+    }
+
+    impl StorageBackend for Fillable {
+        fn len(&self) -> std::io::Result<u64> {
+            self.file.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.file.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.file.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.check()?;
+            self.file.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.file.write(offset, data)
+        }
+        fn close(&self) -> std::io::Result<()> {
+            self.file.close()
+        }
+        fn try_lock_range(&self, a: Bound<u64>, b: Bound<u64>) -> Result<bool, BackendError> {
+            self.file.try_lock_range(a, b)
+        }
+        fn try_lock_shared_range(
+            &self,
+            a: Bound<u64>,
+            b: Bound<u64>,
+        ) -> Result<bool, BackendError> {
+            self.file.try_lock_shared_range(a, b)
+        }
+        fn lock_range(&self, a: Bound<u64>, b: Bound<u64>) -> Result<(), BackendError> {
+            self.file.lock_range(a, b)
+        }
+        fn lock_shared_range(&self, a: Bound<u64>, b: Bound<u64>) -> Result<(), BackendError> {
+            self.file.lock_shared_range(a, b)
+        }
+        fn unlock_range(&self, a: Bound<u64>, b: Bound<u64>) -> Result<(), BackendError> {
+            self.file.unlock_range(a, b)
+        }
+        fn query_lock_range(&self, a: Bound<u64>, b: Bound<u64>) -> Result<bool, BackendError> {
+            self.file.query_lock_range(a, b)
+        }
+    }
+
+    /// Opens (creating) the file behind a [`Fillable`] backend.
+    pub(super) fn open(path: &Path, full: Arc<AtomicBool>) -> Result<Database> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(err)?;
+        let backend = Fillable {
+            file: FileBackend::new(file).map_err(err)?,
+            full,
+        };
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(err)?;
+        RedbKv::create_tables(&db)?;
+        Ok(db)
     }
 }
