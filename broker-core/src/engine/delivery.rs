@@ -1,4 +1,4 @@
-//! The redb side of delivery: subscriptions, per-subscription delivery queues, leases, outcomes,
+//! The delivery side of the engine: subscriptions, per-subscription delivery queues, leases, outcomes,
 //! dead letters and the attempt log. Queues are keyed by (subscription, Room log offset), so
 //! fan-out at publish time appends at the end of each subscription's range (one page per
 //! subscription per commit, not one per event), and a key's deliveries come in sequence order

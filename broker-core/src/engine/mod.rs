@@ -1,6 +1,10 @@
-//! The redb backend: the only file in the crate that names redb. One write transaction per batch,
-//! committed with `Durability::Immediate` so that a caller told "done" can lose nothing; reads use
-//! MVCC read transactions and never wait for the writer.
+//! The engine: every rule of the broker (Rooms, numbering, idempotency, fan-out, delivery
+//! queues, retention) as core code over the key-value seam of `storage::kv`, so that a backend
+//! only stores and a second backend cannot disagree with the first about what a rule does. Each
+//! batch of operations is applied in a `Txn` over a fresh snapshot, each operation under its own
+//! savepoint, and committed as one durable batch. This file holds Rooms, event types, events,
+//! publishing and the retention sweep; `delivery.rs` the subscriptions and their queues;
+//! `records.rs` the administrative records and the audit log.
 
 mod delivery;
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The redb side of the administrative records (identities, rights) and the audit log: two
+//! The engine's side of the administrative records (identities, rights) and the audit log: two
 //! tables and the [`RecordTxn`] view over a write transaction. Kept apart from the event and
 //! delivery tables because nothing on the publish or delivery path reads them.
 

@@ -1,7 +1,9 @@
-//! Storage behind one narrow interface shaped by the broker's operations, not by any engine's
-//! API: apply a batch of writes in one durable commit, and a handful of reads. redb is the only
-//! backend today; a distributed one can stand beside it by implementing [`Storage`] without the
-//! rest of the core changing. Only `redb_store` names redb.
+//! Storage, in two layers. The backend seam (`kv.rs`) is an ordered key-value store with one
+//! atomic durable batch and snapshot reads: all a backend implements, checked by the conformance
+//! suite. Above it, [`Storage`] is what the rest of the core asks of the engine (`crate::engine`,
+//! where every rule lives): apply a batch of broker operations in one durable commit, and the
+//! reads. This module also defines those operations ([`WriteOp`], [`DeliveryOp`]) and their
+//! outputs. Only `redb_kv.rs` names redb.
 
 pub(crate) mod codec;
 #[cfg(test)]
