@@ -174,6 +174,18 @@ pub struct DeliveryConfig {
     pub retry_after_ms_max: u64,
     /// In-flight bound of a subscription that names none (default 16).
     pub in_flight_max_default: u32,
+    /// Share of a push subscription's `in_flight_max` slots that slow deliveries may hold, in
+    /// percent (default 25; at least one slot, and values above 100 count as 100). A delivery
+    /// is slow when its last attempt got no answer (a timeout, a failed connection) or took at
+    /// least `slow_push_ms`; a push under way is slow once it has run that long. A slow
+    /// delivery does not start while slow pushes hold this share, so keys whose receiver hangs
+    /// leave the other slots to the subscription's healthy keys (counted in
+    /// `postroom_push_held_back_total`). 100 turns the cap off.
+    pub slow_slots_max_percent: u32,
+    /// How long a push answer may take before its delivery counts as slow, in milliseconds
+    /// (default 2,000); see `slow_slots_max_percent`. An answer's own latency is measured; a
+    /// push under way is timed on the broker's clock.
+    pub slow_push_ms: u64,
     /// Largest in-flight bound a subscription may ask for (default 1,024).
     pub in_flight_max_max: u32,
     /// Queue bound of a subscription that names none (default 1,000,000 events).
@@ -192,6 +204,8 @@ pub struct DeliveryConfig {
     /// How long a rotated-out signing secret stays valid, in milliseconds (default 24 hours).
     pub secret_grace_ms: u64,
     /// Most queue records one scheduling pass or pull reads looking for due work (default 10,000).
+    /// Also the most failed deliveries a push dispatcher remembers (to order and cap them) per
+    /// subscription; beyond it the oldest are forgotten.
     pub scan_records_max: usize,
     /// Longest a dispatcher sleeps before looking again without being woken, in milliseconds
     /// (default 1,000).
@@ -249,6 +263,8 @@ impl Default for DeliveryConfig {
             push_redirects_max: 3,
             retry_after_ms_max: 3_600_000,
             in_flight_max_default: 16,
+            slow_slots_max_percent: 25,
+            slow_push_ms: 2000,
             in_flight_max_max: 1024,
             queue_depth_max_default: 1_000_000,
             lease_ms_default: 30_000,

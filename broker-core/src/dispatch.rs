@@ -4,6 +4,14 @@
 //! or dead endpoint therefore holds only its own subscription's slots, and no network call ever
 //! happens inside a write transaction.
 //!
+//! Within a subscription, [`crate::push_slots`] chooses what starts: deliveries whose last
+//! attempt timed out, could not connect or was slow (and pushes that have been running
+//! `delivery.slow_push_ms`) hold at most `delivery.slow_slots_max_percent` of the slots, so
+//! keys whose receiver hangs leave the rest to the healthy keys; and slow deliveries take turns,
+//! least recently tried first, so that every key is tried. To choose, the dispatcher asks
+//! storage for more due deliveries than it has free slots (one more per slow delivery it
+//! remembers) and starts the oldest ready ones.
+//!
 //! Dispatchers wake when the writer reports that their queue changed, when an outcome has been
 //! recorded, when the earliest retry falls due, and at least every `scheduler_tick_ms`.
 //!
@@ -14,7 +22,7 @@
 //! push's outcome could not be recorded either. Each subscription holds back on its own, and at
 //! most `in_flight_max` outcomes wait per subscription (one per busy offset).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -22,8 +30,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 
 use crate::broker::{Broker, Inner};
+use crate::clock::Timestamp;
 use crate::error::Error;
 use crate::ids::SubscriptionId;
+use crate::push_slots::{PushEnd, PushSlots, SlotBounds};
 use crate::storage::{DeliveryOp, DueDelivery, WriteOp};
 use crate::subscription::{DeliveryMode, Subscription, SubscriptionStatus};
 use crate::webhook::{secret_key, sign, PushRequest, PushResponse};
@@ -112,12 +122,15 @@ pub(crate) fn ensure_dispatcher(broker: &Broker, id: SubscriptionId) {
 }
 
 async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
-    let mut busy: HashSet<u64> = HashSet::new();
+    let mut slots = PushSlots::default();
     // Outcomes of this subscription whose record the writer refused and that are being
     // retried; while there are any, no push starts.
     let refused = Arc::new(AtomicUsize::new(0));
-    // Finished pushes report their offset once their outcome is recorded.
-    let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<u64>();
+    // Finished pushes report their offset, how they ended and when, once their outcome is
+    // recorded.
+    let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<Settled>();
+    // The bounds of this pass, also applied to the settlements it waits for.
+    let mut bounds: SlotBounds;
     loop {
         let wait = {
             let Some(inner) = weak.upgrade() else { return };
@@ -134,7 +147,9 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
                     continue;
                 }
             };
-            let tick = Duration::from_millis(broker.config().delivery.scheduler_tick_ms.max(1));
+            let config = broker.config();
+            let tick = Duration::from_millis(config.delivery.scheduler_tick_ms.max(1));
+            bounds = SlotBounds::new(sub.in_flight_max, &config.delivery);
             if !matches!(sub.mode, DeliveryMode::Push(_)) {
                 return;
             }
@@ -152,17 +167,17 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
                 });
                 tick
             } else {
-                dispatch_due(&broker, &sub, &mut busy, &refused, &settled_tx)
+                dispatch_due(&broker, &sub, &bounds, &mut slots, &refused, &settled_tx)
                     .unwrap_or(tick)
                     .min(tick)
             }
         };
         tokio::select! {
             _ = signals.dispatch.notified() => {}
-            Some(offset) = settled_rx.recv() => {
-                busy.remove(&offset);
-                while let Ok(o) = settled_rx.try_recv() {
-                    busy.remove(&o);
+            Some(s) = settled_rx.recv() => {
+                slots.settled(s.offset, s.end, s.at, &bounds);
+                while let Ok(s) = settled_rx.try_recv() {
+                    slots.settled(s.offset, s.end, s.at, &bounds);
                 }
             }
             _ = tokio::time::sleep(wait) => {}
@@ -170,34 +185,52 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
     }
 }
 
-/// Starts every due delivery there is room for; returns how long until the next one falls due.
-/// Starts nothing while an outcome's record is refused (`refused` > 0): the dispatcher looks
-/// again when that outcome is recorded, or at its next tick.
+/// A push whose outcome is recorded (or given up at shutdown): its slot is free again.
+struct Settled {
+    offset: u64,
+    end: PushEnd,
+    /// When the push ended, on the broker's clock.
+    at: Timestamp,
+}
+
+/// Starts the due deliveries there is room for, as [`PushSlots`] chooses them (oldest ready
+/// first, slow deliveries within their share of the slots); returns how long until the next one
+/// falls due. Starts nothing while an outcome's record is refused (`refused` > 0): the
+/// dispatcher looks again when that outcome is recorded, or at its next tick.
 fn dispatch_due(
     broker: &Broker,
     sub: &Subscription,
-    busy: &mut HashSet<u64>,
+    bounds: &SlotBounds,
+    slots: &mut PushSlots,
     refused: &Arc<AtomicUsize>,
-    settled: &mpsc::UnboundedSender<u64>,
+    settled: &mpsc::UnboundedSender<Settled>,
 ) -> Option<Duration> {
     if refused.load(Ordering::SeqCst) > 0 {
         return None;
     }
-    let free = (sub.in_flight_max as usize).saturating_sub(busy.len());
-    if free == 0 {
+    if slots.free(bounds) == 0 {
         return None;
     }
     let now = broker.now();
     let scan_max = broker.config().delivery.scan_records_max;
-    let (due, next) = match broker.inner().store.due(sub.id, now, busy, free, scan_max) {
+    let wanted = slots.wanted(bounds);
+    let (due, next) = match broker
+        .inner()
+        .store
+        .due(sub.id, now, slots.busy(), wanted, scan_max)
+    {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(subscription = %sub.id, error = %e, "cannot read due deliveries");
             return None;
         }
     };
-    for d in due {
-        busy.insert(d.offset);
+    let pass = slots.choose(due, now, bounds);
+    if pass.held_back > 0 {
+        crate::telemetry::push_held_back(sub.id, pass.held_back);
+        tracing::debug!(subscription = %sub.id, held_back = pass.held_back, slow_max = bounds.slow_max, "slow deliveries wait: slow pushes hold their share of the slots");
+    }
+    for d in pass.start {
         broker
             .inner()
             .pushes_in_flight
@@ -208,9 +241,15 @@ fn dispatch_due(
         let refused = refused.clone();
         tokio::spawn(async move {
             let response = push_one(&broker, &sub, &d).await;
+            let end = PushEnd::of(&response, broker.config().delivery.slow_push_ms);
+            let at = broker.now();
             record_outcome(broker, sub.id, &d, response, &refused).await;
             // Only now may the delivery be attempted again.
-            let _ = settled.send(d.offset);
+            let _ = settled.send(Settled {
+                offset: d.offset,
+                end,
+                at,
+            });
         });
     }
     next.map(|at| Duration::from_millis(at.ms_since(now)))

@@ -46,6 +46,7 @@ mod model;
 mod net_guard;
 mod operations;
 mod publish;
+mod push_slots;
 mod retry;
 mod rights;
 mod runtime;

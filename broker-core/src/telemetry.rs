@@ -26,6 +26,9 @@ pub const DELIVERY_ATTEMPTS_TOTAL: &str = "postroom_delivery_attempts_total";
 pub const DELIVERY_LATENCY: &str = "postroom_delivery_latency_seconds";
 /// Deliveries moved to the dead letters, by subscription and reason.
 pub const DEAD_LETTERED_TOTAL: &str = "postroom_dead_lettered_total";
+/// Due push deliveries of slow keys that waited for a slot because slow pushes held their share
+/// (`delivery.slow_slots_max_percent`), by subscription; each wait counted once.
+pub const PUSH_HELD_BACK_TOTAL: &str = "postroom_push_held_back_total";
 
 /// Registers help texts and units for the core's metrics with the installed recorder; call it
 /// once after installing one.
@@ -58,6 +61,10 @@ pub fn describe() {
     describe_counter!(
         DEAD_LETTERED_TOTAL,
         "Deliveries moved to the dead letters, by subscription and reason."
+    );
+    describe_counter!(
+        PUSH_HELD_BACK_TOTAL,
+        "Due push deliveries of slow keys that waited for a slot because slow pushes held their share, by subscription."
     );
 }
 
@@ -125,4 +132,9 @@ pub(crate) fn dead_lettered(sub: u128, reason: &str) {
     let sub = SubscriptionId(uuid::Uuid::from_u128(sub)).to_string();
     metrics::counter!(DEAD_LETTERED_TOTAL, "subscription" => sub, "reason" => reason.to_string())
         .increment(1);
+}
+
+/// Records `n` slow push deliveries that began waiting for a slot of `sub`.
+pub(crate) fn push_held_back(sub: SubscriptionId, n: usize) {
+    metrics::counter!(PUSH_HELD_BACK_TOTAL, "subscription" => sub.to_string()).increment(n as u64);
 }

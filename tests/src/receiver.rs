@@ -1,6 +1,7 @@
 //! A local webhook receiver for delivery tests: an axum server on a loopback port that records
 //! every request and answers as the test tells it (succeed, fail, time out, redirect, 429 with
-//! Retry-After, 410, fail at random, or hold its answer until the test releases it).
+//! Retry-After, 410, fail at random, or hold its answer until the test releases it), by path or
+//! by ordering key.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -59,6 +60,8 @@ struct Shared {
     default: Mutex<Behaviour>,
     script: Mutex<VecDeque<Behaviour>>,
     per_path: Mutex<HashMap<String, Behaviour>>,
+    /// By the `postroom-key` header; before `per_path`.
+    per_key: Mutex<HashMap<String, Behaviour>>,
     /// Opened by [`Receiver::release`]; held requests wait for it.
     gate: tokio::sync::watch::Sender<bool>,
     tx: mpsc::UnboundedSender<Received>,
@@ -80,6 +83,7 @@ impl Receiver {
             default: Mutex::new(Behaviour::Ok),
             script: Mutex::new(VecDeque::new()),
             per_path: Mutex::new(HashMap::new()),
+            per_key: Mutex::new(HashMap::new()),
             gate: tokio::sync::watch::Sender::new(false),
             tx,
         });
@@ -113,6 +117,16 @@ impl Receiver {
             .lock()
             .unwrap()
             .insert(path.to_string(), b);
+    }
+
+    /// Answer requests for one ordering key (the `postroom-key` header) like this, whatever
+    /// their path; scripted answers still come first.
+    pub fn set_for_key(&self, key: &str, b: Behaviour) {
+        self.shared
+            .per_key
+            .lock()
+            .unwrap()
+            .insert(key.to_string(), b);
     }
 
     /// Answer the next requests like these, in order.
@@ -172,7 +186,12 @@ async fn handle(
 ) -> Response {
     let behaviour = {
         let scripted = shared.script.lock().unwrap().pop_front();
+        let key = headers
+            .get("postroom-key")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         scripted
+            .or_else(|| shared.per_key.lock().unwrap().get(key).cloned())
             .or_else(|| shared.per_path.lock().unwrap().get(&path).cloned())
             .unwrap_or_else(|| shared.default.lock().unwrap().clone())
     };
