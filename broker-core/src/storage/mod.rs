@@ -1,7 +1,7 @@
 //! Storage behind one narrow interface shaped by the broker's operations, not by any engine's
 //! API: apply a batch of writes in one durable commit, and a handful of reads. redb is the only
 //! backend today; a distributed one can stand beside it by implementing [`Storage`] without the
-//! rest of the core changing. Only `redb_store` names redb.
+//! rest of the core changing. Only `redb_kv` and its layout migration `redb_migrate` name redb.
 
 pub(crate) mod codec;
 #[cfg(test)]
@@ -11,6 +11,7 @@ pub(crate) mod kv;
 #[cfg(test)]
 mod mem_kv;
 mod redb_kv;
+mod redb_migrate;
 pub(crate) mod txn;
 
 pub(crate) use crate::engine::{ack_id, parse_ack_id, Engine};
