@@ -29,8 +29,8 @@ use crate::model::{
     SweepReport,
 };
 use crate::storage::codec::{decode, decode_with_tail, encode, encode_with_tail};
-use crate::storage::kv::KvStore;
 use crate::storage::kv::Space;
+use crate::storage::kv::{KvStore, LAYOUT_VERSION};
 use crate::storage::txn::{Def, Table, Txn};
 use crate::storage::{
     Applied, DeliveryDefaults, PreparedEvent, PublishTarget, RecordKind, RoomQuota, Storage,
@@ -76,9 +76,6 @@ const RESPONSES: Def<(String, String), Vec<u8>> = Def::new(Space::Responses);
 const RESPONSE_EXPIRY: Def<(u64, String, String), ()> = Def::new(Space::ResponseExpiry);
 /// Ids of deleted Rooms whose contents the sweep has not finished purging.
 const DELETED_ROOMS: Def<u64, ()> = Def::new(Space::DeletedRooms);
-
-/// The on-disk layout version, checked at open.
-const LAYOUT_VERSION: u64 = 2;
 
 /// Sequences are checkpointed into KEY_SEQ after this many events, bounding the log replay at
 /// open to about this many records.

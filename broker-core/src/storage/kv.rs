@@ -25,6 +25,11 @@ use std::sync::Arc;
 
 use crate::error::Result;
 
+/// The storage layout this build reads and writes, stored as `layout_version` in `Space::Meta`.
+/// Layout 1 was the previous release's (typed redb tables), which the redb backend migrates in
+/// place when it opens such a file.
+pub(crate) const LAYOUT_VERSION: u64 = 2;
+
 /// The key spaces. Each is an independent ordered map; the numbers are stable (a backend may
 /// store them), so a new space takes a new number and an old one is never reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -3,7 +3,7 @@
 //! suite. Above it, [`Storage`] is what the rest of the core asks of the engine (`crate::engine`,
 //! where every rule lives): apply a batch of broker operations in one durable commit, and the
 //! reads. This module also defines those operations ([`WriteOp`], [`DeliveryOp`]) and their
-//! outputs. Only `redb_kv.rs` names redb.
+//! outputs. Only `redb_kv.rs` and its layout migration `redb_migrate.rs` name redb.
 
 pub(crate) mod codec;
 #[cfg(test)]
@@ -13,6 +13,7 @@ pub(crate) mod kv;
 #[cfg(test)]
 mod mem_kv;
 mod redb_kv;
+mod redb_migrate;
 pub(crate) mod txn;
 
 pub(crate) use crate::engine::{ack_id, parse_ack_id, Engine};

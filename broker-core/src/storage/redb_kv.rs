@@ -3,6 +3,9 @@
 //! "done" can lose nothing), MVCC read transactions as snapshots (a read never waits for the
 //! writer).
 //!
+//! A data file of storage layout 1 (the previous release's typed tables) is migrated in place
+//! when it is opened (see `redb_migrate.rs`).
+//!
 //! After a failed commit redb refuses further writes until the database is opened again (its
 //! in-memory state may disagree with the file), so [`KvStore::recover`] reopens a file-backed
 //! database: once the cause is gone (space freed), writes succeed again without a restart.
@@ -13,7 +16,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use redb::{
     Database, Durability, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable,
-    TableDefinition, TableHandle,
+    TableDefinition,
 };
 
 use super::kv::{Batch, Entry, KvStore, Order, Snapshot, Space};
@@ -21,7 +24,7 @@ use crate::error::{Error, Result};
 
 /// The definition of a space's table. Names carry a `kv.` prefix so that they never meet the
 /// typed tables of the first layout.
-fn table(space: Space) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
+pub(super) fn table(space: Space) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
     TableDefinition::new(TABLE_NAMES[space as usize - 1])
 }
 
@@ -52,7 +55,7 @@ const TABLE_NAMES: [&str; 24] = [
     "kv.ready",
 ];
 
-fn err(e: impl std::fmt::Display) -> Error {
+pub(super) fn err(e: impl std::fmt::Display) -> Error {
     Error::Storage(e.to_string())
 }
 
@@ -109,15 +112,8 @@ impl RedbKv {
             .set_cache_size(cache_bytes)
             .create(path)
             .map_err(err)?;
-        let names = Self::table_names(&db)?;
-        if names.iter().any(|n| n == "meta") && !names.iter().any(|n| n == "kv.meta") {
-            // Opening it as a new store would hide every stored event: refuse instead.
-            return Err(Error::Storage(format!(
-                "{} was written by an earlier Postroom (storage layout 1), which this build \
-                 cannot read; keep running the earlier release on it",
-                path.display()
-            )));
-        }
+        // A file of the previous release is migrated in place before anything reads it.
+        super::redb_migrate::migrate_if_needed(&db, path)?;
         Self::create_tables(&db)?;
         Ok(db)
     }
@@ -129,17 +125,6 @@ impl RedbKv {
             txn.open_table(table(space)).map_err(err)?;
         }
         txn.commit().map_err(err)
-    }
-
-    /// The names of the tables in the file, for recognising an older layout.
-    fn table_names(db: &Database) -> Result<Vec<String>> {
-        let txn = db.begin_read().map_err(err)?;
-        let names = txn
-            .list_tables()
-            .map_err(err)?
-            .map(|t| t.name().to_string())
-            .collect();
-        Ok(names)
     }
 
     /// A file-backed database whose writes fail with "no space left on device" while `full` is
