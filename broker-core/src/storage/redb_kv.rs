@@ -55,6 +55,29 @@ const TABLE_NAMES: [&str; 24] = [
     "kv.ready",
 ];
 
+impl From<redb::Error> for Error {
+    fn from(e: redb::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
+}
+macro_rules! storage_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Error::Storage(e.to_string())
+            }
+        }
+    )*};
+}
+storage_errors!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
 pub(super) fn err(e: impl std::fmt::Display) -> Error {
     Error::Storage(e.to_string())
 }

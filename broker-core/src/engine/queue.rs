@@ -1,0 +1,566 @@
+//! The delivery queues: what each subscription is still owed, leases to pullers and their
+//! settling (ack, nack, extend, terminate), the outcomes of pushes, retries or dead-lettering
+//! (through `retry.rs`), the attempt log, and stopping one event. Queues are keyed by
+//! (subscription, Room log offset), so fan-out at publish time appends at the end of each
+//! subscription's range (one page per subscription per commit, not one per event), and a key's
+//! deliveries come in sequence order because the writer assigns offset and sequence together.
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::events::decode_event_header;
+use super::subs::{StoredMode, SubRecord};
+use super::Tables;
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+use crate::ids::{EventId, EventTypeName, OrderingKey};
+use crate::retry::{self, Next};
+use crate::storage::codec::{decode, encode};
+use crate::storage::{AckAction, LeaseGrant, WriteOutput};
+use crate::subscription::{AttemptOutcome, SubscriptionStatus};
+use crate::webhook::PushResponse;
+
+#[derive(Serialize, Deserialize, Clone)]
+pub(super) struct DeliveryRecord {
+    pub(super) event_id: u128,
+    pub(super) event_type: EventTypeName,
+    pub(super) key: OrderingKey,
+    pub(super) sequence: u64,
+    pub(super) published_at: Timestamp,
+    /// Attempts so far, counted over the delivery's whole life so that every attempt in the log
+    /// has its own number.
+    pub(super) attempts: u32,
+    /// `attempts` when the current schedule started (0, or the count at a redrive or seek): the
+    /// policy's `attempts_max` counts from here.
+    pub(super) attempts_base: u32,
+    pub(super) next_attempt_at: Timestamp,
+    /// Set while leased to a puller.
+    pub(super) lease_until: Option<Timestamp>,
+    pub(super) last_error: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct DeadRecord {
+    pub(super) delivery: DeliveryRecord,
+    pub(super) reason: String,
+    pub(super) dead_at: Timestamp,
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct AttemptRecord {
+    pub(super) event_id: u128,
+    pub(super) outcome: AttemptOutcome,
+    pub(super) status: Option<u16>,
+    pub(super) error: Option<String>,
+    pub(super) latency_ms: u64,
+    pub(super) at: Timestamp,
+}
+
+/// The ack id handed to pullers: the log offset and the attempt it leases.
+pub(crate) fn ack_id(offset: u64, attempt: u32) -> String {
+    format!("{offset}-{attempt}")
+}
+
+/// Parses an ack id; a malformed one is bad input.
+pub(crate) fn parse_ack_id(s: &str) -> Result<(u64, u32)> {
+    s.split_once('-')
+        .and_then(|(o, a)| Some((o.parse().ok()?, a.parse().ok()?)))
+        .ok_or_else(|| {
+            Error::invalid(
+                "ack_id",
+                format!("`{s}` is not an ack id this broker issued"),
+            )
+        })
+}
+
+/// Why an attempt failed, for scheduling the next one.
+pub(super) struct Failure {
+    /// The receiver's Retry-After, when it sent one with 429 or 503.
+    retry_after_ms: Option<u64>,
+    error: String,
+}
+
+impl Failure {
+    fn new(retry_after_ms: Option<u64>, error: &str) -> Self {
+        Failure {
+            retry_after_ms,
+            error: error.to_string(),
+        }
+    }
+}
+
+impl<'t> Tables<'t> {
+    /// Dead-letters every undelivered copy of one event (reason `stopped`). A copy being pushed
+    /// right now is stopped too; its outcome finds no delivery and is ignored like any other
+    /// late outcome.
+    pub(super) fn stop_event(&mut self, now: Timestamp, event: EventId) -> Result<WriteOutput> {
+        let (room_id, offset) = match self.events.get(event.0.as_u128())? {
+            Some(g) => {
+                let h = decode_event_header(&g)?;
+                (h.room_id, h.offset)
+            }
+            None => {
+                return Err(Error::EventNotFound {
+                    id: event.to_string(),
+                })
+            }
+        };
+        let subs: Vec<u128> = self
+            .room_subs
+            .range((room_id, 0u128)..=(room_id, u128::MAX))?
+            .map(|r| r.map(|(k, _)| k.1))
+            .collect::<std::result::Result<_, _>>()?;
+        let mut n = 0;
+        for sub in subs {
+            let mut rec: DeliveryRecord = match self.deliveries.get((sub, offset))? {
+                Some(g) => decode(&g)?,
+                None => continue,
+            };
+            let attempt = self.last_attempt_no(sub, offset)?.max(rec.attempts) + 1;
+            // The stop is an attempt of its own: a redrive continues after it, rather than
+            // logging its next attempt under the same number.
+            rec.attempts = attempt;
+            self.log_attempt(
+                sub,
+                offset,
+                attempt,
+                &AttemptRecord {
+                    event_id: rec.event_id,
+                    outcome: AttemptOutcome::DeadLettered,
+                    status: None,
+                    error: Some("stopped by the publisher".into()),
+                    latency_ms: 0,
+                    at: now,
+                },
+                rec.published_at,
+            )?;
+            self.dead_letter(now, sub, offset, rec, "stopped")?;
+            n += 1;
+        }
+        Ok(WriteOutput::Count { n, more: false })
+    }
+
+    /// The highest attempt number logged for a delivery, 0 if none.
+    pub(super) fn last_attempt_no(&self, sub: u128, offset: u64) -> Result<u32> {
+        Ok(
+            match self
+                .attempts
+                .range_rev((sub, offset, 0)..=(sub, offset, u32::MAX))?
+                .next()
+            {
+                Some(item) => item?.0 .2,
+                None => 0,
+            },
+        )
+    }
+
+    /// Logs one attempt; `published_at` is the event's, for the delivery latency metric.
+    fn log_attempt(
+        &mut self,
+        sub: u128,
+        offset: u64,
+        attempt: u32,
+        rec: &AttemptRecord,
+        published_at: Timestamp,
+    ) -> Result<()> {
+        self.attempts
+            .insert((sub, offset, attempt), encode(rec)?.as_slice())?;
+        // Observed here because this is the one place every attempt passes; counted after the
+        // commit, so that a failed commit counts nothing.
+        self.observed.push(crate::storage::Observation::Attempt {
+            sub,
+            event: rec.event_id,
+            outcome: rec.outcome,
+            published_at,
+            at: rec.at,
+        });
+        Ok(())
+    }
+
+    /// Moves a delivery to the dead letters.
+    fn dead_letter(
+        &mut self,
+        now: Timestamp,
+        sub: u128,
+        offset: u64,
+        rec: DeliveryRecord,
+        reason: &'static str,
+    ) -> Result<()> {
+        self.deliveries.remove((sub, offset))?;
+        let dead = DeadRecord {
+            delivery: rec,
+            reason: reason.into(),
+            dead_at: now,
+        };
+        self.dead_letters
+            .insert((sub, offset), encode(&dead)?.as_slice())?;
+        self.observed
+            .push(crate::storage::Observation::DeadLettered { sub, reason });
+        let (backlog, dead_n) = self.sub_stats(sub)?;
+        self.sub_stats
+            .insert(sub, (backlog.saturating_sub(1), dead_n + 1))?;
+        self.touched.insert(sub);
+        Ok(())
+    }
+
+    fn complete(&mut self, sub: u128, offset: u64) -> Result<()> {
+        self.deliveries.remove((sub, offset))?;
+        let (backlog, dead) = self.sub_stats(sub)?;
+        self.sub_stats
+            .insert(sub, (backlog.saturating_sub(1), dead))?;
+        self.touched.insert(sub);
+        Ok(())
+    }
+
+    /// After a failed attempt: schedule the next one or dead-letter.
+    fn fail(
+        &mut self,
+        now: Timestamp,
+        sub: &SubRecord,
+        sub_id: u128,
+        offset: u64,
+        mut rec: DeliveryRecord,
+        failure: Failure,
+    ) -> Result<()> {
+        let Failure {
+            retry_after_ms,
+            error,
+        } = failure;
+        let room_retry = self.room_retry(sub.room_id, &sub.room)?;
+        let policy = sub.retry.apply(&room_retry.apply(&self.defaults.retry));
+        let seed = (rec.event_id as u64) ^ u64::from(rec.attempts);
+        rec.last_error = Some(error);
+        rec.lease_until = None;
+        let in_schedule = rec.attempts.saturating_sub(rec.attempts_base);
+        match retry::next_after_failure(
+            &policy,
+            in_schedule,
+            rec.published_at,
+            now,
+            retry_after_ms,
+            self.defaults.retry_after_ms_max,
+            seed,
+        ) {
+            Next::RetryAt(at) => {
+                rec.next_attempt_at = at;
+                self.deliveries
+                    .insert((sub_id, offset), encode(&rec)?.as_slice())?;
+                self.touched.insert(sub_id);
+                Ok(())
+            }
+            Next::AttemptsExhausted => {
+                self.dead_letter(now, sub_id, offset, rec, "attempts_exhausted")
+            }
+            Next::TtlExpired => self.dead_letter(now, sub_id, offset, rec, "ttl_expired"),
+        }
+    }
+
+    pub(super) fn push_outcome(
+        &mut self,
+        now: Timestamp,
+        sub_id: u128,
+        offset: u64,
+        attempt: u32,
+        resp: PushResponse,
+    ) -> Result<()> {
+        // The subscription or the delivery may be gone (deleted, seeked, redriven): nothing to do.
+        let Ok(sub) = self.sub_record(sub_id) else {
+            return Ok(());
+        };
+        let mut rec: DeliveryRecord = match self.deliveries.get((sub_id, offset))? {
+            Some(g) => decode(&g)?,
+            None => return Ok(()),
+        };
+        if rec.attempts + 1 != attempt {
+            return Ok(());
+        }
+        rec.attempts = attempt;
+        let ok = resp.status.is_some_and(|s| (200..300).contains(&s));
+        self.log_attempt(
+            sub_id,
+            offset,
+            attempt,
+            &AttemptRecord {
+                event_id: rec.event_id,
+                outcome: if ok {
+                    AttemptOutcome::Delivered
+                } else {
+                    AttemptOutcome::Failed
+                },
+                status: resp.status,
+                error: resp.error.clone(),
+                latency_ms: resp.latency_ms,
+                at: now,
+            },
+            rec.published_at,
+        )?;
+        if ok {
+            return self.complete(sub_id, offset);
+        }
+        let error = match (resp.status, &resp.error) {
+            (Some(s), _) => format!("HTTP {s}"),
+            (None, Some(e)) => e.clone(),
+            (None, None) => "no response".into(),
+        };
+        if resp.status == Some(410) {
+            // The receiver unsubscribed: stop, keep the backlog, say why.
+            let mut sub = sub;
+            sub.status = SubscriptionStatus::Disabled;
+            sub.status_reason = Some("endpoint answered 410 Gone".into());
+            sub.updated_at = now;
+            self.store_sub(sub_id, &sub)?;
+            rec.last_error = Some(error);
+            self.deliveries
+                .insert((sub_id, offset), encode(&rec)?.as_slice())?;
+            return Ok(());
+        }
+        let retry_after = match resp.status {
+            Some(429 | 503) => resp.retry_after_ms,
+            _ => None,
+        };
+        self.fail(
+            now,
+            &sub,
+            sub_id,
+            offset,
+            rec,
+            Failure {
+                retry_after_ms: retry_after,
+                error,
+            },
+        )
+    }
+
+    pub(super) fn lease(
+        &mut self,
+        now: Timestamp,
+        sub_id: u128,
+        max: usize,
+        lease_ms: u64,
+        scan_max: usize,
+    ) -> Result<WriteOutput> {
+        let sub = self.sub_record(sub_id)?;
+        if !matches!(sub.mode, StoredMode::Pull) {
+            return Err(Error::invalid(
+                "subscription",
+                "pull is only for pull subscriptions",
+            ));
+        }
+        if sub.status != SubscriptionStatus::Active || sub.seeking {
+            // Resuming or finishing a seek is a write, which wakes waiting pullers.
+            return Ok(WriteOutput::Leased {
+                grants: Vec::new(),
+                next_due: None,
+            });
+        }
+        let candidates: Vec<(u64, DeliveryRecord)> = self
+            .deliveries
+            .range((sub_id, 0)..=(sub_id, u64::MAX))?
+            .take(scan_max)
+            .map(|r| r.and_then(|(k, v)| Ok((k.1, decode::<DeliveryRecord>(&v)?))))
+            .collect::<Result<_>>()?;
+        // With ordering, only the first undelivered event of each key may go out, and not while
+        // any event of the key is leased (a redrive can put an older event in front of one out).
+        let leased: HashSet<OrderingKey> = if sub.ordered {
+            candidates
+                .iter()
+                .filter(|(_, r)| r.lease_until.is_some_and(|u| u > now))
+                .map(|(_, r)| r.key.clone())
+                .collect()
+        } else {
+            HashSet::new()
+        };
+        let mut heads = HashSet::new();
+        let mut grants = Vec::new();
+        // The earliest later time at which a message looked at falls due by time alone: its
+        // lease runs out (which also frees its key, with ordering) or its retry delay does.
+        // Events behind a key's head fall due only by a write (an ack), which wakes pullers.
+        let mut next_due: Option<Timestamp> = None;
+        let mut due_at = |t: Timestamp| next_due = Some(next_due.map_or(t, |n| n.min(t)));
+        for (offset, mut rec) in candidates {
+            if grants.len() >= max {
+                break;
+            }
+            if let Some(until) = rec.lease_until.filter(|u| *u > now) {
+                due_at(until);
+            }
+            if sub.ordered && !heads.insert(rec.key.clone()) {
+                continue;
+            }
+            if sub.ordered && leased.contains(&rec.key) && rec.lease_until.is_none_or(|u| u <= now)
+            {
+                continue;
+            }
+            if let Some(until) = rec.lease_until {
+                if until > now {
+                    continue;
+                }
+                // The lease ran out: that attempt failed, after as long as the lease was held
+                // (its row says when it was leased; this row replaces it).
+                let leased_at = match self.attempts.get((sub_id, offset, rec.attempts))? {
+                    Some(g) => decode::<AttemptRecord>(&g)?.at,
+                    None => until,
+                };
+                self.log_attempt(
+                    sub_id,
+                    offset,
+                    rec.attempts,
+                    &AttemptRecord {
+                        event_id: rec.event_id,
+                        outcome: AttemptOutcome::LeaseExpired,
+                        status: None,
+                        error: Some("lease expired".into()),
+                        latency_ms: until.ms_since(leased_at),
+                        at: now,
+                    },
+                    rec.published_at,
+                )?;
+                let snapshot = rec.clone();
+                // The attempt failed at the deadline, however late a pull notices: the backoff
+                // counts from there, so the schedule does not depend on when pullers call.
+                self.fail(
+                    until,
+                    &sub,
+                    sub_id,
+                    offset,
+                    snapshot,
+                    Failure::new(None, "lease expired"),
+                )?;
+                // Re-read: it may now be scheduled later or dead-lettered.
+                match self.deliveries.get((sub_id, offset))? {
+                    Some(g) => rec = decode(&g)?,
+                    None => continue,
+                }
+            }
+            if rec.next_attempt_at > now {
+                due_at(rec.next_attempt_at);
+                continue;
+            }
+            rec.attempts += 1;
+            let until = now.plus_ms(lease_ms);
+            rec.lease_until = Some(until);
+            self.deliveries
+                .insert((sub_id, offset), encode(&rec)?.as_slice())?;
+            self.log_attempt(
+                sub_id,
+                offset,
+                rec.attempts,
+                &AttemptRecord {
+                    event_id: rec.event_id,
+                    outcome: AttemptOutcome::Leased,
+                    status: None,
+                    error: None,
+                    latency_ms: 0,
+                    at: now,
+                },
+                rec.published_at,
+            )?;
+            grants.push(LeaseGrant {
+                offset,
+                attempt: rec.attempts,
+                lease_until: until,
+                event_id: EventId(Uuid::from_u128(rec.event_id)),
+            });
+        }
+        Ok(WriteOutput::Leased { grants, next_due })
+    }
+
+    pub(super) fn settle(
+        &mut self,
+        now: Timestamp,
+        sub_id: u128,
+        refs: Vec<(u64, u32)>,
+        action: AckAction,
+    ) -> Result<WriteOutput> {
+        let sub = self.sub_record(sub_id)?;
+        let mut results = Vec::with_capacity(refs.len());
+        for (offset, attempt) in refs {
+            let rec: Option<DeliveryRecord> = match self.deliveries.get((sub_id, offset))? {
+                Some(g) => Some(decode(&g)?),
+                None => None,
+            };
+            // Only the current lease may be settled; a stale ack id means the message was
+            // redelivered (or already settled) and the caller must not assume its action held.
+            let Some(mut rec) =
+                rec.filter(|r| r.attempts == attempt && r.lease_until.is_some_and(|u| u > now))
+            else {
+                results.push(Err(Error::LeaseNotHeld {
+                    ack_id: ack_id(offset, attempt),
+                }));
+                continue;
+            };
+            let outcome = match action {
+                AckAction::Ack => {
+                    self.complete(sub_id, offset)?;
+                    AttemptOutcome::Acked
+                }
+                AckAction::Nack { delay_ms } => {
+                    match delay_ms {
+                        Some(d) => {
+                            rec.lease_until = None;
+                            rec.next_attempt_at = now.plus_ms(d);
+                            rec.last_error = Some("nacked".into());
+                            let policy = sub.retry.apply(
+                                &self
+                                    .room_retry(sub.room_id, &sub.room)?
+                                    .apply(&self.defaults.retry),
+                            );
+                            if rec.attempts.saturating_sub(rec.attempts_base) >= policy.attempts_max
+                            {
+                                self.dead_letter(
+                                    now,
+                                    sub_id,
+                                    offset,
+                                    rec.clone(),
+                                    "attempts_exhausted",
+                                )?;
+                            } else {
+                                self.deliveries
+                                    .insert((sub_id, offset), encode(&rec)?.as_slice())?;
+                                self.touched.insert(sub_id);
+                            }
+                        }
+                        None => self.fail(
+                            now,
+                            &sub,
+                            sub_id,
+                            offset,
+                            rec.clone(),
+                            Failure::new(None, "nacked"),
+                        )?,
+                    }
+                    AttemptOutcome::Nacked
+                }
+                AckAction::Extend { lease_ms } => {
+                    rec.lease_until = Some(now.plus_ms(lease_ms));
+                    self.deliveries
+                        .insert((sub_id, offset), encode(&rec)?.as_slice())?;
+                    results.push(Ok(()));
+                    continue;
+                }
+                AckAction::Term => {
+                    self.dead_letter(now, sub_id, offset, rec.clone(), "terminated")?;
+                    AttemptOutcome::Terminated
+                }
+            };
+            self.log_attempt(
+                sub_id,
+                offset,
+                attempt,
+                &AttemptRecord {
+                    event_id: rec.event_id,
+                    outcome,
+                    status: None,
+                    error: None,
+                    latency_ms: 0,
+                    at: now,
+                },
+                rec.published_at,
+            )?;
+            results.push(Ok(()));
+        }
+        Ok(WriteOutput::Settled(results))
+    }
+}
