@@ -893,3 +893,74 @@ async fn a_bad_push_allow_range_is_a_configuration_error() {
         "{text}"
     );
 }
+
+/// Issue 15, defect 8: `published_at` meant two things. A redrive (or a seek) reset it to restart
+/// the time to live, so a redriven push said it was published at the redrive, and its latency
+/// counted from there. Now a delivery keeps the event's publish time for the header and the
+/// latency, and its schedule (the time to live) starts again at the redrive on its own.
+#[tokio::test]
+async fn a_redriven_push_keeps_its_publish_time_and_restarts_its_time_to_live() {
+    let mut rx = Receiver::start().await;
+    rx.set(Behaviour::Status(500));
+    let (broker, clock) = memory_broker(test_config()).await;
+    setup_room(&broker, "r").await;
+    let sub = push_sub(
+        &broker,
+        rx.url("a"),
+        RetryOverrides {
+            ttl_ms: Some(60_000),
+            ..fast_retry()
+        },
+    )
+    .await;
+    let e = broker.publish(moved("r", "p", 1)).await.unwrap();
+    let published = broker.event(e.id).unwrap().received_at.to_rfc3339();
+    let first = rx.next(WAIT).await.unwrap();
+    assert_eq!(first.header("postroom-published-at"), published);
+    // Past its time to live, the delivery is dead-lettered.
+    clock.advance_ms(120_000);
+    broker.wake_deliveries();
+    let dead = eventually("dead letter", || {
+        broker
+            .dead_letters(sub, None, None)
+            .ok()
+            .filter(|p| !p.items.is_empty())
+    })
+    .await;
+    assert_eq!(dead.items[0].reason, "ttl_expired");
+    rx.drain();
+
+    assert_eq!(broker.redrive(sub, Some(vec![e.id])).await.unwrap(), 1);
+    let again = rx.next(WAIT).await.unwrap();
+    assert_eq!(
+        (
+            again.header("postroom-event-id"),
+            again.header("postroom-published-at")
+        ),
+        (e.id.to_string().as_str(), published.as_str()),
+        "a redriven push says when the event was published"
+    );
+    // It failed again; its time to live counts from the redrive, so it is retried (once the
+    // failure is recorded: its retry is due 1 ms after it).
+    let attempt: u32 = again.header("postroom-attempt").parse().unwrap();
+    eventually("the failure recorded", || {
+        broker
+            .event_deliveries(e.id)
+            .unwrap()
+            .into_iter()
+            .find(|d| d.attempts == attempt && d.next_attempt_at.is_some())
+    })
+    .await;
+    clock.advance_ms(1);
+    broker.wake_deliveries();
+    let retried = rx
+        .next(WAIT)
+        .await
+        .expect("the redriven delivery was retried");
+    assert_eq!(retried.header("postroom-event-id"), e.id.to_string());
+    assert!(broker
+        .dead_letters(sub, None, None)
+        .unwrap()
+        .items
+        .is_empty());
+}

@@ -12,7 +12,6 @@ use super::Tables;
 use crate::clock::Timestamp;
 use crate::error::Result;
 use crate::ids::EventTypeName;
-use crate::storage::codec::encode;
 use crate::subscription::SubscriptionStatus;
 
 /// A subscription the writer fans out to, cached per Room.
@@ -78,6 +77,7 @@ impl<'t> Tables<'t> {
                 key: d.key.clone(),
                 sequence: d.sequence,
                 published_at: now,
+                schedule_from: now,
                 attempts: 0,
                 attempts_base: 0,
                 next_attempt_at: now,
@@ -92,7 +92,7 @@ impl<'t> Tables<'t> {
                     dead_at: now,
                 };
                 self.dead_letters
-                    .insert((t.id, offset), encode(&dead_rec)?.as_slice())?;
+                    .insert((t.id, offset), dead_rec.encode()?.as_slice())?;
                 self.sub_stats.insert(t.id, (backlog, dead + 1))?;
                 self.observed
                     .push(crate::storage::Observation::DeadLettered {
@@ -101,7 +101,7 @@ impl<'t> Tables<'t> {
                     });
             } else {
                 self.deliveries
-                    .insert((t.id, offset), encode(&rec)?.as_slice())?;
+                    .insert((t.id, offset), rec.encode()?.as_slice())?;
                 self.sub_stats.insert(t.id, (backlog + 1, dead))?;
             }
             self.touched.insert(t.id);

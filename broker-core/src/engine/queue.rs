@@ -17,18 +17,28 @@ use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::ids::{EventId, EventTypeName, OrderingKey};
 use crate::retry::{self, Next};
-use crate::storage::codec::{decode, encode};
+use crate::storage::codec::{decode, decode_with_tail, encode, encode_with_tail};
 use crate::storage::{AckAction, LeaseGrant, WriteOutput};
 use crate::subscription::{AttemptOutcome, SubscriptionStatus};
 use crate::webhook::PushResponse;
 
-#[derive(Serialize, Deserialize, Clone)]
+/// What a subscription still owes of one event. Stored as the first layout's fields (postcard)
+/// followed by the fields added since, so that records written before still decode (see
+/// [`DeliveryRecord::decode`]); hence no serde derive on it: every write goes through
+/// [`DeliveryRecord::encode`].
+#[derive(Clone)]
 pub(super) struct DeliveryRecord {
     pub(super) event_id: u128,
     pub(super) event_type: EventTypeName,
     pub(super) key: OrderingKey,
     pub(super) sequence: u64,
+    /// When the event was accepted: sent as `postroom-published-at` and the start of the
+    /// delivery latency. Never changes.
     pub(super) published_at: Timestamp,
+    /// When the current schedule started (the fan-out, a redrive, a seek): the retry policy's
+    /// time to live counts from here, and a redrive or seek restarts it without changing
+    /// `published_at`. Issue 15, defect 8.
+    pub(super) schedule_from: Timestamp,
     /// Attempts so far, counted over the delivery's whole life so that every attempt in the log
     /// has its own number.
     pub(super) attempts: u32,
@@ -41,11 +51,126 @@ pub(super) struct DeliveryRecord {
     pub(super) last_error: Option<String>,
 }
 
-#[derive(Serialize, Deserialize)]
+/// A dead letter: the delivery as it was, why, and when. Stored like [`DeliveryRecord`]: the
+/// first layout, then the fields added since.
 pub(super) struct DeadRecord {
     pub(super) delivery: DeliveryRecord,
     pub(super) reason: String,
     pub(super) dead_at: Timestamp,
+}
+
+/// The first stored layout of a delivery (postcard, field by field).
+#[derive(Serialize, Deserialize)]
+struct DeliveryV1 {
+    event_id: u128,
+    event_type: EventTypeName,
+    key: OrderingKey,
+    sequence: u64,
+    published_at: Timestamp,
+    attempts: u32,
+    attempts_base: u32,
+    next_attempt_at: Timestamp,
+    lease_until: Option<Timestamp>,
+    last_error: Option<String>,
+}
+
+/// The first stored layout of a dead letter.
+#[derive(Serialize, Deserialize)]
+struct DeadV1 {
+    delivery: DeliveryV1,
+    reason: String,
+    dead_at: Timestamp,
+}
+
+/// The fields added after the first layout, stored after it.
+#[derive(Serialize, Deserialize)]
+struct DeliveryExt {
+    schedule_from: Timestamp,
+}
+
+impl DeliveryRecord {
+    fn v1(&self) -> DeliveryV1 {
+        DeliveryV1 {
+            event_id: self.event_id,
+            event_type: self.event_type.clone(),
+            key: self.key.clone(),
+            sequence: self.sequence,
+            published_at: self.published_at,
+            attempts: self.attempts,
+            attempts_base: self.attempts_base,
+            next_attempt_at: self.next_attempt_at,
+            lease_until: self.lease_until,
+            last_error: self.last_error.clone(),
+        }
+    }
+
+    fn from_parts(v: DeliveryV1, ext: Option<DeliveryExt>) -> DeliveryRecord {
+        DeliveryRecord {
+            // A record of the first layout reset `published_at` at a redrive or seek, so that
+            // is when its schedule started.
+            schedule_from: ext.map_or(v.published_at, |e| e.schedule_from),
+            event_id: v.event_id,
+            event_type: v.event_type,
+            key: v.key,
+            sequence: v.sequence,
+            published_at: v.published_at,
+            attempts: v.attempts,
+            attempts_base: v.attempts_base,
+            next_attempt_at: v.next_attempt_at,
+            lease_until: v.lease_until,
+            last_error: v.last_error,
+        }
+    }
+
+    fn ext(&self) -> Result<Vec<u8>> {
+        postcard::to_allocvec(&DeliveryExt {
+            schedule_from: self.schedule_from,
+        })
+        .map_err(|e| Error::Storage(format!("encode: {e}")))
+    }
+
+    /// The stored bytes.
+    pub(super) fn encode(&self) -> Result<Vec<u8>> {
+        encode_with_tail(&self.v1(), &self.ext()?)
+    }
+
+    /// Reads either layout.
+    pub(super) fn decode(bytes: &[u8]) -> Result<DeliveryRecord> {
+        let (v1, tail): (DeliveryV1, &[u8]) = decode_with_tail(bytes)?;
+        Ok(Self::from_parts(v1, decode_ext(tail)?))
+    }
+}
+
+impl DeadRecord {
+    /// The stored bytes.
+    pub(super) fn encode(&self) -> Result<Vec<u8>> {
+        let v1 = DeadV1 {
+            delivery: self.delivery.v1(),
+            reason: self.reason.clone(),
+            dead_at: self.dead_at,
+        };
+        encode_with_tail(&v1, &self.delivery.ext()?)
+    }
+
+    /// Reads either layout.
+    pub(super) fn decode(bytes: &[u8]) -> Result<DeadRecord> {
+        let (v1, tail): (DeadV1, &[u8]) = decode_with_tail(bytes)?;
+        Ok(DeadRecord {
+            delivery: DeliveryRecord::from_parts(v1.delivery, decode_ext(tail)?),
+            reason: v1.reason,
+            dead_at: v1.dead_at,
+        })
+    }
+}
+
+/// The added fields, when the record has them.
+fn decode_ext(tail: &[u8]) -> Result<Option<DeliveryExt>> {
+    if tail.is_empty() {
+        return Ok(None);
+    }
+    postcard::from_bytes(tail)
+        .map(Some)
+        .map_err(|e| Error::Storage(format!("decode: {e}")))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -115,7 +240,7 @@ impl<'t> Tables<'t> {
         let mut n = 0;
         for sub in subs {
             let mut rec: DeliveryRecord = match self.deliveries.get((sub, offset))? {
-                Some(g) => decode(&g)?,
+                Some(g) => DeliveryRecord::decode(&g)?,
                 None => continue,
             };
             let attempt = self.last_attempt_no(sub, offset)?.max(rec.attempts) + 1;
@@ -195,7 +320,7 @@ impl<'t> Tables<'t> {
             dead_at: now,
         };
         self.dead_letters
-            .insert((sub, offset), encode(&dead)?.as_slice())?;
+            .insert((sub, offset), dead.encode()?.as_slice())?;
         self.observed
             .push(crate::storage::Observation::DeadLettered { sub, reason });
         let (backlog, dead_n) = self.sub_stats(sub)?;
@@ -237,7 +362,7 @@ impl<'t> Tables<'t> {
         match retry::next_after_failure(
             &policy,
             in_schedule,
-            rec.published_at,
+            rec.schedule_from,
             now,
             retry_after_ms,
             self.defaults.retry_after_ms_max,
@@ -246,7 +371,7 @@ impl<'t> Tables<'t> {
             Next::RetryAt(at) => {
                 rec.next_attempt_at = at;
                 self.deliveries
-                    .insert((sub_id, offset), encode(&rec)?.as_slice())?;
+                    .insert((sub_id, offset), rec.encode()?.as_slice())?;
                 self.touched.insert(sub_id);
                 Ok(())
             }
@@ -270,7 +395,7 @@ impl<'t> Tables<'t> {
             return Ok(());
         };
         let mut rec: DeliveryRecord = match self.deliveries.get((sub_id, offset))? {
-            Some(g) => decode(&g)?,
+            Some(g) => DeliveryRecord::decode(&g)?,
             None => return Ok(()),
         };
         if rec.attempts + 1 != attempt {
@@ -313,7 +438,7 @@ impl<'t> Tables<'t> {
             self.store_sub(sub_id, &sub)?;
             rec.last_error = Some(error);
             self.deliveries
-                .insert((sub_id, offset), encode(&rec)?.as_slice())?;
+                .insert((sub_id, offset), rec.encode()?.as_slice())?;
             return Ok(());
         }
         let retry_after = match resp.status {
@@ -359,7 +484,7 @@ impl<'t> Tables<'t> {
             .deliveries
             .range((sub_id, 0)..=(sub_id, u64::MAX))?
             .take(scan_max)
-            .map(|r| r.and_then(|(k, v)| Ok((k.1, decode::<DeliveryRecord>(&v)?))))
+            .map(|r| r.and_then(|(k, v)| Ok((k.1, DeliveryRecord::decode(&v)?))))
             .collect::<Result<_>>()?;
         // With ordering, only the first undelivered event of each key may go out, and not while
         // any event of the key is leased (a redrive can put an older event in front of one out).
@@ -430,7 +555,7 @@ impl<'t> Tables<'t> {
                 )?;
                 // Re-read: it may now be scheduled later or dead-lettered.
                 match self.deliveries.get((sub_id, offset))? {
-                    Some(g) => rec = decode(&g)?,
+                    Some(g) => rec = DeliveryRecord::decode(&g)?,
                     None => continue,
                 }
             }
@@ -442,7 +567,7 @@ impl<'t> Tables<'t> {
             let until = now.plus_ms(lease_ms);
             rec.lease_until = Some(until);
             self.deliveries
-                .insert((sub_id, offset), encode(&rec)?.as_slice())?;
+                .insert((sub_id, offset), rec.encode()?.as_slice())?;
             self.log_attempt(
                 sub_id,
                 offset,
@@ -478,7 +603,7 @@ impl<'t> Tables<'t> {
         let mut results = Vec::with_capacity(refs.len());
         for (offset, attempt) in refs {
             let rec: Option<DeliveryRecord> = match self.deliveries.get((sub_id, offset))? {
-                Some(g) => Some(decode(&g)?),
+                Some(g) => Some(DeliveryRecord::decode(&g)?),
                 None => None,
             };
             // Only the current lease may be settled; a stale ack id means the message was
@@ -518,7 +643,7 @@ impl<'t> Tables<'t> {
                                 )?;
                             } else {
                                 self.deliveries
-                                    .insert((sub_id, offset), encode(&rec)?.as_slice())?;
+                                    .insert((sub_id, offset), rec.encode()?.as_slice())?;
                                 self.touched.insert(sub_id);
                             }
                         }
@@ -536,7 +661,7 @@ impl<'t> Tables<'t> {
                 AckAction::Extend { lease_ms } => {
                     rec.lease_until = Some(now.plus_ms(lease_ms));
                     self.deliveries
-                        .insert((sub_id, offset), encode(&rec)?.as_slice())?;
+                        .insert((sub_id, offset), rec.encode()?.as_slice())?;
                     results.push(Ok(()));
                     continue;
                 }

@@ -45,7 +45,7 @@ impl Engine {
             let mut keys = HashSet::new();
             for &offset in busy {
                 if let Some(v) = table.get((sub_id, offset))? {
-                    keys.insert(decode::<DeliveryRecord>(&v)?.key);
+                    keys.insert(DeliveryRecord::decode(&v)?.key);
                 }
             }
             keys
@@ -69,7 +69,7 @@ impl Engine {
             if busy.contains(&offset) {
                 continue;
             }
-            let rec: DeliveryRecord = decode(&v)?;
+            let rec = DeliveryRecord::decode(&v)?;
             if sub.ordered && (blocked.contains(&rec.key) || !heads.insert(rec.key.clone())) {
                 continue;
             }
@@ -110,7 +110,7 @@ impl Engine {
                 break;
             }
             let (k, v) = item?;
-            let d: DeadRecord = decode(&v)?;
+            let d = DeadRecord::decode(&v)?;
             out.push((
                 k.1,
                 DeadLetter {
@@ -185,7 +185,7 @@ impl Engine {
                 break;
             }
             let (_, v) = item?;
-            let rec: DeliveryRecord = decode(&v)?;
+            let rec = DeliveryRecord::decode(&v)?;
             if !heads.insert(rec.key.clone()) {
                 continue;
             }
@@ -230,7 +230,7 @@ impl Engine {
                 break;
             }
             let (_, v) = item?;
-            let rec: DeliveryRecord = decode(&v)?;
+            let rec = DeliveryRecord::decode(&v)?;
             if health.oldest_published_at.is_none() {
                 health.oldest_published_at = Some(rec.published_at);
             }
@@ -257,7 +257,7 @@ impl Engine {
         let Some(g) = deliveries.get((sub, offset))? else {
             return Ok(None);
         };
-        let r: DeliveryRecord = decode(&g)?;
+        let r = DeliveryRecord::decode(&g)?;
         // An offset of an earlier incarnation of the Room names another event.
         if r.event_id != event.0.as_u128() {
             return Ok(None);
@@ -284,7 +284,7 @@ impl Engine {
         for s in subs {
             let id = SubscriptionId(Uuid::from_u128(s));
             if let Some(g) = deliveries.get((s, offset))? {
-                let r: DeliveryRecord = decode(&g)?;
+                let r = DeliveryRecord::decode(&g)?;
                 let leased = r.lease_until.is_some_and(|u| u > now);
                 out.push(EventDelivery {
                     subscription: id,
@@ -298,7 +298,7 @@ impl Engine {
                     last_error: r.last_error,
                 });
             } else if let Some(g) = dead.get((s, offset))? {
-                let d: DeadRecord = decode(&g)?;
+                let d = DeadRecord::decode(&g)?;
                 out.push(EventDelivery {
                     subscription: id,
                     state: DeliveryState::DeadLettered,

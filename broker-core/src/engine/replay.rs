@@ -109,7 +109,7 @@ impl<'t> Tables<'t> {
         let mut n = 0u64;
         for offset in &chosen {
             let dead: Option<DeadRecord> = match self.dead_letters.get((sub_id, *offset))? {
-                Some(g) => Some(decode(&g)?),
+                Some(g) => Some(DeadRecord::decode(&g)?),
                 None => None,
             };
             let Some(dead) = dead else { continue };
@@ -127,11 +127,11 @@ impl<'t> Tables<'t> {
                 attempts_base: dead.delivery.attempts,
                 next_attempt_at: now,
                 lease_until: None,
-                published_at: now,
+                schedule_from: now,
                 ..dead.delivery
             };
             self.deliveries
-                .insert((sub_id, *offset), encode(&rec)?.as_slice())?;
+                .insert((sub_id, *offset), rec.encode()?.as_slice())?;
             let (backlog, dead_n) = self.sub_stats(sub_id)?;
             self.sub_stats
                 .insert(sub_id, (backlog + 1, dead_n.saturating_sub(1)))?;
@@ -189,7 +189,8 @@ impl<'t> Tables<'t> {
                 event_type: ev.event_type,
                 key: ev.key,
                 sequence: ev.sequence,
-                published_at: now,
+                published_at: ev.received_at,
+                schedule_from: now,
                 attempts: last,
                 attempts_base: last,
                 next_attempt_at: now,
@@ -197,7 +198,7 @@ impl<'t> Tables<'t> {
                 last_error: None,
             };
             self.deliveries
-                .insert((sub_id, offset), encode(&rec)?.as_slice())?;
+                .insert((sub_id, offset), rec.encode()?.as_slice())?;
             n += 1;
         }
         let (backlog, dead) = self.sub_stats(sub_id)?;

@@ -300,7 +300,7 @@ impl<'t> Tables<'t> {
                 .dead_letters
                 .range((s, 0)..=(s, u64::MAX))?
                 .take(budget)
-                .map(|r| r.and_then(|(k, v)| Ok((k.1, decode::<DeadRecord>(&v)?.dead_at))))
+                .map(|r| r.and_then(|(k, v)| Ok((k.1, DeadRecord::decode(&v)?.dead_at))))
                 .filter(|r| {
                     r.as_ref()
                         .map(|(_, at)| now.ms_since(*at) > keep_ms)
