@@ -712,3 +712,46 @@ async fn a_seek_whose_caller_gave_up_still_lets_the_subscription_go() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Issue 15, defect 10: a seek by time binary-searches the Room's log by acceptance time, but
+/// acceptance times came from a wall clock that can step back, so the log was not in time order
+/// and the search could skip events received after the target (here the one at 20 s). Now an
+/// event is never stamped earlier than the one before it in its Room.
+#[tokio::test]
+async fn a_seek_by_time_finds_every_later_event_after_the_clock_stepped_back() {
+    let (broker, clock) = memory_broker(test_config()).await;
+    setup_room(&broker, "r").await;
+    let sub = pull_sub(&broker, RetryOverrides::default()).await;
+    let mut receipts = Vec::new();
+    for (n, at_s) in [10u64, 20, 15, 25].into_iter().enumerate() {
+        clock.set(broker_core::Timestamp(T0.as_ms() + at_s * 1000));
+        receipts.push(
+            broker
+                .publish(moved("r", &format!("k{n}"), n as u64))
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(
+        receipts
+            .windows(2)
+            .all(|w| w[0].received_at <= w[1].received_at),
+        "acceptance times never go back within a Room: {:?}",
+        receipts.iter().map(|r| r.received_at).collect::<Vec<_>>()
+    );
+    let all = broker.pull(sub, 10, None, 0).await.unwrap();
+    let acks: Vec<String> = all.iter().map(|m| m.ack_id.clone()).collect();
+    broker.ack(sub, &acks).await.unwrap();
+    let target = broker_core::Timestamp(T0.as_ms() + 18_000);
+    broker
+        .seek(sub, broker_core::SeekTarget::Time(target))
+        .await
+        .unwrap();
+    let again = broker.pull(sub, 10, None, 0).await.unwrap();
+    let ids: Vec<_> = again.iter().map(|m| m.event.id).collect();
+    assert_eq!(
+        ids,
+        [receipts[1].id, receipts[2].id, receipts[3].id],
+        "every event from the one received at 20 s on is replayed"
+    );
+}

@@ -41,6 +41,11 @@ pub(super) struct SeqCache {
     /// What each change of this batch replaced, so that one failed operation can be undone
     /// alone (see [`Txn::savepoint`](crate::storage::txn::Txn::savepoint)).
     pub(super) undo: Vec<((u64, String), Option<u64>)>,
+    /// The acceptance time of each Room's newest event, as far as known: an event is never
+    /// stamped earlier than the one before it in its Room, even when the wall clock steps back,
+    /// so that a Room's log is in `received_at` order and a seek by time can search it
+    /// (issue 15, defect 10). Only grows, so a value from an undone operation is harmless.
+    pub(super) received: HashMap<u64, Timestamp>,
 }
 
 /// Where [`SeqCache::rollback`] returns to.
@@ -57,6 +62,7 @@ impl SeqCache {
     }
 
     pub(super) fn forget_room(&mut self, room_id: u64) {
+        self.received.remove(&room_id);
         let keys: Vec<(u64, String)> = self
             .last
             .keys()
@@ -154,12 +160,32 @@ pub(super) fn event_from(id: u128, r: EventRecord) -> Event {
 /// What fan-out needs to know of a new event.
 pub(super) struct DeliveryRecordInit<'a> {
     pub event_id: u128,
+    /// When the event was accepted.
+    pub received_at: Timestamp,
     pub event_type: &'a EventTypeName,
     pub key: &'a OrderingKey,
     pub sequence: u64,
 }
 
 impl<'t> Tables<'t> {
+    /// The acceptance time of the Room's newest event (at log position `next - 1`), from memory
+    /// or, the first time, from the log.
+    fn received_floor(&mut self, room_id: u64, next: u64) -> Result<Timestamp> {
+        if let Some(&t) = self.seqs.received.get(&room_id) {
+            return Ok(t);
+        }
+        let Some(prev) = next.checked_sub(1) else {
+            return Ok(Timestamp(0));
+        };
+        let Some(id) = self.room_log.get((room_id, prev))? else {
+            return Ok(Timestamp(0));
+        };
+        Ok(match self.events.get(id)? {
+            Some(g) => decode_event_header(&g)?.received_at,
+            None => Timestamp(0),
+        })
+    }
+
     pub(super) fn remember_response(
         &mut self,
         principal: &Principal,
@@ -276,6 +302,8 @@ impl<'t> Tables<'t> {
         };
         let seq = last + 1;
         let (offset, count, bytes) = self.stats(room.id)?;
+        let received_at = self.received_floor(room.id, offset)?.max(now);
+        self.seqs.received.insert(room.id, received_at);
         self.room_stats.insert(
             room.id,
             (offset + 1, count + 1, bytes + ev.payload.len() as u64),
@@ -288,7 +316,7 @@ impl<'t> Tables<'t> {
             version: ev.version,
             key: ev.key.clone(),
             sequence: Sequence(seq),
-            received_at: now,
+            received_at,
             duplicate: false,
         };
         if let Some(claim) = &ev.idempotency {
@@ -321,7 +349,7 @@ impl<'t> Tables<'t> {
             sequence: seq,
             offset,
             publisher: ev.publisher,
-            received_at: now,
+            received_at,
             idempotency_key: ev.idempotency.map(|c| c.key),
             payload: ev.payload,
         };
@@ -333,6 +361,7 @@ impl<'t> Tables<'t> {
             offset,
             &DeliveryRecordInit {
                 event_id: id,
+                received_at,
                 event_type: &rec.event_type,
                 key: &rec.key,
                 sequence: seq,

@@ -76,7 +76,7 @@ impl<'t> Tables<'t> {
                 event_type: d.event_type.clone(),
                 key: d.key.clone(),
                 sequence: d.sequence,
-                published_at: now,
+                published_at: d.received_at,
                 schedule_from: now,
                 attempts: 0,
                 attempts_base: 0,
