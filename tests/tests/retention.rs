@@ -264,3 +264,92 @@ async fn events_owed_to_a_subscriber_outlive_their_retention() {
     );
     assert_eq!(broker.room(&room("r")).unwrap().events_stored, 1);
 }
+
+/// A pull subscription on Room `r` (unordered), for holding events owed.
+async fn puller(broker: &broker_core::Broker) -> broker_core::SubscriptionId {
+    broker
+        .create_subscription(
+            &room("r"),
+            broker_core::NewSubscription::new(who("sub"), broker_core::DeliveryMode::Pull),
+        )
+        .await
+        .unwrap()
+        .subscription
+        .id
+}
+
+/// Issue 15, defect 6: each sweep looked only at a window at the front of a Room's log; when
+/// that window held events still owed to a subscriber (which stay), the removable events behind
+/// them were never reached, and the Room's bounds went unenforced. Now each sweep goes on from
+/// where the last one stopped.
+#[tokio::test]
+async fn events_owed_at_the_front_do_not_hide_removable_ones_from_the_sweep() {
+    let mut config = test_config();
+    config.retention.delete_batch_max = 2;
+    let (broker, clock) = memory_broker(config).await;
+    setup_room(&broker, "r").await;
+    set_retention(
+        &broker,
+        "r",
+        Retention {
+            age_ms_max: Some(10_000),
+            bytes_max: None,
+        },
+    )
+    .await;
+    let sub = puller(&broker).await;
+    for i in 0..12 {
+        broker
+            .publish(moved("r", &format!("k{i}"), i))
+            .await
+            .unwrap();
+    }
+    // The first 8 stay owed (leased, never settled); the last 4 are done.
+    let pulled = broker.pull(sub, 12, Some(600_000), 0).await.unwrap();
+    assert_eq!(pulled.len(), 12);
+    let done: Vec<String> = pulled[8..].iter().map(|m| m.ack_id.clone()).collect();
+    broker.ack(sub, &done).await.unwrap();
+    clock.advance_ms(60_000);
+    let mut removed = 0;
+    for _ in 0..6 {
+        removed += broker.sweep_retention().await.unwrap().events_removed;
+    }
+    assert_eq!(
+        removed, 4,
+        "every event past its age and owed to no one went"
+    );
+    assert_eq!(broker.room(&room("r")).unwrap().events_stored, 8);
+}
+
+/// Issue 15, defect 6: dead-letter expiry looked only at the first dead letters of a
+/// subscription (in log order); recent ones there hid expired ones behind them. Now each sweep
+/// goes on from where the last one stopped.
+#[tokio::test]
+async fn recent_dead_letters_at_the_front_do_not_hide_expired_ones() {
+    let mut config = test_config();
+    config.retention.delete_batch_max = 2;
+    config.delivery.dead_letter_retention_ms = 30_000;
+    let (broker, clock) = memory_broker(config).await;
+    setup_room(&broker, "r").await;
+    let sub = puller(&broker).await;
+    for i in 0..12 {
+        broker
+            .publish(moved("r", &format!("k{i}"), i))
+            .await
+            .unwrap();
+    }
+    let pulled = broker.pull(sub, 12, Some(600_000), 0).await.unwrap();
+    let ids = |ms: &[broker_core::PulledMessage]| -> Vec<String> {
+        ms.iter().map(|m| m.ack_id.clone()).collect()
+    };
+    // The last 4 die first, and expire; the first 8 die later, and do not.
+    broker.terminate(sub, &ids(&pulled[8..])).await.unwrap();
+    clock.advance_ms(60_000);
+    broker.terminate(sub, &ids(&pulled[..8])).await.unwrap();
+    let mut expired = 0;
+    for _ in 0..8 {
+        expired += broker.sweep_retention().await.unwrap().dead_letters_expired;
+    }
+    assert_eq!(expired, 4, "every expired dead letter went");
+    assert_eq!(broker.subscription(sub).unwrap().dead_letters, 8);
+}

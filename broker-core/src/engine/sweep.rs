@@ -187,6 +187,8 @@ impl<'t> Tables<'t> {
             self.room_stats.remove(rid)?;
             self.seq_checkpoint.remove(rid)?;
             self.deleted_rooms.remove(rid)?;
+            self.meta
+                .remove(format!("retention_cursor/{rid}").as_str())?;
         }
         Ok(budget - left)
     }
@@ -201,15 +203,27 @@ impl<'t> Tables<'t> {
     ) -> Result<(u64, u64)> {
         let (_, _, mut bytes) = self.stats(room.id)?;
         let scan_max = budget.saturating_mul(4);
-        let log: Vec<u128> = self
+        // Each sweep goes on from where the last one stopped, so that events still owed at the
+        // front of the log (which stay) cannot hide removable ones behind them from every sweep
+        // (issue 15, defect 6). The cursor goes back to the front once a sweep reaches events
+        // within the bounds (the log is in acceptance order) or the end of the log, so that
+        // events no longer owed are looked at again.
+        let cursor_key = format!("retention_cursor/{}", room.id);
+        let from = self.meta.get(cursor_key.as_str())?.unwrap_or(0);
+        let log: Vec<(u64, u128)> = self
             .room_log
-            .range((room.id, 0)..=(room.id, u64::MAX))?
+            .range((room.id, from)..=(room.id, u64::MAX))?
             .take(scan_max)
-            .map(|r| r.map(|(_, v)| v))
+            .map(|r| r.map(|(k, v)| (k.1, v)))
             .collect::<std::result::Result<_, _>>()?;
+        let mut next_from = match log.last() {
+            Some((offset, _)) if log.len() == scan_max => offset + 1,
+            _ => 0,
+        };
         let (mut removed, mut kept) = (0u64, 0u64);
-        for id in log {
+        for (offset, id) in log {
             if removed as usize >= budget {
+                next_from = offset;
                 break;
             }
             let rec: EventRecord = match self.events.get(id)? {
@@ -222,6 +236,7 @@ impl<'t> Tables<'t> {
                 .is_some_and(|a| now.ms_since(rec.received_at) > a);
             let too_big = room.retention.bytes_max.is_some_and(|b| bytes > b);
             if !too_old && !too_big {
+                next_from = 0;
                 break;
             }
             // An event a subscriber is still owed (pending, in flight or dead-lettered) stays.
@@ -233,6 +248,11 @@ impl<'t> Tables<'t> {
             self.forget_attempts(room.id, rec.offset)?;
             self.remove_event(id, &rec)?;
             removed += 1;
+        }
+        if next_from == 0 {
+            self.meta.remove(cursor_key.as_str())?;
+        } else {
+            self.meta.insert(cursor_key.as_str(), next_from)?;
         }
         Ok((removed, kept))
     }
@@ -296,18 +316,28 @@ impl<'t> Tables<'t> {
             if dead == 0 {
                 continue;
             }
-            let old: Vec<u64> = self
+            // Dead letters are kept in log order, not in the order they died: each sweep goes on
+            // from where the last one stopped, so that recent ones at the front cannot hide
+            // expired ones behind them from every sweep (issue 15, defect 6).
+            let cursor_key = format!("dead_cursor/{s:032x}");
+            let from = self.meta.get(cursor_key.as_str())?.unwrap_or(0);
+            let window: Vec<(u64, Timestamp)> = self
                 .dead_letters
-                .range((s, 0)..=(s, u64::MAX))?
+                .range((s, from)..=(s, u64::MAX))?
                 .take(budget)
                 .map(|r| r.and_then(|(k, v)| Ok((k.1, DeadRecord::decode(&v)?.dead_at))))
-                .filter(|r| {
-                    r.as_ref()
-                        .map(|(_, at)| now.ms_since(*at) > keep_ms)
-                        .unwrap_or(true)
-                })
-                .map(|r| r.map(|(o, _)| o))
                 .collect::<Result<_>>()?;
+            match window.last() {
+                Some((offset, _)) if window.len() == budget => {
+                    self.meta.insert(cursor_key.as_str(), offset + 1)?
+                }
+                _ => self.meta.remove(cursor_key.as_str()).map(|_| ())?,
+            }
+            let old: Vec<u64> = window
+                .into_iter()
+                .filter(|(_, at)| now.ms_since(*at) > keep_ms)
+                .map(|(o, _)| o)
+                .collect();
             for o in &old {
                 self.dead_letters.remove((s, *o))?;
             }
@@ -347,6 +377,7 @@ impl<'t> Tables<'t> {
             if removed < budget {
                 self.sub_stats.remove(s)?;
                 self.deleted_subs.remove(s)?;
+                self.meta.remove(format!("dead_cursor/{s:032x}").as_str())?;
             }
             purged += removed as u64;
             budget -= removed.min(budget);
