@@ -246,6 +246,23 @@ pub async fn publish_load(
     .await
 }
 
+/// The embedded durable publish rate that the issues compare with (issue 8's peer, issue 15's
+/// delivery ratios): a fresh broker with the benchmark configuration and 1,000 keys,
+/// `concurrency` tasks calling `Broker::publish` in a loop for the case's length. The database
+/// file `name` is removed afterwards.
+pub async fn embedded_publish(
+    settings: &Settings,
+    name: &str,
+    concurrency: usize,
+) -> Result<Load, Error> {
+    let broker = Broker::open(settings.db(name), config()).await?;
+    let f = Fixture::new(broker).await?;
+    let load = publish_load(&f, concurrency, 1000, settings.length()).await;
+    f.broker.close().await;
+    let _ = std::fs::remove_file(settings.db(name));
+    load
+}
+
 /// This process's resident memory in MiB (`VmRSS`), or NaN where /proc is missing.
 pub fn rss_mib() -> f64 {
     proc_status_kib("VmRSS:") / 1024.0

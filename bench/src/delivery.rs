@@ -1,7 +1,9 @@
 //! Delivery: push deliveries/s to a local receiver with 1, 10 and 100 subscriptions,
-//! publish-to-receive latency at a fixed 1,000 events/s, and pull+ack messages/s. The same cases
-//! as `broker-core/benches/delivery.rs`, here so that they run in the same command and under the
-//! same load as the other parts.
+//! publish-to-receive latency at a fixed 1,000 events/s, and pull+ack messages/s (one client
+//! with batches of 1 and 100, 16 clients with batches of 1). The same cases as
+//! `broker-core/benches/delivery.rs`, here so that they run in the same command and under the
+//! same load as the other parts. The part starts with the embedded publish at 64 publishers and
+//! ends with every rate as a ratio to it (issue 15, item 7: see `delivery_ratios.rs`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,10 +17,18 @@ use broker_core::{Broker, DeliveryMode, NewSubscription, PushEndpoint, Subscript
 use serde_json::json;
 
 use crate::common::{self, Error, Fixture, Latency, Section, Settings};
+use crate::delivery_ratios::{self, Case, Measured};
 
 const KEYS: u64 = 1000;
 /// Deliveries per push case (split over the subscriptions).
 const PUSH_DELIVERIES: u64 = 50_000;
+/// The backlog of the pull cases with batches of 1 (one client or 16) and of 100.
+const PULL_BATCH1_EVENTS: u64 = 5_000;
+const PULL_BATCH100_EVENTS: u64 = 50_000;
+/// Concurrent pullers of the many-clients pull case (issue 15, item 7).
+const PULLERS: usize = 16;
+/// Publishers of the embedded publish the ratios are taken to.
+const PUBLISHERS: usize = 64;
 
 /// Counts deliveries and notes when each event id first arrived.
 #[derive(Default)]
@@ -80,7 +90,7 @@ fn push_sub(f: &Fixture, url: &str) -> NewSubscription {
 }
 
 /// Publishes to paused subscriptions, resumes them all, and times until every delivery arrived.
-async fn push_case(settings: &Settings, subs: usize) -> Result<(f64, u64), Error> {
+async fn push_case(settings: &Settings, subs: usize) -> Result<Measured, Error> {
     let sink = Arc::new(Sink::default());
     let url = start_receiver(sink.clone()).await?;
     let f = fixture(settings, &format!("delivery-push{subs}")).await?;
@@ -98,6 +108,7 @@ async fn push_case(settings: &Settings, subs: usize) -> Result<(f64, u64), Error
     let events = PUSH_DELIVERIES / subs as u64;
     f.fill(0, events, KEYS).await?;
     let total = events * subs as u64;
+    let c0 = f.broker.writer_counters();
     let start = Instant::now();
     for id in &ids {
         f.broker.resume_subscription(*id).await?;
@@ -108,8 +119,9 @@ async fn push_case(settings: &Settings, subs: usize) -> Result<(f64, u64), Error
     }
     let secs = start.elapsed().as_secs_f64();
     let got = sink.count.load(Ordering::Relaxed);
+    let c1 = f.broker.writer_counters();
     f.broker.close().await;
-    Ok((got as f64 / secs, got))
+    Ok(Measured::new(got, secs, c0, c1))
 }
 
 /// Publishes at a fixed rate to one push subscription and times each event from the publish
@@ -158,9 +170,20 @@ async fn latency_case(settings: &Settings, rate: u64) -> Result<(Latency, u64), 
     Ok((Latency::of(lat), n))
 }
 
-/// One client pulling `batch` messages and acknowledging them, in a loop.
-async fn pull_case(settings: &Settings, batch: usize, events: u64) -> Result<f64, Error> {
-    let f = fixture(settings, &format!("delivery-pull{batch}")).await?;
+fn pull_db(clients: usize, batch: usize) -> String {
+    format!("delivery-pull{clients}x{batch}")
+}
+
+/// `clients` tasks on one pull subscription, each pulling `batch` messages and acknowledging
+/// what it pulled, in a loop, until `events` are acknowledged; timed from the first pull to the
+/// last acknowledgement.
+async fn pull_case(
+    settings: &Settings,
+    clients: usize,
+    batch: usize,
+    events: u64,
+) -> Result<Measured, Error> {
+    let f = fixture(settings, &pull_db(clients, batch)).await?;
     let id: SubscriptionId = f
         .broker
         .create_subscription(
@@ -171,26 +194,62 @@ async fn pull_case(settings: &Settings, batch: usize, events: u64) -> Result<f64
         .subscription
         .id;
     f.fill(0, events, KEYS).await?;
+    let done = Arc::new(AtomicU64::new(0));
+    let c0 = f.broker.writer_counters();
     let start = Instant::now();
-    let mut done = 0u64;
-    while done < events {
-        let msgs = f.broker.pull(id, batch, None, 0).await?;
-        if msgs.is_empty() {
-            break;
-        }
-        let acks: Vec<String> = msgs.iter().map(|m| m.ack_id.clone()).collect();
-        for r in f.broker.ack(id, &acks).await? {
-            r?;
-        }
-        done += msgs.len() as u64;
+    let deadline = start + Duration::from_secs(300);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (broker, done) = (f.broker.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut last = start;
+            while done.load(Ordering::Relaxed) < events && Instant::now() < deadline {
+                // A short long-poll: with ordering, the other pullers may hold every ready key
+                // for a moment, and their acks wake this one.
+                let msgs = broker.pull(id, batch, None, 50).await?;
+                if msgs.is_empty() {
+                    continue;
+                }
+                let acks: Vec<String> = msgs.iter().map(|m| m.ack_id.clone()).collect();
+                for r in broker.ack(id, &acks).await? {
+                    r?;
+                }
+                done.fetch_add(msgs.len() as u64, Ordering::Relaxed);
+                last = Instant::now();
+            }
+            Ok::<_, broker_core::Error>(last)
+        }));
     }
-    let rate = done as f64 / start.elapsed().as_secs_f64();
+    let mut end = start;
+    for t in tasks {
+        end = end.max(t.await??);
+    }
+    let c1 = f.broker.writer_counters();
     f.broker.close().await;
-    Ok(rate)
+    let secs = end.duration_since(start).as_secs_f64();
+    Ok(Measured::new(done.load(Ordering::Relaxed), secs, c0, c1))
 }
 
 /// Part 4.
 pub async fn run(settings: &Settings) -> Result<Vec<Section>, Error> {
+    // First, so that every delivery rate of this run has the publish rate of this run to be
+    // compared with.
+    let publish = common::embedded_publish(settings, "delivery-embedded", PUBLISHERS).await?;
+    let mut base = Section::new(
+        "Delivery: the embedded publish the ratios are taken to (64 publishers, 1,000 keys)",
+        &[
+            ("publishers", "publishers"),
+            ("publishes_per_s", "publishes/s"),
+            ("p50_ms", "p50 ms"),
+            ("p99_ms", "p99 ms"),
+        ],
+    );
+    base.row(json!({
+        "publishers": PUBLISHERS, "publishes_per_s": publish.rate(), "publishes": publish.ok,
+        "secs": publish.secs, "p50_ms": publish.latency.p50_ms, "p99_ms": publish.latency.p99_ms,
+    }));
+    base.print();
+    let mut measured: Vec<(Case, Measured)> = Vec::new();
     let mut push = Section::new(
         "Delivery: push to a local receiver (in_flight_max 64, 1,000 keys, ordered)",
         &[
@@ -199,9 +258,16 @@ pub async fn run(settings: &Settings) -> Result<Vec<Section>, Error> {
             ("deliveries_per_s", "deliveries/s"),
         ],
     );
-    for subs in [1usize, 10, 100] {
-        let (rate, got) = push_case(settings, subs).await?;
-        push.row(json!({"subscriptions": subs, "deliveries": got, "deliveries_per_s": rate}));
+    for (subs, case) in [
+        (1usize, delivery_ratios::PUSH_1),
+        (10, delivery_ratios::PUSH_10),
+        (100, delivery_ratios::PUSH_100),
+    ] {
+        let m = push_case(settings, subs).await?;
+        push.row(
+            json!({"subscriptions": subs, "deliveries": m.done, "deliveries_per_s": m.rate()}),
+        );
+        measured.push((case, m));
     }
     push.print();
     let mut latency = Section::new(
@@ -217,23 +283,40 @@ pub async fn run(settings: &Settings) -> Result<Vec<Section>, Error> {
     latency.row(json!({"rate": "1000/s", "events": n, "p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "max_ms": l.max_ms}));
     latency.print();
     let mut pull = Section::new(
-        "Delivery: pull + ack, one client",
-        &[("batch", "pull batch"), ("messages_per_s", "messages/s")],
+        "Delivery: pull + ack, one subscription (each client acks what it pulled)",
+        &[
+            ("clients", "clients"),
+            ("batch", "pull batch"),
+            ("messages", "messages"),
+            ("messages_per_s", "messages/s"),
+        ],
     );
-    for (batch, events) in [(1usize, 5_000u64), (100, 50_000)] {
-        let rate = pull_case(settings, batch, events).await?;
-        pull.row(json!({"batch": batch, "messages_per_s": rate}));
+    let pulls = [
+        (1usize, 1usize, PULL_BATCH1_EVENTS, delivery_ratios::PULL_1),
+        (1, 100, PULL_BATCH100_EVENTS, delivery_ratios::PULL_100),
+        (
+            PULLERS,
+            1,
+            PULL_BATCH1_EVENTS,
+            delivery_ratios::PULL_1_CONCURRENT,
+        ),
+    ];
+    for (clients, batch, events, case) in pulls {
+        let m = pull_case(settings, clients, batch, events).await?;
+        pull.row(json!({
+            "clients": clients, "batch": batch, "messages": m.done, "messages_per_s": m.rate(),
+        }));
+        measured.push((case, m));
     }
     pull.print();
-    for name in [
-        "delivery-push1",
-        "delivery-push10",
-        "delivery-push100",
-        "delivery-latency",
-        "delivery-pull1",
-        "delivery-pull100",
-    ] {
+    let ratios = delivery_ratios::section(&publish, &measured);
+    ratios.print();
+    for name in ["delivery-push1", "delivery-push10", "delivery-push100"] {
         let _ = std::fs::remove_file(settings.db(name));
     }
-    Ok(vec![push, latency, pull])
+    let _ = std::fs::remove_file(settings.db("delivery-latency"));
+    for (clients, batch, _, _) in pulls {
+        let _ = std::fs::remove_file(settings.db(&pull_db(clients, batch)));
+    }
+    Ok(vec![base, push, latency, pull, ratios])
 }

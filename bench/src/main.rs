@@ -12,6 +12,7 @@
 
 mod common;
 mod delivery;
+mod delivery_ratios;
 mod growth;
 mod http;
 mod peer;
@@ -41,7 +42,8 @@ enum Part {
     Ceiling,
     /// Embedded durable publish against NATS JetStream (installs nats-server if missing).
     Peer,
-    /// Push deliveries with 1, 10 and 100 subscriptions, publish-to-receive latency, pull+ack.
+    /// Push deliveries with 1, 10 and 100 subscriptions, publish-to-receive latency, pull+ack,
+    /// and each as a ratio to the embedded publish rate of the same run (issue 15).
     Delivery,
     /// Publish throughput and memory with growing backlogs and key counts; restart-to-ready.
     Growth,

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::json;
 
-use crate::common::{self, Error, Fixture, Load, Section, Settings};
+use crate::common::{self, Error, Load, Section, Settings};
 
 const CONCURRENCY: usize = 64;
 const KEYS: u64 = 1000;
@@ -171,11 +171,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<Section>, Error> {
             ("p99_ms", "p99 ms"),
         ],
     );
-    let broker = broker_core::Broker::open(settings.db("peer-embedded"), common::config()).await?;
-    let f = Fixture::new(broker).await?;
-    let ours = common::publish_load(&f, CONCURRENCY, KEYS, settings.length()).await?;
-    f.broker.close().await;
-    let _ = std::fs::remove_file(settings.db("peer-embedded"));
+    let ours = common::embedded_publish(settings, "peer-embedded", CONCURRENCY).await?;
     s.row(row("Postroom embedded", "yes", &ours));
     let mut theirs = Vec::new();
     for always in [true, false] {
