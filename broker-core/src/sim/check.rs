@@ -1,0 +1,453 @@
+//! The checks: the engine's state against the reference model after every step
+//! ([`reconcile`]), and every hand-out (a push started, a lease granted) against the delivery
+//! rules as it happens ([`handout`], [`handout_set`], [`next_due`]). Each returns the first
+//! violation as text; `mod.rs` lists the invariants they enforce.
+
+use std::collections::BTreeMap;
+
+use crate::clock::Timestamp;
+use crate::subscription::{
+    Attempt, AttemptOutcome, DeadLetter, DeliveryState, EventDelivery, SubscriptionStatus,
+};
+
+use super::engine::Engine;
+use super::model::{Avail, DState, Ev, Fate, LeaseRow, MDel, Model, Row, Sub};
+use super::STRICT_KEY_BLOCK_BY_ORPHANED_PUSH;
+
+fn err<T>(e: impl std::fmt::Display) -> Result<T, String> {
+    Err(format!("engine read failed: {e}"))
+}
+
+/// `e7(k2#3)`: event 7, key k2, sequence 3.
+pub(super) fn ev_name(model: &Model, ev: Ev) -> String {
+    let e = &model.events[ev];
+    format!("e{ev}(k{}#{})", e.key, e.seq)
+}
+
+/// Compares the engine with the model: (1) every acknowledged event readable as published;
+/// (2) per subscription and event, the same state (owed, leased, delivered, dead with the same
+/// reason, or nothing) and attempt count; (4) the attempt log holding exactly the attempts the
+/// model knows, each with what it came to; (5) the stored counters equal to a recount. Leases
+/// the engine shows it noticed running out are resolved in the model first.
+pub(super) fn reconcile(
+    engine: &Engine,
+    model: &mut Model,
+    now: Timestamp,
+    high: Timestamp,
+) -> Result<(), String> {
+    for (ev, e) in model.events.iter().enumerate() {
+        let Some(got) = engine.event(e.id).or_else(err)? else {
+            return Err(format!("acknowledged event {} is lost", ev_name(model, ev)));
+        };
+        let same = got.room.as_str() == super::room_name(e.room)
+            && got.event_type.as_str() == super::type_name(e.ty)
+            && got.key.as_str() == super::key_name(e.key)
+            && got.sequence.0 == e.seq
+            && got.received_at == e.at
+            && got.payload == super::payload(e.id);
+        if !same {
+            return Err(format!(
+                "acknowledged event {} reads back changed: {got:?}",
+                ev_name(model, ev)
+            ));
+        }
+    }
+    let mut states: Vec<BTreeMap<Ev, EventDelivery>> = vec![BTreeMap::new(); model.subs.len()];
+    for (ev, e) in model.events.iter().enumerate() {
+        for d in engine.event_deliveries(e.id, now).or_else(err)? {
+            match model.subs.iter().position(|s| s.id == d.subscription) {
+                Some(s) => {
+                    states[s].insert(ev, d);
+                }
+                None => return Err(format!("unknown subscription {}", d.subscription)),
+            }
+        }
+    }
+    let mut backlog_total = 0;
+    for (s, states) in states.iter().enumerate() {
+        let id = model.subs[s].id;
+        let room = model.subs[s].room;
+        let pos_to_ev: BTreeMap<u64, Ev> =
+            model.room_events(room).map(|(ev, e)| (e.pos, ev)).collect();
+        let mut dead: BTreeMap<Ev, DeadLetter> = BTreeMap::new();
+        for (pos, d) in engine.dead_letters(id).or_else(err)? {
+            let Some(&ev) = pos_to_ev.get(&pos) else {
+                return Err(format!("s{s} has a dead letter at unknown position {pos}"));
+            };
+            dead.insert(ev, d);
+        }
+        let evs: Vec<Ev> = model.room_events(room).map(|(ev, _)| ev).collect();
+        for &ev in &evs {
+            let eng = states.get(&ev);
+            resolve(model, s, ev, eng, now, high)?;
+            compare(model, s, ev, eng, dead.get(&ev), now)?;
+        }
+        let sub = engine.subscription(id).or_else(err)?;
+        let owed = model.owed_count(s);
+        let recount = states
+            .values()
+            .filter(|d| matches!(d.state, DeliveryState::Pending | DeliveryState::InFlight))
+            .count() as u64;
+        if sub.backlog != owed || recount != owed {
+            return Err(format!(
+                "s{s} backlog: stored {}, queue recount {recount}, model {owed}",
+                sub.backlog
+            ));
+        }
+        let dead_n = model.dead_count(s);
+        if sub.dead_letters != dead_n || dead.len() as u64 != dead_n {
+            return Err(format!(
+                "s{s} dead letters: stored {}, listed {}, model {dead_n}",
+                sub.dead_letters,
+                dead.len()
+            ));
+        }
+        let m = &model.subs[s];
+        if (sub.ordered, sub.in_flight_max, sub.queue_depth_max)
+            != (m.ordered, m.in_flight_max, m.queue_depth_max)
+        {
+            return Err(format!("s{s} settings changed: {sub:?}"));
+        }
+        if sub.status != model.subs[s].status {
+            return Err(format!(
+                "s{s} is {:?}, the model says {:?}",
+                sub.status, model.subs[s].status
+            ));
+        }
+        backlog_total += sub.backlog;
+        attempt_log(engine, model, s, &pos_to_ev)?;
+    }
+    let total = engine.deliveries_total().or_else(err)?;
+    if total != backlog_total {
+        return Err(format!(
+            "deliveries_total is {total}, the subscriptions' backlogs sum to {backlog_total}"
+        ));
+    }
+    Ok(())
+}
+
+/// Learns from the engine that it noticed a lease run out: a lease the model still holds
+/// running is no longer in flight there (allowed only when the deadline has passed at some
+/// point, since the clock may have stepped back), or a lease whose failure dead-letters is in
+/// the dead letters.
+fn resolve(
+    model: &mut Model,
+    s: Sub,
+    ev: Ev,
+    eng: Option<&EventDelivery>,
+    now: Timestamp,
+    high: Timestamp,
+) -> Result<(), String> {
+    let policy = &model.subs[s].policy;
+    let Some(o) = model.subs[s].dels.get(&ev).and_then(MDel::owed) else {
+        return Ok(());
+    };
+    let (Some(lease), Some(fate)) = (o.lease, o.lease_fate(policy)) else {
+        return Ok(());
+    };
+    let state = eng.map(|d| d.state);
+    if lease.until > now && state != Some(DeliveryState::InFlight) {
+        if lease.until > high {
+            return Err(format!(
+                "s{s}: the lease of {} (attempt {}) runs until {:?} but the engine shows {state:?}",
+                ev_name(model, ev),
+                lease.attempt,
+                lease.until
+            ));
+        }
+        model.lease_noticed(s, ev);
+    } else if lease.until <= now
+        && matches!(fate, Fate::Dead(_))
+        && state == Some(DeliveryState::DeadLettered)
+    {
+        model.lease_noticed(s, ev);
+    }
+    Ok(())
+}
+
+/// Whether the model's last attempt row of a delivery is a success.
+fn last_row_delivered(d: &MDel) -> bool {
+    matches!(
+        d.rows.values().next_back(),
+        Some(Row::Pushed {
+            status: Some(200..=299)
+        }) | Some(Row::Leased(LeaseRow::Acked))
+    )
+}
+
+fn compare(
+    model: &Model,
+    s: Sub,
+    ev: Ev,
+    eng: Option<&EventDelivery>,
+    dead: Option<&DeadLetter>,
+    now: Timestamp,
+) -> Result<(), String> {
+    let d = model.subs[s].dels.get(&ev);
+    let last_no = d.map_or(0, |d| d.last_no);
+    let name = || format!("s{s} {}", ev_name(model, ev));
+    let state = eng.map(|e| (e.state, e.attempts));
+    let (want, want_dead): (Option<DeliveryState>, Option<&str>) = match d.map(|d| &d.state) {
+        Some(DState::Owed(o)) => {
+            let leased = o.lease.is_some_and(|l| l.until > now);
+            let st = if leased {
+                DeliveryState::InFlight
+            } else {
+                DeliveryState::Pending
+            };
+            (Some(st), None)
+        }
+        Some(DState::Dead(r)) => (Some(DeliveryState::DeadLettered), Some(r)),
+        Some(_) if d.is_some_and(last_row_delivered) => (Some(DeliveryState::Delivered), None),
+        _ => (None, None),
+    };
+    let want_state = want.map(|w| (w, last_no));
+    if state != want_state {
+        return Err(format!(
+            "{}: the engine has (state, attempts) {state:?}, the model {want_state:?} ({:?})",
+            name(),
+            d.map(|d| &d.state)
+        ));
+    }
+    match (dead, want_dead) {
+        (None, None) => Ok(()),
+        (Some(dl), Some(r)) => {
+            let e = &model.events[ev];
+            if dl.reason != r
+                || dl.event_id != e.id
+                || dl.key.as_str() != super::key_name(e.key)
+                || dl.sequence.0 != e.seq
+                || dl.attempts != last_no
+            {
+                return Err(format!(
+                    "{}: dead letter {dl:?}, the model expects reason {r}, {last_no} attempts",
+                    name()
+                ));
+            }
+            Ok(())
+        }
+        (dl, r) => Err(format!(
+            "{}: dead letter listed {dl:?}, the model expects {r:?}",
+            name()
+        )),
+    }
+}
+
+fn row_matches(row: Row, a: &Attempt) -> bool {
+    use AttemptOutcome as O;
+    match row {
+        Row::Pushed { status } => {
+            let ok = matches!(status, Some(200..=299));
+            a.status == status && a.outcome == if ok { O::Delivered } else { O::Failed }
+        }
+        Row::Leased(LeaseRow::Open) => matches!(a.outcome, O::Leased | O::LeaseExpired),
+        Row::Leased(LeaseRow::Expired) => a.outcome == O::LeaseExpired,
+        Row::Leased(LeaseRow::Acked) => a.outcome == O::Acked,
+        Row::Leased(LeaseRow::Nacked) => a.outcome == O::Nacked,
+        Row::Leased(LeaseRow::Terminated) => a.outcome == O::Terminated,
+        Row::Stopped => a.outcome == O::DeadLettered,
+    }
+}
+
+/// (4) The attempt log of `s` holds exactly the attempts the model knows, under their numbers,
+/// each saying what that attempt came to: a number reused for another attempt shows as a row
+/// that says something else, or as a row missing.
+fn attempt_log(
+    engine: &Engine,
+    model: &Model,
+    s: Sub,
+    pos_to_ev: &BTreeMap<u64, Ev>,
+) -> Result<(), String> {
+    let mut log: BTreeMap<Ev, BTreeMap<u32, Attempt>> = BTreeMap::new();
+    for ((pos, n), a) in engine.attempts(model.subs[s].id).or_else(err)? {
+        let Some(&ev) = pos_to_ev.get(&pos) else {
+            return Err(format!("s{s} logs an attempt at unknown position {pos}"));
+        };
+        if a.attempt != n || a.event_id != model.events[ev].id {
+            return Err(format!("s{s} attempt row ({pos}, {n}) says {a:?}"));
+        }
+        log.entry(ev).or_default().insert(n, a);
+    }
+    let empty = BTreeMap::new();
+    for (ev, d) in &model.subs[s].dels {
+        let rows = log.remove(ev).unwrap_or_default();
+        let got: Vec<u32> = rows.keys().copied().collect();
+        let want: Vec<u32> = d.rows.keys().copied().collect();
+        if got != want {
+            return Err(format!(
+                "s{s} {}: attempt numbers logged {got:?}, the model knows {want:?}",
+                ev_name(model, *ev)
+            ));
+        }
+        for (n, row) in &d.rows {
+            let a = &rows[n];
+            if !row_matches(*row, a) {
+                return Err(format!(
+                    "s{s} {} attempt {n}: logged {:?} (status {:?}), the model expects {row:?}",
+                    ev_name(model, *ev),
+                    a.outcome,
+                    a.status
+                ));
+            }
+        }
+    }
+    if let Some((ev, rows)) = log.iter().find(|(_, r)| *r != &empty) {
+        return Err(format!(
+            "s{s} {}: attempts {:?} logged for a delivery the model never saw",
+            ev_name(model, *ev),
+            rows.keys().collect::<Vec<_>>()
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one hand-out (a push started, a lease granted) against the model as it stood before
+/// it: the delivery is owed and due, not leased to anyone else, handed out only while the
+/// subscription is active and not seeking, with an attempt number above every number used for
+/// it before; with ordering, it is its key's head and no other delivery of the key is out
+/// (`pushing`: the events of `s` with a push under way, whatever became of their deliveries).
+pub(super) fn handout(
+    model: &Model,
+    s: Sub,
+    ev: Ev,
+    attempt: u32,
+    pushing: &[Ev],
+    now: Timestamp,
+    high: Timestamp,
+) -> Result<(), String> {
+    let sub = &model.subs[s];
+    let name = ev_name(model, ev);
+    let Some(d) = sub.dels.get(&ev) else {
+        return Err(format!("s{s} handed out {name}, which it never owed"));
+    };
+    let Some(o) = d.owed() else {
+        return Err(format!("s{s} handed out {name}, which is {:?}", d.state));
+    };
+    if attempt <= d.last_no.max(d.handed) {
+        return Err(format!(
+            "s{s} handed out {name} as attempt {attempt}, but attempt {} was logged and {} handed out before",
+            d.last_no, d.handed
+        ));
+    }
+    if sub.status != SubscriptionStatus::Active || sub.seeking {
+        return Err(format!(
+            "s{s} handed out {name} while {:?}{}",
+            sub.status,
+            if sub.seeking { " and seeking" } else { "" }
+        ));
+    }
+    if let Some(l) = o.lease.filter(|l| l.until > high) {
+        return Err(format!(
+            "s{s} handed out {name} while its lease (attempt {}) is held until {:?}",
+            l.attempt, l.until
+        ));
+    }
+    match o.avail(&sub.policy, now) {
+        Avail::Due | Avail::Held => {}
+        other => {
+            return Err(format!(
+                "s{s} handed out {name} before it is due: {other:?}"
+            ))
+        }
+    }
+    if sub.ordered {
+        let key = model.events[ev].key;
+        if let Some((head, _)) = model.owed(s).find(|(e, _)| model.events[*e].key == key) {
+            if head != ev {
+                return Err(format!(
+                    "s{s} (ordered) handed out {name} before its key's head {}",
+                    ev_name(model, head)
+                ));
+            }
+        }
+        for (other, oo) in model.owed(s) {
+            if other != ev
+                && model.events[other].key == key
+                && oo.lease.is_some_and(|l| l.until > high)
+            {
+                return Err(format!(
+                    "s{s} (ordered) handed out {name} while {} of its key is leased",
+                    ev_name(model, other)
+                ));
+            }
+        }
+        for &p in pushing {
+            let owed = sub.dels.get(&p).is_some_and(|d| d.owed().is_some());
+            if p != ev && model.events[p].key == key && (owed || STRICT_KEY_BLOCK_BY_ORPHANED_PUSH)
+            {
+                return Err(format!(
+                    "s{s} (ordered) handed out {name} while {} of its key is being pushed{}",
+                    ev_name(model, p),
+                    if owed {
+                        ""
+                    } else {
+                        " (no longer owed: stopped or seeked past)"
+                    }
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What was handed out in one call against what was eligible: no repeats, nothing ineligible,
+/// and, when fewer than `limit` came, everything eligible.
+pub(super) fn handout_set(
+    model: &Model,
+    s: Sub,
+    got: &[Ev],
+    eligible: &[Ev],
+    limit: usize,
+) -> Result<(), String> {
+    let mut seen = std::collections::BTreeSet::new();
+    for ev in got {
+        if !seen.insert(*ev) {
+            return Err(format!(
+                "s{s} handed out {} twice at once",
+                ev_name(model, *ev)
+            ));
+        }
+        if !eligible.contains(ev) {
+            return Err(format!(
+                "s{s} handed out {}, which is not eligible now",
+                ev_name(model, *ev)
+            ));
+        }
+    }
+    if got.len() < limit && got.len() < eligible.len() {
+        let missing: Vec<String> = eligible
+            .iter()
+            .filter(|e| !seen.contains(e))
+            .map(|e| ev_name(model, *e))
+            .collect();
+        return Err(format!(
+            "s{s} handed out {} of at most {limit}, leaving out eligible {missing:?}",
+            got.len()
+        ));
+    }
+    Ok(())
+}
+
+/// The time the engine says to look again, when it handed out less than asked: after `now`,
+/// and no later than the first time the model finds something eligible without a write.
+pub(super) fn next_due(
+    s: Sub,
+    next: Option<Timestamp>,
+    earliest: Option<Timestamp>,
+    now: Timestamp,
+) -> Result<(), String> {
+    if next.is_some_and(|n| n <= now) {
+        return Err(format!(
+            "s{s}: the next due time {next:?} is not after now {now:?}"
+        ));
+    }
+    match (next, earliest) {
+        (None, Some(t)) => Err(format!(
+            "s{s}: nothing said when to look again, but something falls due at {t:?}"
+        )),
+        (Some(n), Some(t)) if n > t => Err(format!(
+            "s{s}: told to look again at {n:?}, but something falls due at {t:?}"
+        )),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,295 @@
+//! One simulation run: set up Rooms, event types and subscriptions, then take generated steps,
+//! checking after each one, then drain (faults off, every receiver succeeding, time moved past
+//! every delay) and check that every obligation was met. Steps that do not write (moving the
+//! clock, a dispatcher looking for due deliveries, a seek finding its position, a crash, arming
+//! a fault) are executed here; writing steps go through `acts.rs`.
+
+use std::collections::BTreeMap;
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use uuid::Uuid;
+
+use crate::clock::Timestamp;
+use crate::ids::{EventId, EventTypeName, RoomName, SubscriptionId};
+use crate::storage::PublishTarget;
+
+use super::acts::Act;
+use super::backend::SimBackend;
+use super::check;
+use super::engine::{Engine, Op};
+use super::gen::{self, Step};
+use super::model::{MRoom, Model, Sub};
+use super::world::{SeekPhase, SeekProc, World};
+use super::{room_name, type_name, CHECK_SEEK_BY_TIME_AFTER_STEP_BACK, ROOMS_MAX, TYPES};
+
+/// Where every simulation's clock starts: 2026-01-01.
+const START: Timestamp = Timestamp(1_767_225_600_000);
+
+/// A simulation in progress.
+pub(super) struct Sim {
+    backend: Box<dyn SimBackend>,
+    engine: Option<Engine>,
+    pub(super) model: Model,
+    pub(super) world: World,
+    pub(super) rng: StdRng,
+    /// One line per step (and per notable result).
+    pub(super) trace: Vec<String>,
+    /// Steps executed so far (setup and drain included).
+    pub(super) step: usize,
+    verbose: bool,
+    rooms: usize,
+    targets: BTreeMap<(usize, usize), PublishTarget>,
+    next_id: u128,
+}
+
+impl Sim {
+    /// Opens the backend and sets up one or two Rooms (the first ordered, the second not), their
+    /// event types and a few subscriptions.
+    pub(super) fn new(
+        seed: u64,
+        mut backend: Box<dyn SimBackend>,
+        verbose: bool,
+    ) -> Result<Sim, String> {
+        let engine = Engine::new(backend.open().map_err(|e| format!("open: {e}"))?);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let rooms = 1 + usize::from(rand::Rng::random_bool(&mut rng, 0.5)).min(ROOMS_MAX - 1);
+        let mut sim = Sim {
+            backend,
+            engine: Some(engine),
+            model: Model::default(),
+            world: World::new(START),
+            rng,
+            trace: Vec::new(),
+            step: 0,
+            verbose,
+            rooms,
+            targets: BTreeMap::new(),
+            next_id: 0,
+        };
+        let mut ops = Vec::new();
+        for r in 0..rooms {
+            let room = RoomName::new(room_name(r)).map_err(|e| e.to_string())?;
+            ops.push(Op::CreateRoom {
+                room: room.clone(),
+                ordered: r == 0,
+            });
+            for t in 0..TYPES {
+                let name = EventTypeName::new(type_name(t)).map_err(|e| e.to_string())?;
+                ops.push(Op::PutType {
+                    room: room.clone(),
+                    name,
+                });
+            }
+            sim.model.rooms.push(MRoom {
+                ordered: r == 0,
+                last_seq: BTreeMap::new(),
+            });
+        }
+        let results = sim
+            .engine()
+            .apply(START, ops)
+            .map_err(|e| format!("setup: {e}"))?;
+        if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+            return Err(format!("setup: {e}"));
+        }
+        for r in 0..rooms {
+            for t in 0..TYPES {
+                let target = sim
+                    .engine()
+                    .publish_target(
+                        &RoomName::new(room_name(r)).map_err(|e| e.to_string())?,
+                        &EventTypeName::new(type_name(t)).map_err(|e| e.to_string())?,
+                    )
+                    .map_err(|e| format!("setup: {e}"))?;
+                sim.targets.insert((r, t), target);
+            }
+        }
+        let subs = rand::Rng::random_range(&mut sim.rng, 2..=4);
+        let specs: Vec<Step> = (0..subs)
+            .map(|_| Step::CreateSub(gen::sub_spec(&mut sim.rng, rooms)))
+            .collect();
+        sim.exec(Step::Group(specs))
+            .map_err(|e| format!("setup: {e}"))?;
+        Ok(sim)
+    }
+
+    pub(super) fn engine(&self) -> &Engine {
+        self.engine
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("the engine is open between steps"))
+    }
+
+    pub(super) fn note(&mut self, line: impl Into<String>) {
+        let line = line.into();
+        if self.verbose {
+            eprintln!("{line}");
+        }
+        self.trace.push(line);
+    }
+
+    pub(super) fn new_event_id(&mut self) -> EventId {
+        self.next_id += 1;
+        EventId(Uuid::from_u128(
+            0xE000_0000_0000_0000_0000_0000_0000_0000 | self.next_id,
+        ))
+    }
+
+    pub(super) fn new_sub_id(&mut self) -> SubscriptionId {
+        self.next_id += 1;
+        SubscriptionId(Uuid::from_u128(
+            0x5000_0000_0000_0000_0000_0000_0000_0000 | self.next_id,
+        ))
+    }
+
+    pub(super) fn target(&self, room: usize, ty: usize) -> Result<PublishTarget, String> {
+        self.targets
+            .get(&(room, ty))
+            .cloned()
+            .ok_or_else(|| format!("no event type t{ty} in r{room}"))
+    }
+
+    /// Takes `steps` generated steps, then drains. On a violation: the step number and why.
+    pub(super) fn run(&mut self, steps: usize) -> Result<(), (usize, String)> {
+        for _ in 0..steps {
+            let step = gen::next(&mut self.rng, &self.model, &self.world, self.rooms);
+            self.exec(step).map_err(|e| (self.step, e))?;
+        }
+        self.drain().map_err(|e| (self.step, e))
+    }
+
+    /// One step, then the full comparison of engine and model.
+    pub(super) fn exec(&mut self, step: Step) -> Result<(), String> {
+        self.step += 1;
+        let t = self.world.now.ms_since(self.world.start);
+        self.note(format!("{:>4} t+{t}ms {step:?}", self.step));
+        match step {
+            Step::Advance(ms) => self.world.set_now(self.world.now.plus_ms(ms)),
+            Step::Back(ms) => {
+                let back = Timestamp(self.world.now.0.saturating_sub(ms).max(self.world.start.0));
+                self.world.set_now(back);
+            }
+            Step::PushDue { sub } => self.push_due(sub)?,
+            Step::SeekStart { sub, target } => self.seek_start(sub, target)?,
+            Step::Crash => self.crash()?,
+            Step::FailOne => {
+                self.engine().faults().fail_next_commits(1);
+                self.world.fail_one = true;
+            }
+            Step::DiskFull(steps) => {
+                self.engine().faults().fail_commits();
+                self.world.disk_full = steps;
+                self.world.fail_one = false;
+            }
+            Step::Group(parts) => {
+                let mut planned = Vec::new();
+                for p in &parts {
+                    if let Some(x) = self.plan(p)? {
+                        planned.push(x);
+                    }
+                }
+                self.commit(planned)?;
+            }
+            step => {
+                let planned = self.plan(&step)?.into_iter().collect();
+                self.commit(planned)?;
+            }
+        }
+        if self.world.disk_full > 0 {
+            self.world.disk_full -= 1;
+            if self.world.disk_full == 0 {
+                self.engine().faults().clear();
+                self.note("    the disk has room again");
+            }
+        }
+        let (now, high) = (self.world.now, self.world.high);
+        let engine = self.engine.as_ref().unwrap_or_else(|| unreachable!());
+        check::reconcile(engine, &mut self.model, now, high)
+    }
+
+    /// Applies planned writes in one commit, as the writer does with a batch.
+    fn commit(&mut self, planned: Vec<(Op, Act)>) -> Result<(), String> {
+        if planned.is_empty() {
+            return Ok(());
+        }
+        let injected = self.world.fail_one || self.world.disk_full > 0;
+        let (ops, acts): (Vec<Op>, Vec<Act>) = planned.into_iter().unzip();
+        let result = self.engine().apply(self.world.now, ops);
+        self.world.fail_one = false;
+        match result {
+            Err(e) if injected => {
+                self.note(format!("    commit failed: {e}"));
+                acts.iter().for_each(|a| self.refused(a));
+                Ok(())
+            }
+            Err(e) => Err(format!("a commit failed with no fault injected: {e}")),
+            Ok(_) if injected => Err("a commit succeeded although it was to fail".into()),
+            Ok(results) if results.len() != acts.len() => Err(format!(
+                "{} results for {} operations",
+                results.len(),
+                acts.len()
+            )),
+            Ok(results) => acts
+                .into_iter()
+                .zip(results)
+                .try_for_each(|(a, r)| self.after(a, r)),
+        }
+    }
+
+    /// A seek begins: its position is found (checked against the model), its steps follow.
+    fn seek_start(&mut self, s: Sub, target: Option<Timestamp>) -> Result<(), String> {
+        let room = self.model.subs[s].room;
+        let name = RoomName::new(room_name(room)).map_err(|e| e.to_string())?;
+        let (from, end) = self
+            .engine()
+            .seek_offsets(&name, target)
+            .map_err(|e| e.to_string())?;
+        let events: Vec<_> = self.model.room_events(room).map(|(_, e)| e).collect();
+        if events.iter().any(|e| e.pos >= end) || from > end {
+            return Err(format!(
+                "r{room} seek positions ({from}, {end}) do not cover its log"
+            ));
+        }
+        let want = events
+            .iter()
+            .filter(|e| target.is_none_or(|t| e.at >= t))
+            .map(|e| e.pos)
+            .min()
+            .unwrap_or(end);
+        let monotonic = events.windows(2).all(|w| w[0].at <= w[1].at);
+        if from != want && (monotonic || CHECK_SEEK_BY_TIME_AFTER_STEP_BACK) {
+            return Err(format!(
+                "r{room} seek to {target:?} starts at position {from}; the first event received then or later is at {want}"
+            ));
+        }
+        self.note(format!("    seek of s{s} from {from} to {end}"));
+        self.world.seeks.insert(
+            s,
+            SeekProc {
+                from,
+                end,
+                phase: SeekPhase::Clear,
+            },
+        );
+        Ok(())
+    }
+
+    /// Drops the engine and opens it again from what was committed.
+    fn crash(&mut self) -> Result<(), String> {
+        self.engine = None;
+        let opened = self
+            .backend
+            .open()
+            .map_err(|e| format!("reopening after a crash failed: {e}"))?;
+        let engine = Engine::new(opened);
+        if self.world.disk_full > 0 {
+            engine.faults().fail_commits();
+        } else if self.world.fail_one {
+            engine.faults().fail_next_commits(1);
+        }
+        self.engine = Some(engine);
+        self.world.crash();
+        self.model.crash();
+        Ok(())
+    }
+}
