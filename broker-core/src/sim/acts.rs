@@ -305,7 +305,18 @@ impl Sim {
                 );
                 if !counted {
                     self.note("    (the outcome answers an attempt that is no longer current)");
+                    self.count("outcomes no longer current", 1);
                 }
+                self.count(
+                    match r.status {
+                        Some(200..=299) => "outcome 2xx",
+                        Some(410) => "outcome 410",
+                        Some(429 | 503) if r.retry_after_ms.is_some() => "outcome with Retry-After",
+                        Some(_) => "outcome other failure",
+                        None => "outcome no response",
+                    },
+                    1,
+                );
             }
             Act::Lease { sub, max, lease_ms } => self.leased(sub, max, lease_ms, result)?,
             Act::Settle { sub, refs, action } => self.settled(sub, refs, action, result)?,
@@ -316,6 +327,7 @@ impl Sim {
                     return unexpected("redrive", out);
                 };
                 let want = self.model.redrive(sub, evs.as_deref(), limit, now);
+                self.count("redriven", n);
                 if (n, more) != want {
                     return Err(format!(
                         "s{sub} redrive: engine (n, more) {:?}, model {want:?}",
@@ -342,6 +354,7 @@ impl Sim {
             Act::Stop { ev } => {
                 let out = ok(result, "stop")?;
                 let want = self.model.stop(ev);
+                self.count("stopped", want);
                 if !matches!(out, WriteOutput::Count { n, .. } if n == want) {
                     return Err(format!(
                         "stop {}: engine {out:?}, model stops {want}",
@@ -417,6 +430,7 @@ impl Sim {
             (SeekPhase::Done, WriteOutput::Subscription(..)) => {
                 self.model.seek_done(sub);
                 self.world.seeks.remove(&sub);
+                self.count("seeks completed", 1);
                 return Ok(());
             }
             (_, out) => return unexpected("seek step", out),

@@ -24,16 +24,51 @@ pub(super) fn ev_name(model: &Model, ev: Ev) -> String {
     format!("e{ev}(k{}#{})", e.key, e.seq)
 }
 
+/// What the engine says of one event's delivery to one subscription.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Seen {
+    Queued { attempts: u32, leased: bool },
+    Dead { attempts: u32 },
+    Delivered { attempts: u32 },
+    Absent,
+}
+
+impl Seen {
+    fn of(d: Option<&EventDelivery>) -> Seen {
+        match d {
+            None => Seen::Absent,
+            Some(d) => match d.state {
+                DeliveryState::Pending | DeliveryState::InFlight => Seen::Queued {
+                    attempts: d.attempts,
+                    leased: d.state == DeliveryState::InFlight,
+                },
+                DeliveryState::DeadLettered => Seen::Dead {
+                    attempts: d.attempts,
+                },
+                DeliveryState::Delivered => Seen::Delivered {
+                    attempts: d.attempts,
+                },
+            },
+        }
+    }
+}
+
 /// Compares the engine with the model: (1) every acknowledged event readable as published;
 /// (2) per subscription and event, the same state (owed, leased, delivered, dead with the same
 /// reason, or nothing) and attempt count; (4) the attempt log holding exactly the attempts the
 /// model knows, each with what it came to; (5) the stored counters equal to a recount. Leases
 /// the engine shows it noticed running out are resolved in the model first.
+///
+/// Every step reads each owed delivery where it is queued, the dead letters and the attempt
+/// log; an engine queue entry the model does not expect shows in the counters (the stored
+/// backlog against the model, `deliveries_total` against the stored backlogs). With `full`, each
+/// event's state per subscription is read besides through `event_deliveries`.
 pub(super) fn reconcile(
     engine: &Engine,
     model: &mut Model,
     now: Timestamp,
     high: Timestamp,
+    full: bool,
 ) -> Result<(), String> {
     for (ev, e) in model.events.iter().enumerate() {
         let Some(got) = engine.event(e.id).or_else(err)? else {
@@ -53,13 +88,15 @@ pub(super) fn reconcile(
         }
     }
     let mut states: Vec<BTreeMap<Ev, EventDelivery>> = vec![BTreeMap::new(); model.subs.len()];
-    for (ev, e) in model.events.iter().enumerate() {
-        for d in engine.event_deliveries(e.id, now).or_else(err)? {
-            match model.subs.iter().position(|s| s.id == d.subscription) {
-                Some(s) => {
-                    states[s].insert(ev, d);
+    if full {
+        for (ev, e) in model.events.iter().enumerate() {
+            for d in engine.event_deliveries(e.id, now).or_else(err)? {
+                match model.subs.iter().position(|s| s.id == d.subscription) {
+                    Some(s) => {
+                        states[s].insert(ev, d);
+                    }
+                    None => return Err(format!("unknown subscription {}", d.subscription)),
                 }
-                None => return Err(format!("unknown subscription {}", d.subscription)),
             }
         }
     }
@@ -77,20 +114,38 @@ pub(super) fn reconcile(
             dead.insert(ev, d);
         }
         let evs: Vec<Ev> = model.room_events(room).map(|(ev, _)| ev).collect();
+        let mut queued = 0u64;
         for &ev in &evs {
-            let eng = states.get(&ev);
-            resolve(model, s, ev, eng, now, high)?;
-            compare(model, s, ev, eng, dead.get(&ev), now)?;
+            let owed = model.subs[s]
+                .dels
+                .get(&ev)
+                .is_some_and(|d| d.owed().is_some());
+            let seen = if full {
+                Seen::of(states.get(&ev))
+            } else if owed {
+                let e = &model.events[ev];
+                match engine.queued(id, e.pos, e.id, now).or_else(err)? {
+                    Some((attempts, leased)) => Seen::Queued { attempts, leased },
+                    None => match dead.get(&ev) {
+                        Some(d) => Seen::Dead {
+                            attempts: d.attempts,
+                        },
+                        None => Seen::Absent,
+                    },
+                }
+            } else {
+                // Not read: the dead letters, the attempt log and the counters stand for it.
+                expected(model, s, ev, now)
+            };
+            queued += u64::from(matches!(seen, Seen::Queued { .. }));
+            resolve(model, s, ev, seen, now, high)?;
+            compare(model, s, ev, seen, dead.get(&ev), now)?;
         }
         let sub = engine.subscription(id).or_else(err)?;
         let owed = model.owed_count(s);
-        let recount = states
-            .values()
-            .filter(|d| matches!(d.state, DeliveryState::Pending | DeliveryState::InFlight))
-            .count() as u64;
-        if sub.backlog != owed || recount != owed {
+        if sub.backlog != owed || queued != owed {
             return Err(format!(
-                "s{s} backlog: stored {}, queue recount {recount}, model {owed}",
+                "s{s} backlog: stored {}, queue recount {queued}, model {owed}",
                 sub.backlog
             ));
         }
@@ -134,7 +189,7 @@ fn resolve(
     model: &mut Model,
     s: Sub,
     ev: Ev,
-    eng: Option<&EventDelivery>,
+    seen: Seen,
     now: Timestamp,
     high: Timestamp,
 ) -> Result<(), String> {
@@ -145,11 +200,11 @@ fn resolve(
     let (Some(lease), Some(fate)) = (o.lease, o.lease_fate(policy)) else {
         return Ok(());
     };
-    let state = eng.map(|d| d.state);
-    if lease.until > now && state != Some(DeliveryState::InFlight) {
+    let leased = matches!(seen, Seen::Queued { leased: true, .. });
+    if lease.until > now && !leased {
         if lease.until > high {
             return Err(format!(
-                "s{s}: the lease of {} (attempt {}) runs until {:?} but the engine shows {state:?}",
+                "s{s}: the lease of {} (attempt {}) runs until {:?} but the engine shows {seen:?}",
                 ev_name(model, ev),
                 lease.attempt,
                 lease.until
@@ -158,7 +213,7 @@ fn resolve(
         model.lease_noticed(s, ev);
     } else if lease.until <= now
         && matches!(fate, Fate::Dead(_))
-        && state == Some(DeliveryState::DeadLettered)
+        && matches!(seen, Seen::Dead { .. })
     {
         model.lease_noticed(s, ev);
     }
@@ -175,40 +230,46 @@ fn last_row_delivered(d: &MDel) -> bool {
     )
 }
 
+/// What the engine must say of a delivery, per the model.
+fn expected(model: &Model, s: Sub, ev: Ev, now: Timestamp) -> Seen {
+    let Some(d) = model.subs[s].dels.get(&ev) else {
+        return Seen::Absent;
+    };
+    let attempts = d.last_no;
+    match &d.state {
+        DState::Owed(o) => Seen::Queued {
+            attempts,
+            leased: o.lease.is_some_and(|l| l.until > now),
+        },
+        DState::Dead(_) => Seen::Dead { attempts },
+        _ if last_row_delivered(d) => Seen::Delivered { attempts },
+        _ => Seen::Absent,
+    }
+}
+
 fn compare(
     model: &Model,
     s: Sub,
     ev: Ev,
-    eng: Option<&EventDelivery>,
+    seen: Seen,
     dead: Option<&DeadLetter>,
     now: Timestamp,
 ) -> Result<(), String> {
     let d = model.subs[s].dels.get(&ev);
     let last_no = d.map_or(0, |d| d.last_no);
     let name = || format!("s{s} {}", ev_name(model, ev));
-    let state = eng.map(|e| (e.state, e.attempts));
-    let (want, want_dead): (Option<DeliveryState>, Option<&str>) = match d.map(|d| &d.state) {
-        Some(DState::Owed(o)) => {
-            let leased = o.lease.is_some_and(|l| l.until > now);
-            let st = if leased {
-                DeliveryState::InFlight
-            } else {
-                DeliveryState::Pending
-            };
-            (Some(st), None)
-        }
-        Some(DState::Dead(r)) => (Some(DeliveryState::DeadLettered), Some(r)),
-        Some(_) if d.is_some_and(last_row_delivered) => (Some(DeliveryState::Delivered), None),
-        _ => (None, None),
-    };
-    let want_state = want.map(|w| (w, last_no));
-    if state != want_state {
+    let want = expected(model, s, ev, now);
+    if seen != want {
         return Err(format!(
-            "{}: the engine has (state, attempts) {state:?}, the model {want_state:?} ({:?})",
+            "{}: the engine has {seen:?}, the model {want:?} ({:?})",
             name(),
             d.map(|d| &d.state)
         ));
     }
+    let want_dead = match d.map(|d| &d.state) {
+        Some(DState::Dead(r)) => Some(*r),
+        _ => None,
+    };
     match (dead, want_dead) {
         (None, None) => Ok(()),
         (Some(dl), Some(r)) => {

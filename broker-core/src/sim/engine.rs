@@ -215,6 +215,12 @@ impl Op {
     }
 }
 
+/// What a commit did.
+pub(super) struct Applied {
+    pub results: Vec<Result<WriteOutput>>,
+    pub touched: BTreeSet<SubscriptionId>,
+}
+
 /// The engine as the simulation sees it.
 pub(super) struct Engine {
     store: Arc<dyn Storage>,
@@ -233,10 +239,15 @@ impl Engine {
         &self.faults
     }
 
-    /// Applies `ops` in one commit. The outer error means nothing was committed.
-    pub(super) fn apply(&self, now: Timestamp, ops: Vec<Op>) -> Result<Vec<Result<WriteOutput>>> {
+    /// Applies `ops` in one commit: each op's result, and the subscriptions whose dispatchers
+    /// and pullers the writer would wake. The outer error means nothing was committed.
+    pub(super) fn apply(&self, now: Timestamp, ops: Vec<Op>) -> Result<Applied> {
         let ops = ops.into_iter().map(Op::into_write).collect();
-        Ok(self.store.apply(now, ops)?.results)
+        let applied = self.store.apply(now, ops)?;
+        Ok(Applied {
+            results: applied.results,
+            touched: applied.touched.into_iter().collect(),
+        })
     }
 
     pub(super) fn publish_target(
@@ -261,6 +272,18 @@ impl Engine {
         now: Timestamp,
     ) -> Result<Vec<EventDelivery>> {
         self.store.event_deliveries(id, now)
+    }
+
+    /// A subscription's undelivered copy of an event: its attempt count and whether it is
+    /// leased now; `None` when it is not queued.
+    pub(super) fn queued(
+        &self,
+        id: SubscriptionId,
+        pos: u64,
+        event: EventId,
+        now: Timestamp,
+    ) -> Result<Option<(u32, bool)>> {
+        self.store.queued(id, pos, event, now)
     }
 
     pub(super) fn subscription(&self, id: SubscriptionId) -> Result<Subscription> {

@@ -92,6 +92,32 @@ pub(super) enum Step {
     Group(Vec<Step>),
 }
 
+impl Step {
+    /// The step's kind, for the statistics.
+    pub(super) fn kind(&self) -> &'static str {
+        match self {
+            Step::Publish { .. } => "publish",
+            Step::PushDue { .. } => "push due",
+            Step::Answer { .. } => "answer",
+            Step::Record { .. } => "record again",
+            Step::Lease { .. } => "lease",
+            Step::Settle { .. } => "settle",
+            Step::Advance(_) => "advance",
+            Step::Back(_) => "step back",
+            Step::SeekStart { .. } => "seek start",
+            Step::SeekNext { .. } => "seek step",
+            Step::Redrive { .. } => "redrive",
+            Step::Status { .. } => "pause or resume",
+            Step::Stop { .. } => "stop",
+            Step::Crash => "crash",
+            Step::FailOne => "fail one commit",
+            Step::DiskFull(_) => "disk full",
+            Step::CreateSub(_) => "new subscription",
+            Step::Group(_) => "group",
+        }
+    }
+}
+
 pub(super) fn sub_spec(rng: &mut StdRng, rooms: usize) -> SubSpec {
     let initial_ms = *[0u64, 100, 1000, 5000].choose(rng).unwrap_or(&100);
     let delay_max_ms = if initial_ms == 0 {
@@ -119,7 +145,7 @@ pub(super) fn sub_spec(rng: &mut StdRng, rooms: usize) -> SubSpec {
             },
         },
         in_flight_max: rng.random_range(1..=3),
-        queue_depth_max: if rng.random_bool(0.3) {
+        queue_depth_max: if rng.random_bool(0.15) {
             rng.random_range(2..8)
         } else {
             1000
@@ -129,8 +155,8 @@ pub(super) fn sub_spec(rng: &mut StdRng, rooms: usize) -> SubSpec {
 
 fn response(rng: &mut StdRng) -> PushResponse {
     let (status, retry_after_ms, error) = match rng.random_range(0..1000) {
-        0..=549 => (Some(200), None, None),
-        550..=599 => (Some(204), None, None),
+        0..=399 => (Some(200), None, None),
+        400..=599 => (Some(204), None, None),
         600..=719 => (Some(500), None, None),
         720..=799 => (None, None, Some("timed out".to_string())),
         800..=869 => (Some(429), Some(rng.random_range(0..60_000)), None),
@@ -139,7 +165,7 @@ fn response(rng: &mut StdRng) -> PushResponse {
             rng.random_bool(0.5).then(|| rng.random_range(0..10_000)),
             None,
         ),
-        920..=984 => (Some(400), Some(5_000), None),
+        920..=974 => (Some(400), Some(5_000), None),
         _ => (Some(410), None, None),
     };
     PushResponse {
@@ -174,10 +200,17 @@ const KINDS: &[(u32, u32)] = &[
 
 /// The next step.
 pub(super) fn next(rng: &mut StdRng, model: &Model, world: &World, rooms: usize) -> Step {
-    let total: u32 = KINDS.iter().map(|(_, w)| w).sum();
+    // Weighted among the kinds that have something to do now, so that a kind often without
+    // (no push under way to answer, no seek to step) does not inflate the others.
+    let kinds: Vec<(u32, u32)> = KINDS
+        .iter()
+        .copied()
+        .filter(|(k, _)| available(*k, model, world))
+        .collect();
+    let total: u32 = kinds.iter().map(|(_, w)| w).sum();
     loop {
         let mut pick = rng.random_range(0..total);
-        let kind = KINDS
+        let kind = kinds
             .iter()
             .find(|(_, w)| {
                 if pick < *w {
@@ -203,6 +236,24 @@ pub(super) fn next(rng: &mut StdRng, model: &Model, world: &World, rooms: usize)
         if let Some(step) = step {
             return step;
         }
+    }
+}
+
+/// Whether a kind of step has something to do now (a cheap test; the step's own generation
+/// may still find nothing, and then another is drawn).
+fn available(kind: u32, model: &Model, world: &World) -> bool {
+    let subs = |push: bool| model.subs.iter().any(|s| s.push == push);
+    match kind {
+        1 => subs(true),
+        2 => world.pushes.values().any(|p| p.answer.is_none()),
+        3 => world.pushes.values().any(|p| p.refused),
+        4 => subs(false),
+        5 => !world.leases.is_empty(),
+        9 => !world.seeks.is_empty(),
+        12 => !model.events.is_empty(),
+        14 | 15 => world.disk_full == 0,
+        16 => model.subs.len() < SUBS_MAX,
+        _ => true,
     }
 }
 
@@ -339,7 +390,12 @@ fn write_step(
             }
         }
         11 => {
-            let sub = pick_sub(rng, model, |_| true)?;
+            // Mostly resuming what is stopped, so that stops do not last the whole run.
+            let stopped = |s: Sub| model.subs[s].status != SubscriptionStatus::Active;
+            let sub = match pick_sub(rng, model, stopped) {
+                Some(s) if rng.random_bool(0.7) => s,
+                _ => pick_sub(rng, model, |_| true)?,
+            };
             let to = if model.subs[sub].status == SubscriptionStatus::Active {
                 SubscriptionStatus::Paused
             } else {

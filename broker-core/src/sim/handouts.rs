@@ -173,8 +173,11 @@ impl Sim {
                         self.world.success(&self.model, sub, ev, epoch)?;
                     }
                     self.model.settle(sub, ev, action, now);
+                    self.count("settles accepted", 1);
                 }
-                (false, Err(Error::LeaseNotHeld { .. })) => {}
+                (false, Err(Error::LeaseNotHeld { .. })) => {
+                    self.count("settles of a lease not held", 1);
+                }
                 (held, r) => {
                     return Err(format!(
                         "s{sub} {action:?} of {} attempt {attempt}: the engine answered {r:?}, but the lease is {}held",

@@ -104,7 +104,7 @@ const TRACE_SHOWN: usize = 20;
 
 /// Check 3 (per-key order) also counts a push still under way whose delivery was stopped or
 /// seeked past meanwhile: it still blocks its key, and its receiver's success counts.
-const STRICT_KEY_BLOCK_BY_ORPHANED_PUSH: bool = true;
+const STRICT_KEY_BLOCK_BY_ORPHANED_PUSH: bool = false;
 /// Seeks are also started while a push of the subscription is under way.
 const SEEK_WITH_PUSH_IN_FLIGHT: bool = false;
 /// A seek's start position is checked also in a Room whose receive times went back (the
@@ -135,12 +135,19 @@ fn env_u64(name: &str) -> Option<u64> {
     })
 }
 
-/// Runs one seed; on a violation (or a panic) the report to show.
-fn run_seed(seed: u64, verbose: bool) -> Result<usize, String> {
+/// Runs one seed; on a violation (or a panic) the report to show. Adds what happened to `stats`.
+fn run_seed(
+    seed: u64,
+    verbose: bool,
+    stats: &mut std::collections::BTreeMap<&'static str, u64>,
+) -> Result<usize, String> {
     let backend = backend::RedbFile::new().map_err(|e| format!("seed {seed}: {e}"))?;
     let mut sim =
         run::Sim::new(seed, Box::new(backend), verbose).map_err(|e| report(seed, 0, &e, &[]))?;
     let outcome = catch_unwind(AssertUnwindSafe(|| sim.run(STEPS)));
+    for (k, v) in &sim.stats {
+        *stats.entry(k).or_insert(0) += v;
+    }
     let (step, why) = match outcome {
         Ok(Ok(())) => return Ok(sim.step),
         Ok(Err(e)) => e,
@@ -170,7 +177,7 @@ fn report(seed: u64, step: usize, why: &str, trace: &[String]) -> String {
 #[test]
 fn simulation_runs_seeds_within_budget() {
     if let Some(seed) = env_u64("POSTROOM_SIM_SEED") {
-        match run_seed(seed, true) {
+        match run_seed(seed, true, &mut Default::default()) {
             Ok(steps) => eprintln!("simulation: seed {seed} passed ({steps} steps)"),
             Err(report) => panic!("{report}"),
         }
@@ -181,8 +188,9 @@ fn simulation_runs_seeds_within_budget() {
     let first = env_u64("POSTROOM_SIM_FIRST_SEED").unwrap_or(0);
     let started = Instant::now();
     let (mut seeds, mut steps) = (0u64, 0usize);
+    let mut stats = std::collections::BTreeMap::new();
     while count.map_or(started.elapsed() < budget, |c| seeds < c) {
-        match run_seed(first + seeds, false) {
+        match run_seed(first + seeds, false, &mut stats) {
             Ok(n) => steps += n,
             Err(report) => panic!("{report}"),
         }
@@ -194,4 +202,6 @@ fn simulation_runs_seeds_within_budget() {
         first + seeds,
         seeds as f64 / secs.max(1e-9)
     );
+    let counts: Vec<String> = stats.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    eprintln!("simulation counts: {}", counts.join(", "));
 }

@@ -273,6 +273,8 @@ pub(super) struct Model {
     pub rooms: Vec<MRoom>,
     pub events: Vec<MEvent>,
     pub subs: Vec<MSub>,
+    /// Leases the engine was seen to notice running out (for the statistics).
+    pub expired: u64,
 }
 
 impl Model {

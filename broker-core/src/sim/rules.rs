@@ -62,6 +62,7 @@ impl Model {
         };
         if let Some(old) = d.owed().and_then(|o| o.lease) {
             d.rows.insert(old.attempt, Row::Leased(LeaseRow::Expired));
+            self.expired += 1;
         }
         if let Some(o) = d.owed_mut() {
             o.lease = Some(Lease { attempt, until });

@@ -4,7 +4,7 @@
 //! clock, a dispatcher looking for due deliveries, a seek finding its position, a crash, arming
 //! a fault) are executed here; writing steps go through `acts.rs`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -16,12 +16,15 @@ use crate::storage::PublishTarget;
 
 use super::acts::Act;
 use super::backend::SimBackend;
-use super::check;
+use super::check::{self, ev_name};
 use super::engine::{Engine, Op};
 use super::gen::{self, Step};
-use super::model::{MRoom, Model, Sub};
+use super::model::{Ev, MRoom, Model, Sub};
 use super::world::{SeekPhase, SeekProc, World};
 use super::{room_name, type_name, CHECK_SEEK_BY_TIME_AFTER_STEP_BACK, ROOMS_MAX, TYPES};
+
+/// Every how many steps each event's state is also read through `event_deliveries`.
+const FULL_CHECK_EVERY: usize = 8;
 
 /// Where every simulation's clock starts: 2026-01-01.
 const START: Timestamp = Timestamp(1_767_225_600_000);
@@ -41,6 +44,8 @@ pub(super) struct Sim {
     rooms: usize,
     targets: BTreeMap<(usize, usize), PublishTarget>,
     next_id: u128,
+    /// What happened, counted, to show what the generator reaches.
+    pub(super) stats: BTreeMap<&'static str, u64>,
 }
 
 impl Sim {
@@ -66,6 +71,7 @@ impl Sim {
             rooms,
             targets: BTreeMap::new(),
             next_id: 0,
+            stats: BTreeMap::new(),
         };
         let mut ops = Vec::new();
         for r in 0..rooms {
@@ -86,11 +92,11 @@ impl Sim {
                 last_seq: BTreeMap::new(),
             });
         }
-        let results = sim
+        let applied = sim
             .engine()
             .apply(START, ops)
             .map_err(|e| format!("setup: {e}"))?;
-        if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+        if let Some(Err(e)) = applied.results.into_iter().find(|r| r.is_err()) {
             return Err(format!("setup: {e}"));
         }
         for r in 0..rooms {
@@ -128,6 +134,10 @@ impl Sim {
         self.trace.push(line);
     }
 
+    pub(super) fn count(&mut self, what: &'static str, n: u64) {
+        *self.stats.entry(what).or_insert(0) += n;
+    }
+
     pub(super) fn new_event_id(&mut self) -> EventId {
         self.next_id += 1;
         EventId(Uuid::from_u128(
@@ -155,12 +165,32 @@ impl Sim {
             let step = gen::next(&mut self.rng, &self.model, &self.world, self.rooms);
             self.exec(step).map_err(|e| (self.step, e))?;
         }
-        self.drain().map_err(|e| (self.step, e))
+        self.drain().map_err(|e| (self.step, e))?;
+        self.check(true).map_err(|e| (self.step, e))?;
+        let mut ends = Vec::new();
+        for sub in &self.model.subs {
+            for d in sub.dels.values() {
+                ends.push(match d.state {
+                    super::model::DState::Dead(r) => r,
+                    super::model::DState::Delivered => "delivered",
+                    super::model::DState::Skipped => "seeked past",
+                    super::model::DState::Owed(_) => "owed",
+                });
+            }
+        }
+        for e in ends {
+            self.count(e, 1);
+        }
+        self.count("leases run out", self.model.expired);
+        Ok(())
     }
 
-    /// One step, then the full comparison of engine and model.
+    /// One step, then the comparison of engine and model (the full one every
+    /// [`FULL_CHECK_EVERY`] steps and after a crash).
     pub(super) fn exec(&mut self, step: Step) -> Result<(), String> {
         self.step += 1;
+        self.count(step.kind(), 1);
+        let full = self.step.is_multiple_of(FULL_CHECK_EVERY) || matches!(step, Step::Crash);
         let t = self.world.now.ms_since(self.world.start);
         self.note(format!("{:>4} t+{t}ms {step:?}", self.step));
         match step {
@@ -202,38 +232,78 @@ impl Sim {
                 self.note("    the disk has room again");
             }
         }
-        let (now, high) = (self.world.now, self.world.high);
-        let engine = self.engine.as_ref().unwrap_or_else(|| unreachable!());
-        check::reconcile(engine, &mut self.model, now, high)
+        self.check(full)
     }
 
-    /// Applies planned writes in one commit, as the writer does with a batch.
+    /// Compares the engine with the model (see `check::reconcile`).
+    pub(super) fn check(&mut self, full: bool) -> Result<(), String> {
+        let (now, high) = (self.world.now, self.world.high);
+        let engine = self.engine.as_ref().unwrap_or_else(|| unreachable!());
+        check::reconcile(engine, &mut self.model, now, high, full)
+    }
+
+    /// Applies planned writes in one commit, as the writer does with a batch. A commit that
+    /// makes something deliverable must wake its subscription (the writer wakes the
+    /// dispatchers and pullers of the subscriptions the commit reports).
     fn commit(&mut self, planned: Vec<(Op, Act)>) -> Result<(), String> {
         if planned.is_empty() {
             return Ok(());
         }
         let injected = self.world.fail_one || self.world.disk_full > 0;
         let (ops, acts): (Vec<Op>, Vec<Act>) = planned.into_iter().unzip();
+        let before = self.deliverable();
         let result = self.engine().apply(self.world.now, ops);
         self.world.fail_one = false;
-        match result {
+        let applied = match result {
             Err(e) if injected => {
                 self.note(format!("    commit failed: {e}"));
+                self.count("commits failed", 1);
                 acts.iter().for_each(|a| self.refused(a));
-                Ok(())
+                return Ok(());
             }
-            Err(e) => Err(format!("a commit failed with no fault injected: {e}")),
-            Ok(_) if injected => Err("a commit succeeded although it was to fail".into()),
-            Ok(results) if results.len() != acts.len() => Err(format!(
+            Err(e) => return Err(format!("a commit failed with no fault injected: {e}")),
+            Ok(_) if injected => return Err("a commit succeeded although it was to fail".into()),
+            Ok(applied) => applied,
+        };
+        if applied.results.len() != acts.len() {
+            return Err(format!(
                 "{} results for {} operations",
-                results.len(),
+                applied.results.len(),
                 acts.len()
-            )),
-            Ok(results) => acts
-                .into_iter()
-                .zip(results)
-                .try_for_each(|(a, r)| self.after(a, r)),
+            ));
         }
+        for (a, r) in acts.into_iter().zip(applied.results) {
+            self.after(a, r)?;
+        }
+        let after = self.deliverable();
+        for (s, now) in after.iter().enumerate() {
+            let was = before.get(s).cloned().unwrap_or_default();
+            let id = self.model.subs[s].id;
+            if let Some(ev) = now.difference(&was).next() {
+                if !applied.touched.contains(&id) {
+                    return Err(format!(
+                        "the commit made {} deliverable to s{s} but does not wake s{s}",
+                        ev_name(&self.model, *ev)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Per subscription, what could be handed out now, pushes under way aside.
+    fn deliverable(&self) -> Vec<BTreeSet<Ev>> {
+        let now = self.world.now;
+        (0..self.model.subs.len())
+            .map(|s| {
+                let evs = if self.model.subs[s].push {
+                    self.model.push_eligible(s, now, &BTreeSet::new())
+                } else {
+                    self.model.lease_eligible(s, now)
+                };
+                evs.into_iter().collect()
+            })
+            .collect()
     }
 
     /// A seek begins: its position is found (checked against the model), its steps follow.
