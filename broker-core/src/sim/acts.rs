@@ -62,6 +62,7 @@ pub(super) enum Act {
         spec: SubSpec,
         id: SubscriptionId,
     },
+    Sweep,
 }
 
 pub(super) fn ok(r: Result<WriteOutput>, what: &str) -> std::result::Result<WriteOutput, String> {
@@ -235,6 +236,12 @@ impl Sim {
                     },
                 )
             }
+            Step::Sweep(delete_max) => (
+                Op::Sweep {
+                    delete_max: *delete_max,
+                },
+                Act::Sweep,
+            ),
             _ => return Ok(None),
         }))
     }
@@ -281,6 +288,7 @@ impl Sim {
                         seq: r.sequence.0,
                         pos,
                         at: now,
+                        gone: false,
                     };
                     self.model.publish(e, now)?;
                 }
@@ -361,6 +369,34 @@ impl Sim {
                         ev_name(&self.model, ev)
                     ));
                 }
+            }
+            Act::Sweep => {
+                let out = ok(result, "retention sweep")?;
+                let WriteOutput::Swept(report) = out else {
+                    return unexpected("retention sweep", out);
+                };
+                let mut removed = 0;
+                for ev in 0..self.model.events.len() {
+                    let e = &self.model.events[ev];
+                    if e.gone {
+                        continue;
+                    }
+                    if self
+                        .engine()
+                        .event(e.id)
+                        .map_err(|e| e.to_string())?
+                        .is_none()
+                    {
+                        self.model.retire(ev, now)?;
+                        removed += 1;
+                    }
+                }
+                if removed != report.events_removed {
+                    return Err(format!(
+                        "the sweep reports {report:?}, but {removed} events went"
+                    ));
+                }
+                self.count("events removed by retention", removed);
             }
             Act::CreateSub { spec, id } => {
                 let out = ok(result, "create subscription")?;

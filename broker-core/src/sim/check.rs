@@ -71,6 +71,12 @@ pub(super) fn reconcile(
     full: bool,
 ) -> Result<(), String> {
     for (ev, e) in model.events.iter().enumerate() {
+        if e.gone {
+            if engine.event(e.id).or_else(err)?.is_some() {
+                return Err(format!("e{ev}, removed by retention, is back"));
+            }
+            continue;
+        }
         let Some(got) = engine.event(e.id).or_else(err)? else {
             return Err(format!("acknowledged event {} is lost", ev_name(model, ev)));
         };
@@ -89,7 +95,7 @@ pub(super) fn reconcile(
     }
     let mut states: Vec<BTreeMap<Ev, EventDelivery>> = vec![BTreeMap::new(); model.subs.len()];
     if full {
-        for (ev, e) in model.events.iter().enumerate() {
+        for (ev, e) in model.events.iter().enumerate().filter(|(_, e)| !e.gone) {
             for d in engine.event_deliveries(e.id, now).or_else(err)? {
                 match model.subs.iter().position(|s| s.id == d.subscription) {
                     Some(s) => {

@@ -32,6 +32,7 @@ pub(super) enum Op {
     CreateRoom {
         room: RoomName,
         ordered: bool,
+        age_ms_max: Option<u64>,
     },
     PutType {
         room: RoomName,
@@ -89,6 +90,10 @@ pub(super) enum Op {
     Stop {
         event: EventId,
     },
+    /// A retention sweep of at most `delete_max` records.
+    Sweep {
+        delete_max: usize,
+    },
 }
 
 /// The statuses a pause and a resume start from, as `delivery_api.rs` has them.
@@ -103,10 +108,15 @@ impl Op {
     fn into_write(self) -> WriteOp {
         let d = WriteOp::Delivery;
         match self {
-            Op::CreateRoom { room, ordered } => {
+            Op::CreateRoom {
+                room,
+                ordered,
+                age_ms_max,
+            } => {
                 let admin = Principal::new("sim").expect("principal");
                 let mut new = NewRoom::new(room, admin).approved();
                 new.ordered = ordered;
+                new.retention.age_ms_max = age_ms_max;
                 WriteOp::CreateRoom {
                     room: new,
                     quota: RoomQuota {
@@ -211,6 +221,7 @@ impl Op {
                 limit,
             }),
             Op::Stop { event } => d(DeliveryOp::StopEvent { event }),
+            Op::Sweep { delete_max } => WriteOp::Sweep { delete_max },
         }
     }
 }

@@ -88,6 +88,8 @@ pub(super) enum Step {
     FailOne,
     DiskFull(u32),
     CreateSub(SubSpec),
+    /// A retention sweep of at most this many records.
+    Sweep(usize),
     /// Writes committed together, as the writer batches them.
     Group(Vec<Step>),
 }
@@ -113,6 +115,7 @@ impl Step {
             Step::FailOne => "fail one commit",
             Step::DiskFull(_) => "disk full",
             Step::CreateSub(_) => "new subscription",
+            Step::Sweep(_) => "retention sweep",
             Step::Group(_) => "group",
         }
     }
@@ -178,24 +181,25 @@ fn response(rng: &mut StdRng) -> PushResponse {
 
 /// The step kinds with their weights.
 const KINDS: &[(u32, u32)] = &[
-    (0, 10), // publish
-    (1, 12), // push due
-    (2, 14), // answer
+    (0, 8),  // publish
+    (1, 14), // push due
+    (2, 18), // answer
     (3, 6),  // record again
-    (4, 10), // lease
-    (5, 10), // settle
+    (4, 12), // lease
+    (5, 12), // settle
     (6, 12), // advance
     (7, 2),  // step back
     (8, 2),  // seek start
-    (9, 8),  // seek step
+    (9, 10), // seek step
     (10, 3), // redrive
-    (11, 3), // pause or resume
+    (11, 2), // pause or resume
     (12, 1), // stop an event
-    (13, 2), // crash
+    (13, 1), // crash
     (14, 3), // one commit fails
     (15, 1), // disk full
     (16, 1), // new subscription
     (17, 4), // group
+    (18, 2), // retention sweep
 ];
 
 /// The next step.
@@ -250,30 +254,37 @@ fn available(kind: u32, model: &Model, world: &World) -> bool {
         4 => subs(false),
         5 => !world.leases.is_empty(),
         9 => !world.seeks.is_empty(),
-        12 => !model.events.is_empty(),
+        12 => model.events.iter().any(|e| !e.gone),
         14 | 15 => world.disk_full == 0,
         16 => model.subs.len() < SUBS_MAX,
+        18 => model.rooms.iter().any(|r| r.age_ms_max.is_some()),
         _ => true,
     }
 }
 
 /// A kind of write, for a group.
 fn rng_kind(rng: &mut StdRng) -> u32 {
-    *[0u32, 2, 3, 4, 5, 9, 10, 11, 12].choose(rng).unwrap_or(&0)
+    *[0u32, 2, 3, 4, 5, 9, 10, 11, 12, 18]
+        .choose(rng)
+        .unwrap_or(&0)
 }
 
 /// A group's writes, when they touch different pushes and seeks (each push is answered once,
-/// each seek takes one step at a time); `None` when fewer than two remain.
+/// each seek takes one step at a time), with at most one lease or retention sweep, last: which
+/// leases that ran out a pull notices, and which events a sweep removes, the model learns from
+/// the engine only after the commit, so nothing in the same commit may depend on it. `None`
+/// when fewer than two remain.
 fn distinct(parts: Vec<Step>) -> Option<Vec<Step>> {
     let mut seen = std::collections::BTreeSet::new();
-    let kept: Vec<Step> = parts
+    let (leases, mut kept): (Vec<Step>, Vec<Step>) = parts
         .into_iter()
         .filter(|s| match s {
             Step::Answer { push, .. } | Step::Record { push } => seen.insert((0, *push as usize)),
             Step::SeekNext { sub, .. } => seen.insert((1, *sub)),
             _ => true,
         })
-        .collect();
+        .partition(|s| matches!(s, Step::Lease { .. } | Step::Sweep(_)));
+    kept.extend(leases.into_iter().take(1));
     (kept.len() >= 2).then_some(kept)
 }
 
@@ -378,7 +389,9 @@ fn write_step(
                 }
                 chosen.sort_unstable();
                 chosen.dedup();
-                chosen.retain(|e| model.events[*e].room == model.subs[sub].room);
+                chosen.retain(|e| {
+                    model.events[*e].room == model.subs[sub].room && !model.events[*e].gone
+                });
                 Some(chosen)
             } else {
                 None
@@ -403,10 +416,16 @@ fn write_step(
             };
             Step::Status { sub, to }
         }
-        12 if !model.events.is_empty() => Step::Stop {
-            ev: rng.random_range(0..model.events.len()),
-        },
+        12 => {
+            let held: Vec<Ev> = (0..model.events.len())
+                .filter(|e| !model.events[*e].gone)
+                .collect();
+            Step::Stop {
+                ev: *held.choose(rng)?,
+            }
+        }
         16 if model.subs.len() < SUBS_MAX => Step::CreateSub(sub_spec(rng, rooms)),
+        18 => Step::Sweep(rng.random_range(1..=6)),
         _ => return None,
     })
 }

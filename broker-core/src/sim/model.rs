@@ -29,6 +29,8 @@ pub(super) type Sub = usize;
 #[derive(Clone, Debug)]
 pub(super) struct MRoom {
     pub ordered: bool,
+    /// Its retention bound on age, if any (events older than this, not owed, may be removed).
+    pub age_ms_max: Option<u64>,
     /// Per key, the last sequence acknowledged.
     pub last_seq: BTreeMap<usize, u64>,
 }
@@ -44,6 +46,8 @@ pub(super) struct MEvent {
     /// The engine's position of the event in its Room's log (what seeks and acks name).
     pub pos: u64,
     pub at: Timestamp,
+    /// Removed by retention.
+    pub gone: bool,
 }
 
 /// A retry policy without jitter.
@@ -278,12 +282,44 @@ pub(super) struct Model {
 }
 
 impl Model {
-    /// The events of a Room, in log order.
+    /// The events a Room still holds, in log order.
     pub(super) fn room_events(&self, room: usize) -> impl Iterator<Item = (Ev, &MEvent)> {
         self.events
             .iter()
             .enumerate()
-            .filter(move |(_, e)| e.room == room)
+            .filter(move |(_, e)| e.room == room && !e.gone)
+    }
+
+    /// Retention removed an event: allowed only past its Room's age bound and when no
+    /// subscription owes it (pending, in flight or dead-lettered). Its deliveries' records go
+    /// with it.
+    pub(super) fn retire(&mut self, ev: Ev, now: Timestamp) -> Result<(), String> {
+        let e = &self.events[ev];
+        let old = self.rooms[e.room]
+            .age_ms_max
+            .is_some_and(|a| now.ms_since(e.at) > a);
+        if !old {
+            return Err(format!(
+                "retention removed e{ev}, received {} ms ago, within its Room's bound {:?}",
+                now.ms_since(e.at),
+                self.rooms[e.room].age_ms_max
+            ));
+        }
+        for (s, sub) in self.subs.iter().enumerate() {
+            if let Some(d) = sub.dels.get(&ev) {
+                if matches!(d.state, DState::Owed(_) | DState::Dead(_)) {
+                    return Err(format!(
+                        "retention removed e{ev}, which s{s} still owes: {:?}",
+                        d.state
+                    ));
+                }
+            }
+        }
+        self.events[ev].gone = true;
+        for sub in &mut self.subs {
+            sub.dels.remove(&ev);
+        }
+        Ok(())
     }
 
     pub(super) fn takes(&self, s: Sub, ev: Ev) -> bool {
