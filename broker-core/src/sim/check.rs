@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 
 use crate::clock::Timestamp;
 use crate::subscription::{
-    Attempt, AttemptOutcome, DeadLetter, DeliveryState, EventDelivery, SubscriptionStatus,
+    Attempt, AttemptOutcome, DeadLetter, DeliveryState, EventDelivery, Subscription,
+    SubscriptionStatus,
 };
 
 use super::engine::Engine;
@@ -148,33 +149,7 @@ pub(super) fn reconcile(
             compare(model, s, ev, seen, dead.get(&ev), now)?;
         }
         let sub = engine.subscription(id).or_else(err)?;
-        let owed = model.owed_count(s);
-        if sub.backlog != owed || queued != owed {
-            return Err(format!(
-                "s{s} backlog: stored {}, queue recount {queued}, model {owed}",
-                sub.backlog
-            ));
-        }
-        let dead_n = model.dead_count(s);
-        if sub.dead_letters != dead_n || dead.len() as u64 != dead_n {
-            return Err(format!(
-                "s{s} dead letters: stored {}, listed {}, model {dead_n}",
-                sub.dead_letters,
-                dead.len()
-            ));
-        }
-        let m = &model.subs[s];
-        if (sub.ordered, sub.in_flight_max, sub.queue_depth_max)
-            != (m.ordered, m.in_flight_max, m.queue_depth_max)
-        {
-            return Err(format!("s{s} settings changed: {sub:?}"));
-        }
-        if sub.status != model.subs[s].status {
-            return Err(format!(
-                "s{s} is {:?}, the model says {:?}",
-                sub.status, model.subs[s].status
-            ));
-        }
+        counters(model, s, &sub, queued, dead.len() as u64)?;
         backlog_total += sub.backlog;
         attempt_log(engine, model, s, &pos_to_ev)?;
     }
@@ -182,6 +157,44 @@ pub(super) fn reconcile(
     if total != backlog_total {
         return Err(format!(
             "deliveries_total is {total}, the subscriptions' backlogs sum to {backlog_total}"
+        ));
+    }
+    Ok(())
+}
+
+/// (5) A subscription's stored counters and settings against the model and a recount: `queued`
+/// deliveries found in its queue, `listed` dead letters.
+pub(super) fn counters(
+    model: &Model,
+    s: Sub,
+    sub: &Subscription,
+    queued: u64,
+    listed: u64,
+) -> Result<(), String> {
+    let owed = model.owed_count(s);
+    if sub.backlog != owed || queued != owed {
+        return Err(format!(
+            "s{s} backlog: stored {}, queue recount {queued}, model {owed}",
+            sub.backlog
+        ));
+    }
+    let dead_n = model.dead_count(s);
+    if sub.dead_letters != dead_n || listed != dead_n {
+        return Err(format!(
+            "s{s} dead letters: stored {}, listed {listed}, model {dead_n}",
+            sub.dead_letters
+        ));
+    }
+    let m = &model.subs[s];
+    if (sub.ordered, sub.in_flight_max, sub.queue_depth_max)
+        != (m.ordered, m.in_flight_max, m.queue_depth_max)
+    {
+        return Err(format!("s{s} settings changed: {sub:?}"));
+    }
+    if sub.status != m.status {
+        return Err(format!(
+            "s{s} is {:?}, the model says {:?}",
+            sub.status, m.status
         ));
     }
     Ok(())

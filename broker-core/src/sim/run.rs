@@ -18,7 +18,7 @@ use super::acts::Act;
 use super::backend::SimBackend;
 use super::check::{self, ev_name};
 use super::engine::{Engine, Op};
-use super::gen::{self, Step};
+use super::gen::{self, Step, SubSpec};
 use super::model::{Ev, MRoom, Model, Sub};
 use super::world::{SeekPhase, SeekProc, World};
 use super::{room_name, type_name, CHECK_SEEK_BY_TIME_AFTER_STEP_BACK, ROOMS_MAX, TYPES};
@@ -53,8 +53,23 @@ impl Sim {
     /// event types and a few subscriptions.
     pub(super) fn new(
         seed: u64,
+        backend: Box<dyn SimBackend>,
+        verbose: bool,
+    ) -> Result<Sim, String> {
+        Sim::build(seed, backend, verbose, None)
+    }
+
+    /// A simulation with the given subscriptions (for the checks' own tests).
+    pub(super) fn with_subscriptions(seed: u64, specs: Vec<SubSpec>) -> Result<Sim, String> {
+        let backend = super::backend::RedbFile::new().map_err(|e| e.to_string())?;
+        Sim::build(seed, Box::new(backend), false, Some(specs))
+    }
+
+    fn build(
+        seed: u64,
         mut backend: Box<dyn SimBackend>,
         verbose: bool,
+        specs: Option<Vec<SubSpec>>,
     ) -> Result<Sim, String> {
         let engine = Engine::new(backend.open().map_err(|e| format!("open: {e}"))?);
         let mut rng = StdRng::seed_from_u64(seed);
@@ -115,10 +130,15 @@ impl Sim {
                 sim.targets.insert((r, t), target);
             }
         }
-        let subs = rand::Rng::random_range(&mut sim.rng, 2..=4);
-        let specs: Vec<Step> = (0..subs)
-            .map(|_| Step::CreateSub(gen::sub_spec(&mut sim.rng, rooms)))
-            .collect();
+        let specs: Vec<Step> = match specs {
+            Some(specs) => specs.into_iter().map(Step::CreateSub).collect(),
+            None => {
+                let subs = rand::Rng::random_range(&mut sim.rng, 2..=4);
+                (0..subs)
+                    .map(|_| Step::CreateSub(gen::sub_spec(&mut sim.rng, rooms)))
+                    .collect()
+            }
+        };
         sim.exec(Step::Group(specs))
             .map_err(|e| format!("setup: {e}"))?;
         Ok(sim)
