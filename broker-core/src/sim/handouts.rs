@@ -79,7 +79,12 @@ impl Sim {
                 answer: None,
                 refused: false,
             });
-            names.push(format!("{}#{}", ev_name(&self.model, ev), d.attempt));
+            names.push(format!(
+                "p{}:{}#{}",
+                self.world.next_push - 1,
+                ev_name(&self.model, ev),
+                d.attempt
+            ));
         }
         self.note(format!("    pushing [{}] next {next:?}", names.join(" ")));
         Ok(())

@@ -65,11 +65,14 @@
 //! # Running it
 //! `cargo test --workspace --lib sim::` runs seeds 0, 1, 2... for `POSTROOM_SIM_SECONDS`
 //! (default 60) or `POSTROOM_SIM_SEEDS` seeds, from `POSTROOM_SIM_FIRST_SEED` (default 0), and
-//! prints seeds per second. `POSTROOM_SIM_SEED=<n>` replays one seed with its step trace. A
-//! failure names the seed, the step, the last steps and the command that replays it.
+//! prints seeds per second and counts of what the runs reached (with `-- --nocapture`). A
+//! failure names the seed, the step, the last steps and the command that replays it:
+//! `POSTROOM_SIM_SEED=<n>` replays one seed with its step trace; with `POSTROOM_SIM_SHRINK=1`
+//! it is shortened first (`shrink.rs`). `POSTROOM_SIM_SURVEY=1` does not stop at a failure but
+//! lists the kinds of failure met, each with its first seed and how many seeds met it.
 //!
-//! Switches below turn off what found a known defect (see `SIM-FINDINGS.md`); each names what
-//! it weakens.
+//! Switches below turn off what found a defect (see `SIM-FINDINGS.md`); each names what it
+//! leaves out.
 
 mod acts;
 mod backend;
@@ -82,6 +85,7 @@ mod model;
 mod rules;
 mod run;
 mod selftest;
+mod shrink;
 mod world;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -102,13 +106,19 @@ const SUBS_MAX: usize = 5;
 /// How many trace lines a failure shows.
 const TRACE_SHOWN: usize = 20;
 
-/// Check 3 (per-key order) also counts a push still under way whose delivery was stopped or
-/// seeked past meanwhile: it still blocks its key, and its receiver's success counts.
+// Switches for what the simulation found (`SIM-FINDINGS.md`). Each stays `false` while its
+// defect stands and says what that leaves out; set it to `true` to reproduce the finding.
+
+/// F3. `true`: check 3 (per-key order) also counts a push still under way whose delivery was
+/// stopped meanwhile: it still blocks its key, and its receiver's success is judged for order.
+/// `false` leaves such a push out of both.
 const STRICT_KEY_BLOCK_BY_ORPHANED_PUSH: bool = false;
-/// Seeks are also started while a push of the subscription is under way.
+/// F2. `true`: a seek is also started while a push of its subscription is under way, and a
+/// push may start between a seek's start and its first step. `false` generates neither.
 const SEEK_WITH_PUSH_IN_FLIGHT: bool = false;
-/// A seek's start position is checked also in a Room whose receive times went back (the
-/// clock stepped back between publishes).
+/// F1. `true`: the events a seek by time replays are checked also in a Room whose receive
+/// times went back (the clock stepped back between publishes). `false` checks them only where
+/// receive times rise with the log.
 const CHECK_SEEK_BY_TIME_AFTER_STEP_BACK: bool = false;
 
 fn room_name(i: usize) -> String {
@@ -135,15 +145,16 @@ fn env_u64(name: &str) -> Option<u64> {
     })
 }
 
-/// Runs one seed; on a violation (or a panic) the report to show. Adds what happened to `stats`.
+/// Runs one seed; on a violation (or a panic) why, and the report to show. Adds what happened to `stats`.
 fn run_seed(
     seed: u64,
     verbose: bool,
     stats: &mut std::collections::BTreeMap<&'static str, u64>,
-) -> Result<usize, String> {
-    let backend = backend::RedbFile::new().map_err(|e| format!("seed {seed}: {e}"))?;
-    let mut sim =
-        run::Sim::new(seed, Box::new(backend), verbose).map_err(|e| report(seed, 0, &e, &[]))?;
+) -> Result<usize, (String, String)> {
+    let backend =
+        backend::RedbFile::new().map_err(|e| (e.to_string(), format!("seed {seed}: {e}")))?;
+    let mut sim = run::Sim::new(seed, Box::new(backend), verbose)
+        .map_err(|e| (e.clone(), report(seed, 0, &e, &[])))?;
     let outcome = catch_unwind(AssertUnwindSafe(|| sim.run(STEPS)));
     for (k, v) in &sim.stats {
         *stats.entry(k).or_insert(0) += v;
@@ -160,7 +171,8 @@ fn run_seed(
             (sim.step, format!("panicked: {text}"))
         }
     };
-    Err(report(seed, step, &why, &sim.trace))
+    let report = report(seed, step, &why, &sim.trace);
+    Err((why, report))
 }
 
 fn report(seed: u64, step: usize, why: &str, trace: &[String]) -> String {
@@ -172,14 +184,44 @@ fn report(seed: u64, step: usize, why: &str, trace: &[String]) -> String {
     )
 }
 
+/// A failure's kind: its message without numbers, lists or structures.
+fn kind(why: &str) -> String {
+    let mut depth = 0usize;
+    let mut out = String::new();
+    for c in why.chars() {
+        match c {
+            '[' | '{' => {
+                if depth == 0 {
+                    out.push_str("..");
+                }
+                depth += 1;
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            c if depth == 0 && !c.is_ascii_digit() => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Runs seeds 0, 1, 2... within the time budget (see the module doc), or the one seed
 /// `POSTROOM_SIM_SEED` names, with its trace.
 #[test]
 fn simulation_runs_seeds_within_budget() {
     if let Some(seed) = env_u64("POSTROOM_SIM_SEED") {
+        if env_u64("POSTROOM_SIM_SHRINK").is_some_and(|s| s != 0) {
+            match shrink::shrink(seed) {
+                None => eprintln!("simulation: seed {seed} passes; nothing to shrink"),
+                Some((steps, why)) => panic!(
+                    "seed {seed} shrunk to {} steps (the trace above), failing with: {why}",
+                    steps.len()
+                ),
+            }
+            return;
+        }
         match run_seed(seed, true, &mut Default::default()) {
             Ok(steps) => eprintln!("simulation: seed {seed} passed ({steps} steps)"),
-            Err(report) => panic!("{report}"),
+            Err((_, report)) => panic!("{report}"),
         }
         return;
     }
@@ -187,14 +229,25 @@ fn simulation_runs_seeds_within_budget() {
     let count = env_u64("POSTROOM_SIM_SEEDS");
     let first = env_u64("POSTROOM_SIM_FIRST_SEED").unwrap_or(0);
     let started = Instant::now();
+    // With POSTROOM_SIM_SURVEY=1 a failure does not stop the run: the distinct failures are
+    // listed at the end (numbers set aside), each with how many seeds and the first one.
+    let survey = env_u64("POSTROOM_SIM_SURVEY").is_some_and(|s| s != 0);
+    let mut failures: std::collections::BTreeMap<String, (u64, u64, String)> = Default::default();
     let (mut seeds, mut steps) = (0u64, 0usize);
     let mut stats = std::collections::BTreeMap::new();
     while count.map_or(started.elapsed() < budget, |c| seeds < c) {
-        match run_seed(first + seeds, false, &mut stats) {
+        let seed = first + seeds;
+        match run_seed(seed, false, &mut stats) {
             Ok(n) => steps += n,
-            Err(report) => panic!("{report}"),
+            Err((why, _)) if survey => {
+                failures.entry(kind(&why)).or_insert((0, seed, why)).0 += 1;
+            }
+            Err((_, report)) => panic!("{report}"),
         }
         seeds += 1;
+    }
+    for (n, seed, why) in failures.values() {
+        eprintln!("simulation survey: {n} seeds, first seed {seed}: {why}");
     }
     let secs = started.elapsed().as_secs_f64();
     eprintln!(

@@ -40,12 +40,14 @@ pub(super) struct Sim {
     pub(super) trace: Vec<String>,
     /// Steps executed so far (setup and drain included).
     pub(super) step: usize,
-    verbose: bool,
+    pub(super) verbose: bool,
     rooms: usize,
     targets: BTreeMap<(usize, usize), PublishTarget>,
     next_id: u128,
     /// What happened, counted, to show what the generator reaches.
     pub(super) stats: BTreeMap<&'static str, u64>,
+    /// The steps the generator chose, in order (for shrinking a failure).
+    pub(super) generated: Vec<Step>,
 }
 
 impl Sim {
@@ -87,6 +89,7 @@ impl Sim {
             targets: BTreeMap::new(),
             next_id: 0,
             stats: BTreeMap::new(),
+            generated: Vec::new(),
         };
         let mut ops = Vec::new();
         for r in 0..rooms {
@@ -187,8 +190,25 @@ impl Sim {
     pub(super) fn run(&mut self, steps: usize) -> Result<(), (usize, String)> {
         for _ in 0..steps {
             let step = gen::next(&mut self.rng, &self.model, &self.world, self.rooms);
+            self.generated.push(step.clone());
             self.exec(step).map_err(|e| (self.step, e))?;
         }
+        self.finish()
+    }
+
+    /// Takes the given steps instead of generated ones, skipping those that make no sense at
+    /// their turn (they name a push, an event or a seek that does not exist then), then drains.
+    pub(super) fn replay(&mut self, steps: &[Step]) -> Result<(), (usize, String)> {
+        for step in steps {
+            if super::shrink::valid(self, step) {
+                self.exec(step.clone()).map_err(|e| (self.step, e))?;
+            }
+        }
+        self.finish()
+    }
+
+    /// The drain and the last full comparison.
+    fn finish(&mut self) -> Result<(), (usize, String)> {
         self.drain().map_err(|e| (self.step, e))?;
         self.check(true).map_err(|e| (self.step, e))?;
         let mut ends = Vec::new();
