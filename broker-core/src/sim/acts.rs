@@ -428,53 +428,6 @@ impl Sim {
         Ok(())
     }
 
-    fn seek_result(
-        &mut self,
-        sub: Sub,
-        phase: SeekPhase,
-        limit: usize,
-        result: Result<WriteOutput>,
-    ) -> std::result::Result<(), String> {
-        let now = self.world.now;
-        let out = ok(result, "seek step")?;
-        let Some(mut proc_) = self.world.seeks.get(&sub).copied() else {
-            return Err(format!("s{sub} has no seek under way"));
-        };
-        match (phase, out) {
-            (SeekPhase::Clear, WriteOutput::Count { n, more }) => {
-                let want = self.model.seek_clear(sub, proc_.end, limit);
-                if (n, more) != want {
-                    return Err(format!(
-                        "s{sub} seek clear: engine (n, more) {:?}, model {want:?}",
-                        (n, more)
-                    ));
-                }
-                if !more {
-                    proc_.phase = SeekPhase::Enqueue(proc_.from);
-                }
-            }
-            (SeekPhase::Enqueue(from), WriteOutput::Seeked { n, next }) => {
-                let want = self.model.seek_enqueue(sub, from, proc_.end, limit, now);
-                if (n, next) != want {
-                    return Err(format!(
-                        "s{sub} seek enqueue: engine (n, next) {:?}, model {want:?}",
-                        (n, next)
-                    ));
-                }
-                proc_.phase = next.map_or(SeekPhase::Done, SeekPhase::Enqueue);
-            }
-            (SeekPhase::Done, WriteOutput::Subscription(..)) => {
-                self.model.seek_done(sub);
-                self.world.seeks.remove(&sub);
-                self.count("seeks completed", 1);
-                return Ok(());
-            }
-            (_, out) => return unexpected("seek step", out),
-        }
-        self.world.seeks.insert(sub, proc_);
-        Ok(())
-    }
-
     /// Whether nothing is owed anywhere (the end of a drain).
     pub(super) fn all_settled(&self) -> bool {
         self.model

@@ -1,7 +1,7 @@
 //! Hand-outs as they happen: a push dispatcher's turn (what `dispatch.rs` does each time it
 //! looks for due deliveries), a lease's grants and a settle's answers, each checked on the spot
-//! against the model as it stood before (`check::handout`, `check::handout_set`,
-//! `check::next_due`, the settle rule) before the model and the world follow.
+//! against the model as it stood before (`allowed.rs`, and the settle rule) before the model
+//! and the world follow.
 
 use std::collections::BTreeSet;
 
@@ -10,7 +10,8 @@ use crate::storage::{AckAction, WriteOutput};
 use crate::subscription::SubscriptionStatus;
 
 use super::acts::{ok, positions, unexpected};
-use super::check::{self, ev_name};
+use super::allowed;
+use super::check::ev_name;
 use super::model::{Ev, Sub};
 use super::run::Sim;
 use super::world::{HeldLease, Push};
@@ -50,16 +51,16 @@ impl Sim {
                     ev_name(&self.model, ev)
                 ));
             }
-            check::handout(&self.model, s, ev, d.attempt, &pushing, now, high)?;
+            allowed::handout(&self.model, s, ev, d.attempt, &pushing, now, high)?;
             got.push(ev);
         }
-        check::handout_set(&self.model, s, &got, &eligible, free)?;
+        allowed::handout_set(&self.model, s, &got, &eligible, free)?;
         if got.len() < free {
             let mut after = busy_evs.clone();
             after.extend(got.iter().copied());
             let m = &self.model;
             let earliest = m.earliest(s, now, |t| !m.push_eligible(s, t, &after).is_empty());
-            check::next_due(s, next, earliest, now)?;
+            allowed::next_due(s, next, earliest, now)?;
         }
         let mut names = Vec::new();
         for (d, ev) in due.iter().zip(got) {
@@ -119,14 +120,14 @@ impl Sim {
                     ev_name(&self.model, ev)
                 ));
             }
-            check::handout(&self.model, sub, ev, g.attempt, &[], now, high)?;
+            allowed::handout(&self.model, sub, ev, g.attempt, &[], now, high)?;
             got.push(ev);
         }
-        check::handout_set(&self.model, sub, &got, &eligible, max)?;
+        allowed::handout_set(&self.model, sub, &got, &eligible, max)?;
         if grants.is_empty() {
             let m = &self.model;
             let earliest = m.earliest(sub, now, |t| !m.lease_eligible(sub, t).is_empty());
-            check::next_due(sub, next_due, earliest, now)?;
+            allowed::next_due(sub, next_due, earliest, now)?;
         }
         let mut names = Vec::new();
         for (g, ev) in grants.iter().zip(got) {

@@ -75,6 +75,7 @@
 //! leaves out.
 
 mod acts;
+mod allowed;
 mod backend;
 mod check;
 mod drain;
@@ -84,6 +85,7 @@ mod handouts;
 mod model;
 mod rules;
 mod run;
+mod seek;
 mod selftest;
 mod shrink;
 mod world;

@@ -19,9 +19,9 @@ use super::backend::SimBackend;
 use super::check::{self, ev_name};
 use super::engine::{Engine, Op};
 use super::gen::{self, Step, SubSpec};
-use super::model::{Ev, MRoom, Model, Sub};
-use super::world::{SeekPhase, SeekProc, World};
-use super::{room_name, type_name, CHECK_SEEK_BY_TIME_AFTER_STEP_BACK, ROOMS_MAX, TYPES};
+use super::model::{Ev, MRoom, Model};
+use super::world::World;
+use super::{room_name, type_name, ROOMS_MAX, TYPES};
 
 /// Every how many steps each event's state is also read through `event_deliveries`.
 const FULL_CHECK_EVERY: usize = 8;
@@ -348,51 +348,6 @@ impl Sim {
                 evs.into_iter().collect()
             })
             .collect()
-    }
-
-    /// A seek begins: its position is found (checked against the model), its steps follow.
-    fn seek_start(&mut self, s: Sub, target: Option<Timestamp>) -> Result<(), String> {
-        let room = self.model.subs[s].room;
-        let name = RoomName::new(room_name(room)).map_err(|e| e.to_string())?;
-        let (from, end) = self
-            .engine()
-            .seek_offsets(&name, target)
-            .map_err(|e| e.to_string())?;
-        let events: Vec<_> = self.model.room_events(room).map(|(_, e)| e).collect();
-        if events.iter().any(|e| e.pos >= end) || from > end {
-            return Err(format!(
-                "r{room} seek positions ({from}, {end}) do not cover its log"
-            ));
-        }
-        // The events the seek will queue again must be those received at or after its time
-        // (all, to the oldest). Positions of events retention removed may fall either side.
-        let replayed: Vec<u64> = events
-            .iter()
-            .filter(|e| e.pos >= from)
-            .map(|e| e.pos)
-            .collect();
-        let want: Vec<u64> = events
-            .iter()
-            .filter(|e| target.is_none_or(|t| e.at >= t))
-            .map(|e| e.pos)
-            .collect();
-        let monotonic = events.windows(2).all(|w| w[0].at <= w[1].at);
-        if replayed != want && (monotonic || CHECK_SEEK_BY_TIME_AFTER_STEP_BACK) {
-            return Err(format!(
-                "r{room} seek to {target:?} starts at position {from}, replaying {replayed:?}; \
-                 received then or later: {want:?}"
-            ));
-        }
-        self.note(format!("    seek of s{s} from {from} to {end}"));
-        self.world.seeks.insert(
-            s,
-            SeekProc {
-                from,
-                end,
-                phase: SeekPhase::Clear,
-            },
-        );
-        Ok(())
     }
 
     /// Drops the engine and opens it again from what was committed.

@@ -4,6 +4,7 @@
 //! eligible delivery left out) and asserts that it is reported; and proof that a seed replays
 //! exactly.
 
+use super::allowed;
 use super::backend::RedbFile;
 use super::check;
 use super::engine::Op;
@@ -88,7 +89,7 @@ fn an_attempt_number_handed_out_twice_is_reported() {
     let (now, high) = (sim.world.now, sim.world.high);
     // As if the engine handed attempt 1 of e0 out again.
     expect_err(
-        check::handout(&sim.model, 0, 0, 1, &[], now, high),
+        allowed::handout(&sim.model, 0, 0, 1, &[], now, high),
         "as attempt 1",
     );
     // As if the engine's log kept an attempt the model does not know of.
@@ -102,7 +103,7 @@ fn an_out_of_order_delivery_is_reported() {
     let (now, high) = (sim.world.now, sim.world.high);
     // e1 handed out while e0, before it in key k0, is still owed.
     expect_err(
-        check::handout(&sim.model, 0, 1, 1, &[], now, high),
+        allowed::handout(&sim.model, 0, 1, 1, &[], now, high),
         "before its key's head",
     );
     // A receiver that processed e1, then e0.
@@ -140,11 +141,11 @@ fn an_engine_changed_behind_the_model_is_reported() {
 fn a_late_or_missing_wake_up_time_is_reported() {
     let now = crate::clock::Timestamp(1000);
     let at = |ms| Some(now.plus_ms(ms));
-    check::next_due(0, at(3), at(5), now).expect("early is fine");
-    check::next_due(0, at(5), at(5), now).expect("on time is fine");
-    expect_err(check::next_due(0, at(10), at(5), now), "falls due at");
-    expect_err(check::next_due(0, None, at(5), now), "nothing said");
-    expect_err(check::next_due(0, Some(now), None, now), "not after now");
+    allowed::next_due(0, at(3), at(5), now).expect("early is fine");
+    allowed::next_due(0, at(5), at(5), now).expect("on time is fine");
+    expect_err(allowed::next_due(0, at(10), at(5), now), "falls due at");
+    expect_err(allowed::next_due(0, None, at(5), now), "nothing said");
+    expect_err(allowed::next_due(0, Some(now), None, now), "not after now");
 }
 
 #[test]
@@ -152,18 +153,18 @@ fn an_eligible_delivery_left_out_is_reported() {
     let sim = pull_sim();
     let eligible = sim.model.lease_eligible(0, sim.world.now);
     assert_eq!(eligible, vec![0, 2], "the heads of k0 and k1");
-    check::handout_set(&sim.model, 0, &[0, 2], &eligible, 4).expect("all of them");
-    check::handout_set(&sim.model, 0, &[0], &eligible, 1).expect("as many as asked");
+    allowed::handout_set(&sim.model, 0, &[0, 2], &eligible, 4).expect("all of them");
+    allowed::handout_set(&sim.model, 0, &[0], &eligible, 1).expect("as many as asked");
     expect_err(
-        check::handout_set(&sim.model, 0, &[0], &eligible, 4),
+        allowed::handout_set(&sim.model, 0, &[0], &eligible, 4),
         "leaving out eligible",
     );
     expect_err(
-        check::handout_set(&sim.model, 0, &[1], &eligible, 4),
+        allowed::handout_set(&sim.model, 0, &[1], &eligible, 4),
         "not eligible",
     );
     expect_err(
-        check::handout_set(&sim.model, 0, &[0, 0], &eligible, 4),
+        allowed::handout_set(&sim.model, 0, &[0, 0], &eligible, 4),
         "twice at once",
     );
 }
