@@ -147,6 +147,18 @@ pub(super) fn reconcile(
         }
         let sub = engine.subscription(id).or_else(err)?;
         counters(model, s, &sub, queued, dead.len() as u64)?;
+        if full {
+            let health = engine.queue_health(id, now).or_else(err)?;
+            let leased = model
+                .owed(s)
+                .filter(|(_, o)| o.lease.is_some_and(|l| l.until > now))
+                .count() as u64;
+            if health.in_flight != leased || !health.complete {
+                return Err(format!(
+                    "s{s} queue health {health:?}, but {leased} deliveries are leased"
+                ));
+            }
+        }
         backlog_total += sub.backlog;
         attempt_log(engine, model, s, &pos_to_ev)?;
     }

@@ -301,6 +301,14 @@ impl Engine {
         self.store.subscription(id)
     }
 
+    pub(super) fn queue_health(
+        &self,
+        id: SubscriptionId,
+        now: Timestamp,
+    ) -> Result<crate::storage::QueueHealth> {
+        self.store.queue_health(id, now, SCAN_MAX)
+    }
+
     pub(super) fn deliveries_total(&self) -> Result<u64> {
         self.store.deliveries_total()
     }

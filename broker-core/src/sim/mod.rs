@@ -52,7 +52,8 @@
 //!    may come again); the attempt log holds exactly the attempts the model knows, each saying
 //!    what it came to (a number reused would show as a row saying something else).
 //! 5. Counters: each subscription's stored backlog and dead-letter count equal the model's and
-//!    a recount of its queue and of its listed dead letters; `deliveries_total` equals the sum.
+//!    a recount of its queue and of its listed dead letters; `deliveries_total` equals the sum;
+//!    the queue health's count of leases held equals the model's (every eighth step).
 //!
 //! And on every hand-out: nothing while a subscription is paused, disabled or seeking; nothing
 //! before it is due (a retry's backoff, a nack's delay, a receiver's Retry-After); a lease is
@@ -147,7 +148,8 @@ fn env_u64(name: &str) -> Option<u64> {
     })
 }
 
-/// Runs one seed; on a violation (or a panic) why, and the report to show. Adds what happened to `stats`.
+/// Runs one seed; on a violation (or a panic) why, and the report to show. Adds what happened
+/// to `stats`.
 fn run_seed(
     seed: u64,
     verbose: bool,
