@@ -2,8 +2,8 @@
 //!
 //! Why: the delivery rules (ordering, leases, retries, dead letters, seek, redrive) were tested
 //! only by examples, and the engine is about to be rewritten as policy over a narrow storage
-//! interface. This test drives the engine through thousands of random but replayable sequences
-//! of operations and compares it, after every step, with a small reference model.
+//! interface. This test drives the engine through many random but replayable sequences of
+//! operations and compares it, after every step, with a small reference model.
 //!
 //! # How it drives the engine
 //! Only through the [`crate::storage::Storage`] interface (`engine.rs`), the way the writer, the
@@ -23,15 +23,17 @@
 //! terminate, also with stale ack ids and after the lease ran out; the clock moving forward and
 //! sometimes back; seeks (to the oldest event, past the end, to a time) run step by step
 //! between other operations; redrives (all, or by event); pause and resume; stopping an event;
-//! new subscriptions; crashes; failed commits; several writes committed together as the writer
-//! batches them. Then it drains: faults off, seeks finished, everything resumed, time moved past
-//! every delay, every receiver succeeding, until nothing is owed.
+//! new subscriptions; retention sweeps (a Room may have an age bound); crashes; failed commits;
+//! several writes committed together as the writer batches them. Then it drains: faults off,
+//! seeks finished, everything resumed, time moved past every delay, every receiver succeeding,
+//! until nothing is owed.
 //!
 //! # What is checked
 //! After every step (`check.rs`), against the model (`model.rs`, `rules.rs`):
 //! 1. Nothing acknowledged is lost: every acknowledged event reads back with its Room, type,
 //!    key, sequence, time and payload; a key's sequences are 1, 2, 3... in publish order without
-//!    gaps or repeats, also across failed commits and crashes.
+//!    gaps or repeats, also across failed commits and crashes. Retention may remove an event
+//!    only past its Room's age bound and when no subscription owes it (queued or dead-lettered).
 //! 2. Each subscription gets each event at least once or dead-letters it with a reason: per
 //!    subscription and event the engine's state (pending, leased, delivered, dead-lettered, or
 //!    nothing) and attempt count are the model's; a dead letter has the model's reason
@@ -46,7 +48,8 @@
 //!    hand-outs made since the subscription last queued events again: a seek or a redrive
 //!    delivers older events again on purpose, so each one starts a new span, and a hand-out
 //!    made before it belongs to the old span. The same event twice in a row is allowed (a push
-//!    whose outcome a crash lost is made again: at least once).
+//!    whose outcome a crash lost is made again: at least once). A push still under way whose
+//!    delivery was stopped counts only with `STRICT_KEY_BLOCK_BY_ORPHANED_PUSH` (F3).
 //! 4. Attempt numbers: each hand-out of a delivery carries a number above every number logged
 //!    or handed out for it before (a push in flight is not logged, so after a crash its number
 //!    may come again); the attempt log holds exactly the attempts the model knows, each saying
@@ -60,15 +63,17 @@
 //! never handed to a second puller while it runs; a settle is accepted exactly when it names
 //! the current lease, before it runs out; when fewer than asked are handed out, nothing
 //! eligible was left out, and the time given to look again is no later than the first time
-//! something falls due (a long-poll relies on it); a seek's start position is the first event
-//! received at or after its time.
+//! something falls due (a long-poll relies on it); a seek replays exactly the events received at
+//! or after its time. And on every commit: one that makes something deliverable to a
+//! subscription names it among those to wake (the dispatchers and long-polls rely on it).
 //!
 //! # Running it
 //! `cargo test --workspace --lib sim::` runs seeds 0, 1, 2... for `POSTROOM_SIM_SECONDS`
 //! (default 60) or `POSTROOM_SIM_SEEDS` seeds, from `POSTROOM_SIM_FIRST_SEED` (default 0), and
 //! prints seeds per second and counts of what the runs reached (with `-- --nocapture`). A
 //! failure names the seed, the step, the last steps and the command that replays it:
-//! `POSTROOM_SIM_SEED=<n>` replays one seed with its step trace; with `POSTROOM_SIM_SHRINK=1`
+//! `POSTROOM_SIM_SEED=<n>` replays one seed with its step trace (shown when it fails, or with
+//! `-- --nocapture`); with `POSTROOM_SIM_SHRINK=1`
 //! it is shortened first (`shrink.rs`). `POSTROOM_SIM_SURVEY=1` does not stop at a failure but
 //! lists the kinds of failure met, each with its first seed and how many seeds met it.
 //!
