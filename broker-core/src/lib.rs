@@ -52,6 +52,8 @@ mod rights;
 mod runtime;
 mod schema;
 mod seek;
+#[cfg(test)]
+mod sim;
 mod stats;
 mod storage;
 mod subscription;

@@ -43,9 +43,14 @@ impl Engine {
         // was the largest cost of the push path in the profile (issue 8).
         let blocked: HashSet<OrderingKey> = if sub.ordered {
             let mut keys = HashSet::new();
+            let dead = txn.open_table(DEAD_LETTERS)?;
             for &offset in busy {
                 if let Some(v) = table.get((sub_id, offset))? {
                     keys.insert(DeliveryRecord::decode(&v)?.key);
+                } else if let Some(v) = dead.get((sub_id, offset))? {
+                    // Stopped (or dead-lettered) while its push is still under way: the push
+                    // still holds its key until it ends (issue 15, simulation finding F3).
+                    keys.insert(DeadRecord::decode(&v)?.delivery.key);
                 }
             }
             keys
