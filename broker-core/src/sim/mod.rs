@@ -162,7 +162,7 @@ fn run_seed(
     stats: &mut std::collections::BTreeMap<&'static str, u64>,
 ) -> Result<usize, (String, String)> {
     // One seed in four runs on redb on a file, the others on the in-memory store.
-    let backend: Box<dyn backend::SimBackend> = if seed % 4 == 0 {
+    let backend: Box<dyn backend::SimBackend> = if seed.is_multiple_of(4) {
         Box::new(
             backend::RedbFile::new().map_err(|e| (e.to_string(), format!("seed {seed}: {e}")))?,
         )
