@@ -18,8 +18,13 @@ use std::sync::Arc;
 use super::kv::{Batch, Entry, Order, Put, Snapshot, Space};
 use crate::error::{Error, Result};
 
-/// Entries fetched from the snapshot per page while iterating a range.
-const PAGE: usize = 256;
+/// Entries fetched from the snapshot by a range's first page; each later page is four times
+/// larger, up to [`PAGE_MAX`]. Most ranges the engine reads stop after a few entries (the due
+/// heads of a queue, the last attempt of a delivery), so a small first page saves copying what
+/// is never looked at, and long walks still go in large pages.
+const PAGE_FIRST: usize = 16;
+/// The largest page.
+const PAGE_MAX: usize = 1024;
 
 type Pending = BTreeMap<(Space, Vec<u8>), Option<Vec<u8>>>;
 /// A key of a transaction: its space and bytes.
@@ -153,6 +158,7 @@ impl Txn {
             end,
             order,
             page: VecDeque::new(),
+            page_len: PAGE_FIRST,
             snapshot_done: false,
             overlay: overlay.into(),
         }
@@ -181,6 +187,8 @@ pub(crate) struct RawRange {
     end: Bound<Vec<u8>>,
     order: Order,
     page: VecDeque<Entry>,
+    /// How many entries the next page fetches.
+    page_len: usize,
     snapshot_done: bool,
     overlay: VecDeque<(Vec<u8>, Option<Vec<u8>>)>,
 }
@@ -195,11 +203,12 @@ impl RawRange {
             bound_ref(&self.start),
             bound_ref(&self.end),
             self.order,
-            PAGE,
+            self.page_len,
         )?;
-        if got.len() < PAGE {
+        if got.len() < self.page_len {
             self.snapshot_done = true;
         }
+        self.page_len = (self.page_len * 4).min(PAGE_MAX);
         if let Some((last, _)) = got.last() {
             // The next page starts after the last key seen.
             match self.order {
