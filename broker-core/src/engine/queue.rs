@@ -482,15 +482,27 @@ impl<'t> Tables<'t> {
         // (issue 15, defect 6). Each pass moves every entry it takes out of the due range (leased
         // until later, rescheduled, dead-lettered) or leases it; a few passes take what an
         // expired lease's reschedule makes due again at once.
-        for _pass in 0..4 {
-            if grants.len() >= max {
-                break;
+        // One walk over what is due now (a view as of its start: each record is read again
+        // before use). An expired lease handled here is leased again at once if it is due; a
+        // key is looked at once per pull, so a head dead-lettered by its expiry does not let
+        // the key's next event out in the same pull (as a pull that saw the queue before).
+        let due: Vec<u64> = {
+            let mut v = Vec::new();
+            for entry in self
+                .ready
+                .range((sub_id, 0, 0)..=(sub_id, now.0, u64::MAX))?
+            {
+                let ((_, _, offset), ()) = entry?;
+                v.push(offset);
+                if v.len() >= max.saturating_mul(4).max(64) {
+                    break;
+                }
             }
-            let (offsets, _) = self.ready_at(sub_id, now, max - grants.len(), &|_| false)?;
-            if offsets.is_empty() {
-                break;
-            }
-            for offset in offsets {
+            v
+        };
+        let mut keys_seen = std::collections::HashSet::new();
+        {
+            for offset in due {
                 if grants.len() >= max {
                     break;
                 }
@@ -498,6 +510,9 @@ impl<'t> Tables<'t> {
                     continue;
                 };
                 let mut rec = DeliveryRecord::decode(&g)?;
+                if sub.ordered && !keys_seen.insert(rec.key.clone()) {
+                    continue;
+                }
                 if let Some(until) = rec.lease_until {
                     if until > now {
                         continue;

@@ -286,7 +286,10 @@ impl<'t> Tables<'t> {
                     want.insert((due_of(&rec).0, offset));
                 } else {
                     first.entry(rec.key.to_string()).or_insert(offset);
-                    if !self.key_queue.contains_key((sub, rec.key.as_str(), offset))? {
+                    if !self
+                        .key_queue
+                        .contains_key((sub, rec.key.as_str(), offset))?
+                    {
                         return Err(crate::error::Error::Storage(format!(
                             "index: delivery {offset} of key {} is not in its key queue",
                             rec.key
