@@ -82,12 +82,17 @@ impl<'t> Tables<'t> {
                 }
             }
             self.key_queue.insert((sub, key, offset), ())?;
-        } else if let Some(until) = rec.lease_until {
-            // A lease on a delivery that is not its key's head (held since it was displaced)
-            // holds the key as long.
-            hold = Hold::Raise(until.0, offset);
         } else {
-            hold = Hold::EndBy(offset);
+            // A lease on a delivery that is not its key's head (displaced by an older event)
+            // holds the key as long; the head's own lease is its due time, not a hold.
+            let is_head = self
+                .key_head
+                .get((sub, key))?
+                .is_some_and(|(_, head, _, _)| head == offset);
+            hold = match rec.lease_until {
+                Some(until) if !is_head => Hold::Raise(until.0, offset),
+                _ => Hold::EndBy(offset),
+            };
         }
         self.refresh_head(sub, key, hold)
     }
