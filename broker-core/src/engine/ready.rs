@@ -124,7 +124,8 @@ impl<'t> Tables<'t> {
         let (mut until, mut by) = current.map_or((0, 0), |c| (c.2, c.3));
         match change {
             Hold::Keep => {}
-            Hold::Raise(u, b) if u > until => (until, by) = (u, b),
+            // The holder's own lease, changed (extended or cut short), or a later one.
+            Hold::Raise(u, b) if b == by || u > until => (until, by) = (u, b),
             Hold::Raise(..) => {}
             Hold::EndBy(b) if b == by => (until, by) = (0, 0),
             Hold::EndBy(_) => {}
