@@ -755,3 +755,34 @@ async fn a_seek_by_time_finds_every_later_event_after_the_clock_stepped_back() {
         "every event from the one received at 20 s on is replayed"
     );
 }
+
+/// Issue 15, defect 6: finding what may go out walked a subscription's queue from the front
+/// within `scan_records_max` records, so a key whose head was failing, with that many events
+/// behind it, hid every other key of the subscription. Now what may go out comes from an index
+/// of ready heads by due time, and a stalled key costs the others nothing.
+#[tokio::test]
+async fn a_stalled_key_with_a_long_queue_does_not_hide_other_keys() {
+    let mut config = test_config();
+    config.delivery.scan_records_max = 50;
+    let (broker, _clock) = memory_broker(config).await;
+    setup_room(&broker, "r").await;
+    let sub = pull_sub(&broker, RetryOverrides::default()).await;
+    // Key `a`: its head fails and is retried in an hour; 60 more events wait behind it.
+    for n in 0..61 {
+        broker.publish(moved("r", "a", n)).await.unwrap();
+    }
+    let head = broker.pull(sub, 1, None, 0).await.unwrap();
+    assert_eq!(seqs(&head), [("a".to_string(), 1)]);
+    broker
+        .nack(sub, &[head[0].ack_id.clone()], Some(3_600_000))
+        .await
+        .unwrap();
+    // Key `b` is published after all of them.
+    broker.publish(moved("r", "b", 0)).await.unwrap();
+    let got = broker.pull(sub, 10, None, 0).await.unwrap();
+    assert_eq!(
+        seqs(&got),
+        [("b".to_string(), 1)],
+        "the other key's event goes out; nothing of the stalled key does"
+    );
+}

@@ -100,8 +100,7 @@ impl<'t> Tables<'t> {
                         reason: "queue_full",
                     });
             } else {
-                self.deliveries
-                    .insert((t.id, offset), rec.encode()?.as_slice())?;
+                self.put_delivery(t.id, offset, &rec)?;
                 self.sub_stats.insert(t.id, (backlog + 1, dead))?;
             }
             self.touched.insert(t.id);

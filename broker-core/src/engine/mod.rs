@@ -29,6 +29,7 @@ mod queue_reads;
 #[cfg(test)]
 mod read_tests;
 mod reads;
+mod ready;
 mod records;
 mod replay;
 mod rooms;
@@ -38,7 +39,7 @@ mod sweep;
 
 pub(crate) use queue::{ack_id, parse_ack_id};
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -188,9 +189,32 @@ impl Engine {
         };
         let rebuilt = store.rebuild_seqs()?;
         *store.seqs.lock().unwrap_or_else(|p| p.into_inner()) = rebuilt;
+        store.with_tables(|t| t.ensure_ready_index())?;
         Ok(store)
     }
+
+    /// Runs `f` over the tables in a transaction of its own and commits it (at open, before
+    /// the writer starts).
+    fn with_tables<T>(&self, f: impl FnOnce(&mut Tables<'_>) -> Result<T>) -> Result<T> {
+        let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fanout = self.fanout.lock().unwrap_or_else(|p| p.into_inner());
+        let txn = Txn::new(self.kv.snapshot()?);
+        let out = {
+            let mut tables = Tables::open(&txn, &mut seqs, &mut fanout, self.delivery_defaults())?;
+            f(&mut tables)?
+        };
+        let batch = txn.take_batch();
+        drop(txn);
+        self.kv.commit(batch)?;
+        Ok(out)
+    }
 }
+
+/// Set by the simulation: every batch checks the ready index against the queues before it
+/// commits (a full walk, so only where a test asks for it).
+#[cfg(test)]
+pub(crate) static CHECK_READY_INDEX: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// Every table, opened once per write transaction, with the writer's in-memory state.
 pub(super) struct Tables<'t> {
@@ -215,6 +239,11 @@ pub(super) struct Tables<'t> {
     pub(super) dead_letters: Table<(u128, u64), Vec<u8>>,
     pub(super) attempts: Table<(u128, u64, u32), Vec<u8>>,
     pub(super) deleted_subs: Table<u128, ()>,
+    pub(super) ready: Table<(u128, u64, u64), ()>,
+    pub(super) key_queue: Table<(u128, String, u64), ()>,
+    pub(super) key_head: Table<(u128, String), (u64, u64, u64, u64)>,
+    /// Whether each subscription is ordered, as read in this batch.
+    pub(super) ordered_cache: HashMap<u128, bool>,
     pub(super) records: Table<(String, String), Vec<u8>>,
     pub(super) audit: Table<u64, Vec<u8>>,
     /// The transaction every table above writes in.
@@ -257,6 +286,10 @@ impl<'t> Tables<'t> {
             dead_letters: txn.open_table(DEAD_LETTERS)?,
             attempts: txn.open_table(ATTEMPTS)?,
             deleted_subs: txn.open_table(DELETED_SUBS)?,
+            ready: txn.open_table(spaces::READY)?,
+            key_queue: txn.open_table(spaces::KEY_QUEUE)?,
+            key_head: txn.open_table(spaces::KEY_HEAD)?,
+            ordered_cache: HashMap::new(),
             records: txn.open_table(RECORDS)?,
             audit: txn.open_table(AUDIT)?,
             txn: txn.clone(),
@@ -351,6 +384,10 @@ impl Storage for Engine {
                         tables.fanout.clear();
                     }
                     results.push(result);
+                }
+                #[cfg(test)]
+                if CHECK_READY_INDEX.load(std::sync::atomic::Ordering::Relaxed) {
+                    tables.check_ready_index()?;
                 }
                 if tables.seqs.events_since_checkpoint >= SEQ_CHECKPOINT_EVENTS
                     || tables.seqs.last.len() >= SEQ_CACHE_KEYS_MAX

@@ -5,8 +5,6 @@
 //! subscription's range (one page per subscription per commit, not one per event), and a key's
 //! deliveries come in sequence order because the writer assigns offset and sequence together.
 
-use std::collections::HashSet;
-
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -313,7 +311,7 @@ impl<'t> Tables<'t> {
         rec: DeliveryRecord,
         reason: &'static str,
     ) -> Result<()> {
-        self.deliveries.remove((sub, offset))?;
+        self.remove_delivery(sub, offset)?;
         let dead = DeadRecord {
             delivery: rec,
             reason: reason.into(),
@@ -331,7 +329,7 @@ impl<'t> Tables<'t> {
     }
 
     fn complete(&mut self, sub: u128, offset: u64) -> Result<()> {
-        self.deliveries.remove((sub, offset))?;
+        self.remove_delivery(sub, offset)?;
         let (backlog, dead) = self.sub_stats(sub)?;
         self.sub_stats
             .insert(sub, (backlog.saturating_sub(1), dead))?;
@@ -370,8 +368,7 @@ impl<'t> Tables<'t> {
         ) {
             Next::RetryAt(at) => {
                 rec.next_attempt_at = at;
-                self.deliveries
-                    .insert((sub_id, offset), rec.encode()?.as_slice())?;
+                self.put_delivery(sub_id, offset, &rec)?;
                 self.touched.insert(sub_id);
                 Ok(())
             }
@@ -437,8 +434,7 @@ impl<'t> Tables<'t> {
             sub.updated_at = now;
             self.store_sub(sub_id, &sub)?;
             rec.last_error = Some(error);
-            self.deliveries
-                .insert((sub_id, offset), rec.encode()?.as_slice())?;
+            self.put_delivery(sub_id, offset, &rec)?;
             return Ok(());
         }
         let retry_after = match resp.status {
@@ -464,7 +460,7 @@ impl<'t> Tables<'t> {
         sub_id: u128,
         max: usize,
         lease_ms: u64,
-        scan_max: usize,
+        _scan_max: usize,
     ) -> Result<WriteOutput> {
         let sub = self.sub_record(sub_id)?;
         if !matches!(sub.mode, StoredMode::Pull) {
@@ -480,115 +476,126 @@ impl<'t> Tables<'t> {
                 next_due: None,
             });
         }
-        let candidates: Vec<(u64, DeliveryRecord)> = self
-            .deliveries
-            .range((sub_id, 0)..=(sub_id, u64::MAX))?
-            .take(scan_max)
-            .map(|r| r.and_then(|(k, v)| Ok((k.1, DeliveryRecord::decode(&v)?))))
-            .collect::<Result<_>>()?;
-        // With ordering, only the first undelivered event of each key may go out, and not while
-        // any event of the key is leased (a redrive can put an older event in front of one out).
-        let leased: HashSet<OrderingKey> = if sub.ordered {
-            candidates
-                .iter()
-                .filter(|(_, r)| r.lease_until.is_some_and(|u| u > now))
-                .map(|(_, r)| r.key.clone())
-                .collect()
-        } else {
-            HashSet::new()
-        };
-        let mut heads = HashSet::new();
         let mut grants = Vec::new();
-        // The earliest later time at which a message looked at falls due by time alone: its
-        // lease runs out (which also frees its key, with ordering) or its retry delay does.
-        // Events behind a key's head fall due only by a write (an ack), which wakes pullers.
-        let mut next_due: Option<Timestamp> = None;
-        let mut due_at = |t: Timestamp| next_due = Some(next_due.map_or(t, |n| n.min(t)));
-        for (offset, mut rec) in candidates {
-            if grants.len() >= max {
-                break;
-            }
-            if let Some(until) = rec.lease_until.filter(|u| *u > now) {
-                due_at(until);
-            }
-            if sub.ordered && !heads.insert(rec.key.clone()) {
-                continue;
-            }
-            if sub.ordered && leased.contains(&rec.key) && rec.lease_until.is_none_or(|u| u <= now)
+        // What may go out comes from the front of the index (with ordering, keys' heads only,
+        // each held while an older lease of its key is out), so nothing blocked is walked past
+        // (issue 15, defect 6). Each pass moves every entry it takes out of the due range (leased
+        // until later, rescheduled, dead-lettered) or leases it; a few passes take what an
+        // expired lease's reschedule makes due again at once.
+        // One walk over what is due now (a view as of its start: each record is read again
+        // before use). An expired lease handled here is leased again at once if it is due; a
+        // key is looked at once per pull, so a head dead-lettered by its expiry does not let
+        // the key's next event out in the same pull (as a pull that saw the queue before).
+        let due: Vec<u64> = {
+            let mut v = Vec::new();
+            for entry in self
+                .ready
+                .range((sub_id, 0, 0)..=(sub_id, now.0, u64::MAX))?
             {
-                continue;
+                let ((_, _, offset), ()) = entry?;
+                v.push(offset);
+                if v.len() >= max.saturating_mul(4).max(64) {
+                    break;
+                }
             }
-            if let Some(until) = rec.lease_until {
-                if until > now {
+            v
+        };
+        let mut keys_seen = std::collections::HashSet::new();
+        {
+            for offset in due {
+                if grants.len() >= max {
+                    break;
+                }
+                let Some(g) = self.deliveries.get((sub_id, offset))? else {
+                    continue;
+                };
+                let mut rec = DeliveryRecord::decode(&g)?;
+                if sub.ordered && !keys_seen.insert(rec.key.clone()) {
                     continue;
                 }
-                // The lease ran out: that attempt failed, after as long as the lease was held
-                // (its row says when it was leased; this row replaces it).
-                let leased_at = match self.attempts.get((sub_id, offset, rec.attempts))? {
-                    Some(g) => decode::<AttemptRecord>(&g)?.at,
-                    None => until,
-                };
+                if let Some(until) = rec.lease_until {
+                    if until > now {
+                        continue;
+                    }
+                    // The lease ran out: that attempt failed, after as long as the lease was
+                    // held (its row says when it was leased; this row replaces it).
+                    let leased_at = match self.attempts.get((sub_id, offset, rec.attempts))? {
+                        Some(g) => decode::<AttemptRecord>(&g)?.at,
+                        None => until,
+                    };
+                    self.log_attempt(
+                        sub_id,
+                        offset,
+                        rec.attempts,
+                        &AttemptRecord {
+                            event_id: rec.event_id,
+                            outcome: AttemptOutcome::LeaseExpired,
+                            status: None,
+                            error: Some("lease expired".into()),
+                            latency_ms: until.ms_since(leased_at),
+                            at: now,
+                        },
+                        rec.published_at,
+                    )?;
+                    let snapshot = rec.clone();
+                    // The attempt failed at the deadline, however late a pull notices: the
+                    // backoff counts from there, so the schedule does not depend on when pullers
+                    // call.
+                    self.fail(
+                        until,
+                        &sub,
+                        sub_id,
+                        offset,
+                        snapshot,
+                        Failure::new(None, "lease expired"),
+                    )?;
+                    // Re-read: it may now be scheduled later or dead-lettered.
+                    match self.deliveries.get((sub_id, offset))? {
+                        Some(g) => rec = DeliveryRecord::decode(&g)?,
+                        None => continue,
+                    }
+                }
+                if rec.next_attempt_at > now {
+                    continue;
+                }
+                // With ordering, an expired lease's reschedule may have left the key held.
+                if sub.ordered
+                    && self
+                        .key_head
+                        .get((sub_id, rec.key.as_str()))?
+                        .is_some_and(|(due, head, _, _)| head != offset || due > now.0)
+                {
+                    continue;
+                }
+                rec.attempts += 1;
+                let until = now.plus_ms(lease_ms);
+                rec.lease_until = Some(until);
+                self.put_delivery(sub_id, offset, &rec)?;
                 self.log_attempt(
                     sub_id,
                     offset,
                     rec.attempts,
                     &AttemptRecord {
                         event_id: rec.event_id,
-                        outcome: AttemptOutcome::LeaseExpired,
+                        outcome: AttemptOutcome::Leased,
                         status: None,
-                        error: Some("lease expired".into()),
-                        latency_ms: until.ms_since(leased_at),
+                        error: None,
+                        latency_ms: 0,
                         at: now,
                     },
                     rec.published_at,
                 )?;
-                let snapshot = rec.clone();
-                // The attempt failed at the deadline, however late a pull notices: the backoff
-                // counts from there, so the schedule does not depend on when pullers call.
-                self.fail(
-                    until,
-                    &sub,
-                    sub_id,
+                grants.push(LeaseGrant {
                     offset,
-                    snapshot,
-                    Failure::new(None, "lease expired"),
-                )?;
-                // Re-read: it may now be scheduled later or dead-lettered.
-                match self.deliveries.get((sub_id, offset))? {
-                    Some(g) => rec = DeliveryRecord::decode(&g)?,
-                    None => continue,
-                }
+                    attempt: rec.attempts,
+                    lease_until: until,
+                    event_id: EventId(Uuid::from_u128(rec.event_id)),
+                });
             }
-            if rec.next_attempt_at > now {
-                due_at(rec.next_attempt_at);
-                continue;
-            }
-            rec.attempts += 1;
-            let until = now.plus_ms(lease_ms);
-            rec.lease_until = Some(until);
-            self.deliveries
-                .insert((sub_id, offset), rec.encode()?.as_slice())?;
-            self.log_attempt(
-                sub_id,
-                offset,
-                rec.attempts,
-                &AttemptRecord {
-                    event_id: rec.event_id,
-                    outcome: AttemptOutcome::Leased,
-                    status: None,
-                    error: None,
-                    latency_ms: 0,
-                    at: now,
-                },
-                rec.published_at,
-            )?;
-            grants.push(LeaseGrant {
-                offset,
-                attempt: rec.attempts,
-                lease_until: until,
-                event_id: EventId(Uuid::from_u128(rec.event_id)),
-            });
         }
+        // The earliest later time at which something falls due by time alone (a lease or a
+        // retry delay runs out), so that a long-poll knows when to look again.
+        let (_, next_due) = self.ready_at(sub_id, now, 0, &|_| false)?;
         Ok(WriteOutput::Leased { grants, next_due })
     }
 
@@ -642,8 +649,7 @@ impl<'t> Tables<'t> {
                                     "attempts_exhausted",
                                 )?;
                             } else {
-                                self.deliveries
-                                    .insert((sub_id, offset), rec.encode()?.as_slice())?;
+                                self.put_delivery(sub_id, offset, &rec)?;
                                 self.touched.insert(sub_id);
                             }
                         }
@@ -660,8 +666,7 @@ impl<'t> Tables<'t> {
                 }
                 AckAction::Extend { lease_ms } => {
                     rec.lease_until = Some(now.plus_ms(lease_ms));
-                    self.deliveries
-                        .insert((sub_id, offset), rec.encode()?.as_slice())?;
+                    self.put_delivery(sub_id, offset, &rec)?;
                     results.push(Ok(()));
                     continue;
                 }

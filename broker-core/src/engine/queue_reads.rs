@@ -8,7 +8,9 @@ use uuid::Uuid;
 
 use super::events::decode_event_header;
 use super::queue::{AttemptRecord, DeadRecord, DeliveryRecord};
-use super::spaces::{ATTEMPTS, DEAD_LETTERS, DELIVERIES, EVENTS, ROOM_LOG, ROOM_STATS, ROOM_SUBS};
+use super::spaces::{
+    ATTEMPTS, DEAD_LETTERS, DELIVERIES, EVENTS, READY, ROOM_LOG, ROOM_STATS, ROOM_SUBS,
+};
 use super::Engine;
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
@@ -27,7 +29,7 @@ impl Engine {
         now: Timestamp,
         busy: &HashSet<u64>,
         limit: usize,
-        scan_max: usize,
+        _scan_max: usize,
     ) -> Result<(Vec<DueDelivery>, Option<Timestamp>)> {
         let txn = self.begin_read()?;
         let sub_id = id.0.as_u128();
@@ -57,29 +59,24 @@ impl Engine {
         } else {
             HashSet::new()
         };
-        let mut heads = HashSet::new();
+        // What may go out comes from the front of the index by due time (with ordering, only
+        // keys' heads are in it), so nothing blocked is walked past (issue 15, defect 6): a
+        // pass skips at most the busy deliveries and the heads of busy keys.
+        let ready = txn.open_table(READY)?;
         let mut due = Vec::new();
-        let mut next: Option<Timestamp> = None;
-        // Stopping once `limit` are found leaves `next` covering only what was read; that is
-        // enough, because every slot is then taken and the dispatcher looks again when one frees.
-        for entry in table
-            .range((sub_id, 0)..=(sub_id, u64::MAX))?
-            .take(scan_max)
-        {
+        for entry in ready.range((sub_id, 0, 0)..=(sub_id, now.0, u64::MAX))? {
             if due.len() >= limit {
                 break;
             }
-            let (k, v) = entry?;
-            let offset = k.1;
+            let ((_, _, offset), ()) = entry?;
             if busy.contains(&offset) {
                 continue;
             }
-            let rec = DeliveryRecord::decode(&v)?;
-            if sub.ordered && (blocked.contains(&rec.key) || !heads.insert(rec.key.clone())) {
+            let Some(v) = table.get((sub_id, offset))? else {
                 continue;
-            }
-            if rec.next_attempt_at > now {
-                next = Some(next.map_or(rec.next_attempt_at, |n| n.min(rec.next_attempt_at)));
+            };
+            let rec = DeliveryRecord::decode(&v)?;
+            if sub.ordered && blocked.contains(&rec.key) {
                 continue;
             }
             due.push(DueDelivery {
@@ -89,6 +86,14 @@ impl Engine {
                 published_at: rec.published_at,
             });
         }
+        let next = match now.0.checked_add(1) {
+            Some(after) => ready
+                .range((sub_id, after, 0)..=(sub_id, u64::MAX, u64::MAX))?
+                .next()
+                .transpose()?
+                .map(|((_, at, _), ())| Timestamp(at)),
+            None => None,
+        };
         Ok((due, next))
     }
 

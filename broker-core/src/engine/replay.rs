@@ -71,7 +71,7 @@ impl<'t> Tables<'t> {
         }
         let keys = offsets_in(&self.deliveries, id, 0, below, limit)?;
         for k in &keys {
-            self.deliveries.remove((id, *k))?;
+            self.remove_delivery(id, *k)?;
         }
         let (backlog, dead) = self.sub_stats(id)?;
         self.sub_stats
@@ -130,8 +130,7 @@ impl<'t> Tables<'t> {
                 schedule_from: now,
                 ..dead.delivery
             };
-            self.deliveries
-                .insert((sub_id, *offset), rec.encode()?.as_slice())?;
+            self.put_delivery(sub_id, *offset, &rec)?;
             let (backlog, dead_n) = self.sub_stats(sub_id)?;
             self.sub_stats
                 .insert(sub_id, (backlog + 1, dead_n.saturating_sub(1)))?;
@@ -197,8 +196,7 @@ impl<'t> Tables<'t> {
                 lease_until: None,
                 last_error: None,
             };
-            self.deliveries
-                .insert((sub_id, offset), rec.encode()?.as_slice())?;
+            self.put_delivery(sub_id, offset, &rec)?;
             n += 1;
         }
         let (backlog, dead) = self.sub_stats(sub_id)?;

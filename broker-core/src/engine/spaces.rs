@@ -52,5 +52,12 @@ pub(super) const DELIVERIES: Def<(u128, u64), Vec<u8>> = Def::new(Space::Deliver
 pub(super) const DEAD_LETTERS: Def<(u128, u64), Vec<u8>> = Def::new(Space::DeadLetters);
 /// (subscription id, Room log offset, attempt) -> AttemptRecord.
 pub(super) const ATTEMPTS: Def<(u128, u64, u32), Vec<u8>> = Def::new(Space::Attempts);
+/// (subscription id, due time, log position) -> (): what may go out next, by due time.
+pub(super) const READY: Def<(u128, u64, u64), ()> = Def::new(Space::Ready);
+/// (subscription id, key, log position) -> (): an ordered subscription's deliveries by key.
+pub(super) const KEY_QUEUE: Def<(u128, String, u64), ()> = Def::new(Space::KeyQueue);
+/// (subscription id, key) -> (due time, log position, held until, held by): a key's entry in
+/// READY.
+pub(super) const KEY_HEAD: Def<(u128, String), (u64, u64, u64, u64)> = Def::new(Space::KeyHead);
 /// Ids of deleted subscriptions whose queues the sweep has not finished purging.
 pub(super) const DELETED_SUBS: Def<u128, ()> = Def::new(Space::DeletedSubs);

@@ -175,9 +175,14 @@ impl<'t> Tables<'t> {
             DeliveryOp::Update { id, patch } => {
                 let id = id.0.as_u128();
                 let mut rec = self.sub_record(id)?;
+                let was_ordered = rec.ordered;
                 apply_patch(&mut rec, patch)?;
                 rec.updated_at = now;
                 self.store_sub(id, &rec)?;
+                if rec.ordered != was_ordered {
+                    // The index has one shape per ordering: build it again in the new one.
+                    self.rebuild_ready(id)?;
+                }
                 Ok(WriteOutput::Subscription(
                     self.subscription_out(id, &rec)?,
                     None,

@@ -374,6 +374,9 @@ impl<'t> Tables<'t> {
             purge!(self.deliveries, (s, 0)..=(s, u64::MAX));
             purge!(self.dead_letters, (s, 0)..=(s, u64::MAX));
             purge!(self.attempts, (s, 0, 0)..=(s, u64::MAX, u32::MAX));
+            purge!(self.ready, (s, 0, 0)..=(s, u64::MAX, u64::MAX));
+            purge!(self.key_queue, (s, "", 0)..(s + 1, "", 0));
+            purge!(self.key_head, (s, "")..(s + 1, ""));
             if removed < budget {
                 self.sub_stats.remove(s)?;
                 self.deleted_subs.remove(s)?;

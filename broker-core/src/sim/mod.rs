@@ -224,6 +224,8 @@ fn kind(why: &str) -> String {
 /// `POSTROOM_SIM_SEED` names, with its trace.
 #[test]
 fn simulation_runs_seeds_within_budget() {
+    // Every batch also checks the ready index against the queues.
+    crate::engine::CHECK_READY_INDEX.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(seed) = env_u64("POSTROOM_SIM_SEED") {
         if env_u64("POSTROOM_SIM_SHRINK").is_some_and(|s| s != 0) {
             match shrink::shrink(seed) {

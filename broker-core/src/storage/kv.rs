@@ -85,11 +85,17 @@ pub(crate) enum Space {
     /// (each key's head, or every undelivered one without ordering), by when they fall due, so
     /// that finding ready work never walks past blocked work.
     Ready = 24,
+    /// (subscription id, key, log position) -> (): an ordered subscription's deliveries of each
+    /// key, in order, to find a key's next head.
+    KeyQueue = 25,
+    /// (subscription id, key) -> (due time, log position, held until, held by): an ordered
+    /// subscription's entry in `Ready` for each key with deliveries.
+    KeyHead = 26,
 }
 
 impl Space {
     /// Every space, in number order.
-    pub(crate) const ALL: [Space; 24] = [
+    pub(crate) const ALL: [Space; 26] = [
         Space::Meta,
         Space::Rooms,
         Space::RoomStats,
@@ -114,6 +120,8 @@ impl Space {
         Space::Records,
         Space::Audit,
         Space::Ready,
+        Space::KeyQueue,
+        Space::KeyHead,
     ];
 
     /// A short stable name (a backend's table name).
@@ -143,6 +151,8 @@ impl Space {
             Space::Records => "records",
             Space::Audit => "audit",
             Space::Ready => "ready",
+            Space::KeyQueue => "key_queue",
+            Space::KeyHead => "key_head",
         }
     }
 }

@@ -28,7 +28,7 @@ pub(super) fn table(space: Space) -> TableDefinition<'static, &'static [u8], &'s
     TableDefinition::new(TABLE_NAMES[space as usize - 1])
 }
 
-const TABLE_NAMES: [&str; 24] = [
+const TABLE_NAMES: [&str; 26] = [
     "kv.meta",
     "kv.rooms",
     "kv.room_stats",
@@ -53,6 +53,8 @@ const TABLE_NAMES: [&str; 24] = [
     "kv.records",
     "kv.audit",
     "kv.ready",
+    "kv.key_queue",
+    "kv.key_head",
 ];
 
 impl From<redb::Error> for Error {
@@ -178,7 +180,7 @@ impl RedbKv {
 
 struct RedbSnapshot {
     txn: ReadTransaction,
-    tables: [OnceLock<ReadOnlyTable<&'static [u8], &'static [u8]>>; 24],
+    tables: [OnceLock<ReadOnlyTable<&'static [u8], &'static [u8]>>; 26],
 }
 
 impl RedbSnapshot {

@@ -477,7 +477,7 @@ macro_rules! fixed_value {
         }
     )*};
 }
-fixed_value!(u64, u128, (u64, u64), (u64, u64, u64));
+fixed_value!(u64, u128, (u64, u64), (u64, u64, u64), (u64, u64, u64, u64));
 
 /// A typed key space: which space, with which key and value types.
 pub(crate) struct Def<K, V> {
@@ -532,6 +532,12 @@ impl<K: Key, V: Value> Table<K, V> {
             Some(b) => V::from_bytes(b).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// True when the key is present (tests).
+    #[cfg(test)]
+    pub(crate) fn contains_key(&self, k: impl KeyArg<K>) -> Result<bool> {
+        Ok(self.txn.get(self.space, &key_bytes(&k))?.is_some())
     }
 
     /// Sets a key's value.

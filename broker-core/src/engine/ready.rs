@@ -1,0 +1,329 @@
+//! The index of what may go out next (issue 15, defect 6 and item 1): for each subscription, the
+//! deliveries that may be handed out by when they fall due, so that finding ready work is a range
+//! read from the front of the index and never walks past blocked work. Without ordering, every
+//! delivery is in it; with ordering, only each key's head (its oldest delivery), so that ten
+//! thousand events behind a failing head cost the other keys nothing.
+//!
+//! The rules, kept by [`Tables::put_delivery`] and [`Tables::remove_delivery`], which every write
+//! of a delivery goes through:
+//! - A delivery's due time is its lease's end while it is leased (when it runs out, the lease is
+//!   handled as failed) and its next attempt's time otherwise.
+//! - With ordering, a key's entry is its head, due at the later of the head's due time and the
+//!   key's *hold*: when an older event is queued in front of a head that is leased (a redrive or a
+//!   seek), the key stays held until that lease ends (or the delivery holding it is settled), so
+//!   that two events of a key are never out at once. A hold in the past holds nothing.
+//!
+//! `KEY_HEAD` remembers each key's entry, so that moving it is two point writes.
+
+use super::queue::DeliveryRecord;
+use super::Tables;
+use crate::clock::Timestamp;
+use crate::error::Result;
+
+/// What a write does to its key's hold.
+#[derive(Clone, Copy)]
+enum Hold {
+    Keep,
+    /// Held until this time by the lease of this delivery (if later than the current hold).
+    Raise(u64, u64),
+    /// This delivery's lease ended (settled, removed, or given back): its hold ends.
+    EndBy(u64),
+}
+
+/// When a delivery falls due, for the index.
+pub(super) fn due_of(rec: &DeliveryRecord) -> Timestamp {
+    rec.lease_until.unwrap_or(rec.next_attempt_at)
+}
+
+impl<'t> Tables<'t> {
+    /// Whether a subscription is ordered (read once per batch).
+    pub(super) fn is_ordered(&mut self, sub: u128) -> Result<bool> {
+        if let Some(&o) = self.ordered_cache.get(&sub) {
+            return Ok(o);
+        }
+        let o = self.sub_record(sub)?.ordered;
+        self.ordered_cache.insert(sub, o);
+        Ok(o)
+    }
+
+    /// Writes a delivery, new or changed, and keeps the index right.
+    pub(super) fn put_delivery(
+        &mut self,
+        sub: u128,
+        offset: u64,
+        rec: &DeliveryRecord,
+    ) -> Result<()> {
+        let old = match self.deliveries.get((sub, offset))? {
+            Some(g) => Some(DeliveryRecord::decode(&g)?),
+            None => None,
+        };
+        self.deliveries
+            .insert((sub, offset), rec.encode()?.as_slice())?;
+        if !self.is_ordered(sub)? {
+            if let Some(o) = &old {
+                self.ready.remove((sub, due_of(o).0, offset))?;
+            }
+            self.ready.insert((sub, due_of(rec).0, offset), ())?;
+            return Ok(());
+        }
+        let key = rec.key.as_str();
+        // A hold to raise (until, by), or the holder ending its lease (clear the hold it set).
+        let mut hold = Hold::Keep;
+        if old.is_none() {
+            // An older event queued in front of a leased head holds the key until that lease
+            // ends.
+            if let Some((_, head, _, _)) = self.key_head.get((sub, key))? {
+                if offset < head {
+                    if let Some(g) = self.deliveries.get((sub, head))? {
+                        if let Some(until) = DeliveryRecord::decode(&g)?.lease_until {
+                            hold = Hold::Raise(until.0, head);
+                        }
+                    }
+                }
+            }
+            self.key_queue.insert((sub, key, offset), ())?;
+        } else {
+            // A lease on a delivery that is not its key's head (displaced by an older event)
+            // holds the key as long; the head's own lease is its due time, not a hold.
+            let is_head = self
+                .key_head
+                .get((sub, key))?
+                .is_some_and(|(_, head, _, _)| head == offset);
+            hold = match rec.lease_until {
+                Some(until) if !is_head => Hold::Raise(until.0, offset),
+                _ => Hold::EndBy(offset),
+            };
+        }
+        self.refresh_head(sub, key, hold)
+    }
+
+    /// Removes a delivery (settled, dead-lettered, dropped by a seek) and keeps the index right;
+    /// returns what it was.
+    pub(super) fn remove_delivery(
+        &mut self,
+        sub: u128,
+        offset: u64,
+    ) -> Result<Option<DeliveryRecord>> {
+        let Some(g) = self.deliveries.remove((sub, offset))? else {
+            return Ok(None);
+        };
+        let old = DeliveryRecord::decode(&g)?;
+        if !self.is_ordered(sub)? {
+            self.ready.remove((sub, due_of(&old).0, offset))?;
+            return Ok(Some(old));
+        }
+        let key = old.key.as_str();
+        self.key_queue.remove((sub, key, offset))?;
+        self.refresh_head(sub, key, Hold::EndBy(offset))?;
+        Ok(Some(old))
+    }
+
+    /// Puts a key's entry in the index where its head and hold say.
+    fn refresh_head(&mut self, sub: u128, key: &str, change: Hold) -> Result<()> {
+        let current = self.key_head.get((sub, key))?;
+        let (mut until, mut by) = current.map_or((0, 0), |c| (c.2, c.3));
+        match change {
+            Hold::Keep => {}
+            // The holder's own lease, changed (extended or cut short), or a later one.
+            Hold::Raise(u, b) if b == by || u > until => (until, by) = (u, b),
+            Hold::Raise(..) => {}
+            Hold::EndBy(b) if b == by => (until, by) = (0, 0),
+            Hold::EndBy(_) => {}
+        }
+        let head = match self
+            .key_queue
+            .range((sub, key, 0)..=(sub, key, u64::MAX))?
+            .next()
+        {
+            Some(entry) => Some(entry?.0 .2),
+            None => None,
+        };
+        let want = match head {
+            None => None,
+            Some(offset) => {
+                let g = self.deliveries.get((sub, offset))?.ok_or_else(|| {
+                    crate::error::Error::Storage(format!(
+                        "queue index names a delivery that is not stored ({offset})"
+                    ))
+                })?;
+                let due = due_of(&DeliveryRecord::decode(&g)?).0.max(until);
+                Some((due, offset, until, by))
+            }
+        };
+        if current == want {
+            return Ok(());
+        }
+        if let Some((due, offset, _, _)) = current {
+            self.ready.remove((sub, due, offset))?;
+        }
+        match want {
+            Some((due, offset, until, by)) => {
+                self.ready.insert((sub, due, offset), ())?;
+                self.key_head.insert((sub, key), (due, offset, until, by))?;
+            }
+            None => {
+                self.key_head.remove((sub, key))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds a subscription's index from its queue (after a layout without the index, or when
+    /// the subscription's ordering changes).
+    pub(super) fn rebuild_ready(&mut self, sub: u128) -> Result<()> {
+        let stale: Vec<(u128, u64, u64)> = self
+            .ready
+            .range((sub, 0, 0)..=(sub, u64::MAX, u64::MAX))?
+            .map(|r| r.map(|(k, ())| k))
+            .collect::<Result<_>>()?;
+        for k in stale {
+            self.ready.remove(k)?;
+        }
+        let queued: Vec<(u128, String, u64)> = self
+            .key_queue
+            .range((sub, "", 0)..(sub + 1, "", 0))?
+            .map(|r| r.map(|(k, ())| k))
+            .collect::<Result<_>>()?;
+        for k in queued {
+            self.key_queue.remove(k)?;
+        }
+        let heads: Vec<(u128, String)> = self
+            .key_head
+            .range((sub, "")..(sub + 1, ""))?
+            .map(|r| r.map(|(k, _)| k))
+            .collect::<Result<_>>()?;
+        for k in heads {
+            self.key_head.remove(k)?;
+        }
+        self.ordered_cache.remove(&sub);
+        let ordered = self.is_ordered(sub)?;
+        let deliveries: Vec<(u64, DeliveryRecord)> = self
+            .deliveries
+            .range((sub, 0)..=(sub, u64::MAX))?
+            .map(|r| r.and_then(|(k, v)| Ok((k.1, DeliveryRecord::decode(&v)?))))
+            .collect::<Result<_>>()?;
+        for (offset, rec) in deliveries {
+            if !ordered {
+                self.ready.insert((sub, due_of(&rec).0, offset), ())?;
+                continue;
+            }
+            let key = rec.key.as_str();
+            self.key_queue.insert((sub, key, offset), ())?;
+            // In log order, the first delivery of a key is its head.
+            if self.key_head.get((sub, key))?.is_none() {
+                let due = due_of(&rec).0;
+                self.ready.insert((sub, due, offset), ())?;
+                self.key_head.insert((sub, key), (due, offset, 0, 0))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the index of every subscription once, for a store written before it existed.
+    pub(super) fn ensure_ready_index(&mut self) -> Result<()> {
+        const MARK: &str = "ready_index";
+        if self.meta.get(MARK)?.is_some() {
+            return Ok(());
+        }
+        let subs: Vec<u128> = self
+            .subscriptions
+            .iter()?
+            .map(|r| r.map(|(k, _)| k))
+            .collect::<Result<_>>()?;
+        for sub in subs {
+            self.rebuild_ready(sub)?;
+        }
+        self.meta.insert(MARK, 1)?;
+        Ok(())
+    }
+
+    /// The deliveries of a subscription due at `now`, from the front of the index, skipping
+    /// `skip`, at most `limit`; and the earliest later due time in the index.
+    pub(super) fn ready_at(
+        &self,
+        sub: u128,
+        now: Timestamp,
+        limit: usize,
+        skip: &dyn Fn(u64) -> bool,
+    ) -> Result<(Vec<u64>, Option<Timestamp>)> {
+        let mut out = Vec::new();
+        for entry in self.ready.range((sub, 0, 0)..=(sub, now.0, u64::MAX))? {
+            if out.len() >= limit {
+                break;
+            }
+            let ((_, _, offset), ()) = entry?;
+            if !skip(offset) {
+                out.push(offset);
+            }
+        }
+        let next = match now.0.checked_add(1) {
+            Some(after) => self
+                .ready
+                .range((sub, after, 0)..=(sub, u64::MAX, u64::MAX))?
+                .next()
+                .transpose()?
+                .map(|((_, due, _), ())| Timestamp(due)),
+            None => None,
+        };
+        Ok((out, next))
+    }
+}
+
+#[cfg(test)]
+impl<'t> Tables<'t> {
+    /// Checks the index against the queues (tests): every delivery of an ordered subscription is
+    /// in its key's queue, each key's head entry is its first delivery, and `READY` holds
+    /// exactly the heads (ordered) or every delivery (unordered).
+    pub(super) fn check_ready_index(&mut self) -> Result<()> {
+        use std::collections::{BTreeMap, BTreeSet};
+        let subs: Vec<u128> = self
+            .subscriptions
+            .iter()?
+            .map(|r| r.map(|(k, _)| k))
+            .collect::<Result<_>>()?;
+        for sub in subs {
+            let ordered = self.sub_record(sub)?.ordered;
+            let mut want = BTreeSet::new();
+            let mut first: BTreeMap<String, u64> = BTreeMap::new();
+            for item in self.deliveries.range((sub, 0)..=(sub, u64::MAX))? {
+                let ((_, offset), v) = item?;
+                let rec = DeliveryRecord::decode(&v)?;
+                if !ordered {
+                    want.insert((due_of(&rec).0, offset));
+                } else {
+                    first.entry(rec.key.to_string()).or_insert(offset);
+                    if !self
+                        .key_queue
+                        .contains_key((sub, rec.key.as_str(), offset))?
+                    {
+                        return Err(crate::error::Error::Storage(format!(
+                            "index: delivery {offset} of key {} is not in its key queue",
+                            rec.key
+                        )));
+                    }
+                }
+            }
+            for (key, offset) in &first {
+                let head = self.key_head.get((sub, key.as_str()))?;
+                if head.map(|h| h.1) != Some(*offset) {
+                    return Err(crate::error::Error::Storage(format!(
+                        "index: key {key} head is {head:?}, its first delivery {offset}"
+                    )));
+                }
+                let h = head.unwrap_or_default();
+                want.insert((h.0, h.1));
+            }
+            let have: BTreeSet<(u64, u64)> = self
+                .ready
+                .range((sub, 0, 0)..=(sub, u64::MAX, u64::MAX))?
+                .map(|r| r.map(|((_, d, o), ())| (d, o)))
+                .collect::<Result<_>>()?;
+            if have != want {
+                return Err(crate::error::Error::Storage(format!(
+                    "index: ready {have:?}, expected {want:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
