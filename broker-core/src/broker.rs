@@ -185,6 +185,18 @@ impl Broker {
         Self::start(Arc::new(store), faults, config, clock)
     }
 
+    /// A broker over a given key-value backend (tests that watch what the engine commits).
+    #[cfg(test)]
+    pub(crate) fn open_over_kv(
+        kv: Arc<dyn crate::storage::kv::KvStore>,
+        config: Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Broker> {
+        let store = Engine::over(kv, delivery_defaults(&config))?;
+        let faults = store.faults();
+        Self::start(Arc::new(store), faults, config, clock)
+    }
+
     /// A broker whose data lives in memory only: for tests and examples.
     pub async fn open_in_memory(config: Config, clock: Arc<dyn Clock>) -> Result<Broker> {
         let store = Engine::in_memory(config.cache_bytes, delivery_defaults(&config))?;

@@ -681,7 +681,7 @@ async fn serves_on_a_real_socket_and_shuts_down_cleanly() {
 fn the_binary_serves_and_exits_zero_on_sigterm() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_postroom"))
+    let mut child = bare_postroom()
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         // Created by the server, private; the temporary folder itself is 0755.
         .arg(dir.path().join("data"))
@@ -720,7 +720,7 @@ fn the_binary_serves_and_exits_zero_on_sigterm() {
 fn json_logs_carry_the_request_id_and_no_secrets() {
     use std::io::{BufRead, BufReader, Read};
     let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_postroom"))
+    let mut child = bare_postroom()
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         // Created by the server, private; the temporary folder itself is 0755.
         .arg(dir.path().join("data"))
@@ -776,4 +776,16 @@ fn json_logs_carry_the_request_id_and_no_secrets() {
         "{err}"
     );
     assert!(!err.contains("secret-looking") && !err.contains("a-long-chosen-secret"));
+}
+
+/// The binary with none of the caller's `POSTROOM_*` settings (a test run's own, such as
+/// `POSTROOM_SIM_SECONDS`, are not server settings, and the server refuses unknown ones).
+fn bare_postroom() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_postroom"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("POSTROOM_") {
+            c.env_remove(k);
+        }
+    }
+    c
 }

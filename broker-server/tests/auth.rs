@@ -903,7 +903,7 @@ fn start_binary(
     String,
 ) {
     use std::io::BufRead;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_postroom"))
+    let mut child = bare_postroom()
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         // Created by the server, private; the temporary folder itself is 0755.
         .arg(dir.join("data"))
@@ -1109,4 +1109,16 @@ async fn in_a_room_that_asks_for_it_subscriptions_wait_for_a_manager() {
         )
         .await;
     assert_eq!(managers.body["subscription"]["status"], "active");
+}
+
+/// The binary with none of the caller's `POSTROOM_*` settings (a test run's own, such as
+/// `POSTROOM_SIM_SECONDS`, are not server settings, and the server refuses unknown ones).
+fn bare_postroom() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_postroom"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("POSTROOM_") {
+            c.env_remove(k);
+        }
+    }
+    c
 }

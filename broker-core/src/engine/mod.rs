@@ -24,6 +24,7 @@
 
 mod events;
 mod fanout;
+mod pull;
 mod queue;
 mod queue_reads;
 #[cfg(test)]
@@ -36,6 +37,8 @@ mod rooms;
 mod spaces;
 mod subs;
 mod sweep;
+#[cfg(test)]
+mod volatile_tests;
 
 pub(crate) use queue::{ack_id, parse_ack_id};
 
@@ -76,7 +79,13 @@ pub(crate) struct Engine {
     faults: Arc<crate::storage::StorageFaults>,
     /// Whether the backend's reads may wait long (see [`KvStore::reads_block`]).
     reads_block: bool,
+    /// Volatile commits since the last durable one (see [`VOLATILE_RUN_MAX`]).
+    volatile_run: std::sync::atomic::AtomicU32,
 }
+
+/// At most this many volatile commits in a row: then one is made durable, so that a store that
+/// frees space only on durable commits (redb) does not grow under a long run of leases alone.
+const VOLATILE_RUN_MAX: u32 = 64;
 
 impl Engine {
     /// Opens the redb file at `path`, creating it when absent.
@@ -185,6 +194,7 @@ impl Engine {
             defaults: std::sync::RwLock::new(defaults),
             faults,
             reads_block: kv.reads_block(),
+            volatile_run: Default::default(),
             kv,
         };
         let rebuilt = store.rebuild_seqs()?;
@@ -361,6 +371,10 @@ impl Storage for Engine {
         let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
         let mut fanout = self.fanout.lock().unwrap_or_else(|p| p.into_inner());
         let defaults = self.delivery_defaults();
+        // A commit of leases alone need not wait for the disk (issue 15, item 7): after a crash
+        // its messages are offered again, as when a lease runs out.
+        let volatile = ops.iter().all(WriteOp::volatile)
+            && self.volatile_run.load(std::sync::atomic::Ordering::Relaxed) < VOLATILE_RUN_MAX;
         let outcome = (|| {
             let txn = Txn::new(self.kv.snapshot()?);
             let mut results = Vec::with_capacity(ops.len());
@@ -397,10 +411,21 @@ impl Storage for Engine {
                 touched = std::mem::take(&mut tables.touched);
                 observed = std::mem::take(&mut tables.observed);
             }
-            let batch = txn.take_batch();
+            let mut batch = txn.take_batch();
+            batch.volatile = volatile;
             // The snapshot goes before the commit (an in-memory backend then need not copy).
             drop(txn);
+            let empty = batch.is_empty();
             self.kv.commit(batch)?;
+            if !empty {
+                let run = if volatile {
+                    self.volatile_run.load(std::sync::atomic::Ordering::Relaxed) + 1
+                } else {
+                    0
+                };
+                self.volatile_run
+                    .store(run, std::sync::atomic::Ordering::Relaxed);
+            }
             Ok(Applied {
                 results,
                 touched: touched

@@ -33,7 +33,7 @@ pub(crate) struct Factory<'a> {
 
 /// Runs every check against the backend `f` makes. Panics naming the failed check.
 pub(crate) fn check_backend(name: &str, f: &Factory<'_>) {
-    let checks: [Check; 9] = [
+    let checks: [Check; 10] = [
         ("put_get_delete", put_get_delete),
         ("batch_is_atomic_under_expect", batch_is_atomic_under_expect),
         ("last_write_in_a_batch_wins", last_write_in_a_batch_wins),
@@ -45,6 +45,10 @@ pub(crate) fn check_backend(name: &str, f: &Factory<'_>) {
         ("snapshots_do_not_change", snapshots_do_not_change),
         ("odd_keys_and_large_values", odd_keys_and_large_values),
         ("committed_survives_reopen", committed_survives_reopen),
+        (
+            "volatile_batches_apply_in_order",
+            volatile_batches_apply_in_order,
+        ),
         (
             "random_batches_match_the_reference",
             random_batches_match_the_reference,
@@ -74,7 +78,7 @@ fn put(space: Space, key: &[u8], value: Option<&[u8]>) -> Put {
 fn batch(writes: Vec<Put>) -> Batch {
     Batch {
         writes,
-        expect: Vec::new(),
+        ..Batch::default()
     }
 }
 
@@ -128,6 +132,7 @@ fn batch_is_atomic_under_expect(f: &Factory<'_>) {
             key: b"v".to_vec(),
             value: Some(b"2".to_vec()),
         }],
+        ..Batch::default()
     };
     let err = kv.commit(stale).unwrap_err();
     assert_eq!(err.code(), "storage_conflict", "{err}");
@@ -149,6 +154,7 @@ fn batch_is_atomic_under_expect(f: &Factory<'_>) {
                 value: None,
             },
         ],
+        ..Batch::default()
     };
     kv.commit(fresh).unwrap();
     assert_eq!(
@@ -376,6 +382,47 @@ fn committed_survives_reopen(f: &Factory<'_>) {
     assert_eq!(s.get(Space::Events, b"gone").unwrap(), None);
     kv.commit(batch(vec![put(Space::Rooms, b"after", Some(b"3"))]))
         .unwrap();
+}
+
+/// A volatile batch is applied and read like any other, in commit order with durable ones; a
+/// durable batch after it keeps both, across a restart (a clean close keeps a volatile one too).
+fn volatile_batches_apply_in_order(f: &Factory<'_>) {
+    let kv = (f.fresh)();
+    let volatile = |writes| Batch {
+        writes,
+        volatile: true,
+        ..Batch::default()
+    };
+    kv.commit(volatile(vec![put(
+        Space::Deliveries,
+        b"d",
+        Some(b"leased"),
+    )]))
+    .unwrap();
+    assert_eq!(
+        kv.snapshot().unwrap().get(Space::Deliveries, b"d").unwrap(),
+        Some(b"leased".to_vec()),
+        "a volatile batch is read at once"
+    );
+    kv.commit(batch(vec![put(Space::Attempts, b"a", Some(b"1"))]))
+        .unwrap();
+    kv.commit(volatile(vec![
+        put(Space::Deliveries, b"d", None),
+        put(Space::Deliveries, b"e", Some(b"2")),
+    ]))
+    .unwrap();
+    let s = kv.snapshot().unwrap();
+    assert_eq!(s.get(Space::Deliveries, b"d").unwrap(), None);
+    assert_eq!(s.get(Space::Deliveries, b"e").unwrap(), Some(b"2".to_vec()));
+    let Some(reopen) = f.reopen else { return };
+    let kv = reopen(kv);
+    let s = kv.snapshot().unwrap();
+    assert_eq!(s.get(Space::Attempts, b"a").unwrap(), Some(b"1".to_vec()));
+    assert_eq!(
+        s.get(Space::Deliveries, b"d").unwrap(),
+        None,
+        "the durable batch made the volatile one before it durable"
+    );
 }
 
 fn random_batches_match_the_reference(f: &Factory<'_>) {

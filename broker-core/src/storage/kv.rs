@@ -178,6 +178,13 @@ pub(crate) struct Expect {
 pub(crate) struct Batch {
     pub writes: Vec<Put>,
     pub expect: Vec<Expect>,
+    /// True: the batch may be lost in a crash, together with every later volatile batch, until
+    /// a durable batch (false, the default) commits, which makes every batch before it durable
+    /// too. What a crash leaves is always every batch up to some point, never a later one
+    /// without an earlier. Only for writes that a crash may undo without breaking a promise (a
+    /// lease: after a crash the message is offered again); a backend may treat every batch as
+    /// durable.
+    pub volatile: bool,
 }
 
 impl Batch {
@@ -216,7 +223,8 @@ pub(crate) trait Snapshot: Send + Sync {
 pub(crate) trait KvStore: Send + Sync + 'static {
     /// A read view of everything committed so far.
     fn snapshot(&self) -> Result<Arc<dyn Snapshot>>;
-    /// Applies the batch atomically and durably, or fails having written nothing.
+    /// Applies the batch atomically, and durably unless it is volatile, or fails having written
+    /// nothing.
     fn commit(&self, batch: Batch) -> Result<()>;
     /// Gives the backend a chance to recover after failed commits (reopen a file, reconnect).
     /// Called by the writer before it tries again; a backend that cannot fail this way does

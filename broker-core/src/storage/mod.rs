@@ -375,6 +375,14 @@ impl WriteOp {
         )
     }
 
+    /// Whether a crash may undo the op's writes without breaking a promise, so that a commit of
+    /// such ops alone need not wait for the disk: a lease (after a crash its message is simply
+    /// offered again, as when a lease runs out; an expired lease noticed on the way is noticed
+    /// again). An acknowledgement, an outcome, a publish is never volatile.
+    pub(crate) fn volatile(&self) -> bool {
+        matches!(self, WriteOp::Delivery(DeliveryOp::Lease { .. }))
+    }
+
     /// Payload bytes the op carries, for the writer's byte bounds.
     pub(crate) fn bytes(&self) -> usize {
         match self {

@@ -257,8 +257,15 @@ impl KvStore for RedbKv {
         }
         let db = self.db()?;
         let mut txn = db.begin_write().map_err(err)?;
-        // Stated explicitly: every commit is durable before any caller hears of it.
-        txn.set_durability(Durability::Immediate).map_err(err)?;
+        // Stated explicitly: every commit but a volatile one is durable before any caller hears
+        // of it. A volatile one is written without an fsync and made durable by the next
+        // durable commit (or when the database is closed).
+        txn.set_durability(if batch.volatile {
+            Durability::None
+        } else {
+            Durability::Immediate
+        })
+        .map_err(err)?;
         for e in &batch.expect {
             let t = txn.open_table(table(e.space)).map_err(err)?;
             let now = t

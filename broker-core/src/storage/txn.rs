@@ -127,6 +127,7 @@ impl Txn {
                 .map(|((space, key), value)| Put { space, key, value })
                 .collect(),
             expect: Vec::new(),
+            volatile: false,
         }
     }
 
