@@ -291,8 +291,7 @@ async fn record_outcome(
         tries += 1;
         let op = WriteOp::Delivery(DeliveryOp::PushOutcome {
             id: sub,
-            offset: d.offset,
-            attempt: d.attempt,
+            due: d.clone(),
             response: response.clone(),
         });
         let error = match broker.write_op(op).await {
@@ -479,6 +478,7 @@ mod tests {
             event_id: receipt.id,
             attempt: 1,
             published_at: receipt.received_at,
+            queueing: 0,
         };
         let endpoint = DeliveryMode::Push(PushEndpoint {
             url,

@@ -282,6 +282,7 @@ mod tests {
                 event_id: EventId::new_v7(),
                 attempt: 1,
                 published_at: T,
+                queueing: 0,
             })
             .collect()
     }

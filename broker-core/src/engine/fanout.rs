@@ -83,6 +83,7 @@ impl<'t> Tables<'t> {
                 next_attempt_at: now,
                 lease_until: None,
                 last_error: None,
+                queueing: 0,
             };
             let (backlog, dead) = self.sub_stats(t.id)?;
             if backlog >= t.queue_depth_max {

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::ids::{EventId, EventTypeName, OrderingKey};
 use crate::retry::{self, Next};
 use crate::storage::codec::{decode_with_tail, encode, encode_with_tail};
-use crate::storage::WriteOutput;
+use crate::storage::{DueDelivery, WriteOutput};
 use crate::subscription::{AttemptOutcome, SubscriptionStatus};
 use crate::webhook::PushResponse;
 
@@ -46,6 +46,10 @@ pub(super) struct DeliveryRecord {
     /// Set while leased to a puller.
     pub(super) lease_until: Option<Timestamp>,
     pub(super) last_error: Option<String>,
+    /// Which queueing of the delivery this is: 0 from the fan-out, a new number from every seek
+    /// that queues it again. A push hands it out and its outcome names it, so that the outcome
+    /// of a push started before a seek is not taken for the replay's (simulation finding F2).
+    pub(super) queueing: u64,
 }
 
 /// A dead letter: the delivery as it was, why, and when. Stored like [`DeliveryRecord`]: the
@@ -79,10 +83,12 @@ struct DeadV1 {
     dead_at: Timestamp,
 }
 
-/// The fields added after the first layout, stored after it.
-#[derive(Serialize, Deserialize)]
+/// The fields added after the first layout, stored after it, each after the one before: a
+/// record ends after any of them (the ones missing take their defaults).
+#[derive(Clone, Copy)]
 struct DeliveryExt {
     schedule_from: Timestamp,
+    queueing: u64,
 }
 
 impl DeliveryRecord {
@@ -116,14 +122,20 @@ impl DeliveryRecord {
             next_attempt_at: v.next_attempt_at,
             lease_until: v.lease_until,
             last_error: v.last_error,
+            queueing: ext.map_or(0, |e| e.queueing),
         }
     }
 
     fn ext(&self) -> Result<Vec<u8>> {
-        postcard::to_allocvec(&DeliveryExt {
-            schedule_from: self.schedule_from,
-        })
-        .map_err(|e| Error::Storage(format!("encode: {e}")))
+        let mut tail = postcard::to_allocvec(&self.schedule_from)
+            .map_err(|e| Error::Storage(format!("encode: {e}")))?;
+        // Added after `schedule_from`, and only when not 0, so that a record of the fan-out is
+        // stored as before.
+        if self.queueing != 0 {
+            tail = postcard::to_extend(&self.queueing, tail)
+                .map_err(|e| Error::Storage(format!("encode: {e}")))?;
+        }
+        Ok(tail)
     }
 
     /// The stored bytes.
@@ -165,9 +177,17 @@ fn decode_ext(tail: &[u8]) -> Result<Option<DeliveryExt>> {
     if tail.is_empty() {
         return Ok(None);
     }
-    postcard::from_bytes(tail)
-        .map(Some)
-        .map_err(|e| Error::Storage(format!("decode: {e}")))
+    let bad = |e: postcard::Error| Error::Storage(format!("decode: {e}"));
+    let (schedule_from, rest): (Timestamp, &[u8]) = postcard::take_from_bytes(tail).map_err(bad)?;
+    let queueing = if rest.is_empty() {
+        0
+    } else {
+        postcard::take_from_bytes::<u64>(rest).map_err(bad)?.0
+    };
+    Ok(Some(DeliveryExt {
+        schedule_from,
+        queueing,
+    }))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -378,45 +398,45 @@ impl<'t> Tables<'t> {
         }
     }
 
+    /// Records what a push's receiver answered. It counts for the delivery only if it answers
+    /// the current attempt of the current queueing; an answer to a push started before the
+    /// delivery was stopped, or seeked past and queued again, changes nothing but the attempt
+    /// log (see [`Tables::stale_outcome`]).
     pub(super) fn push_outcome(
         &mut self,
         now: Timestamp,
         sub_id: u128,
-        offset: u64,
-        attempt: u32,
+        due: &DueDelivery,
         resp: PushResponse,
     ) -> Result<()> {
-        // The subscription or the delivery may be gone (deleted, seeked, redriven): nothing to do.
+        // The subscription may be gone (deleted): nothing to do.
         let Ok(sub) = self.sub_record(sub_id) else {
             return Ok(());
         };
-        let mut rec: DeliveryRecord = match self.deliveries.get((sub_id, offset))? {
-            Some(g) => DeliveryRecord::decode(&g)?,
-            None => return Ok(()),
-        };
-        if rec.attempts + 1 != attempt {
-            return Ok(());
-        }
-        rec.attempts = attempt;
+        let (offset, attempt) = (due.offset, due.attempt);
         let ok = resp.status.is_some_and(|s| (200..300).contains(&s));
-        self.log_attempt(
-            sub_id,
-            offset,
-            attempt,
-            &AttemptRecord {
-                event_id: rec.event_id,
-                outcome: if ok {
-                    AttemptOutcome::Delivered
-                } else {
-                    AttemptOutcome::Failed
-                },
-                status: resp.status,
-                error: resp.error.clone(),
-                latency_ms: resp.latency_ms,
-                at: now,
+        let row = AttemptRecord {
+            event_id: due.event_id.0.as_u128(),
+            outcome: if ok {
+                AttemptOutcome::Delivered
+            } else {
+                AttemptOutcome::Failed
             },
-            rec.published_at,
-        )?;
+            status: resp.status,
+            error: resp.error.clone(),
+            latency_ms: resp.latency_ms,
+            at: now,
+        };
+        let rec = match self.deliveries.get((sub_id, offset))? {
+            Some(g) => Some(DeliveryRecord::decode(&g)?),
+            None => None,
+        };
+        let mut rec = match rec {
+            Some(rec) if rec.queueing == due.queueing && rec.attempts + 1 == attempt => rec,
+            other => return self.stale_outcome(sub_id, due, other, &row),
+        };
+        rec.attempts = attempt;
+        self.log_attempt(sub_id, offset, attempt, &row, rec.published_at)?;
         if ok {
             return self.complete(sub_id, offset);
         }
@@ -451,5 +471,98 @@ impl<'t> Tables<'t> {
                 error,
             },
         )
+    }
+
+    /// An answer to a push that is no longer current: the delivery was stopped, seeked past, or
+    /// queued again by a seek (a new queueing) while the push was under way. It does not count
+    /// for the delivery, but the push did happen: it is logged under its number when that
+    /// number is above every number logged or counted for the delivery, and the delivery's count
+    /// moves up to it (its schedule's count unchanged), so that no attempt number is used twice.
+    /// An answer whose number is already taken (a stop logs its own), or for an event retention
+    /// has removed, is dropped.
+    fn stale_outcome(
+        &mut self,
+        sub_id: u128,
+        due: &DueDelivery,
+        rec: Option<DeliveryRecord>,
+        row: &AttemptRecord,
+    ) -> Result<()> {
+        let counted = rec.as_ref().map_or(0, |r| r.attempts);
+        if due.attempt <= self.last_attempt_no(sub_id, due.offset)?.max(counted) {
+            return Ok(());
+        }
+        // An event that retention removed meanwhile (nobody owed it) keeps no log.
+        if rec.is_none() && self.events.get(due.event_id.0.as_u128())?.is_none() {
+            return Ok(());
+        }
+        self.log_attempt(sub_id, due.offset, due.attempt, row, due.published_at)?;
+        if let Some(mut rec) = rec {
+            rec.attempts_base += due.attempt - rec.attempts;
+            rec.attempts = due.attempt;
+            self.put_delivery(sub_id, due.offset, &rec)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The stored layouts of a delivery: each version's record decodes, and a record written
+    //! now reads back as it was.
+
+    use super::*;
+
+    fn record(queueing: u64) -> DeliveryRecord {
+        DeliveryRecord {
+            event_id: 7,
+            event_type: EventTypeName::new("t").unwrap(),
+            key: OrderingKey::new("k", 64).unwrap(),
+            sequence: 3,
+            published_at: Timestamp(1_000),
+            schedule_from: Timestamp(2_000),
+            attempts: 4,
+            attempts_base: 2,
+            next_attempt_at: Timestamp(3_000),
+            lease_until: Some(Timestamp(4_000)),
+            last_error: Some("HTTP 503".into()),
+            queueing,
+        }
+    }
+
+    fn same(a: &DeliveryRecord, b: &DeliveryRecord) -> bool {
+        a.encode().unwrap() == b.encode().unwrap()
+            && (a.schedule_from, a.queueing, a.attempts)
+                == (b.schedule_from, b.queueing, b.attempts)
+    }
+
+    #[test]
+    fn every_layout_of_a_delivery_decodes() {
+        for queueing in [0, 1, u64::MAX] {
+            let rec = record(queueing);
+            let back = DeliveryRecord::decode(&rec.encode().unwrap()).unwrap();
+            assert!(same(&rec, &back), "queueing {queueing}");
+            let dead = DeadRecord {
+                delivery: rec.clone(),
+                reason: "stopped".into(),
+                dead_at: Timestamp(5_000),
+            };
+            let back = DeadRecord::decode(&dead.encode().unwrap()).unwrap();
+            assert!(same(&rec, &back.delivery));
+        }
+        // The first layout (no tail): its schedule started when it was published.
+        let v1 = encode_with_tail(&record(0).v1(), &[]).unwrap();
+        let back = DeliveryRecord::decode(&v1).unwrap();
+        assert_eq!(back.schedule_from, Timestamp(1_000));
+        assert_eq!(back.queueing, 0);
+        // The second (schedule_from only) is what a fan-out record is still written as.
+        let v2 = encode_with_tail(
+            &record(0).v1(),
+            &postcard::to_allocvec(&Timestamp(2_000)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(v2, record(0).encode().unwrap());
+        // A tail that does not decode is an error, not a default.
+        let bad = encode_with_tail(&record(0).v1(), &[0xff; 12]).unwrap();
+        assert!(DeliveryRecord::decode(&bad).is_err());
     }
 }

@@ -84,6 +84,7 @@ impl Engine {
                 event_id: EventId(Uuid::from_u128(rec.event_id)),
                 attempt: rec.attempts + 1,
                 published_at: rec.published_at,
+                queueing: rec.queueing,
             });
         }
         let next = match now.0.checked_add(1) {

@@ -44,6 +44,9 @@ pub(super) fn clear_interrupted_seeks(txn: &Txn) -> Result<u64> {
     Ok(stuck.len() as u64)
 }
 
+/// The `META` key of the last queueing number given (see `DeliveryRecord::queueing`).
+const QUEUEINGS: &str = "queueings";
+
 impl<'t> Tables<'t> {
     /// Removes up to `limit` dead letters of a subscription.
     pub(super) fn purge_dead(&mut self, id: u128, limit: usize) -> Result<WriteOutput> {
@@ -158,6 +161,10 @@ impl<'t> Tables<'t> {
             .take(limit)
             .map(|r| r.map(|(k, v)| (k.1, v)))
             .collect::<std::result::Result<_, _>>()?;
+        // One number for the deliveries this step queues again, above every number given before
+        // (a push still under way names the queueing it was handed out from).
+        let queueing = self.meta.get(QUEUEINGS)?.unwrap_or(0) + 1;
+        self.meta.insert(QUEUEINGS, queueing)?;
         let mut n = 0;
         for &(offset, id) in &entries {
             let Some(g) = self.events.get(id)? else {
@@ -195,6 +202,7 @@ impl<'t> Tables<'t> {
                 next_attempt_at: now,
                 lease_until: None,
                 last_error: None,
+                queueing,
             };
             self.put_delivery(sub_id, offset, &rec)?;
             n += 1;

@@ -266,13 +266,8 @@ impl<'t> Tables<'t> {
             DeliveryOp::Settle { id, refs, action } => {
                 self.settle(now, id.0.as_u128(), refs, action)
             }
-            DeliveryOp::PushOutcome {
-                id,
-                offset,
-                attempt,
-                response,
-            } => self
-                .push_outcome(now, id.0.as_u128(), offset, attempt, response)
+            DeliveryOp::PushOutcome { id, due, response } => self
+                .push_outcome(now, id.0.as_u128(), &due, response)
                 .map(|()| WriteOutput::Deleted),
             DeliveryOp::Redrive { id, offsets, limit } => {
                 self.redrive(now, id.0.as_u128(), offsets, limit)

@@ -122,8 +122,7 @@ impl Sim {
                 }
                 let op = Op::PushOutcome {
                     sub: id(p.sub),
-                    offset: p.pos,
-                    attempt: p.attempt,
+                    due: p.due.clone(),
                     response: response.clone(),
                 };
                 (op, Act::Outcome { push: *push })
@@ -137,8 +136,7 @@ impl Sim {
                 };
                 let op = Op::PushOutcome {
                     sub: id(p.sub),
-                    offset: p.pos,
-                    attempt: p.attempt,
+                    due: p.due.clone(),
                     response,
                 };
                 (op, Act::Outcome { push: *push })

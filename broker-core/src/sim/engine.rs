@@ -50,8 +50,7 @@ pub(super) enum Op {
     },
     PushOutcome {
         sub: SubscriptionId,
-        offset: u64,
-        attempt: u32,
+        due: crate::storage::DueDelivery,
         response: PushResponse,
     },
     Lease {
@@ -166,15 +165,9 @@ impl Op {
                     )
                     .collect(),
             ),
-            Op::PushOutcome {
-                sub,
-                offset,
-                attempt,
-                response,
-            } => d(DeliveryOp::PushOutcome {
+            Op::PushOutcome { sub, due, response } => d(DeliveryOp::PushOutcome {
                 id: sub,
-                offset,
-                attempt,
+                due,
                 response,
             }),
             Op::Lease { sub, max, lease_ms } => d(DeliveryOp::Lease {

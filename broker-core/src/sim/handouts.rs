@@ -77,6 +77,7 @@ impl Sim {
                 attempt: d.attempt,
                 gen,
                 epoch,
+                due: d.clone(),
                 answer: None,
                 refused: false,
             });

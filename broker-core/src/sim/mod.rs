@@ -118,16 +118,19 @@ const TRACE_SHOWN: usize = 20;
 // Switches for what the simulation found (`SIM-FINDINGS.md`). Each stays `false` while its
 // defect stands and says what that leaves out; set it to `true` to reproduce the finding.
 
-/// F3 (fixed: a busy offset's key is found among the dead letters too). `true`: check 3 (per-key order) also counts a push still under way whose delivery was
-/// stopped meanwhile: it still blocks its key, and its receiver's success is judged for order.
-/// `false` leaves such a push out of both.
+/// F3 (fixed: a busy offset's key is found among the dead letters too). `true`: check 3
+/// (per-key order) also counts a push still under way whose delivery was stopped meanwhile: it
+/// still blocks its key, and its receiver's success is judged for order. `false` leaves such a
+/// push out of both.
 const STRICT_KEY_BLOCK_BY_ORPHANED_PUSH: bool = true;
-/// F2. `true`: a seek is also started while a push of its subscription is under way, and a
-/// push may start between a seek's start and its first step. `false` generates neither.
-const SEEK_WITH_PUSH_IN_FLIGHT: bool = false;
-/// F1 (fixed: acceptance times never go back within a Room). `true`: the events a seek by time replays are checked also in a Room whose receive
-/// times went back (the clock stepped back between publishes). `false` checks them only where
-/// receive times rise with the log.
+/// F2 (fixed: an outcome names the queueing of the delivery it was handed out from, and one of
+/// an earlier queueing only logs its attempt). `true`: a seek is also started while a push of
+/// its subscription is under way, and a push may start between a seek's start and its first
+/// step. `false` generates neither.
+const SEEK_WITH_PUSH_IN_FLIGHT: bool = true;
+/// F1 (fixed: acceptance times never go back within a Room). `true`: the events a seek by time
+/// replays are checked also in a Room whose receive times went back (the clock stepped back
+/// between publishes). `false` checks them only where receive times rise with the log.
 const CHECK_SEEK_BY_TIME_AFTER_STEP_BACK: bool = true;
 
 fn room_name(i: usize) -> String {

@@ -15,7 +15,10 @@ use super::model::{DState, Ev, Fate, Lease, LeaseRow, MDel, Model, Row, Sub};
 impl Model {
     /// A push's outcome was recorded. It counts only for the generation of the delivery it was
     /// handed out for (an outcome arriving after the delivery was stopped, seeked past or queued
-    /// again answers an attempt that is no longer current). Returns whether it counted.
+    /// again answers an attempt that is no longer current). Returns whether it counted. One that
+    /// does not count is still logged under its number when that number is above every number
+    /// logged for the delivery (the push happened; its number is not to be used again), unless
+    /// retention removed the event meanwhile.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn push_outcome(
         &mut self,
@@ -27,10 +30,18 @@ impl Model {
         retry_after: Option<u64>,
         now: Timestamp,
     ) -> bool {
+        let gone = self.events[ev].gone;
         let sub = &mut self.subs[s];
-        let Some(d) = sub.dels.get_mut(&ev).filter(|d| d.gen == gen) else {
+        let Some(d) = sub.dels.get_mut(&ev) else {
             return false;
         };
+        if d.gen != gen || d.owed().is_none() {
+            if attempt > d.last_no && !gone {
+                d.last_no = attempt;
+                d.rows.insert(attempt, Row::Pushed { status });
+            }
+            return false;
+        }
         let Some(o) = d.owed_mut() else {
             return false;
         };

@@ -181,3 +181,76 @@ fn a_seed_replays_exactly() {
     assert!(first.len() > 60);
     assert_eq!(first, trace(3));
 }
+
+/// One push subscription, one push at a time, one event e0, pushed (push 0) and then the
+/// subscription sought to the oldest event and cleared while that push is under way.
+fn seek_during_push(ordered: bool) -> Sim {
+    let mut one = spec(true, ordered);
+    one.in_flight_max = 1;
+    let mut sim = Sim::with_subscriptions(2, vec![one]).expect("sim");
+    sim.exec(Step::Publish {
+        room: 0,
+        items: vec![(0, 0)],
+    })
+    .expect("publish");
+    sim.exec(Step::PushDue { sub: 0 }).expect("push e0");
+    sim.exec(Step::SeekStart {
+        sub: 0,
+        target: None,
+    })
+    .expect("seek start");
+    sim.exec(Step::SeekNext { sub: 0, limit: 10 })
+        .expect("seek: clear");
+    sim
+}
+
+fn answer(push: u64, status: u16) -> Step {
+    Step::Answer {
+        push,
+        response: crate::webhook::PushResponse {
+            status: Some(status),
+            retry_after_ms: None,
+            error: None,
+            latency_ms: 5,
+        },
+    }
+}
+
+/// Simulation finding F2 (a): the push under way fails after the seek cleared its delivery and
+/// before it queued it again. Its attempt is logged, and the replay's push gets the next
+/// number, not the same one (before the fix: "handed out e0 as attempt 1, but ... 1 handed out
+/// before").
+#[test]
+fn a_push_answered_during_a_seek_keeps_its_attempt_number() {
+    for ordered in [false, true] {
+        let mut sim = seek_during_push(ordered);
+        sim.exec(answer(0, 503)).expect("the old push fails");
+        sim.exec(Step::SeekNext { sub: 0, limit: 10 })
+            .expect("seek: queue again");
+        sim.exec(Step::SeekNext { sub: 0, limit: 10 })
+            .expect("seek: done");
+        sim.exec(Step::PushDue { sub: 0 })
+            .expect("the replay goes out as attempt 2");
+        sim.exec(answer(1, 200)).expect("the replay is delivered");
+        sim.check(true).expect("agrees with the model");
+    }
+}
+
+/// Simulation finding F2 (b): the push under way succeeds after the seek queued its event
+/// again. That answer is not taken for the replay's (before the fix: "the engine has
+/// Delivered, the model Queued"): the replay still goes out, under the next number.
+#[test]
+fn a_push_answered_after_a_seek_does_not_complete_the_replay() {
+    for ordered in [false, true] {
+        let mut sim = seek_during_push(ordered);
+        sim.exec(Step::SeekNext { sub: 0, limit: 10 })
+            .expect("seek: queue again");
+        sim.exec(Step::SeekNext { sub: 0, limit: 10 })
+            .expect("seek: done");
+        sim.exec(answer(0, 200)).expect("the old push succeeds");
+        sim.exec(Step::PushDue { sub: 0 })
+            .expect("the replay goes out as attempt 2");
+        sim.exec(answer(1, 200)).expect("the replay is delivered");
+        sim.check(true).expect("agrees with the model");
+    }
+}

@@ -24,6 +24,8 @@ pub(super) struct Push {
     pub gen: u32,
     /// The subscription's order epoch when the push started.
     pub epoch: u32,
+    /// What the engine handed out (its outcome names it).
+    pub due: crate::storage::DueDelivery,
     /// The receiver's answer, once it has answered.
     pub answer: Option<PushResponse>,
     /// The writer refused to record the outcome at least once: the dispatcher holds back.

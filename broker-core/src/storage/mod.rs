@@ -235,10 +235,11 @@ pub(crate) enum DeliveryOp {
         refs: Vec<(u64, u32)>,
         action: AckAction,
     },
+    /// What a push's receiver answered (or why there was no answer), for the attempt and the
+    /// queueing of the delivery it was handed out for (see `DueDelivery`).
     PushOutcome {
         id: SubscriptionId,
-        offset: u64,
-        attempt: u32,
+        due: DueDelivery,
         response: PushResponse,
     },
     Redrive {
@@ -305,6 +306,8 @@ pub(crate) struct DueDelivery {
     pub event_id: EventId,
     pub attempt: u32,
     pub published_at: Timestamp,
+    /// Which queueing of the delivery this attempt belongs to; its outcome names it.
+    pub queueing: u64,
 }
 
 /// A message leased to a puller.
