@@ -203,9 +203,11 @@ pub struct DeliveryConfig {
     pub dead_letter_retention_ms: u64,
     /// How long a rotated-out signing secret stays valid, in milliseconds (default 24 hours).
     pub secret_grace_ms: u64,
-    /// Most queue records one scheduling pass or pull reads looking for due work (default 10,000).
-    /// Also the most failed deliveries a push dispatcher remembers (to order and cap them) per
-    /// subscription; beyond it the oldest are forgotten.
+    /// Most queue records a report reads (blocked keys, queue health in the statistics, the
+    /// audit's queue figures: beyond it they are lower bounds; default 10,000). Also the most
+    /// failed deliveries a push dispatcher remembers (to order and cap them) per subscription;
+    /// beyond it the oldest are forgotten. Finding due work (push and pull) reads an index and
+    /// is bound by no window.
     pub scan_records_max: usize,
     /// Longest a dispatcher sleeps before looking again without being woken, in milliseconds
     /// (default 1,000).

@@ -387,7 +387,6 @@ impl Broker {
                 id,
                 max: max_messages,
                 lease_ms,
-                scan_max: d.scan_records_max,
             };
             let (grants, next_due) = match self.delivery(op).await? {
                 WriteOutput::Leased { grants, next_due } => (grants, next_due),

@@ -212,13 +212,8 @@ fn dispatch_due(
         return None;
     }
     let now = broker.now();
-    let scan_max = broker.config().delivery.scan_records_max;
     let wanted = slots.wanted(bounds);
-    let (due, next) = match broker
-        .inner()
-        .store
-        .due(sub.id, now, slots.busy(), wanted, scan_max)
-    {
+    let (due, next) = match broker.inner().store.due(sub.id, now, slots.busy(), wanted) {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(subscription = %sub.id, error = %e, "cannot read due deliveries");
@@ -476,6 +471,7 @@ mod tests {
         let due = DueDelivery {
             offset: 0,
             event_id: receipt.id,
+            key: crate::ids::OrderingKey::new("k", 64).unwrap(),
             attempt: 1,
             published_at: receipt.received_at,
             queueing: 0,

@@ -29,11 +29,11 @@
 //! one delivery under way at a time, so a mark on its head is a mark on the key; after a slow
 //! head is dead-lettered, the key's next event starts as not slow.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use crate::clock::Timestamp;
 use crate::config::DeliveryConfig;
-use crate::storage::DueDelivery;
+use crate::storage::{Busy, DueDelivery};
 use crate::webhook::PushResponse;
 
 /// The bounds one scheduling pass works within, from the subscription and the configuration.
@@ -121,8 +121,9 @@ pub(crate) struct Pass {
 /// One push subscription's slots: the pushes under way and the slow deliveries.
 #[derive(Debug, Default)]
 pub(crate) struct PushSlots {
-    /// Offsets under way (pushing, or recording their outcome); the keys of `running`.
-    busy: HashSet<u64>,
+    /// Offsets under way (pushing, or recording their outcome), with their keys; the keys of
+    /// `running`.
+    busy: Busy,
     running: HashMap<u64, Running>,
     marks: HashMap<u64, Mark>,
     failures: u64,
@@ -130,7 +131,7 @@ pub(crate) struct PushSlots {
 
 impl PushSlots {
     /// The offsets under way, which storage must skip (and, with ordering, their keys).
-    pub(crate) fn busy(&self) -> &HashSet<u64> {
+    pub(crate) fn busy(&self) -> &Busy {
         &self.busy
     }
 
@@ -172,7 +173,7 @@ impl PushSlots {
             .saturating_sub(self.slow_running(now, bounds));
         let mut ready: Vec<((Timestamp, u64), DueDelivery)> = due
             .into_iter()
-            .filter(|d| !self.busy.contains(&d.offset))
+            .filter(|d| !self.busy.contains(d.offset))
             .map(|d| {
                 let since = match self.marks.get(&d.offset) {
                     Some(m) => (m.failed_at, m.nth),
@@ -200,7 +201,7 @@ impl PushSlots {
                 slow_room -= 1;
                 m.held = false;
             }
-            self.busy.insert(d.offset);
+            self.busy.insert(d.offset, d.key.clone());
             self.running.insert(
                 d.offset,
                 Running {
@@ -222,7 +223,7 @@ impl PushSlots {
         at: Timestamp,
         bounds: &SlotBounds,
     ) {
-        self.busy.remove(&offset);
+        self.busy.remove(offset);
         self.running.remove(&offset);
         match end {
             PushEnd::Delivered | PushEnd::Failed { slow: false } => {
@@ -261,7 +262,7 @@ impl PushSlots {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::EventId;
+    use crate::ids::{EventId, OrderingKey};
 
     const T: Timestamp = Timestamp(1_000_000);
 
@@ -280,6 +281,7 @@ mod tests {
             .map(|&offset| DueDelivery {
                 offset,
                 event_id: EventId::new_v7(),
+                key: OrderingKey::new(format!("k{offset}"), 64).unwrap(),
                 attempt: 1,
                 published_at: T,
                 queueing: 0,
@@ -386,7 +388,7 @@ mod tests {
             let waiting: Vec<u64> = all
                 .iter()
                 .copied()
-                .filter(|o| !slots.busy().contains(o))
+                .filter(|o| !slots.busy().contains(*o))
                 .collect();
             let pass = slots.choose(due(&waiting), T, &b);
             assert_eq!(pass.start.len(), 1);

@@ -488,11 +488,10 @@ impl Storage for Engine {
         &self,
         id: crate::ids::SubscriptionId,
         now: Timestamp,
-        busy: &HashSet<u64>,
+        busy: &crate::storage::Busy,
         limit: usize,
-        scan_max: usize,
     ) -> Result<(Vec<crate::storage::DueDelivery>, Option<Timestamp>)> {
-        self.blocking(|| self.due_read(id, now, busy, limit, scan_max))
+        self.blocking(|| self.due_read(id, now, busy, limit))
     }
 
     fn dead_letters(

@@ -22,7 +22,6 @@ impl<'t> Tables<'t> {
         sub_id: u128,
         max: usize,
         lease_ms: u64,
-        _scan_max: usize,
     ) -> Result<WriteOutput> {
         let sub = self.sub_record(sub_id)?;
         if !matches!(sub.mode, StoredMode::Pull) {

@@ -14,9 +14,9 @@ use super::spaces::{
 use super::Engine;
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
-use crate::ids::{EventId, OrderingKey, RoomName, Sequence, SubscriptionId};
+use crate::ids::{EventId, RoomName, Sequence, SubscriptionId};
 use crate::storage::codec::decode;
-use crate::storage::DueDelivery;
+use crate::storage::{Busy, DueDelivery};
 use crate::subscription::{
     Attempt, AttemptOutcome, BlockedKey, DeadLetter, DeliveryState, EventDelivery,
 };
@@ -27,9 +27,8 @@ impl Engine {
         &self,
         id: SubscriptionId,
         now: Timestamp,
-        busy: &HashSet<u64>,
+        busy: &Busy,
         limit: usize,
-        _scan_max: usize,
     ) -> Result<(Vec<DueDelivery>, Option<Timestamp>)> {
         let txn = self.begin_read()?;
         let sub_id = id.0.as_u128();
@@ -38,27 +37,9 @@ impl Engine {
             return Ok((Vec::new(), None));
         }
         let table = txn.open_table(DELIVERIES)?;
-        // With ordering, a key with any delivery in flight is blocked, not only when its head is:
-        // a redrive can put an older event in front of one already out. The in-flight keys are
-        // read by point lookups (at most `in_flight_max` of them), so that the queue itself is
-        // decoded only as far as needed: decoding the whole window first, on every freed slot,
-        // was the largest cost of the push path in the profile (issue 8).
-        let blocked: HashSet<OrderingKey> = if sub.ordered {
-            let mut keys = HashSet::new();
-            let dead = txn.open_table(DEAD_LETTERS)?;
-            for &offset in busy {
-                if let Some(v) = table.get((sub_id, offset))? {
-                    keys.insert(DeliveryRecord::decode(&v)?.key);
-                } else if let Some(v) = dead.get((sub_id, offset))? {
-                    // Stopped (or dead-lettered) while its push is still under way: the push
-                    // still holds its key until it ends (issue 15, simulation finding F3).
-                    keys.insert(DeadRecord::decode(&v)?.delivery.key);
-                }
-            }
-            keys
-        } else {
-            HashSet::new()
-        };
+        // With ordering, a key with a push under way is blocked, not only when that push is of
+        // its head: a redrive can put an older event in front of one already out, and a push
+        // holds its key until it ends even when its delivery was stopped or seeked past.
         // What may go out comes from the front of the index by due time (with ordering, only
         // keys' heads are in it), so nothing blocked is walked past (issue 15, defect 6): a
         // pass skips at most the busy deliveries and the heads of busy keys.
@@ -69,19 +50,20 @@ impl Engine {
                 break;
             }
             let ((_, _, offset), ()) = entry?;
-            if busy.contains(&offset) {
+            if busy.contains(offset) {
                 continue;
             }
             let Some(v) = table.get((sub_id, offset))? else {
                 continue;
             };
             let rec = DeliveryRecord::decode(&v)?;
-            if sub.ordered && blocked.contains(&rec.key) {
+            if sub.ordered && busy.holds_key(&rec.key) {
                 continue;
             }
             due.push(DueDelivery {
                 offset,
                 event_id: EventId(Uuid::from_u128(rec.event_id)),
+                key: rec.key,
                 attempt: rec.attempts + 1,
                 published_at: rec.published_at,
                 queueing: rec.queueing,

@@ -257,12 +257,9 @@ impl<'t> Tables<'t> {
                     Some(secret),
                 ))
             }
-            DeliveryOp::Lease {
-                id,
-                max,
-                lease_ms,
-                scan_max,
-            } => self.lease(now, id.0.as_u128(), max, lease_ms, scan_max),
+            DeliveryOp::Lease { id, max, lease_ms } => {
+                self.lease(now, id.0.as_u128(), max, lease_ms)
+            }
             DeliveryOp::Settle { id, refs, action } => {
                 self.settle(now, id.0.as_u128(), refs, action)
             }

@@ -3,7 +3,7 @@
 //! with the simulated clock, and without the writer, tokio or HTTP in between. When that
 //! interface changes, this file (and `backend.rs`) is what follows it.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::clock::Timestamp;
@@ -174,7 +174,6 @@ impl Op {
                 id: sub,
                 max,
                 lease_ms,
-                scan_max: SCAN_MAX,
             }),
             Op::Settle { sub, refs, action } => d(DeliveryOp::Settle {
                 id: sub,
@@ -320,11 +319,10 @@ impl Engine {
         &self,
         id: SubscriptionId,
         now: Timestamp,
-        busy: &BTreeSet<u64>,
+        busy: &crate::storage::Busy,
         limit: usize,
     ) -> Result<(Vec<DueDelivery>, Option<Timestamp>)> {
-        let busy: HashSet<u64> = busy.iter().copied().collect();
-        self.store.due(id, now, &busy, limit, SCAN_MAX)
+        self.store.due(id, now, busy, limit)
     }
 
     /// Every dead letter of a subscription, by log position, read page by page.

@@ -118,7 +118,8 @@ const TRACE_SHOWN: usize = 20;
 // Switches for what the simulation found (`SIM-FINDINGS.md`). Each stays `false` while its
 // defect stands and says what that leaves out; set it to `true` to reproduce the finding.
 
-/// F3 (fixed: a busy offset's key is found among the dead letters too). `true`: check 3
+/// F3 (fixed: the dispatcher tells `due` the keys of its pushes under way, so a push holds its
+/// key whatever became of its delivery: stopped, seeked past, removed). `true`: check 3
 /// (per-key order) also counts a push still under way whose delivery was stopped meanwhile: it
 /// still blocks its key, and its receiver's success is judged for order. `false` leaves such a
 /// push out of both.

@@ -405,17 +405,10 @@ impl Model {
         if sub.status != SubscriptionStatus::Active || sub.seeking {
             return Vec::new();
         }
-        // A push under way holds its key while its delivery is owed, and also once it has been
-        // stopped or dead-lettered meanwhile (the engine finds its key among the dead letters).
-        let blocked: BTreeSet<usize> = busy
-            .iter()
-            .filter(|ev| {
-                sub.dels
-                    .get(ev)
-                    .is_some_and(|d| d.owed().is_some() || matches!(d.state, DState::Dead(_)))
-            })
-            .map(|ev| self.events[*ev].key)
-            .collect();
+        // A push under way holds its key until it ends, whatever became of its delivery
+        // meanwhile (stopped, dead-lettered, seeked past, its event removed by retention): the
+        // dispatcher tells the engine the keys of its pushes.
+        let blocked: BTreeSet<usize> = busy.iter().map(|ev| self.events[*ev].key).collect();
         let heads = self.heads(s);
         self.owed(s)
             .filter(|(ev, o)| {

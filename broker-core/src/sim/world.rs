@@ -5,7 +5,7 @@
 //! subscription, its steps run one at a time as `seek.rs` runs them), the storage faults in
 //! force, and what each ordered subscription's receiver has successfully processed, per key.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use crate::clock::Timestamp;
 use crate::webhook::PushResponse;
@@ -112,13 +112,13 @@ impl World {
             .collect()
     }
 
-    /// Log positions of `s` with a push under way (the dispatcher's busy set).
-    pub(super) fn busy(&self, s: Sub) -> BTreeSet<u64> {
-        self.pushes
-            .values()
-            .filter(|p| p.sub == s)
-            .map(|p| p.pos)
-            .collect()
+    /// The pushes of `s` under way (the dispatcher's busy set: positions and keys).
+    pub(super) fn busy(&self, s: Sub) -> crate::storage::Busy {
+        let mut busy = crate::storage::Busy::default();
+        for p in self.pushes.values().filter(|p| p.sub == s) {
+            busy.insert(p.pos, p.due.key.clone());
+        }
+        busy
     }
 
     /// Whether `s` holds back its pushes: an outcome of it waits to be recorded.

@@ -26,7 +26,7 @@ pub use faults::StorageFaults;
 
 use crate::clock::Timestamp;
 use crate::error::Result;
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use crate::ids::{EventId, EventTypeName, OrderingKey, Principal, RoomName, SubscriptionId};
 use crate::model::{
@@ -228,7 +228,6 @@ pub(crate) enum DeliveryOp {
         id: SubscriptionId,
         max: usize,
         lease_ms: u64,
-        scan_max: usize,
     },
     Settle {
         id: SubscriptionId,
@@ -304,10 +303,64 @@ pub(crate) struct DeliveryDefaults {
 pub(crate) struct DueDelivery {
     pub offset: u64,
     pub event_id: EventId,
+    /// The event's ordering key: with ordering, the push holds it until it ends.
+    pub key: OrderingKey,
     pub attempt: u32,
     pub published_at: Timestamp,
     /// Which queueing of the delivery this attempt belongs to; its outcome names it.
     pub queueing: u64,
+}
+
+/// The pushes under way of one subscription, which `due` skips: their offsets and, with
+/// ordering, their keys. A push under way holds its key until it ends, whatever became of its
+/// delivery meanwhile (stopped, seeked past, its event removed by retention), so the keys come
+/// from the dispatcher, which knows them, not from storage (issue 15, simulation findings F2, F3).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Busy {
+    offsets: HashMap<u64, OrderingKey>,
+    keys: HashMap<OrderingKey, u32>,
+}
+
+impl Busy {
+    /// A push of `offset` (of `key`) started.
+    pub(crate) fn insert(&mut self, offset: u64, key: OrderingKey) {
+        if let Some(old) = self.offsets.insert(offset, key.clone()) {
+            self.release(&old);
+        }
+        *self.keys.entry(key).or_default() += 1;
+    }
+
+    /// The push of `offset` ended.
+    pub(crate) fn remove(&mut self, offset: u64) {
+        if let Some(key) = self.offsets.remove(&offset) {
+            self.release(&key);
+        }
+    }
+
+    fn release(&mut self, key: &OrderingKey) {
+        if let Some(n) = self.keys.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                self.keys.remove(key);
+            }
+        }
+    }
+
+    /// Whether a push of `offset` is under way.
+    pub(crate) fn contains(&self, offset: u64) -> bool {
+        self.offsets.contains_key(&offset)
+    }
+
+    /// Whether a push of an event of `key` is under way.
+    pub(crate) fn holds_key(&self, key: &OrderingKey) -> bool {
+        self.keys.contains_key(key)
+    }
+
+    /// Pushes under way.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.offsets.len()
+    }
 }
 
 /// A message leased to a puller.
@@ -478,14 +531,14 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// The signing secrets valid now (newest last).
     fn signing_secrets(&self, id: SubscriptionId, now: Timestamp) -> Result<Vec<String>>;
     /// Deliveries due now, skipping `busy` offsets and, with ordering, keys whose head is not
-    /// due; and the earliest later due time seen.
+    /// due or has a push under way; and the earliest later due time. Read from the front of the
+    /// ready index: no window hides due work behind blocked work.
     fn due(
         &self,
         id: SubscriptionId,
         now: Timestamp,
-        busy: &HashSet<u64>,
+        busy: &Busy,
         limit: usize,
-        scan_max: usize,
     ) -> Result<(Vec<DueDelivery>, Option<Timestamp>)>;
     /// Dead letters after a position.
     fn dead_letters(
