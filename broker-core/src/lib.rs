@@ -49,6 +49,7 @@ mod publish;
 mod push_slots;
 mod retry;
 mod rights;
+mod rooms_api;
 mod runtime;
 mod schema;
 mod seek;
