@@ -619,6 +619,8 @@ fn observe(stats: &Stats, now: crate::clock::Timestamp, observed: &[Observation]
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use crate::ids::RoomName;
+    use crate::model::NewRoom;
     use crate::subscription::{DeliveryMode, NewSubscription};
 
     /// Issue 15, defect 10: deleting a Room deleted its subscriptions but left their

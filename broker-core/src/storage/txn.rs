@@ -141,14 +141,29 @@ impl Txn {
         order: Order,
     ) -> RawRange {
         let inner = self.0.borrow();
-        let lo = (space, Vec::new());
-        let mut overlay: Vec<(Vec<u8>, Option<Vec<u8>>)> = inner
-            .pending
-            .range(lo..)
-            .take_while(|((s, _), _)| *s == space)
-            .filter(|((_, k), _)| within(k, &start, &end))
-            .map(|((_, k), v)| (k.clone(), v.clone()))
-            .collect();
+        // Only the pending writes within the bounds are visited: a large batch (a group commit
+        // of many operations) has many pending writes per space, and walking all of them on
+        // every range read made the writer quadratic in its batch.
+        let mut overlay: Vec<(Vec<u8>, Option<Vec<u8>>)> = if empty_bounds(&start, &end) {
+            Vec::new()
+        } else {
+            let lo = match &start {
+                Bound::Included(s) => Bound::Included((space, s.clone())),
+                Bound::Excluded(s) => Bound::Excluded((space, s.clone())),
+                Bound::Unbounded => Bound::Included((space, Vec::new())),
+            };
+            let hi = match &end {
+                Bound::Included(e) => Bound::Included((space, e.clone())),
+                Bound::Excluded(e) => Bound::Excluded((space, e.clone())),
+                Bound::Unbounded => Bound::Unbounded,
+            };
+            inner
+                .pending
+                .range((lo, hi))
+                .take_while(|((s, _), _)| *s == space)
+                .map(|((_, k), v)| (k.clone(), v.clone()))
+                .collect()
+        };
         if order == Order::Descending {
             overlay.reverse();
         }
@@ -166,18 +181,15 @@ impl Txn {
     }
 }
 
-fn within(k: &[u8], start: &Bound<Vec<u8>>, end: &Bound<Vec<u8>>) -> bool {
-    let after_start = match start {
-        Bound::Included(s) => k >= s.as_slice(),
-        Bound::Excluded(s) => k > s.as_slice(),
-        Bound::Unbounded => true,
-    };
-    let before_end = match end {
-        Bound::Included(e) => k <= e.as_slice(),
-        Bound::Excluded(e) => k < e.as_slice(),
-        Bound::Unbounded => true,
-    };
-    after_start && before_end
+/// Whether no key can lie within the bounds (a `BTreeMap` range over them would panic).
+fn empty_bounds(start: &Bound<Vec<u8>>, end: &Bound<Vec<u8>>) -> bool {
+    match (start, end) {
+        (Bound::Included(s), Bound::Included(e)) => s > e,
+        (Bound::Included(s), Bound::Excluded(e))
+        | (Bound::Excluded(s), Bound::Included(e))
+        | (Bound::Excluded(s), Bound::Excluded(e)) => s >= e,
+        _ => false,
+    }
 }
 
 /// An iterator over a range of raw entries; see [`Txn::range`].
@@ -670,29 +682,49 @@ mod tests {
                         model.remove(&k);
                     }
                 }
+                // A pending write in the spaces on either side must never show.
+                for other in [Space::DeadLetters, Space::SubStats] {
+                    let k = rng.random_range(0u16..1000).to_be_bytes().to_vec();
+                    txn.put(other, k, Some(vec![9])).unwrap();
+                }
                 let lo = rng.random_range(0u16..1000).to_be_bytes().to_vec();
+                let hi = rng.random_range(0u16..1000).to_be_bytes().to_vec();
+                let bound = |rng: &mut StdRng, k: &Vec<u8>| match rng.random_range(0..3) {
+                    0 => Bound::Included(k.clone()),
+                    1 => Bound::Excluded(k.clone()),
+                    _ => Bound::Unbounded,
+                };
+                let (start, end) = (bound(&mut rng, &lo), bound(&mut rng, &hi));
                 let order = if rng.random_bool(0.5) {
                     Order::Ascending
                 } else {
                     Order::Descending
                 };
                 let got: Vec<Entry> = txn
-                    .range(
-                        Space::Deliveries,
-                        Bound::Included(lo.clone()),
-                        Bound::Unbounded,
-                        order,
-                    )
+                    .range(Space::Deliveries, start.clone(), end.clone(), order)
                     .collect::<Result<_>>()
                     .unwrap();
                 let mut want: Vec<Entry> = model
-                    .range(lo.clone()..)
+                    .iter()
+                    .filter(|(k, _)| {
+                        let after = match &start {
+                            Bound::Included(s) => *k >= s,
+                            Bound::Excluded(s) => *k > s,
+                            Bound::Unbounded => true,
+                        };
+                        let before = match &end {
+                            Bound::Included(e) => *k <= e,
+                            Bound::Excluded(e) => *k < e,
+                            Bound::Unbounded => true,
+                        };
+                        after && before
+                    })
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
                 if order == Order::Descending {
                     want.reverse();
                 }
-                assert_eq!(got, want, "{ctx}: range from {lo:?}");
+                assert_eq!(got, want, "{ctx}: range {start:?}..{end:?}");
                 assert_eq!(
                     txn.get(Space::Deliveries, &lo).unwrap(),
                     model.get(&lo).cloned(),
