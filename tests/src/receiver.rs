@@ -47,6 +47,8 @@ pub struct Received {
     pub body: Vec<u8>,
     /// What the receiver answered.
     pub status: u16,
+    /// The sender's address: one per TCP connection, so that tests can count connections.
+    pub peer: std::net::SocketAddr,
 }
 
 impl Received {
@@ -95,6 +97,7 @@ impl Receiver {
             .expect("bind loopback");
         let base = format!("http://{}", listener.local_addr().expect("local addr"));
         tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
             let _ = axum::serve(listener, app).await;
         });
         Receiver { base, shared, rx }
@@ -180,6 +183,7 @@ impl Receiver {
 
 async fn handle(
     State(shared): State<Arc<Shared>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     Path(path): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -218,6 +222,7 @@ async fn handle(
         headers,
         body: body.to_vec(),
         status,
+        peer,
     });
     match behaviour {
         Behaviour::Sleep(d) => {
