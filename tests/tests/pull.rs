@@ -786,3 +786,48 @@ async fn a_stalled_key_with_a_long_queue_does_not_hide_other_keys() {
         "the other key's event goes out; nothing of the stalled key does"
     );
 }
+
+/// Turning ordering on rebuilds the subscription's index of ready work. Events leased while the
+/// subscription was unordered are still out: the key stays held until their leases end, so that
+/// the older event given back meanwhile does not go out beside them. Before the fix the rebuilt
+/// index held nothing, and the older event went out at once while two newer ones were leased.
+#[tokio::test]
+async fn turning_ordering_on_keeps_a_key_held_by_leases_already_out() {
+    let (broker, clock) = memory_broker(test_config()).await;
+    setup_room(&broker, "r").await;
+    let mut new = NewSubscription::new(who("dashboard"), DeliveryMode::Pull);
+    new.ordered = Some(false);
+    new.retry = RetryOverrides {
+        jitter_percent: Some(0),
+        ..RetryOverrides::default()
+    };
+    let sub = broker
+        .create_subscription(&room("r"), new)
+        .await
+        .unwrap()
+        .subscription
+        .id;
+    for n in 0..3 {
+        broker.publish(moved("r", "a", n)).await.unwrap();
+    }
+    let out = broker.pull(sub, 3, Some(10_000), 0).await.unwrap();
+    assert_eq!(out.len(), 3, "unordered: all three at once");
+    // The oldest is given back, due again at once; the two newer stay leased for 10 s.
+    broker
+        .nack(sub, &[out[0].ack_id.clone()], Some(0))
+        .await
+        .unwrap();
+    let patch = broker_core::SubscriptionPatch {
+        ordered: Some(true),
+        ..Default::default()
+    };
+    broker.update_subscription(sub, patch).await.unwrap();
+    assert!(
+        broker.pull(sub, 3, None, 0).await.unwrap().is_empty(),
+        "the key is held while newer events of it are leased"
+    );
+    // Once those leases have run out, the key's oldest event goes out first.
+    clock.advance_ms(10_001);
+    let next = broker.pull(sub, 3, None, 0).await.unwrap();
+    assert_eq!(seqs(&next), [("a".to_string(), 1)]);
+}

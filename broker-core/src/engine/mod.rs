@@ -24,6 +24,8 @@
 
 mod events;
 mod fanout;
+#[cfg(test)]
+mod layout_tests;
 mod pull;
 mod queue;
 mod queue_reads;
@@ -170,6 +172,13 @@ impl Engine {
                     meta.insert("next_room_id", 1)?;
                 }
                 Some(LAYOUT_VERSION) => {}
+                // Layout 2 had no index of ready work: it is built below (the mark removed here
+                // makes sure of it, even if the process stops in between).
+                Some(2) => {
+                    meta.remove(ready::READY_INDEX_MARK)?;
+                    meta.insert("layout_version", LAYOUT_VERSION)?;
+                    tracing::info!("data file upgraded to storage layout {LAYOUT_VERSION}: the index of ready work is built now");
+                }
                 Some(other) => {
                     return Err(Error::Storage(format!(
                         "data file has layout version {other}; this build reads version {LAYOUT_VERSION}"
@@ -394,8 +403,10 @@ impl Storage for Engine {
                         txn.rollback_to(sp);
                         tables.seqs.rollback(seq_sp);
                         tables.observed.truncate(observed_before);
-                        // The fan-out cache may describe what was undone.
+                        // The fan-out cache, and the cache of which subscriptions are ordered,
+                        // may describe what was undone.
                         tables.fanout.clear();
+                        tables.ordered_cache.clear();
                     }
                     results.push(result);
                 }

@@ -20,6 +20,9 @@ use super::Tables;
 use crate::clock::Timestamp;
 use crate::error::Result;
 
+/// The `META` key set once every subscription's index has been built.
+pub(super) const READY_INDEX_MARK: &str = "ready_index";
+
 /// What a write does to its key's hold.
 #[derive(Clone, Copy)]
 enum Hold {
@@ -202,26 +205,43 @@ impl<'t> Tables<'t> {
             .range((sub, 0)..=(sub, u64::MAX))?
             .map(|r| r.and_then(|(k, v)| Ok((k.1, DeliveryRecord::decode(&v)?))))
             .collect::<Result<_>>()?;
+        // Per key (with ordering): its head (the first in log order) with its due time, and the
+        // hold of the latest lease among its other deliveries (until, holder), as
+        // `put_delivery` would have left them: a leased delivery behind the head (an older
+        // event queued in front of it) holds the key until its lease ends.
+        let mut keys: std::collections::BTreeMap<String, (u64, u64, u64, u64)> =
+            std::collections::BTreeMap::new();
         for (offset, rec) in deliveries {
             if !ordered {
                 self.ready.insert((sub, due_of(&rec).0, offset), ())?;
                 continue;
             }
-            let key = rec.key.as_str();
-            self.key_queue.insert((sub, key, offset), ())?;
-            // In log order, the first delivery of a key is its head.
-            if self.key_head.get((sub, key))?.is_none() {
-                let due = due_of(&rec).0;
-                self.ready.insert((sub, due, offset), ())?;
-                self.key_head.insert((sub, key), (due, offset, 0, 0))?;
+            self.key_queue.insert((sub, rec.key.as_str(), offset), ())?;
+            match keys.get_mut(rec.key.as_str()) {
+                None => {
+                    keys.insert(rec.key.as_str().to_string(), (due_of(&rec).0, offset, 0, 0));
+                }
+                Some(entry) => {
+                    if let Some(until) = rec.lease_until {
+                        if until.0 > entry.2 {
+                            (entry.2, entry.3) = (until.0, offset);
+                        }
+                    }
+                }
             }
+        }
+        for (key, (head_due, head, until, by)) in keys {
+            let due = head_due.max(until);
+            self.ready.insert((sub, due, head), ())?;
+            self.key_head
+                .insert((sub, key.as_str()), (due, head, until, by))?;
         }
         Ok(())
     }
 
     /// Builds the index of every subscription once, for a store written before it existed.
     pub(super) fn ensure_ready_index(&mut self) -> Result<()> {
-        const MARK: &str = "ready_index";
+        const MARK: &str = READY_INDEX_MARK;
         if self.meta.get(MARK)?.is_some() {
             return Ok(());
         }
@@ -285,12 +305,21 @@ impl<'t> Tables<'t> {
             let ordered = self.sub_record(sub)?.ordered;
             let mut want = BTreeSet::new();
             let mut first: BTreeMap<String, u64> = BTreeMap::new();
+            // Per key: the head's due time and the latest lease behind it, from which the key's
+            // entry must be due (as a rebuild computes it).
+            let mut rebuilt: BTreeMap<String, (u64, u64)> = BTreeMap::new();
             for item in self.deliveries.range((sub, 0)..=(sub, u64::MAX))? {
                 let ((_, offset), v) = item?;
                 let rec = DeliveryRecord::decode(&v)?;
                 if !ordered {
                     want.insert((due_of(&rec).0, offset));
                 } else {
+                    match rebuilt.get_mut(rec.key.as_str()) {
+                        None => {
+                            rebuilt.insert(rec.key.to_string(), (due_of(&rec).0, 0));
+                        }
+                        Some(e) => e.1 = e.1.max(rec.lease_until.map_or(0, |t| t.0)),
+                    }
                     first.entry(rec.key.to_string()).or_insert(offset);
                     if !self
                         .key_queue
@@ -311,6 +340,15 @@ impl<'t> Tables<'t> {
                     )));
                 }
                 let h = head.unwrap_or_default();
+                let (head_due, held) = rebuilt.get(key).copied().unwrap_or_default();
+                if h.0 != head_due.max(held) {
+                    return Err(crate::error::Error::Storage(format!(
+                        "index: key {key} is due at {} in the index, at {} by its queue \
+                         (head due {head_due}, held until {held})",
+                        h.0,
+                        head_due.max(held)
+                    )));
+                }
                 want.insert((h.0, h.1));
             }
             let have: BTreeSet<(u64, u64)> = self

@@ -27,8 +27,11 @@ use crate::error::Result;
 
 /// The storage layout this build reads and writes, stored as `layout_version` in `Space::Meta`.
 /// Layout 1 was the previous release's (typed redb tables), which the redb backend migrates in
-/// place when it opens such a file.
-pub(crate) const LAYOUT_VERSION: u64 = 2;
+/// place when it opens such a file. Layout 2 is the key spaces; layout 3 the same spaces with the
+/// index of ready work (`Ready`, `KeyQueue`, `KeyHead`) kept by every write: a layout-2 file is
+/// upgraded at open by building the index, and a build of layout 2 refuses a layout-3 file
+/// rather than write deliveries the index would not know.
+pub(crate) const LAYOUT_VERSION: u64 = 3;
 
 /// The key spaces. Each is an independent ordered map; the numbers are stable (a backend may
 /// store them), so a new space takes a new number and an old one is never reused.
