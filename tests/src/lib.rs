@@ -2,6 +2,7 @@
 //! checks: a broker on a temporary file or in memory, a Room with an event type, a payload maker.
 #![forbid(unsafe_code)]
 
+pub mod pull;
 pub mod push;
 pub mod receiver;
 
