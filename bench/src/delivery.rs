@@ -230,6 +230,16 @@ async fn pull_case(
     Ok(Measured::new(done.load(Ordering::Relaxed), secs, c0, c1))
 }
 
+/// Whether the case named `name` runs: every case unless `BENCH_CASES` lists some (comma
+/// separated: `push1`, `push10`, `push100`, `latency`, `pull1`, `pull100`, `pull16`), for
+/// profiling one case. The embedded publish the ratios are taken to always runs.
+fn selected(name: &str) -> bool {
+    match std::env::var("BENCH_CASES") {
+        Ok(list) if !list.trim().is_empty() => list.split(',').any(|c| c.trim() == name),
+        _ => true,
+    }
+}
+
 /// Part 4.
 pub async fn run(settings: &Settings) -> Result<Vec<Section>, Error> {
     // First, so that every delivery rate of this run has the publish rate of this run to be
@@ -263,6 +273,9 @@ pub async fn run(settings: &Settings) -> Result<Vec<Section>, Error> {
         (10, delivery_ratios::PUSH_10),
         (100, delivery_ratios::PUSH_100),
     ] {
+        if !selected(&format!("push{subs}")) {
+            continue;
+        }
         let m = push_case(settings, subs).await?;
         push.row(
             json!({"subscriptions": subs, "deliveries": m.done, "deliveries_per_s": m.rate()}),
@@ -279,9 +292,11 @@ pub async fn run(settings: &Settings) -> Result<Vec<Section>, Error> {
             ("p99_ms", "p99 ms"),
         ],
     );
-    let (l, n) = latency_case(settings, 1000).await?;
-    latency.row(json!({"rate": "1000/s", "events": n, "p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "max_ms": l.max_ms}));
-    latency.print();
+    if selected("latency") {
+        let (l, n) = latency_case(settings, 1000).await?;
+        latency.row(json!({"rate": "1000/s", "events": n, "p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "max_ms": l.max_ms}));
+        latency.print();
+    }
     let mut pull = Section::new(
         "Delivery: pull + ack, one subscription (each client acks what it pulled)",
         &[
@@ -302,6 +317,14 @@ pub async fn run(settings: &Settings) -> Result<Vec<Section>, Error> {
         ),
     ];
     for (clients, batch, events, case) in pulls {
+        let name = if clients > 1 {
+            "pull16".to_string()
+        } else {
+            format!("pull{batch}")
+        };
+        if !selected(&name) {
+            continue;
+        }
         let m = pull_case(settings, clients, batch, events).await?;
         pull.row(json!({
             "clients": clients, "batch": batch, "messages": m.done, "messages_per_s": m.rate(),

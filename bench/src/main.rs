@@ -7,7 +7,8 @@
 //! `delivery`, `growth`, `floor`). Environment: `BENCH_SECS` (seconds per timed case, default
 //! 5), `BENCH_DIR` (database files, default `target/bench-data`; must be a real disk for fsync
 //! to cost what it costs), `BENCH_BACKLOG_MAX` (largest backlog of the growth part, default
-//! 10,000,000). Prints Markdown tables and writes the raw figures to `target/bench/<part>.json`.
+//! 10,000,000), `BENCH_CASES` (the delivery part's cases to run, for profiling one:
+//! see `delivery.rs`). Prints Markdown tables and writes the raw figures to `target/bench/<part>.json`.
 #![forbid(unsafe_code)]
 
 mod common;

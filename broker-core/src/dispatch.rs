@@ -1,6 +1,10 @@
 //! Push delivery: one dispatcher task per push subscription. It asks storage for due deliveries
 //! (heads of their keys when ordered), runs at most `in_flight_max` HTTP calls at once on their
-//! own tasks, and sends each outcome to the writer, which records it with the next batch. A slow
+//! own tasks, and sends each outcome to the writer, which records it with the next batch. A
+//! request's slot frees when its answer comes: while the outcome waits for the writer's next
+//! commit, other deliveries are pushed (at most [`crate::push_slots::RECORDS_PER_SLOT`] ×
+//! `in_flight_max` answered pushes wait for their record), and the delivery itself (with
+//! ordering, its key) stays busy until the record. A slow
 //! or dead endpoint therefore holds only its own subscription's slots, and no network call ever
 //! happens inside a write transaction.
 //!
@@ -20,7 +24,8 @@
 //! delivery's offset busy and retries the record, not the push, with a backoff bounded by
 //! `delivery.outcome_retry_ms_max`; meanwhile its dispatcher starts no new push, since that
 //! push's outcome could not be recorded either. Each subscription holds back on its own, and at
-//! most `in_flight_max` outcomes wait per subscription (one per busy offset).
+//! most `RECORDS_PER_SLOT` × `in_flight_max` outcomes wait per subscription (one per busy
+//! offset).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -126,8 +131,8 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
     // Outcomes of this subscription whose record the writer refused and that are being
     // retried; while there are any, no push starts.
     let refused = Arc::new(AtomicUsize::new(0));
-    // Finished pushes report their offset, how they ended and when, once their outcome is
-    // recorded.
+    // Pushes report their offset when answered (how they ended and when), and again once
+    // their outcome is recorded. Bounded by the busy offsets: two messages each at most.
     let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<Settled>();
     // The bounds of this pass, also applied to the settlements it waits for.
     let mut bounds: SlotBounds;
@@ -175,9 +180,9 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
         tokio::select! {
             _ = signals.dispatch.notified() => {}
             Some(s) = settled_rx.recv() => {
-                slots.settled(s.offset, s.end, s.at, &bounds);
+                s.apply(&mut slots, &bounds);
                 while let Ok(s) = settled_rx.try_recv() {
-                    slots.settled(s.offset, s.end, s.at, &bounds);
+                    s.apply(&mut slots, &bounds);
                 }
             }
             _ = tokio::time::sleep(wait) => {}
@@ -185,12 +190,27 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
     }
 }
 
-/// A push whose outcome is recorded (or given up at shutdown): its slot is free again.
-struct Settled {
-    offset: u64,
-    end: PushEnd,
-    /// When the push ended, on the broker's clock.
-    at: Timestamp,
+/// What a push task tells its dispatcher.
+enum Settled {
+    /// The push of `offset` was answered (or failed): its request slot is free again.
+    Answered {
+        offset: u64,
+        end: PushEnd,
+        /// When the push ended, on the broker's clock.
+        at: Timestamp,
+    },
+    /// The outcome of `offset` is recorded (or given up at shutdown): the delivery may be
+    /// attempted again.
+    Recorded { offset: u64 },
+}
+
+impl Settled {
+    fn apply(self, slots: &mut PushSlots, bounds: &SlotBounds) {
+        match self {
+            Settled::Answered { offset, end, at } => slots.answered(offset, end, at, bounds),
+            Settled::Recorded { offset } => slots.recorded(offset),
+        }
+    }
 }
 
 /// Starts the due deliveries there is room for, as [`PushSlots`] chooses them (oldest ready
@@ -208,7 +228,7 @@ fn dispatch_due(
     if refused.load(Ordering::SeqCst) > 0 {
         return None;
     }
-    if slots.free(bounds) == 0 {
+    if !slots.worth_a_pass(bounds) {
         return None;
     }
     let now = broker.now();
@@ -238,13 +258,14 @@ fn dispatch_due(
             let response = push_one(&broker, &sub, &d).await;
             let end = PushEnd::of(&response, broker.config().delivery.slow_push_ms);
             let at = broker.now();
-            record_outcome(broker, sub.id, &d, response, &refused).await;
-            // Only now may the delivery be attempted again.
-            let _ = settled.send(Settled {
+            let _ = settled.send(Settled::Answered {
                 offset: d.offset,
                 end,
                 at,
             });
+            record_outcome(broker, sub.id, &d, response, &refused).await;
+            // Only now may the delivery be attempted again.
+            let _ = settled.send(Settled::Recorded { offset: d.offset });
         });
     }
     next.map(|at| Duration::from_millis(at.ms_since(now)))

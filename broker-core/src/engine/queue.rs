@@ -289,10 +289,9 @@ impl<'t> Tables<'t> {
         Ok(
             match self
                 .attempts
-                .range_rev((sub, offset, 0)..=(sub, offset, u32::MAX))?
-                .next()
+                .first_rev((sub, offset, 0)..=(sub, offset, u32::MAX))?
             {
-                Some(item) => item?.0 .2,
+                Some(item) => item.0 .2,
                 None => 0,
             },
         )

@@ -71,9 +71,7 @@ impl Engine {
         }
         let next = match now.0.checked_add(1) {
             Some(after) => ready
-                .range((sub_id, after, 0)..=(sub_id, u64::MAX, u64::MAX))?
-                .next()
-                .transpose()?
+                .first((sub_id, after, 0)..=(sub_id, u64::MAX, u64::MAX))?
                 .map(|((_, at, _), ())| Timestamp(at)),
             None => None,
         };

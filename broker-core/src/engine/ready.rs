@@ -23,14 +23,28 @@ use crate::error::Result;
 /// The `META` key set once every subscription's index has been built.
 pub(super) const READY_INDEX_MARK: &str = "ready_index";
 
-/// What a write does to its key's hold.
-#[derive(Clone, Copy)]
-enum Hold {
-    Keep,
-    /// Held until this time by the lease of this delivery (if later than the current hold).
-    Raise(u64, u64),
-    /// This delivery's lease ended (settled, removed, or given back): its hold ends.
-    EndBy(u64),
+/// A key's entry in `KEY_HEAD`: (due, head offset, held until, held by), where the hold is
+/// (0, 0) when none is set.
+type HeadEntry = (u64, u64, u64, u64);
+
+/// The hold (until, by) after the lease of delivery `by_now` until `until_now` holds the key:
+/// the holder's own lease, changed (extended or cut short), or a later one replaces it.
+fn raise((until, by): (u64, u64), until_now: u64, by_now: u64) -> (u64, u64) {
+    if by_now == by || until_now > until {
+        (until_now, by_now)
+    } else {
+        (until, by)
+    }
+}
+
+/// The hold after the lease of delivery `offset` ended (settled, removed, or given back): a
+/// hold it set ends.
+fn end_by((until, by): (u64, u64), offset: u64) -> (u64, u64) {
+    if by == offset {
+        (0, 0)
+    } else {
+        (until, by)
+    }
 }
 
 /// When a delivery falls due, for the index.
@@ -70,34 +84,55 @@ impl<'t> Tables<'t> {
             return Ok(());
         }
         let key = rec.key.as_str();
-        // A hold to raise (until, by), or the holder ending its lease (clear the hold it set).
-        let mut hold = Hold::Keep;
+        let current = self.key_head.get((sub, key))?;
         if old.is_none() {
-            // An older event queued in front of a leased head holds the key until that lease
-            // ends.
-            if let Some((_, head, _, _)) = self.key_head.get((sub, key))? {
-                if offset < head {
+            self.key_queue.insert((sub, key, offset), ())?;
+            return match current {
+                // The key's first delivery is its head.
+                None => self.place_head(sub, key, None, Some((offset, rec)), (0, 0)),
+                // Queued behind the head: the key's entry does not change.
+                Some((_, head, _, _)) if offset > head => Ok(()),
+                // An older event queued in front of the head (a redrive, a seek): it becomes
+                // the head, and if the displaced head is leased, the key is held until that
+                // lease ends.
+                Some((_, head, until, by)) => {
+                    let mut hold = (until, by);
                     if let Some(g) = self.deliveries.get((sub, head))? {
-                        if let Some(until) = DeliveryRecord::decode(&g)?.lease_until {
-                            hold = Hold::Raise(until.0, head);
+                        if let Some(lease) = DeliveryRecord::decode(&g)?.lease_until {
+                            hold = raise(hold, lease.0, head);
                         }
                     }
+                    self.place_head(sub, key, current, Some((offset, rec)), hold)
                 }
-            }
-            self.key_queue.insert((sub, key, offset), ())?;
-        } else {
-            // A lease on a delivery that is not its key's head (displaced by an older event)
-            // holds the key as long; the head's own lease is its due time, not a hold.
-            let is_head = self
-                .key_head
-                .get((sub, key))?
-                .is_some_and(|(_, head, _, _)| head == offset);
-            hold = match rec.lease_until {
-                Some(until) if !is_head => Hold::Raise(until.0, offset),
-                _ => Hold::EndBy(offset),
             };
         }
-        self.refresh_head(sub, key, hold)
+        match current {
+            // The head changed: its lease is its due time, not a hold, and any hold it set
+            // ends.
+            Some((_, head, until, by)) if head == offset => {
+                let hold = end_by((until, by), offset);
+                self.place_head(sub, key, current, Some((offset, rec)), hold)
+            }
+            // A lease on a delivery that is not its key's head (displaced by an older event)
+            // holds the key as long; without a lease, any hold it set ends.
+            Some((_, _, until, by)) => {
+                let hold = match rec.lease_until {
+                    Some(lease) => raise((until, by), lease.0, offset),
+                    None => end_by((until, by), offset),
+                };
+                if hold == (until, by) {
+                    return Ok(());
+                }
+                self.refresh_head(sub, key, current, hold)
+            }
+            // No entry for a stored delivery's key (not expected): found again from the queue.
+            None => {
+                let hold = rec
+                    .lease_until
+                    .map_or((0, 0), |lease| raise((0, 0), lease.0, offset));
+                self.refresh_head(sub, key, None, hold)
+            }
+        }
     }
 
     /// Removes a delivery (settled, dead-lettered, dropped by a seek) and keeps the index right;
@@ -117,42 +152,52 @@ impl<'t> Tables<'t> {
         }
         let key = old.key.as_str();
         self.key_queue.remove((sub, key, offset))?;
-        self.refresh_head(sub, key, Hold::EndBy(offset))?;
+        let current = self.key_head.get((sub, key))?;
+        let hold = current.map_or((0, 0), |(_, _, until, by)| end_by((until, by), offset));
+        match current {
+            // Neither the head nor the holder left: the key's entry does not change.
+            Some((_, head, until, by)) if head != offset && hold == (until, by) => {}
+            _ => self.refresh_head(sub, key, current, hold)?,
+        }
         Ok(Some(old))
     }
 
-    /// Puts a key's entry in the index where its head and hold say.
-    fn refresh_head(&mut self, sub: u128, key: &str, change: Hold) -> Result<()> {
-        let current = self.key_head.get((sub, key))?;
-        let (mut until, mut by) = current.map_or((0, 0), |c| (c.2, c.3));
-        match change {
-            Hold::Keep => {}
-            // The holder's own lease, changed (extended or cut short), or a later one.
-            Hold::Raise(u, b) if b == by || u > until => (until, by) = (u, b),
-            Hold::Raise(..) => {}
-            Hold::EndBy(b) if b == by => (until, by) = (0, 0),
-            Hold::EndBy(_) => {}
-        }
-        let head = match self
+    /// Finds a key's head (its oldest queued delivery) and puts its entry where the head and
+    /// `hold` say.
+    fn refresh_head(
+        &mut self,
+        sub: u128,
+        key: &str,
+        current: Option<HeadEntry>,
+        hold: (u64, u64),
+    ) -> Result<()> {
+        let head = self
             .key_queue
-            .range((sub, key, 0)..=(sub, key, u64::MAX))?
-            .next()
-        {
-            Some(entry) => Some(entry?.0 .2),
-            None => None,
+            .first((sub, key, 0)..=(sub, key, u64::MAX))?
+            .map(|entry| entry.0 .2);
+        let Some(offset) = head else {
+            return self.place_head(sub, key, current, None, hold);
         };
-        let want = match head {
-            None => None,
-            Some(offset) => {
-                let g = self.deliveries.get((sub, offset))?.ok_or_else(|| {
-                    crate::error::Error::Storage(format!(
-                        "queue index names a delivery that is not stored ({offset})"
-                    ))
-                })?;
-                let due = due_of(&DeliveryRecord::decode(&g)?).0.max(until);
-                Some((due, offset, until, by))
-            }
-        };
+        let g = self.deliveries.get((sub, offset))?.ok_or_else(|| {
+            crate::error::Error::Storage(format!(
+                "queue index names a delivery that is not stored ({offset})"
+            ))
+        })?;
+        let rec = DeliveryRecord::decode(&g)?;
+        self.place_head(sub, key, current, Some((offset, &rec)), hold)
+    }
+
+    /// Moves a key's entry from `current` to where its head (`None`: the key has none left)
+    /// and its hold (until, by) put it.
+    fn place_head(
+        &mut self,
+        sub: u128,
+        key: &str,
+        current: Option<HeadEntry>,
+        head: Option<(u64, &DeliveryRecord)>,
+        (until, by): (u64, u64),
+    ) -> Result<()> {
+        let want = head.map(|(offset, rec)| (due_of(rec).0.max(until), offset, until, by));
         if current == want {
             return Ok(());
         }
@@ -267,7 +312,11 @@ impl<'t> Tables<'t> {
         skip: &dyn Fn(u64) -> bool,
     ) -> Result<(Vec<u64>, Option<Timestamp>)> {
         let mut out = Vec::new();
-        for entry in self.ready.range((sub, 0, 0)..=(sub, now.0, u64::MAX))? {
+        let due_now = match limit {
+            0 => None,
+            _ => Some(self.ready.range((sub, 0, 0)..=(sub, now.0, u64::MAX))?),
+        };
+        for entry in due_now.into_iter().flatten() {
             if out.len() >= limit {
                 break;
             }
@@ -279,9 +328,7 @@ impl<'t> Tables<'t> {
         let next = match now.0.checked_add(1) {
             Some(after) => self
                 .ready
-                .range((sub, after, 0)..=(sub, u64::MAX, u64::MAX))?
-                .next()
-                .transpose()?
+                .first((sub, after, 0)..=(sub, u64::MAX, u64::MAX))?
                 .map(|((_, due, _), ())| Timestamp(due)),
             None => None,
         };

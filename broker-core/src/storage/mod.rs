@@ -357,7 +357,6 @@ impl Busy {
     }
 
     /// Pushes under way.
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.offsets.len()
     }

@@ -594,6 +594,20 @@ impl<K: Key, V: Value> Table<K, V> {
         }
     }
 
+    /// The first entry with a key in `r`, ascending (fetches one entry, not a page).
+    pub(crate) fn first<A: KeyArg<K>>(&self, r: impl RangeBounds<A>) -> Result<Option<(K, V)>> {
+        let mut range = self.range_in(r, Order::Ascending);
+        range.raw.page_len = 1;
+        range.next().transpose()
+    }
+
+    /// The last entry with a key in `r` (fetches one entry, not a page).
+    pub(crate) fn first_rev<A: KeyArg<K>>(&self, r: impl RangeBounds<A>) -> Result<Option<(K, V)>> {
+        let mut range = self.range_in(r, Order::Descending);
+        range.raw.page_len = 1;
+        range.next().transpose()
+    }
+
     /// Every entry, ascending.
     pub(crate) fn iter(&self) -> Result<Range<K, V>> {
         Ok(self.raw_range(Bound::Unbounded, Bound::Unbounded, Order::Ascending))
@@ -601,9 +615,9 @@ impl<K: Key, V: Value> Table<K, V> {
 
     /// The entry with the greatest key.
     pub(crate) fn last(&self) -> Result<Option<(K, V)>> {
-        self.raw_range(Bound::Unbounded, Bound::Unbounded, Order::Descending)
-            .next()
-            .transpose()
+        let mut range = self.raw_range(Bound::Unbounded, Bound::Unbounded, Order::Descending);
+        range.raw.page_len = 1;
+        range.next().transpose()
     }
 }
 
