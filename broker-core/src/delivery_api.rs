@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::ids::{EventId, RoomName, SubscriptionId};
 use crate::model::Page;
 use crate::net_guard::{literal_ip, lookup};
-use crate::storage::{ack_id, parse_ack_id, AckAction, DeliveryOp, WriteOp, WriteOutput};
+use crate::storage::{ack_id, parse_ack_id, AckAction, DeliveryOp, LeaseRef, WriteOp, WriteOutput};
 use crate::subscription::{
     Attempt, BlockedKey, CreatedSubscription, DeadLetter, DeliveryMode, EventDelivery,
     NewSubscription, PulledMessage, PushEndpoint, RetryOverrides, Subscription, SubscriptionPatch,
@@ -403,7 +403,7 @@ impl Broker {
                         Err(e) => return Err(e),
                     };
                     out.push(PulledMessage {
-                        ack_id: ack_id(g.offset, g.attempt),
+                        ack_id: ack_id(g.offset, g.attempt, g.epoch),
                         attempt: g.attempt,
                         lease_until: g.lease_until,
                         event,
@@ -450,6 +450,16 @@ impl Broker {
             .iter()
             .map(|a| parse_ack_id(a))
             .collect::<Result<Vec<_>>>()?;
+        self.settle_refs(id, refs, action).await
+    }
+
+    /// Settles the leases `refs` name, after checking the caller still may receive.
+    async fn settle_refs(
+        &self,
+        id: SubscriptionId,
+        refs: Vec<LeaseRef>,
+        action: AckAction,
+    ) -> Result<Vec<Result<()>>> {
         self.check_subscriber_of(id).await?;
         match self
             .delivery(DeliveryOp::Settle { id, refs, action })
@@ -522,7 +532,12 @@ impl Broker {
                 id: event.to_string(),
             }),
             Some((attempt, true)) => {
-                let mut results = self.ack(id, &[ack_id(offset, attempt)]).await?;
+                let current = LeaseRef {
+                    offset,
+                    attempt,
+                    epoch: None,
+                };
+                let mut results = self.settle_refs(id, vec![current], AckAction::Ack).await?;
                 // A lease that ran out or changed between the look and the ack.
                 match results.pop() {
                     Some(Err(Error::LeaseNotHeld { .. })) => Err(Error::EventNotLeased {

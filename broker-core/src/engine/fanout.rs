@@ -84,6 +84,7 @@ impl<'t> Tables<'t> {
                 lease_until: None,
                 last_error: None,
                 queueing: 0,
+                lease_epoch: 0,
             };
             let (backlog, dead) = self.sub_stats(t.id)?;
             if backlog >= t.queue_depth_max {

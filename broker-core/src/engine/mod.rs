@@ -83,6 +83,9 @@ pub(crate) struct Engine {
     reads_block: bool,
     /// Volatile commits since the last durable one (see [`VOLATILE_RUN_MAX`]).
     volatile_run: std::sync::atomic::AtomicU32,
+    /// This boot's number: `META` "epoch", raised durably at each open and carried by the
+    /// leases granted meanwhile (see [`crate::storage::LeaseRef::epoch`]).
+    epoch: u64,
 }
 
 /// At most this many volatile commits in a row: then one is made durable, so that a store that
@@ -164,8 +167,12 @@ impl Engine {
         defaults: DeliveryDefaults,
     ) -> Result<Self> {
         let txn = Txn::new(kv.snapshot()?);
+        let epoch;
         {
             let meta = txn.open_table(META)?;
+            // Committed durably below, before any lease of this boot is granted.
+            epoch = meta.get("epoch")?.unwrap_or(0).saturating_add(1);
+            meta.insert("epoch", epoch)?;
             match meta.get("layout_version")? {
                 None => {
                     meta.insert("layout_version", LAYOUT_VERSION)?;
@@ -204,6 +211,7 @@ impl Engine {
             faults,
             reads_block: kv.reads_block(),
             volatile_run: Default::default(),
+            epoch,
             kv,
         };
         let rebuilt = store.rebuild_seqs()?;
@@ -219,7 +227,13 @@ impl Engine {
         let mut fanout = self.fanout.lock().unwrap_or_else(|p| p.into_inner());
         let txn = Txn::new(self.kv.snapshot()?);
         let out = {
-            let mut tables = Tables::open(&txn, &mut seqs, &mut fanout, self.delivery_defaults())?;
+            let mut tables = Tables::open(
+                &txn,
+                &mut seqs,
+                &mut fanout,
+                self.delivery_defaults(),
+                self.epoch,
+            )?;
             f(&mut tables)?
         };
         let batch = txn.take_batch();
@@ -274,6 +288,8 @@ pub(super) struct Tables<'t> {
     /// What the batch did that operators count, handed over after commit.
     pub(super) observed: Vec<crate::storage::Observation>,
     pub(super) defaults: DeliveryDefaults,
+    /// The engine's boot number, carried by the leases this batch grants.
+    pub(super) epoch: u64,
 }
 
 impl<'t> Tables<'t> {
@@ -282,6 +298,7 @@ impl<'t> Tables<'t> {
         seqs: &'t mut SeqCache,
         fanout: &'t mut FanoutCache,
         defaults: DeliveryDefaults,
+        epoch: u64,
     ) -> Result<Self> {
         Ok(Tables {
             meta: txn.open_table(META)?,
@@ -317,6 +334,7 @@ impl<'t> Tables<'t> {
             touched: HashSet::new(),
             observed: Vec::new(),
             defaults,
+            epoch,
         })
     }
 
@@ -390,7 +408,7 @@ impl Storage for Engine {
             let touched;
             let observed;
             {
-                let mut tables = Tables::open(&txn, &mut seqs, &mut fanout, defaults)?;
+                let mut tables = Tables::open(&txn, &mut seqs, &mut fanout, defaults, self.epoch)?;
                 for op in ops {
                     // Each operation succeeds or changes nothing, alone: a failure (a logical
                     // refusal, a record that does not decode) undoes its own writes and no

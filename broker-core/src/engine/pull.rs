@@ -12,7 +12,7 @@ use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::ids::EventId;
 use crate::storage::codec::decode;
-use crate::storage::{AckAction, LeaseGrant, WriteOutput};
+use crate::storage::{AckAction, LeaseGrant, LeaseRef, WriteOutput};
 use crate::subscription::{AttemptOutcome, SubscriptionStatus};
 
 impl<'t> Tables<'t> {
@@ -135,6 +135,7 @@ impl<'t> Tables<'t> {
                 rec.attempts += 1;
                 let until = now.plus_ms(lease_ms);
                 rec.lease_until = Some(until);
+                rec.lease_epoch = self.epoch;
                 self.put_delivery(sub_id, offset, &rec)?;
                 self.log_attempt(
                     sub_id,
@@ -153,6 +154,7 @@ impl<'t> Tables<'t> {
                 grants.push(LeaseGrant {
                     offset,
                     attempt: rec.attempts,
+                    epoch: self.epoch,
                     lease_until: until,
                     event_id: EventId(Uuid::from_u128(rec.event_id)),
                 });
@@ -168,23 +170,32 @@ impl<'t> Tables<'t> {
         &mut self,
         now: Timestamp,
         sub_id: u128,
-        refs: Vec<(u64, u32)>,
+        refs: Vec<LeaseRef>,
         action: AckAction,
     ) -> Result<WriteOutput> {
         let sub = self.sub_record(sub_id)?;
         let mut results = Vec::with_capacity(refs.len());
-        for (offset, attempt) in refs {
+        for LeaseRef {
+            offset,
+            attempt,
+            epoch,
+        } in refs
+        {
             let rec: Option<DeliveryRecord> = match self.deliveries.get((sub_id, offset))? {
                 Some(g) => Some(DeliveryRecord::decode(&g)?),
                 None => None,
             };
             // Only the current lease may be settled; a stale ack id means the message was
             // redelivered (or already settled) and the caller must not assume its action held.
-            let Some(mut rec) =
-                rec.filter(|r| r.attempts == attempt && r.lease_until.is_some_and(|u| u > now))
-            else {
+            // The epoch tells apart a lease a crash undid from the one granted after it under
+            // the same attempt number.
+            let Some(mut rec) = rec.filter(|r| {
+                r.attempts == attempt
+                    && r.lease_until.is_some_and(|u| u > now)
+                    && epoch.is_none_or(|e| e == r.lease_epoch)
+            }) else {
                 results.push(Err(Error::LeaseNotHeld {
-                    ack_id: ack_id(offset, attempt),
+                    ack_id: ack_id(offset, attempt, epoch.unwrap_or(0)),
                 }));
                 continue;
             };

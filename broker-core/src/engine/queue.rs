@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::ids::{EventId, EventTypeName, OrderingKey};
 use crate::retry::{self, Next};
 use crate::storage::codec::{decode_with_tail, encode, encode_with_tail};
-use crate::storage::{DueDelivery, WriteOutput};
+use crate::storage::{DueDelivery, LeaseRef, WriteOutput};
 use crate::subscription::{AttemptOutcome, SubscriptionStatus};
 use crate::webhook::PushResponse;
 
@@ -50,6 +50,9 @@ pub(super) struct DeliveryRecord {
     /// that queues it again. A push hands it out and its outcome names it, so that the outcome
     /// of a push started before a seek is not taken for the replay's (simulation finding F2).
     pub(super) queueing: u64,
+    /// The engine boot that granted the current lease (0 before epochs were counted); see
+    /// [`LeaseRef::epoch`].
+    pub(super) lease_epoch: u64,
 }
 
 /// A dead letter: the delivery as it was, why, and when. Stored like [`DeliveryRecord`]: the
@@ -89,6 +92,7 @@ struct DeadV1 {
 struct DeliveryExt {
     schedule_from: Timestamp,
     queueing: u64,
+    lease_epoch: u64,
 }
 
 impl DeliveryRecord {
@@ -123,6 +127,7 @@ impl DeliveryRecord {
             lease_until: v.lease_until,
             last_error: v.last_error,
             queueing: ext.map_or(0, |e| e.queueing),
+            lease_epoch: ext.map_or(0, |e| e.lease_epoch),
         }
     }
 
@@ -131,8 +136,13 @@ impl DeliveryRecord {
             .map_err(|e| Error::Storage(format!("encode: {e}")))?;
         // Added after `schedule_from`, and only when not 0, so that a record of the fan-out is
         // stored as before.
-        if self.queueing != 0 {
+        if self.queueing != 0 || self.lease_epoch != 0 {
             tail = postcard::to_extend(&self.queueing, tail)
+                .map_err(|e| Error::Storage(format!("encode: {e}")))?;
+        }
+        // Then `lease_epoch`, only when not 0.
+        if self.lease_epoch != 0 {
+            tail = postcard::to_extend(&self.lease_epoch, tail)
                 .map_err(|e| Error::Storage(format!("encode: {e}")))?;
         }
         Ok(tail)
@@ -179,7 +189,12 @@ fn decode_ext(tail: &[u8]) -> Result<Option<DeliveryExt>> {
     }
     let bad = |e: postcard::Error| Error::Storage(format!("decode: {e}"));
     let (schedule_from, rest): (Timestamp, &[u8]) = postcard::take_from_bytes(tail).map_err(bad)?;
-    let queueing = if rest.is_empty() {
+    let (queueing, rest) = if rest.is_empty() {
+        (0, rest)
+    } else {
+        postcard::take_from_bytes::<u64>(rest).map_err(bad)?
+    };
+    let lease_epoch = if rest.is_empty() {
         0
     } else {
         postcard::take_from_bytes::<u64>(rest).map_err(bad)?.0
@@ -187,6 +202,7 @@ fn decode_ext(tail: &[u8]) -> Result<Option<DeliveryExt>> {
     Ok(Some(DeliveryExt {
         schedule_from,
         queueing,
+        lease_epoch,
     }))
 }
 
@@ -201,20 +217,38 @@ pub(super) struct AttemptRecord {
 }
 
 /// The ack id handed to pullers: the log offset and the attempt it leases.
-pub(crate) fn ack_id(offset: u64, attempt: u32) -> String {
-    format!("{offset}-{attempt}")
+pub(crate) fn ack_id(offset: u64, attempt: u32, epoch: u64) -> String {
+    // Epoch 0 is a lease granted before epochs were counted: its id has the old form.
+    if epoch == 0 {
+        format!("{offset}-{attempt}")
+    } else {
+        format!("{offset}-{attempt}-{epoch}")
+    }
 }
 
-/// Parses an ack id; a malformed one is bad input.
-pub(crate) fn parse_ack_id(s: &str) -> Result<(u64, u32)> {
-    s.split_once('-')
-        .and_then(|(o, a)| Some((o.parse().ok()?, a.parse().ok()?)))
-        .ok_or_else(|| {
-            Error::invalid(
-                "ack_id",
-                format!("`{s}` is not an ack id this broker issued"),
-            )
+/// Parses an ack id (`offset-attempt-epoch`, or `offset-attempt` from before epochs, which
+/// names epoch 0); a malformed one is bad input.
+pub(crate) fn parse_ack_id(s: &str) -> Result<LeaseRef> {
+    let mut parts = s.split('-');
+    let parsed = (|| {
+        let offset = parts.next()?.parse().ok()?;
+        let attempt = parts.next()?.parse().ok()?;
+        let epoch = match parts.next() {
+            None => 0,
+            Some(e) => e.parse().ok()?,
+        };
+        parts.next().is_none().then_some(LeaseRef {
+            offset,
+            attempt,
+            epoch: Some(epoch),
         })
+    })();
+    parsed.ok_or_else(|| {
+        Error::invalid(
+            "ack_id",
+            format!("`{s}` is not an ack id this broker issued"),
+        )
+    })
 }
 
 /// Why an attempt failed, for scheduling the next one.
@@ -525,21 +559,49 @@ mod tests {
             lease_until: Some(Timestamp(4_000)),
             last_error: Some("HTTP 503".into()),
             queueing,
+            lease_epoch: 0,
         }
     }
 
     fn same(a: &DeliveryRecord, b: &DeliveryRecord) -> bool {
         a.encode().unwrap() == b.encode().unwrap()
-            && (a.schedule_from, a.queueing, a.attempts)
-                == (b.schedule_from, b.queueing, b.attempts)
+            && (a.schedule_from, a.queueing, a.attempts, a.lease_epoch)
+                == (b.schedule_from, b.queueing, b.attempts, b.lease_epoch)
+    }
+
+    /// An ack id names offset, attempt and epoch; the form from before epochs names epoch 0;
+    /// anything else is bad input.
+    #[test]
+    fn ack_ids_round_trip_and_the_old_form_names_epoch_0() {
+        for (offset, attempt, epoch) in [(0, 1, 0), (7, 3, 1), (u64::MAX, u32::MAX, u64::MAX)] {
+            let id = ack_id(offset, attempt, epoch);
+            let back = parse_ack_id(&id).unwrap();
+            assert_eq!(
+                (back.offset, back.attempt, back.epoch),
+                (offset, attempt, Some(epoch))
+            );
+        }
+        assert_eq!(ack_id(4, 2, 0), "4-2");
+        assert_eq!(parse_ack_id("4-2").unwrap().epoch, Some(0));
+        for bad in [
+            "", "4", "4-", "4-2-", "4-2-1-0", "a-2", "4-b", "4-2-c", "-4-2",
+        ] {
+            assert!(parse_ack_id(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
     fn every_layout_of_a_delivery_decodes() {
-        for queueing in [0, 1, u64::MAX] {
-            let rec = record(queueing);
+        for (queueing, lease_epoch) in [(0, 0), (1, 0), (u64::MAX, 0), (0, 3), (9, u64::MAX)] {
+            let rec = DeliveryRecord {
+                lease_epoch,
+                ..record(queueing)
+            };
             let back = DeliveryRecord::decode(&rec.encode().unwrap()).unwrap();
-            assert!(same(&rec, &back), "queueing {queueing}");
+            assert!(
+                same(&rec, &back),
+                "queueing {queueing}, epoch {lease_epoch}"
+            );
             let dead = DeadRecord {
                 delivery: rec.clone(),
                 reason: "stopped".into(),
@@ -560,6 +622,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v2, record(0).encode().unwrap());
+        // The third (and queueing) is what a record without a lease epoch is still written as.
+        let v3 = encode_with_tail(
+            &record(5).v1(),
+            &postcard::to_extend(&5u64, postcard::to_allocvec(&Timestamp(2_000)).unwrap()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(v3, record(5).encode().unwrap());
         // A tail that does not decode is an error, not a default.
         let bad = encode_with_tail(&record(0).v1(), &[0xff; 12]).unwrap();
         assert!(DeliveryRecord::decode(&bad).is_err());

@@ -203,6 +203,7 @@ impl<'t> Tables<'t> {
                 lease_until: None,
                 last_error: None,
                 queueing,
+                lease_epoch: 0,
             };
             self.put_delivery(sub_id, offset, &rec)?;
             n += 1;

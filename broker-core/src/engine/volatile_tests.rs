@@ -1,6 +1,7 @@
 //! Tests of what the engine makes durable (issue 15, item 7): a commit of leases alone is
 //! volatile (a crash may undo it: its messages are then offered again), everything else waits
-//! for the disk, and a long run of volatile commits is broken by a durable one.
+//! for the disk, and a long run of volatile commits is broken by a durable one; and an ack id
+//! of a lease a crash undid does not settle the lease granted after the crash.
 
 use std::sync::{Arc, Mutex};
 
@@ -42,16 +43,10 @@ impl Recording {
     }
 }
 
-#[tokio::test]
-async fn leases_alone_commit_without_waiting_for_the_disk_and_nothing_else_does() {
-    let kv = Arc::new(Recording {
-        inner: MemKv::new(),
-        commits: Mutex::new(Vec::new()),
-    });
-    let mut config = Config::default();
-    config.retention.interval_ms = 0;
-    let clock = Arc::new(ManualClock::new(Timestamp(1_767_225_600_000)));
-    let broker = Broker::open_over_kv(kv.clone(), config, clock).unwrap();
+/// A broker over `kv` with one approved Room, its event type and an unordered pull
+/// subscription.
+async fn broker_with_pull(kv: Arc<dyn KvStore>) -> (Broker, Fixture) {
+    let broker = open(kv);
     let room = RoomName::new("r").unwrap();
     let admin = Principal::new("admin").unwrap();
     broker
@@ -80,17 +75,50 @@ async fn leases_alone_commit_without_waiting_for_the_disk_and_nothing_else_does(
         .unwrap()
         .subscription
         .id;
-    let total = VOLATILE_RUN_MAX as usize + 2;
-    for _ in 0..total {
+    (
+        broker,
+        Fixture {
+            room,
+            ty,
+            admin,
+            sub,
+        },
+    )
+}
+
+/// What [`broker_with_pull`] made.
+struct Fixture {
+    room: RoomName,
+    ty: EventTypeName,
+    admin: Principal,
+    sub: crate::SubscriptionId,
+}
+
+impl Fixture {
+    async fn publish(&self, broker: &Broker) {
         broker
             .publish(PublishRequest::new(
-                room.clone(),
-                ty.clone(),
-                admin.clone(),
+                self.room.clone(),
+                self.ty.clone(),
+                self.admin.clone(),
                 b"{}".to_vec(),
             ))
             .await
             .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn leases_alone_commit_without_waiting_for_the_disk_and_nothing_else_does() {
+    let kv = Arc::new(Recording {
+        inner: MemKv::new(),
+        commits: Mutex::new(Vec::new()),
+    });
+    let (broker, f) = broker_with_pull(kv.clone()).await;
+    let sub = f.sub;
+    let total = VOLATILE_RUN_MAX as usize + 2;
+    for _ in 0..total {
+        f.publish(&broker).await;
     }
     assert!(
         kv.take().iter().all(|v| !v),
@@ -115,4 +143,94 @@ async fn leases_alone_commit_without_waiting_for_the_disk_and_nothing_else_does(
     assert!(broker.pull(sub, 1, None, 0).await.unwrap().is_empty());
     assert!(kv.take().is_empty());
     broker.close().await;
+}
+
+/// A backend that can crash: `durable` holds what a crash keeps (every durable commit, and the
+/// volatile ones before it); reads see every commit until the crash, and after it nothing more
+/// is written through this handle.
+struct Crashable {
+    live: MemKv,
+    durable: MemKv,
+    volatile: Mutex<Vec<Batch>>,
+    crashed: std::sync::atomic::AtomicBool,
+}
+
+impl KvStore for Crashable {
+    fn snapshot(&self) -> Result<Arc<dyn Snapshot>> {
+        self.live.snapshot()
+    }
+    fn commit(&self, batch: Batch) -> Result<()> {
+        if self.crashed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::error::Error::Storage("crashed".into()));
+        }
+        self.live.commit(batch.clone())?;
+        let mut volatile = self.volatile.lock().unwrap();
+        if batch.volatile {
+            volatile.push(batch);
+        } else {
+            for b in volatile.drain(..) {
+                self.durable.commit(b)?;
+            }
+            self.durable.commit(batch)?;
+        }
+        Ok(())
+    }
+    fn kind(&self) -> &'static str {
+        "crashable"
+    }
+}
+
+/// Issue 15, item 7 (volatile leases): a crash may undo a lease, and the message's next lease
+/// then has the same attempt number. Its ack id must still differ, so that the puller that
+/// held the lost lease cannot settle the new one; and a lease kept across a clean restart is
+/// still settled by the ack id it was granted with. Before leases carried the engine's boot
+/// number, both leases were `0-1` and the old ack id acknowledged the new lease.
+#[tokio::test]
+async fn an_ack_id_from_before_a_crash_does_not_settle_the_lease_granted_after_it() {
+    let kv = Arc::new(Crashable {
+        live: MemKv::new(),
+        durable: MemKv::new(),
+        volatile: Mutex::new(Vec::new()),
+        crashed: Default::default(),
+    });
+    let (broker, f) = broker_with_pull(kv.clone()).await;
+    f.publish(&broker).await;
+    let before = broker.pull(f.sub, 1, None, 0).await.unwrap();
+    assert_eq!(before.len(), 1);
+    // The crash: the lease was volatile and is lost.
+    kv.crashed.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(broker);
+    let durable: Arc<dyn KvStore> = Arc::new(kv.durable.clone());
+    let broker = open(durable.clone());
+    let after = broker.pull(f.sub, 1, None, 0).await.unwrap();
+    assert_eq!(after.len(), 1, "the lost lease is offered again at once");
+    assert_eq!(after[0].event.id, before[0].event.id);
+    assert_eq!(
+        after[0].attempt, before[0].attempt,
+        "the same attempt number"
+    );
+    assert_ne!(after[0].ack_id, before[0].ack_id);
+    let stale = broker
+        .ack(f.sub, &[before[0].ack_id.clone()])
+        .await
+        .unwrap();
+    assert!(
+        matches!(stale[0], Err(crate::Error::LeaseNotHeld { .. })),
+        "{stale:?}"
+    );
+    // A clean restart keeps the lease, and its ack id still settles it.
+    broker.close().await;
+    let broker = open(durable);
+    let acked = broker.ack(f.sub, &[after[0].ack_id.clone()]).await.unwrap();
+    assert!(acked[0].is_ok(), "{acked:?}");
+    assert!(broker.pull(f.sub, 1, None, 0).await.unwrap().is_empty());
+    broker.close().await;
+}
+
+/// A broker over `kv`, on a manual clock, without retention sweeps.
+fn open(kv: Arc<dyn KvStore>) -> Broker {
+    let mut config = Config::default();
+    config.retention.interval_ms = 0;
+    let clock = Arc::new(ManualClock::new(Timestamp(1_767_225_600_000)));
+    Broker::open_over_kv(kv, config, clock).unwrap()
 }

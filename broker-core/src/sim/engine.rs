@@ -175,9 +175,18 @@ impl Op {
                 max,
                 lease_ms,
             }),
+            // The model settles whichever lease is current: its crashes lose no lease, so the
+            // lease an ack names is the one granted (epochs are tested in `volatile_tests`).
             Op::Settle { sub, refs, action } => d(DeliveryOp::Settle {
                 id: sub,
-                refs,
+                refs: refs
+                    .into_iter()
+                    .map(|(offset, attempt)| crate::storage::LeaseRef {
+                        offset,
+                        attempt,
+                        epoch: None,
+                    })
+                    .collect(),
                 action,
             }),
             Op::SetStatus { sub, to } => d(DeliveryOp::SetStatus {

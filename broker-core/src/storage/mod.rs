@@ -231,7 +231,7 @@ pub(crate) enum DeliveryOp {
     },
     Settle {
         id: SubscriptionId,
-        refs: Vec<(u64, u32)>,
+        refs: Vec<LeaseRef>,
         action: AckAction,
     },
     /// What a push's receiver answered (or why there was no answer), for the attempt and the
@@ -367,8 +367,24 @@ impl Busy {
 pub(crate) struct LeaseGrant {
     pub offset: u64,
     pub attempt: u32,
+    /// The boot of the engine that granted it (see [`LeaseRef::epoch`]).
+    pub epoch: u64,
     pub lease_until: Timestamp,
     pub event_id: EventId,
+}
+
+/// The lease an ack, nack or extension names: what an ack id says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LeaseRef {
+    /// The delivery's position in its subscription's queue.
+    pub offset: u64,
+    /// The attempt the lease was granted as.
+    pub attempt: u32,
+    /// The engine boot that granted the lease (its epoch, counted durably at each open), or
+    /// `None` for whichever lease is current (settling by event id). Leases are volatile: a
+    /// crash can undo one, and the next lease of the message then has the same attempt number;
+    /// the epoch keeps an ack id issued before the crash from settling the new lease.
+    pub epoch: Option<u64>,
 }
 
 /// A page of the attempt log: ((offset, attempt), attempt) and whether more follow.
