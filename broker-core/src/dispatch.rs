@@ -135,8 +135,28 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
     // their outcome is recorded. Bounded by the busy offsets: two messages each at most.
     let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<Settled>();
     // The bounds of this pass, also applied to the settlements it waits for.
-    let mut bounds: SlotBounds;
+    let mut bounds = SlotBounds::new(0, &Default::default());
+    // When the last pass ends its wait (a retry falling due, or the tick).
+    let mut until = tokio::time::Instant::now();
+    // Set when a push's news freed too little for a pass: the next turn only waits again,
+    // without reading the subscription (two wake-ups per push, answered and recorded, each
+    // read it).
+    let mut skip_pass = false;
     loop {
+        if std::mem::take(&mut skip_pass) {
+            tokio::select! {
+                _ = signals.dispatch.notified() => {}
+                Some(s) = settled_rx.recv() => {
+                    s.apply(&mut slots, &bounds);
+                    while let Ok(s) = settled_rx.try_recv() {
+                        s.apply(&mut slots, &bounds);
+                    }
+                    skip_pass = !slots.worth_a_pass(&bounds);
+                }
+                _ = tokio::time::sleep_until(until) => {}
+            }
+            continue;
+        }
         let wait = {
             let Some(inner) = weak.upgrade() else { return };
             if inner.closing.load(Ordering::SeqCst) {
@@ -177,6 +197,7 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
                     .min(tick)
             }
         };
+        until = tokio::time::Instant::now() + wait;
         tokio::select! {
             _ = signals.dispatch.notified() => {}
             Some(s) = settled_rx.recv() => {
@@ -184,8 +205,9 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
                 while let Ok(s) = settled_rx.try_recv() {
                     s.apply(&mut slots, &bounds);
                 }
+                skip_pass = !slots.worth_a_pass(&bounds);
             }
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep_until(until) => {}
         }
     }
 }

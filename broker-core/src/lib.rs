@@ -39,6 +39,7 @@ mod delivery_api;
 mod dispatch;
 mod engine;
 mod error;
+mod host_limits;
 mod identity;
 mod ids;
 mod keyring;
