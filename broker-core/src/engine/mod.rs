@@ -83,9 +83,10 @@ pub(crate) struct Engine {
     reads_block: bool,
     /// Volatile commits since the last durable one (see [`VOLATILE_RUN_MAX`]).
     volatile_run: std::sync::atomic::AtomicU32,
-    /// This boot's number: `META` "epoch", raised durably at each open and carried by the
-    /// leases granted meanwhile (see [`crate::storage::LeaseRef::epoch`]).
-    epoch: u64,
+    /// This boot's number: `META` "epoch", raised durably at each open and after each
+    /// `recover` (a reopen after an I/O error also loses pending volatile commits), and carried
+    /// by the leases granted meanwhile (see [`crate::storage::LeaseRef::epoch`]).
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 /// At most this many volatile commits in a row: then one is made durable, so that a store that
@@ -211,7 +212,7 @@ impl Engine {
             faults,
             reads_block: kv.reads_block(),
             volatile_run: Default::default(),
-            epoch,
+            epoch: epoch.into(),
             kv,
         };
         let rebuilt = store.rebuild_seqs()?;
@@ -232,7 +233,7 @@ impl Engine {
                 &mut seqs,
                 &mut fanout,
                 self.delivery_defaults(),
-                self.epoch,
+                self.epoch.load(std::sync::atomic::Ordering::Acquire),
             )?;
             f(&mut tables)?
         };
@@ -408,7 +409,8 @@ impl Storage for Engine {
             let touched;
             let observed;
             {
-                let mut tables = Tables::open(&txn, &mut seqs, &mut fanout, defaults, self.epoch)?;
+                let epoch = self.epoch.load(std::sync::atomic::Ordering::Acquire);
+                let mut tables = Tables::open(&txn, &mut seqs, &mut fanout, defaults, epoch)?;
                 for op in ops {
                     // Each operation succeeds or changes nothing, alone: a failure (a logical
                     // refusal, a record that does not decode) undoes its own writes and no
@@ -487,6 +489,21 @@ impl Storage for Engine {
             .clear();
         self.kv.recover()?;
         *seqs = self.rebuild_seqs()?;
+        // A reopen may have lost volatile commits (leases): leases granted from now on carry a
+        // new epoch, so that an ack id of a lost lease cannot settle the next lease of its
+        // message. Until this commit succeeds, recovering is not done.
+        let txn = Txn::new(self.kv.snapshot()?);
+        let epoch = {
+            let meta = txn.open_table(META)?;
+            let epoch = meta.get("epoch")?.unwrap_or(0).saturating_add(1);
+            meta.insert("epoch", epoch)?;
+            epoch
+        };
+        let batch = txn.take_batch();
+        drop(txn);
+        self.kv.commit(batch)?;
+        self.epoch
+            .store(epoch, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 

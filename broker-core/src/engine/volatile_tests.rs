@@ -178,6 +178,23 @@ impl KvStore for Crashable {
     fn kind(&self) -> &'static str {
         "crashable"
     }
+    /// Like redb reopening its file after an I/O error: pending volatile commits are lost.
+    fn recover(&self) -> Result<()> {
+        self.volatile.lock().unwrap().clear();
+        self.live.restore_from(&self.durable);
+        Ok(())
+    }
+}
+
+impl Crashable {
+    fn new() -> Arc<Crashable> {
+        Arc::new(Crashable {
+            live: MemKv::new(),
+            durable: MemKv::new(),
+            volatile: Mutex::new(Vec::new()),
+            crashed: Default::default(),
+        })
+    }
 }
 
 /// Issue 15, item 7 (volatile leases): a crash may undo a lease, and the message's next lease
@@ -187,12 +204,7 @@ impl KvStore for Crashable {
 /// number, both leases were `0-1` and the old ack id acknowledged the new lease.
 #[tokio::test]
 async fn an_ack_id_from_before_a_crash_does_not_settle_the_lease_granted_after_it() {
-    let kv = Arc::new(Crashable {
-        live: MemKv::new(),
-        durable: MemKv::new(),
-        volatile: Mutex::new(Vec::new()),
-        crashed: Default::default(),
-    });
+    let kv = Crashable::new();
     let (broker, f) = broker_with_pull(kv.clone()).await;
     f.publish(&broker).await;
     let before = broker.pull(f.sub, 1, None, 0).await.unwrap();
@@ -233,4 +245,41 @@ fn open(kv: Arc<dyn KvStore>) -> Broker {
     config.retention.interval_ms = 0;
     let clock = Arc::new(ManualClock::new(Timestamp(1_767_225_600_000)));
     Broker::open_over_kv(kv, config, clock).unwrap()
+}
+
+/// The same when no process restarts: a commit fails, and the writer asks the backend to
+/// recover (redb reopens its file, which loses pending volatile commits). Before the epoch was
+/// raised on recovery too, the lease granted after it had the lost lease's ack id.
+#[tokio::test]
+async fn an_ack_id_from_before_a_reopen_after_a_failed_commit_does_not_settle_the_next_lease() {
+    let kv = Crashable::new();
+    let (broker, f) = broker_with_pull(kv.clone()).await;
+    f.publish(&broker).await;
+    let before = broker.pull(f.sub, 1, None, 0).await.unwrap();
+    assert_eq!(before.len(), 1);
+    // The ack's commit fails; the next write finds the writer failing and recovers first.
+    broker.storage_faults().fail_next_commits(1);
+    let failed = broker.ack(f.sub, &[before[0].ack_id.clone()]).await;
+    assert!(
+        matches!(failed, Err(crate::Error::StorageUnavailable { .. })),
+        "{failed:?}"
+    );
+    let after = broker.pull(f.sub, 1, None, 0).await.unwrap();
+    assert_eq!(after.len(), 1, "the lost lease is offered again at once");
+    assert_eq!(
+        after[0].attempt, before[0].attempt,
+        "the same attempt number"
+    );
+    assert_ne!(after[0].ack_id, before[0].ack_id);
+    let stale = broker
+        .ack(f.sub, &[before[0].ack_id.clone()])
+        .await
+        .unwrap();
+    assert!(
+        matches!(stale[0], Err(crate::Error::LeaseNotHeld { .. })),
+        "{stale:?}"
+    );
+    let acked = broker.ack(f.sub, &[after[0].ack_id.clone()]).await.unwrap();
+    assert!(acked[0].is_ok(), "{acked:?}");
+    broker.close().await;
 }

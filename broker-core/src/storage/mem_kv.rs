@@ -23,6 +23,14 @@ impl MemKv {
     pub(crate) fn new() -> MemKv {
         MemKv::default()
     }
+
+    /// Makes this store hold what `other` holds now (tests: a backend that loses its pending
+    /// volatile commits goes back to its durable copy).
+    #[cfg(test)]
+    pub(crate) fn restore_from(&self, other: &MemKv) {
+        let map = other.map.read().unwrap_or_else(|p| p.into_inner()).clone();
+        *self.map.write().unwrap_or_else(|p| p.into_inner()) = map;
+    }
 }
 
 struct MemSnapshot(Arc<Map>);
