@@ -56,6 +56,8 @@ pub(crate) struct Inner {
     pub(crate) transport: Arc<dyn Transport>,
     /// Which addresses push targets may have; the transport holds the same guard.
     pub(crate) push_guard: Arc<PushGuard>,
+    /// Pushes in flight per receiving host, across subscriptions (see `host_limits.rs`).
+    pub(crate) push_hosts: Arc<crate::host_limits::HostLimits>,
     /// Set by [`Broker::begin_close`] (and so by `close`): dispatchers stop starting pushes and
     /// exit, waiting pulls are answered, new pulls are refused.
     pub(crate) closing: std::sync::atomic::AtomicBool,
@@ -255,6 +257,9 @@ impl Broker {
             dispatchers: Mutex::new(HashSet::new()),
             transport,
             push_guard,
+            push_hosts: crate::host_limits::HostLimits::new(
+                crate::webhook::IDLE_CONNECTIONS_PER_HOST,
+            ),
             closing: std::sync::atomic::AtomicBool::new(false),
             retention_turn: Default::default(),
             pushes_in_flight: std::sync::atomic::AtomicUsize::new(0),

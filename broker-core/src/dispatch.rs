@@ -3,8 +3,8 @@
 //! own tasks, and sends each outcome to the writer, which records it with the next batch. A
 //! request's slot frees when its answer comes: while the outcome waits for the writer's next
 //! commit, other deliveries are pushed (at most [`crate::push_slots::RECORDS_PER_SLOT`] ×
-//! `in_flight_max` answered pushes wait for their record), and the delivery itself (with
-//! ordering, its key) stays busy until the record. A slow
+//! `in_flight_max` deliveries busy, pushing or waiting for their record), and the delivery
+//! itself (with ordering, its key) stays busy until the record. A slow
 //! or dead endpoint therefore holds only its own subscription's slots, and no network call ever
 //! happens inside a write transaction.
 //!
@@ -16,16 +16,19 @@
 //! storage for more due deliveries than it has free slots (one more per slow delivery it
 //! remembers) and starts the oldest ready ones.
 //!
-//! Dispatchers wake when the writer reports that their queue changed, when an outcome has been
-//! recorded, when the earliest retry falls due, and at least every `scheduler_tick_ms`.
+//! Dispatchers wake when the writer reports that their queue changed, when a push is answered
+//! or its outcome recorded, when the earliest retry falls due, and at least every
+//! `scheduler_tick_ms`. A wake-up makes a pass (reads the subscription and the due
+//! deliveries) only when enough slots are free for it ([`PushSlots::worth_a_pass`]); the retry
+//! time and the tick always do.
 //!
 //! An outcome is recorded before the next attempt of its delivery is made. If the writer
 //! refuses the record (a failed commit, a full disk, a full queue), the push's task keeps the
 //! delivery's offset busy and retries the record, not the push, with a backoff bounded by
 //! `delivery.outcome_retry_ms_max`; meanwhile its dispatcher starts no new push, since that
 //! push's outcome could not be recorded either. Each subscription holds back on its own, and at
-//! most `RECORDS_PER_SLOT` × `in_flight_max` outcomes wait per subscription (one per busy
-//! offset).
+//! most `RECORDS_PER_SLOT` × `in_flight_max` deliveries are busy per subscription (pushing or
+//! waiting for their record).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -138,77 +141,77 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
     let mut bounds = SlotBounds::new(0, &Default::default());
     // When the last pass ends its wait (a retry falling due, or the tick).
     let mut until = tokio::time::Instant::now();
-    // Set when a push's news freed too little for a pass: the next turn only waits again,
-    // without reading the subscription (two wake-ups per push, answered and recorded, each
-    // read it).
+    // Set when a wake-up finds too few free slots for a pass: the next turn only waits again,
+    // without reading the subscription (each push wakes its dispatcher twice, answered and
+    // recorded, and each commit that touched the queue once more).
     let mut skip_pass = false;
     loop {
-        if std::mem::take(&mut skip_pass) {
-            tokio::select! {
-                _ = signals.dispatch.notified() => {}
-                Some(s) = settled_rx.recv() => {
-                    s.apply(&mut slots, &bounds);
-                    while let Ok(s) = settled_rx.try_recv() {
-                        s.apply(&mut slots, &bounds);
-                    }
-                    skip_pass = !slots.worth_a_pass(&bounds);
+        if !std::mem::take(&mut skip_pass) {
+            let wait = {
+                let Some(inner) = weak.upgrade() else { return };
+                if inner.closing.load(Ordering::SeqCst) {
+                    return;
                 }
-                _ = tokio::time::sleep_until(until) => {}
-            }
-            continue;
-        }
-        let wait = {
-            let Some(inner) = weak.upgrade() else { return };
-            if inner.closing.load(Ordering::SeqCst) {
-                return;
-            }
-            let broker = Broker::from_inner(inner);
-            let sub = match broker.inner().store.subscription(id) {
-                Ok(s) => s,
-                Err(Error::SubscriptionNotFound { .. }) => return,
-                Err(e) => {
-                    tracing::warn!(subscription = %id, error = %e, "dispatcher cannot read its subscription");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
+                let broker = Broker::from_inner(inner);
+                let sub = match broker.inner().store.subscription(id) {
+                    Ok(s) => s,
+                    Err(Error::SubscriptionNotFound { .. }) => return,
+                    Err(e) => {
+                        tracing::warn!(subscription = %id, error = %e, "dispatcher cannot read its subscription");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                let config = broker.config();
+                let tick = Duration::from_millis(config.delivery.scheduler_tick_ms.max(1));
+                bounds = SlotBounds::new(sub.in_flight_max, &config.delivery);
+                if !matches!(sub.mode, DeliveryMode::Push(_)) {
+                    return;
+                }
+                if sub.status != SubscriptionStatus::Active {
+                    tick
+                } else if !broker.subscriber_may_receive(&sub).unwrap_or(false) {
+                    // Its subscriber lost the right (or it cannot be read): nothing is pushed, and
+                    // the subscription is paused so that operators see why.
+                    let b = broker.clone();
+                    let s = sub.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = b.check_subscriber(&s).await {
+                            tracing::info!(subscription = %s.id, error = %e, "push subscription paused");
+                        }
+                    });
+                    tick
+                } else {
+                    dispatch_due(&broker, &sub, &bounds, &mut slots, &refused, &settled_tx)
+                        .unwrap_or(tick)
+                        .min(tick)
                 }
             };
-            let config = broker.config();
-            let tick = Duration::from_millis(config.delivery.scheduler_tick_ms.max(1));
-            bounds = SlotBounds::new(sub.in_flight_max, &config.delivery);
-            if !matches!(sub.mode, DeliveryMode::Push(_)) {
-                return;
-            }
-            if sub.status != SubscriptionStatus::Active {
-                tick
-            } else if !broker.subscriber_may_receive(&sub).unwrap_or(false) {
-                // Its subscriber lost the right (or it cannot be read): nothing is pushed, and
-                // the subscription is paused so that operators see why.
-                let b = broker.clone();
-                let s = sub.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = b.check_subscriber(&s).await {
-                        tracing::info!(subscription = %s.id, error = %e, "push subscription paused");
-                    }
-                });
-                tick
-            } else {
-                dispatch_due(&broker, &sub, &bounds, &mut slots, &refused, &settled_tx)
-                    .unwrap_or(tick)
-                    .min(tick)
-            }
-        };
-        until = tokio::time::Instant::now() + wait;
+            until = tokio::time::Instant::now() + wait;
+        }
         tokio::select! {
-            _ = signals.dispatch.notified() => {}
+            _ = signals.dispatch.notified() => {
+                skip_pass = !worth_a_pass(&weak, &slots, &bounds);
+            }
             Some(s) = settled_rx.recv() => {
                 s.apply(&mut slots, &bounds);
                 while let Ok(s) = settled_rx.try_recv() {
                     s.apply(&mut slots, &bounds);
                 }
-                skip_pass = !slots.worth_a_pass(&bounds);
+                skip_pass = !worth_a_pass(&weak, &slots, &bounds);
             }
+            // The tick (or the next retry) always makes a pass.
             _ = tokio::time::sleep_until(until) => {}
         }
+    }
+}
+
+/// Whether a wake-up is worth a pass (see [`PushSlots::worth_a_pass`]); always when the broker
+/// is gone, so that the pass finds out and the dispatcher ends.
+fn worth_a_pass(weak: &Weak<Inner>, slots: &PushSlots, bounds: &SlotBounds) -> bool {
+    match weak.upgrade() {
+        Some(inner) => slots.worth_a_pass(bounds, Broker::from_inner(inner).now()),
+        None => true,
     }
 }
 
@@ -250,10 +253,10 @@ fn dispatch_due(
     if refused.load(Ordering::SeqCst) > 0 {
         return None;
     }
-    if !slots.worth_a_pass(bounds) {
+    let now = broker.now();
+    if !slots.worth_a_pass(bounds, now) {
         return None;
     }
-    let now = broker.now();
     let wanted = slots.wanted(bounds);
     let (due, next) = match broker.inner().store.due(sub.id, now, slots.busy(), wanted) {
         Ok(d) => d,
@@ -442,6 +445,27 @@ async fn push_one(broker: &Broker, sub: &Subscription, d: &DueDelivery) -> PushR
         basic_auth: endpoint.basic_auth.clone(),
         body: event.payload,
     };
+    // A place among the pushes in flight to the receiving host, across subscriptions, held
+    // until the answer. Waiting for it is bounded by the push timeout; a push that gets no
+    // place in time, or gets it while the broker shuts down, is not sent.
+    let timeout = Duration::from_millis(broker.config().delivery.push_timeout_ms.max(1));
+    let _place = match crate::host_limits::host_of(&endpoint.url) {
+        Some(host) => {
+            match tokio::time::timeout(timeout, broker.inner().push_hosts.acquire(&host)).await {
+                Ok(place) => Some(place),
+                Err(_) => {
+                    return failed(&format!(
+                        "not sent: {} pushes to {host} were in flight for the whole push timeout",
+                        crate::webhook::IDLE_CONNECTIONS_PER_HOST
+                    ))
+                }
+            }
+        }
+        None => None,
+    };
+    if broker.inner().closing.load(Ordering::SeqCst) {
+        return failed("not sent: the broker is shutting down");
+    }
     broker.inner().transport.send(request).await
 }
 

@@ -20,6 +20,17 @@ pub(crate) struct HostLimits {
     hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
+/// The `host:port` a push to `url` goes to, or `None` when the URL does not parse (the push
+/// then fails on its own).
+pub(crate) fn host_of(url: &str) -> Option<String> {
+    let url = reqwest::Url::parse(url).ok()?;
+    let host = url.host_str()?;
+    Some(format!(
+        "{host}:{}",
+        url.port_or_known_default().unwrap_or(0)
+    ))
+}
+
 /// A push's place among its host's pushes in flight; dropping it frees the place.
 pub(crate) struct HostPermit {
     limits: Arc<HostLimits>,
@@ -44,16 +55,20 @@ impl HostLimits {
             .clone()
     }
 
-    /// Waits for a place among `host`'s pushes in flight.
+    /// Waits for a place among `host`'s pushes in flight. Cancelling the wait leaves nothing
+    /// behind: the place (without a permit yet) is dropped after the wait, and drops the
+    /// host's entry if nothing else uses it.
     pub(crate) async fn acquire(self: &Arc<Self>, host: &str) -> HostPermit {
-        let semaphore = self.semaphore(host);
-        // Never closed, so the wait ends with a permit.
-        let permit = semaphore.acquire_owned().await.ok();
-        HostPermit {
+        let mut place = HostPermit {
             limits: self.clone(),
             host: host.to_string(),
-            permit,
-        }
+            permit: None,
+        };
+        // Declared after `place`, so dropped before it when the wait is cancelled. Never
+        // closed, so the wait ends with a permit.
+        let wait = self.semaphore(host).acquire_owned();
+        place.permit = wait.await.ok();
+        place
     }
 
     /// A place among `host`'s pushes in flight if one is free now (tests).
@@ -111,6 +126,36 @@ mod tests {
         drop(other);
         assert_eq!(limits.hosts(), 1, "b:80 has nothing in flight: forgotten");
         drop((held, again));
+        assert_eq!(limits.hosts(), 0);
+    }
+
+    #[test]
+    fn a_host_is_its_name_and_port() {
+        assert_eq!(
+            host_of("https://a.example/x").as_deref(),
+            Some("a.example:443")
+        );
+        assert_eq!(
+            host_of("http://a.example:8080/x?y").as_deref(),
+            Some("a.example:8080")
+        );
+        assert_eq!(host_of("http://[::1]/x").as_deref(), Some("[::1]:80"));
+        assert_eq!(host_of("not a url"), None);
+    }
+
+    /// A wait given up (a push timing out while queued for its host) after the last holder
+    /// let go leaves no entry behind.
+    #[tokio::test]
+    async fn a_cancelled_wait_leaves_nothing_behind() {
+        use std::future::Future;
+        let limits = HostLimits::new(1);
+        let first = limits.acquire("a:80").await;
+        let mut waiting = Box::pin(limits.acquire("a:80"));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(waiting.as_mut().poll(&mut cx).is_pending());
+        drop(first);
+        assert_eq!(limits.hosts(), 1, "the waiter still uses it");
+        drop(waiting);
         assert_eq!(limits.hosts(), 0);
     }
 

@@ -36,11 +36,11 @@ use crate::config::DeliveryConfig;
 use crate::storage::{Busy, DueDelivery};
 use crate::webhook::PushResponse;
 
-/// Answered pushes that may wait for their outcome's record, per `in_flight_max` slot. A
-/// request slot frees when its answer comes, not when the answer is recorded: the record
-/// shares the writer's next commit with others while other keys are pushed (with ordering,
-/// the delivery's key stays held until the record). Bounded, so that a writer slower than the
-/// receiver holds the dispatcher back instead of queueing without end.
+/// Deliveries that may be busy (pushing, or answered and waiting for their outcome's record),
+/// per `in_flight_max` slot. A request slot frees when its answer comes, not when the answer
+/// is recorded: the record shares the writer's next commit with others while other keys are
+/// pushed (with ordering, the delivery's key stays held until the record). Bounded, so that a
+/// writer slower than the receiver holds the dispatcher back instead of queueing without end.
 pub(crate) const RECORDS_PER_SLOT: usize = 4;
 
 /// The bounds one scheduling pass works within, from the subscription and the configuration.
@@ -143,25 +143,30 @@ impl PushSlots {
     }
 
     /// Slots free now: fewer than `in_flight_max` requests are out, and fewer than
-    /// [`RECORDS_PER_SLOT`] × `in_flight_max` answered pushes wait for their record.
+    /// [`RECORDS_PER_SLOT`] × `in_flight_max` deliveries are busy (pushing, or answered and
+    /// waiting for their record: each push under way will wait for one).
     pub(crate) fn free(&self, bounds: &SlotBounds) -> usize {
         let requests = bounds.in_flight_max.saturating_sub(self.running.len());
-        let recording = self.busy.len().saturating_sub(self.running.len());
         let records = bounds
             .in_flight_max
             .saturating_mul(RECORDS_PER_SLOT)
-            .saturating_sub(recording);
+            .saturating_sub(self.busy.len());
         requests.min(records)
     }
 
-    /// Whether a scheduling pass is worth its read of storage: when nothing is pushing, or
-    /// when at least an eighth of the slots are free. Each pass reads the due deliveries from
-    /// the front and skips the busy ones, so a pass per freed slot under load cost more than
-    /// the pushes (a sixth of the CPU with 64 slots); starting them eight at a time keeps the
-    /// receiver busy and the reads few.
-    pub(crate) fn worth_a_pass(&self, bounds: &SlotBounds) -> bool {
+    /// Whether a scheduling pass is worth its read of storage at `now`: when nothing is
+    /// pushing, when at least an eighth of the slots are free, or when a slot is free and a
+    /// push under way counts as slow (so that pushes hanging on some keys do not keep the last
+    /// free slots from the healthy keys). Each pass reads the due deliveries from the front
+    /// and skips the busy ones, so a pass per freed slot under load cost more than the pushes
+    /// (a sixth of the CPU with 64 slots); starting them eight at a time keeps the receiver
+    /// busy and the reads few.
+    pub(crate) fn worth_a_pass(&self, bounds: &SlotBounds, now: Timestamp) -> bool {
         let free = self.free(bounds);
-        free > 0 && (self.running.is_empty() || free >= (bounds.in_flight_max / 8).max(1))
+        free > 0
+            && (self.running.is_empty()
+                || free >= (bounds.in_flight_max / 8).max(1)
+                || self.slow_running(now, bounds) > 0)
     }
 
     /// How many due deliveries to ask storage for: the free slots, and one more for each slow
@@ -314,26 +319,26 @@ mod tests {
 
     /// A slot freed by an answer is free while the outcome is recorded; the delivery stays
     /// busy (storage must skip it) until its record; at most `RECORDS_PER_SLOT` ×
-    /// `in_flight_max` answered pushes wait for records; and a pass is worth making only when
-    /// nothing pushes or an eighth of the slots are free.
+    /// `in_flight_max` deliveries are busy; and a pass is worth making only when nothing
+    /// pushes, an eighth of the slots are free, or a push under way is slow.
     #[test]
     fn a_slot_frees_at_the_answer_and_the_delivery_at_its_record() {
         let b = bounds(16, 4);
         let mut slots = PushSlots::default();
-        assert!(slots.worth_a_pass(&b));
+        assert!(slots.worth_a_pass(&b, T));
         let pass = slots.choose(due(&(0..16).collect::<Vec<_>>()), T, &b);
         assert_eq!(pass.start.len(), 16);
         assert_eq!(slots.free(&b), 0);
-        assert!(!slots.worth_a_pass(&b));
+        assert!(!slots.worth_a_pass(&b, T));
         slots.answered(0, PushEnd::Delivered, T, &b);
         assert_eq!(slots.free(&b), 1);
         assert!(
-            !slots.worth_a_pass(&b),
+            !slots.worth_a_pass(&b, T),
             "one free slot of 16 is not worth a pass"
         );
         assert!(slots.busy().contains(0), "busy until recorded");
         slots.answered(1, PushEnd::Delivered, T, &b);
-        assert!(slots.worth_a_pass(&b), "two of 16 are an eighth");
+        assert!(slots.worth_a_pass(&b, T), "two of 16 are an eighth");
         // Offered again before its record, the delivery does not start.
         let pass = slots.choose(due(&[0, 1, 16]), T, &b);
         assert_eq!(started(&pass), vec![16]);
@@ -352,9 +357,19 @@ mod tests {
         }
         assert_eq!(slots.busy().len(), 16 * RECORDS_PER_SLOT);
         assert!(slots.running.is_empty());
-        assert!(!slots.worth_a_pass(&b));
+        assert!(!slots.worth_a_pass(&b, T));
         slots.recorded(1);
-        assert!(slots.worth_a_pass(&b), "nothing pushing and a record done");
+        assert!(
+            slots.worth_a_pass(&b, T),
+            "nothing pushing and a record done"
+        );
+        // One slot free while the others push: a pass only once a push under way is slow.
+        let mut slots = PushSlots::default();
+        slots.choose(due(&(0..16).collect::<Vec<_>>()), T, &b);
+        slots.answered(0, PushEnd::Delivered, T, &b);
+        slots.recorded(0);
+        assert!(!slots.worth_a_pass(&b, T));
+        assert!(slots.worth_a_pass(&b, T.plus_ms(b.slow_push_ms)));
     }
 
     fn bounds(in_flight_max: usize, slow_max: usize) -> SlotBounds {

@@ -16,7 +16,6 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::error::{Error, Result};
-use crate::host_limits::HostLimits;
 use crate::net_guard::{literal_ip, PushGuard};
 use crate::subscription::BasicAuth;
 
@@ -127,9 +126,9 @@ pub trait Transport: Send + Sync + 'static {
 /// flight to one host reopened half its connections on every burst, each leaving a socket in
 /// TIME_WAIT: the kernel's search for a free local port took 13% of the tokio workers' samples
 /// in the delivery benchmark. Idle connections still close after reqwest's idle timeout (90 s).
-/// Pushes in flight per host are bounded by the same number ([`HostLimits`]), so that every
+/// Pushes in flight per host are bounded by the same number (`host_limits.rs`), so that every
 /// connection a host needs is kept.
-const IDLE_CONNECTIONS_PER_HOST: usize = 1024;
+pub(crate) const IDLE_CONNECTIONS_PER_HOST: usize = 1024;
 
 /// The reqwest transport: pooled connections, a request timeout, a bounded number of redirects,
 /// and the push target guard applied to every address it connects to.
@@ -143,7 +142,6 @@ const IDLE_CONNECTIONS_PER_HOST: usize = 1024;
 pub(crate) struct HttpTransport {
     client: reqwest::Client,
     guard: Arc<PushGuard>,
-    hosts: Arc<HostLimits>,
 }
 
 impl HttpTransport {
@@ -176,11 +174,7 @@ impl HttpTransport {
             .pool_max_idle_per_host(IDLE_CONNECTIONS_PER_HOST)
             .build()
             .map_err(|e| Error::Storage(format!("cannot build the HTTP client: {e}")))?;
-        Ok(HttpTransport {
-            client,
-            guard,
-            hosts: HostLimits::new(IDLE_CONNECTIONS_PER_HOST),
-        })
+        Ok(HttpTransport { client, guard })
     }
 }
 
@@ -316,8 +310,8 @@ impl Transport for HttpTransport {
         request: PushRequest,
     ) -> Pin<Box<dyn Future<Output = PushResponse> + Send + '_>> {
         Box::pin(async move {
+            let started = Instant::now();
             // An IP-literal URL never reaches the resolver, so the guard looks at it here.
-            let mut host = None;
             if let Ok(url) = reqwest::Url::parse(&request.url) {
                 if let Err(refused) = check_literal(&self.guard, &url) {
                     return PushResponse {
@@ -327,17 +321,7 @@ impl Transport for HttpTransport {
                         latency_ms: 0,
                     };
                 }
-                host = url
-                    .host_str()
-                    .map(|h| format!("{h}:{}", url.port_or_known_default().unwrap_or(0)));
             }
-            // Held until the answer is read: at most IDLE_CONNECTIONS_PER_HOST pushes in flight
-            // to one host, across subscriptions. The latency measured is the receiver's.
-            let _place = match &host {
-                Some(h) => Some(self.hosts.acquire(h).await),
-                None => None,
-            };
-            let started = Instant::now();
             let mut builder = self.client.post(&request.url).body(request.body);
             for (name, value) in &request.headers {
                 builder = builder.header(name.as_str(), value.as_str());

@@ -83,10 +83,14 @@ pub(crate) struct Engine {
     reads_block: bool,
     /// Volatile commits since the last durable one (see [`VOLATILE_RUN_MAX`]).
     volatile_run: std::sync::atomic::AtomicU32,
-    /// This boot's number: `META` "epoch", raised durably at each open and after each
-    /// `recover` (a reopen after an I/O error also loses pending volatile commits), and carried
-    /// by the leases granted meanwhile (see [`crate::storage::LeaseRef::epoch`]).
+    /// The epoch the leases granted now carry (see [`crate::storage::LeaseRef::epoch`]): one
+    /// more than `META` "epoch" at each open and after each `recover` (a reopen after an I/O
+    /// error also loses pending volatile commits).
     epoch: std::sync::atomic::AtomicU64,
+    /// Whether `epoch` is not stored yet. It is stored by the first batch that leases (made
+    /// durable for it), not at open, so that opening a store writes nothing (a broker must
+    /// start, and serve reads, on a full disk).
+    epoch_unstored: std::sync::atomic::AtomicBool,
 }
 
 /// At most this many volatile commits in a row: then one is made durable, so that a store that
@@ -171,9 +175,8 @@ impl Engine {
         let epoch;
         {
             let meta = txn.open_table(META)?;
-            // Committed durably below, before any lease of this boot is granted.
+            // Stored with the first lease of this boot (see `epoch_unstored`).
             epoch = meta.get("epoch")?.unwrap_or(0).saturating_add(1);
-            meta.insert("epoch", epoch)?;
             match meta.get("layout_version")? {
                 None => {
                     meta.insert("layout_version", LAYOUT_VERSION)?;
@@ -213,6 +216,7 @@ impl Engine {
             reads_block: kv.reads_block(),
             volatile_run: Default::default(),
             epoch: epoch.into(),
+            epoch_unstored: true.into(),
             kv,
         };
         let rebuilt = store.rebuild_seqs()?;
@@ -399,9 +403,16 @@ impl Storage for Engine {
         let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
         let mut fanout = self.fanout.lock().unwrap_or_else(|p| p.into_inner());
         let defaults = self.delivery_defaults();
+        // The first batch that leases (the only operations that are volatile) stores the
+        // epoch its leases carry, durably, so that no lease of a later boot has that epoch.
+        let store_epoch = self
+            .epoch_unstored
+            .load(std::sync::atomic::Ordering::Acquire)
+            && ops.iter().any(WriteOp::volatile);
         // A commit of leases alone need not wait for the disk (issue 15, item 7): after a crash
         // its messages are offered again, as when a lease runs out.
         let volatile = ops.iter().all(WriteOp::volatile)
+            && !store_epoch
             && self.volatile_run.load(std::sync::atomic::Ordering::Relaxed) < VOLATILE_RUN_MAX;
         let outcome = (|| {
             let txn = Txn::new(self.kv.snapshot()?);
@@ -411,6 +422,9 @@ impl Storage for Engine {
             {
                 let epoch = self.epoch.load(std::sync::atomic::Ordering::Acquire);
                 let mut tables = Tables::open(&txn, &mut seqs, &mut fanout, defaults, epoch)?;
+                if store_epoch {
+                    tables.meta.insert("epoch", epoch)?;
+                }
                 for op in ops {
                     // Each operation succeeds or changes nothing, alone: a failure (a logical
                     // refusal, a record that does not decode) undoes its own writes and no
@@ -448,6 +462,10 @@ impl Storage for Engine {
             drop(txn);
             let empty = batch.is_empty();
             self.kv.commit(batch)?;
+            if store_epoch {
+                self.epoch_unstored
+                    .store(false, std::sync::atomic::Ordering::Release);
+            }
             if !empty {
                 let run = if volatile {
                     self.volatile_run.load(std::sync::atomic::Ordering::Relaxed) + 1
@@ -491,19 +509,18 @@ impl Storage for Engine {
         *seqs = self.rebuild_seqs()?;
         // A reopen may have lost volatile commits (leases): leases granted from now on carry a
         // new epoch, so that an ack id of a lost lease cannot settle the next lease of its
-        // message. Until this commit succeeds, recovering is not done.
-        let txn = Txn::new(self.kv.snapshot()?);
-        let epoch = {
-            let meta = txn.open_table(META)?;
-            let epoch = meta.get("epoch")?.unwrap_or(0).saturating_add(1);
-            meta.insert("epoch", epoch)?;
-            epoch
-        };
-        let batch = txn.take_batch();
-        drop(txn);
-        self.kv.commit(batch)?;
-        self.epoch
-            .store(epoch, std::sync::atomic::Ordering::Release);
+        // message. One more than the stored epoch: if this boot's epoch was never stored, no
+        // lease of it was committed (the first is durable and stores it), so reusing it is safe.
+        let stored = Txn::new(self.kv.snapshot()?)
+            .open_table::<String, u64>(META)?
+            .get("epoch")?
+            .unwrap_or(0);
+        self.epoch.store(
+            stored.saturating_add(1),
+            std::sync::atomic::Ordering::Release,
+        );
+        self.epoch_unstored
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 

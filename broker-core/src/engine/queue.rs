@@ -134,8 +134,8 @@ impl DeliveryRecord {
     fn ext(&self) -> Result<Vec<u8>> {
         let mut tail = postcard::to_allocvec(&self.schedule_from)
             .map_err(|e| Error::Storage(format!("encode: {e}")))?;
-        // Added after `schedule_from`, and only when not 0, so that a record of the fan-out is
-        // stored as before.
+        // Added after `schedule_from`, and only when not 0 (or when `lease_epoch` follows: the
+        // fields are read by position), so that a record of the fan-out is stored as before.
         if self.queueing != 0 || self.lease_epoch != 0 {
             tail = postcard::to_extend(&self.queueing, tail)
                 .map_err(|e| Error::Storage(format!("encode: {e}")))?;

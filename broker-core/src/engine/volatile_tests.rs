@@ -11,6 +11,7 @@ use crate::clock::{ManualClock, Timestamp};
 use crate::config::Config;
 use crate::error::Result;
 use crate::storage::kv::{Batch, KvStore, Snapshot};
+use crate::storage::parse_ack_id;
 use crate::storage::MemKv;
 use crate::subscription::{DeliveryMode, NewSubscription};
 use crate::{EventTypeName, EventTypeSpec, NewRoom, Principal, PublishRequest, RoomName};
@@ -116,7 +117,7 @@ async fn leases_alone_commit_without_waiting_for_the_disk_and_nothing_else_does(
     });
     let (broker, f) = broker_with_pull(kv.clone()).await;
     let sub = f.sub;
-    let total = VOLATILE_RUN_MAX as usize + 2;
+    let total = VOLATILE_RUN_MAX as usize + 3;
     for _ in 0..total {
         f.publish(&broker).await;
     }
@@ -126,17 +127,26 @@ async fn leases_alone_commit_without_waiting_for_the_disk_and_nothing_else_does(
     );
 
     let first = broker.pull(sub, 1, None, 0).await.unwrap();
+    assert_eq!(
+        kv.take(),
+        vec![false],
+        "the first lease of a boot stores its epoch, durably"
+    );
+    let second = broker.pull(sub, 1, None, 0).await.unwrap();
     assert_eq!(kv.take(), vec![true], "a lease is volatile");
-    let acked = broker.ack(sub, &[first[0].ack_id.clone()]).await.unwrap();
-    assert!(acked[0].is_ok());
+    let acked = broker
+        .ack(sub, &[first[0].ack_id.clone(), second[0].ack_id.clone()])
+        .await
+        .unwrap();
+    assert!(acked.iter().all(|r| r.is_ok()));
     assert_eq!(kv.take(), vec![false], "an acknowledgement is durable");
 
     // A long run of leases alone: one in every VOLATILE_RUN_MAX + 1 is made durable.
-    for _ in 1..total {
+    for _ in 2..total {
         assert_eq!(broker.pull(sub, 1, None, 0).await.unwrap().len(), 1);
     }
     let run = kv.take();
-    assert_eq!(run.len(), total - 1);
+    assert_eq!(run.len(), total - 2);
     let durable: Vec<usize> = (0..run.len()).filter(|&i| !run[i]).collect();
     assert_eq!(durable, vec![VOLATILE_RUN_MAX as usize], "{run:?}");
     // A pull that finds nothing writes nothing.
@@ -206,6 +216,7 @@ impl Crashable {
 async fn an_ack_id_from_before_a_crash_does_not_settle_the_lease_granted_after_it() {
     let kv = Crashable::new();
     let (broker, f) = broker_with_pull(kv.clone()).await;
+    stored_epoch(&broker, &f).await;
     f.publish(&broker).await;
     let before = broker.pull(f.sub, 1, None, 0).await.unwrap();
     assert_eq!(before.len(), 1);
@@ -254,6 +265,7 @@ fn open(kv: Arc<dyn KvStore>) -> Broker {
 async fn an_ack_id_from_before_a_reopen_after_a_failed_commit_does_not_settle_the_next_lease() {
     let kv = Crashable::new();
     let (broker, f) = broker_with_pull(kv.clone()).await;
+    stored_epoch(&broker, &f).await;
     f.publish(&broker).await;
     let before = broker.pull(f.sub, 1, None, 0).await.unwrap();
     assert_eq!(before.len(), 1);
@@ -281,5 +293,37 @@ async fn an_ack_id_from_before_a_reopen_after_a_failed_commit_does_not_settle_th
     );
     let acked = broker.ack(f.sub, &[after[0].ack_id.clone()]).await.unwrap();
     assert!(acked[0].is_ok(), "{acked:?}");
+    broker.close().await;
+}
+
+/// Publishes, leases and acknowledges one event, so that the boot's epoch is stored (by its
+/// first lease, durably) and the next lease is volatile.
+async fn stored_epoch(broker: &Broker, f: &Fixture) {
+    f.publish(broker).await;
+    let first = broker.pull(f.sub, 1, None, 0).await.unwrap();
+    let acked = broker.ack(f.sub, &[first[0].ack_id.clone()]).await.unwrap();
+    assert!(acked[0].is_ok());
+}
+
+/// Opening a store writes nothing (a broker starts on a full disk), and the epoch is raised
+/// for each boot all the same.
+#[tokio::test]
+async fn opening_writes_nothing_and_each_boot_leases_under_a_new_epoch() {
+    let kv = Arc::new(Recording {
+        inner: MemKv::new(),
+        commits: Mutex::new(Vec::new()),
+    });
+    let (broker, f) = broker_with_pull(kv.clone()).await;
+    f.publish(&broker).await;
+    let first = broker.pull(f.sub, 1, None, 0).await.unwrap();
+    broker.close().await;
+    kv.take();
+    let broker = open(kv.clone());
+    assert!(kv.take().is_empty(), "opening wrote");
+    f.publish(&broker).await;
+    let second = broker.pull(f.sub, 2, None, 0).await.unwrap();
+    let epoch = |id: &str| parse_ack_id(id).unwrap().epoch.unwrap();
+    assert_eq!(second.len(), 1, "the first lease is still held");
+    assert!(epoch(&second[0].ack_id) > epoch(&first[0].ack_id));
     broker.close().await;
 }
