@@ -483,8 +483,6 @@ mod tests {
     use super::*;
     use crate::clock::{ManualClock, Timestamp};
     use crate::config::Config;
-    use crate::ids::{EventTypeName, Principal, RoomName};
-    use crate::model::{EventTypeSpec, NewRoom, PublishRequest};
     use crate::subscription::{NewSubscription, PushEndpoint};
 
     /// Issue 15, item 10: the dispatcher sent a webhook unsigned (an empty `webhook-signature`)
@@ -503,38 +501,17 @@ mod tests {
         config.delivery.push_timeout_ms = 500;
         let clock = Arc::new(ManualClock::new(Timestamp(1_767_225_600_000)));
         let broker = Broker::open_in_memory(config, clock).await.expect("broker");
-        let room = RoomName::new("r").expect("room");
-        let admin = Principal::new("admin").expect("principal");
-        broker
-            .create_room(NewRoom::new(room.clone(), admin.clone()).approved())
-            .await
-            .expect("create room");
-        let ty = EventTypeName::new("t").expect("type");
-        broker
-            .put_event_type(
-                &room,
-                EventTypeSpec {
-                    name: ty.clone(),
-                    description: String::new(),
-                    schema: serde_json::json!({"type": "object"}),
-                    key_pointer: None,
-                },
-            )
-            .await
-            .expect("event type");
+        let r = crate::testkit::TestRoom::create(&broker).await;
         // A pull subscription has no signing secret, and no dispatcher pushes its events.
         let pull = broker
             .create_subscription(
-                &room,
-                NewSubscription::new(admin.clone(), DeliveryMode::Pull),
+                &r.room,
+                NewSubscription::new(r.admin.clone(), DeliveryMode::Pull),
             )
             .await
             .expect("subscription")
             .subscription;
-        let receipt = broker
-            .publish(PublishRequest::new(room, ty, admin, b"{}".to_vec()))
-            .await
-            .expect("publish");
+        let receipt = broker.publish(r.event()).await.expect("publish");
         let due = DueDelivery {
             offset: 0,
             event_id: receipt.id,

@@ -60,6 +60,8 @@ mod stats;
 mod storage;
 mod subscription;
 pub mod telemetry;
+#[cfg(test)]
+mod testkit;
 mod webhook;
 mod writer;
 

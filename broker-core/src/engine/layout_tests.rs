@@ -13,7 +13,7 @@ use crate::storage::kv::{KvStore, LAYOUT_VERSION};
 use crate::storage::txn::Txn;
 use crate::storage::MemKv;
 use crate::subscription::{DeliveryMode, NewSubscription};
-use crate::{EventTypeName, EventTypeSpec, NewRoom, Principal, PublishRequest, RoomName};
+use crate::testkit::TestRoom;
 
 fn clock() -> Arc<ManualClock> {
     Arc::new(ManualClock::new(Timestamp(1_767_225_600_000)))
@@ -28,38 +28,17 @@ async fn a_layout_2_store_gets_its_index_rebuilt_at_open() {
     let mut config = Config::default();
     config.retention.interval_ms = 0;
     let broker = Broker::open_over_kv(kv.clone(), config.clone(), clock()).unwrap();
-    let room = RoomName::new("r").unwrap();
-    let admin = Principal::new("admin").unwrap();
-    broker
-        .create_room(NewRoom::new(room.clone(), admin.clone()).approved())
-        .await
-        .unwrap();
-    let ty = EventTypeName::new("t").unwrap();
-    broker
-        .put_event_type(
-            &room,
-            EventTypeSpec {
-                name: ty.clone(),
-                description: String::new(),
-                schema: serde_json::json!({"type": "object"}),
-                key_pointer: None,
-            },
-        )
-        .await
-        .unwrap();
+    let r = TestRoom::create(&broker).await;
     let sub = broker
         .create_subscription(
-            &room,
-            NewSubscription::new(admin.clone(), DeliveryMode::Pull),
+            &r.room,
+            NewSubscription::new(r.admin.clone(), DeliveryMode::Pull),
         )
         .await
         .unwrap()
         .subscription
         .id;
-    broker
-        .publish(PublishRequest::new(room, ty, admin, b"{}".to_vec()))
-        .await
-        .unwrap();
+    broker.publish(r.event()).await.unwrap();
     broker.close().await;
     drop(broker);
 

@@ -14,7 +14,7 @@ use crate::storage::kv::{Batch, KvStore, Snapshot};
 use crate::storage::parse_ack_id;
 use crate::storage::MemKv;
 use crate::subscription::{DeliveryMode, NewSubscription};
-use crate::{EventTypeName, EventTypeSpec, NewRoom, Principal, PublishRequest, RoomName};
+use crate::testkit::TestRoom;
 
 /// A backend that remembers, for each non-empty commit, whether it was volatile.
 struct Recording {
@@ -48,64 +48,28 @@ impl Recording {
 /// subscription.
 async fn broker_with_pull(kv: Arc<dyn KvStore>) -> (Broker, Fixture) {
     let broker = open(kv);
-    let room = RoomName::new("r").unwrap();
-    let admin = Principal::new("admin").unwrap();
-    broker
-        .create_room(NewRoom::new(room.clone(), admin.clone()).approved())
-        .await
-        .unwrap();
-    let ty = EventTypeName::new("t").unwrap();
-    broker
-        .put_event_type(
-            &room,
-            EventTypeSpec {
-                name: ty.clone(),
-                description: String::new(),
-                schema: serde_json::json!({"type": "object"}),
-                key_pointer: None,
-            },
-        )
-        .await
-        .unwrap();
+    let room = TestRoom::create(&broker).await;
     // Without ordering, so that every published event may be out at once.
-    let mut new = NewSubscription::new(admin.clone(), DeliveryMode::Pull);
+    let mut new = NewSubscription::new(room.admin.clone(), DeliveryMode::Pull);
     new.ordered = Some(false);
     let sub = broker
-        .create_subscription(&room, new)
+        .create_subscription(&room.room, new)
         .await
         .unwrap()
         .subscription
         .id;
-    (
-        broker,
-        Fixture {
-            room,
-            ty,
-            admin,
-            sub,
-        },
-    )
+    (broker, Fixture { room, sub })
 }
 
 /// What [`broker_with_pull`] made.
 struct Fixture {
-    room: RoomName,
-    ty: EventTypeName,
-    admin: Principal,
+    room: TestRoom,
     sub: crate::SubscriptionId,
 }
 
 impl Fixture {
     async fn publish(&self, broker: &Broker) {
-        broker
-            .publish(PublishRequest::new(
-                self.room.clone(),
-                self.ty.clone(),
-                self.admin.clone(),
-                b"{}".to_vec(),
-            ))
-            .await
-            .unwrap();
+        broker.publish(self.room.event()).await.unwrap();
     }
 }
 
@@ -216,31 +180,13 @@ impl Crashable {
 async fn an_ack_id_from_before_a_crash_does_not_settle_the_lease_granted_after_it() {
     let kv = Crashable::new();
     let (broker, f) = broker_with_pull(kv.clone()).await;
-    stored_epoch(&broker, &f).await;
-    f.publish(&broker).await;
-    let before = broker.pull(f.sub, 1, None, 0).await.unwrap();
-    assert_eq!(before.len(), 1);
+    let before = volatile_lease(&broker, &f).await;
     // The crash: the lease was volatile and is lost.
     kv.crashed.store(true, std::sync::atomic::Ordering::SeqCst);
     drop(broker);
     let durable: Arc<dyn KvStore> = Arc::new(kv.durable.clone());
     let broker = open(durable.clone());
-    let after = broker.pull(f.sub, 1, None, 0).await.unwrap();
-    assert_eq!(after.len(), 1, "the lost lease is offered again at once");
-    assert_eq!(after[0].event.id, before[0].event.id);
-    assert_eq!(
-        after[0].attempt, before[0].attempt,
-        "the same attempt number"
-    );
-    assert_ne!(after[0].ack_id, before[0].ack_id);
-    let stale = broker
-        .ack(f.sub, &[before[0].ack_id.clone()])
-        .await
-        .unwrap();
-    assert!(
-        matches!(stale[0], Err(crate::Error::LeaseNotHeld { .. })),
-        "{stale:?}"
-    );
+    let after = lost_lease_offered_again(&broker, &f, &before).await;
     // A clean restart keeps the lease, and its ack id still settles it.
     broker.close().await;
     let broker = open(durable);
@@ -265,10 +211,7 @@ fn open(kv: Arc<dyn KvStore>) -> Broker {
 async fn an_ack_id_from_before_a_reopen_after_a_failed_commit_does_not_settle_the_next_lease() {
     let kv = Crashable::new();
     let (broker, f) = broker_with_pull(kv.clone()).await;
-    stored_epoch(&broker, &f).await;
-    f.publish(&broker).await;
-    let before = broker.pull(f.sub, 1, None, 0).await.unwrap();
-    assert_eq!(before.len(), 1);
+    let before = volatile_lease(&broker, &f).await;
     // The ack's commit fails; the next write finds the writer failing and recovers first.
     broker.storage_faults().fail_next_commits(1);
     let failed = broker.ack(f.sub, &[before[0].ack_id.clone()]).await;
@@ -276,8 +219,35 @@ async fn an_ack_id_from_before_a_reopen_after_a_failed_commit_does_not_settle_th
         matches!(failed, Err(crate::Error::StorageUnavailable { .. })),
         "{failed:?}"
     );
+    let after = lost_lease_offered_again(&broker, &f, &before).await;
+    let acked = broker.ack(f.sub, &[after[0].ack_id.clone()]).await.unwrap();
+    assert!(acked[0].is_ok(), "{acked:?}");
+    broker.close().await;
+}
+
+/// A volatile lease: one event is published, leased and acknowledged first, so that the
+/// boot's epoch is stored (by its first lease, durably); then a second is published and leased.
+async fn volatile_lease(broker: &Broker, f: &Fixture) -> Vec<crate::PulledMessage> {
+    f.publish(broker).await;
+    let first = broker.pull(f.sub, 1, None, 0).await.unwrap();
+    let acked = broker.ack(f.sub, &[first[0].ack_id.clone()]).await.unwrap();
+    assert!(acked[0].is_ok());
+    f.publish(broker).await;
+    let leased = broker.pull(f.sub, 1, None, 0).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    leased
+}
+
+/// After the lease `before` was lost: the message is offered again at once under the same
+/// attempt number, with another ack id, and `before`'s ack id settles nothing.
+async fn lost_lease_offered_again(
+    broker: &Broker,
+    f: &Fixture,
+    before: &[crate::PulledMessage],
+) -> Vec<crate::PulledMessage> {
     let after = broker.pull(f.sub, 1, None, 0).await.unwrap();
     assert_eq!(after.len(), 1, "the lost lease is offered again at once");
+    assert_eq!(after[0].event.id, before[0].event.id);
     assert_eq!(
         after[0].attempt, before[0].attempt,
         "the same attempt number"
@@ -291,18 +261,7 @@ async fn an_ack_id_from_before_a_reopen_after_a_failed_commit_does_not_settle_th
         matches!(stale[0], Err(crate::Error::LeaseNotHeld { .. })),
         "{stale:?}"
     );
-    let acked = broker.ack(f.sub, &[after[0].ack_id.clone()]).await.unwrap();
-    assert!(acked[0].is_ok(), "{acked:?}");
-    broker.close().await;
-}
-
-/// Publishes, leases and acknowledges one event, so that the boot's epoch is stored (by its
-/// first lease, durably) and the next lease is volatile.
-async fn stored_epoch(broker: &Broker, f: &Fixture) {
-    f.publish(broker).await;
-    let first = broker.pull(f.sub, 1, None, 0).await.unwrap();
-    let acked = broker.ack(f.sub, &[first[0].ack_id.clone()]).await.unwrap();
-    assert!(acked[0].is_ok());
+    after
 }
 
 /// Opening a store writes nothing (a broker starts on a full disk), and the epoch is raised
