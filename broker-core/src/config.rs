@@ -114,6 +114,12 @@ pub struct WriterConfig {
     /// While commits keep failing, at most one log line about it per this many milliseconds,
     /// with the count of refused commits (default 10,000).
     pub failure_log_interval_ms: u64,
+    /// Leases and pullers' acks (nacks, extensions, terminations) are committed without
+    /// waiting for the disk; a crash may undo them, and their messages are then offered again
+    /// (at least once; per-key order still holds). The writer makes them durable when it has
+    /// been idle this many milliseconds since (default 50), and under load at least every 65th
+    /// commit. Zero makes them durable before the reply, like every other write.
+    pub sync_idle_ms: u64,
 }
 
 impl Default for WriterConfig {
@@ -127,6 +133,7 @@ impl Default for WriterConfig {
             overload_retry_after_ms: 100,
             storage_retry_after_ms: 1000,
             failure_log_interval_ms: 10_000,
+            sync_idle_ms: 50,
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::clock::Clock;
 use crate::config::WriterConfig;
 use crate::error::{Error, Result};
 use crate::ids::SubscriptionId;
-use crate::storage::{Storage, WriteOp, WriteOutput};
+use crate::storage::{Applied, Storage, WriteOp, WriteOutput};
 
 /// Called on the writer thread after each commit with the subscriptions whose queues changed
 /// and what the batch did that operators count.
@@ -153,6 +153,39 @@ impl Writer {
 /// How often, at most, a failing writer asks the backend to recover.
 const RECOVER_INTERVAL: Duration = Duration::from_millis(250);
 
+/// The next job, or `None` when every sender is gone and the queue is drained. After a volatile
+/// commit (`unsynced`: leases, pullers' acks), a writer idle for `sync_idle_ms` makes it
+/// durable, so that a crash undoes at most that much of such writes (or `VOLATILE_RUN_MAX`
+/// commits under load); their messages are then offered again.
+fn next_job(
+    rx: &Receiver<Job>,
+    store: &dyn Storage,
+    clock: &dyn Clock,
+    config: &WriterConfig,
+    stats: &WriterStats,
+    unsynced: &mut bool,
+) -> Option<Job> {
+    while *unsynced {
+        match rx.recv_timeout(Duration::from_millis(config.sync_idle_ms)) {
+            Ok(job) => return Some(job),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        match store.sync() {
+            Ok(()) => *unsynced = false,
+            // Counted like a failed commit (the next commit will likely fail too); tried again
+            // after the next interval or commit.
+            Err(e) => note_failure(stats, config, clock.now(), &e.to_string(), 0),
+        }
+    }
+    let job = rx.recv().ok();
+    if job.is_none() && *unsynced {
+        // Closing: a clean close keeps volatile commits too, but say so explicitly.
+        let _ = store.sync();
+    }
+    job
+}
+
 fn run(
     rx: Receiver<Job>,
     store: Arc<dyn Storage>,
@@ -168,8 +201,9 @@ fn run(
     let linger_gap = linger_max / 4;
     let mut last_batch_len = 0usize;
     let mut last_recover: Option<Instant> = None;
+    let mut unsynced = false;
     // Returns when every sender is gone and the queue is drained.
-    while let Ok(first) = rx.recv() {
+    while let Some(first) = next_job(&rx, &*store, &*clock, &config, &stats, &mut unsynced) {
         let mut batch_bytes = first.bytes;
         let mut batch = vec![first];
         // Linger only under load (the previous batch had company): the publishers just answered
@@ -215,6 +249,16 @@ fn run(
             Ok(())
         };
         let outcome = recovered.and_then(|()| store.apply(clock.now(), ops));
+        // With `sync_idle_ms` zero, nothing is answered before it is durable.
+        let outcome = match outcome {
+            Ok(applied) if applied.unsynced && config.sync_idle_ms == 0 => {
+                store.sync().map(|()| Applied {
+                    unsynced: false,
+                    ..applied
+                })
+            }
+            other => other,
+        };
         queued_bytes.fetch_sub(batch_bytes, Ordering::SeqCst);
         stats.commits.fetch_add(1, Ordering::Relaxed);
         stats.ops.fetch_add(n as u64, Ordering::Relaxed);
@@ -223,6 +267,7 @@ fn run(
         match outcome {
             Ok(applied) => {
                 note_success(&stats);
+                unsynced = applied.unsynced;
                 // Before the replies: a caller that hears "done" then reads the statistics or
                 // pulls must find the batch counted and the dispatchers woken.
                 // Here, not in the caller's task: a caller that stops waiting (a timed-out or

@@ -82,6 +82,10 @@ pub(crate) struct Engine {
     reads_block: bool,
     /// Volatile commits since the last durable one (see [`VOLATILE_RUN_MAX`]).
     volatile_run: std::sync::atomic::AtomicU32,
+    /// The ordered keys (as [`head_mark`]s) whose head left in a volatile commit not yet made
+    /// durable: a lease of such a key's next delivery is committed durably (see
+    /// [`Tables::needs_durable`]). Locked by the writer only, after `fanout`.
+    unsynced_heads: Mutex<HashSet<u64>>,
     /// The epoch the leases granted now carry (see [`crate::storage::LeaseRef::epoch`]): one
     /// more than `META` "epoch" at each open and after each `recover` (a reopen after an I/O
     /// error also loses pending volatile commits).
@@ -214,6 +218,7 @@ impl Engine {
             faults,
             reads_block: kv.reads_block(),
             volatile_run: Default::default(),
+            unsynced_heads: Mutex::default(),
             epoch: epoch.into(),
             epoch_unstored: true.into(),
             kv,
@@ -230,11 +235,13 @@ impl Engine {
         let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
         let mut fanout = self.fanout.lock().unwrap_or_else(|p| p.into_inner());
         let txn = Txn::new(self.kv.snapshot()?);
+        let unsynced = HashSet::new();
         let out = {
             let mut tables = Tables::open(
                 &txn,
                 &mut seqs,
                 &mut fanout,
+                &unsynced,
                 self.delivery_defaults(),
                 self.epoch.load(std::sync::atomic::Ordering::Acquire),
             )?;
@@ -294,6 +301,25 @@ pub(super) struct Tables<'t> {
     pub(super) defaults: DeliveryDefaults,
     /// The engine's boot number, carried by the leases this batch grants.
     pub(super) epoch: u64,
+    /// Ordered keys whose head left in this batch (as [`head_mark`]s).
+    pub(super) heads_moved: HashSet<u64>,
+    /// Ordered keys whose head left in an earlier volatile commit not yet durable.
+    pub(super) unsynced_heads: &'t HashSet<u64>,
+    /// Set when the batch hands out a key's next delivery while the settle that let it go
+    /// (an ack, a termination, a dead-lettering) may still be undone by a crash: the batch is
+    /// then committed durably, so that no crash can bring back a delivery of a key after its
+    /// successor went out (per-key order holds across crashes, issue 15).
+    pub(super) needs_durable: bool,
+}
+
+/// A compact mark of an ordered (subscription, key) for [`Tables::heads_moved`]. Two keys may
+/// share a mark; that only makes a commit durable that need not be.
+pub(super) fn head_mark(sub: u128, key: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    sub.hash(&mut h);
+    key.hash(&mut h);
+    h.finish()
 }
 
 impl<'t> Tables<'t> {
@@ -301,6 +327,7 @@ impl<'t> Tables<'t> {
         txn: &Txn,
         seqs: &'t mut SeqCache,
         fanout: &'t mut FanoutCache,
+        unsynced_heads: &'t HashSet<u64>,
         defaults: DeliveryDefaults,
         epoch: u64,
     ) -> Result<Self> {
@@ -339,6 +366,9 @@ impl<'t> Tables<'t> {
             observed: Vec::new(),
             defaults,
             epoch,
+            heads_moved: HashSet::new(),
+            unsynced_heads,
+            needs_durable: false,
         })
     }
 

@@ -132,6 +132,12 @@ impl<'t> Tables<'t> {
                 {
                     continue;
                 }
+                if sub.ordered {
+                    let mark = super::head_mark(sub_id, rec.key.as_str());
+                    if self.heads_moved.contains(&mark) || self.unsynced_heads.contains(&mark) {
+                        self.needs_durable = true;
+                    }
+                }
                 rec.attempts += 1;
                 let until = now.plus_ms(lease_ms);
                 rec.lease_until = Some(until);

@@ -28,6 +28,9 @@ impl KvStore for GatedKv {
     fn commit(&self, batch: Batch) -> Result<()> {
         self.inner.commit(batch)
     }
+    fn sync(&self) -> Result<()> {
+        self.inner.sync()
+    }
     fn reads_block(&self) -> bool {
         true
     }

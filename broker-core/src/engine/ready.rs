@@ -154,6 +154,9 @@ impl<'t> Tables<'t> {
         self.key_queue.remove((sub, key, offset))?;
         let current = self.key_head.get((sub, key))?;
         let hold = current.map_or((0, 0), |(_, _, until, by)| end_by((until, by), offset));
+        if current.is_some_and(|(_, head, _, _)| head == offset) {
+            self.heads_moved.insert(super::head_mark(sub, key));
+        }
         match current {
             // Neither the head nor the holder left: the key's entry does not change.
             Some((_, head, until, by)) if head != offset && hold == (until, by) => {}

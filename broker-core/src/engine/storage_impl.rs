@@ -11,6 +11,10 @@ impl Storage for Engine {
     fn apply(&self, now: Timestamp, ops: Vec<WriteOp>) -> Result<Applied> {
         let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
         let mut fanout = self.fanout.lock().unwrap_or_else(|p| p.into_inner());
+        let mut unsynced = self
+            .unsynced_heads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let defaults = self.delivery_defaults();
         // The first batch that leases (the only operations that are volatile) stores the
         // epoch its leases carry, durably, so that no lease of a later boot has that epoch.
@@ -18,9 +22,9 @@ impl Storage for Engine {
             .epoch_unstored
             .load(std::sync::atomic::Ordering::Acquire)
             && ops.iter().any(WriteOp::volatile);
-        // A commit of leases alone need not wait for the disk (issue 15, item 7): after a crash
-        // its messages are offered again, as when a lease runs out.
-        let volatile = ops.iter().all(WriteOp::volatile)
+        // A commit of leases and settles alone need not wait for the disk (issue 15, item 7):
+        // after a crash their messages are offered again, as when a lease runs out.
+        let mut volatile = ops.iter().all(WriteOp::volatile)
             && !store_epoch
             && self.volatile_run.load(std::sync::atomic::Ordering::Relaxed) < VOLATILE_RUN_MAX;
         let outcome = (|| {
@@ -28,9 +32,11 @@ impl Storage for Engine {
             let mut results = Vec::with_capacity(ops.len());
             let touched;
             let observed;
+            let heads_moved;
             {
                 let epoch = self.epoch.load(std::sync::atomic::Ordering::Acquire);
-                let mut tables = Tables::open(&txn, &mut seqs, &mut fanout, defaults, epoch)?;
+                let mut tables =
+                    Tables::open(&txn, &mut seqs, &mut fanout, &unsynced, defaults, epoch)?;
                 if store_epoch {
                     tables.meta.insert("epoch", epoch)?;
                 }
@@ -64,6 +70,8 @@ impl Storage for Engine {
                 }
                 touched = std::mem::take(&mut tables.touched);
                 observed = std::mem::take(&mut tables.observed);
+                heads_moved = std::mem::take(&mut tables.heads_moved);
+                volatile &= !tables.needs_durable;
             }
             let mut batch = txn.take_batch();
             batch.volatile = volatile;
@@ -77,14 +85,17 @@ impl Storage for Engine {
             }
             if !empty {
                 let run = if volatile {
+                    unsynced.extend(heads_moved);
                     self.volatile_run.load(std::sync::atomic::Ordering::Relaxed) + 1
                 } else {
+                    unsynced.clear();
                     0
                 };
                 self.volatile_run
                     .store(run, std::sync::atomic::Ordering::Relaxed);
             }
             Ok(Applied {
+                unsynced: self.volatile_run.load(std::sync::atomic::Ordering::Relaxed) > 0,
                 results,
                 touched: touched
                     .into_iter()
@@ -108,6 +119,21 @@ impl Storage for Engine {
         outcome
     }
 
+    fn sync(&self) -> Result<()> {
+        let mut unsynced = self
+            .unsynced_heads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if self.volatile_run.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
+        self.kv.sync()?;
+        self.volatile_run
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        unsynced.clear();
+        Ok(())
+    }
+
     fn recover(&self) -> Result<()> {
         let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
         self.fanout
@@ -115,6 +141,13 @@ impl Storage for Engine {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         self.kv.recover()?;
+        // What was volatile is lost or kept; either way no head waits on it any more.
+        self.unsynced_heads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.volatile_run
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         *seqs = self.rebuild_seqs()?;
         // A reopen may have lost volatile commits (leases): leases granted from now on carry a
         // new epoch, so that an ack id of a lost lease cannot settle the next lease of its

@@ -41,6 +41,15 @@ impl KvStore for FaultyKv {
         self.inner.commit(batch)
     }
 
+    fn sync(&self) -> Result<()> {
+        if self.faults.commit_fails() {
+            return Err(Error::Storage(
+                "injected storage fault: the sync failed".into(),
+            ));
+        }
+        self.inner.sync()
+    }
+
     fn recover(&self) -> Result<()> {
         self.inner.recover()
     }

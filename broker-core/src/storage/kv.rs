@@ -185,8 +185,8 @@ pub(crate) struct Batch {
     /// a durable batch (false, the default) commits, which makes every batch before it durable
     /// too. What a crash leaves is always every batch up to some point, never a later one
     /// without an earlier. Only for writes that a crash may undo without breaking a promise (a
-    /// lease: after a crash the message is offered again); a backend may treat every batch as
-    /// durable.
+    /// lease, a consumer's ack: after a crash the message is offered again, at least once); a
+    /// backend may treat every batch as durable.
     pub volatile: bool,
 }
 
@@ -229,6 +229,10 @@ pub(crate) trait KvStore: Send + Sync + 'static {
     /// Applies the batch atomically, and durably unless it is volatile, or fails having written
     /// nothing.
     fn commit(&self, batch: Batch) -> Result<()>;
+    /// Makes every volatile batch committed so far durable (an empty durable commit). The
+    /// writer calls it when it has been idle for a while after a volatile commit, so that what
+    /// a crash can undo is bounded in time as well as in commits.
+    fn sync(&self) -> Result<()>;
     /// Gives the backend a chance to recover after failed commits (reopen a file, reconnect).
     /// Called by the writer before it tries again; a backend that cannot fail this way does
     /// nothing.

@@ -98,6 +98,11 @@ impl KvStore for MemKv {
         applied
     }
 
+    /// Nothing to do: a commit here is as durable as this store gets.
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
     fn kind(&self) -> &'static str {
         "memory"
     }

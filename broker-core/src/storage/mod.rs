@@ -410,6 +410,9 @@ pub(crate) type LoggedEvent = (Event, Vec<EventDelivery>);
 #[derive(Debug)]
 pub(crate) struct Applied {
     pub results: Vec<Result<WriteOutput>>,
+    /// Whether a crash may still undo this batch or an earlier one (committed volatile, and no
+    /// durable commit since): the writer then calls [`Storage::sync`] when idle.
+    pub unsynced: bool,
     /// Subscriptions whose queues changed, so their dispatchers can look again.
     pub touched: Vec<SubscriptionId>,
     /// What the batch did that operators count, reported only once it is committed so that
@@ -449,9 +452,17 @@ impl WriteOp {
     /// Whether a crash may undo the op's writes without breaking a promise, so that a commit of
     /// such ops alone need not wait for the disk: a lease (after a crash its message is simply
     /// offered again, as when a lease runs out; an expired lease noticed on the way is noticed
-    /// again). An acknowledgement, an outcome, a publish is never volatile.
+    /// again) and a puller's settle (ack, nack, extension, termination: after a crash the
+    /// message is offered again, which at-least-once delivery allows). A batch that hands out
+    /// the next delivery of an ordered key whose settle is still volatile is made durable, so
+    /// a crash never brings back a delivery after its successor went out. A publish, a push
+    /// outcome (the attempt log of a webhook that was sent) and every administrative change
+    /// are never volatile.
     pub(crate) fn volatile(&self) -> bool {
-        matches!(self, WriteOp::Delivery(DeliveryOp::Lease { .. }))
+        matches!(
+            self,
+            WriteOp::Delivery(DeliveryOp::Lease { .. } | DeliveryOp::Settle { .. })
+        )
     }
 
     /// Payload bytes the op carries, for the writer's byte bounds.
@@ -509,6 +520,10 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// Applies `ops` in order in one transaction and makes it durable before returning. The outer
     /// error means nothing was committed; the inner results are per operation.
     fn apply(&self, now: Timestamp, ops: Vec<WriteOp>) -> Result<Applied>;
+
+    /// Makes every volatile commit so far durable (nothing when there is none). The writer
+    /// calls it when idle after a volatile commit.
+    fn sync(&self) -> Result<()>;
 
     /// After failed commits: lets the backend recover (reopen its file, reconnect) and rebuilds
     /// what the engine keeps in memory from what is committed. The writer calls it before

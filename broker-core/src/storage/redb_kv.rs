@@ -251,6 +251,15 @@ impl KvStore for RedbKv {
         }))
     }
 
+    fn sync(&self) -> Result<()> {
+        // An empty transaction committed durably: redb makes it, and every non-durable commit
+        // before it, durable.
+        let db = self.db()?;
+        let mut txn = db.begin_write().map_err(err)?;
+        txn.set_durability(Durability::Immediate).map_err(err)?;
+        txn.commit().map_err(err)
+    }
+
     fn commit(&self, batch: Batch) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
