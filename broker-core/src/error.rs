@@ -239,7 +239,8 @@ pub enum Error {
     #[error("storage failure: {0}")]
     Storage(String),
     /// A write was refused because what it was computed from changed in between (another
-    /// writer of a shared backend got there first); nothing was stored, and the writer retries.
+    /// writer of a shared backend got there first: see `KvStore::shared`); nothing of the batch
+    /// it was in was stored, and trying again is safe (503 with `Retry-After`).
     #[error("storage conflict: {detail}")]
     StorageConflict {
         /// What changed.

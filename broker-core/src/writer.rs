@@ -279,6 +279,18 @@ fn run(
                     let _ = reply.send(result);
                 }
             }
+            // Another process sharing the store committed a conflicting batch first (see
+            // `KvStore::shared`): nothing of this one was written, the engine has dropped what
+            // it kept in memory, and the storage itself is fine, so the callers are told to try
+            // again without the writer counting a storage failure.
+            Err(Error::StorageConflict { detail }) => {
+                tracing::debug!(%detail, ops = n, "a batch lost a race with another writer");
+                for reply in replies {
+                    let _ = reply.send(Err(Error::StorageConflict {
+                        detail: detail.clone(),
+                    }));
+                }
+            }
             Err(e) => {
                 let cause = e.to_string();
                 note_failure(&stats, &config, clock.now(), &cause, n);

@@ -380,7 +380,10 @@ fn problem(err: ApiError, status: StatusCode) -> Response {
         | ApiError::TooManyTokens { retry_after_secs } => {
             retry_after = Some((*retry_after_secs).max(1));
         }
-        ApiError::Core(broker_core::Error::ShuttingDown) | ApiError::Busy => retry_after = Some(1),
+        ApiError::Core(
+            broker_core::Error::ShuttingDown | broker_core::Error::StorageConflict { .. },
+        )
+        | ApiError::Busy => retry_after = Some(1),
         ApiError::NotReady(reasons) => body.reasons = Some(reasons.clone()),
         ApiError::FieldInvalid {
             field,

@@ -171,7 +171,8 @@ impl<'t> Tables<'t> {
     /// The acceptance time of the Room's newest event (at log position `next - 1`), from memory
     /// or, the first time, from the log.
     fn received_floor(&mut self, room_id: u64, next: u64) -> Result<Timestamp> {
-        if let Some(&t) = self.seqs.received.get(&room_id) {
+        // Another process may have published since: a shared store's log is the only truth.
+        if let Some(&t) = self.seqs.received.get(&room_id).filter(|_| !self.shared) {
             return Ok(t);
         }
         let Some(prev) = next.checked_sub(1) else {
@@ -296,7 +297,10 @@ impl<'t> Tables<'t> {
             }
         }
         let seq_key = (room.id, ev.key.as_str().to_string());
-        let last = match self.seqs.last.get(&seq_key) {
+        // With a shared store the key's row is always current (written with every publish, and
+        // fenced: see `KvStore::shared`); otherwise the row is as of the Room's checkpoint and
+        // memory holds what came since.
+        let last = match self.seqs.last.get(&seq_key).filter(|_| !self.shared) {
             Some(&s) => s,
             None => self.key_seq.get((room.id, ev.key.as_str()))?.unwrap_or(0),
         };
@@ -369,8 +373,12 @@ impl<'t> Tables<'t> {
         )?;
         // Last, so that a refused publish leaves the counters alone. A storage error after this
         // point fails the whole commit, and the writer then rebuilds the counters from disk.
-        self.seqs.set(seq_key, seq);
-        self.seqs.events_since_checkpoint += 1;
+        if self.shared {
+            self.key_seq.insert((room.id, seq_key.1.as_str()), seq)?;
+        } else {
+            self.seqs.set(seq_key, seq);
+            self.seqs.events_since_checkpoint += 1;
+        }
         Ok(receipt)
     }
 
@@ -416,6 +424,13 @@ impl Engine {
     /// Reads every Room's log after its sequence checkpoint to recover the sequences that are
     /// committed but not yet checkpointed.
     pub(super) fn rebuild_seqs(&self) -> Result<SeqCache> {
+        if self.shared {
+            // Nothing is kept in memory: every key's row is current (see `KvStore::shared`).
+            return Ok(SeqCache {
+                valid: true,
+                ..SeqCache::default()
+            });
+        }
         let txn = self.begin_read()?;
         let stats = txn.open_table(ROOM_STATS)?;
         let deleted = txn.open_table(DELETED_ROOMS)?;

@@ -36,6 +36,8 @@ mod ready;
 mod records;
 mod replay;
 mod rooms;
+#[cfg(test)]
+mod shared_tests;
 mod spaces;
 mod storage_impl;
 mod subs;
@@ -80,6 +82,8 @@ pub(crate) struct Engine {
     faults: Arc<crate::storage::StorageFaults>,
     /// Whether the backend's reads may wait long (see [`KvStore::reads_block`]).
     reads_block: bool,
+    /// Whether other processes commit to the store too (see [`KvStore::shared`]).
+    shared: bool,
     /// Volatile commits since the last durable one (see [`VOLATILE_RUN_MAX`]).
     volatile_run: std::sync::atomic::AtomicU32,
     /// The ordered keys (as [`head_mark`]s) whose head left in a volatile commit not yet made
@@ -217,6 +221,7 @@ impl Engine {
             defaults: std::sync::RwLock::new(defaults),
             faults,
             reads_block: kv.reads_block(),
+            shared: kv.shared(),
             volatile_run: Default::default(),
             unsynced_heads: Mutex::default(),
             epoch: epoch.into(),
@@ -245,9 +250,13 @@ impl Engine {
                 self.delivery_defaults(),
                 self.epoch.load(std::sync::atomic::Ordering::Acquire),
             )?;
+            tables.shared = self.shared;
             f(&mut tables)?
         };
-        let batch = txn.take_batch();
+        let mut batch = txn.take_batch();
+        if self.shared {
+            txn.fence(&mut batch)?;
+        }
         drop(txn);
         self.kv.commit(batch)?;
         Ok(out)
@@ -305,6 +314,9 @@ pub(super) struct Tables<'t> {
     pub(super) heads_moved: HashSet<u64>,
     /// Ordered keys whose head left in an earlier volatile commit not yet durable.
     pub(super) unsynced_heads: &'t HashSet<u64>,
+    /// Whether other processes commit to the store too: sequences then come from their rows,
+    /// not from `seqs` (see [`KvStore::shared`]).
+    pub(super) shared: bool,
     /// Set when the batch hands out a key's next delivery while the settle that let it go
     /// (an ack, a termination, a dead-lettering) may still be undone by a crash: the batch is
     /// then committed durably, so that no crash can bring back a delivery of a key after its
@@ -368,6 +380,7 @@ impl<'t> Tables<'t> {
             epoch,
             heads_moved: HashSet::new(),
             unsynced_heads,
+            shared: false,
             needs_durable: false,
         })
     }

@@ -35,8 +35,13 @@ impl Storage for Engine {
             let heads_moved;
             {
                 let epoch = self.epoch.load(std::sync::atomic::Ordering::Acquire);
+                if self.shared {
+                    // Another process may have changed a Room's subscriptions.
+                    fanout.clear();
+                }
                 let mut tables =
                     Tables::open(&txn, &mut seqs, &mut fanout, &unsynced, defaults, epoch)?;
+                tables.shared = self.shared;
                 if store_epoch {
                     tables.meta.insert("epoch", epoch)?;
                 }
@@ -63,8 +68,9 @@ impl Storage for Engine {
                 if CHECK_READY_INDEX.load(std::sync::atomic::Ordering::Relaxed) {
                     tables.check_ready_index()?;
                 }
-                if tables.seqs.events_since_checkpoint >= SEQ_CHECKPOINT_EVENTS
-                    || tables.seqs.last.len() >= SEQ_CACHE_KEYS_MAX
+                if !self.shared
+                    && (tables.seqs.events_since_checkpoint >= SEQ_CHECKPOINT_EVENTS
+                        || tables.seqs.last.len() >= SEQ_CACHE_KEYS_MAX)
                 {
                     tables.checkpoint_seqs()?;
                 }
@@ -75,6 +81,9 @@ impl Storage for Engine {
             }
             let mut batch = txn.take_batch();
             batch.volatile = volatile;
+            if self.shared {
+                txn.fence(&mut batch)?;
+            }
             // The snapshot goes before the commit (an in-memory backend then need not copy).
             drop(txn);
             let empty = batch.is_empty();

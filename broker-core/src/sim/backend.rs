@@ -82,6 +82,16 @@ pub(super) struct Memory {
     kv: MemKv,
 }
 
+impl Memory {
+    /// The same store saying it is shared by several writers, so that the engine takes
+    /// sequences from their rows and fences every batch (see `KvStore::shared`).
+    pub(super) fn shared() -> Memory {
+        Memory {
+            kv: MemKv::new_shared(),
+        }
+    }
+}
+
 impl SimBackend for Memory {
     fn open(&mut self) -> Result<Opened> {
         let store = Engine::over(Arc::new(self.kv.clone()), defaults())?;

@@ -10,7 +10,9 @@
 //! push dispatcher, the pull API and the seek task use it, but on one thread, with a simulated
 //! clock passed into every call, and without tokio, the writer thread or HTTP, so that a seed
 //! replays exactly. The store comes from a [`backend::SimBackend`] (the in-memory key-value
-//! store for three seeds in four, redb on a file in `/dev/shm` for the fourth); a crash drops
+//! store for two seeds in four, the same store saying it is shared by several writers for a
+//! third, so that sequences come from their rows and every batch is fenced, redb on a file in
+//! `/dev/shm` for the fourth); a crash drops
 //! every handle and opens the same committed data again. Storage faults
 //! ([`crate::storage::StorageFaults`]) fail one commit, or every commit while "the disk is
 //! full" for a few steps.
@@ -165,13 +167,14 @@ fn run_seed(
     verbose: bool,
     stats: &mut std::collections::BTreeMap<&'static str, u64>,
 ) -> Result<usize, (String, String)> {
-    // One seed in four runs on redb on a file, the others on the in-memory store.
-    let backend: Box<dyn backend::SimBackend> = if seed.is_multiple_of(4) {
-        Box::new(
+    // One seed in four runs on redb on a file, one on the in-memory store saying it is shared
+    // by several writers, the others on the in-memory store.
+    let backend: Box<dyn backend::SimBackend> = match seed % 4 {
+        0 => Box::new(
             backend::RedbFile::new().map_err(|e| (e.to_string(), format!("seed {seed}: {e}")))?,
-        )
-    } else {
-        Box::<backend::Memory>::default()
+        ),
+        2 => Box::new(backend::Memory::shared()),
+        _ => Box::<backend::Memory>::default(),
     };
     let mut sim =
         run::Sim::new(seed, backend, verbose).map_err(|e| (e.clone(), report(seed, 0, &e, &[])))?;

@@ -58,6 +58,10 @@ impl KvStore for FaultyKv {
         self.inner.reads_block()
     }
 
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
+
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }

@@ -244,6 +244,17 @@ pub(crate) trait KvStore: Send + Sync + 'static {
     fn reads_block(&self) -> bool {
         false
     }
+    /// True when other processes may commit to this store too (a networked database shared by
+    /// several brokers). The engine then keeps no number in memory that the store does not
+    /// hold (a key's last sequence is read from its row and written with each publish), and
+    /// commits every batch under the condition that each key it writes still holds what its
+    /// snapshot held: of two writers that read the same counter (a Room's next log position,
+    /// a key's sequence), the second to commit is refused with `Error::StorageConflict` and
+    /// writes nothing, so no position or sequence is handed out twice. A store only this
+    /// process writes (redb, memory) says false and pays for none of it.
+    fn shared(&self) -> bool {
+        false
+    }
     /// A name for logs (`redb`, `memory`).
     fn kind(&self) -> &'static str;
 }

@@ -16,12 +16,24 @@ type Map = BTreeMap<(Space, Vec<u8>), Vec<u8>>;
 #[derive(Clone, Default)]
 pub(crate) struct MemKv {
     map: Arc<RwLock<Arc<Map>>>,
+    /// Whether it says it is shared by several writers (see [`KvStore::shared`]), so that the
+    /// simulation runs the engine's shared-store paths too.
+    shared: bool,
 }
 
 impl MemKv {
     /// An empty store.
     pub(crate) fn new() -> MemKv {
         MemKv::default()
+    }
+
+    /// An empty store that says it is shared by several writers (see [`KvStore::shared`]).
+    #[cfg(test)]
+    pub(crate) fn new_shared() -> MemKv {
+        MemKv {
+            shared: true,
+            ..MemKv::default()
+        }
     }
 
     /// Makes this store hold what `other` holds now (tests: a backend that loses its pending
@@ -96,6 +108,10 @@ impl KvStore for MemKv {
         let applied = apply_to_map(Arc::make_mut(&mut map), batch);
         *guard = map;
         applied
+    }
+
+    fn shared(&self) -> bool {
+        self.shared
     }
 
     /// Nothing to do: a commit here is as durable as this store gets.

@@ -15,7 +15,7 @@ use std::ops::{Bound, RangeBounds};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use super::kv::{Batch, Entry, Order, Put, Snapshot, Space};
+use super::kv::{Batch, Entry, Expect, Order, Put, Snapshot, Space};
 use crate::error::{Error, Result};
 
 /// Entries fetched from the snapshot by a range's first page; each later page is four times
@@ -129,6 +129,21 @@ impl Txn {
             expect: Vec::new(),
             volatile: false,
         }
+    }
+
+    /// Adds to `batch` the condition that each key it writes still holds what this
+    /// transaction's snapshot held (see [`super::kv::KvStore::shared`]): a write-write conflict
+    /// with a batch another writer committed since the snapshot then fails the commit.
+    pub(crate) fn fence(&self, batch: &mut Batch) -> Result<()> {
+        let snapshot = self.0.borrow().snapshot.clone();
+        for w in &batch.writes {
+            batch.expect.push(Expect {
+                space: w.space,
+                key: w.key.clone(),
+                value: snapshot.get(w.space, &w.key)?,
+            });
+        }
+        Ok(())
     }
 
     /// Entries within the bounds, in `order`, pending writes included. The snapshot is read a
