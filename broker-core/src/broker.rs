@@ -551,6 +551,7 @@ pub(crate) fn delivery_defaults(config: &Config) -> DeliveryDefaults {
         queue_depth_max: d.queue_depth_max_default,
         dead_letter_retention_ms: d.dead_letter_retention_ms,
         subscriptions_per_room_max: d.subscriptions_per_room_max,
+        volatile_commits: config.writer.volatile_sync_ms > 0,
     }
 }
 

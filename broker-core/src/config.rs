@@ -115,11 +115,12 @@ pub struct WriterConfig {
     /// with the count of refused commits (default 10,000).
     pub failure_log_interval_ms: u64,
     /// Leases and pullers' acks (nacks, extensions, terminations) are committed without
-    /// waiting for the disk; a crash may undo them, and their messages are then offered again
-    /// (at least once; per-key order still holds). The writer makes them durable when it has
-    /// been idle this many milliseconds since (default 50), and under load at least every 65th
-    /// commit. Zero makes them durable before the reply, like every other write.
-    pub sync_idle_ms: u64,
+    /// waiting for the disk; a crash (or a storage failure, after which the database is
+    /// reopened) may undo them, and their messages are then offered again (at least once;
+    /// per-key order still holds). The writer makes them durable at most this many
+    /// milliseconds after the first of them (default 50), and at least every 65th commit.
+    /// Zero makes every write durable before its reply, leases included.
+    pub volatile_sync_ms: u64,
 }
 
 impl Default for WriterConfig {
@@ -133,7 +134,7 @@ impl Default for WriterConfig {
             overload_retry_after_ms: 100,
             storage_retry_after_ms: 1000,
             failure_log_interval_ms: 10_000,
-            sync_idle_ms: 50,
+            volatile_sync_ms: 50,
         }
     }
 }

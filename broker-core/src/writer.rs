@@ -19,7 +19,7 @@ use crate::clock::Clock;
 use crate::config::WriterConfig;
 use crate::error::{Error, Result};
 use crate::ids::SubscriptionId;
-use crate::storage::{Applied, Storage, WriteOp, WriteOutput};
+use crate::storage::{Storage, WriteOp, WriteOutput};
 
 /// Called on the writer thread after each commit with the subscriptions whose queues changed
 /// and what the batch did that operators count.
@@ -153,37 +153,64 @@ impl Writer {
 /// How often, at most, a failing writer asks the backend to recover.
 const RECOVER_INTERVAL: Duration = Duration::from_millis(250);
 
-/// The next job, or `None` when every sender is gone and the queue is drained. After a volatile
-/// commit (`unsynced`: leases, pullers' acks), a writer idle for `sync_idle_ms` makes it
-/// durable, so that a crash undoes at most that much of such writes (or `VOLATILE_RUN_MAX`
-/// commits under load); their messages are then offered again.
+/// When the volatile commits not yet durable must be made so (see
+/// [`WriterConfig::volatile_sync_ms`]).
+#[derive(Default)]
+struct SyncDue {
+    /// `None` while nothing is volatile.
+    at: Option<Instant>,
+}
+
+/// The next job, or `None` when every sender is gone and the queue is drained. While a commit
+/// is volatile (leases, pullers' settles), the writer makes it durable by `due.at` whatever
+/// arrives meanwhile (jobs that write nothing, such as empty pulls, included), so that a crash
+/// undoes at most `volatile_sync_ms` of such writes; their messages are then offered again.
 fn next_job(
     rx: &Receiver<Job>,
     store: &dyn Storage,
     clock: &dyn Clock,
     config: &WriterConfig,
     stats: &WriterStats,
-    unsynced: &mut bool,
+    due: &mut SyncDue,
+    last_recover: &mut Option<Instant>,
 ) -> Option<Job> {
-    while *unsynced {
-        match rx.recv_timeout(Duration::from_millis(config.sync_idle_ms)) {
-            Ok(job) => return Some(job),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+    while let Some(at) = due.at {
+        let now = Instant::now();
+        if now < at {
+            match rx.recv_timeout(at - now) {
+                Ok(job) => return Some(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // Closing: a clean close keeps volatile commits too, but say so explicitly.
+                    let _ = store.sync();
+                    return None;
+                }
+            }
         }
-        match store.sync() {
-            Ok(()) => *unsynced = false,
-            // Counted like a failed commit (the next commit will likely fail too); tried again
-            // after the next interval or commit.
-            Err(e) => note_failure(stats, config, clock.now(), &e.to_string(), 0),
+        // After failed writes the backend may need to reopen first (redb refuses every write
+        // after an I/O error until then), which may itself drop what was volatile.
+        let recovered = if stats.failing_now.load(Ordering::Acquire)
+            && last_recover.is_none_or(|t: Instant| t.elapsed() >= RECOVER_INTERVAL)
+        {
+            *last_recover = Some(Instant::now());
+            store.recover()
+        } else {
+            Ok(())
+        };
+        match recovered.and_then(|()| store.sync()) {
+            Ok(()) => {
+                note_success(stats);
+                due.at = None;
+            }
+            // Counted like a failed commit (writes are likely refused too); tried again after
+            // the recovery interval.
+            Err(e) => {
+                note_failure(stats, config, clock.now(), &e.to_string(), 0);
+                due.at = Some(Instant::now() + RECOVER_INTERVAL);
+            }
         }
     }
-    let job = rx.recv().ok();
-    if job.is_none() && *unsynced {
-        // Closing: a clean close keeps volatile commits too, but say so explicitly.
-        let _ = store.sync();
-    }
-    job
+    rx.recv().ok()
 }
 
 fn run(
@@ -201,9 +228,17 @@ fn run(
     let linger_gap = linger_max / 4;
     let mut last_batch_len = 0usize;
     let mut last_recover: Option<Instant> = None;
-    let mut unsynced = false;
+    let mut due = SyncDue::default();
     // Returns when every sender is gone and the queue is drained.
-    while let Some(first) = next_job(&rx, &*store, &*clock, &config, &stats, &mut unsynced) {
+    while let Some(first) = next_job(
+        &rx,
+        &*store,
+        &*clock,
+        &config,
+        &stats,
+        &mut due,
+        &mut last_recover,
+    ) {
         let mut batch_bytes = first.bytes;
         let mut batch = vec![first];
         // Linger only under load (the previous batch had company): the publishers just answered
@@ -249,16 +284,6 @@ fn run(
             Ok(())
         };
         let outcome = recovered.and_then(|()| store.apply(clock.now(), ops));
-        // With `sync_idle_ms` zero, nothing is answered before it is durable.
-        let outcome = match outcome {
-            Ok(applied) if applied.unsynced && config.sync_idle_ms == 0 => {
-                store.sync().map(|()| Applied {
-                    unsynced: false,
-                    ..applied
-                })
-            }
-            other => other,
-        };
         queued_bytes.fetch_sub(batch_bytes, Ordering::SeqCst);
         stats.commits.fetch_add(1, Ordering::Relaxed);
         stats.ops.fetch_add(n as u64, Ordering::Relaxed);
@@ -267,7 +292,13 @@ fn run(
         match outcome {
             Ok(applied) => {
                 note_success(&stats);
-                unsynced = applied.unsynced;
+                due.at = match (applied.unsynced, due.at) {
+                    (false, _) => None,
+                    (true, Some(at)) => Some(at),
+                    (true, None) => {
+                        Some(Instant::now() + Duration::from_millis(config.volatile_sync_ms))
+                    }
+                };
                 // Before the replies: a caller that hears "done" then reads the statistics or
                 // pulls must find the batch counted and the dispatchers woken.
                 // Here, not in the caller's task: a caller that stops waiting (a timed-out or

@@ -94,7 +94,7 @@ pub(crate) struct Engine {
     /// more than `META` "epoch" at each open and after each `recover` (a reopen after an I/O
     /// error also loses pending volatile commits).
     epoch: std::sync::atomic::AtomicU64,
-    /// Whether `epoch` is not stored yet. It is stored by the first batch that leases (made
+    /// Whether `epoch` is not stored yet. It is stored by the first volatile batch (made
     /// durable for it), not at open, so that opening a store writes nothing (a broker must
     /// start, and serve reads, on a full disk).
     epoch_unstored: std::sync::atomic::AtomicBool,

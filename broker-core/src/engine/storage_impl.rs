@@ -1,6 +1,7 @@
 //! The engine's side of the `Storage` trait, the seam between the engine and the rest of the
 //! core: `apply` (one batch of operations in one transaction, each under its own savepoint,
-//! committed durably or, for leases alone, volatile), `recover`, and the reads, whose bodies
+//! committed durably or, for leases and pullers' settles alone, volatile), `sync`, `recover`,
+//! and the reads, whose bodies
 //! are in the read files. Split from `mod.rs`, which keeps opening the engine and the tables.
 
 use uuid::Uuid;
@@ -16,15 +17,16 @@ impl Storage for Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let defaults = self.delivery_defaults();
-        // The first batch that leases (the only operations that are volatile) stores the
-        // epoch its leases carry, durably, so that no lease of a later boot has that epoch.
+        // The first batch of volatile operations (leases, settles) stores the epoch its leases
+        // carry, durably, so that no lease of a later boot has that epoch.
         let store_epoch = self
             .epoch_unstored
             .load(std::sync::atomic::Ordering::Acquire)
             && ops.iter().any(WriteOp::volatile);
         // A commit of leases and settles alone need not wait for the disk (issue 15, item 7):
         // after a crash their messages are offered again, as when a lease runs out.
-        let mut volatile = ops.iter().all(WriteOp::volatile)
+        let mut volatile = defaults.volatile_commits
+            && ops.iter().all(WriteOp::volatile)
             && !store_epoch
             && self.volatile_run.load(std::sync::atomic::Ordering::Relaxed) < VOLATILE_RUN_MAX;
         let outcome = (|| {

@@ -152,7 +152,9 @@ impl KvStore for Crashable {
         self.live.commit(batch.clone())?;
         let mut volatile = self.volatile.lock().unwrap();
         if batch.volatile {
-            volatile.push(batch);
+            if !batch.is_empty() {
+                volatile.push(batch);
+            }
         } else {
             for b in volatile.drain(..) {
                 self.durable.commit(b)?;
@@ -211,17 +213,17 @@ async fn an_ack_id_from_before_a_crash_does_not_settle_the_lease_granted_after_i
     broker.close().await;
 }
 
-/// A broker over `kv`, on a manual clock, without retention sweeps, whose writer does not make
-/// volatile commits durable when idle (so that what a crash undoes does not depend on timing).
+/// A broker over `kv`, on a manual clock, without retention sweeps, whose writer makes volatile
+/// commits durable only after an hour (so that what a crash undoes does not depend on timing).
 fn open(kv: Arc<dyn KvStore>) -> Broker {
-    open_syncing_after(kv, 3_600_000)
+    open_syncing_within(kv, 3_600_000)
 }
 
-/// The same, with the writer's `sync_idle_ms`.
-fn open_syncing_after(kv: Arc<dyn KvStore>, sync_idle_ms: u64) -> Broker {
+/// The same, with the writer's `volatile_sync_ms`.
+fn open_syncing_within(kv: Arc<dyn KvStore>, volatile_sync_ms: u64) -> Broker {
     let mut config = Config::default();
     config.retention.interval_ms = 0;
-    config.writer.sync_idle_ms = sync_idle_ms;
+    config.writer.volatile_sync_ms = volatile_sync_ms;
     let clock = Arc::new(ManualClock::new(Timestamp(1_767_225_600_000)));
     Broker::open_over_kv(kv, config, clock).unwrap()
 }
@@ -386,14 +388,15 @@ async fn an_ordered_key_s_next_event_goes_out_only_once_the_ack_before_it_is_dur
     broker.close().await;
 }
 
-/// A writer idle after a volatile commit makes it durable by itself (`sync_idle_ms`), so that
-/// what a crash can undo is bounded in time; with `sync_idle_ms` zero an ack is durable before
-/// its reply.
+/// The writer makes a volatile commit durable within `volatile_sync_ms` by itself, however busy
+/// it is with jobs that write nothing (pulls that find nothing: before, each of them put the
+/// sync off again, forever), so that what a crash can undo is bounded in time; with
+/// `volatile_sync_ms` zero an ack is durable before its reply.
 #[tokio::test]
-async fn an_idle_writer_makes_volatile_commits_durable() {
-    for sync_idle_ms in [1, 0] {
+async fn the_writer_makes_volatile_commits_durable_within_volatile_sync_ms() {
+    for volatile_sync_ms in [20, 0] {
         let kv = Crashable::new();
-        let broker = open_syncing_after(kv.clone(), sync_idle_ms);
+        let broker = open_syncing_within(kv.clone(), volatile_sync_ms);
         let (room, sub) = pull_subscription(&broker, false).await;
         for _ in 0..2 {
             broker.publish(room.event()).await.unwrap();
@@ -401,27 +404,74 @@ async fn an_idle_writer_makes_volatile_commits_durable() {
         let leased = broker.pull(sub, 2, None, 0).await.unwrap();
         let acked = broker.ack(sub, &[leased[0].ack_id.clone()]).await.unwrap();
         assert!(acked[0].is_ok());
-        if sync_idle_ms == 0 {
+        if volatile_sync_ms == 0 {
             assert!(
                 kv.volatile.lock().unwrap().is_empty(),
-                "with sync_idle_ms 0 the ack was durable before its reply"
+                "with volatile_sync_ms 0 the ack was durable before its reply"
             );
         } else {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
             while !kv.volatile.lock().unwrap().is_empty() {
                 assert!(
                     std::time::Instant::now() < deadline,
-                    "the idle writer never made the ack durable"
+                    "the busy writer never made the ack durable"
                 );
-                std::thread::sleep(std::time::Duration::from_millis(1));
+                assert!(broker.pull(sub, 1, None, 0).await.unwrap().is_empty());
             }
         }
         let broker = after_crash(&kv, broker);
         assert_eq!(
             broker.subscription(sub).unwrap().backlog,
             1,
-            "sync_idle_ms {sync_idle_ms}: the ack survived"
+            "volatile_sync_ms {volatile_sync_ms}: the ack survived"
         );
         broker.close().await;
     }
+}
+
+/// A sync that fails (the disk is full) marks the broker not ready like a failed commit, and
+/// the next one that succeeds, after the backend recovered, marks it ready again (before, only
+/// a later write did). The recovery (redb reopens its file) drops what was volatile: the
+/// answered ack is undone and its message is owed again (at least once).
+#[tokio::test]
+async fn a_failed_sync_marks_the_broker_unready_until_a_sync_succeeds() {
+    let kv = Crashable::new();
+    let broker = open_syncing_within(kv.clone(), 20);
+    let (room, sub) = pull_subscription(&broker, false).await;
+    for _ in 0..2 {
+        broker.publish(room.event()).await.unwrap();
+    }
+    let leased = broker.pull(sub, 2, None, 0).await.unwrap();
+    let acked = broker.ack(sub, &[leased[0].ack_id.clone()]).await.unwrap();
+    assert!(acked[0].is_ok());
+    // The next write to storage is the writer's sync of the ack, due 20 ms from it.
+    broker.storage_faults().fail_next_commits(1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let wait = |want_ready: bool| {
+        let broker = broker.clone();
+        async move {
+            while broker.unready_reasons().is_empty() != want_ready {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "never {}: {:?}",
+                    if want_ready { "ready" } else { "unready" },
+                    broker.unready_reasons()
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        }
+    };
+    wait(false).await;
+    assert_eq!(
+        broker.storage_faults().commits_failed(),
+        1,
+        "the sync failed"
+    );
+    wait(true).await;
+    assert_eq!(
+        broker.subscription(sub).unwrap().backlog,
+        2,
+        "the recovery undid the answered ack"
+    );
+    broker.close().await;
 }

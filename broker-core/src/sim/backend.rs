@@ -34,6 +34,7 @@ pub(super) fn defaults() -> DeliveryDefaults {
         queue_depth_max: 1000,
         dead_letter_retention_ms: u64::MAX / 4,
         subscriptions_per_room_max: 16,
+        volatile_commits: true,
     }
 }
 

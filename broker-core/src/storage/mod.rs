@@ -296,6 +296,9 @@ pub(crate) struct DeliveryDefaults {
     pub queue_depth_max: u64,
     pub dead_letter_retention_ms: u64,
     pub subscriptions_per_room_max: usize,
+    /// Whether leases and pullers' settles may be committed volatile (see
+    /// [`WriteOp::volatile`]); false when the writer's `volatile_sync_ms` is zero.
+    pub volatile_commits: bool,
 }
 
 /// A delivery whose attempt is due.
