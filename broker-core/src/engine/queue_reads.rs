@@ -16,6 +16,7 @@ use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::ids::{EventId, RoomName, Sequence, SubscriptionId};
 use crate::storage::codec::decode;
+use crate::storage::txn::Txn;
 use crate::storage::{Busy, DueDelivery};
 use crate::subscription::{
     Attempt, AttemptOutcome, BlockedKey, DeadLetter, DeliveryState, EventDelivery,
@@ -164,7 +165,10 @@ impl Engine {
     ) -> Result<Vec<BlockedKey>> {
         let txn = self.begin_read()?;
         let sub_id = id.0.as_u128();
-        self.read_sub(&txn, sub_id)?;
+        let sub = self.read_sub(&txn, sub_id)?;
+        if sub.ordered {
+            return self.blocked_heads(&txn, sub_id, now, limit, scan_max);
+        }
         let mut heads = HashSet::new();
         let mut out = Vec::new();
         for item in txn
@@ -195,6 +199,45 @@ impl Engine {
         Ok(out)
     }
 
+    /// An ordered subscription's blocked keys, from its index of key heads (one entry per key
+    /// with deliveries), so that a key with any number of events queued behind its head hides
+    /// no other key: at most `scan_max` keys are looked at, not `scan_max` deliveries.
+    fn blocked_heads(
+        &self,
+        txn: &Txn,
+        sub_id: u128,
+        now: Timestamp,
+        limit: usize,
+        scan_max: usize,
+    ) -> Result<Vec<BlockedKey>> {
+        let heads = txn.open_table(super::spaces::KEY_HEAD)?;
+        let deliveries = txn.open_table(DELIVERIES)?;
+        let mut out = Vec::new();
+        let end = (sub_id.saturating_add(1), String::new());
+        for item in heads.range((sub_id, String::new())..end)?.take(scan_max) {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, (_, offset, _, _)) = item?;
+            let Some(g) = deliveries.get((sub_id, offset))? else {
+                continue;
+            };
+            let rec = DeliveryRecord::decode(&g)?;
+            // A head that has failed at least once is what holds its key back.
+            if rec.attempts > 0 && rec.last_error.is_some() {
+                out.push(BlockedKey {
+                    key: rec.key,
+                    head_event_id: EventId(Uuid::from_u128(rec.event_id)),
+                    sequence: Sequence(rec.sequence),
+                    attempts: rec.attempts,
+                    last_error: rec.last_error,
+                    next_attempt_at: rec.next_attempt_at.max(now),
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Walks the start of a subscription's queue (in log order, so the first delivery is the
     /// oldest): leases held now, keys whose head has failed, and the oldest event's age.
     pub(super) fn queue_health_read(
@@ -205,12 +248,24 @@ impl Engine {
     ) -> Result<crate::storage::QueueHealth> {
         let txn = self.begin_read()?;
         let sub_id = id.0.as_u128();
-        self.read_sub(&txn, sub_id)?;
+        let sub = self.read_sub(&txn, sub_id)?;
         let mut heads = HashSet::new();
         let mut health = crate::storage::QueueHealth {
             complete: true,
             ..Default::default()
         };
+        if sub.ordered {
+            // From the index of key heads, as in `blocked_heads`; one more than the window
+            // tells whether it saw every key.
+            let blocked = self.blocked_heads(&txn, sub_id, now, scan_max + 1, scan_max + 1)?;
+            health.blocked_keys = blocked.len().min(scan_max) as u64;
+            let keys = txn
+                .open_table(super::spaces::KEY_HEAD)?
+                .range((sub_id, String::new())..(sub_id.saturating_add(1), String::new()))?
+                .take(scan_max + 1)
+                .count();
+            health.complete = keys <= scan_max;
+        }
         let deliveries = txn.open_table(DELIVERIES)?;
         for (n, item) in deliveries
             .range((sub_id, 0)..=(sub_id, u64::MAX))?
@@ -229,7 +284,11 @@ impl Engine {
                 health.in_flight += 1;
             }
             // As in `blocked_keys_read`: a head that has failed holds its key back.
-            if heads.insert(rec.key.clone()) && rec.attempts > 0 && rec.last_error.is_some() {
+            if !sub.ordered
+                && heads.insert(rec.key.clone())
+                && rec.attempts > 0
+                && rec.last_error.is_some()
+            {
                 health.blocked_keys += 1;
             }
         }

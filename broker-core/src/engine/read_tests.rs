@@ -71,3 +71,43 @@ fn a_waiting_read_does_not_hold_the_tokio_worker() {
         "the read finished once the gate opened"
     );
 }
+
+/// Issue 15, defect 6 (the report's side): an ordered subscription's blocked keys come from its
+/// index of key heads, so a blocked key with many events queued behind its head does not hide
+/// another blocked key. Before, the report walked `scan_records_max` deliveries in log order
+/// and saw only the first key's.
+#[tokio::test]
+async fn a_long_blocked_key_does_not_hide_another_from_the_blocked_keys_report() {
+    use crate::subscription::{DeliveryMode, NewSubscription};
+    let mut config = crate::config::Config::default();
+    config.retention.interval_ms = 0;
+    config.delivery.scan_records_max = 3;
+    let clock = Arc::new(crate::clock::ManualClock::new(crate::clock::Timestamp(
+        1_767_225_600_000,
+    )));
+    let broker =
+        crate::broker::Broker::open_over_kv(Arc::new(MemKv::new()), config, clock).unwrap();
+    let room = crate::testkit::TestRoom::create(&broker).await;
+    let mut new = NewSubscription::new(room.admin.clone(), DeliveryMode::Pull);
+    new.ordered = Some(true);
+    let sub = broker
+        .create_subscription(&room.room, new)
+        .await
+        .unwrap()
+        .subscription
+        .id;
+    for key in ["a", "a", "a", "a", "a", "b"] {
+        let mut e = room.event();
+        e.ordering_key = Some(key.into());
+        broker.publish(e).await.unwrap();
+    }
+    let heads = broker.pull(sub, 10, None, 0).await.unwrap();
+    assert_eq!(heads.len(), 2, "one head per key");
+    let ids: Vec<String> = heads.iter().map(|m| m.ack_id.clone()).collect();
+    let nacked = broker.nack(sub, &ids, Some(60_000)).await.unwrap();
+    assert!(nacked.iter().all(|r| r.is_ok()), "{nacked:?}");
+    let blocked = broker.blocked_keys(sub, None).unwrap();
+    let keys: Vec<&str> = blocked.iter().map(|b| b.key.as_str()).collect();
+    assert_eq!(keys, vec!["a", "b"]);
+    broker.close().await;
+}
