@@ -12,6 +12,7 @@ mod room_openapi;
 mod rooms;
 pub(crate) mod schemas;
 mod signing_keys;
+mod sub_queue;
 mod subscriptions;
 
 use axum::extract::rejection::JsonRejection;

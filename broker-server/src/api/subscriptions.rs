@@ -1,23 +1,26 @@
-//! Subscriptions, pull with leases, dead letters, the attempt log and blocked keys. Every action
-//! on a subscription (`pause`, `pull`, `ack`, ...) has its own handler, so that each has its own
-//! operation, request body and answer in the OpenAPI document.
+//! Subscriptions: create, list, read, change, delete, pause, resume, approve, rotate the secret
+//! and seek; pulling with leases, dead letters, the attempt log and blocked keys are in
+//! `sub_queue.rs`. Every action on a subscription (`pause`, `pull`, `ack`, ...) has its own
+//! handler, so that each has its own operation, request body and answer in the OpenAPI document.
 
 use std::collections::BTreeMap;
 
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::http::{HeaderMap, Method};
 use axum::response::Response;
 use broker_core::{
-    BasicAuth, DeliveryMode, EventId, EventTypeName, NewSubscription, PushEndpoint, RetryOverrides,
+    BasicAuth, DeliveryMode, EventTypeName, NewSubscription, PushEndpoint, RetryOverrides,
     RoomName, SeekTarget, SubscriptionId, SubscriptionPatch, Timestamp,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
+
+use super::sub_queue;
 
 use super::schemas::{
     BadRequest, Conflict, CoreObject, NotFound, RetryOverridesSchema, Unprocessable,
@@ -30,9 +33,9 @@ use crate::error::ApiError;
 /// A subscription the caller may act on: as its subscriber, as a manager of its Room, or as an
 /// administrator.
 pub(super) struct Owned {
-    id: SubscriptionId,
-    sub: broker_core::Subscription,
-    who: Identity,
+    pub(super) id: SubscriptionId,
+    pub(super) sub: broker_core::Subscription,
+    pub(super) who: Identity,
 }
 
 impl FromRequestParts<AppState> for Owned {
@@ -86,15 +89,15 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(approve))
         .routes(routes!(rotate_secret))
         .routes(routes!(seek))
-        .routes(routes!(pull))
-        .routes(routes!(ack))
-        .routes(routes!(nack))
-        .routes(routes!(extend))
-        .routes(routes!(term))
-        .routes(routes!(dead_letters, purge))
-        .routes(routes!(redrive))
-        .routes(routes!(attempts))
-        .routes(routes!(blocked_keys))
+        .routes(routes!(sub_queue::pull))
+        .routes(routes!(sub_queue::ack))
+        .routes(routes!(sub_queue::nack))
+        .routes(routes!(sub_queue::extend))
+        .routes(routes!(sub_queue::term))
+        .routes(routes!(sub_queue::dead_letters, sub_queue::purge))
+        .routes(routes!(sub_queue::redrive))
+        .routes(routes!(sub_queue::attempts))
+        .routes(routes!(sub_queue::blocked_keys))
 }
 
 /// Where a push subscription delivers.
@@ -411,108 +414,21 @@ async fn remove(
 /// API began with did; an unknown field is still an error, so that a typo is not silently lost.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct ActionBody {
+pub(super) struct ActionBody {
     // pull
-    max_messages: Option<usize>,
-    lease_ms: Option<u64>,
-    wait_ms: Option<u64>,
+    pub(super) max_messages: Option<usize>,
+    pub(super) lease_ms: Option<u64>,
+    pub(super) wait_ms: Option<u64>,
     // ack, nack, extend, term
-    ack_ids: Option<Vec<String>>,
-    delay_ms: Option<u64>,
+    pub(super) ack_ids: Option<Vec<String>>,
+    pub(super) delay_ms: Option<u64>,
     // seek: "oldest" or an RFC 3339 time
-    to: Option<String>,
+    pub(super) to: Option<String>,
 }
 
 /// The action body; an empty body means every field is absent.
-fn action_body(headers: &HeaderMap, body: &[u8]) -> Result<ActionBody, ApiError> {
+pub(super) fn action_body(headers: &HeaderMap, body: &[u8]) -> Result<ActionBody, ApiError> {
     optional_json(headers, body)
-}
-
-/// What `pull` reads from the body (the body may be empty).
-#[derive(ToSchema)]
-struct PullRequest {
-    /// Most messages to hand out (default 1).
-    max_messages: Option<usize>,
-    /// How long the lease lasts, in milliseconds (default: the broker's).
-    lease_ms: Option<u64>,
-    /// How long to wait for a message when none is ready, in milliseconds (default 0).
-    wait_ms: Option<u64>,
-}
-
-impl From<ActionBody> for PullRequest {
-    fn from(b: ActionBody) -> Self {
-        PullRequest {
-            max_messages: b.max_messages,
-            lease_ms: b.lease_ms,
-            wait_ms: b.wait_ms,
-        }
-    }
-}
-
-/// What `ack` and `term` read from the body.
-#[derive(ToSchema)]
-struct AckRequest {
-    /// The ack ids of pulled messages.
-    ack_ids: Vec<String>,
-}
-
-impl TryFrom<ActionBody> for AckRequest {
-    type Error = ApiError;
-
-    fn try_from(b: ActionBody) -> Result<Self, ApiError> {
-        Ok(AckRequest {
-            ack_ids: b
-                .ack_ids
-                .ok_or_else(|| ApiError::param("ack_ids", "required"))?,
-        })
-    }
-}
-
-/// What `nack` reads from the body.
-#[derive(ToSchema)]
-struct NackRequest {
-    /// The ack ids of pulled messages.
-    ack_ids: Vec<String>,
-    /// How long until the messages may be pulled again, in milliseconds (default: the retry
-    /// policy's next delay).
-    delay_ms: Option<u64>,
-}
-
-impl TryFrom<ActionBody> for NackRequest {
-    type Error = ApiError;
-
-    fn try_from(b: ActionBody) -> Result<Self, ApiError> {
-        Ok(NackRequest {
-            ack_ids: b
-                .ack_ids
-                .ok_or_else(|| ApiError::param("ack_ids", "required"))?,
-            delay_ms: b.delay_ms,
-        })
-    }
-}
-
-/// What `extend` reads from the body.
-#[derive(ToSchema)]
-struct ExtendRequest {
-    /// The ack ids of pulled messages.
-    ack_ids: Vec<String>,
-    /// The new lease, in milliseconds from now.
-    lease_ms: u64,
-}
-
-impl TryFrom<ActionBody> for ExtendRequest {
-    type Error = ApiError;
-
-    fn try_from(b: ActionBody) -> Result<Self, ApiError> {
-        Ok(ExtendRequest {
-            ack_ids: b
-                .ack_ids
-                .ok_or_else(|| ApiError::param("ack_ids", "required"))?,
-            lease_ms: b
-                .lease_ms
-                .ok_or_else(|| ApiError::param("lease_ms", "required"))?,
-        })
-    }
 }
 
 /// What `seek` reads from the body (the body may be empty).
@@ -527,74 +443,6 @@ impl From<ActionBody> for SeekRequest {
     fn from(b: ActionBody) -> Self {
         SeekRequest { to: b.to }
     }
-}
-
-/// One message handed out by a pull.
-#[derive(Serialize, ToSchema)]
-struct PulledMessage {
-    /// Pass back to ack, nack, extend or term.
-    ack_id: String,
-    /// The attempt number this lease is, from 1.
-    attempt: u32,
-    /// When the lease ends (RFC 3339, UTC).
-    #[schema(value_type = String, format = DateTime)]
-    lease_until: Timestamp,
-    /// The event's metadata.
-    #[schema(value_type = Object)]
-    event: broker_core::Event,
-    /// The event's payload.
-    payload: Value,
-}
-
-/// What a pull answers.
-#[derive(Serialize, ToSchema)]
-struct PullResponse {
-    /// The messages, possibly none.
-    messages: Vec<PulledMessage>,
-}
-
-/// The outcome for one ack id.
-#[derive(Serialize, ToSchema)]
-struct AckResult {
-    /// The ack id.
-    ack_id: String,
-    /// Whether it was settled.
-    ok: bool,
-    /// Why not: the error's code (e.g. `lease_expired`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    code: Option<String>,
-    /// Why not, for people.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    detail: Option<String>,
-}
-
-/// What ack, nack, extend and term answer: one result per ack id, in request order.
-#[derive(Serialize, ToSchema)]
-struct AckResults {
-    /// The results.
-    results: Vec<AckResult>,
-}
-
-fn results(r: Vec<broker_core::Result<()>>, ids: Vec<String>) -> Response {
-    let results = ids
-        .into_iter()
-        .zip(r)
-        .map(|(ack_id, r)| match r {
-            Ok(()) => AckResult {
-                ack_id,
-                ok: true,
-                code: None,
-                detail: None,
-            },
-            Err(e) => AckResult {
-                ack_id,
-                ok: false,
-                code: Some(e.code().to_string()),
-                detail: Some(e.to_string()),
-            },
-        })
-        .collect();
-    reply(StatusCode::OK, &AckResults { results })
 }
 
 /// Pauses delivery; events still queue.
@@ -765,327 +613,5 @@ async fn seek(
         &SeekResponse {
             queued: s.broker.seek(id, target).await?,
         },
-    ))
-}
-
-/// Hands out ready messages of a pull subscription, each under a lease.
-#[utoipa::path(
-    post,
-    path = "/subscriptions/{id}/pull",
-    operation_id = "pull",
-    tag = "pull",
-    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
-    request_body(content = PullRequest, description = "May be empty: one message, the default lease, no wait."),
-    responses(
-        (status = 200, description = "The messages, possibly none.", body = PullResponse),
-        (status = 400, response = BadRequest),
-        (status = 404, response = NotFound),
-        (status = 409, response = Conflict),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Unprocessable),
-    )
-)]
-async fn pull(
-    State(s): State<AppState>,
-    Owned { id, .. }: Owned,
-    headers: HeaderMap,
-    RawBody(body): RawBody,
-) -> Result<Response, ApiError> {
-    let b = PullRequest::from(action_body(&headers, &body)?);
-    let msgs = s
-        .broker
-        .pull(
-            id,
-            b.max_messages.unwrap_or(1),
-            b.lease_ms,
-            b.wait_ms.unwrap_or(0),
-        )
-        .await?;
-    let messages = msgs
-        .into_iter()
-        .map(|m| PulledMessage {
-            payload: m.event.payload_json().unwrap_or(Value::Null),
-            ack_id: m.ack_id,
-            attempt: m.attempt,
-            lease_until: m.lease_until,
-            event: m.event,
-        })
-        .collect();
-    Ok(reply(StatusCode::OK, &PullResponse { messages }))
-}
-
-/// Acknowledges pulled messages: they are delivered.
-#[utoipa::path(
-    post,
-    path = "/subscriptions/{id}/ack",
-    operation_id = "ack",
-    tag = "pull",
-    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
-    request_body = AckRequest,
-    responses(
-        (status = 200, description = "One result per ack id.", body = AckResults),
-        (status = 400, response = BadRequest),
-        (status = 404, response = NotFound),
-        (status = 415, response = UnsupportedMediaType),
-    )
-)]
-async fn ack(
-    State(s): State<AppState>,
-    Owned { id, .. }: Owned,
-    headers: HeaderMap,
-    RawBody(body): RawBody,
-) -> Result<Response, ApiError> {
-    let b = AckRequest::try_from(action_body(&headers, &body)?)?;
-    Ok(results(s.broker.ack(id, &b.ack_ids).await?, b.ack_ids))
-}
-
-/// Gives pulled messages back: they are retried after a delay, or dead-lettered when the retry
-/// policy is spent.
-#[utoipa::path(
-    post,
-    path = "/subscriptions/{id}/nack",
-    operation_id = "nack",
-    tag = "pull",
-    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
-    request_body = NackRequest,
-    responses(
-        (status = 200, description = "One result per ack id.", body = AckResults),
-        (status = 400, response = BadRequest),
-        (status = 404, response = NotFound),
-        (status = 415, response = UnsupportedMediaType),
-    )
-)]
-async fn nack(
-    State(s): State<AppState>,
-    Owned { id, .. }: Owned,
-    headers: HeaderMap,
-    RawBody(body): RawBody,
-) -> Result<Response, ApiError> {
-    let b = NackRequest::try_from(action_body(&headers, &body)?)?;
-    Ok(results(
-        s.broker.nack(id, &b.ack_ids, b.delay_ms).await?,
-        b.ack_ids,
-    ))
-}
-
-/// Extends the leases of pulled messages.
-#[utoipa::path(
-    post,
-    path = "/subscriptions/{id}/extend",
-    operation_id = "extendLeases",
-    tag = "pull",
-    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
-    request_body = ExtendRequest,
-    responses(
-        (status = 200, description = "One result per ack id.", body = AckResults),
-        (status = 400, response = BadRequest),
-        (status = 404, response = NotFound),
-        (status = 415, response = UnsupportedMediaType),
-    )
-)]
-async fn extend(
-    State(s): State<AppState>,
-    Owned { id, .. }: Owned,
-    headers: HeaderMap,
-    RawBody(body): RawBody,
-) -> Result<Response, ApiError> {
-    let b = ExtendRequest::try_from(action_body(&headers, &body)?)?;
-    Ok(results(
-        s.broker.extend(id, &b.ack_ids, b.lease_ms).await?,
-        b.ack_ids,
-    ))
-}
-
-/// Terminates pulled messages: they go to the dead letters at once, without further retries.
-#[utoipa::path(
-    post,
-    path = "/subscriptions/{id}/term",
-    operation_id = "term",
-    tag = "pull",
-    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
-    request_body = AckRequest,
-    responses(
-        (status = 200, description = "One result per ack id.", body = AckResults),
-        (status = 400, response = BadRequest),
-        (status = 404, response = NotFound),
-        (status = 415, response = UnsupportedMediaType),
-    )
-)]
-async fn term(
-    State(s): State<AppState>,
-    Owned { id, .. }: Owned,
-    headers: HeaderMap,
-    RawBody(body): RawBody,
-) -> Result<Response, ApiError> {
-    let b = AckRequest::try_from(action_body(&headers, &body)?)?;
-    Ok(results(
-        s.broker.terminate(id, &b.ack_ids).await?,
-        b.ack_ids,
-    ))
-}
-
-/// Paging through a listing.
-#[derive(Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-struct PageQuery {
-    /// The `next_cursor` of the previous page.
-    cursor: Option<String>,
-    /// Most items in one page.
-    limit: Option<usize>,
-}
-
-/// Lists the events the subscription gave up on, with the reason and last attempt.
-#[utoipa::path(
-    get,
-    path = "/subscriptions/{id}/dead-letters",
-    operation_id = "listDeadLetters",
-    tag = "dead-letters",
-    params(("id" = String, Path, format = Uuid, description = "The subscription id."), PageQuery),
-    responses(
-        (status = 200, description = "A page of dead letters: `{items, next_cursor}`.", body = CoreObject),
-        (status = 400, response = BadRequest),
-        (status = 404, response = NotFound),
-    )
-)]
-async fn dead_letters(
-    State(s): State<AppState>,
-    Owned { id, .. }: Owned,
-    Query(q): Query<PageQuery>,
-) -> Result<Response, ApiError> {
-    Ok(reply(
-        StatusCode::OK,
-        &s.broker.dead_letters(id, q.cursor.as_deref(), q.limit)?,
-    ))
-}
-
-/// Which dead letters to deliver again.
-#[derive(Deserialize, Default, ToSchema)]
-#[serde(deny_unknown_fields)]
-struct RedriveBody {
-    /// These events (default: all dead letters).
-    event_ids: Option<Vec<String>>,
-}
-
-/// How many dead letters were queued again.
-#[derive(Serialize, ToSchema)]
-struct RedriveResponse {
-    /// Events queued again.
-    redriven: u64,
-}
-
-/// Queues dead letters for delivery again; attempt numbers carry on.
-#[utoipa::path(
-    post,
-    path = "/subscriptions/{id}/dead-letters/redrive",
-    operation_id = "redriveDeadLetters",
-    tag = "dead-letters",
-    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
-    request_body(content = RedriveBody, description = "May be empty: redrives every dead letter."),
-    responses(
-        (status = 200, description = "How many were queued.", body = RedriveResponse),
-        (status = 400, response = BadRequest),
-        (status = 404, response = NotFound),
-        (status = 409, response = Conflict),
-        (status = 415, response = UnsupportedMediaType),
-    )
-)]
-async fn redrive(
-    State(s): State<AppState>,
-    Owned { id, .. }: Owned,
-    headers: HeaderMap,
-    RawBody(body): RawBody,
-) -> Result<Response, ApiError> {
-    let b: RedriveBody = optional_json(&headers, &body)?;
-    let events = b
-        .event_ids
-        .map(|ids| {
-            ids.iter()
-                .map(|e| parse("event_ids", e, EventId::parse))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .transpose()?;
-    Ok(reply(
-        StatusCode::OK,
-        &RedriveResponse {
-            redriven: s.broker.redrive(id, events).await?,
-        },
-    ))
-}
-
-/// How many dead letters were removed.
-#[derive(Serialize, ToSchema)]
-struct PurgeResponse {
-    /// Dead letters removed.
-    purged: u64,
-}
-
-/// Removes every dead letter of the subscription.
-#[utoipa::path(
-    delete,
-    path = "/subscriptions/{id}/dead-letters",
-    operation_id = "purgeDeadLetters",
-    tag = "dead-letters",
-    params(("id" = String, Path, format = Uuid, description = "The subscription id.")),
-    responses(
-        (status = 200, description = "How many were removed.", body = PurgeResponse),
-        (status = 400, response = BadRequest),
-        (status = 404, response = NotFound),
-    )
-)]
-async fn purge(State(s): State<AppState>, Owned { id, .. }: Owned) -> Result<Response, ApiError> {
-    Ok(reply(
-        StatusCode::OK,
-        &PurgeResponse {
-            purged: s.broker.purge_dead_letters(id).await?,
-        },
-    ))
-}
-
-/// The delivery log: every attempt with its time, outcome, HTTP status or error, and latency.
-#[utoipa::path(
-    get,
-    path = "/subscriptions/{id}/attempts",
-    operation_id = "listAttempts",
-    tag = "subscriptions",
-    params(("id" = String, Path, format = Uuid, description = "The subscription id."), PageQuery),
-    responses(
-        (status = 200, description = "A page of attempts: `{items, next_cursor}`.", body = CoreObject),
-        (status = 400, response = BadRequest),
-        (status = 404, response = NotFound),
-    )
-)]
-async fn attempts(
-    State(s): State<AppState>,
-    Owned { id, .. }: Owned,
-    Query(q): Query<PageQuery>,
-) -> Result<Response, ApiError> {
-    Ok(reply(
-        StatusCode::OK,
-        &s.broker.attempts(id, q.cursor.as_deref(), q.limit)?,
-    ))
-}
-
-/// The ordering keys whose head event is held back (an ordered subscription delivers one event
-/// per key at a time).
-#[utoipa::path(
-    get,
-    path = "/subscriptions/{id}/blocked-keys",
-    operation_id = "listBlockedKeys",
-    tag = "subscriptions",
-    params(("id" = String, Path, format = Uuid, description = "The subscription id."), PageQuery),
-    responses(
-        (status = 200, description = "`{items: [blocked key]}`.", body = CoreObject),
-        (status = 400, response = BadRequest),
-        (status = 404, response = NotFound),
-    )
-)]
-async fn blocked_keys(
-    State(s): State<AppState>,
-    Owned { id, .. }: Owned,
-    Query(q): Query<PageQuery>,
-) -> Result<Response, ApiError> {
-    Ok(reply(
-        StatusCode::OK,
-        &json!({"items": s.broker.blocked_keys(id, q.limit)?}),
     ))
 }
