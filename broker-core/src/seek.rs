@@ -89,20 +89,23 @@ impl Broker {
         Ok(queued)
     }
 
-    /// One write of a seek, retried while the writer refuses it for now (overloaded, or the
-    /// storage failing), at most [`SEEK_STEP_TRIES`] times with a doubling delay, and not once
-    /// the broker is closing.
+    /// One write of a seek, retried while the writer refuses it for now (overloaded, the
+    /// storage failing, or its batch lost a race with another broker sharing the store), at
+    /// most [`SEEK_STEP_TRIES`] times with a doubling delay, and not once the broker is closing.
     async fn seek_step(&self, op: impl Fn() -> DeliveryOp) -> Result<WriteOutput> {
         let mut delay = Duration::from_millis(50);
         let mut tries = 1;
         loop {
             match self.delivery(op()).await {
-                Err(Error::Overloaded { .. } | Error::StorageUnavailable { .. })
-                    if tries < SEEK_STEP_TRIES
-                        && !self
-                            .inner()
-                            .closing
-                            .load(std::sync::atomic::Ordering::SeqCst) =>
+                Err(
+                    Error::Overloaded { .. }
+                    | Error::StorageUnavailable { .. }
+                    | Error::StorageConflict { .. },
+                ) if tries < SEEK_STEP_TRIES
+                    && !self
+                        .inner()
+                        .closing
+                        .load(std::sync::atomic::Ordering::SeqCst) =>
                 {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));

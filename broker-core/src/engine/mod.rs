@@ -203,6 +203,9 @@ impl Engine {
                     )))
                 }
             }
+            // With a shared store this also ends a seek another broker is running (its next
+            // step fails; the seek can be repeated): better than leaving a seek whose broker
+            // died holding its subscription for ever. Seeks owned by a live broker are issue 16.
             let cleared = replay::clear_interrupted_seeks(&txn)?;
             if cleared > 0 {
                 tracing::warn!(
@@ -211,7 +214,10 @@ impl Engine {
                 );
             }
         }
-        let batch = txn.take_batch();
+        let mut batch = txn.take_batch();
+        if kv.shared() {
+            txn.fence(&mut batch)?;
+        }
         drop(txn);
         kv.commit(batch)?;
         tracing::debug!(backend = kv.kind(), "storage opened");

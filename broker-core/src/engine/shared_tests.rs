@@ -23,6 +23,9 @@ struct SharedKv {
     /// Run (once) at the start of this handle's next commit: another broker's write landing
     /// between this broker's snapshot and its commit.
     before_commit: Mutex<Option<Hook>>,
+    /// Commits through this handle still to pass before one is refused as a lost race (as
+    /// if another broker had written a key it writes); `None`: none is.
+    conflict_after: Mutex<Option<usize>>,
 }
 
 impl SharedKv {
@@ -30,6 +33,7 @@ impl SharedKv {
         Arc::new(SharedKv {
             inner: inner.clone(),
             before_commit: Mutex::new(None),
+            conflict_after: Mutex::new(None),
         })
     }
 }
@@ -42,6 +46,19 @@ impl KvStore for SharedKv {
         let hook = self.before_commit.lock().unwrap().take();
         if let Some(hook) = hook {
             hook();
+        }
+        {
+            let mut after = self.conflict_after.lock().unwrap();
+            match *after {
+                Some(0) => {
+                    *after = None;
+                    return Err(Error::StorageConflict {
+                        detail: "injected: another broker wrote first".into(),
+                    });
+                }
+                Some(n) if !batch.is_empty() => *after = Some(n - 1),
+                _ => {}
+            }
         }
         self.inner.commit(batch)
     }
@@ -144,6 +161,99 @@ async fn a_broker_that_lost_a_race_writes_nothing_and_numbers_correctly_when_it_
     let pulled = a.pull(sub, 100, None, 0).await.unwrap();
     let ids: Vec<_> = pulled.iter().map(|m| m.event.id).collect();
     assert_eq!(ids, vec![first.id, again.id], "two events at two positions");
+    a.close().await;
+    b.close().await;
+}
+
+/// Opening writes the store's markers (on an empty store) and ends seeks a restart
+/// interrupted; with a shared store that commit is fenced too. Another broker that opened and
+/// made a Room between this one's snapshot and its commit wins: this open is refused instead of
+/// writing the Room counter back to 1 (two Rooms would then have shared an id, a log and
+/// counters), and opening again works.
+#[tokio::test]
+async fn opening_a_shared_store_is_fenced_like_any_other_commit() {
+    let store = MemKv::new();
+    let b_kv = SharedKv::over(&store);
+    let a_store = store.clone();
+    *b_kv.before_commit.lock().unwrap() = Some(Box::new(move || {
+        // On a thread of its own: this runs inside `open` on the test's runtime thread.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let a = open(SharedKv::over(&a_store));
+                TestRoom::create(&a).await;
+                a.close().await;
+            });
+        })
+        .join()
+        .unwrap();
+    }));
+    let lost = Broker::open_over_kv(b_kv.clone(), Config::default(), clock());
+    assert!(
+        matches!(lost, Err(Error::StorageConflict { .. })),
+        "{:?}",
+        lost.err()
+    );
+    let b = open(b_kv);
+    let room = b.room(&crate::RoomName::new("r").unwrap()).unwrap();
+    assert_eq!(room.events_stored, 0);
+    b.close().await;
+}
+
+fn clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(Timestamp(1_767_225_600_000)))
+}
+
+/// A seek is several writes; one of them losing a race with another broker is tried again
+/// like an overloaded writer's refusal, so the seek completes and the subscription is let go.
+/// Before, a conflict on the step that ends the seek left the subscription seeking (handing
+/// out nothing) until a restart.
+#[tokio::test]
+async fn a_seek_step_that_loses_a_race_is_tried_again() {
+    // Each write of the seek in turn, until one past its last.
+    for step in 0.. {
+        let store = MemKv::new();
+        let (a, a_kv, b, room, sub) = two_brokers(&store).await;
+        a.publish(room.event()).await.unwrap();
+        let got = a.pull(sub, 1, None, 0).await.unwrap();
+        assert!(a.ack(sub, &[got[0].ack_id.clone()]).await.unwrap()[0].is_ok());
+        *a_kv.conflict_after.lock().unwrap() = Some(step);
+        let queued = a.seek(sub, crate::SeekTarget::Oldest).await;
+        assert_eq!(queued.ok(), Some(1), "conflict at write {step} of the seek");
+        if a_kv.conflict_after.lock().unwrap().take().is_some() {
+            assert!(step >= 3, "a seek is at least three writes");
+            a.close().await;
+            b.close().await;
+            break;
+        }
+        let again = a.pull(sub, 1, None, 0).await.unwrap();
+        assert_eq!(
+            again.len(),
+            1,
+            "conflict at write {step}: the subscription was let go"
+        );
+        a.close().await;
+        b.close().await;
+    }
+}
+
+/// Two brokers that opened the same shared store lease under different epochs, so that an
+/// ack id one of them issued can never name a lease of the other's boot. Before, each took
+/// one more than the stored epoch at its open (the same number) and stored it blind.
+#[tokio::test]
+async fn brokers_sharing_a_store_lease_under_different_epochs() {
+    let store = MemKv::new();
+    let (a, _, b, room, sub) = two_brokers(&store).await;
+    for _ in 0..2 {
+        a.publish(room.event()).await.unwrap();
+    }
+    let from_a = a.pull(sub, 1, None, 0).await.unwrap();
+    let from_b = b.pull(sub, 1, None, 0).await.unwrap();
+    let epoch = |id: &str| crate::storage::parse_ack_id(id).unwrap().epoch.unwrap();
+    assert_ne!(epoch(&from_a[0].ack_id), epoch(&from_b[0].ack_id));
     a.close().await;
     b.close().await;
 }

@@ -35,8 +35,9 @@ impl Storage for Engine {
             let touched;
             let observed;
             let heads_moved;
+            let stored_epoch;
             {
-                let epoch = self.epoch.load(std::sync::atomic::Ordering::Acquire);
+                let mut epoch = self.epoch.load(std::sync::atomic::Ordering::Acquire);
                 if self.shared {
                     // Another process may have changed a Room's subscriptions.
                     fanout.clear();
@@ -45,8 +46,17 @@ impl Storage for Engine {
                     Tables::open(&txn, &mut seqs, &mut fanout, &unsynced, defaults, epoch)?;
                 tables.shared = self.shared;
                 if store_epoch {
+                    // A fenced increment: another broker sharing the store may have stored
+                    // this epoch (or a later one) since this one opened; then this boot leases
+                    // under the next one, so that no two boots share an epoch.
+                    let stored = tables.meta.get("epoch")?.unwrap_or(0);
+                    if stored >= epoch {
+                        epoch = stored.saturating_add(1);
+                        tables.epoch = epoch;
+                    }
                     tables.meta.insert("epoch", epoch)?;
                 }
+                stored_epoch = epoch;
                 for op in ops {
                     // Each operation succeeds or changes nothing, alone: a failure (a logical
                     // refusal, a record that does not decode) undoes its own writes and no
@@ -91,6 +101,8 @@ impl Storage for Engine {
             let empty = batch.is_empty();
             self.kv.commit(batch)?;
             if store_epoch {
+                self.epoch
+                    .store(stored_epoch, std::sync::atomic::Ordering::Release);
                 self.epoch_unstored
                     .store(false, std::sync::atomic::Ordering::Release);
             }

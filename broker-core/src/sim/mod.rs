@@ -11,7 +11,8 @@
 //! clock passed into every call, and without tokio, the writer thread or HTTP, so that a seed
 //! replays exactly. The store comes from a [`backend::SimBackend`] (the in-memory key-value
 //! store for two seeds in four, the same store saying it is shared by several writers for a
-//! third, so that sequences come from their rows and every batch is fenced, redb on a file in
+//! third, so that sequences come from their rows and every batch is fenced (with one writer no
+//! fence fails: conflicts are tested in `engine::shared_tests`), redb on a file in
 //! `/dev/shm` for the fourth); a crash drops
 //! every handle and opens the same committed data again. Storage faults
 //! ([`crate::storage::StorageFaults`]) fail one commit, or every commit while "the disk is

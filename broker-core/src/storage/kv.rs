@@ -13,7 +13,7 @@
 //!   the reverse), never more than its `limit`, and a page ends only at the limit or the range's
 //!   end (there is no scan window: a backend does not stop early).
 //! - A batch's `expect` conditions are checked atomically with its writes: when any does not
-//!   hold, nothing is written and the commit fails with `Error::Conflict`, so that a networked
+//!   hold, nothing is written and the commit fails with `Error::StorageConflict`, so that a networked
 //!   backend with several writers can fence a writer whose view is stale.
 //!
 //! Every method may block (on disk or on the network). Writes come only from the writer thread;
@@ -52,7 +52,8 @@ pub(crate) enum Space {
     Events = 6,
     /// (room id, log position) -> event id: a Room's events in acceptance order.
     RoomLog = 7,
-    /// (room id, key) -> last sequence assigned, as of the Room's checkpoint.
+    /// (room id, key) -> last sequence assigned, as of the Room's checkpoint (with a shared
+    /// store, always current: see [`KvStore::shared`]).
     KeySeq = 8,
     /// Room id -> the log position up to which `KeySeq` is complete.
     SeqCheckpoint = 9,
@@ -250,7 +251,8 @@ pub(crate) trait KvStore: Send + Sync + 'static {
     /// commits every batch under the condition that each key it writes still holds what its
     /// snapshot held: of two writers that read the same counter (a Room's next log position,
     /// a key's sequence), the second to commit is refused with `Error::StorageConflict` and
-    /// writes nothing, so no position or sequence is handed out twice. A store only this
+    /// writes nothing, so no position or sequence is handed out twice. This is write-write
+    /// fencing, not serializability: a key a batch only reads is not checked. A store only this
     /// process writes (redb, memory) says false and pays for none of it.
     fn shared(&self) -> bool {
         false
