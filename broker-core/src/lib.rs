@@ -48,6 +48,7 @@ mod net_guard;
 mod operations;
 mod publish;
 mod push_slots;
+mod queue_api;
 mod retry;
 mod rights;
 mod rooms_api;
