@@ -8,6 +8,7 @@
 pub(crate) mod codec;
 #[cfg(test)]
 pub(crate) mod conformance;
+mod encoding;
 mod faults;
 pub(crate) mod kv;
 #[cfg(test)]
