@@ -36,6 +36,22 @@ impl TestRoom {
         TestRoom { room, ty, admin }
     }
 
+    /// A pull subscription of the Room's administrator, with per-key ordering or without.
+    pub(crate) async fn pull_subscription(
+        &self,
+        broker: &Broker,
+        ordered: bool,
+    ) -> crate::SubscriptionId {
+        let mut new = crate::NewSubscription::new(self.admin.clone(), crate::DeliveryMode::Pull);
+        new.ordered = Some(ordered);
+        broker
+            .create_subscription(&self.room, new)
+            .await
+            .expect("subscription")
+            .subscription
+            .id
+    }
+
     /// A publish of `{}` to the Room's event type, by its administrator.
     pub(crate) fn event(&self) -> PublishRequest {
         PublishRequest::new(

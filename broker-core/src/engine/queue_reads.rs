@@ -184,17 +184,7 @@ impl Engine {
             if !heads.insert(rec.key.clone()) {
                 continue;
             }
-            // A head that has failed at least once is what holds its key back.
-            if rec.attempts > 0 && rec.last_error.is_some() {
-                out.push(BlockedKey {
-                    key: rec.key,
-                    head_event_id: EventId(Uuid::from_u128(rec.event_id)),
-                    sequence: Sequence(rec.sequence),
-                    attempts: rec.attempts,
-                    last_error: rec.last_error,
-                    next_attempt_at: rec.next_attempt_at.max(now),
-                });
-            }
+            out.extend(blocked_by(rec, now));
         }
         Ok(out)
     }
@@ -223,17 +213,7 @@ impl Engine {
                 continue;
             };
             let rec = DeliveryRecord::decode(&g)?;
-            // A head that has failed at least once is what holds its key back.
-            if rec.attempts > 0 && rec.last_error.is_some() {
-                out.push(BlockedKey {
-                    key: rec.key,
-                    head_event_id: EventId(Uuid::from_u128(rec.event_id)),
-                    sequence: Sequence(rec.sequence),
-                    attempts: rec.attempts,
-                    last_error: rec.last_error,
-                    next_attempt_at: rec.next_attempt_at.max(now),
-                });
-            }
+            out.extend(blocked_by(rec, now));
         }
         Ok(out)
     }
@@ -448,4 +428,17 @@ impl Engine {
         };
         self.event_deliveries_read(room_id, offset, now)
     }
+}
+
+/// The blocked key a key's head delivery makes, if it does: a head that has failed at least
+/// once is what holds its key back.
+fn blocked_by(rec: DeliveryRecord, now: Timestamp) -> Option<BlockedKey> {
+    (rec.attempts > 0 && rec.last_error.is_some()).then(|| BlockedKey {
+        key: rec.key,
+        head_event_id: EventId(Uuid::from_u128(rec.event_id)),
+        sequence: Sequence(rec.sequence),
+        attempts: rec.attempts,
+        last_error: rec.last_error,
+        next_attempt_at: rec.next_attempt_at.max(now),
+    })
 }

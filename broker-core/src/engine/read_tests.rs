@@ -78,7 +78,6 @@ fn a_waiting_read_does_not_hold_the_tokio_worker() {
 /// and saw only the first key's.
 #[tokio::test]
 async fn a_long_blocked_key_does_not_hide_another_from_the_blocked_keys_report() {
-    use crate::subscription::{DeliveryMode, NewSubscription};
     let mut config = crate::config::Config::default();
     config.retention.interval_ms = 0;
     config.delivery.scan_records_max = 3;
@@ -88,14 +87,7 @@ async fn a_long_blocked_key_does_not_hide_another_from_the_blocked_keys_report()
     let broker =
         crate::broker::Broker::open_over_kv(Arc::new(MemKv::new()), config, clock).unwrap();
     let room = crate::testkit::TestRoom::create(&broker).await;
-    let mut new = NewSubscription::new(room.admin.clone(), DeliveryMode::Pull);
-    new.ordered = Some(true);
-    let sub = broker
-        .create_subscription(&room.room, new)
-        .await
-        .unwrap()
-        .subscription
-        .id;
+    let sub = room.pull_subscription(&broker, true).await;
     for key in ["a", "a", "a", "a", "a", "b"] {
         let mut e = room.event();
         e.ordering_key = Some(key.into());

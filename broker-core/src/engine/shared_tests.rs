@@ -11,7 +11,6 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::storage::kv::{Batch, KvStore, Snapshot};
 use crate::storage::MemKv;
-use crate::subscription::{DeliveryMode, NewSubscription};
 use crate::testkit::TestRoom;
 
 /// A work to run before the next commit through one handle.
@@ -94,14 +93,7 @@ async fn two_brokers(
     let a_kv = SharedKv::over(store);
     let a = open(a_kv.clone());
     let room = TestRoom::create(&a).await;
-    let mut new = NewSubscription::new(room.admin.clone(), DeliveryMode::Pull);
-    new.ordered = Some(false);
-    let sub = a
-        .create_subscription(&room.room, new)
-        .await
-        .unwrap()
-        .subscription
-        .id;
+    let sub = room.pull_subscription(&a, false).await;
     let b = open(SharedKv::over(store));
     (a, a_kv, b, room, sub)
 }

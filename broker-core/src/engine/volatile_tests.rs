@@ -15,7 +15,6 @@ use crate::error::Result;
 use crate::storage::kv::{Batch, KvStore, Snapshot};
 use crate::storage::parse_ack_id;
 use crate::storage::MemKv;
-use crate::subscription::{DeliveryMode, NewSubscription};
 use crate::testkit::TestRoom;
 
 /// A backend that remembers, for each non-empty commit, whether it was volatile.
@@ -55,14 +54,7 @@ async fn broker_with_pull(kv: Arc<dyn KvStore>) -> (Broker, Fixture) {
     let broker = open(kv);
     let room = TestRoom::create(&broker).await;
     // Without ordering, so that every published event may be out at once.
-    let mut new = NewSubscription::new(room.admin.clone(), DeliveryMode::Pull);
-    new.ordered = Some(false);
-    let sub = broker
-        .create_subscription(&room.room, new)
-        .await
-        .unwrap()
-        .subscription
-        .id;
+    let sub = room.pull_subscription(&broker, false).await;
     (broker, Fixture { room, sub })
 }
 
@@ -321,14 +313,7 @@ fn after_crash(kv: &Crashable, broker: Broker) -> Broker {
 /// A pull subscription of a new Room over `broker`, ordered or not.
 async fn pull_subscription(broker: &Broker, ordered: bool) -> (TestRoom, crate::SubscriptionId) {
     let room = TestRoom::create(broker).await;
-    let mut new = NewSubscription::new(room.admin.clone(), DeliveryMode::Pull);
-    new.ordered = Some(ordered);
-    let sub = broker
-        .create_subscription(&room.room, new)
-        .await
-        .unwrap()
-        .subscription
-        .id;
+    let sub = room.pull_subscription(broker, ordered).await;
     (room, sub)
 }
 
