@@ -373,6 +373,24 @@ async fn an_ordered_key_s_next_event_goes_out_only_once_the_ack_before_it_is_dur
     broker.close().await;
 }
 
+/// A broker over `kv` syncing within `volatile_sync_ms`, with an unordered pull subscription
+/// that has two events leased (durably: the boot's first lease stores its epoch) and the first
+/// of them acknowledged.
+async fn two_leased_one_acked(
+    kv: &Arc<Crashable>,
+    volatile_sync_ms: u64,
+) -> (Broker, crate::SubscriptionId) {
+    let broker = open_syncing_within(kv.clone(), volatile_sync_ms);
+    let (room, sub) = pull_subscription(&broker, false).await;
+    for _ in 0..2 {
+        broker.publish(room.event()).await.unwrap();
+    }
+    let leased = broker.pull(sub, 2, None, 0).await.unwrap();
+    let acked = broker.ack(sub, &[leased[0].ack_id.clone()]).await.unwrap();
+    assert!(acked[0].is_ok());
+    (broker, sub)
+}
+
 /// The writer makes a volatile commit durable within `volatile_sync_ms` by itself, however busy
 /// it is with jobs that write nothing (pulls that find nothing: before, each of them put the
 /// sync off again, forever), so that what a crash can undo is bounded in time; with
@@ -381,14 +399,7 @@ async fn an_ordered_key_s_next_event_goes_out_only_once_the_ack_before_it_is_dur
 async fn the_writer_makes_volatile_commits_durable_within_volatile_sync_ms() {
     for volatile_sync_ms in [20, 0] {
         let kv = Crashable::new();
-        let broker = open_syncing_within(kv.clone(), volatile_sync_ms);
-        let (room, sub) = pull_subscription(&broker, false).await;
-        for _ in 0..2 {
-            broker.publish(room.event()).await.unwrap();
-        }
-        let leased = broker.pull(sub, 2, None, 0).await.unwrap();
-        let acked = broker.ack(sub, &[leased[0].ack_id.clone()]).await.unwrap();
-        assert!(acked[0].is_ok());
+        let (broker, sub) = two_leased_one_acked(&kv, volatile_sync_ms).await;
         if volatile_sync_ms == 0 {
             assert!(
                 kv.volatile.lock().unwrap().is_empty(),
@@ -421,14 +432,7 @@ async fn the_writer_makes_volatile_commits_durable_within_volatile_sync_ms() {
 #[tokio::test]
 async fn a_failed_sync_marks_the_broker_unready_until_a_sync_succeeds() {
     let kv = Crashable::new();
-    let broker = open_syncing_within(kv.clone(), 20);
-    let (room, sub) = pull_subscription(&broker, false).await;
-    for _ in 0..2 {
-        broker.publish(room.event()).await.unwrap();
-    }
-    let leased = broker.pull(sub, 2, None, 0).await.unwrap();
-    let acked = broker.ack(sub, &[leased[0].ack_id.clone()]).await.unwrap();
-    assert!(acked[0].is_ok());
+    let (broker, sub) = two_leased_one_acked(&kv, 20).await;
     // The next write to storage is the writer's sync of the ack, due 20 ms from it.
     broker.storage_faults().fail_next_commits(1);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
