@@ -153,16 +153,28 @@ impl Writer {
 /// How often, at most, a failing writer asks the backend to recover.
 const RECOVER_INTERVAL: Duration = Duration::from_millis(250);
 
-/// When the volatile commits not yet durable must be made so (see
-/// [`WriterConfig::volatile_sync_ms`]).
-#[derive(Default)]
-struct SyncDue {
-    /// `None` while nothing is volatile.
-    at: Option<Instant>,
+/// After failed commits the backend may need to reopen its file (redb refuses every write after
+/// an I/O error until then, and a reopen drops what was volatile): gives it the chance, at most
+/// once per [`RECOVER_INTERVAL`], so that writes resume by themselves once the cause (a full
+/// disk) is gone. Nothing to do while commits succeed.
+fn recover_if_failing(
+    store: &dyn Storage,
+    stats: &WriterStats,
+    last_recover: &mut Option<Instant>,
+) -> Result<()> {
+    if !stats.failing_now.load(Ordering::Acquire)
+        || last_recover.is_some_and(|t: Instant| t.elapsed() < RECOVER_INTERVAL)
+    {
+        return Ok(());
+    }
+    *last_recover = Some(Instant::now());
+    store.recover().inspect_err(|e| {
+        tracing::debug!(error = %e, "the storage backend could not recover yet");
+    })
 }
 
 /// The next job, or `None` when every sender is gone and the queue is drained. While a commit
-/// is volatile (leases, pullers' settles), the writer makes it durable by `due.at` whatever
+/// is volatile (leases, pullers' settles), the writer makes it durable by `sync_at` whatever
 /// arrives meanwhile (jobs that write nothing, such as empty pulls, included), so that a crash
 /// undoes at most `volatile_sync_ms` of such writes; their messages are then offered again.
 fn next_job(
@@ -171,10 +183,10 @@ fn next_job(
     clock: &dyn Clock,
     config: &WriterConfig,
     stats: &WriterStats,
-    due: &mut SyncDue,
+    sync_at: &mut Option<Instant>,
     last_recover: &mut Option<Instant>,
 ) -> Option<Job> {
-    while let Some(at) = due.at {
+    while let Some(at) = *sync_at {
         let now = Instant::now();
         if now < at {
             match rx.recv_timeout(at - now) {
@@ -187,26 +199,16 @@ fn next_job(
                 }
             }
         }
-        // After failed writes the backend may need to reopen first (redb refuses every write
-        // after an I/O error until then), which may itself drop what was volatile.
-        let recovered = if stats.failing_now.load(Ordering::Acquire)
-            && last_recover.is_none_or(|t: Instant| t.elapsed() >= RECOVER_INTERVAL)
-        {
-            *last_recover = Some(Instant::now());
-            store.recover()
-        } else {
-            Ok(())
-        };
-        match recovered.and_then(|()| store.sync()) {
+        match recover_if_failing(store, stats, last_recover).and_then(|()| store.sync()) {
             Ok(()) => {
                 note_success(stats);
-                due.at = None;
+                *sync_at = None;
             }
             // Counted like a failed commit (writes are likely refused too); tried again after
             // the recovery interval.
             Err(e) => {
                 note_failure(stats, config, clock.now(), &e.to_string(), 0);
-                due.at = Some(Instant::now() + RECOVER_INTERVAL);
+                *sync_at = Some(Instant::now() + RECOVER_INTERVAL);
             }
         }
     }
@@ -228,7 +230,8 @@ fn run(
     let linger_gap = linger_max / 4;
     let mut last_batch_len = 0usize;
     let mut last_recover: Option<Instant> = None;
-    let mut due = SyncDue::default();
+    // When the volatile commits not yet durable must be made so; `None` while none is.
+    let mut sync_at: Option<Instant> = None;
     // Returns when every sender is gone and the queue is drained.
     while let Some(first) = next_job(
         &rx,
@@ -236,7 +239,7 @@ fn run(
         &*clock,
         &config,
         &stats,
-        &mut due,
+        &mut sync_at,
         &mut last_recover,
     ) {
         let mut batch_bytes = first.bytes;
@@ -270,20 +273,8 @@ fn run(
         let (ops, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|j| (j.op, j.reply)).unzip();
         let n = ops.len();
         let rights_changed = ops.iter().any(WriteOp::may_change_rights);
-        // After failed commits the backend may need to reopen its file (redb refuses every write
-        // after an I/O error until then): give it the chance, at most once per interval, so
-        // that writes resume by themselves once the cause (a full disk) is gone.
-        let recovered = if stats.failing_now.load(Ordering::Acquire)
-            && last_recover.is_none_or(|t: Instant| t.elapsed() >= RECOVER_INTERVAL)
-        {
-            last_recover = Some(Instant::now());
-            store.recover().inspect_err(|e| {
-                tracing::debug!(error = %e, "the storage backend could not recover yet");
-            })
-        } else {
-            Ok(())
-        };
-        let outcome = recovered.and_then(|()| store.apply(clock.now(), ops));
+        let outcome = recover_if_failing(&*store, &stats, &mut last_recover)
+            .and_then(|()| store.apply(clock.now(), ops));
         queued_bytes.fetch_sub(batch_bytes, Ordering::SeqCst);
         stats.commits.fetch_add(1, Ordering::Relaxed);
         stats.ops.fetch_add(n as u64, Ordering::Relaxed);
@@ -292,7 +283,7 @@ fn run(
         match outcome {
             Ok(applied) => {
                 note_success(&stats);
-                due.at = match (applied.unsynced, due.at) {
+                sync_at = match (applied.unsynced, sync_at) {
                     (false, _) => None,
                     (true, Some(at)) => Some(at),
                     (true, None) => {

@@ -132,7 +132,8 @@ impl<'t> Tables<'t> {
                 {
                     continue;
                 }
-                if sub.ordered {
+                // Only while some head moved by a settle that a crash could still undo.
+                if sub.ordered && !(self.heads_moved.is_empty() && self.unsynced_heads.is_empty()) {
                     let mark = super::head_mark(sub_id, rec.key.as_str());
                     if self.heads_moved.contains(&mark) || self.unsynced_heads.contains(&mark) {
                         self.needs_durable = true;
