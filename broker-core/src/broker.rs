@@ -19,7 +19,7 @@ use crate::net_guard::PushGuard;
 use crate::schema::ValidatorCache;
 use crate::stats::Stats;
 use crate::storage::StorageFaults;
-use crate::storage::{DeliveryDefaults, Observation};
+use crate::storage::{DeliveryDefaults, Observation, PostgresConfig};
 use crate::storage::{Engine, Storage, WriteOp, WriteOutput};
 use crate::webhook::{HttpTransport, Transport};
 use crate::writer::Writer;
@@ -158,6 +158,28 @@ impl Broker {
         let cache = config.cache_bytes;
         let defaults = delivery_defaults(&config);
         let store = tokio::task::spawn_blocking(move || Engine::open(&path, cache, defaults))
+            .await
+            .map_err(|e| Error::Storage(format!("open task failed: {e}")))??;
+        let faults = store.faults();
+        Self::start(Arc::new(store), faults, config, clock)
+    }
+
+    /// Opens the PostgreSQL database `postgres` names (creating or upgrading its schema under
+    /// an advisory lock, so that several nodes starting together migrate once) with the
+    /// system clock. Several brokers may open one database: each fences its commits, and the
+    /// second of two that raced is refused with [`Error::StorageConflict`].
+    pub async fn open_postgres(postgres: PostgresConfig, config: Config) -> Result<Broker> {
+        Self::open_postgres_with_clock(postgres, config, Arc::new(SystemClock)).await
+    }
+
+    /// [`Broker::open_postgres`] with the given clock.
+    pub async fn open_postgres_with_clock(
+        postgres: PostgresConfig,
+        config: Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Broker> {
+        let defaults = delivery_defaults(&config);
+        let store = tokio::task::spawn_blocking(move || Engine::open_postgres(&postgres, defaults))
             .await
             .map_err(|e| Error::Storage(format!("open task failed: {e}")))??;
         let faults = store.faults();

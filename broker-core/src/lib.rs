@@ -88,7 +88,10 @@ pub use stats::{
     Latency, RoomStats, StatsFilter, StatsReport, StatsTotals, SubscriptionStats, Window,
 };
 #[cfg(any(test, feature = "fault-injection"))]
+pub use storage::pg_cluster::{test_postgres, TestPostgres};
+#[cfg(any(test, feature = "fault-injection"))]
 pub use storage::StorageFaults;
+pub use storage::{apply_migrations, pending_migrations, PendingMigration, PostgresConfig};
 pub use subscription::redact_url;
 pub use subscription::{
     Attempt, AttemptOutcome, BasicAuth, BlockedKey, CreatedSubscription, DeadLetter, DeliveryMode,

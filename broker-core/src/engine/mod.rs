@@ -26,6 +26,8 @@ mod events;
 mod fanout;
 #[cfg(test)]
 mod layout_tests;
+#[cfg(test)]
+mod pg_tests;
 mod pull;
 mod queue;
 mod queue_reads;
@@ -112,6 +114,14 @@ impl Engine {
         defaults: DeliveryDefaults,
     ) -> Result<Self> {
         Self::over(Arc::new(RedbKv::open(path, cache_bytes)?), defaults)
+    }
+
+    /// The PostgreSQL database `config` names, its schema created or upgraded first.
+    pub(crate) fn open_postgres(
+        config: &crate::storage::PostgresConfig,
+        defaults: DeliveryDefaults,
+    ) -> Result<Self> {
+        Self::over(Arc::new(crate::storage::PgKv::open(config)?), defaults)
     }
 
     /// A redb database that lives in memory only, for tests and examples.

@@ -576,4 +576,28 @@ mod tests {
             },
         );
     }
+
+    /// The PostgreSQL backend, each store in a fresh schema of the tests' server.
+    #[test]
+    fn postgres_conforms() {
+        let server = crate::storage::pg_cluster::test_postgres();
+        let last = std::sync::Mutex::new(None);
+        let fresh = || -> Arc<dyn KvStore> {
+            let config = server.fresh();
+            *last.lock().unwrap() = Some(config.clone());
+            Arc::new(crate::storage::PgKv::open(&config).unwrap())
+        };
+        let reopen = |kv: Arc<dyn KvStore>| -> Arc<dyn KvStore> {
+            drop(kv);
+            let config = last.lock().unwrap().clone().unwrap();
+            Arc::new(crate::storage::PgKv::open(&config).unwrap())
+        };
+        check_backend(
+            "postgres",
+            &Factory {
+                fresh: &fresh,
+                reopen: Some(&reopen),
+            },
+        );
+    }
 }

@@ -3,7 +3,8 @@
 //! suite. Above it, [`Storage`] is what the rest of the core asks of the engine (`crate::engine`,
 //! where every rule lives): apply a batch of broker operations in one durable commit, and the
 //! reads. This module also defines those operations ([`WriteOp`], [`DeliveryOp`]) and their
-//! outputs. Only `redb_kv.rs` and its layout migration `redb_migrate.rs` name redb.
+//! outputs. Only `redb_kv.rs` and its layout migration `redb_migrate.rs` name redb; only `pg_kv.rs` (and
+//! the tests' server, `pg_cluster.rs`) names PostgreSQL.
 
 pub(crate) mod codec;
 #[cfg(test)]
@@ -13,6 +14,9 @@ mod faults;
 pub(crate) mod kv;
 #[cfg(test)]
 mod mem_kv;
+#[cfg(any(test, feature = "fault-injection"))]
+pub mod pg_cluster;
+pub(crate) mod pg_kv;
 mod redb_kv;
 mod redb_migrate;
 pub(crate) mod txn;
@@ -21,6 +25,8 @@ pub(crate) use crate::engine::{ack_id, parse_ack_id, Engine};
 pub(crate) use faults::FaultyKv;
 #[cfg(test)]
 pub(crate) use mem_kv::MemKv;
+pub(crate) use pg_kv::PgKv;
+pub use pg_kv::{apply_migrations, pending_migrations, PendingMigration, PostgresConfig};
 pub(crate) use redb_kv::RedbKv;
 
 pub use faults::StorageFaults;

@@ -1,0 +1,201 @@
+//! A throwaway PostgreSQL server for tests, so that `cargo test` needs nothing running
+//! beforehand: the first test that asks starts one (initdb and pg_ctl from the machine's
+//! PostgreSQL, in a fresh folder, listening on a Unix socket only), and every test gets an
+//! empty schema of its own in it. A watchdog shell stops the server and removes its folder once
+//! the test process has exited.
+//!
+//! Where the binaries are: `POSTROOM_TEST_PG_BIN`, else `pg_config --bindir`, else the newest
+//! `/usr/lib/postgresql/<version>/bin` (Debian's layout). As root, the server runs as the
+//! `postgres` user (initdb refuses root). To use a server that is already running instead, set
+//! `POSTROOM_TEST_POSTGRES` to a key-value connection string (`host=... user=... dbname=...`)
+//! of a role that may create schemas.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use super::pg_kv::PostgresConfig;
+
+/// A PostgreSQL server the tests share.
+pub struct TestPostgres {
+    /// A key-value connection string of the server's `postgres` database.
+    base: String,
+    next: AtomicU64,
+}
+
+static SERVER: OnceLock<Result<TestPostgres, String>> = OnceLock::new();
+
+/// The tests' server, started on first use. Panics, saying what is missing, when none can be
+/// started: a test that needs PostgreSQL fails rather than passes unseen.
+pub fn test_postgres() -> &'static TestPostgres {
+    match SERVER.get_or_init(start) {
+        Ok(server) => server,
+        Err(why) => panic!(
+            "these tests need PostgreSQL (the server package: initdb and pg_ctl), and none could \
+             be started: {why}"
+        ),
+    }
+}
+
+impl TestPostgres {
+    /// The configuration of a new, empty schema of its own on the server (the backend creates
+    /// its tables there).
+    pub fn fresh(&self) -> PostgresConfig {
+        let n = self.next.fetch_add(1, Ordering::SeqCst);
+        let schema = format!("t{}_{n}", std::process::id());
+        self.execute(&format!("CREATE SCHEMA {schema}"));
+        PostgresConfig {
+            url: format!("{} options='-c search_path={schema}'", self.base),
+            pool_size: 4,
+            ..PostgresConfig::default()
+        }
+    }
+
+    /// Runs one statement on the server's `postgres` database (tests: terminate connections,
+    /// inspect the schema).
+    pub fn execute(&self, sql: &str) {
+        let base = self.base.clone();
+        let statement = sql.to_string();
+        let result = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async move {
+                let (client, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&statement)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err("the statement's thread panicked".into()));
+        if let Err(e) = result {
+            panic!("test postgres: {sql}: {e}");
+        }
+    }
+}
+
+fn start() -> Result<TestPostgres, String> {
+    if let Ok(base) = std::env::var("POSTROOM_TEST_POSTGRES") {
+        return Ok(TestPostgres {
+            base,
+            next: AtomicU64::new(0),
+        });
+    }
+    let bin = bin_dir()?;
+    let root = output(Command::new("id").arg("-u"))?.trim() == "0";
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!("postroom-pg-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if root {
+        let uid: u32 = parse(&output(Command::new("id").args(["-u", "postgres"]))?)?;
+        let gid: u32 = parse(&output(Command::new("id").args(["-g", "postgres"]))?)?;
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+            .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+    }
+    let data = dir.join("data");
+    let as_server = |program: &Path| {
+        if root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        }
+    };
+    output(as_server(&bin.join("initdb")).arg("-D").arg(&data).args([
+        "-U",
+        "postgres",
+        "--auth=trust",
+        "-E",
+        "UTF8",
+        "--no-sync",
+    ]))?;
+    let socket = dir.display().to_string();
+    output(
+        as_server(&bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.join("log"))
+            .args(["-w", "-t", "60", "-o"])
+            .arg(format!(
+                "-k {socket} -c listen_addresses='' -c max_connections=200"
+            ))
+            .arg("start"),
+    )?;
+    // Stops the server and removes its folder once this process has gone (a test binary has
+    // no hook that runs at its exit).
+    let watchdog = format!(
+        "while [ -d /proc/{pid} ]; do sleep 1; done; \"{pg_ctl}\" -D \"{data}\" -m immediate stop; rm -rf \"{dir}\"",
+        pid = std::process::id(),
+        pg_ctl = bin.join("pg_ctl").display(),
+        data = data.display(),
+        dir = dir.display(),
+    );
+    as_server(Path::new("sh"))
+        .args(["-c", &watchdog])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start the server's watchdog: {e}"))?;
+    Ok(TestPostgres {
+        base: format!("host={socket} user=postgres dbname=postgres"),
+        next: AtomicU64::new(0),
+    })
+}
+
+fn bin_dir() -> Result<PathBuf, String> {
+    if let Ok(dir) = std::env::var("POSTROOM_TEST_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Ok(out) = output(Command::new("pg_config").arg("--bindir")) {
+        let dir = PathBuf::from(out.trim());
+        if dir.join("initdb").exists() {
+            return Ok(dir);
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .map_err(|e| format!("no PostgreSQL found (/usr/lib/postgresql: {e}); install the server package or set POSTROOM_TEST_PG_BIN"))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .ok_or_else(|| "no initdb under /usr/lib/postgresql/*/bin; install the server package or set POSTROOM_TEST_PG_BIN".into())
+}
+
+fn output(command: &mut Command) -> Result<String, String> {
+    let out = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{command:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{command:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn parse(s: &str) -> Result<u32, String> {
+    s.trim().parse().map_err(|e| format!("{s:?}: {e}"))
+}

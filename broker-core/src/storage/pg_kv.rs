@@ -1,0 +1,636 @@
+//! The PostgreSQL backend (issue 16): the key-value seam of `kv.rs` over one table, so that
+//! several Postroom processes can keep their Rooms in one database that the team already runs
+//! and trusts. It decides nothing: every rule stays in the engine, which sees a store that says
+//! it is shared (`KvStore::shared`) and fences each batch.
+//!
+//! - One table, `postroom_kv (space smallint, key bytea, value bytea)`, primary key
+//!   `(space, key)`: bytea compares as unsigned bytes, the order the seam promises.
+//! - A snapshot is a `REPEATABLE READ, READ ONLY` transaction on a pooled connection, started
+//!   with a first statement so that its view is fixed when the snapshot is taken; dropping it
+//!   rolls back and returns the connection.
+//! - A commit is one `SERIALIZABLE` transaction on the writer's own connection: the batch's
+//!   conditions are read and compared, then the writes go in as one upsert and one delete.
+//!   A condition that does not hold, a serialization failure or a unique violation (another
+//!   node committed first) is `Error::StorageConflict`; nothing is written.
+//! - A volatile batch commits with `synchronous_commit = off`; `sync` commits a transaction
+//!   that has an id, whose commit flushes the WAL up to it, volatile commits included.
+//! - The connections and their I/O run on a small runtime of the backend's own, so that the
+//!   synchronous seam can wait on them from any thread (the writer's, a blocking task, or a
+//!   tokio worker under `block_in_place`) without nesting runtimes.
+//! - The schema is created and upgraded by [`migrate`] at open, under an advisory lock, so that
+//!   several nodes starting together migrate once; `postroom migrate --check` lists what
+//!   [`pending_migrations`] would apply.
+
+use std::future::Future;
+use std::ops::Bound;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use serde::{Deserialize, Serialize};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+use super::kv::{Batch, Entry, KvStore, Order, Snapshot, Space};
+use crate::error::{Error, Result};
+
+/// How to reach the PostgreSQL database (`[storage.postgres]` in `postroom.toml`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// A libpq connection string or URL (`postgresql://user:password@host:5432/postroom`,
+    /// `host=/run/postgresql dbname=postroom`). Empty: not configured.
+    pub url: String,
+    /// Connections kept for reads (default 16); commits use one more of their own.
+    pub pool_size: usize,
+    /// Longest a statement may run before the database cancels it, in milliseconds (default
+    /// 30,000; 0: no limit). Set on every connection.
+    pub statement_timeout_ms: u64,
+    /// Longest to wait for a connection, to the database or from the pool, in milliseconds
+    /// (default 5,000).
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: String::new(),
+            pool_size: 16,
+            statement_timeout_ms: 30_000,
+            connect_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// The table's schema, as numbered steps: each is applied once, in order, in its own
+/// transaction, and recorded in `postroom_migrations`. A step is never edited once released;
+/// a change is a new step.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "the key-value table",
+    "CREATE TABLE postroom_kv (
+         space smallint NOT NULL,
+         key bytea NOT NULL,
+         value bytea NOT NULL,
+         PRIMARY KEY (space, key)
+     )",
+)];
+
+/// The advisory lock that serializes migrations among nodes starting together (an arbitrary
+/// constant: "postroom" in ASCII, folded into 63 bits).
+const MIGRATION_LOCK: i64 = 0x706f_7374_726f_6f6d;
+
+/// A migration step this build would apply: its number and what it does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingMigration {
+    /// The step's number.
+    pub version: i32,
+    /// What it does.
+    pub name: &'static str,
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let conflict = e.code().is_some_and(|c| {
+            *c == SqlState::T_R_SERIALIZATION_FAILURE
+                || *c == SqlState::T_R_DEADLOCK_DETECTED
+                || *c == SqlState::UNIQUE_VIOLATION
+        });
+        if conflict {
+            return Error::StorageConflict {
+                detail: format!("postgres: another writer committed first ({e})"),
+            };
+        }
+        // The server's own message (a `DbError`) says more than the wrapper's `Display`.
+        match e.as_db_error() {
+            Some(db) => Error::Storage(format!("postgres: {}: {}", db.code().code(), db.message())),
+            None => Error::Storage(format!("postgres: {e}")),
+        }
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> Error {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => e.into(),
+        other => Error::Storage(format!("postgres: no connection: {other}")),
+    }
+}
+
+/// The parts the backend's tasks share.
+struct Shared {
+    /// Connections for snapshots.
+    reads: Pool,
+    /// The one connection commits and syncs use, so that a burst of readers never keeps the
+    /// writer waiting for a connection.
+    write: Pool,
+}
+
+/// The PostgreSQL backend.
+pub(crate) struct PgKv {
+    shared: Arc<Shared>,
+    /// Runs the connections' I/O; taken out and shut down in the background when the backend is
+    /// dropped (a runtime may not be dropped where blocking is not allowed).
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl PgKv {
+    /// Connects, creates or upgrades the schema (under the migration lock), and checks that the
+    /// database holds no schema newer than this build knows.
+    pub(crate) fn open(config: &PostgresConfig) -> Result<PgKv> {
+        let pg = pg_config(config)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("postroom-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Storage(format!("postgres: cannot start its runtime: {e}")))?;
+        let (reads, write) = {
+            let _entered = runtime.enter();
+            (
+                pool(&pg, config.pool_size.max(1), config)?,
+                pool(&pg, 1, config)?,
+            )
+        };
+        let kv = PgKv {
+            shared: Arc::new(Shared { reads, write }),
+            runtime: Some(runtime),
+        };
+        let shared = kv.shared.clone();
+        kv.run(async move {
+            let mut conn = shared.write.get().await.map_err(pool_error)?;
+            migrate(&mut conn).await
+        })?;
+        Ok(kv)
+    }
+
+    /// Runs `work` on the backend's runtime and waits for it from this thread.
+    fn run<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        let runtime = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| Error::Storage("postgres: the backend is closed".into()))?;
+        run_on(runtime.handle(), work)
+    }
+}
+
+/// Runs `work` on `handle`'s runtime and waits for it on this thread (which may belong to
+/// another runtime: the wait is a plain channel, never a nested `block_on`).
+fn run_on<T: Send + 'static>(
+    handle: &tokio::runtime::Handle,
+    work: impl Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    handle.spawn(async move {
+        let _ = tx.send(work.await);
+    });
+    rx.recv()
+        .map_err(|_| Error::Storage("postgres: the backend stopped during a call".into()))?
+}
+
+impl Drop for PgKv {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The driver's configuration from ours: the connection string, the timeouts, and the
+/// application name that `pg_stat_activity` shows.
+fn pg_config(config: &PostgresConfig) -> Result<tokio_postgres::Config> {
+    if config.url.trim().is_empty() {
+        return Err(Error::Storage(
+            "postgres: storage.postgres.url is not set (a URL such as \
+             postgresql://postroom@db.example:5432/postroom)"
+                .into(),
+        ));
+    }
+    let mut pg: tokio_postgres::Config = config.url.parse().map_err(|e| {
+        Error::Storage(format!(
+            "postgres: storage.postgres.url is not a valid connection string: {e}"
+        ))
+    })?;
+    pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms.max(1)));
+    if pg.get_application_name().is_none() {
+        pg.application_name("postroom");
+    }
+    let mut options = pg.get_options().unwrap_or("").to_string();
+    options.push_str(&format!(
+        " -c statement_timeout={}",
+        config.statement_timeout_ms
+    ));
+    pg.options(options.trim());
+    Ok(pg)
+}
+
+fn pool(pg: &tokio_postgres::Config, size: usize, config: &PostgresConfig) -> Result<Pool> {
+    let manager = Manager::from_config(
+        pg.clone(),
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let wait = Duration::from_millis(config.connect_timeout_ms.max(1));
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(wait))
+        .create_timeout(Some(wait))
+        .build()
+        .map_err(|e| Error::Storage(format!("postgres: cannot build the pool: {e}")))
+}
+
+/// Applies the migration steps the database lacks, each in its own transaction, while holding
+/// the advisory lock; refuses a database whose schema is newer than this build's.
+async fn migrate(conn: &mut Object) -> Result<()> {
+    conn.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let result = migrate_locked(conn).await;
+    let unlocked = conn
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    result?;
+    unlocked?;
+    Ok(())
+}
+
+async fn migrate_locked(conn: &mut Object) -> Result<()> {
+    conn.batch_execute(
+        "CREATE TABLE IF NOT EXISTS postroom_migrations (
+             version integer PRIMARY KEY,
+             name text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .await?;
+    let applied = applied_versions(conn).await?;
+    let known = MIGRATIONS.last().map_or(0, |m| m.0);
+    if let Some(newer) = applied.iter().find(|v| **v > known) {
+        return Err(Error::Storage(format!(
+            "postgres: the database's schema is at step {newer}, newer than this build knows \
+             (up to {known}): run a newer Postroom"
+        )));
+    }
+    for (version, name, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        let tx = conn.transaction().await?;
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO postroom_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(version, name, "postgres schema migrated");
+    }
+    Ok(())
+}
+
+async fn applied_versions(conn: &Object) -> Result<Vec<i32>> {
+    let exists: bool = conn
+        .query_one("SELECT to_regclass('postroom_migrations') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    Ok(conn
+        .query(
+            "SELECT version FROM postroom_migrations ORDER BY version",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// The migration steps that opening the database described by `config` would apply, without
+/// applying any (`postroom migrate --check`).
+pub fn pending_migrations(config: &PostgresConfig) -> Result<Vec<PendingMigration>> {
+    let pg = pg_config(config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Storage(format!("postgres: cannot start its runtime: {e}")))?;
+    let work = async move {
+        let (client, connection) = pg.connect(NoTls).await?;
+        tokio::spawn(connection);
+        let exists: bool = client
+            .query_one("SELECT to_regclass('postroom_migrations') IS NOT NULL", &[])
+            .await?
+            .get(0);
+        let applied: Vec<i32> = if exists {
+            client
+                .query("SELECT version FROM postroom_migrations", &[])
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(MIGRATIONS
+            .iter()
+            .filter(|m| !applied.contains(&m.0))
+            .map(|m| PendingMigration {
+                version: m.0,
+                name: m.1,
+            })
+            .collect())
+    };
+    // On a thread of its own, so that it may be called from within another runtime.
+    std::thread::spawn(move || runtime.block_on(work))
+        .join()
+        .map_err(|_| Error::Storage("postgres: the migration check panicked".into()))?
+}
+
+/// Opens the database described by `config` and applies every pending migration step
+/// (`postroom migrate`); returns the steps applied.
+pub fn apply_migrations(config: &PostgresConfig) -> Result<Vec<PendingMigration>> {
+    let pending = pending_migrations(config)?;
+    let kv = PgKv::open(config)?;
+    drop(kv);
+    Ok(pending)
+}
+
+/// A snapshot: a read-only repeatable-read transaction on a pooled connection.
+struct PgSnapshot {
+    conn: Option<Arc<Object>>,
+    handle: tokio::runtime::Handle,
+}
+
+impl PgSnapshot {
+    fn conn(&self) -> Result<Arc<Object>> {
+        self.conn
+            .clone()
+            .ok_or_else(|| Error::Storage("postgres: the snapshot is closed".into()))
+    }
+}
+
+impl Drop for PgSnapshot {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // The connection goes back to the pool only once its transaction has ended; one
+            // whose rollback fails is broken and the pool drops it when it comes back.
+            self.handle.spawn(async move {
+                let _ = conn.batch_execute("ROLLBACK").await;
+            });
+        }
+    }
+}
+
+/// The statement that reads a range with the given bounds and order (one of eighteen shapes,
+/// each prepared once per connection).
+fn range_sql(start: &Bound<&[u8]>, end: &Bound<&[u8]>, order: Order) -> String {
+    let mut sql = String::from("SELECT key, value FROM postroom_kv WHERE space = $1");
+    let mut param = 2;
+    for (bound, ge, gt) in [(start, ">=", ">"), (end, "<=", "<")] {
+        match bound {
+            Bound::Included(_) => sql.push_str(&format!(" AND key {ge} ${param}")),
+            Bound::Excluded(_) => sql.push_str(&format!(" AND key {gt} ${param}")),
+            Bound::Unbounded => continue,
+        }
+        param += 1;
+    }
+    sql.push_str(match order {
+        Order::Ascending => " ORDER BY key ASC",
+        Order::Descending => " ORDER BY key DESC",
+    });
+    sql.push_str(&format!(" LIMIT ${param}"));
+    sql
+}
+
+impl Snapshot for PgSnapshot {
+    fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let conn = self.conn()?;
+        let key = key.to_vec();
+        run_on(&self.handle, async move {
+            let stmt = conn
+                .prepare_cached("SELECT value FROM postroom_kv WHERE space = $1 AND key = $2")
+                .await?;
+            let row = conn.query_opt(&stmt, &[&(space as i16), &key]).await?;
+            Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+        })
+    }
+
+    fn range(
+        &self,
+        space: Space,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+        order: Order,
+        limit: usize,
+    ) -> Result<Vec<Entry>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let conn = self.conn()?;
+        let sql = range_sql(&start, &end, order);
+        let bounds: Vec<Vec<u8>> = [start, end]
+            .into_iter()
+            .filter_map(|b| match b {
+                Bound::Included(k) | Bound::Excluded(k) => Some(k.to_vec()),
+                Bound::Unbounded => None,
+            })
+            .collect();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        run_on(&self.handle, async move {
+            let stmt = conn.prepare_cached(&sql).await?;
+            let space = space as i16;
+            let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&space];
+            for b in &bounds {
+                params.push(b);
+            }
+            params.push(&limit);
+            let rows = conn.query(&stmt, &params).await?;
+            Ok(rows
+                .iter()
+                .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
+                .collect())
+        })
+    }
+}
+
+/// A batch's writes with only the last write to each key kept (a later write wins), split into
+/// upserts and deletes.
+struct Writes {
+    put_spaces: Vec<i16>,
+    put_keys: Vec<Vec<u8>>,
+    put_values: Vec<Vec<u8>>,
+    del_spaces: Vec<i16>,
+    del_keys: Vec<Vec<u8>>,
+}
+
+impl Writes {
+    fn of(batch: Batch) -> Writes {
+        let mut last = std::collections::HashMap::new();
+        for (i, w) in batch.writes.iter().enumerate() {
+            last.insert((w.space, w.key.as_slice()), i);
+        }
+        let mut keep: Vec<usize> = last.into_values().collect();
+        keep.sort_unstable();
+        let mut out = Writes {
+            put_spaces: Vec::new(),
+            put_keys: Vec::new(),
+            put_values: Vec::new(),
+            del_spaces: Vec::new(),
+            del_keys: Vec::new(),
+        };
+        let mut writes: Vec<Option<super::kv::Put>> = batch.writes.into_iter().map(Some).collect();
+        for i in keep {
+            let Some(w) = writes[i].take() else { continue };
+            match w.value {
+                Some(v) => {
+                    out.put_spaces.push(w.space as i16);
+                    out.put_keys.push(w.key);
+                    out.put_values.push(v);
+                }
+                None => {
+                    out.del_spaces.push(w.space as i16);
+                    out.del_keys.push(w.key);
+                }
+            }
+        }
+        out
+    }
+}
+
+async fn commit_batch(shared: Arc<Shared>, batch: Batch) -> Result<()> {
+    let volatile = batch.volatile;
+    let expect = batch.expect.clone();
+    let writes = Writes::of(batch);
+    let mut conn = shared.write.get().await.map_err(pool_error)?;
+    let tx = conn
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::Serializable)
+        .start()
+        .await?;
+    if volatile {
+        tx.batch_execute("SET LOCAL synchronous_commit TO OFF")
+            .await?;
+    }
+    if !expect.is_empty() {
+        let spaces: Vec<i16> = expect.iter().map(|e| e.space as i16).collect();
+        let keys: Vec<Vec<u8>> = expect.iter().map(|e| e.key.clone()).collect();
+        let stmt = tx
+            .prepare_cached(
+                "SELECT k.space, k.key, t.value FROM unnest($1::int2[], $2::bytea[]) AS k(space, key) \
+                 LEFT JOIN postroom_kv t ON t.space = k.space AND t.key = k.key",
+            )
+            .await?;
+        let rows = tx.query(&stmt, &[&spaces, &keys]).await?;
+        let now: std::collections::HashMap<(i16, Vec<u8>), Option<Vec<u8>>> = rows
+            .iter()
+            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+            .collect();
+        for e in &expect {
+            let found = now.get(&(e.space as i16, e.key.clone())).cloned().flatten();
+            if found != e.value {
+                // Dropping the transaction rolls it back.
+                return Err(Error::StorageConflict {
+                    detail: format!("{}: a key changed since it was read", e.space.name()),
+                });
+            }
+        }
+    }
+    if !writes.put_keys.is_empty() {
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO postroom_kv (space, key, value) \
+                 SELECT * FROM unnest($1::int2[], $2::bytea[], $3::bytea[]) \
+                 ON CONFLICT (space, key) DO UPDATE SET value = EXCLUDED.value",
+            )
+            .await?;
+        tx.execute(
+            &stmt,
+            &[&writes.put_spaces, &writes.put_keys, &writes.put_values],
+        )
+        .await?;
+    }
+    if !writes.del_keys.is_empty() {
+        let stmt = tx
+            .prepare_cached(
+                "DELETE FROM postroom_kv t USING unnest($1::int2[], $2::bytea[]) AS d(space, key) \
+                 WHERE t.space = d.space AND t.key = d.key",
+            )
+            .await?;
+        tx.execute(&stmt, &[&writes.del_spaces, &writes.del_keys])
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+impl KvStore for PgKv {
+    fn snapshot(&self) -> Result<Arc<dyn Snapshot>> {
+        let shared = self.shared.clone();
+        let conn = self.run(async move {
+            let conn = shared.reads.get().await.map_err(pool_error)?;
+            // The first statement fixes the transaction's view: the snapshot sees exactly what
+            // was committed before this call returns.
+            conn.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SELECT 1")
+                .await?;
+            Ok(conn)
+        })?;
+        let handle = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| Error::Storage("postgres: the backend is closed".into()))?
+            .handle()
+            .clone();
+        Ok(Arc::new(PgSnapshot {
+            conn: Some(Arc::new(conn)),
+            handle,
+        }))
+    }
+
+    fn commit(&self, batch: Batch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let shared = self.shared.clone();
+        self.run(commit_batch(shared, batch))
+    }
+
+    fn sync(&self) -> Result<()> {
+        let shared = self.shared.clone();
+        self.run(async move {
+            let conn = shared.write.get().await.map_err(pool_error)?;
+            // A transaction with an id writes a commit record; committing it synchronously
+            // flushes the WAL up to there, and with it every volatile commit before.
+            conn.batch_execute("BEGIN; SELECT pg_current_xact_id(); COMMIT")
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn recover(&self) -> Result<()> {
+        // The pools replace broken connections by themselves; this only tells the writer
+        // whether the database answers again.
+        let shared = self.shared.clone();
+        self.run(async move {
+            let conn = shared.write.get().await.map_err(pool_error)?;
+            conn.batch_execute("SELECT 1").await?;
+            Ok(())
+        })
+    }
+
+    fn reads_block(&self) -> bool {
+        true
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+}
