@@ -171,6 +171,36 @@ impl TlsConfig {
     }
 }
 
+/// Where the broker keeps its data (`[storage]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `redb` (the default: one embedded file in the data folder) or `postgres` (a PostgreSQL
+    /// database that several nodes may share; see `[storage.postgres]`).
+    pub backend: Backend,
+    /// The PostgreSQL database, when `backend = "postgres"`.
+    pub postgres: broker_core::PostgresConfig,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: Backend::Redb,
+            postgres: broker_core::PostgresConfig::default(),
+        }
+    }
+}
+
+/// The storage backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// An embedded redb file, `postroom.redb` in the data folder.
+    Redb,
+    /// A PostgreSQL database (`storage.postgres.url`).
+    Postgres,
+}
+
 /// Everything `postroom serve` runs with.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -185,6 +215,8 @@ pub struct ServerConfig {
     /// also `--allow-open-data-dir`). The database holds the token signing keys: only set this
     /// when the folder is shared on purpose (a backup agent's group, say).
     pub allow_open_data_dir: bool,
+    /// Where the data lives: the embedded redb file (default) or PostgreSQL.
+    pub storage: StorageConfig,
     /// HTTP limits.
     pub http: HttpConfig,
     /// Authentication.
@@ -207,6 +239,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("data"),
             allow_open_data_dir: false,
+            storage: StorageConfig::default(),
             http: HttpConfig::default(),
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
@@ -280,6 +313,14 @@ impl ServerConfig {
         }
         if self.tls.cert_path.is_some() != self.tls.key_path.is_some() {
             return Err(StartError::Config(TlsConfig::HALF_SET.into()));
+        }
+        if self.storage.backend == Backend::Postgres && self.storage.postgres.url.trim().is_empty()
+        {
+            return Err(StartError::Config(
+                "storage.backend is postgres but storage.postgres.url is not set (for example \
+                 POSTROOM_STORAGE__POSTGRES__URL=postgresql://postroom@db.example/postroom)"
+                    .into(),
+            ));
         }
         if self.http.header_read_timeout_ms == 0 {
             return Err(StartError::Config(

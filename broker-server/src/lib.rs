@@ -169,9 +169,16 @@ pub async fn serve(
         .iter()
         .map(|p| pack::Pack::load(p).map_err(|e| StartError::Config(format!("pack: {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
-    // The folder is checked last, just before the broker writes into it.
-    data_dir::prepare(&config)?;
-    let broker = Broker::open(config.database_path(), config.broker.clone()).await?;
+    let broker = match config.storage.backend {
+        config::Backend::Redb => {
+            // The folder is checked last, just before the broker writes into it.
+            data_dir::prepare(&config)?;
+            Broker::open(config.database_path(), config.broker.clone()).await?
+        }
+        config::Backend::Postgres => {
+            Broker::open_postgres(config.storage.postgres.clone(), config.broker.clone()).await?
+        }
+    };
     if let Some((client_id, secret)) = auth::bootstrap(&broker, &config.auth).await? {
         // Shown once, on the terminal that started the server; never logged.
         let text = match secret {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use broker_server::cli::{ClientCommand, GlobalArgs};
+use broker_server::config::Backend;
 use broker_server::{serve, shutdown_signal, ServerConfig};
 use clap::{Parser, Subcommand};
 
@@ -50,6 +51,18 @@ enum Command {
         #[arg(long)]
         allow_open_data_dir: bool,
     },
+    /// Creates or upgrades the PostgreSQL schema (`storage.backend = "postgres"`); with
+    /// `--check`, only lists the steps it would apply and exits 1 when there are any. The
+    /// server applies them itself at start, under a lock; this is for deploy pipelines that
+    /// migrate first. The redb backend upgrades its file when it opens: nothing to do here.
+    Migrate {
+        /// A TOML configuration file; `POSTROOM_*` environment variables override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Only say what would change.
+        #[arg(long)]
+        check: bool,
+    },
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -70,7 +83,54 @@ fn main() -> ExitCode {
             insecure_no_auth,
             allow_open_data_dir,
         }),
+        Command::Migrate { config, check } => migrate(config, check),
         Command::Client(command) => broker_server::cli::run(cli.global, command),
+    }
+}
+
+/// `postroom migrate [--check]`.
+fn migrate(config: Option<PathBuf>, check: bool) -> ExitCode {
+    let cfg = match ServerConfig::load(config.as_deref(), std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("postroom: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if cfg.storage.backend != Backend::Postgres {
+        println!(
+            "storage.backend is redb: its file is upgraded when the server opens it; nothing to \
+             migrate"
+        );
+        return ExitCode::SUCCESS;
+    }
+    let pg = &cfg.storage.postgres;
+    let result = if check {
+        broker_core::pending_migrations(pg)
+    } else {
+        broker_core::apply_migrations(pg)
+    };
+    match result {
+        Ok(steps) if steps.is_empty() => {
+            println!("{}: the schema is up to date", pg.describe());
+            ExitCode::SUCCESS
+        }
+        Ok(steps) => {
+            let verb = if check { "would apply" } else { "applied" };
+            println!("{}: {verb}:", pg.describe());
+            for step in &steps {
+                println!("  {} {}", step.version, step.name);
+            }
+            if check {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("postroom: {}: {e}", pg.describe());
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -146,7 +206,9 @@ fn run_server(args: ServeArgs) -> ExitCode {
         // checking before the line below keeps a server that is about to refuse to start from
         // announcing that it listens.
         cfg.validate(addr)?;
-        broker_server::data_dir::prepare(&cfg)?;
+        if cfg.storage.backend == Backend::Redb {
+            broker_server::data_dir::prepare(&cfg)?;
+        }
         let scheme = if cfg.tls.is_enabled() {
             "https"
         } else {
@@ -155,10 +217,11 @@ fn run_server(args: ServeArgs) -> ExitCode {
         // Signal handlers first, so that a SIGTERM from now on means a graceful shutdown.
         let shutdown = shutdown_signal();
         // Printed on stdout so that scripts (and tests) can find the port when it was 0.
-        println!(
-            "postroom listening on {scheme}://{addr} with data in {}",
-            cfg.data_dir.display()
-        );
+        let data = match cfg.storage.backend {
+            Backend::Redb => cfg.data_dir.display().to_string(),
+            Backend::Postgres => cfg.storage.postgres.describe(),
+        };
+        println!("postroom listening on {scheme}://{addr} with data in {data}");
         if cfg.auth.insecure_no_auth {
             tracing::warn!(
                 "authentication is off (--insecure-no-auth): every caller is the administrator"

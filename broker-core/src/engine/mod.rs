@@ -102,6 +102,23 @@ pub(crate) struct Engine {
     epoch_unstored: std::sync::atomic::AtomicBool,
 }
 
+/// Tries `f` again while it loses races to other brokers on a shared store
+/// (`Error::StorageConflict`), at most [`OPEN_CONFLICT_TRIES`] times in all.
+fn on_conflict_retry<T>(mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut tries = 1;
+    loop {
+        match f() {
+            Err(Error::StorageConflict { .. }) if tries < OPEN_CONFLICT_TRIES => tries += 1,
+            other => return other,
+        }
+    }
+}
+
+/// How often an opening tries its commits when other brokers sharing the store win the race:
+/// each loss means another broker committed, so a few tries are enough for many opening
+/// together.
+const OPEN_CONFLICT_TRIES: u32 = 32;
+
 /// At most this many volatile commits in a row: then one is made durable, so that a store that
 /// frees space only on durable commits (redb) does not grow under a long run of leases alone.
 const VOLATILE_RUN_MAX: u32 = 64;
@@ -188,6 +205,32 @@ impl Engine {
         faults: Arc<crate::storage::StorageFaults>,
         defaults: DeliveryDefaults,
     ) -> Result<Self> {
+        // Brokers opening one shared store together race for the open commit: the loser reads
+        // again and tries again.
+        let epoch = on_conflict_retry(|| Self::open_commit(&kv))?;
+        tracing::debug!(backend = kv.kind(), "storage opened");
+        let store = Engine {
+            seqs: Mutex::new(SeqCache::default()),
+            fanout: Mutex::new(FanoutCache::default()),
+            defaults: std::sync::RwLock::new(defaults),
+            faults,
+            reads_block: kv.reads_block(),
+            shared: kv.shared(),
+            volatile_run: Default::default(),
+            unsynced_heads: Mutex::default(),
+            epoch: epoch.into(),
+            epoch_unstored: true.into(),
+            kv,
+        };
+        let rebuilt = store.rebuild_seqs()?;
+        *store.seqs.lock().unwrap_or_else(|p| p.into_inner()) = rebuilt;
+        on_conflict_retry(|| store.with_tables(|t| t.ensure_ready_index()))?;
+        Ok(store)
+    }
+
+    /// The commit every opening makes: the layout mark (and its upgrade), interrupted seeks
+    /// ended; returns this boot's lease epoch.
+    fn open_commit(kv: &Arc<dyn KvStore>) -> Result<u64> {
         let txn = Txn::new(kv.snapshot()?);
         let epoch;
         {
@@ -230,24 +273,7 @@ impl Engine {
         }
         drop(txn);
         kv.commit(batch)?;
-        tracing::debug!(backend = kv.kind(), "storage opened");
-        let store = Engine {
-            seqs: Mutex::new(SeqCache::default()),
-            fanout: Mutex::new(FanoutCache::default()),
-            defaults: std::sync::RwLock::new(defaults),
-            faults,
-            reads_block: kv.reads_block(),
-            shared: kv.shared(),
-            volatile_run: Default::default(),
-            unsynced_heads: Mutex::default(),
-            epoch: epoch.into(),
-            epoch_unstored: true.into(),
-            kv,
-        };
-        let rebuilt = store.rebuild_seqs()?;
-        *store.seqs.lock().unwrap_or_else(|p| p.into_inner()) = rebuilt;
-        store.with_tables(|t| t.ensure_ready_index())?;
-        Ok(store)
+        Ok(epoch)
     }
 
     /// Runs `f` over the tables in a transaction of its own and commits it (at open, before

@@ -140,3 +140,30 @@ async fn two_brokers_racing_on_one_database_number_a_key_without_gaps_or_repeats
     a.close().await;
     b.close().await;
 }
+
+/// Several brokers opening one fresh database at once (nodes started together) all open: the
+/// schema is created once, under the migration lock, and a broker whose opening commit lost
+/// the race to another's reads again and tries again instead of failing to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brokers_opening_one_database_together_all_open() {
+    let pg = crate::storage::pg_cluster::test_postgres().fresh();
+    let opens: Vec<_> = (0..6)
+        .map(|_| {
+            let pg = pg.clone();
+            tokio::spawn(async move {
+                let config = Config::default();
+                Broker::open_postgres(pg, config).await
+            })
+        })
+        .collect();
+    let mut brokers = Vec::new();
+    for open in opens {
+        brokers.push(open.await.unwrap().expect("every node opens"));
+    }
+    let room = TestRoom::create(&brokers[0]).await;
+    for (i, b) in brokers.iter().enumerate() {
+        let r = b.publish(keyed(&room, "k")).await.unwrap();
+        assert_eq!(r.sequence.0, i as u64 + 1);
+        b.close().await;
+    }
+}

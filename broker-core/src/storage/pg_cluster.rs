@@ -1,14 +1,14 @@
 //! A throwaway PostgreSQL server for tests, so that `cargo test` needs nothing running
 //! beforehand: the first test that asks starts one (initdb and pg_ctl from the machine's
-//! PostgreSQL, in a fresh folder, listening on a Unix socket only), and every test gets an
+//! PostgreSQL, in a fresh temporary folder, on a free loopback port), and every test gets an
 //! empty schema of its own in it. A watchdog shell stops the server and removes its folder once
 //! the test process has exited.
 //!
 //! Where the binaries are: `POSTROOM_TEST_PG_BIN`, else `pg_config --bindir`, else the newest
 //! `/usr/lib/postgresql/<version>/bin` (Debian's layout). As root, the server runs as the
 //! `postgres` user (initdb refuses root). To use a server that is already running instead, set
-//! `POSTROOM_TEST_POSTGRES` to a key-value connection string (`host=... user=... dbname=...`)
-//! of a role that may create schemas.
+//! `POSTROOM_TEST_POSTGRES_URL` to a connection URL or key-value string of a role that may
+//! create schemas.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -45,8 +45,15 @@ impl TestPostgres {
         let n = self.next.fetch_add(1, Ordering::SeqCst);
         let schema = format!("t{}_{n}", std::process::id());
         self.execute(&format!("CREATE SCHEMA {schema}"));
+        let url = if self.base.starts_with("postgres://") || self.base.starts_with("postgresql://")
+        {
+            let sep = if self.base.contains('?') { '&' } else { '?' };
+            format!("{}{sep}options=-c%20search_path%3D{schema}", self.base)
+        } else {
+            format!("{} options='-c search_path={schema}'", self.base)
+        };
         PostgresConfig {
-            url: format!("{} options='-c search_path={schema}'", self.base),
+            url,
             pool_size: 4,
             ..PostgresConfig::default()
         }
@@ -65,12 +72,12 @@ impl TestPostgres {
             runtime.block_on(async move {
                 let (client, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| format!("{e:?}"))?;
                 tokio::spawn(connection);
                 client
                     .batch_execute(&statement)
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| format!("{e:?}"))
             })
         })
         .join()
@@ -82,7 +89,7 @@ impl TestPostgres {
 }
 
 fn start() -> Result<TestPostgres, String> {
-    if let Ok(base) = std::env::var("POSTROOM_TEST_POSTGRES") {
+    if let Ok(base) = std::env::var("POSTROOM_TEST_POSTGRES_URL") {
         return Ok(TestPostgres {
             base,
             next: AtomicU64::new(0),
@@ -120,6 +127,11 @@ fn start() -> Result<TestPostgres, String> {
         "--no-sync",
     ]))?;
     let socket = dir.display().to_string();
+    // A free port: the kernel picks one for a listener that is closed at once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port: {e}"))?
+        .port();
     output(
         as_server(&bin.join("pg_ctl"))
             .arg("-D")
@@ -128,7 +140,7 @@ fn start() -> Result<TestPostgres, String> {
             .arg(dir.join("log"))
             .args(["-w", "-t", "60", "-o"])
             .arg(format!(
-                "-k {socket} -c listen_addresses='' -c max_connections=200"
+                "-k {socket} -p {port} -c listen_addresses=127.0.0.1 -c max_connections=200"
             ))
             .arg("start"),
     )?;
@@ -149,7 +161,7 @@ fn start() -> Result<TestPostgres, String> {
         .spawn()
         .map_err(|e| format!("cannot start the server's watchdog: {e}"))?;
     Ok(TestPostgres {
-        base: format!("host={socket} user=postgres dbname=postgres"),
+        base: format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
         next: AtomicU64::new(0),
     })
 }

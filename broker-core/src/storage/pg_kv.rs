@@ -62,6 +62,35 @@ impl Default for PostgresConfig {
     }
 }
 
+impl PostgresConfig {
+    /// Where the database is, for logs and the start-up line: hosts and database name, never
+    /// the password.
+    pub fn describe(&self) -> String {
+        match self.url.parse::<tokio_postgres::Config>() {
+            Ok(pg) => {
+                let hosts: Vec<String> = pg
+                    .get_hosts()
+                    .iter()
+                    .map(|h| match h {
+                        tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                        tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+                    })
+                    .collect();
+                format!(
+                    "PostgreSQL database {} on {}",
+                    pg.get_dbname().unwrap_or("(default)"),
+                    if hosts.is_empty() {
+                        "localhost".to_string()
+                    } else {
+                        hosts.join(",")
+                    }
+                )
+            }
+            Err(_) => "PostgreSQL (an invalid connection string)".into(),
+        }
+    }
+}
+
 /// The table's schema, as numbered steps: each is applied once, in order, in its own
 /// transaction, and recorded in `postroom_migrations`. A step is never edited once released;
 /// a change is a new step.

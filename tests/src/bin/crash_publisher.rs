@@ -4,7 +4,9 @@
 //!
 //! Usage: crash_publisher <database file> <keys> <concurrency> [push URL]
 //! With a push URL, the first run also subscribes that URL to the Room, so deliveries are in
-//! flight when the process dies.
+//! flight when the process dies. A database given as `postgres:<connection string>` is a
+//! PostgreSQL database (several of these processes may share one: a publish that lost a race
+//! with another process, `storage_conflict`, is tried again).
 #![forbid(unsafe_code)]
 
 use std::io::Write;
@@ -33,7 +35,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = Config::default();
     // The test's receiver listens on loopback, which the push target guard refuses by default.
     config.delivery.push_allow.loopback = true;
-    let broker = Broker::open(path, config).await?;
+    let broker = match path.strip_prefix("postgres:") {
+        Some(url) => {
+            let pg = broker_core::PostgresConfig {
+                url: url.to_string(),
+                ..Default::default()
+            };
+            Broker::open_postgres(pg, config).await?
+        }
+        None => Broker::open(path, config).await?,
+    };
     if broker.room(&room("crash")).is_err() {
         broker
             .create_room(NewRoom::new(room("crash"), who("admin")).approved())
@@ -83,7 +94,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     who("p"),
                     serde_json::to_vec(&body)?,
                 );
-                let r = broker.publish(req).await?;
+                let r = loop {
+                    match broker.publish(req.clone()).await {
+                        Err(broker_core::Error::StorageConflict { .. }) => continue,
+                        other => break other?,
+                    }
+                };
                 let mut o = out.lock().map_err(|_| "stdout lock poisoned")?;
                 writeln!(o, "ack {} {} {}", r.id, r.key, r.sequence.0)?;
                 o.flush()?;

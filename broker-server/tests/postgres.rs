@@ -1,0 +1,210 @@
+//! `postroom` on the PostgreSQL backend (issue 16), as an operator runs it: `postroom migrate
+//! --check` and `postroom migrate` on a fresh database, a refused start without a URL, and two
+//! `postroom serve` processes over one database answering for the same Rooms, with one key's
+//! sequence continuing from one node to the other. The database is the tests' own server
+//! (`broker_core::test_postgres`), each test in a schema of its own.
+#![forbid(unsafe_code)]
+
+mod common;
+use common::{wait, DEADLINE};
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+
+use serde_json::{json, Value};
+
+/// The binary with none of the user's `POSTROOM_*` settings, on the PostgreSQL database `url`.
+fn postroom(url: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_postroom"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("POSTROOM_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("POSTROOM_STORAGE__BACKEND", "postgres");
+    if !url.is_empty() {
+        c.env("POSTROOM_STORAGE__POSTGRES__URL", url);
+    }
+    c
+}
+
+fn run(c: &mut Command) -> Output {
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait(&mut child);
+    child.wait_with_output().unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `migrate --check` lists what a fresh database lacks and exits 1; `migrate` applies it;
+/// `--check` then finds nothing to do and exits 0. The password never appears in the output.
+#[test]
+fn migrate_check_lists_the_missing_steps_and_migrate_applies_them() {
+    let pg = broker_core::test_postgres().fresh();
+    let check = run(postroom(&pg.url).args(["migrate", "--check"]));
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    assert!(
+        text(&check).contains("would apply") && text(&check).contains("1 the key-value table"),
+        "{}",
+        text(&check)
+    );
+    let apply = run(postroom(&pg.url).arg("migrate"));
+    assert!(apply.status.success(), "{}", text(&apply));
+    assert!(text(&apply).contains("applied"), "{}", text(&apply));
+    let again = run(postroom(&pg.url).args(["migrate", "--check"]));
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    assert!(text(&again).contains("up to date"), "{}", text(&again));
+}
+
+/// `backend = "postgres"` without a URL stops the start with a message naming the setting,
+/// before anything listens; an unreachable database stops it with the database's address.
+#[test]
+fn serve_on_postgres_without_a_reachable_database_is_refused_with_a_clear_message() {
+    let out = run(postroom("").args(["serve", "--insecure-no-auth", "--listen", "127.0.0.1:0"]));
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("storage.postgres.url is not set"),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains("listening"), "{}", text(&out));
+
+    let out = run(
+        postroom("host=127.0.0.1 port=1 user=nobody dbname=none connect_timeout=2")
+            .args(["migrate", "--check"]),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("PostgreSQL database none on 127.0.0.1"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// A `postroom serve` child and the address it announced.
+struct Node {
+    child: Child,
+    base: String,
+}
+
+impl Node {
+    fn start(url: &str) -> Node {
+        let mut child = postroom(url)
+            .args(["serve", "--insecure-no-auth", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = match rx.recv_timeout(DEADLINE) {
+            Ok(line) => line,
+            Err(e) => {
+                let _ = child.kill();
+                panic!("postroom did not announce itself: {e}");
+            }
+        };
+        assert!(line.contains("PostgreSQL database"), "{line}");
+        let addr = line
+            .strip_prefix("postroom listening on http://")
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected line: {line}"))
+            .to_string();
+        Node {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+    let client = reqwest::Client::new();
+    let mut req = client.request(method, url).timeout(DEADLINE);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.json().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// Two nodes over one database: a Room and event type made on the first are used on the
+/// second, a key's sequence continues from one node to the other, and each node reads the
+/// events the other stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_database_serve_the_same_rooms() {
+    let pg = broker_core::test_postgres().fresh();
+    let a = Node::start(&pg.url);
+    let b = Node::start(&pg.url);
+    use reqwest::Method;
+    let (s, body) = call(
+        Method::POST,
+        format!("{}/v1/rooms", a.base),
+        Some(json!({"name": "moves"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+    let schema = json!({"type": "object", "required": ["move_id"], "properties": {"move_id": {"type": "string"}}});
+    let (s, body) = call(
+        Method::PUT,
+        format!("{}/v1/rooms/moves/event-types/MoveProposed", a.base),
+        Some(json!({"schema": schema, "key_pointer": "/move_id"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+    let mut sequences = Vec::new();
+    for node in [&b, &a, &b] {
+        let (s, body) = call(
+            Method::POST,
+            format!("{}/v1/rooms/moves/events/MoveProposed", node.base),
+            Some(json!({"move_id": "M1"})),
+        )
+        .await;
+        assert_eq!(s, 201, "{body}");
+        sequences.push(body["sequence"].as_u64().unwrap());
+    }
+    assert_eq!(sequences, vec![1, 2, 3], "one key, numbered across nodes");
+    for node in [&a, &b] {
+        let (s, body) = call(
+            Method::GET,
+            format!("{}/v1/rooms/moves/events?key=M1&limit=10", node.base),
+            None,
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let seen: Vec<u64> = body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                e["event"]["sequence"]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{e}"))
+            })
+            .collect();
+        assert_eq!(seen, vec![1, 2, 3], "{}", node.base);
+    }
+}
