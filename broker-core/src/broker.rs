@@ -234,7 +234,14 @@ impl Broker {
         let secret_checks = crate::identity::secret_checks(&config.limits);
         let signals = Arc::new(Signals::default());
         let stats = Arc::new(Stats::new(config.limits.stats_series_max, clock.now()));
-        let identities = Arc::new(crate::identity::IdentityCache::default());
+        // Nothing read from a store other brokers write to is kept in memory where their
+        // changes would not reach it: identities, rights and signing keys are read each time.
+        let shared = store.shared();
+        let identities = Arc::new(if shared {
+            crate::identity::IdentityCache::off()
+        } else {
+            crate::identity::IdentityCache::default()
+        });
         let on_commit = {
             let signals = signals.clone();
             let stats = stats.clone();
@@ -273,7 +280,11 @@ impl Broker {
             violation_checks: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
-            key_rings: Default::default(),
+            key_rings: if shared {
+                crate::keyring::KeyRingCache::off()
+            } else {
+                Default::default()
+            },
             signals,
             stats,
             dispatchers: Mutex::new(HashSet::new()),

@@ -167,3 +167,48 @@ async fn brokers_opening_one_database_together_all_open() {
         b.close().await;
     }
 }
+
+/// A client deleted on one node can no longer authenticate on another, and a grant revoked on
+/// one node stops counting on the other at once: with a shared store nothing about identities
+/// is kept in memory, where another node's change would not reach it. Before, the second node
+/// kept answering from what it had read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_node_holds_at_once_on_another() {
+    let pg = crate::storage::pg_cluster::test_postgres().fresh();
+    let a = open(&pg).await;
+    let b = open(&pg).await;
+    let room = TestRoom::create(&a).await;
+    a.create_member("UK/GOV/HO", "Home Office").await.unwrap();
+    let app = a
+        .create_application("UK/GOV/HO", "irc", "IRC")
+        .await
+        .unwrap()
+        .id;
+    let (client, secret) = a
+        .create_client(&app, Some("c1".into()), None)
+        .await
+        .unwrap();
+    a.grant(&app, crate::Role::Publisher, Some(room.room.clone()), None)
+        .await
+        .unwrap();
+    // Node b reads the client and the rights (and would keep them in a cache).
+    b.authenticate_client("c1", &secret).await.unwrap();
+    assert!(b.client("c1").is_ok());
+    assert!(b.rights(&app).unwrap().can_publish(&room.room, &room.ty));
+
+    a.revoke(&app, crate::Role::Publisher, Some(&room.room))
+        .await
+        .unwrap();
+    assert!(
+        !b.rights(&app).unwrap().can_publish(&room.room, &room.ty),
+        "the grant revoked on node a still counts on node b"
+    );
+    a.delete_client(&client.client_id).await.unwrap();
+    assert!(
+        b.client("c1").is_err(),
+        "node b still knows the deleted client"
+    );
+    assert!(b.authenticate_client("c1", &secret).await.is_err());
+    a.close().await;
+    b.close().await;
+}

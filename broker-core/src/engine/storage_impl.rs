@@ -9,6 +9,10 @@ use uuid::Uuid;
 use super::*;
 
 impl Storage for Engine {
+    fn shared(&self) -> bool {
+        self.shared
+    }
+
     fn apply(&self, now: Timestamp, ops: Vec<WriteOp>) -> Result<Applied> {
         let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
         let mut fanout = self.fanout.lock().unwrap_or_else(|p| p.into_inner());

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::storage::{DeliveryDefaults, Engine, MemKv, Storage, StorageFaults};
+use crate::storage::{DeliveryDefaults, Engine, MemKv, PostgresConfig, Storage, StorageFaults};
 use crate::subscription::RetryPolicy;
 
 /// An opened engine: the storage interface and the switches that make its commits fail.
@@ -96,6 +96,31 @@ impl Memory {
 impl SimBackend for Memory {
     fn open(&mut self) -> Result<Opened> {
         let store = Engine::over(Arc::new(self.kv.clone()), defaults())?;
+        let faults = store.faults();
+        Ok(Opened {
+            store: Arc::new(store),
+            faults,
+        })
+    }
+}
+
+/// PostgreSQL: a schema of its own on the tests' server (`storage::pg_cluster`); a crash drops
+/// the engine with its connections and opens the schema again.
+pub(super) struct Postgres {
+    config: PostgresConfig,
+}
+
+impl Postgres {
+    pub(super) fn new() -> Postgres {
+        Postgres {
+            config: crate::storage::pg_cluster::test_postgres().fresh(),
+        }
+    }
+}
+
+impl SimBackend for Postgres {
+    fn open(&mut self) -> Result<Opened> {
+        let store = Engine::open_postgres(&self.config, defaults())?;
         let faults = store.faults();
         Ok(Opened {
             store: Arc::new(store),

@@ -169,8 +169,10 @@ fn run_seed(
     stats: &mut std::collections::BTreeMap<&'static str, u64>,
 ) -> Result<usize, (String, String)> {
     // One seed in four runs on redb on a file, one on the in-memory store saying it is shared
-    // by several writers, the others on the in-memory store.
+    // by several writers, the others on the in-memory store; every seed on PostgreSQL when
+    // `POSTROOM_SIM_BACKEND=postgres`.
     let backend: Box<dyn backend::SimBackend> = match seed % 4 {
+        _ if on_postgres() => Box::new(backend::Postgres::new()),
         0 => Box::new(
             backend::RedbFile::new().map_err(|e| (e.to_string(), format!("seed {seed}: {e}")))?,
         ),
@@ -201,11 +203,28 @@ fn run_seed(
 
 fn report(seed: u64, step: usize, why: &str, trace: &[String]) -> String {
     let shown = &trace[trace.len().saturating_sub(TRACE_SHOWN)..];
+    let backend = if on_postgres() {
+        "POSTROOM_SIM_BACKEND=postgres "
+    } else {
+        ""
+    };
     format!(
         "simulation failed: seed {seed}, step {step}: {why}\nlast steps:\n{}\nreplay with: \
-         POSTROOM_SIM_SEED={seed} cargo test --workspace --lib sim::",
+         {backend}POSTROOM_SIM_SEED={seed} cargo test --workspace --lib sim::",
         shown.join("\n")
     )
+}
+
+/// Whether every seed runs on PostgreSQL: `POSTROOM_SIM_BACKEND=postgres`, or within
+/// [`simulation_runs_seeds_on_postgres`].
+fn on_postgres() -> bool {
+    ON_POSTGRES.with(|p| p.get())
+        || std::env::var("POSTROOM_SIM_BACKEND").is_ok_and(|b| b.eq_ignore_ascii_case("postgres"))
+}
+
+thread_local! {
+    /// Set by the PostgreSQL run for the seeds of its own thread.
+    static ON_POSTGRES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// A failure's kind: its message without numbers, lists or structures.
@@ -226,6 +245,35 @@ fn kind(why: &str) -> String {
         }
     }
     out
+}
+
+/// The same seeds on PostgreSQL (issue 16, item 6), for `POSTROOM_SIM_PG_SECONDS` (default
+/// 20; a commit there is a round trip, so a seed takes about a second) or
+/// `POSTROOM_SIM_PG_SEEDS` seeds, from `POSTROOM_SIM_PG_FIRST_SEED` (default 0). A failure
+/// prints the command that replays its seed on PostgreSQL.
+#[test]
+fn simulation_runs_seeds_on_postgres() {
+    crate::engine::CHECK_READY_INDEX.store(true, std::sync::atomic::Ordering::Relaxed);
+    ON_POSTGRES.with(|p| p.set(true));
+    let budget = Duration::from_secs(env_u64("POSTROOM_SIM_PG_SECONDS").unwrap_or(20));
+    let count = env_u64("POSTROOM_SIM_PG_SEEDS");
+    let first = env_u64("POSTROOM_SIM_PG_FIRST_SEED").unwrap_or(0);
+    let started = Instant::now();
+    let (mut seeds, mut steps) = (0u64, 0usize);
+    let mut stats = std::collections::BTreeMap::new();
+    // At least one seed, however slow the machine.
+    while seeds == 0 || count.map_or(started.elapsed() < budget, |c| seeds < c) {
+        match run_seed(first + seeds, false, &mut stats) {
+            Ok(n) => steps += n,
+            Err((_, report)) => panic!("{report}"),
+        }
+        seeds += 1;
+    }
+    eprintln!(
+        "simulation on postgres: {seeds} seeds ({first}..{}) and {steps} steps in {:.1} s",
+        first + seeds,
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// Runs seeds 0, 1, 2... within the time budget (see the module doc), or the one seed

@@ -527,6 +527,12 @@ pub(crate) struct PublishTarget {
 /// The storage interface. Writes come only from the writer thread, one batch at a time; reads
 /// may come from any thread at any time and see the last committed state.
 pub(crate) trait Storage: Send + Sync + 'static {
+    /// True when other brokers commit to the same store (see `KvStore::shared`): what this
+    /// broker keeps in memory from storage may then go stale without its writer knowing.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// Applies `ops` in order in one transaction and makes it durable before returning. The outer
     /// error means nothing was committed; the inner results are per operation.
     fn apply(&self, now: Timestamp, ops: Vec<WriteOp>) -> Result<Applied>;

@@ -1,7 +1,8 @@
 //! A throwaway PostgreSQL server for tests, so that `cargo test` needs nothing running
 //! beforehand: the first test that asks starts one (initdb and pg_ctl from the machine's
 //! PostgreSQL, in a fresh temporary folder, on a free loopback port), and every test gets an
-//! empty schema of its own in it. A watchdog shell stops the server and removes its folder once
+//! empty schema of its own in it. The server runs with `fsync=off`: the tests stop Postroom
+//! processes, never the machine, and a commit's flush would only slow them. A watchdog shell stops the server and removes its folder once
 //! the test process has exited.
 //!
 //! Where the binaries are: `POSTROOM_TEST_PG_BIN`, else `pg_config --bindir`, else the newest
@@ -140,7 +141,8 @@ fn start() -> Result<TestPostgres, String> {
             .arg(dir.join("log"))
             .args(["-w", "-t", "60", "-o"])
             .arg(format!(
-                "-k {socket} -p {port} -c listen_addresses=127.0.0.1 -c max_connections=200"
+                "-k {socket} -p {port} -c listen_addresses=127.0.0.1 -c max_connections=200 \
+                 -c fsync=off -c full_page_writes=off"
             ))
             .arg("start"),
     )?;
