@@ -13,8 +13,10 @@ use std::process::{Child, Command, Output, Stdio};
 
 use serde_json::{json, Value};
 
-/// The binary with none of the user's `POSTROOM_*` settings, on the PostgreSQL database `url`.
-fn postroom(url: &str) -> Command {
+/// The binary with none of the user's `POSTROOM_*` settings, on the PostgreSQL database `pg`
+/// (its URL and the authority of its certificate: the tests' server is reached over TLS).
+fn postroom(pg: &broker_core::PostgresConfig) -> Command {
+    let url = pg.url.as_str();
     let mut c = Command::new(env!("CARGO_BIN_EXE_postroom"));
     for (k, _) in std::env::vars() {
         if k.starts_with("POSTROOM_") {
@@ -25,7 +27,18 @@ fn postroom(url: &str) -> Command {
     if !url.is_empty() {
         c.env("POSTROOM_STORAGE__POSTGRES__URL", url);
     }
+    if !pg.ca_file.is_empty() {
+        c.env("POSTROOM_STORAGE__POSTGRES__CA_FILE", &pg.ca_file);
+    }
     c
+}
+
+/// A configuration with only this URL.
+fn at(url: &str) -> broker_core::PostgresConfig {
+    broker_core::PostgresConfig {
+        url: url.into(),
+        ..Default::default()
+    }
 }
 
 fn run(c: &mut Command) -> Output {
@@ -51,17 +64,17 @@ fn text(out: &Output) -> String {
 #[test]
 fn migrate_check_lists_the_missing_steps_and_migrate_applies_them() {
     let pg = broker_core::test_postgres().fresh();
-    let check = run(postroom(&pg.url).args(["migrate", "--check"]));
+    let check = run(postroom(&pg).args(["migrate", "--check"]));
     assert_eq!(check.status.code(), Some(1), "{}", text(&check));
     assert!(
         text(&check).contains("would apply") && text(&check).contains("1 the key-value table"),
         "{}",
         text(&check)
     );
-    let apply = run(postroom(&pg.url).arg("migrate"));
+    let apply = run(postroom(&pg).arg("migrate"));
     assert!(apply.status.success(), "{}", text(&apply));
     assert!(text(&apply).contains("applied"), "{}", text(&apply));
-    let again = run(postroom(&pg.url).args(["migrate", "--check"]));
+    let again = run(postroom(&pg).args(["migrate", "--check"]));
     assert_eq!(again.status.code(), Some(0), "{}", text(&again));
     assert!(text(&again).contains("up to date"), "{}", text(&again));
 }
@@ -70,7 +83,8 @@ fn migrate_check_lists_the_missing_steps_and_migrate_applies_them() {
 /// before anything listens; an unreachable database stops it with the database's address.
 #[test]
 fn serve_on_postgres_without_a_reachable_database_is_refused_with_a_clear_message() {
-    let out = run(postroom("").args(["serve", "--insecure-no-auth", "--listen", "127.0.0.1:0"]));
+    let out =
+        run(postroom(&at("")).args(["serve", "--insecure-no-auth", "--listen", "127.0.0.1:0"]));
     assert!(!out.status.success());
     assert!(
         text(&out).contains("storage.postgres.url is not set"),
@@ -79,10 +93,10 @@ fn serve_on_postgres_without_a_reachable_database_is_refused_with_a_clear_messag
     );
     assert!(!text(&out).contains("listening"), "{}", text(&out));
 
-    let out = run(
-        postroom("host=127.0.0.1 port=1 user=nobody dbname=none connect_timeout=2")
-            .args(["migrate", "--check"]),
-    );
+    let out = run(postroom(&at(
+        "host=127.0.0.1 port=1 user=nobody dbname=none connect_timeout=2",
+    ))
+    .args(["migrate", "--check"]));
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(
         text(&out).contains("PostgreSQL database none on 127.0.0.1"),
@@ -98,8 +112,8 @@ struct Node {
 }
 
 impl Node {
-    fn start(url: &str) -> Node {
-        let mut child = postroom(url)
+    fn start(pg: &broker_core::PostgresConfig) -> Node {
+        let mut child = postroom(pg)
             .args(["serve", "--insecure-no-auth", "--listen", "127.0.0.1:0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -157,8 +171,8 @@ async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_on_one_database_serve_the_same_rooms() {
     let pg = broker_core::test_postgres().fresh();
-    let a = Node::start(&pg.url);
-    let b = Node::start(&pg.url);
+    let a = Node::start(&pg);
+    let b = Node::start(&pg);
     use reqwest::Method;
     let (s, body) = call(
         Method::POST,

@@ -209,6 +209,7 @@ async fn two_nodes_on_postgres_keep_every_acknowledged_event_and_gap_free_sequen
         .map(|_| {
             Command::new(env!("CARGO_BIN_EXE_crash_publisher"))
                 .args([target.as_str(), "10", "16"])
+                .env("POSTROOM_STORAGE__POSTGRES__CA_FILE", &pg.ca_file)
                 .stdout(Stdio::piped())
                 .spawn()
                 .expect("start crash_publisher")

@@ -1,7 +1,9 @@
 //! A throwaway PostgreSQL server for tests, so that `cargo test` needs nothing running
 //! beforehand: the first test that asks starts one (initdb and pg_ctl from the machine's
 //! PostgreSQL, in a fresh temporary folder, on a free loopback port), and every test gets an
-//! empty schema of its own in it. The server runs with `fsync=off`: the tests stop Postroom
+//! empty schema of its own in it, reached over TLS (a certificate for 127.0.0.1 from an authority
+//! made with `openssl` at start, which [`TestPostgres::fresh`] configures as `ca_file`). The
+//! server runs with `fsync=off`: the tests stop Postroom
 //! processes, never the machine, and a commit's flush would only slow them. A watchdog shell stops the server and removes its folder once
 //! the test process has exited.
 //!
@@ -23,6 +25,9 @@ pub struct TestPostgres {
     /// A key-value connection string of the server's `postgres` database.
     base: String,
     next: AtomicU64,
+    /// The certificate authority of the server's TLS certificate (for 127.0.0.1), when this
+    /// process started the server.
+    ca_file: Option<PathBuf>,
 }
 
 static SERVER: OnceLock<Result<TestPostgres, String>> = OnceLock::new();
@@ -56,8 +61,22 @@ impl TestPostgres {
         PostgresConfig {
             url,
             pool_size: 4,
+            // The server accepts TLS and the default `sslmode` (prefer) uses it: every test
+            // connects over TLS, verifying the server's certificate.
+            ca_file: self
+                .ca_file
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             ..PostgresConfig::default()
         }
+    }
+
+    /// The PEM file of the authority that signed the server's certificate, when the tests
+    /// started the server (it then accepts TLS on 127.0.0.1); `None` with
+    /// `POSTROOM_TEST_POSTGRES_URL`.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.ca_file.as_deref()
     }
 
     /// Runs one statement on the server's `postgres` database (tests: terminate connections,
@@ -94,6 +113,7 @@ fn start() -> Result<TestPostgres, String> {
         return Ok(TestPostgres {
             base,
             next: AtomicU64::new(0),
+            ca_file: None,
         });
     }
     let bin = bin_dir()?;
@@ -127,6 +147,12 @@ fn start() -> Result<TestPostgres, String> {
         "UTF8",
         "--no-sync",
     ]))?;
+    let (ca_file, cert, key) = certificates(&dir)?;
+    if root {
+        let uid: u32 = parse(&output(Command::new("id").args(["-u", "postgres"]))?)?;
+        std::os::unix::fs::chown(&key, Some(uid), None)
+            .map_err(|e| format!("chown {}: {e}", key.display()))?;
+    }
     let socket = dir.display().to_string();
     // A free port: the kernel picks one for a listener that is closed at once.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -142,7 +168,10 @@ fn start() -> Result<TestPostgres, String> {
             .args(["-w", "-t", "60", "-o"])
             .arg(format!(
                 "-k {socket} -p {port} -c listen_addresses=127.0.0.1 -c max_connections=200 \
-                 -c fsync=off -c full_page_writes=off"
+                 -c fsync=off -c full_page_writes=off -c ssl=on -c ssl_cert_file={} \
+                 -c ssl_key_file={}",
+                cert.display(),
+                key.display()
             ))
             .arg("start"),
     )?;
@@ -165,7 +194,64 @@ fn start() -> Result<TestPostgres, String> {
     Ok(TestPostgres {
         base: format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
         next: AtomicU64::new(0),
+        ca_file: Some(ca_file),
     })
+}
+
+/// A certificate authority and a server certificate for 127.0.0.1 signed by it, made with the
+/// `openssl` command in `dir`: (the authority's PEM, the server's certificate, its key).
+fn certificates(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf), String> {
+    let ext = dir.join("server.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n\
+         extendedKeyUsage=serverAuth\n",
+    )
+    .map_err(|e| format!("{}: {e}", ext.display()))?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    output(
+        Command::new("openssl")
+            .current_dir(dir)
+            .args(["req", "-x509"])
+            .args(ec)
+            .args(["-keyout", "ca.key", "-out", "ca.crt", "-days", "3"])
+            .args(["-subj", "/CN=Postroom test CA"]),
+    )?;
+    output(
+        Command::new("openssl")
+            .current_dir(dir)
+            .arg("req")
+            .args(ec)
+            .args(["-keyout", "server.key", "-out", "server.csr"])
+            .args(["-subj", "/CN=127.0.0.1"]),
+    )?;
+    output(Command::new("openssl").current_dir(dir).args([
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "3",
+        "-extfile",
+        "server.ext",
+    ]))?;
+    let key = dir.join("server.key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| format!("chmod {}: {e}", key.display()))?;
+    Ok((dir.join("ca.crt"), dir.join("server.crt"), key))
 }
 
 fn bin_dir() -> Result<PathBuf, String> {

@@ -17,6 +17,8 @@
 //! - The connections and their I/O run on a small runtime of the backend's own, so that the
 //!   synchronous seam can wait on them from any thread (the writer's, a blocking task, or a
 //!   tokio worker under `block_in_place`) without nesting runtimes.
+//! - TLS to the database is rustls, trusting `ca_file` or the system's roots, whenever the
+//!   URL's `sslmode` asks for it; the certificate is always verified.
 //! - The schema is created and upgraded by [`migrate`] at open, under an advisory lock, so that
 //!   several nodes starting together migrate once; `postroom migrate --check` lists what
 //!   [`pending_migrations`] would apply.
@@ -29,7 +31,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::kv::{Batch, Entry, KvStore, Order, Snapshot, Space};
 use crate::error::{Error, Result};
@@ -49,6 +51,11 @@ pub struct PostgresConfig {
     /// Longest to wait for a connection, to the database or from the pool, in milliseconds
     /// (default 5,000).
     pub connect_timeout_ms: u64,
+    /// A PEM file of the certificate authorities that sign the database's certificate (a
+    /// private CA, a cloud provider's bundle). Empty (the default): the system's trusted roots.
+    /// Whether TLS is used is the URL's `sslmode` (`disable`, `prefer`, the default, or
+    /// `require`); when it is, the certificate is always verified, host name included.
+    pub ca_file: String,
 }
 
 impl Default for PostgresConfig {
@@ -58,6 +65,7 @@ impl Default for PostgresConfig {
             pool_size: 16,
             statement_timeout_ms: 30_000,
             connect_timeout_ms: 5_000,
+            ca_file: String::new(),
         }
     }
 }
@@ -130,10 +138,19 @@ impl From<tokio_postgres::Error> for Error {
                 detail: format!("postgres: another writer committed first ({e})"),
             };
         }
-        // The server's own message (a `DbError`) says more than the wrapper's `Display`.
+        // The server's own message (a `DbError`) says more than the wrapper's `Display`, and
+        // a connection error's cause (refused, a certificate not trusted) is in its source.
         match e.as_db_error() {
             Some(db) => Error::Storage(format!("postgres: {}: {}", db.code().code(), db.message())),
-            None => Error::Storage(format!("postgres: {e}")),
+            None => {
+                let mut text = format!("postgres: {e}");
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    text.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                Error::Storage(text)
+            }
         }
     }
 }
@@ -167,6 +184,7 @@ impl PgKv {
     /// database holds no schema newer than this build knows.
     pub(crate) fn open(config: &PostgresConfig) -> Result<PgKv> {
         let pg = pg_config(config)?;
+        let tls = tls(config)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("postroom-pg")
@@ -176,8 +194,8 @@ impl PgKv {
         let (reads, write) = {
             let _entered = runtime.enter();
             (
-                pool(&pg, config.pool_size.max(1), config)?,
-                pool(&pg, 1, config)?,
+                pool(&pg, &tls, config.pool_size.max(1), config)?,
+                pool(&pg, &tls, 1, config)?,
             )
         };
         let kv = PgKv {
@@ -255,10 +273,54 @@ fn pg_config(config: &PostgresConfig) -> Result<tokio_postgres::Config> {
     Ok(pg)
 }
 
-fn pool(pg: &tokio_postgres::Config, size: usize, config: &PostgresConfig) -> Result<Pool> {
+/// The TLS connector: rustls (aws-lc-rs), trusting `ca_file` or else the system's roots. The
+/// URL's `sslmode` decides whether it is used.
+fn tls(config: &PostgresConfig) -> Result<MakeRustlsConnect> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    if config.ca_file.trim().is_empty() {
+        // Certificates the system store holds but rustls cannot parse are skipped, as a
+        // browser would.
+        for cert in rustls_native_certs::load_native_certs().certs {
+            let _ = roots.add(cert);
+        }
+    } else {
+        let file = config.ca_file.trim();
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(file).map_err(|e| {
+            Error::Storage(format!("postgres: storage.postgres.ca_file {file}: {e}"))
+        })?;
+        for cert in certs {
+            let cert = cert.map_err(|e| {
+                Error::Storage(format!("postgres: storage.postgres.ca_file {file}: {e}"))
+            })?;
+            roots.add(cert).map_err(|e| {
+                Error::Storage(format!("postgres: storage.postgres.ca_file {file}: {e}"))
+            })?;
+        }
+        if roots.is_empty() {
+            return Err(Error::Storage(format!(
+                "postgres: storage.postgres.ca_file {file} holds no certificate"
+            )));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Storage(format!("postgres: TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(client))
+}
+
+fn pool(
+    pg: &tokio_postgres::Config,
+    tls: &MakeRustlsConnect,
+    size: usize,
+    config: &PostgresConfig,
+) -> Result<Pool> {
     let manager = Manager::from_config(
         pg.clone(),
-        NoTls,
+        tls.clone(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -344,12 +406,13 @@ async fn applied_versions(conn: &Object) -> Result<Vec<i32>> {
 /// applying any (`postroom migrate --check`).
 pub fn pending_migrations(config: &PostgresConfig) -> Result<Vec<PendingMigration>> {
     let pg = pg_config(config)?;
+    let tls = tls(config)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::Storage(format!("postgres: cannot start its runtime: {e}")))?;
     let work = async move {
-        let (client, connection) = pg.connect(NoTls).await?;
+        let (client, connection) = pg.connect(tls).await?;
         tokio::spawn(connection);
         let exists: bool = client
             .query_one("SELECT to_regclass('postroom_migrations') IS NOT NULL", &[])
@@ -661,5 +724,77 @@ impl KvStore for PgKv {
 
     fn kind(&self) -> &'static str {
         "postgres"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::pg_cluster::test_postgres;
+
+    fn with_sslmode(mode: &str) -> PostgresConfig {
+        let mut config = test_postgres().fresh();
+        config.url.push_str(&format!(" sslmode={mode}"));
+        config.ca_file = String::new();
+        config
+    }
+
+    /// With `sslmode=require` the connection is TLS and the server's certificate is verified:
+    /// signed by the authority in `ca_file` it connects; against the system's roots, which do
+    /// not know that authority, it is refused; a `ca_file` that cannot be read is named.
+    #[test]
+    fn tls_to_the_database_verifies_the_server_certificate() {
+        let ca = test_postgres()
+            .ca_file()
+            .expect("the tests' server has a certificate")
+            .display()
+            .to_string();
+        let mut trusted = with_sslmode("require");
+        trusted.ca_file = ca;
+        let kv = PgKv::open(&trusted).expect("TLS with the server's authority");
+        kv.commit(Batch {
+            writes: vec![super::super::kv::Put {
+                space: Space::Meta,
+                key: b"k".to_vec(),
+                value: Some(b"v".to_vec()),
+            }],
+            ..Batch::default()
+        })
+        .unwrap();
+        assert_eq!(
+            kv.snapshot().unwrap().get(Space::Meta, b"k").unwrap(),
+            Some(b"v".to_vec())
+        );
+
+        let refused = PgKv::open(&with_sslmode("require"))
+            .err()
+            .expect("an unknown authority is refused");
+        assert!(
+            refused.to_string().to_lowercase().contains("certificate"),
+            "{refused}"
+        );
+
+        let mut missing = with_sslmode("require");
+        missing.ca_file = "/nonexistent/ca.pem".into();
+        let refused = PgKv::open(&missing).err().expect("a missing ca_file");
+        assert!(
+            refused
+                .to_string()
+                .contains("storage.postgres.ca_file /nonexistent/ca.pem"),
+            "{refused}"
+        );
+    }
+
+    /// What `migrate --check` reports: every step on a fresh schema, none once it is opened.
+    #[test]
+    fn pending_migrations_are_listed_until_applied() {
+        let config = test_postgres().fresh();
+        let pending = pending_migrations(&config).unwrap();
+        assert_eq!(
+            pending.iter().map(|m| m.version).collect::<Vec<_>>(),
+            MIGRATIONS.iter().map(|m| m.0).collect::<Vec<_>>()
+        );
+        drop(PgKv::open(&config).unwrap());
+        assert!(pending_migrations(&config).unwrap().is_empty());
     }
 }

@@ -5,7 +5,8 @@
 //! Usage: crash_publisher <database file> <keys> <concurrency> [push URL]
 //! With a push URL, the first run also subscribes that URL to the Room, so deliveries are in
 //! flight when the process dies. A database given as `postgres:<connection string>` is a
-//! PostgreSQL database (several of these processes may share one: a publish that lost a race
+//! PostgreSQL database, whose certificate authority is `POSTROOM_STORAGE__POSTGRES__CA_FILE` when
+//! set (several of these processes may share one: a publish that lost a race
 //! with another process, `storage_conflict`, is tried again).
 #![forbid(unsafe_code)]
 
@@ -39,6 +40,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(url) => {
             let pg = broker_core::PostgresConfig {
                 url: url.to_string(),
+                ca_file: std::env::var("POSTROOM_STORAGE__POSTGRES__CA_FILE").unwrap_or_default(),
                 ..Default::default()
             };
             Broker::open_postgres(pg, config).await?
