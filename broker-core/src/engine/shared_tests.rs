@@ -214,10 +214,6 @@ async fn opening_a_shared_store_is_fenced_like_any_other_commit() {
     b.close().await;
 }
 
-fn clock() -> Arc<ManualClock> {
-    Arc::new(ManualClock::new(Timestamp(1_767_225_600_000)))
-}
-
 /// A seek is several writes; one of them losing a race with another broker is tried again
 /// like an overloaded writer's refusal, so the seek completes and the subscription is let go.
 /// Before, a conflict on the step that ends the seek left the subscription seeking (handing
