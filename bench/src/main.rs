@@ -4,7 +4,7 @@
 //! too noisy to compare figures of different runs; ratios within a run are what we report.
 //!
 //! Run: `cargo run --release -p postroom-bench -- all` (or one part: `ceiling`, `peer`,
-//! `delivery`, `growth`, `floor`). Environment: `BENCH_SECS` (seconds per timed case, default
+//! `delivery`, `growth`, `floor`, `postgres`). Environment: `BENCH_SECS` (seconds per timed case, default
 //! 5), `BENCH_DIR` (database files, default `target/bench-data`; must be a real disk for fsync
 //! to cost what it costs), `BENCH_BACKLOG_MAX` (largest backlog of the growth part, default
 //! 10,000,000), `BENCH_CASES` (the delivery part's cases to run, for profiling one:
@@ -17,6 +17,7 @@ mod delivery_ratios;
 mod growth;
 mod http;
 mod peer;
+mod postgres;
 
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
@@ -50,6 +51,9 @@ enum Part {
     Growth,
     /// The GovStack floor: 1,000 concurrent clients on the GovStack publish route.
     Floor,
+    /// Publish with 1 and 3 nodes over one PostgreSQL and push on one node, beside the
+    /// embedded broker (issue 16; starts its own PostgreSQL server).
+    Postgres,
     /// Every part above, in that order.
     All,
 }
@@ -67,6 +71,7 @@ fn main() -> Result<(), Error> {
             Part::Delivery,
             Part::Growth,
             Part::Floor,
+            Part::Postgres,
         ],
         p => vec![p],
     };
@@ -83,6 +88,7 @@ fn main() -> Result<(), Error> {
             Part::Delivery => ("delivery", rt.block_on(delivery::run(&settings))?),
             Part::Growth => ("growth", rt.block_on(growth::run(&settings))?),
             Part::Floor => ("floor", rt.block_on(http::floor(&settings))?),
+            Part::Postgres => ("postgres", rt.block_on(postgres::run(&settings))?),
             Part::All => unreachable!("expanded above"),
         };
         let raw: Vec<Value> = sections.iter().map(Section::to_json).collect();

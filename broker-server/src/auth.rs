@@ -193,6 +193,22 @@ pub async fn bootstrap(
     broker: &Broker,
     config: &AuthConfig,
 ) -> broker_core::Result<Option<(String, Option<String>)>> {
+    // Nodes sharing one database may start together: a step that lost a race to another
+    // node's (`storage_conflict`) is tried again from the start, which then finds what the
+    // other node made.
+    let mut tries = 0;
+    loop {
+        match bootstrap_once(broker, config).await {
+            Err(broker_core::Error::StorageConflict { .. }) if tries < 16 => tries += 1,
+            other => return other,
+        }
+    }
+}
+
+async fn bootstrap_once(
+    broker: &Broker,
+    config: &AuthConfig,
+) -> broker_core::Result<Option<(String, Option<String>)>> {
     if config.insecure_no_auth
         || broker
             .grants(None)?
@@ -222,9 +238,21 @@ pub async fn bootstrap(
         .admin_client_id
         .clone()
         .unwrap_or_else(|| "admin".to_string());
-    let (client, secret) = broker
+    let created = broker
         .create_client(&app, Some(id), config.admin_client_secret.clone())
-        .await?;
+        .await;
+    let (client, secret) = match created {
+        Ok(c) => c,
+        // Made by another node starting at the same time (which shows its secret), or by a
+        // start that stopped before the grant below: the grant is all that is missing.
+        Err(broker_core::Error::IdentityExists { .. }) => {
+            broker
+                .grant(&app, broker_core::Role::Admin, None, None)
+                .await?;
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
     broker
         .grant(&app, broker_core::Role::Admin, None, None)
         .await?;

@@ -113,8 +113,21 @@ struct Node {
 
 impl Node {
     fn start(pg: &broker_core::PostgresConfig) -> Node {
-        let mut child = postroom(pg)
-            .args(["serve", "--insecure-no-auth", "--listen", "127.0.0.1:0"])
+        Node::start_with(pg, true).0
+    }
+
+    /// A node, with authentication off or on, and the receiver of its later stdout lines.
+    fn start_with(
+        pg: &broker_core::PostgresConfig,
+        no_auth: bool,
+    ) -> (Node, std::sync::mpsc::Receiver<String>) {
+        let mut c = postroom(pg);
+        c.arg("serve");
+        if no_auth {
+            c.arg("--insecure-no-auth");
+        }
+        let mut child = c
+            .args(["--listen", "127.0.0.1:0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -139,10 +152,13 @@ impl Node {
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or_else(|| panic!("unexpected line: {line}"))
             .to_string();
-        Node {
-            child,
-            base: format!("http://{addr}"),
-        }
+        (
+            Node {
+                child,
+                base: format!("http://{addr}"),
+            },
+            rx,
+        )
     }
 }
 
@@ -221,4 +237,33 @@ async fn two_nodes_on_one_database_serve_the_same_rooms() {
             .collect();
         assert_eq!(seen, vec![1, 2, 3], "{}", node.base);
     }
+}
+
+/// Three nodes with authentication on start together on an empty database: all of them serve,
+/// and exactly one created the first administrator (and showed its secret). A node whose
+/// bootstrap lost a race to another's finds what the other made instead of failing to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_starting_together_on_an_empty_database_bootstrap_one_administrator() {
+    let pg = broker_core::test_postgres().fresh();
+    let starts: Vec<_> = (0..3)
+        .map(|_| {
+            let pg = pg.clone();
+            std::thread::spawn(move || Node::start_with(&pg, false))
+        })
+        .collect();
+    let nodes: Vec<_> = starts.into_iter().map(|t| t.join().unwrap()).collect();
+    for (node, _) in &nodes {
+        let (s, _) = call(reqwest::Method::GET, format!("{}/healthz", node.base), None).await;
+        assert_eq!(s, 200, "{} serves", node.base);
+    }
+    let mut created = 0;
+    for (node, lines) in nodes {
+        drop(node);
+        // The node is gone, so its stdout has ended: this reads what it printed.
+        created += lines
+            .iter()
+            .filter(|l| l.contains("created the administrator client"))
+            .count();
+    }
+    assert_eq!(created, 1, "one administrator, created by one node");
 }

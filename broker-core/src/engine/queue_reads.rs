@@ -301,7 +301,17 @@ impl Engine {
         offset: u64,
         now: Timestamp,
     ) -> Result<Vec<EventDelivery>> {
-        let txn = self.begin_read()?;
+        self.event_deliveries_in(&self.begin_read()?, room_id, offset, now)
+    }
+
+    /// [`Engine::event_deliveries_read`] within a read already open.
+    pub(super) fn event_deliveries_in(
+        &self,
+        txn: &Txn,
+        room_id: u64,
+        offset: u64,
+        now: Timestamp,
+    ) -> Result<Vec<EventDelivery>> {
         let subs: Vec<u128> = txn
             .open_table(ROOM_SUBS)?
             .range((room_id, 0u128)..=(room_id, u128::MAX))?

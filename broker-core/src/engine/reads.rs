@@ -4,6 +4,7 @@
 //! `Tables` inside the writer's transaction.
 
 use super::events::{decode_event, decode_event_header, event_from, EventRecord, ResponseRecord};
+use super::records::RECORDS;
 use super::rooms::{
     parse_schema, policy_key, room_from, type_not_found, RoomRecord, RoomStats, TypeRecord,
     VersionRecord, APPROVAL,
@@ -19,6 +20,7 @@ use crate::model::{
     Event, EventFilter, EventType, EventTypeVersion, Page, Room, RoomStatus, StoredResponse,
 };
 use crate::storage::codec::decode;
+use crate::storage::txn::Txn;
 use crate::storage::{PublishTarget, RecordKind, Storage};
 
 impl Engine {
@@ -29,6 +31,19 @@ impl Engine {
     fn approval_read(&self, room_id: u64) -> Result<bool> {
         Ok(self
             .record_read(RecordKind::RoomPolicy, &policy_key(room_id))?
+            .is_some_and(|v| v == APPROVAL))
+    }
+
+    /// [`Engine::approval_read`] within a read already open: a read never takes a second
+    /// snapshot while it holds one (on a networked backend each holds a pooled connection, and
+    /// readers each waiting for a second one could take them all).
+    fn approval_in(txn: &Txn, room_id: u64) -> Result<bool> {
+        Ok(txn
+            .open_table(RECORDS)?
+            .get((
+                RecordKind::RoomPolicy.as_str(),
+                policy_key(room_id).as_str(),
+            ))?
             .is_some_and(|v| v == APPROVAL))
     }
 
@@ -77,7 +92,7 @@ impl Engine {
             }
             let rec: RoomRecord = decode(&v)?;
             let s = stats.get(rec.id)?.unwrap_or_default();
-            let approval = self.approval_read(rec.id)?;
+            let approval = Self::approval_in(&txn, rec.id)?;
             out.push(room_from(&k, rec, s, approval)?);
         }
         Ok(out)
@@ -135,7 +150,7 @@ impl Engine {
             Some(g) => decode(&g)?,
             None => return Err(type_not_found(room, name)),
         };
-        let v = self.event_type_version(rid, room, name, t.version)?;
+        let v = self.event_type_version_in(&txn, rid, room, name, t.version)?;
         Ok(EventType {
             room: room.clone(),
             name: name.clone(),
@@ -177,7 +192,18 @@ impl Engine {
         name: &EventTypeName,
         version: u32,
     ) -> Result<EventTypeVersion> {
-        let txn = self.begin_read()?;
+        self.event_type_version_in(&self.begin_read()?, room_id, room, name, version)
+    }
+
+    /// [`Engine::event_type_version_read`] within a read already open.
+    fn event_type_version_in(
+        &self,
+        txn: &Txn,
+        room_id: u64,
+        room: &RoomName,
+        name: &EventTypeName,
+        version: u32,
+    ) -> Result<EventTypeVersion> {
         let schemas = txn.open_table(SCHEMAS)?;
         let v: VersionRecord = match schemas.get((room_id, name.as_str(), version))? {
             Some(g) => decode(&g)?,
@@ -247,10 +273,10 @@ impl Engine {
         now: Timestamp,
     ) -> Result<Page<crate::storage::LoggedEvent>> {
         let rid = self.require_room_id(room)?;
-        self.scan_log(rid, filter, limit, scan_max, |offset, event| {
-            // Each event's deliveries come from their own read: a log page is a report, and a
-            // delivery settling between two events' reads is simply newer news.
-            let deliveries = self.event_deliveries_read(rid, offset, now)?;
+        self.scan_log(rid, filter, limit, scan_max, |txn, offset, event| {
+            // Read in the listing's snapshot (a read never takes a second one while it holds
+            // one: see `approval_in`).
+            let deliveries = self.event_deliveries_in(txn, rid, offset, now)?;
             Ok(keep(&event, &deliveries).then_some((event, deliveries)))
         })
     }
@@ -264,7 +290,7 @@ impl Engine {
         scan_max: usize,
     ) -> Result<Page<Event>> {
         let rid = self.require_room_id(room)?;
-        self.scan_log(rid, filter, limit, scan_max, |_, event| Ok(Some(event)))
+        self.scan_log(rid, filter, limit, scan_max, |_, _, event| Ok(Some(event)))
     }
 
     /// Walks a Room's log from the filter's cursor, keeping events that match the filter and
@@ -275,7 +301,7 @@ impl Engine {
         filter: &EventFilter,
         limit: usize,
         scan_max: usize,
-        mut map: impl FnMut(u64, Event) -> Result<Option<T>>,
+        mut map: impl FnMut(&Txn, u64, Event) -> Result<Option<T>>,
     ) -> Result<Page<T>> {
         let start = match &filter.cursor {
             None => 0,
@@ -315,7 +341,7 @@ impl Engine {
                 && filter.since.is_none_or(|s| rec.received_at >= s)
                 && filter.until.is_none_or(|u| rec.received_at < u);
             if keep {
-                if let Some(item) = map(pos, event_from(id, rec))? {
+                if let Some(item) = map(&txn, pos, event_from(id, rec))? {
                     items.push(item);
                 }
             }

@@ -32,10 +32,18 @@ pub struct TestPostgres {
 
 static SERVER: OnceLock<Result<TestPostgres, String>> = OnceLock::new();
 
+impl TestPostgres {
+    /// Starts a server of its own (not the tests' shared one): `durable` keeps `fsync` on, as
+    /// a benchmark needs; the tests' server runs without. Stopped when this process exits.
+    pub fn start(durable: bool) -> Result<TestPostgres, String> {
+        start_server(durable)
+    }
+}
+
 /// The tests' server, started on first use. Panics, saying what is missing, when none can be
 /// started: a test that needs PostgreSQL fails rather than passes unseen.
 pub fn test_postgres() -> &'static TestPostgres {
-    match SERVER.get_or_init(start) {
+    match SERVER.get_or_init(|| start_env().unwrap_or_else(|| start_server(false))) {
         Ok(server) => server,
         Err(why) => panic!(
             "these tests need PostgreSQL (the server package: initdb and pg_ctl), and none could \
@@ -108,14 +116,17 @@ impl TestPostgres {
     }
 }
 
-fn start() -> Result<TestPostgres, String> {
-    if let Ok(base) = std::env::var("POSTROOM_TEST_POSTGRES_URL") {
-        return Ok(TestPostgres {
-            base,
-            next: AtomicU64::new(0),
-            ca_file: None,
-        });
-    }
+/// The server `POSTROOM_TEST_POSTGRES_URL` names, if it is set.
+fn start_env() -> Option<Result<TestPostgres, String>> {
+    let base = std::env::var("POSTROOM_TEST_POSTGRES_URL").ok()?;
+    Some(Ok(TestPostgres {
+        base,
+        next: AtomicU64::new(0),
+        ca_file: None,
+    }))
+}
+
+fn start_server(durable: bool) -> Result<TestPostgres, String> {
     let bin = bin_dir()?;
     let root = output(Command::new("id").arg("-u"))?.trim() == "0";
     let nanos = std::time::SystemTime::now()
@@ -123,6 +134,10 @@ fn start() -> Result<TestPostgres, String> {
         .map_or(0, |d| d.subsec_nanos());
     let dir = std::env::temp_dir().join(format!("postroom-pg-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // Only the server's user may enter it (its socket and keys are there; the server trusts
+    // every local connection).
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
     if root {
         let uid: u32 = parse(&output(Command::new("id").args(["-u", "postgres"]))?)?;
         let gid: u32 = parse(&output(Command::new("id").args(["-g", "postgres"]))?)?;
@@ -168,8 +183,12 @@ fn start() -> Result<TestPostgres, String> {
             .args(["-w", "-t", "60", "-o"])
             .arg(format!(
                 "-k {socket} -p {port} -c listen_addresses=127.0.0.1 -c max_connections=200 \
-                 -c fsync=off -c full_page_writes=off -c ssl=on -c ssl_cert_file={} \
-                 -c ssl_key_file={}",
+                 {} -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                if durable {
+                    ""
+                } else {
+                    "-c fsync=off -c full_page_writes=off"
+                },
                 cert.display(),
                 key.display()
             ))
@@ -177,15 +196,14 @@ fn start() -> Result<TestPostgres, String> {
     )?;
     // Stops the server and removes its folder once this process has gone (a test binary has
     // no hook that runs at its exit).
-    let watchdog = format!(
-        "while [ -d /proc/{pid} ]; do sleep 1; done; \"{pg_ctl}\" -D \"{data}\" -m immediate stop; rm -rf \"{dir}\"",
-        pid = std::process::id(),
-        pg_ctl = bin.join("pg_ctl").display(),
-        data = data.display(),
-        dir = dir.display(),
-    );
+    // The paths go in as arguments, never into the script's text.
+    let watchdog = "while [ -d \"/proc/$1\" ]; do sleep 1; done; \"$2\" -D \"$3\" -m immediate stop; rm -rf \"$4\"";
     as_server(Path::new("sh"))
-        .args(["-c", &watchdog])
+        .args(["-c", watchdog, "watchdog"])
+        .arg(std::process::id().to_string())
+        .arg(bin.join("pg_ctl"))
+        .arg(&data)
+        .arg(&dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

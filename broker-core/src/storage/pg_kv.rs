@@ -12,8 +12,9 @@
 //!   conditions are read and compared, then the writes go in as one upsert and one delete.
 //!   A condition that does not hold, a serialization failure or a unique violation (another
 //!   node committed first) is `Error::StorageConflict`; nothing is written.
-//! - A volatile batch commits with `synchronous_commit = off`; `sync` commits a transaction
-//!   that has an id, whose commit flushes the WAL up to it, volatile commits included.
+//! - A volatile batch commits with `synchronous_commit = off`, a durable one with the database's
+//!   default (or `on`, when that default is `off`); `sync` bumps a row of `postroom_sync` in a
+//!   synchronous commit, which flushes the WAL up to it, volatile commits included.
 //! - The connections and their I/O run on a small runtime of the backend's own, so that the
 //!   synchronous seam can wait on them from any thread (the writer's, a blocking task, or a
 //!   tokio worker under `block_in_place`) without nesting runtimes.
@@ -37,7 +38,7 @@ use super::kv::{Batch, Entry, KvStore, Order, Snapshot, Space};
 use crate::error::{Error, Result};
 
 /// How to reach the PostgreSQL database (`[storage.postgres]` in `postroom.toml`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PostgresConfig {
     /// A libpq connection string or URL (`postgresql://user:password@host:5432/postroom`,
@@ -67,6 +68,19 @@ impl Default for PostgresConfig {
             connect_timeout_ms: 5_000,
             ca_file: String::new(),
         }
+    }
+}
+
+/// Without the URL, which may hold a password: where the database is instead.
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("database", &self.describe())
+            .field("pool_size", &self.pool_size)
+            .field("statement_timeout_ms", &self.statement_timeout_ms)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("ca_file", &self.ca_file)
+            .finish()
     }
 }
 
@@ -102,16 +116,25 @@ impl PostgresConfig {
 /// The table's schema, as numbered steps: each is applied once, in order, in its own
 /// transaction, and recorded in `postroom_migrations`. A step is never edited once released;
 /// a change is a new step.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "the key-value table",
-    "CREATE TABLE postroom_kv (
-         space smallint NOT NULL,
-         key bytea NOT NULL,
-         value bytea NOT NULL,
-         PRIMARY KEY (space, key)
-     )",
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "the key-value table",
+        "CREATE TABLE postroom_kv (
+             space smallint NOT NULL,
+             key bytea NOT NULL,
+             value bytea NOT NULL,
+             PRIMARY KEY (space, key)
+         )",
+    ),
+    (
+        2,
+        "the row that syncs write",
+        // A transaction that writes nothing commits without flushing the WAL; `sync` bumps
+        // this row so that its synchronous commit flushes, volatile commits before included.
+        "CREATE TABLE postroom_sync (id smallint PRIMARY KEY, n bigint NOT NULL)",
+    ),
+];
 
 /// The advisory lock that serializes migrations among nodes starting together (an arbitrary
 /// constant: "postroom" in ASCII, folded into 63 bits).
@@ -164,6 +187,10 @@ fn pool_error(e: deadpool_postgres::PoolError) -> Error {
 
 /// The parts the backend's tasks share.
 struct Shared {
+    /// `SET LOCAL synchronous_commit` of a durable commit: `on` when the database's default is
+    /// `off` (a durable commit must wait for the WAL flush), else the default (which may ask
+    /// more, `remote_apply` with a synchronous replica).
+    durable_commit: &'static str,
     /// Connections for snapshots.
     reads: Pool,
     /// The one connection commits and syncs use, so that a burst of readers never keeps the
@@ -198,16 +225,33 @@ impl PgKv {
                 pool(&pg, &tls, 1, config)?,
             )
         };
-        let kv = PgKv {
-            shared: Arc::new(Shared { reads, write }),
-            runtime: Some(runtime),
+        warn_if_plaintext(&pg);
+        let probe = {
+            let write = write.clone();
+            run_on(runtime.handle(), async move {
+                let mut conn = write.get().await.map_err(pool_error)?;
+                migrate(&mut conn).await?;
+                let default: String = conn
+                    .query_one("SELECT current_setting('synchronous_commit')", &[])
+                    .await?
+                    .get(0);
+                Ok(default)
+            })?
         };
-        let shared = kv.shared.clone();
-        kv.run(async move {
-            let mut conn = shared.write.get().await.map_err(pool_error)?;
-            migrate(&mut conn).await
-        })?;
-        Ok(kv)
+        let durable_commit = if probe == "off" {
+            tracing::warn!("the database's synchronous_commit is off: Postroom sets it on for every commit it acknowledges");
+            "SET LOCAL synchronous_commit TO on"
+        } else {
+            ""
+        };
+        Ok(PgKv {
+            shared: Arc::new(Shared {
+                durable_commit,
+                reads,
+                write,
+            }),
+            runtime: Some(runtime),
+        })
     }
 
     /// Runs `work` on the backend's runtime and waits for it from this thread.
@@ -261,6 +305,9 @@ fn pg_config(config: &PostgresConfig) -> Result<tokio_postgres::Config> {
         ))
     })?;
     pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms.max(1)));
+    // Only a primary takes writes, and only a primary's snapshots see every acknowledged
+    // commit: with several hosts, a standby is never used.
+    pg.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
     if pg.get_application_name().is_none() {
         pg.application_name("postroom");
     }
@@ -271,6 +318,27 @@ fn pg_config(config: &PostgresConfig) -> Result<tokio_postgres::Config> {
     ));
     pg.options(options.trim());
     Ok(pg)
+}
+
+/// Warns when a database reached over the network may be talked to in plaintext: with
+/// `sslmode=prefer` (the default) an attacker on the path can refuse TLS and read or change
+/// everything, signing keys included.
+fn warn_if_plaintext(pg: &tokio_postgres::Config) {
+    let remote = pg.get_hosts().iter().any(|h| match h {
+        tokio_postgres::config::Host::Tcp(name) => {
+            name != "localhost"
+                && !name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        tokio_postgres::config::Host::Unix(_) => false,
+    });
+    if remote && pg.get_ssl_mode() != tokio_postgres::config::SslMode::Require {
+        tracing::warn!(
+            "storage.postgres.url reaches the database over the network without sslmode=require: \
+             a machine on the path can refuse TLS and read or change the data; add sslmode=require"
+        );
+    }
 }
 
 /// The TLS connector: rustls (aws-lc-rs), trusting `ca_file` or else the system's roots. The
@@ -338,14 +406,18 @@ fn pool(
 /// Applies the migration steps the database lacks, each in its own transaction, while holding
 /// the advisory lock; refuses a database whose schema is newer than this build's.
 async fn migrate(conn: &mut Object) -> Result<()> {
+    // Waiting for another node's migration is not a slow statement.
+    conn.batch_execute("SET statement_timeout = 0").await?;
     conn.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await?;
     let result = migrate_locked(conn).await;
     let unlocked = conn
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
         .await;
+    let reset = conn.batch_execute("RESET statement_timeout").await;
     result?;
     unlocked?;
+    reset?;
     Ok(())
 }
 
@@ -428,6 +500,13 @@ pub fn pending_migrations(config: &PostgresConfig) -> Result<Vec<PendingMigratio
         } else {
             Vec::new()
         };
+        let known = MIGRATIONS.last().map_or(0, |m| m.0);
+        if let Some(newer) = applied.iter().find(|v| **v > known) {
+            return Err(Error::Storage(format!(
+                "postgres: the database's schema is at step {newer}, newer than this build \
+                 knows (up to {known}): run a newer Postroom"
+            )));
+        }
         Ok(MIGRATIONS
             .iter()
             .filter(|m| !applied.contains(&m.0))
@@ -469,10 +548,14 @@ impl PgSnapshot {
 impl Drop for PgSnapshot {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            // The connection goes back to the pool only once its transaction has ended; one
-            // whose rollback fails is broken and the pool drops it when it comes back.
+            // The connection goes back to the pool only once its transaction has ended.
             self.handle.spawn(async move {
-                let _ = conn.batch_execute("ROLLBACK").await;
+                if conn.batch_execute("ROLLBACK").await.is_err() {
+                    // Still inside its transaction, or broken: it leaves the pool, closed.
+                    if let Ok(conn) = Arc::try_unwrap(conn) {
+                        drop(Object::take(conn));
+                    }
+                }
             });
         }
     }
@@ -607,6 +690,8 @@ async fn commit_batch(shared: Arc<Shared>, batch: Batch) -> Result<()> {
     if volatile {
         tx.batch_execute("SET LOCAL synchronous_commit TO OFF")
             .await?;
+    } else if !shared.durable_commit.is_empty() {
+        tx.batch_execute(shared.durable_commit).await?;
     }
     if !expect.is_empty() {
         let spaces: Vec<i16> = expect.iter().map(|e| e.space as i16).collect();
@@ -667,8 +752,14 @@ impl KvStore for PgKv {
             let conn = shared.reads.get().await.map_err(pool_error)?;
             // The first statement fixes the transaction's view: the snapshot sees exactly what
             // was committed before this call returns.
-            conn.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SELECT 1")
-                .await?;
+            if let Err(e) = conn
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SELECT 1")
+                .await
+            {
+                // It may be inside a failed transaction now: it leaves the pool, closed.
+                drop(Object::take(conn));
+                return Err(e.into());
+            }
             Ok(conn)
         })?;
         let handle = self
@@ -695,10 +786,22 @@ impl KvStore for PgKv {
         let shared = self.shared.clone();
         self.run(async move {
             let conn = shared.write.get().await.map_err(pool_error)?;
-            // A transaction with an id writes a commit record; committing it synchronously
-            // flushes the WAL up to there, and with it every volatile commit before.
-            conn.batch_execute("BEGIN; SELECT pg_current_xact_id(); COMMIT")
-                .await?;
+            // A transaction that writes is committed synchronously: the WAL is flushed up to
+            // it, and with it every volatile commit before (one that writes nothing would
+            // not flush).
+            let sql = format!(
+                "BEGIN; {}; INSERT INTO postroom_sync (id, n) VALUES (1, 1) \
+                 ON CONFLICT (id) DO UPDATE SET n = postroom_sync.n + 1; COMMIT",
+                if shared.durable_commit.is_empty() {
+                    "SET LOCAL synchronous_commit TO DEFAULT"
+                } else {
+                    shared.durable_commit
+                }
+            );
+            if let Err(e) = conn.batch_execute(&sql).await {
+                drop(Object::take(conn));
+                return Err(e.into());
+            }
             Ok(())
         })
     }
@@ -709,7 +812,10 @@ impl KvStore for PgKv {
         let shared = self.shared.clone();
         self.run(async move {
             let conn = shared.write.get().await.map_err(pool_error)?;
-            conn.batch_execute("SELECT 1").await?;
+            if let Err(e) = conn.batch_execute("SELECT 1").await {
+                drop(Object::take(conn));
+                return Err(e.into());
+            }
             Ok(())
         })
     }

@@ -1,0 +1,164 @@
+//! PostgreSQL (issue 16, item 7): durable publish with 1 and 3 nodes over one PostgreSQL, and
+//! push to one subscription on one node, beside the embedded redb broker in the same run, as
+//! ratios to the embedded publish. The database is a server this program starts (the tests'
+//! `initdb`/`pg_ctl` helper, with `fsync` on, as production runs) in a temporary folder; it is
+//! stopped when the program exits. The nodes are brokers in this process, each with its own
+//! pools and writer, over the one database: on two cores they share the CPU with the database,
+//! as they would on one small machine.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use broker_core::{Broker, PostgresConfig};
+use serde_json::json;
+
+use crate::common::{self, Error, Fixture, Latency, Load, Section, Settings};
+
+const PUBLISHERS: usize = 64;
+const KEYS: u64 = 1000;
+/// Push deliveries of the push case.
+const PUSH_DELIVERIES: u64 = 20_000;
+
+fn row(what: &str, nodes: usize, l: &Load, base: f64, conflicts: u64) -> serde_json::Value {
+    json!({
+        "case": what, "nodes": nodes, "per_s": l.rate(), "ratio": l.rate() / base.max(1e-9),
+        "p50_ms": l.latency.p50_ms, "p99_ms": l.latency.p99_ms, "conflicts": conflicts,
+        "count": l.ok, "secs": l.secs,
+    })
+}
+
+async fn open(pg: &PostgresConfig) -> Result<Broker, Error> {
+    Ok(Broker::open_postgres(pg.clone(), common::config()).await?)
+}
+
+/// `PUBLISHERS` tasks spread over `nodes` brokers on one database, publishing for the case's
+/// length; a publish that lost a race to another node (`storage_conflict`) is tried again, as a
+/// client retrying a 503 would, and counted.
+async fn publish_on(
+    settings: &Settings,
+    pg: &PostgresConfig,
+    nodes: usize,
+) -> Result<(Load, u64), Error> {
+    let first = Fixture::new(open(pg).await?).await?;
+    let mut fixtures = vec![first.clone()];
+    for _ in 1..nodes {
+        fixtures.push(Fixture::new(open(pg).await?).await?);
+    }
+    let conflicts = Arc::new(AtomicU64::new(0));
+    let fx = Arc::new(fixtures.clone());
+    let c = conflicts.clone();
+    let load = common::closed_loop(PUBLISHERS, settings.length(), move |i| {
+        let fx = fx.clone();
+        let c = c.clone();
+        async move {
+            let f = &fx[(i as usize) % fx.len()];
+            loop {
+                match f.broker.publish(f.request(i, KEYS)).await {
+                    Ok(_) => return Ok::<(), Error>(()),
+                    Err(broker_core::Error::StorageConflict { .. }) => {
+                        c.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    })
+    .await?;
+    for f in fixtures {
+        f.broker.close().await;
+    }
+    Ok((load, conflicts.load(Ordering::Relaxed)))
+}
+
+/// Publishes `PUSH_DELIVERIES` events to a paused push subscription on one node, resumes it and
+/// times until the local receiver has them all.
+async fn push_on(pg: &PostgresConfig) -> Result<Load, Error> {
+    let count = Arc::new(AtomicU64::new(0));
+    let c = count.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let c = c.clone();
+            async move {
+                c.fetch_add(1, Ordering::Relaxed);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let f = Fixture::new(open(pg).await?).await?;
+    let mut sub = broker_core::NewSubscription::new(
+        f.me.clone(),
+        broker_core::DeliveryMode::Push(broker_core::PushEndpoint {
+            url,
+            headers: vec![],
+            basic_auth: None,
+        }),
+    );
+    sub.in_flight_max = Some(64);
+    let id = f
+        .broker
+        .create_subscription(&f.room, sub)
+        .await?
+        .subscription
+        .id;
+    f.broker.pause_subscription(id).await?;
+    f.fill(0, PUSH_DELIVERIES, KEYS).await?;
+    let start = Instant::now();
+    f.broker.resume_subscription(id).await?;
+    let deadline = start + Duration::from_secs(300);
+    while count.load(Ordering::Relaxed) < PUSH_DELIVERIES && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    f.broker.close().await;
+    Ok(Load {
+        ok: count.load(Ordering::Relaxed),
+        errors: 0,
+        secs,
+        latency: Latency::of(Vec::new()),
+    })
+}
+
+/// The part.
+pub async fn run(settings: &Settings) -> Result<Vec<Section>, Error> {
+    let server = tokio::task::spawn_blocking(|| broker_core::TestPostgres::start(true))
+        .await?
+        .map_err(|e| format!("cannot start PostgreSQL for the benchmark: {e}"))?;
+    let mut s = Section::new(
+        "PostgreSQL (issue 16): durable publish with 1 and 3 nodes over one database, push on one node (1 KiB, 64 publishers, 1,000 keys; fsync on)",
+        &[
+            ("case", "case"),
+            ("nodes", "nodes"),
+            ("per_s", "per s"),
+            ("ratio", "ratio to embedded"),
+            ("p50_ms", "p50 ms"),
+            ("p99_ms", "p99 ms"),
+            ("conflicts", "lost races (retried)"),
+        ],
+    );
+    let base = common::embedded_publish(settings, "postgres-base", PUBLISHERS).await?;
+    let rate = base.rate();
+    s.row(row("publish, embedded redb (the base)", 1, &base, rate, 0));
+    for nodes in [1, 3] {
+        let pg = server.fresh();
+        let (load, conflicts) = publish_on(settings, &pg, nodes).await?;
+        s.row(row("publish, PostgreSQL", nodes, &load, rate, conflicts));
+    }
+    let pg = server.fresh();
+    let push = push_on(&pg).await?;
+    s.row(row("push to 1 subscription, PostgreSQL", 1, &push, rate, 0));
+    s.note(format!(
+        "Ratios to the embedded redb publish of this run ({rate:.0}/s). The nodes run in this \
+         process on the same cores as PostgreSQL. Public figures for PostgreSQL queues on an \
+         8 vCPU machine (not ours): ~40k events/s (an event bus), ~14k jobs/s (a job queue), \
+         ~11k messages/s (a visibility-timeout queue)."
+    ));
+    s.print();
+    Ok(vec![s])
+}
