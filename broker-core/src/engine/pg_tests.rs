@@ -212,3 +212,31 @@ async fn a_revocation_on_one_node_holds_at_once_on_another() {
     a.close().await;
     b.close().await;
 }
+
+/// A read holds one pooled connection at a time. With a pool of one connection, listing Rooms,
+/// reading an event type and searching the message log (with each event's deliveries) all
+/// answer; before, each of them took a second snapshot while holding the first, and waited for
+/// a connection that only it held until the pool's wait ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_never_waits_for_a_second_connection() {
+    let mut pg = crate::storage::pg_cluster::test_postgres().fresh();
+    pg.pool_size = 1;
+    pg.connect_timeout_ms = 1_000;
+    let a = open(&pg).await;
+    let room = TestRoom::create(&a).await;
+    room.pull_subscription(&a, false).await;
+    a.publish(keyed(&room, "k")).await.unwrap();
+    let rooms = a.rooms(None, None).expect("rooms listed");
+    assert_eq!(rooms.items.len(), 1);
+    a.event_type(&room.room, &room.ty).expect("event type read");
+    let log = a
+        .message_log(crate::MessageFilter {
+            room: Some(room.room.clone()),
+            ..Default::default()
+        })
+        .await
+        .expect("message log searched");
+    assert_eq!(log.items.len(), 1);
+    assert_eq!(log.items[0].deliveries.len(), 1);
+    a.close().await;
+}
