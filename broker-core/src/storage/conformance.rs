@@ -33,8 +33,9 @@ pub(crate) struct Factory<'a> {
 
 /// Runs every check against the backend `f` makes. Panics naming the failed check.
 pub(crate) fn check_backend(name: &str, f: &Factory<'_>) {
-    let checks: [Check; 10] = [
+    let checks: [Check; 11] = [
         ("put_get_delete", put_get_delete),
+        ("get_many_answers_like_get", get_many_answers_like_get),
         ("batch_is_atomic_under_expect", batch_is_atomic_under_expect),
         ("last_write_in_a_batch_wins", last_write_in_a_batch_wins),
         (
@@ -382,6 +383,46 @@ fn committed_survives_reopen(f: &Factory<'_>) {
     assert_eq!(s.get(Space::Events, b"gone").unwrap(), None);
     kv.commit(batch(vec![put(Space::Rooms, b"after", Some(b"3"))]))
         .unwrap();
+}
+
+/// `get_many` answers each key as `get` does, in the order asked, present or absent, repeated
+/// or in several spaces, and a snapshot taken before a commit keeps answering as before it.
+fn get_many_answers_like_get(f: &Factory<'_>) {
+    let kv = (f.fresh)();
+    kv.commit(batch(vec![
+        put(Space::Deliveries, b"a", Some(b"1")),
+        put(Space::Deliveries, b"c", Some(b"3")),
+        put(Space::Attempts, b"a", Some(b"x")),
+    ]))
+    .unwrap();
+    let before = kv.snapshot().unwrap();
+    kv.commit(batch(vec![put(Space::Deliveries, b"a", Some(b"2"))]))
+        .unwrap();
+    let keys = vec![
+        (Space::Deliveries, b"c".to_vec()),
+        (Space::Deliveries, b"b".to_vec()),
+        (Space::Attempts, b"a".to_vec()),
+        (Space::Deliveries, b"a".to_vec()),
+        (Space::Deliveries, b"c".to_vec()),
+    ];
+    let want = |v: &[Option<&[u8]>]| -> Vec<Option<Vec<u8>>> {
+        v.iter().map(|x| x.map(<[u8]>::to_vec)).collect()
+    };
+    assert_eq!(
+        before.get_many(&keys).unwrap(),
+        want(&[Some(b"3"), None, Some(b"x"), Some(b"1"), Some(b"3")])
+    );
+    let after = kv.snapshot().unwrap();
+    // A key read alone first, then among others.
+    assert_eq!(
+        after.get(Space::Deliveries, b"a").unwrap(),
+        Some(b"2".to_vec())
+    );
+    assert_eq!(
+        after.get_many(&keys).unwrap(),
+        want(&[Some(b"3"), None, Some(b"x"), Some(b"2"), Some(b"3")])
+    );
+    assert!(after.get_many(&[]).unwrap().is_empty());
 }
 
 /// A volatile batch is applied and read like any other, in commit order with durable ones; a

@@ -212,6 +212,11 @@ pub(crate) type Entry = (Vec<u8>, Vec<u8>);
 pub(crate) trait Snapshot: Send + Sync {
     /// The value of one key.
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>>;
+    /// The values of several keys, in their order: one round trip on a networked backend
+    /// (the fence of a shared store's batch reads every key the batch writes).
+    fn get_many(&self, keys: &[(Space, Vec<u8>)]) -> Result<Vec<Option<Vec<u8>>>> {
+        keys.iter().map(|(s, k)| self.get(*s, k)).collect()
+    }
     /// Up to `limit` entries with keys within the bounds, in `order`.
     fn range(
         &self,

@@ -531,13 +531,32 @@ pub fn apply_migrations(config: &PostgresConfig) -> Result<Vec<PendingMigration>
     Ok(pending)
 }
 
+/// What a snapshot has read of single keys. A snapshot never changes, so a key read once is
+/// answered from here after: the engine reads the same records many times in one batch (a
+/// Room's record for each of its publishes), and each read here is a round trip.
+type Gets = std::sync::Mutex<std::collections::HashMap<(Space, Vec<u8>), Option<Vec<u8>>>>;
+
 /// A snapshot: a read-only repeatable-read transaction on a pooled connection.
 struct PgSnapshot {
     conn: Option<Arc<Object>>,
     handle: tokio::runtime::Handle,
+    gets: Gets,
 }
 
 impl PgSnapshot {
+    /// For each key, what was read of it before (`Some`), or `None` when it was not read.
+    fn cached(&self, keys: &[(Space, Vec<u8>)]) -> Vec<Option<Option<Vec<u8>>>> {
+        let gets = self.gets.lock().unwrap_or_else(|p| p.into_inner());
+        keys.iter().map(|k| gets.get(k).cloned()).collect()
+    }
+
+    fn remember(&self, keys: &[(Space, Vec<u8>)], values: &[Option<Vec<u8>>]) {
+        let mut gets = self.gets.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, v) in keys.iter().zip(values) {
+            gets.insert(k.clone(), v.clone());
+        }
+    }
+
     fn conn(&self) -> Result<Arc<Object>> {
         self.conn
             .clone()
@@ -584,15 +603,57 @@ fn range_sql(start: &Bound<&[u8]>, end: &Bound<&[u8]>, order: Order) -> String {
 
 impl Snapshot for PgSnapshot {
     fn get(&self, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let cached = self.cached(&[(space, key.to_vec())]);
+        if let Some(value) = cached.into_iter().next().flatten() {
+            return Ok(value);
+        }
         let conn = self.conn()?;
-        let key = key.to_vec();
-        run_on(&self.handle, async move {
+        let owned = key.to_vec();
+        let value = run_on(&self.handle, async move {
             let stmt = conn
                 .prepare_cached("SELECT value FROM postroom_kv WHERE space = $1 AND key = $2")
                 .await?;
-            let row = conn.query_opt(&stmt, &[&(space as i16), &key]).await?;
+            let row = conn.query_opt(&stmt, &[&(space as i16), &owned]).await?;
             Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
-        })
+        })?;
+        self.remember(&[(space, key.to_vec())], std::slice::from_ref(&value));
+        Ok(value)
+    }
+
+    fn get_many(&self, keys: &[(Space, Vec<u8>)]) -> Result<Vec<Option<Vec<u8>>>> {
+        let cached = self.cached(keys);
+        let missing: Vec<(Space, Vec<u8>)> = keys
+            .iter()
+            .zip(&cached)
+            .filter(|(_, c)| c.is_none())
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut fetched = Vec::new();
+        if !missing.is_empty() {
+            let conn = self.conn()?;
+            let spaces: Vec<i16> = missing.iter().map(|(s, _)| *s as i16).collect();
+            let bytes: Vec<Vec<u8>> = missing.iter().map(|(_, k)| k.clone()).collect();
+            fetched = run_on(&self.handle, async move {
+                let stmt = conn
+                    .prepare_cached(
+                        "SELECT t.value FROM unnest($1::int2[], $2::bytea[]) WITH ORDINALITY \
+                         AS k(space, key, n) LEFT JOIN postroom_kv t \
+                         ON t.space = k.space AND t.key = k.key ORDER BY k.n",
+                    )
+                    .await?;
+                let rows = conn.query(&stmt, &[&spaces, &bytes]).await?;
+                Ok(rows
+                    .iter()
+                    .map(|r| r.get::<_, Option<Vec<u8>>>(0))
+                    .collect::<Vec<_>>())
+            })?;
+            self.remember(&missing, &fetched);
+        }
+        let mut fetched = fetched.into_iter();
+        Ok(cached
+            .into_iter()
+            .map(|c| c.unwrap_or_else(|| fetched.next().flatten()))
+            .collect())
     }
 
     fn range(
@@ -771,6 +832,7 @@ impl KvStore for PgKv {
         Ok(Arc::new(PgSnapshot {
             conn: Some(Arc::new(conn)),
             handle,
+            gets: Gets::default(),
         }))
     }
 

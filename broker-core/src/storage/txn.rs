@@ -135,12 +135,14 @@ impl Txn {
     /// with a batch another writer committed since the snapshot then fails the commit.
     pub(crate) fn fence(&self, batch: &mut Batch) -> Result<()> {
         let snapshot = self.0.borrow().snapshot.clone();
-        for w in &batch.writes {
-            batch.expect.push(Expect {
-                space: w.space,
-                key: w.key.clone(),
-                value: snapshot.get(w.space, &w.key)?,
-            });
+        let keys: Vec<(Space, Vec<u8>)> = batch
+            .writes
+            .iter()
+            .map(|w| (w.space, w.key.clone()))
+            .collect();
+        let values = snapshot.get_many(&keys)?;
+        for ((space, key), value) in keys.into_iter().zip(values) {
+            batch.expect.push(Expect { space, key, value });
         }
         Ok(())
     }
