@@ -164,7 +164,18 @@ impl From<tokio_postgres::Error> for Error {
         // The server's own message (a `DbError`) says more than the wrapper's `Display`, and
         // a connection error's cause (refused, a certificate not trusted) is in its source.
         match e.as_db_error() {
-            Some(db) => Error::Storage(format!("postgres: {}: {}", db.code().code(), db.message())),
+            Some(db) => {
+                let text = format!("postgres: {}: {}", db.code().code(), db.message());
+                // Connection exceptions (08), too many connections or no space (53), the
+                // server shutting down or restarting (57P): the database is unavailable, not
+                // the request wrong.
+                let code = db.code().code();
+                if code.starts_with("08") || code.starts_with("53") || code.starts_with("57P") {
+                    unavailable(text)
+                } else {
+                    Error::Storage(text)
+                }
+            }
             None => {
                 let mut text = format!("postgres: {e}");
                 let mut cause = std::error::Error::source(&e);
@@ -172,7 +183,8 @@ impl From<tokio_postgres::Error> for Error {
                     text.push_str(&format!(": {c}"));
                     cause = c.source();
                 }
-                Error::Storage(text)
+                // No answer from the server: it could not be reached, or the connection broke.
+                unavailable(text)
             }
         }
     }
@@ -181,7 +193,18 @@ impl From<tokio_postgres::Error> for Error {
 fn pool_error(e: deadpool_postgres::PoolError) -> Error {
     match e {
         deadpool_postgres::PoolError::Backend(e) => e.into(),
-        other => Error::Storage(format!("postgres: no connection: {other}")),
+        other => unavailable(format!("postgres: no connection: {other}")),
+    }
+}
+
+/// How long a caller refused because the database cannot be reached is asked to wait.
+const UNAVAILABLE_RETRY_AFTER_MS: u64 = 1_000;
+
+/// The database cannot be reached or is not answering: 503 with `Retry-After`, never 500.
+fn unavailable(cause: String) -> Error {
+    Error::StorageUnavailable {
+        cause,
+        retry_after_ms: UNAVAILABLE_RETRY_AFTER_MS,
     }
 }
 
@@ -951,6 +974,21 @@ mod tests {
                 .contains("storage.postgres.ca_file /nonexistent/ca.pem"),
             "{refused}"
         );
+    }
+
+    /// Every pooled connection busy for the whole wait: `storage_unavailable` (503 with
+    /// `Retry-After`), not a storage failure (500), and the next read after one is free works.
+    #[test]
+    fn no_free_connection_is_unavailable_not_a_failure() {
+        let mut config = test_postgres().fresh();
+        config.pool_size = 1;
+        config.connect_timeout_ms = 200;
+        let kv = PgKv::open(&config).unwrap();
+        let held = kv.snapshot().unwrap();
+        let refused = kv.snapshot().err().expect("no connection is free");
+        assert_eq!(refused.code(), "storage_unavailable", "{refused}");
+        drop(held);
+        kv.snapshot().expect("a connection is free again");
     }
 
     /// What `migrate --check` reports: every step on a fresh schema, none once it is opened.
