@@ -216,8 +216,8 @@ struct Shared {
     durable_commit: &'static str,
     /// Connections for snapshots.
     reads: Pool,
-    /// The one connection commits and syncs use, so that a burst of readers never keeps the
-    /// writer waiting for a connection.
+    /// The one connection commits and syncs use, so that a commit never waits for readers to
+    /// give a connection back (the writer's snapshot still comes from `reads`).
     write: Pool,
 }
 
