@@ -240,3 +240,56 @@ async fn a_read_never_waits_for_a_second_connection() {
     assert_eq!(log.items[0].deliveries.len(), 1);
     a.close().await;
 }
+
+/// The same publish with one Idempotency-Key sent to two nodes at once (a client retrying on
+/// another node, or a load balancer sending it twice): one event is stored, and every answer
+/// that is not a lost race (`storage_conflict`, retried) is its receipt: the first, or a
+/// duplicate naming the same id. Repeated over several keys so that the two really race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_is_honoured_whichever_node_gets_the_retry() {
+    let pg = crate::storage::pg_cluster::test_postgres().fresh();
+    let a = open(&pg).await;
+    let room = TestRoom::create(&a).await;
+    let sub = room.pull_subscription(&a, false).await;
+    let b = open(&pg).await;
+    const KEYS: usize = 20;
+    for n in 0..KEYS {
+        let mut req = keyed(&room, "k");
+        req.idempotency_key = Some(format!("idem-{n}"));
+        let mut tasks = Vec::new();
+        for broker in [a.clone(), b.clone(), a.clone(), b.clone()] {
+            let req = req.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    match broker.publish(req.clone()).await {
+                        Err(Error::StorageConflict { .. }) => continue,
+                        other => return other.expect("publish"),
+                    }
+                }
+            }));
+        }
+        let mut receipts = Vec::new();
+        for t in tasks {
+            receipts.push(t.await.unwrap());
+        }
+        let first = receipts.iter().filter(|r| !r.duplicate).count();
+        assert_eq!(first, 1, "key idem-{n}: exactly one publish stored it");
+        assert!(
+            receipts.iter().all(|r| r.id == receipts[0].id),
+            "key idem-{n}: every answer names the one event"
+        );
+    }
+    let mut owed = 0;
+    loop {
+        let page = a.pull(sub, 100, None, 0).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        owed += page.len();
+        let acks: Vec<_> = page.iter().map(|m| m.ack_id.clone()).collect();
+        while let Err(Error::StorageConflict { .. }) = a.ack(sub, &acks).await {}
+    }
+    assert_eq!(owed, KEYS, "one event stored per idempotency key");
+    a.close().await;
+    b.close().await;
+}
