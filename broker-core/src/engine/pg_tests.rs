@@ -30,6 +30,27 @@ fn keyed(room: &TestRoom, key: &str) -> crate::PublishRequest {
     e
 }
 
+/// Pulls and acknowledges everything `sub` owes on `broker` (an ack that lost a race to
+/// another node is sent again); the ids pulled, in order.
+async fn drain(broker: &Broker, sub: crate::SubscriptionId) -> Vec<crate::EventId> {
+    let mut ids = Vec::new();
+    loop {
+        let page = broker.pull(sub, 100, None, 0).await.unwrap();
+        if page.is_empty() {
+            return ids;
+        }
+        ids.extend(page.iter().map(|m| m.event.id));
+        let acks: Vec<_> = page.iter().map(|m| m.ack_id.clone()).collect();
+        loop {
+            match broker.ack(sub, &acks).await {
+                Ok(_) => break,
+                Err(Error::StorageConflict { .. }) => continue,
+                Err(e) => panic!("ack failed: {e}"),
+            }
+        }
+    }
+}
+
 /// One node: a publish is stored, pulled and acknowledged, and after a restart (a new broker
 /// over the same database) the event is still there and nothing is owed any more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,22 +137,8 @@ async fn two_brokers_racing_on_one_database_number_a_key_without_gaps_or_repeats
     // Every acknowledged event is stored at a position of its own: the subscription owes each
     // once, and nothing else.
     let mut owed = BTreeSet::new();
-    loop {
-        let page = a.pull(sub, 100, None, 0).await.unwrap();
-        if page.is_empty() {
-            break;
-        }
-        for m in &page {
-            assert!(owed.insert(m.event.id), "{} owed twice", m.event.id);
-        }
-        let acks: Vec<_> = page.iter().map(|m| m.ack_id.clone()).collect();
-        loop {
-            match a.ack(sub, &acks).await {
-                Ok(_) => break,
-                Err(Error::StorageConflict { .. }) => continue,
-                Err(e) => panic!("ack failed: {e}"),
-            }
-        }
+    for id in drain(&a, sub).await {
+        assert!(owed.insert(id), "{id} owed twice");
     }
     assert_eq!(
         owed, ids,
@@ -279,16 +286,7 @@ async fn an_idempotency_key_is_honoured_whichever_node_gets_the_retry() {
             "key idem-{n}: every answer names the one event"
         );
     }
-    let mut owed = 0;
-    loop {
-        let page = a.pull(sub, 100, None, 0).await.unwrap();
-        if page.is_empty() {
-            break;
-        }
-        owed += page.len();
-        let acks: Vec<_> = page.iter().map(|m| m.ack_id.clone()).collect();
-        while let Err(Error::StorageConflict { .. }) = a.ack(sub, &acks).await {}
-    }
+    let owed = drain(&a, sub).await.len();
     assert_eq!(owed, KEYS, "one event stored per idempotency key");
     a.close().await;
     b.close().await;

@@ -16,7 +16,9 @@ pub(crate) mod kv;
 mod mem_kv;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod pg_cluster;
+mod pg_config;
 pub(crate) mod pg_kv;
+mod pg_migrate;
 mod redb_kv;
 mod redb_migrate;
 pub(crate) mod txn;

@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use super::pg_kv::PostgresConfig;
+use super::pg_config::PostgresConfig;
 
 /// A PostgreSQL server the tests share.
 pub struct TestPostgres {
