@@ -29,6 +29,9 @@ use std::sync::Mutex;
 /// The state every clone of a [`Broker`] shares.
 pub(crate) struct Inner {
     pub(crate) store: Arc<dyn Storage>,
+    /// This broker's node id, drawn at open: whose push leases are whose when several brokers
+    /// share one store (see `ownership.rs`).
+    pub(crate) node: u128,
     writer: Writer,
     pub(crate) clock: Arc<dyn Clock>,
     /// Swapped whole by [`Broker::reconfigure`]; readers take a snapshot.
@@ -161,7 +164,7 @@ impl Broker {
             .await
             .map_err(|e| Error::Storage(format!("open task failed: {e}")))??;
         let faults = store.faults();
-        Self::start(Arc::new(store), faults, config, clock)
+        Self::start(Arc::new(store), faults, config, clock, None)
     }
 
     /// Opens the PostgreSQL database `postgres` names (creating or upgrading its schema under
@@ -183,7 +186,7 @@ impl Broker {
             .await
             .map_err(|e| Error::Storage(format!("open task failed: {e}")))??;
         let faults = store.faults();
-        Self::start(Arc::new(store), faults, config, clock)
+        Self::start(Arc::new(store), faults, config, clock, None)
     }
 
     /// A broker on a redb file whose writes fail with an I/O error, as on a full disk, while
@@ -200,7 +203,7 @@ impl Broker {
             .await
             .map_err(|e| Error::Storage(format!("open task failed: {e}")))??;
         let faults = store.faults();
-        Self::start(Arc::new(store), faults, config, clock)
+        Self::start(Arc::new(store), faults, config, clock, None)
     }
 
     /// A broker over a given key-value backend (tests that watch what the engine commits).
@@ -210,16 +213,28 @@ impl Broker {
         config: Config,
         clock: Arc<dyn Clock>,
     ) -> Result<Broker> {
+        Self::open_over_kv_with(kv, config, clock, None)
+    }
+
+    /// [`Broker::open_over_kv`] with the pushes going to `transport` (when given) instead of
+    /// HTTP: tests that watch which broker pushes what.
+    #[cfg(test)]
+    pub(crate) fn open_over_kv_with(
+        kv: Arc<dyn crate::storage::kv::KvStore>,
+        config: Config,
+        clock: Arc<dyn Clock>,
+        transport: Option<Arc<dyn Transport>>,
+    ) -> Result<Broker> {
         let store = Engine::over(kv, delivery_defaults(&config))?;
         let faults = store.faults();
-        Self::start(Arc::new(store), faults, config, clock)
+        Self::start(Arc::new(store), faults, config, clock, transport)
     }
 
     /// A broker whose data lives in memory only: for tests and examples.
     pub async fn open_in_memory(config: Config, clock: Arc<dyn Clock>) -> Result<Broker> {
         let store = Engine::in_memory(config.cache_bytes, delivery_defaults(&config))?;
         let faults = store.faults();
-        Self::start(Arc::new(store), faults, config, clock)
+        Self::start(Arc::new(store), faults, config, clock, None)
     }
 
     fn start(
@@ -227,6 +242,7 @@ impl Broker {
         storage_faults: Arc<StorageFaults>,
         config: Config,
         clock: Arc<dyn Clock>,
+        transport: Option<Arc<dyn Transport>>,
     ) -> Result<Broker> {
         // Built first so that a malformed `push_allow.cidrs` stops the broker before it starts
         // anything.
@@ -263,12 +279,20 @@ impl Broker {
             config.writer.clone(),
             on_commit,
         )?;
-        let transport = Arc::new(HttpTransport::new(
-            config.delivery.push_timeout_ms,
-            config.delivery.push_redirects_max,
-            push_guard.clone(),
-        )?);
+        let transport: Arc<dyn Transport> = match transport {
+            Some(t) => t,
+            None => Arc::new(HttpTransport::new(
+                config.delivery.push_timeout_ms,
+                config.delivery.push_redirects_max,
+                push_guard.clone(),
+            )?),
+        };
+        let node = uuid::Uuid::new_v4().as_u128();
+        if shared {
+            tracing::info!(node = %crate::dispatch_owner::format_node(node), "this node shares its store with other nodes; push subscriptions are shared out by leases");
+        }
         let inner = Arc::new(Inner {
+            node,
             store,
             writer,
             clock,
@@ -310,6 +334,11 @@ impl Broker {
         // Every push subscription resumes where its persisted queue stands.
         for id in broker.inner.store.push_subscriptions()? {
             ensure_dispatcher(&broker, id);
+        }
+        if shared {
+            // Other nodes create push subscriptions too: each needs a dispatcher here, ready
+            // to take its lease over when the node pushing it dies.
+            spawn_discovery(Arc::downgrade(&broker.inner));
         }
         Ok(broker)
     }
@@ -386,6 +415,8 @@ impl Broker {
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        // On a shared store, other nodes take this one's push subscriptions over at once.
+        crate::dispatch_owner::release_all(self).await;
         let inner = self.inner.clone();
         let _ = tokio::task::spawn_blocking(move || inner.writer.close()).await;
         // A sweep running now fails at its next write; wait (bounded) until it let go.
@@ -596,6 +627,41 @@ pub(crate) fn unexpected(out: WriteOutput) -> Error {
 /// more work it runs again at once, so a large backlog drains without one long transaction.
 /// The broker is held only while `turn` is, and not once it is closing (see
 /// [`Inner::retention_turn`]).
+/// On a store other nodes write too: looks for push subscriptions without a dispatcher here
+/// (created on another node) every half `dispatch_lease_ms`, so that each is ready to take the
+/// subscription over when the node pushing it dies. A dispatcher that does not hold the lease
+/// reads it once per lease, and writes nothing while another node's runs.
+fn spawn_discovery(inner: Weak<Inner>) {
+    tokio::spawn(async move {
+        loop {
+            let every = {
+                let Some(inner) = inner.upgrade() else { return };
+                let lease_ms = inner.config_now().delivery.dispatch_lease_ms.max(2);
+                Duration::from_millis(lease_ms / 2)
+            };
+            tokio::time::sleep(every).await;
+            let Some(inner) = inner.upgrade() else { return };
+            if inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            let broker = Broker { inner };
+            let ids = {
+                let store = broker.inner.store.clone();
+                tokio::task::spawn_blocking(move || store.push_subscriptions()).await
+            };
+            match ids {
+                Ok(Ok(ids)) => {
+                    for id in ids {
+                        ensure_dispatcher(&broker, id);
+                    }
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "cannot list push subscriptions"),
+                Err(e) => tracing::debug!(error = %e, "push subscription listing failed"),
+            }
+        }
+    });
+}
+
 fn spawn_retention(inner: Weak<Inner>, turn: Arc<tokio::sync::Mutex<()>>, every: Duration) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);

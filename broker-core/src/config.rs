@@ -220,6 +220,12 @@ pub struct DeliveryConfig {
     /// Longest a dispatcher sleeps before looking again without being woken, in milliseconds
     /// (default 1,000).
     pub scheduler_tick_ms: u64,
+    /// How long a node's push lease on a subscription lasts, in milliseconds (default 8,000),
+    /// when several brokers share one store (PostgreSQL): one node at a time pushes each
+    /// subscription, renewing its lease each third of this; when the node dies, another takes
+    /// the subscription over once the lease ends, so within this time plus a commit. A node
+    /// shutting down hands its subscriptions over at once. Unused on an embedded store.
+    pub dispatch_lease_ms: u64,
     /// Longest wait between tries to record a push outcome that the writer refused (a failed
     /// commit, a full disk, a full writer queue), in milliseconds (default 5,000). The first wait
     /// is 100 ms and doubles up to this. Until the outcome is recorded the delivery is not
@@ -285,6 +291,7 @@ impl Default for DeliveryConfig {
             secret_grace_ms: 24 * 3_600_000,
             scan_records_max: 10_000,
             scheduler_tick_ms: 1000,
+            dispatch_lease_ms: 8000,
             outcome_retry_ms_max: 5000,
             subscriptions_per_room_max: 1000,
             push_headers_max: 32,

@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::broker::{Broker, Inner};
 use crate::clock::Timestamp;
+use crate::dispatch_owner::{Holder, Turn};
 use crate::error::Error;
 use crate::ids::SubscriptionId;
 use crate::push_slots::{PushEnd, PushSlots, SlotBounds};
@@ -145,6 +146,8 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
     // without reading the subscription (each push wakes its dispatcher twice, answered and
     // recorded, and each commit that touched the queue once more).
     let mut skip_pass = false;
+    // This node's push lease, when several brokers share the store (`dispatch_owner.rs`).
+    let mut holder = Holder::default();
     loop {
         if !std::mem::take(&mut skip_pass) {
             let wait = {
@@ -153,64 +156,121 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
                     return;
                 }
                 let broker = Broker::from_inner(inner);
-                let sub = match broker.inner().store.subscription(id) {
-                    Ok(s) => s,
-                    Err(Error::SubscriptionNotFound { .. }) => return,
-                    Err(e) => {
-                        tracing::warn!(subscription = %id, error = %e, "dispatcher cannot read its subscription");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                };
-                let config = broker.config();
-                let tick = Duration::from_millis(config.delivery.scheduler_tick_ms.max(1));
-                bounds = SlotBounds::new(sub.in_flight_max, &config.delivery);
-                if !matches!(sub.mode, DeliveryMode::Push(_)) {
-                    return;
-                }
-                if sub.status != SubscriptionStatus::Active {
-                    tick
-                } else if !broker.subscriber_may_receive(&sub).unwrap_or(false) {
-                    // Its subscriber lost the right (or it cannot be read): nothing is pushed, and
-                    // the subscription is paused so that operators see why.
-                    let b = broker.clone();
-                    let s = sub.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = b.check_subscriber(&s).await {
-                            tracing::info!(subscription = %s.id, error = %e, "push subscription paused");
+                match holder.turn(&broker, id).await {
+                    Turn::Gone => return,
+                    Turn::Wait(wait) => wait,
+                    Turn::Push(lease) => {
+                        let Some(wait) = pass(
+                            &broker,
+                            id,
+                            lease,
+                            &mut bounds,
+                            &mut slots,
+                            &refused,
+                            &settled_tx,
+                        ) else {
+                            return;
+                        };
+                        match holder.renew_within(&broker) {
+                            Some(renew) => wait.min(renew),
+                            None => wait,
                         }
-                    });
-                    tick
-                } else {
-                    dispatch_due(&broker, &sub, &bounds, &mut slots, &refused, &settled_tx)
-                        .unwrap_or(tick)
-                        .min(tick)
+                    }
                 }
             };
             until = tokio::time::Instant::now() + wait;
         }
         tokio::select! {
             _ = signals.dispatch.notified() => {
-                skip_pass = !worth_a_pass(&weak, &slots, &bounds);
+                skip_pass = !worth_a_pass(&weak, &holder, &slots, &bounds);
             }
             Some(s) = settled_rx.recv() => {
                 s.apply(&mut slots, &bounds);
                 while let Ok(s) = settled_rx.try_recv() {
                     s.apply(&mut slots, &bounds);
                 }
-                skip_pass = !worth_a_pass(&weak, &slots, &bounds);
+                skip_pass = !worth_a_pass(&weak, &holder, &slots, &bounds);
             }
-            // The tick (or the next retry) always makes a pass.
+            // The tick (or the next retry, or the end of another node's lease) always makes a
+            // pass.
             _ = tokio::time::sleep_until(until) => {}
         }
     }
 }
 
-/// Whether a wake-up is worth a pass (see [`PushSlots::worth_a_pass`]); always when the broker
-/// is gone, so that the pass finds out and the dispatcher ends.
-fn worth_a_pass(weak: &Weak<Inner>, slots: &PushSlots, bounds: &SlotBounds) -> bool {
+/// One pass of a dispatcher that may push (under `lease` on a shared store): reads the
+/// subscription and starts what is due; how long until the next pass, or `None` when the
+/// dispatcher should end (its subscription is gone or no longer pushes).
+fn pass(
+    broker: &Broker,
+    id: SubscriptionId,
+    lease: Option<(u128, u64)>,
+    bounds: &mut SlotBounds,
+    slots: &mut PushSlots,
+    refused: &Arc<AtomicUsize>,
+    settled_tx: &mpsc::UnboundedSender<Settled>,
+) -> Option<Duration> {
+    let sub = match broker.inner().store.subscription(id) {
+        Ok(s) => s,
+        Err(Error::SubscriptionNotFound { .. }) => return None,
+        Err(e) => {
+            tracing::warn!(subscription = %id, error = %e, "dispatcher cannot read its subscription");
+            return Some(Duration::from_secs(1));
+        }
+    };
+    let config = broker.config();
+    let tick = Duration::from_millis(config.delivery.scheduler_tick_ms.max(1));
+    *bounds = SlotBounds::new(sub.in_flight_max, &config.delivery);
+    if !matches!(sub.mode, DeliveryMode::Push(_)) {
+        return None;
+    }
+    Some(if sub.status != SubscriptionStatus::Active {
+        tick
+    } else if !broker.subscriber_may_receive(&sub).unwrap_or(false) {
+        // Its subscriber lost the right (or it cannot be read): nothing is pushed, and
+        // the subscription is paused so that operators see why.
+        let b = broker.clone();
+        let s = sub.clone();
+        tokio::spawn(async move {
+            if let Err(e) = b.check_subscriber(&s).await {
+                tracing::info!(subscription = %s.id, error = %e, "push subscription paused");
+            }
+        });
+        tick
+    } else {
+        let started = Started {
+            lease,
+            refused,
+            settled: settled_tx,
+        };
+        dispatch_due(broker, &sub, bounds, slots, &started)
+            .unwrap_or(tick)
+            .min(tick)
+    })
+}
+
+/// What the pushes a pass starts share: the lease they go out under, and their dispatcher's
+/// channels.
+struct Started<'a> {
+    lease: Option<(u128, u64)>,
+    refused: &'a Arc<AtomicUsize>,
+    settled: &'a mpsc::UnboundedSender<Settled>,
+}
+
+/// Whether a wake-up is worth a pass (see [`PushSlots::worth_a_pass`]): never while another
+/// node holds the subscription's push lease (the lease's end brings the next pass); always
+/// when the broker is gone, so that the pass finds out and the dispatcher ends.
+fn worth_a_pass(
+    weak: &Weak<Inner>,
+    holder: &Holder,
+    slots: &PushSlots,
+    bounds: &SlotBounds,
+) -> bool {
     match weak.upgrade() {
-        Some(inner) => slots.worth_a_pass(bounds, Broker::from_inner(inner).now()),
+        Some(inner) => {
+            let broker = Broker::from_inner(inner);
+            holder.holding(&broker) && slots.worth_a_pass(bounds, broker.now())
+        }
         None => true,
     }
 }
@@ -247,10 +307,9 @@ fn dispatch_due(
     sub: &Subscription,
     bounds: &SlotBounds,
     slots: &mut PushSlots,
-    refused: &Arc<AtomicUsize>,
-    settled: &mpsc::UnboundedSender<Settled>,
+    started: &Started<'_>,
 ) -> Option<Duration> {
-    if refused.load(Ordering::SeqCst) > 0 {
+    if started.refused.load(Ordering::SeqCst) > 0 {
         return None;
     }
     let now = broker.now();
@@ -277,8 +336,9 @@ fn dispatch_due(
             .fetch_add(1, Ordering::SeqCst);
         let broker = broker.clone();
         let sub = sub.clone();
-        let settled = settled.clone();
-        let refused = refused.clone();
+        let settled = started.settled.clone();
+        let refused = started.refused.clone();
+        let lease = started.lease;
         tokio::spawn(async move {
             let response = push_one(&broker, &sub, &d).await;
             let end = PushEnd::of(&response, broker.config().delivery.slow_push_ms);
@@ -288,7 +348,7 @@ fn dispatch_due(
                 end,
                 at,
             });
-            record_outcome(broker, sub.id, &d, response, &refused).await;
+            record_outcome(broker, sub.id, &d, response, lease, &refused).await;
             // Only now may the delivery be attempted again.
             let _ = settled.send(Settled::Recorded { offset: d.offset });
         });
@@ -312,6 +372,7 @@ async fn record_outcome(
     sub: SubscriptionId,
     d: &DueDelivery,
     response: PushResponse,
+    lease: Option<(u128, u64)>,
     refused: &AtomicUsize,
 ) {
     let weak = Arc::downgrade(broker.inner());
@@ -334,8 +395,20 @@ async fn record_outcome(
             id: sub,
             due: d.clone(),
             response: response.clone(),
+            lease,
         });
         let error = match broker.write_op(op).await {
+            // Another node took the subscription over: it pushes the delivery again, and this
+            // outcome is not recorded (ownership.rs).
+            Err(Error::DispatchLeaseLost { .. }) => {
+                tracing::info!(subscription = %sub, offset = d.offset, "push outcome not recorded: another node now pushes this subscription");
+                if !holding_back {
+                    stop_counting(&broker);
+                } else {
+                    refused.fetch_sub(1, Ordering::SeqCst);
+                }
+                return;
+            }
             Ok(_) => {
                 if !holding_back {
                     stop_counting(&broker);

@@ -95,6 +95,14 @@ pub enum Error {
         /// The ack id.
         ack_id: String,
     },
+    /// A push outcome came from a node that no longer holds the subscription's push lease
+    /// (another node took it over): it is not recorded, and the new owner pushes the delivery
+    /// again. Only on a store several brokers share.
+    #[error("this node no longer holds the push lease of subscription `{subscription}`")]
+    DispatchLeaseLost {
+        /// The subscription.
+        subscription: String,
+    },
     /// An event type with this name already exists and the caller asked to create it, not to
     /// add a version.
     #[error("event type `{event_type}` already exists in room `{room}`")]
@@ -259,6 +267,7 @@ impl Error {
             Error::SubscriptionState { .. } => "subscription_state",
             Error::SubscriberRevoked { .. } => "subscriber_revoked",
             Error::LeaseNotHeld { .. } => "lease_not_held",
+            Error::DispatchLeaseLost { .. } => "dispatch_lease_lost",
             Error::RoomExists { .. } => "room_exists",
             Error::IdentityExists { .. } => "identity_exists",
             Error::IdentityNotFound { .. } => "identity_not_found",
@@ -302,7 +311,8 @@ impl Error {
             | Error::EventIdConflict { .. }
             | Error::SubscriptionState { .. }
             | Error::SubscriberRevoked { .. }
-            | Error::LeaseNotHeld { .. } => ErrorKind::Conflict,
+            | Error::LeaseNotHeld { .. }
+            | Error::DispatchLeaseLost { .. } => ErrorKind::Conflict,
             Error::InvalidInput { .. }
             | Error::InvalidJson { .. }
             | Error::InvalidSchema { .. }
@@ -352,6 +362,9 @@ mod tests {
             },
             Error::LeaseNotHeld {
                 ack_id: "1-1".into(),
+            },
+            Error::DispatchLeaseLost {
+                subscription: "s".into(),
             },
             Error::SubscriberRevoked {
                 id: "x".into(),

@@ -6,32 +6,12 @@
 #![forbid(unsafe_code)]
 
 mod common;
-use common::{wait, DEADLINE};
+use common::nodes::{call, postroom, Node};
+use common::wait;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
-use serde_json::{json, Value};
-
-/// The binary with none of the user's `POSTROOM_*` settings, on the PostgreSQL database `pg`
-/// (its URL and the authority of its certificate: the tests' server is reached over TLS).
-fn postroom(pg: &broker_core::PostgresConfig) -> Command {
-    let url = pg.url.as_str();
-    let mut c = Command::new(env!("CARGO_BIN_EXE_postroom"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("POSTROOM_") {
-            c.env_remove(k);
-        }
-    }
-    c.env("POSTROOM_STORAGE__BACKEND", "postgres");
-    if !url.is_empty() {
-        c.env("POSTROOM_STORAGE__POSTGRES__URL", url);
-    }
-    if !pg.ca_file.is_empty() {
-        c.env("POSTROOM_STORAGE__POSTGRES__CA_FILE", &pg.ca_file);
-    }
-    c
-}
+use serde_json::json;
 
 /// A configuration with only this URL.
 fn at(url: &str) -> broker_core::PostgresConfig {
@@ -103,82 +83,6 @@ fn serve_on_postgres_without_a_reachable_database_is_refused_with_a_clear_messag
         "{}",
         text(&out)
     );
-}
-
-/// A `postroom serve` child and the address it announced.
-struct Node {
-    child: Child,
-    base: String,
-}
-
-impl Node {
-    fn start(pg: &broker_core::PostgresConfig) -> Node {
-        Node::start_with(pg, true).0
-    }
-
-    /// A node, with authentication off or on, and the receiver of its later stdout lines.
-    fn start_with(
-        pg: &broker_core::PostgresConfig,
-        no_auth: bool,
-    ) -> (Node, std::sync::mpsc::Receiver<String>) {
-        let mut c = postroom(pg);
-        c.arg("serve");
-        if no_auth {
-            c.arg("--insecure-no-auth");
-        }
-        let mut child = c
-            .args(["--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let line = match rx.recv_timeout(DEADLINE) {
-            Ok(line) => line,
-            Err(e) => {
-                let _ = child.kill();
-                panic!("postroom did not announce itself: {e}");
-            }
-        };
-        assert!(line.contains("PostgreSQL database"), "{line}");
-        let addr = line
-            .strip_prefix("postroom listening on http://")
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| panic!("unexpected line: {line}"))
-            .to_string();
-        (
-            Node {
-                child,
-                base: format!("http://{addr}"),
-            },
-            rx,
-        )
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
-    let client = reqwest::Client::new();
-    let mut req = client.request(method, url).timeout(DEADLINE);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let body = resp.json().await.unwrap_or(Value::Null);
-    (status, body)
 }
 
 /// Two nodes over one database: a Room and event type made on the first are used on the

@@ -20,12 +20,16 @@
 //! - `replay.rs`: seek, redrive and the purge of dead letters;
 //! - `queue_reads.rs`: the reads of the queues (due work, dead letters, attempts, health, seek
 //!   offsets);
-//! - `records.rs`: the administrative records and the audit log.
+//! - `records.rs`: the administrative records and the audit log;
+//! - `owners.rs`: push leases on a store several brokers share (which node pushes what).
 
 mod events;
 mod fanout;
 #[cfg(test)]
 mod layout_tests;
+#[cfg(test)]
+mod owner_tests;
+mod owners;
 #[cfg(test)]
 mod pg_tests;
 mod pull;
@@ -337,6 +341,7 @@ pub(super) struct Tables<'t> {
     pub(super) ready: Table<(u128, u64, u64), ()>,
     pub(super) key_queue: Table<(u128, String, u64), ()>,
     pub(super) key_head: Table<(u128, String), (u64, u64, u64, u64)>,
+    pub(super) dispatch_leases: Table<u128, (u128, u64, u64)>,
     /// Whether each subscription is ordered, as read in this batch.
     pub(super) ordered_cache: HashMap<u128, bool>,
     pub(super) records: Table<(String, String), Vec<u8>>,
@@ -410,6 +415,7 @@ impl<'t> Tables<'t> {
             ready: txn.open_table(spaces::READY)?,
             key_queue: txn.open_table(spaces::KEY_QUEUE)?,
             key_head: txn.open_table(spaces::KEY_HEAD)?,
+            dispatch_leases: txn.open_table(spaces::DISPATCH_LEASES)?,
             ordered_cache: HashMap::new(),
             records: txn.open_table(RECORDS)?,
             audit: txn.open_table(AUDIT)?,

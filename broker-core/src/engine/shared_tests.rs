@@ -14,21 +14,21 @@ use crate::storage::MemKv;
 use crate::testkit::TestRoom;
 
 /// A work to run before the next commit through one handle.
-type Hook = Box<dyn FnOnce() + Send>;
+pub(super) type Hook = Box<dyn FnOnce() + Send>;
 
 /// One broker's handle on a store shared with others: every handle's `inner` is the same map.
-struct SharedKv {
+pub(super) struct SharedKv {
     inner: MemKv,
     /// Run (once) at the start of this handle's next commit: another broker's write landing
     /// between this broker's snapshot and its commit.
-    before_commit: Mutex<Option<Hook>>,
+    pub(super) before_commit: Mutex<Option<Hook>>,
     /// Commits through this handle still to pass before one is refused as a lost race (as
     /// if another broker had written a key it writes); `None`: none is.
     conflict_after: Mutex<Option<usize>>,
 }
 
 impl SharedKv {
-    fn over(inner: &MemKv) -> Arc<SharedKv> {
+    pub(super) fn over(inner: &MemKv) -> Arc<SharedKv> {
         Arc::new(SharedKv {
             inner: inner.clone(),
             before_commit: Mutex::new(None),

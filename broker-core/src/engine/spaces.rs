@@ -59,5 +59,8 @@ pub(super) const KEY_QUEUE: Def<(u128, String, u64), ()> = Def::new(Space::KeyQu
 /// (subscription id, key) -> (due time, log position, held until, held by): a key's entry in
 /// READY.
 pub(super) const KEY_HEAD: Def<(u128, String), (u64, u64, u64, u64)> = Def::new(Space::KeyHead);
+/// Subscription id -> (node, epoch, until): the push lease of a subscription on a store several
+/// brokers share (`ownership.rs`); purged with the subscription.
+pub(super) const DISPATCH_LEASES: Def<u128, (u128, u64, u64)> = Def::new(Space::DispatchLeases);
 /// Ids of deleted subscriptions whose queues the sweep has not finished purging.
 pub(super) const DELETED_SUBS: Def<u128, ()> = Def::new(Space::DeletedSubs);

@@ -208,6 +208,13 @@ impl Storage for Engine {
         self.blocking(|| self.push_subscriptions_read())
     }
 
+    fn dispatch_lease(
+        &self,
+        id: crate::ids::SubscriptionId,
+    ) -> Result<Option<crate::ownership::DispatchLease>> {
+        self.blocking(|| self.dispatch_lease_read(id))
+    }
+
     fn signing_secrets(
         &self,
         id: crate::ids::SubscriptionId,

@@ -263,9 +263,24 @@ impl<'t> Tables<'t> {
             DeliveryOp::Settle { id, refs, action } => {
                 self.settle(now, id.0.as_u128(), refs, action)
             }
-            DeliveryOp::PushOutcome { id, due, response } => self
-                .push_outcome(now, id.0.as_u128(), &due, response)
-                .map(|()| WriteOutput::Deleted),
+            DeliveryOp::PushOutcome {
+                id,
+                due,
+                response,
+                lease,
+            } => {
+                if let Some((node, epoch)) = lease {
+                    self.check_dispatch(id.0.as_u128(), node, epoch)?;
+                }
+                self.push_outcome(now, id.0.as_u128(), &due, response)
+                    .map(|()| WriteOutput::Deleted)
+            }
+            DeliveryOp::ClaimDispatch { id, node, lease_ms } => self
+                .claim_dispatch(now, id.0.as_u128(), node, lease_ms)
+                .map(WriteOutput::Dispatch),
+            DeliveryOp::ReleaseDispatch { ids, node } => self
+                .release_dispatch(&ids, node)
+                .map(|n| WriteOutput::Count { n, more: false }),
             DeliveryOp::Redrive { id, offsets, limit } => {
                 self.redrive(now, id.0.as_u128(), offsets, limit)
             }

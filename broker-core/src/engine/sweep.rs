@@ -379,6 +379,7 @@ impl<'t> Tables<'t> {
             purge!(self.key_head, (s, "")..(s + 1, ""));
             if removed < budget {
                 self.sub_stats.remove(s)?;
+                self.forget_dispatch(s)?;
                 self.deleted_subs.remove(s)?;
                 self.meta.remove(format!("dead_cursor/{s:032x}").as_str())?;
             }

@@ -169,6 +169,7 @@ impl Op {
                 id: sub,
                 due,
                 response,
+                lease: None,
             }),
             Op::Lease { sub, max, lease_ms } => d(DeliveryOp::Lease {
                 id: sub,

@@ -209,4 +209,11 @@ macro_rules! fixed_value {
         }
     )*};
 }
-fixed_value!(u64, u128, (u64, u64), (u64, u64, u64), (u64, u64, u64, u64));
+fixed_value!(
+    u64,
+    u128,
+    (u64, u64),
+    (u64, u64, u64),
+    (u64, u64, u64, u64),
+    (u128, u64, u64)
+);

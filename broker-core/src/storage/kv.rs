@@ -95,11 +95,14 @@ pub(crate) enum Space {
     /// (subscription id, key) -> (due time, log position, held until, held by): an ordered
     /// subscription's entry in `Ready` for each key with deliveries.
     KeyHead = 26,
+    /// Subscription id -> (node, epoch, until): which node pushes it, when several brokers
+    /// share the store (see `ownership.rs`).
+    DispatchLeases = 27,
 }
 
 impl Space {
     /// Every space, in number order.
-    pub(crate) const ALL: [Space; 26] = [
+    pub(crate) const ALL: [Space; 27] = [
         Space::Meta,
         Space::Rooms,
         Space::RoomStats,
@@ -126,6 +129,7 @@ impl Space {
         Space::Ready,
         Space::KeyQueue,
         Space::KeyHead,
+        Space::DispatchLeases,
     ];
 
     /// A short stable name (a backend's table name).
@@ -157,6 +161,7 @@ impl Space {
             Space::Ready => "ready",
             Space::KeyQueue => "key_queue",
             Space::KeyHead => "key_head",
+            Space::DispatchLeases => "dispatch_leases",
         }
     }
 }

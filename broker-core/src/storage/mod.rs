@@ -249,6 +249,24 @@ pub(crate) enum DeliveryOp {
         id: SubscriptionId,
         due: DueDelivery,
         response: PushResponse,
+        /// On a store several brokers share: the (node, epoch) of the push lease it was pushed
+        /// under; the outcome is refused with `Error::DispatchLeaseLost` unless that lease is
+        /// still the current one (see `ownership.rs`). `None` on a store this broker alone
+        /// writes.
+        lease: Option<(u128, u64)>,
+    },
+    /// A node asks for (or renews) the push lease of a subscription on a shared store;
+    /// answers [`WriteOutput::Dispatch`].
+    ClaimDispatch {
+        id: SubscriptionId,
+        node: u128,
+        lease_ms: u64,
+    },
+    /// A node shutting down ends the push leases it holds among `ids`, so that other nodes
+    /// take them at once; answers [`WriteOutput::Count`].
+    ReleaseDispatch {
+        ids: Vec<SubscriptionId>,
+        node: u128,
     },
     Redrive {
         id: SubscriptionId,
@@ -473,7 +491,12 @@ impl WriteOp {
     pub(crate) fn volatile(&self) -> bool {
         matches!(
             self,
-            WriteOp::Delivery(DeliveryOp::Lease { .. } | DeliveryOp::Settle { .. })
+            WriteOp::Delivery(
+                DeliveryOp::Lease { .. }
+                    | DeliveryOp::Settle { .. }
+                    | DeliveryOp::ClaimDispatch { .. }
+                    | DeliveryOp::ReleaseDispatch { .. }
+            )
         )
     }
 
@@ -515,6 +538,8 @@ pub(crate) enum WriteOutput {
         n: u64,
         next: Option<u64>,
     },
+    /// What a push lease claim decided.
+    Dispatch(crate::ownership::Claim),
 }
 
 /// What a publisher needs to know before it validates: which Room incarnation, which schema
@@ -576,6 +601,9 @@ pub(crate) trait Storage: Send + Sync + 'static {
     fn subscriptions(&self, room: &RoomName) -> Result<Vec<Subscription>>;
     /// Every push subscription, for starting dispatchers.
     fn push_subscriptions(&self) -> Result<Vec<SubscriptionId>>;
+    /// The stored push lease of a subscription on a shared store (see `ownership.rs`).
+    fn dispatch_lease(&self, id: SubscriptionId)
+        -> Result<Option<crate::ownership::DispatchLease>>;
     /// The signing secrets valid now (newest last).
     fn signing_secrets(&self, id: SubscriptionId, now: Timestamp) -> Result<Vec<String>>;
     /// Deliveries due now, skipping `busy` offsets and, with ordering, keys whose head is not

@@ -28,7 +28,7 @@ pub(super) fn table(space: Space) -> TableDefinition<'static, &'static [u8], &'s
     TableDefinition::new(TABLE_NAMES[space as usize - 1])
 }
 
-const TABLE_NAMES: [&str; 26] = [
+const TABLE_NAMES: [&str; 27] = [
     "kv.meta",
     "kv.rooms",
     "kv.room_stats",
@@ -55,6 +55,7 @@ const TABLE_NAMES: [&str; 26] = [
     "kv.ready",
     "kv.key_queue",
     "kv.key_head",
+    "kv.dispatch_leases",
 ];
 
 impl From<redb::Error> for Error {
@@ -180,7 +181,7 @@ impl RedbKv {
 
 struct RedbSnapshot {
     txn: ReadTransaction,
-    tables: [OnceLock<ReadOnlyTable<&'static [u8], &'static [u8]>>; 26],
+    tables: [OnceLock<ReadOnlyTable<&'static [u8], &'static [u8]>>; 27],
 }
 
 impl RedbSnapshot {

@@ -36,6 +36,9 @@ struct Inner {
     pending: Pending,
     /// (key, what `pending` held for it before) for every write, oldest first.
     undo: Vec<(SpaceKey, Before)>,
+    /// Keys read (not written) that the commit must still find as the snapshot held them
+    /// (see [`Txn::guard`]).
+    guarded: Vec<SpaceKey>,
     read_only: bool,
 }
 
@@ -63,6 +66,7 @@ impl Txn {
             snapshot,
             pending: BTreeMap::new(),
             undo: Vec::new(),
+            guarded: Vec::new(),
             read_only,
         })))
     }
@@ -115,6 +119,15 @@ impl Txn {
         }
     }
 
+    /// Makes the commit depend on a key this transaction only reads: on a shared store,
+    /// [`Self::fence`] then also requires it to hold what the snapshot held, as it does for
+    /// every written key, so that a decision taken on it (a push lease still held) cannot
+    /// commit after another writer changed it. A guard is kept even if the operation that set
+    /// it is rolled back: at worst the batch conflicts once more than it had to.
+    pub(crate) fn guard(&self, space: Space, key: Vec<u8>) {
+        self.0.borrow_mut().guarded.push((space, key));
+    }
+
     /// The pending writes as one batch (the transaction is left empty).
     pub(crate) fn take_batch(&self) -> Batch {
         let mut inner = self.0.borrow_mut();
@@ -134,12 +147,23 @@ impl Txn {
     /// transaction's snapshot held (see [`super::kv::KvStore::shared`]): a write-write conflict
     /// with a batch another writer committed since the snapshot then fails the commit.
     pub(crate) fn fence(&self, batch: &mut Batch) -> Result<()> {
-        let snapshot = self.0.borrow().snapshot.clone();
-        let keys: Vec<(Space, Vec<u8>)> = batch
+        let (snapshot, guarded) = {
+            let mut inner = self.0.borrow_mut();
+            (inner.snapshot.clone(), std::mem::take(&mut inner.guarded))
+        };
+        let mut keys: Vec<(Space, Vec<u8>)> = batch
             .writes
             .iter()
             .map(|w| (w.space, w.key.clone()))
             .collect();
+        let written: std::collections::BTreeSet<&SpaceKey> = keys.iter().collect();
+        let mut only_read: Vec<SpaceKey> = guarded
+            .into_iter()
+            .filter(|k| !written.contains(k))
+            .collect();
+        only_read.sort();
+        only_read.dedup();
+        keys.extend(only_read);
         let values = snapshot.get_many(&keys)?;
         for ((space, key), value) in keys.into_iter().zip(values) {
             batch.expect.push(Expect { space, key, value });

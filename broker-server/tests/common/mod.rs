@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use broker_server::ServerConfig;
 
+pub mod nodes;
+
 /// How long a spawned `postroom` may take to exit before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 

@@ -1,0 +1,164 @@
+//! A push dispatcher's side of push leases, when several brokers share one store: before each
+//! pass it makes sure this node holds the subscription's lease (claiming it, renewing it, or
+//! learning who holds it and until when), and each push it starts carries the lease it started
+//! under, so that its outcome is recorded only while that lease is current. The rules are in
+//! `ownership.rs`; on a store this broker alone writes, every pass may push and nothing here
+//! reads or writes anything.
+
+use std::time::Duration;
+
+use crate::broker::Broker;
+use crate::clock::Timestamp;
+use crate::error::Error;
+use crate::ids::SubscriptionId;
+use crate::ownership::{self, Claim, DispatchLease};
+use crate::storage::{DeliveryOp, WriteOp, WriteOutput};
+
+/// What a dispatcher knows of its subscription's push lease.
+#[derive(Default)]
+pub(crate) struct Holder {
+    /// The lease this node holds, as last granted.
+    held: Option<DispatchLease>,
+    /// When the lease another node holds ends, as last seen.
+    other_until: Option<Timestamp>,
+}
+
+/// What the dispatcher may do now.
+pub(crate) enum Turn {
+    /// Push, under this lease (`None` on a store this broker alone writes).
+    Push(Option<(u128, u64)>),
+    /// Not now: another node holds the lease, or it cannot be claimed; look again after this.
+    Wait(Duration),
+    /// The subscription is gone: the dispatcher ends.
+    Gone,
+}
+
+impl Holder {
+    /// Whether this node held the lease at the last look, or needs none (wake-ups of a
+    /// dispatcher that does not hold it need no pass: the lease's end, or the tick, brings the
+    /// next one).
+    pub(crate) fn holding(&self, broker: &Broker) -> bool {
+        !broker.inner().store.shared()
+            || self.held.is_some()
+            || self.other_until.is_none_or(|u| broker.now() >= u)
+    }
+
+    /// The longest a dispatcher holding the lease may wait before its next pass, so that the
+    /// pass renews it in time whatever the tick.
+    pub(crate) fn renew_within(&self, broker: &Broker) -> Option<Duration> {
+        self.held
+            .map(|_| Duration::from_millis((broker.config().delivery.dispatch_lease_ms / 3).max(1)))
+    }
+
+    /// Decides this pass: on a shared store, renews the lease when due (or claims it when it
+    /// ran out or was released), and says how long to wait when another node holds it.
+    pub(crate) async fn turn(&mut self, broker: &Broker, id: SubscriptionId) -> Turn {
+        if !broker.inner().store.shared() {
+            return Turn::Push(None);
+        }
+        let config = broker.config();
+        let lease_ms = config.delivery.dispatch_lease_ms.max(1);
+        let tick = Duration::from_millis(config.delivery.scheduler_tick_ms.max(1));
+        let node = broker.inner().node;
+        let now = broker.now();
+        match self.held {
+            Some(h) if !ownership::renew_due(&h, now, lease_ms) => {
+                return Turn::Push(Some((h.node, h.epoch)))
+            }
+            Some(_) => {}
+            None => {
+                // A cheap read first: while another node's lease runs, no write is needed.
+                match broker.inner().store.dispatch_lease(id) {
+                    Ok(Some(l)) if l.node != node && l.until > now => {
+                        self.other_until = Some(l.until);
+                        return Turn::Wait(wait_for(&l, now, tick));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(subscription = %id, error = %e, "cannot read the push lease");
+                        return Turn::Wait(tick);
+                    }
+                }
+            }
+        }
+        let op = WriteOp::Delivery(DeliveryOp::ClaimDispatch { id, node, lease_ms });
+        match broker.write_op(op).await {
+            Ok(WriteOutput::Dispatch(Claim::Granted(l))) => {
+                if self.held.is_none_or(|h| h.epoch != l.epoch) {
+                    tracing::info!(subscription = %id, node = %format_node(node), epoch = l.epoch, "this node now pushes the subscription");
+                }
+                self.held = Some(l);
+                self.other_until = None;
+                Turn::Push(Some((l.node, l.epoch)))
+            }
+            Ok(WriteOutput::Dispatch(Claim::HeldBy(l))) => {
+                if self.held.take().is_some() {
+                    tracing::warn!(subscription = %id, holder = %format_node(l.node), epoch = l.epoch, "another node took over the subscription's pushes");
+                }
+                self.other_until = Some(l.until);
+                Turn::Wait(wait_for(&l, now, tick))
+            }
+            Ok(_) => Turn::Wait(tick),
+            Err(e) => {
+                // A lost race, a storage failure: keep pushing while the lease still runs
+                // (outcomes are checked against it anyway), else wait for the next look.
+                tracing::debug!(subscription = %id, error = %e, "cannot claim the push lease");
+                match self.held {
+                    Some(h) if ownership::may_push(&h, broker.now()) => {
+                        Turn::Push(Some((h.node, h.epoch)))
+                    }
+                    _ if matches!(e, Error::SubscriptionNotFound { .. }) => Turn::Gone,
+                    _ => {
+                        self.held = None;
+                        Turn::Wait(tick)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How long to wait before looking at another node's lease again: until its end, but at most
+/// one tick, so that a lease its owner released at shutdown is taken within a tick rather than
+/// when it would have run out (one read of the lease per tick and subscription on each node
+/// that does not hold it; nothing is written).
+fn wait_for(l: &DispatchLease, now: Timestamp, tick: Duration) -> Duration {
+    Duration::from_millis(l.until.ms_since(now).max(1)).min(tick)
+}
+
+/// A node id as logs show it.
+pub(crate) fn format_node(node: u128) -> String {
+    uuid::Uuid::from_u128(node).to_string()
+}
+
+/// Hands over, at shutdown, the push leases this node holds, so that other nodes take its
+/// subscriptions at once rather than when the leases run out. Best effort: a lease not
+/// released simply runs out.
+pub(crate) async fn release_all(broker: &Broker) {
+    if !broker.inner().store.shared() {
+        return;
+    }
+    // Every push subscription, not only those with a dispatcher now: dispatchers end as the
+    // broker closes. Releasing touches only the leases this node holds.
+    let ids = match broker.inner().store.push_subscriptions() {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::warn!(error = %e, "push leases not released at shutdown; they run out instead");
+            return;
+        }
+    };
+    let node = broker.inner().node;
+    for chunk in ids.chunks(RELEASE_CHUNK) {
+        let op = WriteOp::Delivery(DeliveryOp::ReleaseDispatch {
+            ids: chunk.to_vec(),
+            node,
+        });
+        if let Err(e) = broker.write_op(op).await {
+            tracing::warn!(error = %e, "push leases not released at shutdown; they run out instead");
+            return;
+        }
+    }
+}
+
+/// Subscriptions whose leases one release operation ends.
+const RELEASE_CHUNK: usize = 256;

@@ -1,0 +1,364 @@
+//! Tests of push leases on a store several brokers share (issue 16, item 3): two brokers over
+//! one in-memory store that says it is shared, each pushing through a transport that records
+//! which broker pushed which event and when. One node pushes a subscription at a time; when it
+//! dies, the other takes it over once its lease ends; an outcome pushed under a lease that is
+//! no longer current is never recorded, whether the takeover came before its transaction read
+//! the lease or in the middle of it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::shared_tests::SharedKv;
+use crate::broker::Broker;
+use crate::clock::{ManualClock, Timestamp};
+use crate::config::Config;
+use crate::error::Error;
+use crate::ownership::Claim;
+use crate::storage::kv::{Batch, KvStore, Put, Space};
+use crate::storage::txn::key_bytes;
+use crate::storage::{Busy, DeliveryOp, MemKv, WriteOp, WriteOutput};
+use crate::subscription::{DeliveryMode, NewSubscription, PushEndpoint};
+use crate::testkit::TestRoom;
+use crate::webhook::{PushRequest, PushResponse, Transport};
+use crate::SubscriptionId;
+
+/// (broker, event id, the shared clock's time) of every push, in the order they were sent.
+type PushLog = Arc<Mutex<Vec<(&'static str, String, u64)>>>;
+
+/// Answers every push with 200 at once and logs it.
+struct Recorder {
+    name: &'static str,
+    log: PushLog,
+    clock: Arc<ManualClock>,
+}
+
+impl Transport for Recorder {
+    fn send(
+        &self,
+        request: PushRequest,
+    ) -> Pin<Box<dyn Future<Output = PushResponse> + Send + '_>> {
+        let id = request
+            .headers
+            .iter()
+            .find(|(k, _)| k == "webhook-id")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        use crate::clock::Clock;
+        let at = self.clock.now().as_ms();
+        self.log.lock().unwrap().push((self.name, id, at));
+        Box::pin(async {
+            PushResponse {
+                status: Some(200),
+                retry_after_ms: None,
+                error: None,
+                latency_ms: 1,
+            }
+        })
+    }
+}
+
+const T0: u64 = 1_767_225_600_000;
+
+fn config() -> Config {
+    let mut config = Config::default();
+    config.retention.interval_ms = 0;
+    config.delivery.push_allow.loopback = true;
+    config
+}
+
+/// A broker named `name` over `store`, pushing into `log`.
+fn node(store: &MemKv, name: &'static str, clock: &Arc<ManualClock>, log: &PushLog) -> Broker {
+    node_over(SharedKv::over(store), name, clock, log)
+}
+
+fn node_over(
+    kv: Arc<SharedKv>,
+    name: &'static str,
+    clock: &Arc<ManualClock>,
+    log: &PushLog,
+) -> Broker {
+    let transport = Arc::new(Recorder {
+        name,
+        log: log.clone(),
+        clock: clock.clone(),
+    });
+    Broker::open_over_kv_with(kv, config(), clock.clone(), Some(transport)).expect("broker")
+}
+
+async fn push_subscription(broker: &Broker, room: &TestRoom) -> SubscriptionId {
+    let mut new = NewSubscription::new(
+        room.admin.clone(),
+        DeliveryMode::Push(PushEndpoint {
+            url: "http://127.0.0.1:9/hook".into(),
+            headers: vec![],
+            basic_auth: None,
+        }),
+    );
+    new.ordered = Some(true);
+    broker
+        .create_subscription(&room.room, new)
+        .await
+        .expect("push subscription")
+        .subscription
+        .id
+}
+
+/// Waits (bounded) until nothing is owed on the shared store, waking `broker`'s dispatchers
+/// as it goes; the backlog is read from the store, so any broker's view serves.
+async fn drained(broker: &Broker) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while broker.backlog_total().expect("backlog") > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "deliveries still owed after 20 s"
+        );
+        broker.wake_deliveries();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Before this, every broker sharing a store pushed every push subscription: a receiver got
+/// most events twice, once from each node. Now one node holds the lease and the other pushes
+/// nothing, even for the events published through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_at_a_time_pushes_a_subscription() {
+    let store = MemKv::new_shared();
+    let clock = Arc::new(ManualClock::new(Timestamp(T0)));
+    let log = PushLog::default();
+    let a = node(&store, "a", &clock, &log);
+    let room = TestRoom::create(&a).await;
+    let sub = push_subscription(&a, &room).await;
+    let b = node(&store, "b", &clock, &log);
+    let mut published = Vec::new();
+    for i in 0..40 {
+        let broker = if i % 2 == 0 { &a } else { &b };
+        published.push(broker.publish_retrying(&room).await);
+    }
+    drained(&a).await;
+    let pushes = log.lock().unwrap().clone();
+    let pushers: std::collections::BTreeSet<&str> = pushes.iter().map(|p| p.0).collect();
+    assert_eq!(pushers.len(), 1, "pushed by {pushers:?}");
+    let mut ids: Vec<String> = pushes.iter().map(|p| p.1.clone()).collect();
+    ids.sort();
+    published.sort();
+    assert_eq!(ids, published, "each event pushed exactly once");
+    let lease = a
+        .inner()
+        .store
+        .dispatch_lease(sub)
+        .unwrap()
+        .expect("a lease");
+    let holder = if pushers.contains("a") { &a } else { &b };
+    assert_eq!((lease.node, lease.epoch), (holder.inner().node, 1));
+    a.close().await;
+    b.close().await;
+}
+
+/// The node holding the lease dies (its broker is dropped without closing, so its lease stays
+/// stored until it runs out): the other pushes nothing before the lease's end, then takes the
+/// subscription over under the next epoch and pushes everything still owed, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_node_takes_over_when_the_lease_of_a_dead_node_runs_out() {
+    let store = MemKv::new_shared();
+    let clock = Arc::new(ManualClock::new(Timestamp(T0)));
+    let log = PushLog::default();
+    let a = node(&store, "a", &clock, &log);
+    let room = TestRoom::create(&a).await;
+    let sub = push_subscription(&a, &room).await;
+    let first = a.publish_retrying(&room).await;
+    drained(&a).await;
+    let held = a
+        .inner()
+        .store
+        .dispatch_lease(sub)
+        .unwrap()
+        .expect("a's lease");
+    assert_eq!(held.node, a.inner().node);
+    let b = node(&store, "b", &clock, &log);
+    drop(a);
+    let mut later = Vec::new();
+    for _ in 0..5 {
+        later.push(b.publish_retrying(&room).await);
+    }
+    b.wake_deliveries();
+    // The lease ends; b's next look takes it.
+    clock.set(held.until);
+    drained(&b).await;
+    let pushes = log.lock().unwrap().clone();
+    assert_eq!(pushes[0].1, first);
+    let by_b: Vec<_> = pushes.iter().filter(|p| p.0 == "b").collect();
+    assert_eq!(
+        by_b.iter().map(|p| p.1.clone()).collect::<Vec<_>>(),
+        later,
+        "b pushes what is owed, in order"
+    );
+    for p in &by_b {
+        assert!(
+            p.2 >= held.until.as_ms(),
+            "b pushed at {} before a's lease ended at {}",
+            p.2,
+            held.until.as_ms()
+        );
+    }
+    let now = b
+        .inner()
+        .store
+        .dispatch_lease(sub)
+        .unwrap()
+        .expect("b's lease");
+    assert_eq!((now.node, now.epoch), (b.inner().node, held.epoch + 1));
+    b.close().await;
+}
+
+/// A node closing hands its leases over at once: the other node takes the subscription at its
+/// next look, without waiting for the lease to run out (the clock does not move here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_shutting_down_hands_its_subscriptions_over_at_once() {
+    let store = MemKv::new_shared();
+    let clock = Arc::new(ManualClock::new(Timestamp(T0)));
+    let log = PushLog::default();
+    let a = node(&store, "a", &clock, &log);
+    let room = TestRoom::create(&a).await;
+    let sub = push_subscription(&a, &room).await;
+    let b = node(&store, "b", &clock, &log);
+    a.publish_retrying(&room).await;
+    drained(&a).await;
+    let held = a.inner().store.dispatch_lease(sub).unwrap().expect("lease");
+    assert_eq!(held.node, a.inner().node, "a created it and claimed first");
+    a.close().await;
+    let released = b.inner().store.dispatch_lease(sub).unwrap().expect("lease");
+    assert_eq!(released.until, Timestamp(0), "released at close");
+    let id = b.publish_retrying(&room).await;
+    drained(&b).await;
+    let last = log.lock().unwrap().last().cloned().expect("a push");
+    assert_eq!((last.0, last.1), ("b", id));
+    let now = b.inner().store.dispatch_lease(sub).unwrap().expect("lease");
+    assert_eq!((now.node, now.epoch), (b.inner().node, held.epoch + 1));
+    b.close().await;
+}
+
+/// The outcome of a push made under a lease that another node has since taken is refused and
+/// records nothing: the delivery stays owed, for the new owner to push. Checked twice: with
+/// the takeover committed before the outcome's transaction reads the lease, and committed by
+/// the other node between that read and the outcome's commit (the lease row is only read by
+/// the outcome, so without the guard in its fence it would be recorded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_pushed_under_a_lost_lease_is_never_recorded() {
+    let store = MemKv::new_shared();
+    let clock = Arc::new(ManualClock::new(Timestamp(T0)));
+    let log = PushLog::default();
+    let a_kv = SharedKv::over(&store);
+    let a = node_over(a_kv.clone(), "a", &clock, &log);
+    let room = TestRoom::create(&a).await;
+    // A pull subscription's queue stands in for a push queue here: no dispatcher races the
+    // hand-made outcomes below.
+    let sub = room.pull_subscription(&a, true).await;
+    a.publish_retrying(&room).await;
+    let claim = |node: u128| {
+        WriteOp::Delivery(DeliveryOp::ClaimDispatch {
+            id: sub,
+            node,
+            lease_ms: 8_000,
+        })
+    };
+    let epoch = match a.write_op(claim(a.inner().node)).await.expect("claim") {
+        WriteOutput::Dispatch(Claim::Granted(l)) => l.epoch,
+        other => panic!("{other:?}"),
+    };
+    let (due, _) = a
+        .inner()
+        .store
+        .due(sub, clock_now(&clock), &Busy::default(), 10)
+        .expect("due");
+    let due = due.into_iter().next().expect("one delivery due");
+    let outcome = |epoch: u64| {
+        WriteOp::Delivery(DeliveryOp::PushOutcome {
+            id: sub,
+            due: due.clone(),
+            response: PushResponse {
+                status: Some(200),
+                retry_after_ms: None,
+                error: None,
+                latency_ms: 1,
+            },
+            lease: Some((a.inner().node, epoch)),
+        })
+    };
+
+    // 1. Taken over in the middle: another node's commit lands after the outcome's snapshot.
+    let other: u128 = 0xB;
+    let taken = (other, epoch + 1, T0 + 8_000);
+    let kv = store.clone();
+    *a_kv.before_commit.lock().unwrap() = Some(Box::new(move || {
+        kv.commit(Batch {
+            writes: vec![Put {
+                space: Space::DispatchLeases,
+                key: key_bytes::<u128, _>(&sub.0.as_u128()),
+                value: Some(crate::storage::txn::ValueArg::to_bytes(&taken)),
+            }],
+            expect: vec![],
+            volatile: false,
+        })
+        .expect("the other node's takeover");
+    }));
+    match a.write_op(outcome(epoch)).await {
+        Err(Error::StorageConflict { .. }) => {}
+        other => panic!("an outcome committed over a takeover: {other:?}"),
+    }
+    assert_eq!(a.backlog_total().unwrap(), 1, "nothing recorded");
+
+    // 2. Taken over before: the outcome's own check refuses it.
+    match a.write_op(outcome(epoch)).await {
+        Err(Error::DispatchLeaseLost { .. }) => {}
+        other => panic!("an outcome under a lost lease: {other:?}"),
+    }
+    assert_eq!(a.backlog_total().unwrap(), 1, "nothing recorded");
+    // And a renewal by the old owner is told who holds it now.
+    match a.write_op(claim(a.inner().node)).await.expect("claim") {
+        WriteOutput::Dispatch(Claim::HeldBy(l)) => {
+            assert_eq!((l.node, l.epoch), (other, epoch + 1))
+        }
+        other => panic!("{other:?}"),
+    }
+    // The current owner's outcome is recorded.
+    let mine = WriteOp::Delivery(DeliveryOp::PushOutcome {
+        id: sub,
+        due: due.clone(),
+        response: PushResponse {
+            status: Some(200),
+            retry_after_ms: None,
+            error: None,
+            latency_ms: 1,
+        },
+        lease: Some((other, epoch + 1)),
+    });
+    a.write_op(mine).await.expect("the owner's outcome");
+    assert_eq!(a.backlog_total().unwrap(), 0);
+    a.close().await;
+}
+
+/// Publishing as a client of a node does: a lost race with another node
+/// (`storage_conflict`, a 503) is tried again.
+trait PublishRetrying {
+    async fn publish_retrying(&self, room: &TestRoom) -> String;
+}
+
+impl PublishRetrying for Broker {
+    async fn publish_retrying(&self, room: &TestRoom) -> String {
+        for _ in 0..100 {
+            match self.publish(room.event()).await {
+                Ok(r) => return r.id.to_string(),
+                Err(Error::StorageConflict { .. }) => continue,
+                Err(e) => panic!("publish: {e}"),
+            }
+        }
+        panic!("publish lost 100 races in a row")
+    }
+}
+
+fn clock_now(clock: &Arc<ManualClock>) -> Timestamp {
+    use crate::clock::Clock;
+    clock.now()
+}

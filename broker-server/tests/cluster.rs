@@ -1,0 +1,312 @@
+//! Several `postroom serve` nodes over one PostgreSQL database sharing the work (issue 16,
+//! item 3): one node at a time pushes a subscription, so a receiver gets each event once;
+//! when that node is SIGKILLed another takes the subscription over within its lease and pushes
+//! what is still owed, each key in order; pulls and acks work on any node. The database is the
+//! tests' own server (`broker_core::test_postgres`), each test in a schema of its own.
+#![forbid(unsafe_code)]
+
+mod common;
+use common::nodes::{call, Node};
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// How long a node's push lease lasts in these tests (the default is 8 s).
+const LEASE_MS: u64 = 3_000;
+
+/// One push as the receiver saw it: event id, key, sequence, when.
+type Push = (String, String, u64, Instant);
+
+/// A webhook receiver on a loopback port that answers 200 and keeps every push.
+async fn receiver() -> (String, Arc<Mutex<Vec<Push>>>) {
+    let seen: Arc<Mutex<Vec<Push>>> = Arc::default();
+    let sink = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap| {
+            let sink = sink.clone();
+            async move {
+                let h = |n: &str| {
+                    headers
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                let seq = h("postroom-sequence").parse().unwrap_or(0);
+                sink.lock().unwrap().push((
+                    h("webhook-id"),
+                    h("postroom-key"),
+                    seq,
+                    Instant::now(),
+                ));
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+fn start_nodes(pg: &broker_core::PostgresConfig, n: usize) -> Vec<Node> {
+    let lease = LEASE_MS.to_string();
+    let env = [
+        ("POSTROOM_BROKER__DELIVERY__PUSH_ALLOW__LOOPBACK", "true"),
+        (
+            "POSTROOM_BROKER__DELIVERY__DISPATCH_LEASE_MS",
+            lease.as_str(),
+        ),
+    ];
+    (0..n).map(|_| Node::start_env(pg, true, &env).0).collect()
+}
+
+/// A Room `moves` with the keyed event type `MoveProposed`, made through `node`.
+async fn setup(node: &Node) {
+    let (s, body) = call(
+        Method::POST,
+        format!("{}/v1/rooms", node.base),
+        Some(json!({"name": "moves"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+    let schema = json!({"type": "object", "required": ["move_id"], "properties": {"move_id": {"type": "string"}}});
+    let (s, body) = call(
+        Method::PUT,
+        format!("{}/v1/rooms/moves/event-types/MoveProposed", node.base),
+        Some(json!({"schema": schema, "key_pointer": "/move_id"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+}
+
+/// Publishes one event for `key` through `node` as a client should: a 503 (a lost race with
+/// another node) is tried again with the same Idempotency-Key. The event id.
+async fn publish(node: &Node, key: &str, idem: &str) -> String {
+    let client = reqwest::Client::new();
+    for _ in 0..50 {
+        let resp = client
+            .post(format!("{}/v1/rooms/moves/events/MoveProposed", node.base))
+            .header("idempotency-key", idem)
+            .json(&json!({"move_id": key}))
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        match status {
+            200 | 201 => return body["id"].as_str().unwrap().to_string(),
+            503 => tokio::time::sleep(Duration::from_millis(20)).await,
+            _ => panic!("publish {key}: {status} {body}"),
+        }
+    }
+    panic!("publish {key}: 503 fifty times");
+}
+
+/// Waits (bounded) until the receiver has seen every id in `want`.
+async fn received_all(seen: &Arc<Mutex<Vec<Push>>>, want: &HashSet<String>, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got: HashSet<String> = seen.lock().unwrap().iter().map(|p| p.0.clone()).collect();
+        let missing = want.difference(&got).count();
+        if missing == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{missing} events never pushed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Per key, the sequences in the order they first arrived: each must rise.
+fn assert_key_order(pushes: &[Push]) {
+    let mut firsts: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    let mut seen = HashSet::new();
+    for (id, key, seq, _) in pushes {
+        if seen.insert(id) {
+            firsts.entry(key).or_default().push(*seq);
+        }
+    }
+    for (key, seqs) in firsts {
+        let mut sorted = seqs.clone();
+        sorted.sort();
+        assert_eq!(seqs, sorted, "key {key}: pushed out of order");
+    }
+}
+
+/// Which of `nodes` logged that it pushes the subscription (took its lease).
+fn pushers(nodes: &[Node]) -> Vec<usize> {
+    (0..nodes.len())
+        .filter(|&i| nodes[i].logged("this node now pushes the subscription"))
+        .collect()
+}
+
+/// Three nodes, one ordered push subscription. Each event published (through any node) is
+/// pushed once, by the one node holding the lease. That node is SIGKILLed; events published
+/// through the other two reach the receiver once another node took the lease, within the lease
+/// (3 s here) and a tick; each key in order throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_come_from_one_node_and_move_when_it_is_killed() {
+    let pg = broker_core::test_postgres().fresh();
+    let (url, seen) = receiver().await;
+    let mut nodes = start_nodes(&pg, 3);
+    setup(&nodes[0]).await;
+    let (s, body) = call(
+        Method::POST,
+        format!("{}/v1/rooms/moves/subscriptions", nodes[0].base),
+        Some(json!({"mode": "push", "push": {"url": url}, "ordered": true})),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+
+    let mut want = HashSet::new();
+    for i in 0..30 {
+        let node = &nodes[i % 3];
+        want.insert(publish(node, &format!("M{}", i % 5), &format!("a-{i}")).await);
+    }
+    received_all(&seen, &want, Duration::from_secs(60)).await;
+    let first = seen.lock().unwrap().clone();
+    let mut ids: Vec<&String> = first.iter().map(|p| &p.0).collect();
+    ids.sort();
+    let pushed = ids.len();
+    ids.dedup();
+    assert_eq!(
+        pushed,
+        ids.len(),
+        "an event was pushed twice with no node lost"
+    );
+    let owner = pushers(&nodes);
+    assert_eq!(owner.len(), 1, "one node pushes: {owner:?}");
+    let owner = owner[0];
+
+    // SIGKILL the owner; publish through the others.
+    let dead = nodes.remove(owner);
+    let killed_at = Instant::now();
+    drop(dead);
+    let mut later = HashSet::new();
+    for i in 0..20 {
+        let node = &nodes[i % 2];
+        later.insert(publish(node, &format!("M{}", i % 5), &format!("b-{i}")).await);
+    }
+    received_all(&seen, &later, Duration::from_secs(60)).await;
+    let all = seen.lock().unwrap().clone();
+    let resumed = all
+        .iter()
+        .filter(|p| later.contains(&p.0))
+        .map(|p| p.3)
+        .min()
+        .unwrap();
+    let gap = resumed.saturating_duration_since(killed_at);
+    println!(
+        "pushes resumed on another node {} ms after the SIGKILL (lease {LEASE_MS} ms)",
+        gap.as_millis()
+    );
+    assert!(
+        gap < Duration::from_millis(LEASE_MS + 3_000),
+        "took {gap:?} to move"
+    );
+    let new_owner = pushers(&nodes);
+    assert_eq!(
+        new_owner.len(),
+        1,
+        "one surviving node took over: {new_owner:?}"
+    );
+    assert_key_order(&all);
+    let mut after: Vec<&String> = all
+        .iter()
+        .filter(|p| later.contains(&p.0))
+        .map(|p| &p.0)
+        .collect();
+    after.sort();
+    let n = after.len();
+    after.dedup();
+    assert_eq!(
+        n,
+        after.len(),
+        "an event published after the takeover was pushed twice"
+    );
+}
+
+/// Pullers on two nodes share one pull subscription: between them they receive every event
+/// published (through either node) and ack it on the node they pulled it from; no event is
+/// handed to both while its lease runs, and nothing is left owed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pullers_on_two_nodes_share_one_subscription() {
+    let pg = broker_core::test_postgres().fresh();
+    let nodes = start_nodes(&pg, 2);
+    setup(&nodes[0]).await;
+    let (s, body) = call(
+        Method::POST,
+        format!("{}/v1/rooms/moves/subscriptions", nodes[1].base),
+        Some(json!({"mode": "pull", "ordered": false})),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+    let sub = body["subscription"]["id"].as_str().unwrap().to_string();
+    let mut want = HashSet::new();
+    for i in 0..40 {
+        want.insert(publish(&nodes[i % 2], &format!("K{}", i % 7), &format!("p-{i}")).await);
+    }
+    let mut got: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut turn = 0;
+    while got.iter().collect::<HashSet<_>>().len() < want.len() {
+        assert!(
+            Instant::now() < deadline,
+            "pulled {} of {}",
+            got.len(),
+            want.len()
+        );
+        let node = &nodes[turn % 2];
+        turn += 1;
+        let (s, body) = call(
+            Method::POST,
+            format!("{}/v1/subscriptions/{sub}/pull", node.base),
+            Some(json!({"max_messages": 7, "wait_ms": 200})),
+        )
+        .await;
+        if s == 503 {
+            continue;
+        }
+        assert_eq!(s, 200, "{body}");
+        let messages = body["messages"].as_array().cloned().unwrap_or_default();
+        let mut acks = Vec::new();
+        for m in &messages {
+            got.push(m["event"]["id"].as_str().unwrap().to_string());
+            acks.push(m["ack_id"].clone());
+        }
+        if acks.is_empty() {
+            continue;
+        }
+        loop {
+            let (s, body) = call(
+                Method::POST,
+                format!("{}/v1/subscriptions/{sub}/ack", node.base),
+                Some(json!({"ack_ids": acks})),
+            )
+            .await;
+            if s == 503 {
+                continue;
+            }
+            assert_eq!(s, 200, "{body}");
+            break;
+        }
+    }
+    let distinct: HashSet<String> = got.iter().cloned().collect();
+    assert_eq!(distinct, want);
+    assert_eq!(got.len(), want.len(), "an event was handed to two pullers");
+    let (s, body) = call(
+        Method::GET,
+        format!("{}/v1/subscriptions/{sub}", nodes[0].base),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["backlog"], 0, "{body}");
+}
