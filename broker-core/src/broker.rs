@@ -287,7 +287,8 @@ impl Broker {
                 push_guard.clone(),
             )?),
         };
-        let node = uuid::Uuid::new_v4().as_u128();
+        let node = store.origin();
+        let notices = store.take_notices();
         if shared {
             tracing::info!(node = %crate::dispatch_owner::format_node(node), "this node shares its store with other nodes; push subscriptions are shared out by leases");
         }
@@ -334,6 +335,9 @@ impl Broker {
         // Every push subscription resumes where its persisted queue stands.
         for id in broker.inner.store.push_subscriptions()? {
             ensure_dispatcher(&broker, id);
+        }
+        if let Some(notices) = notices {
+            spawn_remote_wakes(Arc::downgrade(&broker.inner), notices);
         }
         if shared {
             // Other nodes create push subscriptions too: each needs a dispatcher here, ready
@@ -627,6 +631,20 @@ pub(crate) fn unexpected(out: WriteOutput) -> Error {
 /// more work it runs again at once, so a large backlog drains without one long transaction.
 /// The broker is held only while `turn` is, and not once it is closing (see
 /// [`Inner::retention_turn`]).
+/// Wakes what other nodes' commits changed (`remote_wake.rs`): their notices come from the
+/// store as they arrive, and each wakes the same dispatchers and long-polls a commit of this
+/// node would. Ends with the broker or when the store stops delivering notices.
+fn spawn_remote_wakes(inner: Weak<Inner>, mut notices: tokio::sync::mpsc::Receiver<String>) {
+    tokio::spawn(async move {
+        while let Some(notice) = notices.recv().await {
+            let Some(inner) = inner.upgrade() else { return };
+            if let Some(wake) = crate::remote_wake::decode(&notice, inner.node) {
+                inner.signals.wake_remote(&wake);
+            }
+        }
+    });
+}
+
 /// On a store other nodes write too: looks for push subscriptions without a dispatcher here
 /// (created on another node) every half `dispatch_lease_ms`, so that each is ready to take the
 /// subscription over when the node pushing it dies. A dispatcher that does not hold the lease

@@ -38,9 +38,19 @@ impl Holder {
     /// dispatcher that does not hold it need no pass: the lease's end, or the tick, brings the
     /// next one).
     pub(crate) fn holding(&self, broker: &Broker) -> bool {
-        !broker.inner().store.shared()
-            || self.held.is_some()
-            || self.other_until.is_none_or(|u| broker.now() >= u)
+        !broker.inner().store.shared() || self.held.is_some()
+    }
+
+    /// For a dispatcher that does not hold the lease: whether a wake-up should look at it now
+    /// (the lease this node last saw has ended, or was released, or was never seen).
+    pub(crate) fn may_claim(&self, broker: &Broker) -> bool {
+        self.other_until.is_none_or(|u| broker.now() >= u)
+    }
+
+    /// Another node released the lease (or notices may have been missed): the next wake-up
+    /// looks at it rather than waiting for the end this node last saw.
+    pub(crate) fn lease_may_be_free(&mut self) {
+        self.other_until = None;
     }
 
     /// The longest a dispatcher holding the lease may wait before its next pass, so that the

@@ -51,6 +51,7 @@ mod ownership;
 mod publish;
 mod push_slots;
 mod queue_api;
+mod remote_wake;
 mod retry;
 mod rights;
 mod rooms_api;
@@ -74,6 +75,7 @@ pub use audit::{
 pub use broker::{Broker, WriterCounters};
 pub use clock::{Clock, ClockSleep, ManualClock, SystemClock, Timestamp};
 pub use config::{Config, DeliveryConfig, Limits, PushAllow, RetentionConfig, WriterConfig};
+pub use engine::{copy_embedded_to_postgres, CopyReport};
 pub use error::{Error, ErrorKind, Result, Violation};
 pub use identity::{ApiClient, Application, Member, SecretInfo, CLIENT_SECRETS_MAX};
 pub use ids::{EventId, EventTypeName, OrderingKey, Principal, RoomName, Sequence, SubscriptionId};

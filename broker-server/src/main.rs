@@ -63,6 +63,22 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Copies an embedded broker's data (its `postroom.redb`: Rooms, event types, events,
+    /// subscriptions with their positions, dead letters, identities, signing keys, audit log)
+    /// into an empty PostgreSQL schema, then reads both back to compare them. Stop the
+    /// embedded broker first; start the nodes on PostgreSQL once this reports success.
+    MigrateData {
+        /// A TOML configuration file; `POSTROOM_*` environment variables override it. Its
+        /// `[storage.postgres]` settings (TLS authority, timeouts) apply to the target.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The embedded broker's data folder (or its `postroom.redb` file).
+        #[arg(long)]
+        from: PathBuf,
+        /// The target's connection URL (default: `storage.postgres.url`).
+        #[arg(long)]
+        to: Option<String>,
+    },
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -84,6 +100,7 @@ fn main() -> ExitCode {
             allow_open_data_dir,
         }),
         Command::Migrate { config, check } => migrate(config, check),
+        Command::MigrateData { config, from, to } => migrate_data(config, from, to),
         Command::Client(command) => broker_server::cli::run(cli.global, command),
     }
 }
@@ -130,6 +147,51 @@ fn migrate(config: Option<PathBuf>, check: bool) -> ExitCode {
         Err(e) => {
             eprintln!("postroom: {}: {e}", pg.describe());
             ExitCode::from(2)
+        }
+    }
+}
+
+/// `postroom migrate-data --from <data folder> [--to <url>]`: exit 0 when copied and
+/// compared, 1 otherwise.
+fn migrate_data(config: Option<PathBuf>, from: PathBuf, to: Option<String>) -> ExitCode {
+    let cfg = match ServerConfig::load(config.as_deref(), std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("postroom: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut pg = cfg.storage.postgres.clone();
+    if let Some(url) = to {
+        pg.url = url;
+    }
+    if pg.url.trim().is_empty() {
+        eprintln!(
+            "postroom: migrate-data needs a target: --to postgres://... or storage.postgres.url"
+        );
+        return ExitCode::FAILURE;
+    }
+    let file = if from.is_dir() {
+        from.join("postroom.redb")
+    } else {
+        from
+    };
+    println!("copying {} into {}", file.display(), pg.describe());
+    match broker_core::copy_embedded_to_postgres(&file, &pg) {
+        Ok(report) => {
+            for (space, rows, bytes) in &report.spaces {
+                println!("  {space:<22} {rows:>10} rows {bytes:>14} bytes");
+            }
+            println!(
+                "copied and compared {} rows; the nodes may start on {}",
+                report.rows(),
+                pg.describe()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("postroom: migrate-data: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -171,3 +171,94 @@ async fn nodes_starting_together_on_an_empty_database_bootstrap_one_administrato
     }
     assert_eq!(created, 1, "one administrator, created by one node");
 }
+
+/// `postroom migrate-data` moves an embedded broker's data folder into PostgreSQL: a node
+/// started on the copy serves the same Room with the same events, and a second run into the
+/// same schema is refused (exit 1) rather than mixing two brokers' data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_data_moves_an_embedded_broker_into_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let broker =
+            broker_core::Broker::open(dir.path().join("postroom.redb"), Default::default())
+                .await
+                .unwrap();
+        let room = broker_core::RoomName::new("moves").unwrap();
+        let admin = broker_core::Principal::new("admin").unwrap();
+        broker
+            .create_room(broker_core::NewRoom::new(room.clone(), admin.clone()).approved())
+            .await
+            .unwrap();
+        let ty = broker_core::EventTypeName::new("MoveProposed").unwrap();
+        broker
+            .put_event_type(
+                &room,
+                broker_core::EventTypeSpec {
+                    name: ty.clone(),
+                    description: String::new(),
+                    schema: json!({"type": "object"}),
+                    key_pointer: Some("/move_id".into()),
+                },
+            )
+            .await
+            .unwrap();
+        for i in 0..12 {
+            let mut e = broker_core::PublishRequest::new(
+                room.clone(),
+                ty.clone(),
+                admin.clone(),
+                Vec::new(),
+            );
+            e.payload = serde_json::to_vec(&json!({"move_id": format!("M{}", i % 3)})).unwrap();
+            broker.publish(e).await.unwrap();
+        }
+        broker.close().await;
+    }
+    let pg = broker_core::test_postgres().fresh();
+    let migrate = |pg: &broker_core::PostgresConfig| {
+        let mut c = postroom(pg);
+        c.arg("migrate-data")
+            .arg("--from")
+            .arg(dir.path())
+            .args(["--to", pg.url.as_str()]);
+        run(&mut c)
+    };
+    let out = migrate(&pg);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("copied and compared"), "{}", text(&out));
+    assert!(text(&out).contains("events"), "{}", text(&out));
+    let again = migrate(&pg);
+    assert_eq!(again.status.code(), Some(1), "{}", text(&again));
+    assert!(
+        text(&again).contains("already holds Postroom data"),
+        "{}",
+        text(&again)
+    );
+
+    let node = Node::start(&pg);
+    let (s, body) = call(
+        reqwest::Method::GET,
+        format!("{}/v1/rooms/moves/events?key=M1&limit=100", node.base),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let seqs: Vec<u64> = body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"]["sequence"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    let (s, body) = call(
+        reqwest::Method::POST,
+        format!("{}/v1/rooms/moves/events/MoveProposed", node.base),
+        Some(json!({"move_id": "M1"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+    assert_eq!(
+        body["sequence"], 5,
+        "the key continues where the embedded broker left it"
+    );
+}

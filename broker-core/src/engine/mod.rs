@@ -21,8 +21,12 @@
 //! - `queue_reads.rs`: the reads of the queues (due work, dead letters, attempts, health, seek
 //!   offsets);
 //! - `records.rs`: the administrative records and the audit log;
+//! - `copy.rs`: the copy of an embedded store into PostgreSQL (`postroom migrate-data`);
 //! - `owners.rs`: push leases on a store several brokers share (which node pushes what).
 
+pub(crate) mod copy;
+#[cfg(test)]
+mod copy_tests;
 mod events;
 mod fanout;
 #[cfg(test)]
@@ -51,6 +55,7 @@ mod sweep;
 #[cfg(test)]
 mod volatile_tests;
 
+pub use copy::{copy_embedded_to_postgres, CopyReport};
 pub(crate) use queue::{ack_id, parse_ack_id};
 
 use std::collections::{HashMap, HashSet};
@@ -90,6 +95,9 @@ pub(crate) struct Engine {
     reads_block: bool,
     /// Whether other processes commit to the store too (see [`KvStore::shared`]).
     shared: bool,
+    /// This engine's id among the processes sharing the store: the node id of its push leases
+    /// and the sender of its notices (`remote_wake.rs`). Random at each open.
+    origin: u128,
     /// Volatile commits since the last durable one (see [`VOLATILE_RUN_MAX`]).
     volatile_run: std::sync::atomic::AtomicU32,
     /// The ordered keys (as [`head_mark`]s) whose head left in a volatile commit not yet made
@@ -220,6 +228,7 @@ impl Engine {
             faults,
             reads_block: kv.reads_block(),
             shared: kv.shared(),
+            origin: uuid::Uuid::new_v4().as_u128(),
             volatile_run: Default::default(),
             unsynced_heads: Mutex::default(),
             epoch: epoch.into(),
@@ -352,6 +361,8 @@ pub(super) struct Tables<'t> {
     pub(super) fanout: &'t mut FanoutCache,
     /// Subscriptions whose queues this batch changed, to wake their dispatchers after commit.
     pub(super) touched: HashSet<u128>,
+    /// Subscriptions whose push lease this batch released, for the other nodes' notice.
+    pub(super) released: Vec<u128>,
     /// What the batch did that operators count, handed over after commit.
     pub(super) observed: Vec<crate::storage::Observation>,
     pub(super) defaults: DeliveryDefaults,
@@ -423,6 +434,7 @@ impl<'t> Tables<'t> {
             seqs,
             fanout,
             touched: HashSet::new(),
+            released: Vec::new(),
             observed: Vec::new(),
             defaults,
             epoch,

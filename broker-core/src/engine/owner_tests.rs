@@ -61,10 +61,13 @@ impl Transport for Recorder {
 
 const T0: u64 = 1_767_225_600_000;
 
+/// Dispatchers tick once a minute here: what reaches a node promptly reaches it through the
+/// other node's notice (`remote_wake.rs`) or its own commits, not through the tick.
 fn config() -> Config {
     let mut config = Config::default();
     config.retention.interval_ms = 0;
     config.delivery.push_allow.loopback = true;
+    config.delivery.scheduler_tick_ms = 60_000;
     config
 }
 
@@ -105,8 +108,9 @@ async fn push_subscription(broker: &Broker, room: &TestRoom) -> SubscriptionId {
         .id
 }
 
-/// Waits (bounded) until nothing is owed on the shared store, waking `broker`'s dispatchers
-/// as it goes; the backlog is read from the store, so any broker's view serves.
+/// Waits (bounded, 20 s: well within the minute-long tick) until nothing is owed on the
+/// shared store; the backlog is read from the store, so any broker's view serves. Wakes
+/// nobody: the dispatchers must be woken by the commits themselves.
 async fn drained(broker: &Broker) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while broker.backlog_total().expect("backlog") > 0 {
@@ -114,7 +118,6 @@ async fn drained(broker: &Broker) {
             tokio::time::Instant::now() < deadline,
             "deliveries still owed after 20 s"
         );
-        broker.wake_deliveries();
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -182,9 +185,9 @@ async fn another_node_takes_over_when_the_lease_of_a_dead_node_runs_out() {
     for _ in 0..5 {
         later.push(b.publish_retrying(&room).await);
     }
-    b.wake_deliveries();
-    // The lease ends; b's next look takes it.
+    // The lease ends; b's next look (the test wakes it: the clock is moved by hand) takes it.
     clock.set(held.until);
+    b.wake_deliveries();
     drained(&b).await;
     let pushes = log.lock().unwrap().clone();
     assert_eq!(pushes[0].1, first);
@@ -228,8 +231,13 @@ async fn a_node_shutting_down_hands_its_subscriptions_over_at_once() {
     let held = a.inner().store.dispatch_lease(sub).unwrap().expect("lease");
     assert_eq!(held.node, a.inner().node, "a created it and claimed first");
     a.close().await;
-    let released = b.inner().store.dispatch_lease(sub).unwrap().expect("lease");
-    assert_eq!(released.until, Timestamp(0), "released at close");
+    // Released at close, or already taken by b (the release's notice wakes b at once).
+    let after = b.inner().store.dispatch_lease(sub).unwrap().expect("lease");
+    assert!(
+        (after.node, after.until) == (a.inner().node, Timestamp(0))
+            || (after.node, after.epoch) == (b.inner().node, held.epoch + 1),
+        "{after:?}"
+    );
     let id = b.publish_retrying(&room).await;
     drained(&b).await;
     let last = log.lock().unwrap().last().cloned().expect("a push");
@@ -300,6 +308,7 @@ async fn an_outcome_pushed_under_a_lost_lease_is_never_recorded() {
             }],
             expect: vec![],
             volatile: false,
+            notify: None,
         })
         .expect("the other node's takeover");
     }));
@@ -361,4 +370,44 @@ impl PublishRetrying for Broker {
 fn clock_now(clock: &Arc<ManualClock>) -> Timestamp {
     use crate::clock::Clock;
     clock.now()
+}
+
+/// A long-poll on one node is answered when an event is published through another: the
+/// publishing node's notice wakes it. Before notices it waited out its whole wait and answered
+/// empty (a long-poll has no tick).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_on_one_node_is_woken_by_a_publish_on_another() {
+    let store = MemKv::new_shared();
+    let clock = Arc::new(ManualClock::new(Timestamp(T0)));
+    let log = PushLog::default();
+    let a = node(&store, "a", &clock, &log);
+    let room = TestRoom::create(&a).await;
+    let sub = room.pull_subscription(&a, true).await;
+    let b = node(&store, "b", &clock, &log);
+    let ops = b.writer_counters().ops;
+    let poll = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let got = b.pull(sub, 1, None, 15_000).await.expect("pull");
+            (got, started.elapsed())
+        })
+    };
+    // The poll's first look (a lease that finds nothing) is applied: it now waits, registered
+    // for a wake-up since before that look.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while b.writer_counters().ops == ops {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the poll never looked"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let id = a.publish_retrying(&room).await;
+    let (got, took) = poll.await.expect("poll task");
+    assert_eq!(got.len(), 1, "answered with the event, after {took:?}");
+    assert_eq!(got[0].event.id.to_string(), id);
+    assert!(took < Duration::from_secs(10), "woken after {took:?}");
+    a.close().await;
+    b.close().await;
 }

@@ -57,6 +57,7 @@ impl Tables<'_> {
             let sub = id.0.as_u128();
             if let Some(l) = ownership::release(self.dispatch_lease(sub)?, node) {
                 self.dispatch_leases.insert(sub, row_of(&l))?;
+                self.released.push(sub);
                 n += 1;
             }
         }

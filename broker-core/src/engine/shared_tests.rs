@@ -67,6 +67,9 @@ impl KvStore for SharedKv {
     fn shared(&self) -> bool {
         true
     }
+    fn take_notices(&self) -> Option<tokio::sync::mpsc::Receiver<String>> {
+        self.inner.take_notices()
+    }
     fn kind(&self) -> &'static str {
         "shared"
     }

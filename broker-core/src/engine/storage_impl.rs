@@ -13,6 +13,14 @@ impl Storage for Engine {
         self.shared
     }
 
+    fn origin(&self) -> u128 {
+        self.origin
+    }
+
+    fn take_notices(&self) -> Option<tokio::sync::mpsc::Receiver<String>> {
+        self.kv.take_notices()
+    }
+
     fn apply(&self, now: Timestamp, ops: Vec<WriteOp>) -> Result<Applied> {
         let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
         let mut fanout = self.fanout.lock().unwrap_or_else(|p| p.into_inner());
@@ -37,6 +45,7 @@ impl Storage for Engine {
             let txn = Txn::new(self.kv.snapshot()?);
             let mut results = Vec::with_capacity(ops.len());
             let touched;
+            let released;
             let observed;
             let heads_moved;
             let stored_epoch;
@@ -91,6 +100,7 @@ impl Storage for Engine {
                     tables.checkpoint_seqs()?;
                 }
                 touched = std::mem::take(&mut tables.touched);
+                released = std::mem::take(&mut tables.released);
                 observed = std::mem::take(&mut tables.observed);
                 heads_moved = std::mem::take(&mut tables.heads_moved);
                 volatile &= !tables.needs_durable;
@@ -99,6 +109,9 @@ impl Storage for Engine {
             batch.volatile = volatile;
             if self.shared {
                 txn.fence(&mut batch)?;
+                // The other nodes wake the same subscriptions once this commits.
+                let queues: Vec<u128> = touched.iter().copied().collect();
+                batch.notify = crate::remote_wake::encode(self.origin, &queues, &released);
             }
             // The snapshot goes before the commit (an in-memory backend then need not copy).
             drop(txn);

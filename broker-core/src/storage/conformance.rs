@@ -432,6 +432,7 @@ fn volatile_batches_apply_in_order(f: &Factory<'_>) {
     let volatile = |writes| Batch {
         writes,
         volatile: true,
+        notify: None,
         ..Batch::default()
     };
     kv.commit(volatile(vec![put(

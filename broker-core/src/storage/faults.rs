@@ -62,6 +62,10 @@ impl KvStore for FaultyKv {
         self.inner.shared()
     }
 
+    fn take_notices(&self) -> Option<tokio::sync::mpsc::Receiver<String>> {
+        self.inner.take_notices()
+    }
+
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }

@@ -194,6 +194,9 @@ pub(crate) struct Batch {
     /// lease, a consumer's ack: after a crash the message is offered again, at least once); a
     /// backend may treat every batch as durable.
     pub volatile: bool,
+    /// A notice for the other processes sharing the store (`remote_wake.rs`), delivered to
+    /// them only if the batch commits; a backend no other process shares ignores it.
+    pub notify: Option<String>,
 }
 
 impl Batch {
@@ -266,6 +269,13 @@ pub(crate) trait KvStore: Send + Sync + 'static {
     /// process writes (redb, memory) says false and pays for none of it.
     fn shared(&self) -> bool {
         false
+    }
+    /// The notices other processes' commits carried (see [`Batch::notify`]), as they arrive;
+    /// taken once, by the broker over this store. `None` when no other process shares it.
+    /// After a break in listening (a reconnect) the backend delivers a notice that wakes
+    /// everything, since notices may have been missed meanwhile.
+    fn take_notices(&self) -> Option<tokio::sync::mpsc::Receiver<String>> {
+        None
     }
     /// A name for logs (`redb`, `memory`).
     fn kind(&self) -> &'static str;

@@ -12,6 +12,10 @@ use crate::error::Result;
 
 type Map = BTreeMap<(Space, Vec<u8>), Vec<u8>>;
 
+/// Notices a listener may have waiting; more are dropped (a wake-up lost is made up by the
+/// dispatchers' tick).
+const NOTICES_QUEUED_MAX: usize = 1024;
+
 /// The in-memory backend. Cloning shares the same data (a second handle on one store).
 #[derive(Clone, Default)]
 pub(crate) struct MemKv {
@@ -19,6 +23,9 @@ pub(crate) struct MemKv {
     /// Whether it says it is shared by several writers (see [`KvStore::shared`]), so that the
     /// simulation runs the engine's shared-store paths too.
     shared: bool,
+    /// Where each handle that took notices hears the commits (`KvStore::take_notices`), for
+    /// tests of several brokers over one shared store.
+    listeners: Arc<std::sync::Mutex<Vec<tokio::sync::mpsc::Sender<String>>>>,
 }
 
 impl MemKv {
@@ -105,9 +112,31 @@ impl KvStore for MemKv {
         let mut guard = self.map.write().unwrap_or_else(|p| p.into_inner());
         // Copy on write: snapshots still held keep the map they saw; without any, no copy.
         let mut map = std::mem::take(&mut *guard);
+        let notify = batch.notify.clone();
         let applied = apply_to_map(Arc::make_mut(&mut map), batch);
         *guard = map;
+        drop(guard);
+        if let (Ok(()), Some(n)) = (&applied, notify) {
+            if self.shared {
+                let listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+                for l in listeners.iter() {
+                    let _ = l.try_send(n.clone());
+                }
+            }
+        }
         applied
+    }
+
+    fn take_notices(&self) -> Option<tokio::sync::mpsc::Receiver<String>> {
+        if !self.shared {
+            return None;
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(NOTICES_QUEUED_MAX);
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        Some(rx)
     }
 
     fn shared(&self) -> bool {

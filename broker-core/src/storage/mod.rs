@@ -18,6 +18,7 @@ mod mem_kv;
 pub mod pg_cluster;
 mod pg_config;
 pub(crate) mod pg_kv;
+mod pg_listen;
 mod pg_migrate;
 mod redb_kv;
 mod redb_migrate;
@@ -558,6 +559,15 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// broker keeps in memory from storage may then go stale without its writer knowing.
     fn shared(&self) -> bool {
         false
+    }
+
+    /// This store handle's id among the processes sharing the store: the node id of its push
+    /// leases and the sender named in its notices (`remote_wake.rs`).
+    fn origin(&self) -> u128;
+
+    /// The notices of other processes' commits (see `KvStore::take_notices`); taken once.
+    fn take_notices(&self) -> Option<tokio::sync::mpsc::Receiver<String>> {
+        None
     }
 
     /// Applies `ops` in order in one transaction and makes it durable before returning. The outer

@@ -20,6 +20,8 @@
 //!   tokio worker under `block_in_place`) without nesting runtimes.
 //! - TLS to the database is rustls, trusting `ca_file` or the system's roots, whenever the
 //!   URL's `sslmode` asks for it; the certificate is always verified.
+//! - Each commit that changed a delivery queue sends its notice (`remote_wake.rs`) with
+//!   `pg_notify` in its own transaction, and `pg_listen.rs` hears the other nodes' notices.
 //! - The schema is created and upgraded by [`migrate`] at open, under an advisory lock, so that
 //!   several nodes starting together migrate once; `postroom migrate --check` lists what
 //!   [`pending_migrations`] would apply.
@@ -108,6 +110,8 @@ struct Shared {
     /// The one connection commits and syncs use, so that a commit never waits for readers to
     /// give a connection back (the writer's snapshot still comes from `reads`).
     write: Pool,
+    /// The channel of this installation's notices (`remote_wake::channel`).
+    channel: String,
 }
 
 /// The PostgreSQL backend.
@@ -116,6 +120,8 @@ pub(crate) struct PgKv {
     /// Runs the connections' I/O; taken out and shut down in the background when the backend is
     /// dropped (a runtime may not be dropped where blocking is not allowed).
     runtime: Option<tokio::runtime::Runtime>,
+    /// The other nodes' notices, until the broker takes them.
+    notices: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<String>>>,
 }
 
 impl PgKv {
@@ -143,26 +149,41 @@ impl PgKv {
             run_on(runtime.handle(), async move {
                 let mut conn = write.get().await.map_err(pool_error)?;
                 migrate(&mut conn).await?;
-                let default: String = conn
-                    .query_one("SELECT current_setting('synchronous_commit')", &[])
-                    .await?
-                    .get(0);
-                Ok(default)
+                let row = conn
+                    .query_one(
+                        "SELECT current_setting('synchronous_commit'), current_schema()",
+                        &[],
+                    )
+                    .await?;
+                let default: String = row.get(0);
+                let schema: Option<String> = row.get(1);
+                Ok((default, schema.unwrap_or_default()))
             })?
         };
+        let (probe, schema) = probe;
+        let channel = crate::remote_wake::channel(&schema);
         let durable_commit = if probe == "off" {
             tracing::warn!("the database's synchronous_commit is off: Postroom sets it on for every commit it acknowledges");
             "SET LOCAL synchronous_commit TO on"
         } else {
             ""
         };
+        let (tx, rx) = tokio::sync::mpsc::channel(super::pg_listen::NOTICES_QUEUED_MAX);
+        runtime.spawn(super::pg_listen::listen(
+            pg.clone(),
+            tls.clone(),
+            tx,
+            channel.clone(),
+        ));
         Ok(PgKv {
             shared: Arc::new(Shared {
                 durable_commit,
                 reads,
                 write,
+                channel,
             }),
             runtime: Some(runtime),
+            notices: std::sync::Mutex::new(Some(rx)),
         })
     }
 
@@ -419,6 +440,7 @@ impl Writes {
 
 async fn commit_batch(shared: Arc<Shared>, batch: Batch) -> Result<()> {
     let volatile = batch.volatile;
+    let notify = batch.notify.clone();
     let expect = batch.expect.clone();
     let writes = Writes::of(batch);
     let mut conn = shared.write.get().await.map_err(pool_error)?;
@@ -480,6 +502,11 @@ async fn commit_batch(shared: Arc<Shared>, batch: Batch) -> Result<()> {
             .await?;
         tx.execute(&stmt, &[&writes.del_spaces, &writes.del_keys])
             .await?;
+    }
+    if let Some(notice) = &notify {
+        // Delivered to the listeners only when (and if) the transaction commits.
+        let stmt = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
+        tx.execute(&stmt, &[&shared.channel, notice]).await?;
     }
     tx.commit().await?;
     Ok(())
@@ -565,6 +592,13 @@ impl KvStore for PgKv {
         true
     }
 
+    fn take_notices(&self) -> Option<tokio::sync::mpsc::Receiver<String>> {
+        self.notices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
     fn shared(&self) -> bool {
         true
     }
@@ -575,89 +609,5 @@ impl KvStore for PgKv {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::storage::pg_cluster::test_postgres;
-    use crate::storage::pg_migrate::MIGRATIONS;
-
-    fn with_sslmode(mode: &str) -> PostgresConfig {
-        let mut config = test_postgres().fresh();
-        config.url.push_str(&format!(" sslmode={mode}"));
-        config.ca_file = String::new();
-        config
-    }
-
-    /// With `sslmode=require` the connection is TLS and the server's certificate is verified:
-    /// signed by the authority in `ca_file` it connects; against the system's roots, which do
-    /// not know that authority, it is refused; a `ca_file` that cannot be read is named.
-    #[test]
-    fn tls_to_the_database_verifies_the_server_certificate() {
-        let ca = test_postgres()
-            .ca_file()
-            .expect("the tests' server has a certificate")
-            .display()
-            .to_string();
-        let mut trusted = with_sslmode("require");
-        trusted.ca_file = ca;
-        let kv = PgKv::open(&trusted).expect("TLS with the server's authority");
-        kv.commit(Batch {
-            writes: vec![super::super::kv::Put {
-                space: Space::Meta,
-                key: b"k".to_vec(),
-                value: Some(b"v".to_vec()),
-            }],
-            ..Batch::default()
-        })
-        .unwrap();
-        assert_eq!(
-            kv.snapshot().unwrap().get(Space::Meta, b"k").unwrap(),
-            Some(b"v".to_vec())
-        );
-
-        let refused = PgKv::open(&with_sslmode("require"))
-            .err()
-            .expect("an unknown authority is refused");
-        assert!(
-            refused.to_string().to_lowercase().contains("certificate"),
-            "{refused}"
-        );
-
-        let mut missing = with_sslmode("require");
-        missing.ca_file = "/nonexistent/ca.pem".into();
-        let refused = PgKv::open(&missing).err().expect("a missing ca_file");
-        assert!(
-            refused
-                .to_string()
-                .contains("storage.postgres.ca_file /nonexistent/ca.pem"),
-            "{refused}"
-        );
-    }
-
-    /// Every pooled connection busy for the whole wait: `storage_unavailable` (503 with
-    /// `Retry-After`), not a storage failure (500), and the next read after one is free works.
-    #[test]
-    fn no_free_connection_is_unavailable_not_a_failure() {
-        let mut config = test_postgres().fresh();
-        config.pool_size = 1;
-        config.connect_timeout_ms = 200;
-        let kv = PgKv::open(&config).unwrap();
-        let held = kv.snapshot().unwrap();
-        let refused = kv.snapshot().err().expect("no connection is free");
-        assert_eq!(refused.code(), "storage_unavailable", "{refused}");
-        drop(held);
-        kv.snapshot().expect("a connection is free again");
-    }
-
-    /// What `migrate --check` reports: every step on a fresh schema, none once it is opened.
-    #[test]
-    fn pending_migrations_are_listed_until_applied() {
-        let config = test_postgres().fresh();
-        let pending = pending_migrations(&config).unwrap();
-        assert_eq!(
-            pending.iter().map(|m| m.version).collect::<Vec<_>>(),
-            MIGRATIONS.iter().map(|m| m.0).collect::<Vec<_>>()
-        );
-        drop(PgKv::open(&config).unwrap());
-        assert!(pending_migrations(&config).unwrap().is_empty());
-    }
-}
+#[path = "pg_kv_tests.rs"]
+mod tests;

@@ -140,6 +140,7 @@ impl Txn {
                 .collect(),
             expect: Vec::new(),
             volatile: false,
+            notify: None,
         }
     }
 

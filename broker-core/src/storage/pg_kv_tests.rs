@@ -1,0 +1,179 @@
+//! Tests of the PostgreSQL backend against the tests' own server: TLS, notices between
+//! nodes, a pool with no free connection, and what `migrate --check` reports.
+
+use super::*;
+use crate::storage::pg_cluster::test_postgres;
+use crate::storage::pg_migrate::MIGRATIONS;
+
+fn with_sslmode(mode: &str) -> PostgresConfig {
+    let mut config = test_postgres().fresh();
+    config.url.push_str(&format!(" sslmode={mode}"));
+    config.ca_file = String::new();
+    config
+}
+
+/// With `sslmode=require` the connection is TLS and the server's certificate is verified:
+/// signed by the authority in `ca_file` it connects; against the system's roots, which do
+/// not know that authority, it is refused; a `ca_file` that cannot be read is named.
+#[test]
+fn tls_to_the_database_verifies_the_server_certificate() {
+    let ca = test_postgres()
+        .ca_file()
+        .expect("the tests' server has a certificate")
+        .display()
+        .to_string();
+    let mut trusted = with_sslmode("require");
+    trusted.ca_file = ca;
+    let kv = PgKv::open(&trusted).expect("TLS with the server's authority");
+    kv.commit(Batch {
+        writes: vec![super::super::kv::Put {
+            space: Space::Meta,
+            key: b"k".to_vec(),
+            value: Some(b"v".to_vec()),
+        }],
+        ..Batch::default()
+    })
+    .unwrap();
+    assert_eq!(
+        kv.snapshot().unwrap().get(Space::Meta, b"k").unwrap(),
+        Some(b"v".to_vec())
+    );
+
+    let refused = PgKv::open(&with_sslmode("require"))
+        .err()
+        .expect("an unknown authority is refused");
+    assert!(
+        refused.to_string().to_lowercase().contains("certificate"),
+        "{refused}"
+    );
+
+    let mut missing = with_sslmode("require");
+    missing.ca_file = "/nonexistent/ca.pem".into();
+    let refused = PgKv::open(&missing).err().expect("a missing ca_file");
+    assert!(
+        refused
+            .to_string()
+            .contains("storage.postgres.ca_file /nonexistent/ca.pem"),
+        "{refused}"
+    );
+}
+
+/// Every pooled connection busy for the whole wait: `storage_unavailable` (503 with
+/// `Retry-After`), not a storage failure (500), and the next read after one is free works.
+#[test]
+fn no_free_connection_is_unavailable_not_a_failure() {
+    let mut config = test_postgres().fresh();
+    config.pool_size = 1;
+    config.connect_timeout_ms = 200;
+    let kv = PgKv::open(&config).unwrap();
+    let held = kv.snapshot().unwrap();
+    let refused = kv.snapshot().err().expect("no connection is free");
+    assert_eq!(refused.code(), "storage_unavailable", "{refused}");
+    drop(held);
+    kv.snapshot().expect("a connection is free again");
+}
+
+/// Notices between two handles on one schema (two nodes): a commit's notice reaches the
+/// other handle, a refused commit's never does, and after the listening connection is cut
+/// (as by a database restart) the listener reconnects and hands over a notice that wakes
+/// everything, since notices may have been missed meanwhile. A handle on another schema
+/// hears none of it.
+#[test]
+fn notices_reach_the_other_nodes_only_for_commits_and_a_reconnect_wakes_everything() {
+    let config = test_postgres().fresh();
+    let a = PgKv::open(&config).unwrap();
+    let b = PgKv::open(&config).unwrap();
+    let elsewhere = PgKv::open(&test_postgres().fresh()).unwrap();
+    let mut heard = b.take_notices().expect("b listens");
+    let mut other = elsewhere.take_notices().expect("listens");
+    assert!(b.take_notices().is_none(), "taken once");
+    let recv = |rx: &mut tokio::sync::mpsc::Receiver<String>, within_ms: u64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(within_ms);
+        loop {
+            match rx.try_recv() {
+                Ok(n) => return Some(n),
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(_) => return None,
+            }
+        }
+    };
+    let put = |v: &[u8], notify: &str, expect: Option<Option<&[u8]>>| Batch {
+        writes: vec![super::super::kv::Put {
+            space: Space::Meta,
+            key: b"n".to_vec(),
+            value: Some(v.to_vec()),
+        }],
+        expect: expect
+            .map(|e| super::super::kv::Expect {
+                space: Space::Meta,
+                key: b"n".to_vec(),
+                value: e.map(<[u8]>::to_vec),
+            })
+            .into_iter()
+            .collect(),
+        notify: Some(notify.to_string()),
+        ..Batch::default()
+    };
+    // The listener may still be connecting: commit until the first notice is heard.
+    let mut first = None;
+    for i in 0..200 {
+        a.commit(put(b"1", &format!("hello {i}"), None)).unwrap();
+        if let Some(n) = recv(&mut heard, 50) {
+            first = Some(n);
+            break;
+        }
+    }
+    assert!(first.expect("a notice heard").starts_with("hello "));
+    while recv(&mut heard, 200).is_some() {}
+    let refused = a.commit(put(b"2", "refused", Some(Some(b"nope"))));
+    assert_eq!(refused.unwrap_err().code(), "storage_conflict");
+    a.commit(put(b"3", "committed", None)).unwrap();
+    assert_eq!(
+        recv(&mut heard, 5_000).as_deref(),
+        Some("committed"),
+        "only the commit's notice"
+    );
+    assert_eq!(
+        recv(&mut other, 300),
+        None,
+        "another schema's nodes hear nothing"
+    );
+
+    // Cut b's listening connection from the server side.
+    let channel = b.shared.channel.clone();
+    let shared = a.shared.clone();
+    let cut = a
+        .run(async move {
+            let conn = shared.write.get().await.map_err(pool_error)?;
+            let n = conn
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = $1",
+                    &[&format!("LISTEN {channel}")],
+                )
+                .await?;
+            Ok(n)
+        })
+        .unwrap();
+    assert!(cut >= 1, "a listening connection was cut");
+    let everything = recv(&mut heard, 10_000).expect("a notice after reconnecting");
+    let wake = crate::remote_wake::decode(&everything, 42).expect("a wake");
+    assert!(wake.all, "{everything}");
+    // And notices flow again.
+    a.commit(put(b"4", "again", None)).unwrap();
+    assert_eq!(recv(&mut heard, 5_000).as_deref(), Some("again"));
+}
+
+/// What `migrate --check` reports: every step on a fresh schema, none once it is opened.
+#[test]
+fn pending_migrations_are_listed_until_applied() {
+    let config = test_postgres().fresh();
+    let pending = pending_migrations(&config).unwrap();
+    assert_eq!(
+        pending.iter().map(|m| m.version).collect::<Vec<_>>(),
+        MIGRATIONS.iter().map(|m| m.0).collect::<Vec<_>>()
+    );
+    drop(PgKv::open(&config).unwrap());
+    assert!(pending_migrations(&config).unwrap().is_empty());
+}
