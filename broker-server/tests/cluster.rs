@@ -310,3 +310,256 @@ async fn pullers_on_two_nodes_share_one_subscription() {
     assert_eq!(s, 200, "{body}");
     assert_eq!(body["backlog"], 0, "{body}");
 }
+
+/// What a retrying client saw while publishing.
+#[derive(Default)]
+struct Seen {
+    /// (event id, key, sequence, index of the node that answered 201) of each acknowledgement.
+    acked: Vec<(String, String, u64, usize)>,
+    /// 503 answers, and those among them without a `Retry-After`.
+    unavailable: u64,
+    without_retry_after: u64,
+    /// Connections refused or reset (a node restarting).
+    unreachable: u64,
+    /// Anything a retrying client cannot recover from: another status, a request that hung.
+    failures: Vec<String>,
+}
+
+/// A client that publishes one event after another to `bases` (the nodes' addresses, which
+/// the test may change), each with its own Idempotency-Key, retrying a 503 or an unreachable
+/// node on the next node until it is acknowledged, as the README tells clients to. Runs until
+/// `stop`.
+fn spawn_publisher(
+    bases: Arc<Mutex<Vec<String>>>,
+    seen: Arc<Mutex<Seen>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let mut i = 0usize;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let key = format!("K{}", i % 5);
+            let idem = format!("rolling-{i}");
+            let mut attempt = 0usize;
+            loop {
+                let (n, base) = {
+                    let b = bases.lock().unwrap();
+                    let n = (i + attempt) % b.len();
+                    (n, b[n].clone())
+                };
+                attempt += 1;
+                let sent = Instant::now();
+                let resp = client
+                    .post(format!("{base}/v1/rooms/moves/events/MoveProposed"))
+                    .header("idempotency-key", &idem)
+                    .json(&json!({"move_id": key}))
+                    .timeout(Duration::from_secs(20))
+                    .send()
+                    .await;
+                let resp = match resp {
+                    Ok(r) => r,
+                    Err(e) if e.is_timeout() => {
+                        seen.lock()
+                            .unwrap()
+                            .failures
+                            .push(format!("hung {:?}: {e}", sent.elapsed()));
+                        break;
+                    }
+                    Err(_) => {
+                        seen.lock().unwrap().unreachable += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let status = resp.status().as_u16();
+                let retry_after = resp.headers().contains_key("retry-after");
+                let body: Value = resp.json().await.unwrap_or(Value::Null);
+                match status {
+                    200 | 201 => {
+                        let id = body["id"].as_str().unwrap_or_default().to_string();
+                        let seq = body["sequence"].as_u64().unwrap_or(0);
+                        seen.lock().unwrap().acked.push((id, key.clone(), seq, n));
+                        break;
+                    }
+                    503 => {
+                        {
+                            let mut s = seen.lock().unwrap();
+                            s.unavailable += 1;
+                            s.without_retry_after += u64::from(!retry_after);
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    _ => {
+                        seen.lock()
+                            .unwrap()
+                            .failures
+                            .push(format!("{status} {body}"));
+                        break;
+                    }
+                }
+            }
+            i += 1;
+        }
+    })
+}
+
+/// Waits (bounded) until `cond` holds of what the client saw.
+async fn until(
+    seen: &Arc<Mutex<Seen>>,
+    within: Duration,
+    what: &str,
+    cond: impl Fn(&Seen) -> bool,
+) {
+    let deadline = Instant::now() + within;
+    while !cond(&seen.lock().unwrap()) {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every acknowledged event is stored under the key and sequence it was given, and each key's
+/// sequences are 1..n with no gap and no repeat.
+async fn assert_all_kept(node: &Node, seen: &Seen) {
+    let mut acked: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
+    for (id, key, seq, _) in &seen.acked {
+        acked
+            .entry(key.clone())
+            .or_default()
+            .push((*seq, id.clone()));
+    }
+    for (key, mut mine) in acked {
+        let (s, body) = call(
+            Method::GET,
+            format!("{}/v1/rooms/moves/events?key={key}&limit=1000", node.base),
+            None,
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let stored: Vec<(u64, String)> = body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["event"]["sequence"].as_u64().unwrap(),
+                    e["event"]["id"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let seqs: Vec<u64> = stored.iter().map(|s| s.0).collect();
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as u64).collect::<Vec<_>>(),
+            "key {key}: a gap or a repeat"
+        );
+        mine.sort();
+        mine.dedup();
+        for m in &mine {
+            assert!(stored.contains(m), "key {key}: acknowledged {m:?} lost");
+        }
+    }
+}
+
+/// PostgreSQL crashes (stopped at once, no checkpoint) under a retrying publisher on two
+/// nodes, and comes back on the same port: while it is down the nodes answer 503 with
+/// `Retry-After` (never a 500, never a request that hangs); both nodes serve again by
+/// themselves once it is back; every acknowledged event is kept with its sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_crash_under_load_is_503_with_retry_after_and_loses_nothing() {
+    let server = broker_core::TestPostgres::start(false).expect("a server of this test's own");
+    let pg = server.fresh();
+    let nodes = start_nodes(&pg, 2);
+    setup(&nodes[0]).await;
+    let bases = Arc::new(Mutex::new(
+        nodes.iter().map(|n| n.base.clone()).collect::<Vec<_>>(),
+    ));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = spawn_publisher(bases.clone(), seen.clone(), stop.clone());
+    until(&seen, Duration::from_secs(60), "30 acknowledgements", |s| {
+        s.acked.len() >= 30
+    })
+    .await;
+    server.crash().expect("crash PostgreSQL");
+    let down = Instant::now();
+    until(
+        &seen,
+        Duration::from_secs(60),
+        "503s while the database is down",
+        |s| s.unavailable >= 5,
+    )
+    .await;
+    let before = seen.lock().unwrap().acked.len();
+    server.start_again().expect("start PostgreSQL again");
+    until(
+        &seen,
+        Duration::from_secs(90),
+        "both nodes acknowledging again",
+        |s| {
+            let after = &s.acked[before..];
+            after.len() >= 30 && after.iter().any(|a| a.3 == 0) && after.iter().any(|a| a.3 == 1)
+        },
+    )
+    .await;
+    println!(
+        "database down and back; publishing resumed {} ms after the crash",
+        down.elapsed().as_millis()
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    publisher.await.unwrap();
+    let seen = seen.lock().unwrap();
+    assert!(seen.failures.is_empty(), "{:?}", seen.failures);
+    assert_eq!(seen.without_retry_after, 0, "a 503 without Retry-After");
+    assert_all_kept(&nodes[0], &seen).await;
+}
+
+/// All three nodes are restarted one after another (SIGTERM, wait for the exit, start a new
+/// process) while a client publishes and retries a refused or unreachable node on the next:
+/// the client sees no failed publish, and every acknowledged event is kept with its sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_node_fails_no_publish_of_a_retrying_client() {
+    let pg = broker_core::test_postgres().fresh();
+    let mut nodes = start_nodes(&pg, 3);
+    setup(&nodes[0]).await;
+    let bases = Arc::new(Mutex::new(
+        nodes.iter().map(|n| n.base.clone()).collect::<Vec<_>>(),
+    ));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = spawn_publisher(bases.clone(), seen.clone(), stop.clone());
+    until(&seen, Duration::from_secs(60), "20 acknowledgements", |s| {
+        s.acked.len() >= 20
+    })
+    .await;
+    for i in 0..3 {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &nodes[i].child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = common::wait(&mut nodes[i].child);
+        assert!(exit.success(), "node {i} shut down cleanly: {exit:?}");
+        let fresh = start_nodes(&pg, 1).pop().unwrap();
+        bases.lock().unwrap()[i] = fresh.base.clone();
+        nodes[i] = fresh;
+        let before = seen.lock().unwrap().acked.len();
+        until(
+            &seen,
+            Duration::from_secs(60),
+            "acknowledgements after a restart",
+            |s| s.acked[before..].iter().any(|a| a.3 == i) && s.acked.len() >= before + 15,
+        )
+        .await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    publisher.await.unwrap();
+    let seen = seen.lock().unwrap();
+    assert!(seen.failures.is_empty(), "{:?}", seen.failures);
+    println!(
+        "rolling restart: {} acknowledged, {} answers 503, {} tries on an unreachable node",
+        seen.acked.len(),
+        seen.unavailable,
+        seen.unreachable
+    );
+    assert_all_kept(&nodes[0], &seen).await;
+}

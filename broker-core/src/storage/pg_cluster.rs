@@ -28,6 +28,33 @@ pub struct TestPostgres {
     /// The certificate authority of the server's TLS certificate (for 127.0.0.1), when this
     /// process started the server.
     ca_file: Option<PathBuf>,
+    /// How to stop and start it again, when this process started it.
+    control: Option<Control>,
+}
+
+/// What `pg_ctl` needs to stop and start a server this process started.
+struct Control {
+    pg_ctl: PathBuf,
+    data: PathBuf,
+    log: PathBuf,
+    /// The server's options (`pg_ctl -o`).
+    options: String,
+    /// Whether `pg_ctl` runs as the `postgres` user (this process is root).
+    root: bool,
+}
+
+impl Control {
+    fn pg_ctl(&self) -> Command {
+        let mut c = if self.root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&self.pg_ctl);
+            c
+        } else {
+            Command::new(&self.pg_ctl)
+        };
+        c.arg("-D").arg(&self.data);
+        c
+    }
 }
 
 static SERVER: OnceLock<Result<TestPostgres, String>> = OnceLock::new();
@@ -37,6 +64,35 @@ impl TestPostgres {
     /// a benchmark needs; the tests' server runs without. Stopped when this process exits.
     pub fn start(durable: bool) -> Result<TestPostgres, String> {
         start_server(durable)
+    }
+
+    /// Stops the server at once, as a crash would (`pg_ctl stop -m immediate`: no checkpoint;
+    /// it recovers from its WAL when started again). Only a server this process started (one
+    /// of [`TestPostgres::start`], never the tests' shared one, which other tests use).
+    pub fn crash(&self) -> Result<(), String> {
+        let control = self
+            .control
+            .as_ref()
+            .ok_or("not a server this process started")?;
+        output(control.pg_ctl().args(["-w", "-m", "immediate", "stop"]))?;
+        Ok(())
+    }
+
+    /// Starts again, on the same port and data, a server [`TestPostgres::crash`] stopped.
+    pub fn start_again(&self) -> Result<(), String> {
+        let control = self
+            .control
+            .as_ref()
+            .ok_or("not a server this process started")?;
+        output(control.pg_ctl().arg("-l").arg(&control.log).args([
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            &control.options,
+            "start",
+        ]))?;
+        Ok(())
     }
 }
 
@@ -123,6 +179,7 @@ fn start_env() -> Option<Result<TestPostgres, String>> {
         base,
         next: AtomicU64::new(0),
         ca_file: None,
+        control: None,
     }))
 }
 
@@ -174,6 +231,17 @@ fn start_server(durable: bool) -> Result<TestPostgres, String> {
         .and_then(|l| l.local_addr())
         .map_err(|e| format!("no free port: {e}"))?
         .port();
+    let options = format!(
+        "-k {socket} -p {port} -c listen_addresses=127.0.0.1 -c max_connections=200 \
+         {} -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+        if durable {
+            ""
+        } else {
+            "-c fsync=off -c full_page_writes=off"
+        },
+        cert.display(),
+        key.display()
+    );
     output(
         as_server(&bin.join("pg_ctl"))
             .arg("-D")
@@ -181,17 +249,7 @@ fn start_server(durable: bool) -> Result<TestPostgres, String> {
             .arg("-l")
             .arg(dir.join("log"))
             .args(["-w", "-t", "60", "-o"])
-            .arg(format!(
-                "-k {socket} -p {port} -c listen_addresses=127.0.0.1 -c max_connections=200 \
-                 {} -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
-                if durable {
-                    ""
-                } else {
-                    "-c fsync=off -c full_page_writes=off"
-                },
-                cert.display(),
-                key.display()
-            ))
+            .arg(&options)
             .arg("start"),
     )?;
     // Stops the server and removes its folder once this process has gone (a test binary has
@@ -213,6 +271,13 @@ fn start_server(durable: bool) -> Result<TestPostgres, String> {
         base: format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
         next: AtomicU64::new(0),
         ca_file: Some(ca_file),
+        control: Some(Control {
+            pg_ctl: bin.join("pg_ctl"),
+            data,
+            log: dir.join("log"),
+            options,
+            root,
+        }),
     })
 }
 
