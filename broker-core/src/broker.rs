@@ -419,7 +419,19 @@ impl Broker {
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        // On a shared store, other nodes take this one's push subscriptions over at once.
+        // Dispatchers end as the broker closes, each handing its push lease back once its
+        // own pushes are recorded; wait for them (bounded), then release whatever lease is
+        // left, so that other nodes take this one's push subscriptions over at once.
+        while !self
+            .inner
+            .dispatchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         crate::dispatch_owner::release_all(self).await;
         let inner = self.inner.clone();
         let _ = tokio::task::spawn_blocking(move || inner.writer.close()).await;
@@ -627,10 +639,6 @@ pub(crate) fn unexpected(out: WriteOutput) -> Error {
     Error::Storage(format!("writer returned an unexpected output: {out:?}"))
 }
 
-/// Sweeps on an interval until the broker is dropped, a batch at a time: when a sweep reports
-/// more work it runs again at once, so a large backlog drains without one long transaction.
-/// The broker is held only while `turn` is, and not once it is closing (see
-/// [`Inner::retention_turn`]).
 /// Wakes what other nodes' commits changed (`remote_wake.rs`): their notices come from the
 /// store as they arrive, and each wakes the same dispatchers and long-polls a commit of this
 /// node would. Ends with the broker or when the store stops delivering notices.
@@ -648,13 +656,14 @@ fn spawn_remote_wakes(inner: Weak<Inner>, mut notices: tokio::sync::mpsc::Receiv
 /// On a store other nodes write too: looks for push subscriptions without a dispatcher here
 /// (created on another node) every half `dispatch_lease_ms`, so that each is ready to take the
 /// subscription over when the node pushing it dies. A dispatcher that does not hold the lease
-/// reads it once per lease, and writes nothing while another node's runs.
+/// reads it once per tick, and writes nothing while another node's runs.
 fn spawn_discovery(inner: Weak<Inner>) {
     tokio::spawn(async move {
         loop {
             let every = {
                 let Some(inner) = inner.upgrade() else { return };
-                let lease_ms = inner.config_now().delivery.dispatch_lease_ms.max(2);
+                let lease_ms =
+                    crate::ownership::lease_ms(inner.config_now().delivery.dispatch_lease_ms);
                 Duration::from_millis(lease_ms / 2)
             };
             tokio::time::sleep(every).await;
@@ -680,6 +689,10 @@ fn spawn_discovery(inner: Weak<Inner>) {
     });
 }
 
+/// Sweeps on an interval until the broker is dropped, a batch at a time: when a sweep reports
+/// more work it runs again at once, so a large backlog drains without one long transaction.
+/// The broker is held only while `turn` is, and not once it is closing (see
+/// [`Inner::retention_turn`]).
 fn spawn_retention(inner: Weak<Inner>, turn: Arc<tokio::sync::Mutex<()>>, every: Duration) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);

@@ -179,11 +179,32 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
         if !std::mem::take(&mut skip_pass) {
             let wait = {
                 let Some(inner) = weak.upgrade() else { return };
-                if inner.closing.load(Ordering::SeqCst) {
+                let broker = Broker::from_inner(inner);
+                if broker.is_closing() {
+                    wind_down(
+                        &broker,
+                        id,
+                        &mut holder,
+                        &mut slots,
+                        &bounds,
+                        &mut settled_rx,
+                    )
+                    .await;
                     return;
                 }
-                let broker = Broker::from_inner(inner);
                 match holder.turn(&broker, id).await {
+                    Turn::Gone if broker.is_closing() => {
+                        wind_down(
+                            &broker,
+                            id,
+                            &mut holder,
+                            &mut slots,
+                            &bounds,
+                            &mut settled_rx,
+                        )
+                        .await;
+                        return;
+                    }
                     Turn::Gone => return,
                     Turn::Wait(wait) => wait,
                     Turn::Push(lease) => {
@@ -215,9 +236,12 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
                 skip_pass = !worth_a_pass(&weak, &holder, &slots, &bounds);
             }
             Some(s) = settled_rx.recv() => {
-                s.apply(&mut slots, &bounds);
+                let mut lost = s.apply(&mut slots, &bounds);
                 while let Ok(s) = settled_rx.try_recv() {
-                    s.apply(&mut slots, &bounds);
+                    lost |= s.apply(&mut slots, &bounds);
+                }
+                if lost {
+                    holder.lost();
                 }
                 skip_pass = !worth_a_pass(&weak, &holder, &slots, &bounds);
             }
@@ -226,6 +250,30 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
             _ = tokio::time::sleep_until(until) => {}
         }
     }
+}
+
+/// How a dispatcher ends when its broker closes: its pushes under way finish and are recorded
+/// (bounded by the push timeout), then, on a shared store, it hands its lease back, so that
+/// another node takes the subscription at once and after every outcome this node recorded.
+async fn wind_down(
+    broker: &Broker,
+    id: SubscriptionId,
+    holder: &mut Holder,
+    slots: &mut PushSlots,
+    bounds: &SlotBounds,
+    settled_rx: &mut mpsc::UnboundedReceiver<Settled>,
+) {
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_millis(broker.config().delivery.push_timeout_ms + 1000);
+    while slots.busy().len() > 0 {
+        match tokio::time::timeout_at(deadline, settled_rx.recv()).await {
+            Ok(Some(s)) => {
+                s.apply(slots, bounds);
+            }
+            _ => break,
+        }
+    }
+    holder.release(broker, id).await;
 }
 
 /// One pass of a dispatcher that may push (under `lease` on a shared store): reads the
@@ -299,6 +347,10 @@ fn worth_a_pass(
     match weak.upgrade() {
         Some(inner) => {
             let broker = Broker::from_inner(inner);
+            if broker.is_closing() {
+                // The pass winds the dispatcher down.
+                return true;
+            }
             if holder.holding(&broker) {
                 slots.worth_a_pass(bounds, broker.now())
             } else {
@@ -322,14 +374,23 @@ enum Settled {
     /// The outcome of `offset` is recorded (or given up at shutdown): the delivery may be
     /// attempted again.
     Recorded { offset: u64 },
+    /// The outcome of `offset` was refused: another node took the subscription's push lease
+    /// over (it pushes the delivery again). Frees the delivery as `Recorded` does.
+    Lost { offset: u64 },
 }
 
 impl Settled {
-    fn apply(self, slots: &mut PushSlots, bounds: &SlotBounds) {
+    /// Applies the message to the slots; true when it says the push lease was lost.
+    fn apply(self, slots: &mut PushSlots, bounds: &SlotBounds) -> bool {
         match self {
             Settled::Answered { offset, end, at } => slots.answered(offset, end, at, bounds),
             Settled::Recorded { offset } => slots.recorded(offset),
+            Settled::Lost { offset } => {
+                slots.recorded(offset);
+                return true;
+            }
         }
+        false
     }
 }
 
@@ -375,7 +436,17 @@ fn dispatch_due(
         let refused = started.refused.clone();
         let lease = started.lease;
         tokio::spawn(async move {
-            let response = push_one(&broker, &sub, &d).await;
+            let Some(response) = push_one(&broker, &sub, &d).await else {
+                // Not sent: the broker is closing. Nothing is recorded (it was not an
+                // attempt): the delivery goes out again from the next owner, or after the
+                // next open.
+                broker
+                    .inner()
+                    .pushes_in_flight
+                    .fetch_sub(1, Ordering::SeqCst);
+                let _ = settled.send(Settled::Recorded { offset: d.offset });
+                return;
+            };
             let end = PushEnd::of(&response, broker.config().delivery.slow_push_ms);
             let at = broker.now();
             let _ = settled.send(Settled::Answered {
@@ -383,9 +454,13 @@ fn dispatch_due(
                 end,
                 at,
             });
-            record_outcome(broker, sub.id, &d, response, lease, &refused).await;
+            let lost = record_outcome(broker, sub.id, &d, response, lease, &refused).await;
             // Only now may the delivery be attempted again.
-            let _ = settled.send(Settled::Recorded { offset: d.offset });
+            let _ = settled.send(if lost {
+                Settled::Lost { offset: d.offset }
+            } else {
+                Settled::Recorded { offset: d.offset }
+            });
         });
     }
     next.map(|at| Duration::from_millis(at.ms_since(now)))
@@ -409,7 +484,7 @@ async fn record_outcome(
     response: PushResponse,
     lease: Option<(u128, u64)>,
     refused: &AtomicUsize,
-) {
+) -> bool {
     let weak = Arc::downgrade(broker.inner());
     let mut current = Some(broker);
     let mut tries = 0u32;
@@ -442,7 +517,7 @@ async fn record_outcome(
                 } else {
                     refused.fetch_sub(1, Ordering::SeqCst);
                 }
-                return;
+                return true;
             }
             Ok(_) => {
                 if !holding_back {
@@ -450,7 +525,7 @@ async fn record_outcome(
                 } else if refused.fetch_sub(1, Ordering::SeqCst) == 1 {
                     tracing::info!(subscription = %sub, tries, "push outcome recorded after the writer refused it; pushes resume");
                 }
-                return;
+                return false;
             }
             Err(e) => e,
         };
@@ -488,10 +563,13 @@ async fn record_outcome(
     if holding_back {
         refused.fetch_sub(1, Ordering::SeqCst);
     }
+    false
 }
 
 /// Builds and sends one signed push.
-async fn push_one(broker: &Broker, sub: &Subscription, d: &DueDelivery) -> PushResponse {
+/// `None` when it was not sent because the broker is closing (not an attempt: nothing to
+/// record).
+async fn push_one(broker: &Broker, sub: &Subscription, d: &DueDelivery) -> Option<PushResponse> {
     let DeliveryMode::Push(endpoint) = &sub.mode else {
         return failed("not a push subscription");
     };
@@ -572,18 +650,18 @@ async fn push_one(broker: &Broker, sub: &Subscription, d: &DueDelivery) -> PushR
         None => None,
     };
     if broker.inner().closing.load(Ordering::SeqCst) {
-        return failed("not sent: the broker is shutting down");
+        return None;
     }
-    broker.inner().transport.send(request).await
+    Some(broker.inner().transport.send(request).await)
 }
 
-fn failed(why: &str) -> PushResponse {
-    PushResponse {
+fn failed(why: &str) -> Option<PushResponse> {
+    Some(PushResponse {
         status: None,
         retry_after_ms: None,
         error: Some(why.to_string()),
         latency_ms: 0,
-    }
+    })
 }
 
 #[cfg(test)]

@@ -56,8 +56,14 @@ impl Holder {
     /// The longest a dispatcher holding the lease may wait before its next pass, so that the
     /// pass renews it in time whatever the tick.
     pub(crate) fn renew_within(&self, broker: &Broker) -> Option<Duration> {
-        self.held
-            .map(|_| Duration::from_millis((broker.config().delivery.dispatch_lease_ms / 3).max(1)))
+        let lease_ms = ownership::lease_ms(broker.config().delivery.dispatch_lease_ms);
+        self.held.map(|_| Duration::from_millis(lease_ms / 3))
+    }
+
+    /// An outcome was refused because another node took the lease over: stop pushing now
+    /// rather than at the next renewal.
+    pub(crate) fn lost(&mut self) {
+        self.held = None;
     }
 
     /// Decides this pass: on a shared store, renews the lease when due (or claims it when it
@@ -67,21 +73,22 @@ impl Holder {
             return Turn::Push(None);
         }
         let config = broker.config();
-        let lease_ms = config.delivery.dispatch_lease_ms.max(1);
+        let lease_ms = ownership::lease_ms(config.delivery.dispatch_lease_ms);
         let tick = Duration::from_millis(config.delivery.scheduler_tick_ms.max(1));
         let node = broker.inner().node;
         let now = broker.now();
         match self.held {
             Some(h) if !ownership::renew_due(&h, now, lease_ms) => {
-                return Turn::Push(Some((h.node, h.epoch)))
+                return self.push_under(h, now, lease_ms)
             }
             Some(_) => {}
             None => {
                 // A cheap read first: while another node's lease runs, no write is needed.
                 match broker.inner().store.dispatch_lease(id) {
-                    Ok(Some(l)) if l.node != node && l.until > now => {
-                        self.other_until = Some(l.until);
-                        return Turn::Wait(wait_for(&l, now, tick));
+                    Ok(Some(l)) if l.node != node && ownership::free_at(&l, lease_ms) > now => {
+                        let free = ownership::free_at(&l, lease_ms);
+                        self.other_until = Some(free);
+                        return Turn::Wait(wait_until(free, now, tick));
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -92,21 +99,35 @@ impl Holder {
             }
         }
         let op = WriteOp::Delivery(DeliveryOp::ClaimDispatch { id, node, lease_ms });
-        match broker.write_op(op).await {
+        let claimed = broker.write_op(op).await;
+        if broker.is_closing() {
+            // The broker began closing while the claim was out: whatever it got is handed
+            // back, after it (a release applied before the claim would otherwise be undone).
+            if matches!(claimed, Ok(WriteOutput::Dispatch(Claim::Granted(_)))) {
+                self.held = claimed.ok().and_then(|c| match c {
+                    WriteOutput::Dispatch(Claim::Granted(l)) => Some(l),
+                    _ => None,
+                });
+            }
+            return Turn::Gone;
+        }
+        let now = broker.now();
+        match claimed {
             Ok(WriteOutput::Dispatch(Claim::Granted(l))) => {
                 if self.held.is_none_or(|h| h.epoch != l.epoch) {
                     tracing::info!(subscription = %id, node = %format_node(node), epoch = l.epoch, "this node now pushes the subscription");
                 }
                 self.held = Some(l);
                 self.other_until = None;
-                Turn::Push(Some((l.node, l.epoch)))
+                self.push_under(l, now, lease_ms)
             }
             Ok(WriteOutput::Dispatch(Claim::HeldBy(l))) => {
                 if self.held.take().is_some() {
                     tracing::warn!(subscription = %id, holder = %format_node(l.node), epoch = l.epoch, "another node took over the subscription's pushes");
                 }
-                self.other_until = Some(l.until);
-                Turn::Wait(wait_for(&l, now, tick))
+                let free = ownership::free_at(&l, lease_ms);
+                self.other_until = Some(free);
+                Turn::Wait(wait_until(free, now, tick))
             }
             Ok(_) => Turn::Wait(tick),
             Err(e) => {
@@ -114,7 +135,7 @@ impl Holder {
                 // (outcomes are checked against it anyway), else wait for the next look.
                 tracing::debug!(subscription = %id, error = %e, "cannot claim the push lease");
                 match self.held {
-                    Some(h) if ownership::may_push(&h, broker.now()) => {
+                    Some(h) if ownership::may_push(&h, now, lease_ms) => {
                         Turn::Push(Some((h.node, h.epoch)))
                     }
                     _ if matches!(e, Error::SubscriptionNotFound { .. }) => Turn::Gone,
@@ -126,14 +147,40 @@ impl Holder {
             }
         }
     }
+
+    /// Pushes under `held` while enough of it is left; otherwise looks again soon (the next
+    /// pass renews it).
+    fn push_under(&self, held: DispatchLease, now: Timestamp, lease_ms: u64) -> Turn {
+        if ownership::may_push(&held, now, lease_ms) {
+            Turn::Push(Some((held.node, held.epoch)))
+        } else {
+            Turn::Wait(Duration::from_millis(10))
+        }
+    }
+
+    /// Hands this node's lease back as its dispatcher ends (the broker closing), so that
+    /// another node takes the subscription at once; the dispatcher calls it once its own
+    /// pushes are recorded. Best effort: a lease not released runs out.
+    pub(crate) async fn release(&mut self, broker: &Broker, id: SubscriptionId) {
+        if self.held.take().is_none() {
+            return;
+        }
+        let op = WriteOp::Delivery(DeliveryOp::ReleaseDispatch {
+            ids: vec![id],
+            node: broker.inner().node,
+        });
+        if let Err(e) = broker.write_op(op).await {
+            tracing::debug!(subscription = %id, error = %e, "push lease not released; it runs out instead");
+        }
+    }
 }
 
-/// How long to wait before looking at another node's lease again: until its end, but at most
-/// one tick, so that a lease its owner released at shutdown is taken within a tick rather than
-/// when it would have run out (one read of the lease per tick and subscription on each node
-/// that does not hold it; nothing is written).
-fn wait_for(l: &DispatchLease, now: Timestamp, tick: Duration) -> Duration {
-    Duration::from_millis(l.until.ms_since(now).max(1)).min(tick)
+/// How long to wait before looking at another node's lease again: until it may be claimed,
+/// but at most one tick, so that a lease released when no notice could tell (a node whose
+/// listening connection was down) is taken within a tick (one read of the lease per tick and
+/// subscription on each node that does not hold it; nothing is written).
+fn wait_until(free: Timestamp, now: Timestamp, tick: Duration) -> Duration {
+    Duration::from_millis(free.ms_since(now).max(1)).min(tick)
 }
 
 /// A node id as logs show it.
@@ -159,16 +206,28 @@ pub(crate) async fn release_all(broker: &Broker) {
     };
     let node = broker.inner().node;
     for chunk in ids.chunks(RELEASE_CHUNK) {
-        let op = WriteOp::Delivery(DeliveryOp::ReleaseDispatch {
-            ids: chunk.to_vec(),
-            node,
-        });
-        if let Err(e) = broker.write_op(op).await {
-            tracing::warn!(error = %e, "push leases not released at shutdown; they run out instead");
-            return;
+        // A lost race with another node is tried again; any other refusal leaves these leases
+        // to run out.
+        for _ in 0..RELEASE_TRIES {
+            let op = WriteOp::Delivery(DeliveryOp::ReleaseDispatch {
+                ids: chunk.to_vec(),
+                node,
+            });
+            match broker.write_op(op).await {
+                Ok(_) => break,
+                Err(Error::StorageConflict { .. }) => continue,
+                Err(Error::ShuttingDown) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "push leases not released at shutdown; they run out instead");
+                    break;
+                }
+            }
         }
     }
 }
+
+/// Tries of one release that loses races with other nodes.
+const RELEASE_TRIES: usize = 5;
 
 /// Subscriptions whose leases one release operation ends.
 const RELEASE_CHUNK: usize = 256;

@@ -303,7 +303,8 @@ impl ServerConfig {
     /// Checks the settings that depend on each other or on where the server listens, before it
     /// starts: `insecure_no_auth` only on a loopback `listen_addr` (127.0.0.0/8 or ::1), because
     /// anyone who can reach the port would otherwise act as the administrator; and the TLS
-    /// certificate and key set together or not at all; a header read timeout of at least 1 ms.
+    /// certificate and key set together or not at all; a header read timeout of at least 1 ms;
+    /// a push lease (`broker.delivery.dispatch_lease_ms`) between 1 s and 10 min.
     pub fn validate(&self, listen_addr: SocketAddr) -> Result<(), StartError> {
         if self.auth.insecure_no_auth && !listen_addr.ip().is_loopback() {
             return Err(StartError::Config(format!(
@@ -321,6 +322,13 @@ impl ServerConfig {
                  POSTROOM_STORAGE__POSTGRES__URL=postgresql://postroom@db.example/postroom)"
                     .into(),
             ));
+        }
+        let lease = self.broker.delivery.dispatch_lease_ms;
+        if !(1_000..=600_000).contains(&lease) {
+            return Err(StartError::Config(format!(
+                "broker.delivery.dispatch_lease_ms must be between 1000 and 600000 \
+                 (milliseconds); it is {lease}"
+            )));
         }
         if self.http.header_read_timeout_ms == 0 {
             return Err(StartError::Config(
@@ -524,6 +532,30 @@ mod tests {
         c.http.header_read_timeout_ms = 0;
         let e = c.validate(addr).unwrap_err().to_string();
         assert!(e.contains("header_read_timeout_ms"), "{e}");
+    }
+
+    /// A push lease of a millisecond would have every node commit renewals hundreds of times a
+    /// second; one longer than ten minutes leaves a dead node's subscriptions that long.
+    #[test]
+    fn a_push_lease_outside_one_second_to_ten_minutes_is_refused() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        for (lease, ok) in [
+            (0, false),
+            (999, false),
+            (1_000, true),
+            (600_000, true),
+            (u64::MAX, false),
+        ] {
+            let mut c = ServerConfig::default();
+            c.broker.delivery.dispatch_lease_ms = lease;
+            match c.validate(addr) {
+                Ok(()) => assert!(ok, "{lease} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{lease} refused: {e}");
+                    assert!(e.to_string().contains("dispatch_lease_ms"), "{e}");
+                }
+            }
+        }
     }
 
     #[test]

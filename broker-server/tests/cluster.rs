@@ -507,7 +507,7 @@ async fn a_database_crash_under_load_is_503_with_retry_after_and_loses_nothing()
     );
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     publisher.await.unwrap();
-    let seen = seen.lock().unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
     assert!(seen.failures.is_empty(), "{:?}", seen.failures);
     assert_eq!(seen.without_retry_after, 0, "a 503 without Retry-After");
     assert_all_kept(&nodes[0], &seen).await;
@@ -531,17 +531,17 @@ async fn a_rolling_restart_of_every_node_fails_no_publish_of_a_retrying_client()
         s.acked.len() >= 20
     })
     .await;
-    for i in 0..3 {
+    for (i, node) in nodes.iter_mut().enumerate() {
         let status = std::process::Command::new("kill")
-            .args(["-TERM", &nodes[i].child.id().to_string()])
+            .args(["-TERM", &node.child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
-        let exit = common::wait(&mut nodes[i].child);
+        let exit = common::wait(&mut node.child);
         assert!(exit.success(), "node {i} shut down cleanly: {exit:?}");
         let fresh = start_nodes(&pg, 1).pop().unwrap();
         bases.lock().unwrap()[i] = fresh.base.clone();
-        nodes[i] = fresh;
+        *node = fresh;
         let before = seen.lock().unwrap().acked.len();
         until(
             &seen,
@@ -553,7 +553,7 @@ async fn a_rolling_restart_of_every_node_fails_no_publish_of_a_retrying_client()
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     publisher.await.unwrap();
-    let seen = seen.lock().unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
     assert!(seen.failures.is_empty(), "{:?}", seen.failures);
     println!(
         "rolling restart: {} acknowledged, {} answers 503, {} tries on an unreachable node",

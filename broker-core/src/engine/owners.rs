@@ -33,7 +33,8 @@ impl Tables<'_> {
 
     /// `node` asks for the push lease of `sub` (see [`ownership::claim`]). The lease row is
     /// written when granted, so two nodes claiming at once are fenced like any other write;
-    /// a subscription that is gone (or not a push subscription) is refused as not found.
+    /// a subscription that is gone is refused as not found (a pull subscription may be
+    /// claimed: its dispatcher ends at its next read of the subscription).
     pub(super) fn claim_dispatch(
         &mut self,
         now: Timestamp,

@@ -458,10 +458,17 @@ async fn commit_batch(shared: Arc<Shared>, batch: Batch) -> Result<()> {
     if !expect.is_empty() {
         let spaces: Vec<i16> = expect.iter().map(|e| e.space as i16).collect();
         let keys: Vec<Vec<u8>> = expect.iter().map(|e| e.key.clone()).collect();
+        // FOR SHARE: a row this batch only reads (a guard, such as a push lease) is locked until
+        // the commit, so another node's change to it either waits for this commit or, if it
+        // committed since this transaction's snapshot, fails this one (40001). A plain read
+        // would let both commit (a read-write dependency alone is not a serialization failure).
+        // Rows absent are expected absent: an insert of one meets this batch's own write or
+        // its value check.
         let stmt = tx
             .prepare_cached(
-                "SELECT k.space, k.key, t.value FROM unnest($1::int2[], $2::bytea[]) AS k(space, key) \
-                 LEFT JOIN postroom_kv t ON t.space = k.space AND t.key = k.key",
+                "SELECT t.space, t.key, t.value FROM postroom_kv t \
+                 JOIN unnest($1::int2[], $2::bytea[]) AS k(space, key) \
+                 ON t.space = k.space AND t.key = k.key FOR SHARE OF t",
             )
             .await?;
         let rows = tx.query(&stmt, &[&spaces, &keys]).await?;
