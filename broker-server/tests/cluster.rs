@@ -1,8 +1,11 @@
-//! Several `postroom serve` nodes over one PostgreSQL database sharing the work (issue 16,
-//! item 3): one node at a time pushes a subscription, so a receiver gets each event once;
-//! when that node is SIGKILLed another takes the subscription over within its lease and pushes
-//! what is still owed, each key in order; pulls and acks work on any node. The database is the
-//! tests' own server (`broker_core::test_postgres`), each test in a schema of its own.
+//! Several `postroom serve` nodes over one PostgreSQL database sharing the work and surviving
+//! failures (issue 16, items 3 and 6): one node at a time pushes a subscription, so a receiver
+//! gets each event once; when that node is SIGKILLed another takes the subscription over within
+//! its lease and pushes what is still owed, each key in order; pulls and acks work on any node;
+//! a database crash, a rolling restart of every node and a failover to a synchronous replica
+//! lose nothing acknowledged and fail no publish of a client that retries. The database is the
+//! tests' own server (`broker_core::test_postgres`, a schema per test) or, for the tests that
+//! crash it, a server of the test's own.
 #![forbid(unsafe_code)]
 
 mod common;
@@ -561,5 +564,68 @@ async fn a_rolling_restart_of_every_node_fails_no_publish_of_a_retrying_client()
         seen.unavailable,
         seen.unreachable
     );
+    assert_all_kept(&nodes[0], &seen).await;
+}
+
+/// Database failover: a primary with a synchronous streaming replica (built with
+/// `pg_basebackup`), two nodes given both hosts with `target_session_attrs=read-write`, and a
+/// retrying publisher. The primary is killed and the replica promoted: the nodes find the new
+/// primary by themselves, every event acknowledged before or after is there with its sequence,
+/// and the time without service is measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_failover_to_a_synchronous_replica_loses_nothing_acknowledged() {
+    let primary = broker_core::TestPostgres::start(false).expect("a primary of this test's own");
+    let standby = primary.replica().expect("a streaming replica");
+    primary.execute("ALTER SYSTEM SET synchronous_standby_names = '*'");
+    primary.execute("SELECT pg_reload_conf()");
+    let pg = primary.fresh_across(&standby);
+    let nodes = start_nodes(&pg, 2);
+    setup(&nodes[0]).await;
+    let bases = Arc::new(Mutex::new(
+        nodes.iter().map(|n| n.base.clone()).collect::<Vec<_>>(),
+    ));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = spawn_publisher(bases.clone(), seen.clone(), stop.clone());
+    until(&seen, Duration::from_secs(60), "30 acknowledgements", |s| {
+        s.acked.len() >= 30
+    })
+    .await;
+    // The replica is synchronous: every acknowledgement so far waited for it.
+    primary.execute(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_stat_replication WHERE sync_state = 'sync') \
+         THEN RAISE EXCEPTION 'no synchronous standby'; END IF; END $$",
+    );
+    let killed = Instant::now();
+    primary.crash().expect("kill the primary");
+    let before = seen.lock().unwrap().acked.len();
+    standby.promote().expect("promote the replica");
+    until(
+        &seen,
+        Duration::from_secs(120),
+        "acknowledgements from the new primary",
+        |s| s.acked.len() > before,
+    )
+    .await;
+    let without_service = killed.elapsed();
+    until(
+        &seen,
+        Duration::from_secs(120),
+        "both nodes on the new primary",
+        |s| {
+            let after = &s.acked[before..];
+            after.len() >= 30 && after.iter().any(|a| a.3 == 0) && after.iter().any(|a| a.3 == 1)
+        },
+    )
+    .await;
+    println!(
+        "failover: {} ms without an acknowledgement after the primary was killed",
+        without_service.as_millis()
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    publisher.await.unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    assert!(seen.failures.is_empty(), "{:?}", seen.failures);
+    assert_eq!(seen.without_retry_after, 0, "a 503 without Retry-After");
     assert_all_kept(&nodes[0], &seen).await;
 }

@@ -34,6 +34,12 @@ pub struct TestPostgres {
 
 /// What `pg_ctl` needs to stop and start a server this process started.
 struct Control {
+    /// The folder of the PostgreSQL binaries.
+    bin: PathBuf,
+    /// The server's port on 127.0.0.1.
+    port: u16,
+    /// The folder holding the data folder, the log, the socket and the certificates.
+    dir: PathBuf,
     pg_ctl: PathBuf,
     data: PathBuf,
     log: PathBuf,
@@ -76,6 +82,118 @@ impl TestPostgres {
             .ok_or("not a server this process started")?;
         output(control.pg_ctl().args(["-w", "-m", "immediate", "stop"]))?;
         Ok(())
+    }
+
+    /// A streaming replica of this server (one this process started): a base backup
+    /// (`pg_basebackup -R`) started as a hot standby on a port of its own, with the same TLS
+    /// certificate. Make it synchronous with
+    /// `execute("ALTER SYSTEM SET synchronous_standby_names = '*'")` and
+    /// `execute("SELECT pg_reload_conf()")` on this server; promote it with
+    /// [`TestPostgres::promote`]. Stopped when this process exits.
+    pub fn replica(&self) -> Result<TestPostgres, String> {
+        let control = self
+            .control
+            .as_ref()
+            .ok_or("not a server this process started")?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "postroom-pg-replica-{}-{nanos}",
+            std::process::id()
+        ));
+        let root = control.root;
+        prepare_dir(&dir, root)?;
+        let data = dir.join("data");
+        as_user(root, &control.bin.join("pg_basebackup"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &control.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .arg("-D")
+            .arg(&data)
+            .args(["-R", "-X", "stream", "--no-sync"])
+            .output()
+            .map_err(|e| format!("pg_basebackup: {e}"))
+            .and_then(|o| {
+                if o.status.success() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "pg_basebackup: {}",
+                        String::from_utf8_lossy(&o.stderr)
+                    ))
+                }
+            })?;
+        let port = free_port()?;
+        let options = control
+            .options
+            .replace(&format!("-p {}", control.port), &format!("-p {port}"))
+            .replace(
+                &format!("-k {}", control.dir.display()),
+                &format!("-k {}", dir.display()),
+            );
+        let replica = Control {
+            bin: control.bin.clone(),
+            port,
+            dir: dir.clone(),
+            pg_ctl: control.pg_ctl.clone(),
+            data: data.clone(),
+            log: dir.join("log"),
+            options,
+            root,
+        };
+        output(replica.pg_ctl().arg("-l").arg(&replica.log).args([
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            &replica.options,
+            "start",
+        ]))?;
+        watchdog(root, &control.pg_ctl, &data, &dir)?;
+        Ok(TestPostgres {
+            base: format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
+            next: AtomicU64::new(0),
+            ca_file: self.ca_file.clone(),
+            control: Some(replica),
+        })
+    }
+
+    /// Promotes a replica to primary (`pg_ctl promote -w`).
+    pub fn promote(&self) -> Result<(), String> {
+        let control = self
+            .control
+            .as_ref()
+            .ok_or("not a server this process started")?;
+        output(control.pg_ctl().args(["-w", "promote"]))?;
+        Ok(())
+    }
+
+    /// A new, empty schema on this server, reached through a connection string that names
+    /// this server and then `standby`, with `target_session_attrs=read-write`: the nodes use
+    /// whichever of the two is the primary, as after a failover.
+    pub fn fresh_across(&self, standby: &TestPostgres) -> PostgresConfig {
+        let mut config = self.fresh();
+        let (Some(a), Some(b)) = (&self.control, &standby.control) else {
+            return config;
+        };
+        let schema = config
+            .url
+            .split("search_path=")
+            .nth(1)
+            .map(|s| s.trim_end_matches('\'').to_string())
+            .unwrap_or_default();
+        config.url = format!(
+            "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname=postgres \
+             target_session_attrs=read-write options='-c search_path={schema}'",
+            a.port, b.port
+        );
+        config
     }
 
     /// Starts again, on the same port and data, a server [`TestPostgres::crash`] stopped.
@@ -190,27 +308,9 @@ fn start_server(durable: bool) -> Result<TestPostgres, String> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     let dir = std::env::temp_dir().join(format!("postroom-pg-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    // Only the server's user may enter it (its socket and keys are there; the server trusts
-    // every local connection).
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
-    if root {
-        let uid: u32 = parse(&output(Command::new("id").args(["-u", "postgres"]))?)?;
-        let gid: u32 = parse(&output(Command::new("id").args(["-g", "postgres"]))?)?;
-        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
-            .map_err(|e| format!("chown {}: {e}", dir.display()))?;
-    }
+    prepare_dir(&dir, root)?;
     let data = dir.join("data");
-    let as_server = |program: &Path| {
-        if root {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(program);
-            c
-        } else {
-            Command::new(program)
-        }
-    };
+    let as_server = |program: &Path| as_user(root, program);
     output(as_server(&bin.join("initdb")).arg("-D").arg(&data).args([
         "-U",
         "postgres",
@@ -227,10 +327,7 @@ fn start_server(durable: bool) -> Result<TestPostgres, String> {
     }
     let socket = dir.display().to_string();
     // A free port: the kernel picks one for a listener that is closed at once.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("no free port: {e}"))?
-        .port();
+    let port = free_port()?;
     let options = format!(
         "-k {socket} -p {port} -c listen_addresses=127.0.0.1 -c max_connections=200 \
          {} -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
@@ -252,26 +349,15 @@ fn start_server(durable: bool) -> Result<TestPostgres, String> {
             .arg(&options)
             .arg("start"),
     )?;
-    // Stops the server and removes its folder once this process has gone (a test binary has
-    // no hook that runs at its exit).
-    // The paths go in as arguments, never into the script's text.
-    let watchdog = "while [ -d \"/proc/$1\" ]; do sleep 1; done; \"$2\" -D \"$3\" -m immediate stop; rm -rf \"$4\"";
-    as_server(Path::new("sh"))
-        .args(["-c", watchdog, "watchdog"])
-        .arg(std::process::id().to_string())
-        .arg(bin.join("pg_ctl"))
-        .arg(&data)
-        .arg(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start the server's watchdog: {e}"))?;
+    watchdog(root, &bin.join("pg_ctl"), &data, &dir)?;
     Ok(TestPostgres {
         base: format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
         next: AtomicU64::new(0),
         ca_file: Some(ca_file),
         control: Some(Control {
+            bin: bin.clone(),
+            port,
+            dir: dir.clone(),
             pg_ctl: bin.join("pg_ctl"),
             data,
             log: dir.join("log"),
@@ -279,6 +365,59 @@ fn start_server(durable: bool) -> Result<TestPostgres, String> {
             root,
         }),
     })
+}
+
+/// Makes `dir` (0700: only the server's user may enter it: its socket and keys are there, and
+/// the server trusts every local connection), owned by `postgres` when this process is root.
+fn prepare_dir(dir: &Path, root: bool) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+    if root {
+        let uid: u32 = parse(&output(Command::new("id").args(["-u", "postgres"]))?)?;
+        let gid: u32 = parse(&output(Command::new("id").args(["-g", "postgres"]))?)?;
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+            .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// A command running `program` as the server's user (`postgres` when this process is root:
+/// initdb and the server refuse root).
+fn as_user(root: bool, program: &Path) -> Command {
+    if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A free port on 127.0.0.1: the kernel picks one for a listener that is closed at once.
+fn free_port() -> Result<u16, String> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port: {e}"))?
+        .port())
+}
+
+/// Stops the server and removes its folder once this process has gone (a test binary has no
+/// hook that runs at its exit). The paths go in as arguments, never into the script's text.
+fn watchdog(root: bool, pg_ctl: &Path, data: &Path, dir: &Path) -> Result<(), String> {
+    let script = "while [ -d \"/proc/$1\" ]; do sleep 1; done; \"$2\" -D \"$3\" -m immediate stop; rm -rf \"$4\"";
+    as_user(root, Path::new("sh"))
+        .args(["-c", script, "watchdog"])
+        .arg(std::process::id().to_string())
+        .arg(pg_ctl)
+        .arg(data)
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start the server's watchdog: {e}"))?;
+    Ok(())
 }
 
 /// A certificate authority and a server certificate for 127.0.0.1 signed by it, made with the
