@@ -261,6 +261,81 @@ impl TestPostgres {
         self.ca_file.as_deref()
     }
 
+    /// The bytes the key-value table of the schema `config` names takes on disk, indexes and
+    /// TOAST included (`pg_total_relation_size`).
+    pub fn table_bytes(&self, config: &PostgresConfig) -> i64 {
+        let schema = config
+            .url
+            .split("search_path")
+            .nth(1)
+            .map(|s| {
+                let s = s
+                    .strip_prefix('=')
+                    .or_else(|| s.strip_prefix("%3D"))
+                    .unwrap_or(s);
+                s.trim_end_matches('\'').to_string()
+            })
+            .unwrap_or_default();
+        let sql = format!("SELECT pg_total_relation_size('{schema}.postroom_kv')");
+        self.query(&sql).parse().unwrap_or(-1)
+    }
+
+    /// Holds a transaction open with a snapshot for `hold`, on a connection of its own, as a
+    /// long report or a stuck client would: VACUUM cannot remove a row version that snapshot
+    /// may still see, anywhere in the database. The returned thread ends when it commits.
+    pub fn hold_snapshot(&self, hold: std::time::Duration) -> std::thread::JoinHandle<()> {
+        let base = self.base.clone();
+        std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                let Ok((client, connection)) =
+                    tokio_postgres::connect(&base, tokio_postgres::NoTls).await
+                else {
+                    return;
+                };
+                tokio::spawn(connection);
+                let _ = client
+                    .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT txid_current()")
+                    .await;
+                tokio::time::sleep(hold).await;
+                let _ = client.batch_execute("COMMIT").await;
+            });
+        })
+    }
+
+    /// The first column of the first row of `sql` on the server's `postgres` database, as
+    /// text ("" when there is none).
+    pub fn query(&self, sql: &str) -> String {
+        let base = self.base.clone();
+        let statement = sql.to_string();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async move {
+                let (client, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+                    .await
+                    .ok()?;
+                tokio::spawn(connection);
+                let rows = client.simple_query(&statement).await.ok()?;
+                rows.into_iter().find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                    _ => None,
+                })
+            })
+        })
+        .join()
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+    }
+
     /// Runs one statement on the server's `postgres` database (tests: terminate connections,
     /// inspect the schema).
     pub fn execute(&self, sql: &str) {

@@ -442,6 +442,18 @@ async fn commit_batch(shared: Arc<Shared>, batch: Batch) -> Result<()> {
     let volatile = batch.volatile;
     let notify = batch.notify.clone();
     let expect = batch.expect.clone();
+    // The conditions on keys the batch does not write (see below).
+    let written: std::collections::HashSet<(Space, &[u8])> = batch
+        .writes
+        .iter()
+        .map(|w| (w.space, w.key.as_slice()))
+        .collect();
+    let guards: Vec<(i16, Vec<u8>)> = expect
+        .iter()
+        .filter(|e| !written.contains(&(e.space, e.key.as_slice())))
+        .map(|e| (e.space as i16, e.key.clone()))
+        .collect();
+    drop(written);
     let writes = Writes::of(batch);
     let mut conn = shared.write.get().await.map_err(pool_error)?;
     let tx = conn
@@ -455,20 +467,29 @@ async fn commit_batch(shared: Arc<Shared>, batch: Batch) -> Result<()> {
     } else if !shared.durable_commit.is_empty() {
         tx.batch_execute(shared.durable_commit).await?;
     }
+    if !guards.is_empty() {
+        // Rows this batch only reads (a guard, such as a push lease) are locked until the
+        // commit, so that another node's change to one either waits for this commit or, if it
+        // committed since this transaction's snapshot, fails this one (40001). A plain read
+        // would let both commit: one read-write dependency is not a serialization failure.
+        // Rows the batch writes need no lock: a concurrent change to one fails the write.
+        let spaces: Vec<i16> = guards.iter().map(|e| e.0).collect();
+        let keys: Vec<Vec<u8>> = guards.iter().map(|e| e.1.clone()).collect();
+        let stmt = tx
+            .prepare_cached(
+                "SELECT 1 FROM postroom_kv t JOIN unnest($1::int2[], $2::bytea[]) AS k(space, key) \
+                 ON t.space = k.space AND t.key = k.key FOR SHARE OF t",
+            )
+            .await?;
+        tx.query(&stmt, &[&spaces, &keys]).await?;
+    }
     if !expect.is_empty() {
         let spaces: Vec<i16> = expect.iter().map(|e| e.space as i16).collect();
         let keys: Vec<Vec<u8>> = expect.iter().map(|e| e.key.clone()).collect();
-        // FOR SHARE: a row this batch only reads (a guard, such as a push lease) is locked until
-        // the commit, so another node's change to it either waits for this commit or, if it
-        // committed since this transaction's snapshot, fails this one (40001). A plain read
-        // would let both commit (a read-write dependency alone is not a serialization failure).
-        // Rows absent are expected absent: an insert of one meets this batch's own write or
-        // its value check.
         let stmt = tx
             .prepare_cached(
-                "SELECT t.space, t.key, t.value FROM postroom_kv t \
-                 JOIN unnest($1::int2[], $2::bytea[]) AS k(space, key) \
-                 ON t.space = k.space AND t.key = k.key FOR SHARE OF t",
+                "SELECT k.space, k.key, t.value FROM unnest($1::int2[], $2::bytea[]) AS k(space, key) \
+                 LEFT JOIN postroom_kv t ON t.space = k.space AND t.key = k.key",
             )
             .await?;
         let rows = tx.query(&stmt, &[&spaces, &keys]).await?;

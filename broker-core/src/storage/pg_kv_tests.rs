@@ -177,3 +177,85 @@ fn pending_migrations_are_listed_until_applied() {
     drop(PgKv::open(&config).unwrap());
     assert!(pending_migrations(&config).unwrap().is_empty());
 }
+
+/// A condition on a row the batch only reads (a guard: the push lease an outcome was pushed
+/// under) is a fence on PostgreSQL too: another node's change to that row, committed while the
+/// batch's commit runs, makes the commit fail rather than both succeeding. Another
+/// transaction holds an uncommitted change to the guarded row; the batch's commit waits for
+/// it (the row is read `FOR SHARE`), and fails once it commits. A plain read of the row let the
+/// batch commit at once over the change (the reviewer's finding).
+#[test]
+fn a_guarded_row_changed_while_the_commit_runs_fails_the_commit() {
+    use super::super::kv::{Expect, Put};
+    let config = test_postgres().fresh();
+    let a = PgKv::open(&config).unwrap();
+    let b = PgKv::open(&config).unwrap();
+    let lease = |v: &[u8]| Put {
+        space: Space::DispatchLeases,
+        key: b"sub".to_vec(),
+        value: Some(v.to_vec()),
+    };
+    a.commit(Batch {
+        writes: vec![lease(b"A1")],
+        ..Batch::default()
+    })
+    .unwrap();
+    // B takes the lease in a transaction it keeps open until told.
+    let (taken_tx, taken_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let shared = b.shared.clone();
+    let runtime = b.runtime.as_ref().unwrap().handle().clone();
+    let takeover = runtime.spawn(async move {
+        let conn = shared.write.get().await.unwrap();
+        conn.batch_execute(&format!(
+            "BEGIN; UPDATE postroom_kv SET value = 'B2'::bytea WHERE space = {} AND key = 'sub'::bytea",
+            Space::DispatchLeases as i16
+        ))
+        .await
+        .unwrap();
+        taken_tx.send(()).unwrap();
+        let _ = go_rx.await;
+        conn.batch_execute("COMMIT").await.unwrap();
+    });
+    taken_rx.recv().unwrap();
+    // A records an outcome under A1: it writes another row and only reads the lease.
+    let outcome = std::thread::spawn(move || {
+        let result = a.commit(Batch {
+            writes: vec![Put {
+                space: Space::Deliveries,
+                key: b"d".to_vec(),
+                value: None,
+            }],
+            expect: vec![Expect {
+                space: Space::DispatchLeases,
+                key: b"sub".to_vec(),
+                value: Some(b"A1".to_vec()),
+            }],
+            ..Batch::default()
+        });
+        (a, result)
+    });
+    // Until A's commit waits on B's row lock (or has finished: the defect).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !outcome.is_finished()
+        && test_postgres()
+            .query("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            .parse::<i64>()
+            .unwrap_or(0)
+            == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the commit neither waited nor finished"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = go_tx.send(());
+    runtime.block_on(takeover).unwrap();
+    let (_a, result) = outcome.join().unwrap();
+    assert_eq!(
+        result.map_err(|e| e.code()),
+        Err("storage_conflict"),
+        "committed over another node's takeover"
+    );
+}
