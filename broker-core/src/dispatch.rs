@@ -98,16 +98,20 @@ impl Signals {
     /// it changed, and has the dispatchers of those whose push lease it released look at the
     /// lease now.
     pub(crate) fn wake_remote(&self, wake: &crate::remote_wake::RemoteWake) {
-        if wake.all {
+        if wake.all_released {
             let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
             for s in map.values() {
                 s.lease_released.store(true, Ordering::SeqCst);
             }
-            drop(map);
+        }
+        if wake.all {
             self.wake_all();
+        } else {
+            self.wake(&wake.queues);
+        }
+        if wake.all_released {
             return;
         }
-        self.wake(&wake.queues);
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         for id in &wake.released {
             if let Some(s) = map.get(id) {

@@ -25,8 +25,13 @@ pub(crate) const PAYLOAD_MAX: usize = 7_900;
 /// What another node's commit asks this node to wake.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct RemoteWake {
-    /// Every subscription (the notice did not fit, or notices may have been missed).
+    /// Every subscription's queue (the list did not fit, or notices may have been missed).
     pub all: bool,
+    /// Every subscription's push lease may have been released (notices may have been missed):
+    /// each dispatcher waiting for one looks at it. Only after a break in listening, never for
+    /// a commit whose list of queues merely did not fit, so that a commit fanning out to many
+    /// subscriptions does not make every node read every lease.
+    pub all_released: bool,
     /// Subscriptions whose queues changed: their dispatchers and long-polls look again.
     pub queues: Vec<SubscriptionId>,
     /// Subscriptions whose push lease its holder released: a dispatcher waiting for the lease
@@ -36,7 +41,8 @@ pub(crate) struct RemoteWake {
 
 /// The notice a commit by `origin` sends; `None` when it changed nothing another node waits on.
 /// Format: `<origin>;<queues>;<released>`, each id 32 hex digits, lists comma-separated, `*`
-/// for every subscription.
+/// for every subscription. A list that does not fit becomes `*` alone: the queues' first (a
+/// commit fanning out to many subscriptions), the released leases' only if still too long.
 pub(crate) fn encode(origin: u128, queues: &[u128], released: &[u128]) -> Option<String> {
     if queues.is_empty() && released.is_empty() {
         return None;
@@ -47,12 +53,15 @@ pub(crate) fn encode(origin: u128, queues: &[u128], released: &[u128]) -> Option
             .collect::<Vec<_>>()
             .join(",")
     };
-    let full = format!("{origin:032x};{};{}", list(queues), list(released));
-    if full.len() <= PAYLOAD_MAX {
-        Some(full)
-    } else {
-        Some(everything(origin))
+    let (q, r) = (list(queues), list(released));
+    let head = 32 + 2;
+    if head + q.len() + r.len() <= PAYLOAD_MAX {
+        return Some(format!("{origin:032x};{q};{r}"));
     }
+    if head + 1 + r.len() <= PAYLOAD_MAX {
+        return Some(format!("{origin:032x};*;{r}"));
+    }
+    Some(everything(origin))
 }
 
 /// The notice that wakes every subscription on every other node.
@@ -72,13 +81,10 @@ pub(crate) fn decode(payload: &str, own: u128) -> Option<RemoteWake> {
     if parts.next().is_some() {
         return None;
     }
-    if queues == "*" || released == "*" {
-        return Some(RemoteWake {
-            all: true,
-            ..RemoteWake::default()
-        });
-    }
     let ids = |list: &str| -> Option<Vec<SubscriptionId>> {
+        if list == "*" {
+            return Some(Vec::new());
+        }
         list.split(',')
             .filter(|s| !s.is_empty())
             .map(|s| {
@@ -89,7 +95,8 @@ pub(crate) fn decode(payload: &str, own: u128) -> Option<RemoteWake> {
             .collect()
     };
     Some(RemoteWake {
-        all: false,
+        all: queues == "*",
+        all_released: released == "*",
         queues: ids(queues)?,
         released: ids(released)?,
     })
@@ -110,6 +117,7 @@ mod tests {
             decode(&n, 8),
             Some(RemoteWake {
                 all: false,
+                all_released: false,
                 queues: vec![sid(1), sid(u128::MAX)],
                 released: vec![sid(3)],
             })
@@ -120,13 +128,21 @@ mod tests {
         assert_eq!(decode(&only_released, 8).unwrap().released, vec![sid(3)]);
     }
 
+    /// A commit fanning out to more subscriptions than a notice holds wakes every queue but
+    /// no lease: before, it also had every dispatcher on every node read its lease.
     #[test]
-    fn a_commit_that_changed_too_many_queues_wakes_everything() {
+    fn a_commit_that_changed_too_many_queues_wakes_every_queue_but_no_lease() {
         let many: Vec<u128> = (0..1000).collect();
-        let n = encode(7, &many, &[]).unwrap();
+        let n = encode(7, &many, &[3]).unwrap();
         assert!(n.len() <= PAYLOAD_MAX);
-        assert!(decode(&n, 8).unwrap().all);
-        assert!(decode(&everything(7), 8).unwrap().all);
+        let wake = decode(&n, 8).unwrap();
+        assert!(wake.all && !wake.all_released, "{wake:?}");
+        assert_eq!(wake.released, vec![sid(3)]);
+        let both = encode(7, &many, &many).unwrap();
+        assert!(both.len() <= PAYLOAD_MAX);
+        let everything = decode(&everything(7), 8).unwrap();
+        assert!(everything.all && everything.all_released);
+        assert_eq!(decode(&both, 8).unwrap(), everything);
     }
 
     #[test]

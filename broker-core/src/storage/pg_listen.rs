@@ -39,12 +39,19 @@ pub(super) async fn listen(
                 let (err_tx, mut broke) = mpsc::channel::<Option<tokio_postgres::Error>>(1);
                 let notices = tx.clone();
                 // The connection's messages: notices go to the broker; the end (or an error)
-                // ends the wait below.
+                // ends the wait below. A notice dropped because the broker's queue was full
+                // is made up by a wake-all notice as soon as there is room again.
                 let driver = tokio::spawn(async move {
+                    let mut dropped = false;
                     let end = loop {
                         match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
                             Some(Ok(AsyncMessage::Notification(n))) => {
-                                let _ = notices.try_send(n.payload().to_string());
+                                if dropped && notices.try_send(everything(0)).is_ok() {
+                                    dropped = false;
+                                }
+                                if notices.try_send(n.payload().to_string()).is_err() {
+                                    dropped = true;
+                                }
                             }
                             Some(Ok(_)) => {}
                             Some(Err(e)) => break Some(e),
@@ -57,9 +64,11 @@ pub(super) async fn listen(
                     Ok(()) => {
                         if !first {
                             tracing::info!("listening to the other nodes again");
-                            let _ = tx.try_send(everything(0));
                         }
                         first = false;
+                        // Notices sent before this LISTEN (at open, or while disconnected)
+                        // were not heard: wake everything once.
+                        let _ = tx.try_send(everything(0));
                         tokio::select! {
                             end = broke.recv() => {
                                 if let Some(Some(e)) = end {
