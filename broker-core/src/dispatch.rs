@@ -184,19 +184,13 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
             let wait = {
                 let Some(inner) = weak.upgrade() else { return };
                 let broker = Broker::from_inner(inner);
-                if broker.is_closing() {
-                    wind_down(
-                        &broker,
-                        id,
-                        &mut holder,
-                        &mut slots,
-                        &bounds,
-                        &mut settled_rx,
-                    )
-                    .await;
-                    return;
-                }
-                match holder.turn(&broker, id).await {
+                // Closing now, or found closing by a claim that was out when it began.
+                let turn = if broker.is_closing() {
+                    Turn::Gone
+                } else {
+                    holder.turn(&broker, id).await
+                };
+                match turn {
                     Turn::Gone if broker.is_closing() => {
                         wind_down(
                             &broker,

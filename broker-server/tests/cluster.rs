@@ -406,6 +406,55 @@ fn spawn_publisher(
     })
 }
 
+/// A retrying publisher running against some nodes (see [`spawn_publisher`]).
+struct Client {
+    bases: Arc<Mutex<Vec<String>>>,
+    seen: Arc<Mutex<Seen>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Client {
+    /// Starts publishing to `nodes`, and waits for its first `first` acknowledgements.
+    async fn start(nodes: &[Node], first: usize) -> Client {
+        let bases = Arc::new(Mutex::new(
+            nodes.iter().map(|n| n.base.clone()).collect::<Vec<_>>(),
+        ));
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = spawn_publisher(bases.clone(), seen.clone(), stop.clone());
+        until(
+            &seen,
+            Duration::from_secs(60),
+            "the first acknowledgements",
+            |s| s.acked.len() >= first,
+        )
+        .await;
+        Client {
+            bases,
+            seen,
+            stop,
+            task,
+        }
+    }
+
+    /// Acknowledgements so far.
+    fn acked(&self) -> usize {
+        self.seen.lock().unwrap().acked.len()
+    }
+
+    /// Stops publishing: what it saw, checked for failures and for 503s without
+    /// `Retry-After`.
+    async fn finish(self) -> Seen {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.task.await.unwrap();
+        let seen = std::mem::take(&mut *self.seen.lock().unwrap());
+        assert!(seen.failures.is_empty(), "{:?}", seen.failures);
+        assert_eq!(seen.without_retry_after, 0, "a 503 without Retry-After");
+        seen
+    }
+}
+
 /// Waits (bounded) until `cond` holds of what the client saw.
 async fn until(
     seen: &Arc<Mutex<Seen>>,
@@ -473,47 +522,39 @@ async fn a_database_crash_under_load_is_503_with_retry_after_and_loses_nothing()
     let pg = server.fresh();
     let nodes = start_nodes(&pg, 2);
     setup(&nodes[0]).await;
-    let bases = Arc::new(Mutex::new(
-        nodes.iter().map(|n| n.base.clone()).collect::<Vec<_>>(),
-    ));
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let publisher = spawn_publisher(bases.clone(), seen.clone(), stop.clone());
-    until(&seen, Duration::from_secs(60), "30 acknowledgements", |s| {
-        s.acked.len() >= 30
-    })
-    .await;
+    let client = Client::start(&nodes, 30).await;
     server.crash().expect("crash PostgreSQL");
     let down = Instant::now();
     until(
-        &seen,
+        &client.seen,
         Duration::from_secs(60),
         "503s while the database is down",
         |s| s.unavailable >= 5,
     )
     .await;
-    let before = seen.lock().unwrap().acked.len();
+    let before = client.acked();
     server.start_again().expect("start PostgreSQL again");
     until(
-        &seen,
+        &client.seen,
         Duration::from_secs(90),
         "both nodes acknowledging again",
-        |s| {
-            let after = &s.acked[before..];
-            after.len() >= 30 && after.iter().any(|a| a.3 == 0) && after.iter().any(|a| a.3 == 1)
-        },
+        both_nodes_since(before),
     )
     .await;
     println!(
         "database down and back; publishing resumed {} ms after the crash",
         down.elapsed().as_millis()
     );
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    publisher.await.unwrap();
-    let seen = std::mem::take(&mut *seen.lock().unwrap());
-    assert!(seen.failures.is_empty(), "{:?}", seen.failures);
-    assert_eq!(seen.without_retry_after, 0, "a 503 without Retry-After");
+    let seen = client.finish().await;
     assert_all_kept(&nodes[0], &seen).await;
+}
+
+/// Whether 30 acknowledgements came after the first `before`, from both nodes 0 and 1.
+fn both_nodes_since(before: usize) -> impl Fn(&Seen) -> bool {
+    move |s| {
+        let after = &s.acked[before..];
+        after.len() >= 30 && after.iter().any(|a| a.3 == 0) && after.iter().any(|a| a.3 == 1)
+    }
 }
 
 /// All three nodes are restarted one after another (SIGTERM, wait for the exit, start a new
@@ -524,16 +565,7 @@ async fn a_rolling_restart_of_every_node_fails_no_publish_of_a_retrying_client()
     let pg = broker_core::test_postgres().fresh();
     let mut nodes = start_nodes(&pg, 3);
     setup(&nodes[0]).await;
-    let bases = Arc::new(Mutex::new(
-        nodes.iter().map(|n| n.base.clone()).collect::<Vec<_>>(),
-    ));
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let publisher = spawn_publisher(bases.clone(), seen.clone(), stop.clone());
-    until(&seen, Duration::from_secs(60), "20 acknowledgements", |s| {
-        s.acked.len() >= 20
-    })
-    .await;
+    let client = Client::start(&nodes, 20).await;
     for (i, node) in nodes.iter_mut().enumerate() {
         let status = std::process::Command::new("kill")
             .args(["-TERM", &node.child.id().to_string()])
@@ -543,21 +575,18 @@ async fn a_rolling_restart_of_every_node_fails_no_publish_of_a_retrying_client()
         let exit = common::wait(&mut node.child);
         assert!(exit.success(), "node {i} shut down cleanly: {exit:?}");
         let fresh = start_nodes(&pg, 1).pop().unwrap();
-        bases.lock().unwrap()[i] = fresh.base.clone();
+        client.bases.lock().unwrap()[i] = fresh.base.clone();
         *node = fresh;
-        let before = seen.lock().unwrap().acked.len();
+        let before = client.acked();
         until(
-            &seen,
+            &client.seen,
             Duration::from_secs(60),
             "acknowledgements after a restart",
             |s| s.acked[before..].iter().any(|a| a.3 == i) && s.acked.len() >= before + 15,
         )
         .await;
     }
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    publisher.await.unwrap();
-    let seen = std::mem::take(&mut *seen.lock().unwrap());
-    assert!(seen.failures.is_empty(), "{:?}", seen.failures);
+    let seen = client.finish().await;
     println!(
         "rolling restart: {} acknowledged, {} answers 503, {} tries on an unreachable node",
         seen.acked.len(),
@@ -581,16 +610,7 @@ async fn a_database_failover_to_a_synchronous_replica_loses_nothing_acknowledged
     let pg = primary.fresh_across(&standby);
     let nodes = start_nodes(&pg, 2);
     setup(&nodes[0]).await;
-    let bases = Arc::new(Mutex::new(
-        nodes.iter().map(|n| n.base.clone()).collect::<Vec<_>>(),
-    ));
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let publisher = spawn_publisher(bases.clone(), seen.clone(), stop.clone());
-    until(&seen, Duration::from_secs(60), "30 acknowledgements", |s| {
-        s.acked.len() >= 30
-    })
-    .await;
+    let client = Client::start(&nodes, 30).await;
     // The replica is synchronous: every acknowledgement so far waited for it.
     primary.execute(
         "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_stat_replication WHERE sync_state = 'sync') \
@@ -598,10 +618,10 @@ async fn a_database_failover_to_a_synchronous_replica_loses_nothing_acknowledged
     );
     let killed = Instant::now();
     primary.crash().expect("kill the primary");
-    let before = seen.lock().unwrap().acked.len();
+    let before = client.acked();
     standby.promote().expect("promote the replica");
     until(
-        &seen,
+        &client.seen,
         Duration::from_secs(120),
         "acknowledgements from the new primary",
         |s| s.acked.len() > before,
@@ -609,23 +629,16 @@ async fn a_database_failover_to_a_synchronous_replica_loses_nothing_acknowledged
     .await;
     let without_service = killed.elapsed();
     until(
-        &seen,
+        &client.seen,
         Duration::from_secs(120),
         "both nodes on the new primary",
-        |s| {
-            let after = &s.acked[before..];
-            after.len() >= 30 && after.iter().any(|a| a.3 == 0) && after.iter().any(|a| a.3 == 1)
-        },
+        both_nodes_since(before),
     )
     .await;
     println!(
         "failover: {} ms without an acknowledgement after the primary was killed",
         without_service.as_millis()
     );
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    publisher.await.unwrap();
-    let seen = std::mem::take(&mut *seen.lock().unwrap());
-    assert!(seen.failures.is_empty(), "{:?}", seen.failures);
-    assert_eq!(seen.without_retry_after, 0, "a 503 without Retry-After");
+    let seen = client.finish().await;
     assert_all_kept(&nodes[0], &seen).await;
 }

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::Engine;
 use crate::error::{Error, Result};
-use crate::storage::kv::{Batch, KvStore, Order, Put, Space};
+use crate::storage::kv::{Batch, KvStore, Order, Put, Snapshot, Space};
 
 /// Entries read from the source at a time.
 const PAGE: usize = 128;
@@ -83,13 +83,7 @@ pub(crate) fn copy_store(source: &dyn KvStore, target: &dyn KvStore) -> Result<C
     let mut spaces = Vec::new();
     for space in Space::ALL {
         let (mut rows, mut bytes) = (0u64, 0u64);
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let start = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
-            let page = snapshot.range(space, start, Bound::Unbounded, Order::Ascending, PAGE)?;
-            let Some((last, _)) = page.last() else { break };
-            after = Some(last.clone());
-            let full = page.len() == PAGE;
+        for_each_page(&*snapshot, space, |page| {
             let mut batch = Batch::default();
             let mut batch_bytes = 0usize;
             for (key, value) in page {
@@ -110,10 +104,8 @@ pub(crate) fn copy_store(source: &dyn KvStore, target: &dyn KvStore) -> Result<C
             if !batch.writes.is_empty() {
                 target.commit(batch)?;
             }
-            if !full {
-                break;
-            }
-        }
+            Ok(())
+        })?;
         if rows > 0 {
             spaces.push((space.name().to_string(), rows, bytes));
         }
@@ -139,13 +131,7 @@ fn digest(store: &dyn KvStore, space: Space) -> Result<(u64, [u8; 32])> {
     let snapshot = store.snapshot()?;
     let mut hash = Sha256::new();
     let mut rows = 0u64;
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let start = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
-        let page = snapshot.range(space, start, Bound::Unbounded, Order::Ascending, PAGE)?;
-        let Some((last, _)) = page.last() else { break };
-        after = Some(last.clone());
-        let full = page.len() == PAGE;
+    for_each_page(&*snapshot, space, |page| {
         for (key, value) in &page {
             rows += 1;
             hash.update((key.len() as u64).to_be_bytes());
@@ -153,9 +139,29 @@ fn digest(store: &dyn KvStore, space: Space) -> Result<(u64, [u8; 32])> {
             hash.update((value.len() as u64).to_be_bytes());
             hash.update(value);
         }
+        Ok(())
+    })?;
+    Ok((rows, hash.finalize().into()))
+}
+
+/// Hands `f` every entry of `space` in key order, [`PAGE`] entries at a time.
+fn for_each_page(
+    snapshot: &dyn Snapshot,
+    space: Space,
+    mut f: impl FnMut(Vec<(Vec<u8>, Vec<u8>)>) -> Result<()>,
+) -> Result<()> {
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let start = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+        let page = snapshot.range(space, start, Bound::Unbounded, Order::Ascending, PAGE)?;
+        let Some((last, _)) = page.last() else {
+            return Ok(());
+        };
+        after = Some(last.clone());
+        let full = page.len() == PAGE;
+        f(page)?;
         if !full {
-            break;
+            return Ok(());
         }
     }
-    Ok((rows, hash.finalize().into()))
 }

@@ -108,6 +108,36 @@ async fn push_subscription(broker: &Broker, room: &TestRoom) -> SubscriptionId {
         .id
 }
 
+/// One shared store with a broker `a` on it, a Room and an ordered push subscription made on
+/// `a`; the clock and push log every broker of the test shares.
+struct Setup {
+    store: MemKv,
+    clock: Arc<ManualClock>,
+    log: PushLog,
+    a: Broker,
+    room: TestRoom,
+    sub: SubscriptionId,
+}
+
+impl Setup {
+    async fn push() -> Setup {
+        let store = MemKv::new_shared();
+        let clock = Arc::new(ManualClock::new(Timestamp(T0)));
+        let log = PushLog::default();
+        let a = node(&store, "a", &clock, &log);
+        let room = TestRoom::create(&a).await;
+        let sub = push_subscription(&a, &room).await;
+        Setup {
+            store,
+            clock,
+            log,
+            a,
+            room,
+            sub,
+        }
+    }
+}
+
 /// Waits (bounded, 20 s: well within the minute-long tick) until nothing is owed on the
 /// shared store; the backlog is read from the store, so any broker's view serves. Wakes
 /// nobody: the dispatchers must be woken by the commits themselves.
@@ -127,12 +157,14 @@ async fn drained(broker: &Broker) {
 /// nothing, even for the events published through it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_at_a_time_pushes_a_subscription() {
-    let store = MemKv::new_shared();
-    let clock = Arc::new(ManualClock::new(Timestamp(T0)));
-    let log = PushLog::default();
-    let a = node(&store, "a", &clock, &log);
-    let room = TestRoom::create(&a).await;
-    let sub = push_subscription(&a, &room).await;
+    let Setup {
+        store,
+        clock,
+        log,
+        a,
+        room,
+        sub,
+    } = Setup::push().await;
     let b = node(&store, "b", &clock, &log);
     let mut published = Vec::new();
     for i in 0..40 {
@@ -164,12 +196,14 @@ async fn one_node_at_a_time_pushes_a_subscription() {
 /// subscription over under the next epoch and pushes everything still owed, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_node_takes_over_when_the_lease_of_a_dead_node_runs_out() {
-    let store = MemKv::new_shared();
-    let clock = Arc::new(ManualClock::new(Timestamp(T0)));
-    let log = PushLog::default();
-    let a = node(&store, "a", &clock, &log);
-    let room = TestRoom::create(&a).await;
-    let sub = push_subscription(&a, &room).await;
+    let Setup {
+        store,
+        clock,
+        log,
+        a,
+        room,
+        sub,
+    } = Setup::push().await;
     let first = a.publish_retrying(&room).await;
     drained(&a).await;
     let held = a
@@ -223,12 +257,14 @@ async fn another_node_takes_over_when_the_lease_of_a_dead_node_runs_out() {
 /// Whichever node claimed first is the one closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_shutting_down_hands_its_subscriptions_over_at_once() {
-    let store = MemKv::new_shared();
-    let clock = Arc::new(ManualClock::new(Timestamp(T0)));
-    let log = PushLog::default();
-    let a = node(&store, "a", &clock, &log);
-    let room = TestRoom::create(&a).await;
-    let sub = push_subscription(&a, &room).await;
+    let Setup {
+        store,
+        clock,
+        log,
+        a,
+        room,
+        sub,
+    } = Setup::push().await;
     let b = node(&store, "b", &clock, &log);
     a.publish_retrying(&room).await;
     drained(&a).await;
