@@ -103,11 +103,8 @@ impl Holder {
         if broker.is_closing() {
             // The broker began closing while the claim was out: whatever it got is handed
             // back, after it (a release applied before the claim would otherwise be undone).
-            if matches!(claimed, Ok(WriteOutput::Dispatch(Claim::Granted(_)))) {
-                self.held = claimed.ok().and_then(|c| match c {
-                    WriteOutput::Dispatch(Claim::Granted(l)) => Some(l),
-                    _ => None,
-                });
+            if let Ok(WriteOutput::Dispatch(Claim::Granted(l))) = claimed {
+                self.held = Some(l);
             }
             return Turn::Gone;
         }

@@ -9,7 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod common;
-use common::nodes::{call, Node};
+use common::nodes::{call, setup, Node};
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -68,25 +68,6 @@ fn start_nodes(pg: &broker_core::PostgresConfig, n: usize) -> Vec<Node> {
         ),
     ];
     (0..n).map(|_| Node::start_env(pg, true, &env).0).collect()
-}
-
-/// A Room `moves` with the keyed event type `MoveProposed`, made through `node`.
-async fn setup(node: &Node) {
-    let (s, body) = call(
-        Method::POST,
-        format!("{}/v1/rooms", node.base),
-        Some(json!({"name": "moves"})),
-    )
-    .await;
-    assert_eq!(s, 201, "{body}");
-    let schema = json!({"type": "object", "required": ["move_id"], "properties": {"move_id": {"type": "string"}}});
-    let (s, body) = call(
-        Method::PUT,
-        format!("{}/v1/rooms/moves/event-types/MoveProposed", node.base),
-        Some(json!({"schema": schema, "key_pointer": "/move_id"})),
-    )
-    .await;
-    assert_eq!(s, 201, "{body}");
 }
 
 /// Publishes one event for `key` through `node` as a client should: a 503 (a lost race with

@@ -6,7 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod common;
-use common::nodes::{call, postroom, Node};
+use common::nodes::{call, postroom, setup, Node};
 use common::wait;
 
 use std::process::{Command, Output, Stdio};
@@ -94,21 +94,7 @@ async fn two_nodes_on_one_database_serve_the_same_rooms() {
     let a = Node::start(&pg);
     let b = Node::start(&pg);
     use reqwest::Method;
-    let (s, body) = call(
-        Method::POST,
-        format!("{}/v1/rooms", a.base),
-        Some(json!({"name": "moves"})),
-    )
-    .await;
-    assert_eq!(s, 201, "{body}");
-    let schema = json!({"type": "object", "required": ["move_id"], "properties": {"move_id": {"type": "string"}}});
-    let (s, body) = call(
-        Method::PUT,
-        format!("{}/v1/rooms/moves/event-types/MoveProposed", a.base),
-        Some(json!({"schema": schema, "key_pointer": "/move_id"})),
-    )
-    .await;
-    assert_eq!(s, 201, "{body}");
+    setup(&a).await;
     let mut sequences = Vec::new();
     for node in [&b, &a, &b] {
         let (s, body) = call(

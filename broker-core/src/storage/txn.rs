@@ -144,8 +144,8 @@ impl Txn {
         }
     }
 
-    /// Adds to `batch` the condition that each key it writes still holds what this
-    /// transaction's snapshot held (see [`super::kv::KvStore::shared`]): a write-write conflict
+    /// Adds to `batch` the condition that each key it writes (and each key it guards, see
+    /// [`Self::guard`]) still holds what this transaction's snapshot held (see [`super::kv::KvStore::shared`]): a write-write conflict
     /// with a batch another writer committed since the snapshot then fails the commit.
     pub(crate) fn fence(&self, batch: &mut Batch) -> Result<()> {
         let (snapshot, guarded) = {
@@ -157,14 +157,17 @@ impl Txn {
             .iter()
             .map(|w| (w.space, w.key.clone()))
             .collect();
-        let written: std::collections::BTreeSet<&SpaceKey> = keys.iter().collect();
-        let mut only_read: Vec<SpaceKey> = guarded
-            .into_iter()
-            .filter(|k| !written.contains(k))
-            .collect();
-        only_read.sort();
-        only_read.dedup();
-        keys.extend(only_read);
+        // Guards are rare (a push outcome's lease): most batches skip this.
+        if !guarded.is_empty() {
+            let written: std::collections::BTreeSet<&SpaceKey> = keys.iter().collect();
+            let mut only_read: Vec<SpaceKey> = guarded
+                .into_iter()
+                .filter(|k| !written.contains(k))
+                .collect();
+            only_read.sort();
+            only_read.dedup();
+            keys.extend(only_read);
+        }
         let values = snapshot.get_many(&keys)?;
         for ((space, key), value) in keys.into_iter().zip(values) {
             batch.expect.push(Expect { space, key, value });

@@ -135,3 +135,22 @@ pub async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> 
     let body = resp.json().await.unwrap_or(Value::Null);
     (status, body)
 }
+
+/// A Room `moves` with the keyed event type `MoveProposed`, made through `node`.
+pub async fn setup(node: &Node) {
+    let (s, body) = call(
+        reqwest::Method::POST,
+        format!("{}/v1/rooms", node.base),
+        Some(serde_json::json!({"name": "moves"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+    let schema = serde_json::json!({"type": "object", "required": ["move_id"], "properties": {"move_id": {"type": "string"}}});
+    let (s, body) = call(
+        reqwest::Method::PUT,
+        format!("{}/v1/rooms/moves/event-types/MoveProposed", node.base),
+        Some(serde_json::json!({"schema": schema, "key_pointer": "/move_id"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+}
