@@ -39,7 +39,7 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::broker::{Broker, Inner};
 use crate::clock::Timestamp;
-use crate::dispatch_owner::{Holder, Turn};
+use crate::dispatch_owner::{within_cover, Cover, Holder, Turn};
 use crate::error::Error;
 use crate::ids::SubscriptionId;
 use crate::push_slots::{PushEnd, PushSlots, SlotBounds};
@@ -209,7 +209,7 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
                         let Some(wait) = pass(
                             &broker,
                             id,
-                            lease,
+                            lease.map(|l| (l, holder.cover(&broker))),
                             &mut bounds,
                             &mut slots,
                             &refused,
@@ -274,13 +274,14 @@ async fn wind_down(
     holder.release(broker, id).await;
 }
 
-/// One pass of a dispatcher that may push (under `lease` on a shared store): reads the
-/// subscription and starts what is due; how long until the next pass, or `None` when the
-/// dispatcher should end (its subscription is gone or no longer pushes).
+/// One pass of a dispatcher that may push (under `lease` on a shared store, with what its
+/// pushes watch of it): reads the subscription and starts what is due; how long until the next
+/// pass, or `None` when the dispatcher should end (its subscription is gone or no longer
+/// pushes).
 fn pass(
     broker: &Broker,
     id: SubscriptionId,
-    lease: Option<(u128, u64)>,
+    lease: Option<((u128, u64), Option<Cover>)>,
     bounds: &mut SlotBounds,
     slots: &mut PushSlots,
     refused: &Arc<AtomicUsize>,
@@ -328,7 +329,7 @@ fn pass(
 /// What the pushes a pass starts share: the lease they go out under, and their dispatcher's
 /// channels.
 struct Started<'a> {
-    lease: Option<(u128, u64)>,
+    lease: Option<((u128, u64), Option<Cover>)>,
     refused: &'a Arc<AtomicUsize>,
     settled: &'a mpsc::UnboundedSender<Settled>,
 }
@@ -432,9 +433,23 @@ fn dispatch_due(
         let sub = sub.clone();
         let settled = started.settled.clone();
         let refused = started.refused.clone();
-        let lease = started.lease;
+        let (lease, cover) = match &started.lease {
+            Some((l, cover)) => (Some(*l), cover.clone()),
+            None => (None, None),
+        };
         tokio::spawn(async move {
-            let Some(response) = push_one(&broker, &sub, &d).await else {
+            let pushed = match (cover, lease) {
+                // Cut short when this node's lease stops covering it (dispatch_owner.rs).
+                (Some(cover), Some((_, epoch))) => {
+                    within_cover(cover, epoch, push_one(&broker, &sub, &d))
+                        .await
+                        .unwrap_or_else(|| {
+                            failed("cut short: this node's push lease on the subscription ran out before the answer")
+                        })
+                }
+                _ => push_one(&broker, &sub, &d).await,
+            };
+            let Some(response) = pushed else {
                 // Not sent: the broker is closing. Nothing is recorded (it was not an
                 // attempt): the delivery goes out again from the next owner, or after the
                 // next open.

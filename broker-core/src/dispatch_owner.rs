@@ -1,11 +1,17 @@
 //! A push dispatcher's side of push leases, when several brokers share one store: before each
 //! pass it makes sure this node holds the subscription's lease (claiming it, renewing it, or
 //! learning who holds it and until when), and each push it starts carries the lease it started
-//! under, so that its outcome is recorded only while that lease is current. The rules are in
-//! `ownership.rs`; on a store this broker alone writes, every pass may push and nothing here
-//! reads or writes anything.
+//! under, so that its outcome is recorded only while that lease is current, and is cut short
+//! when the lease stops covering it (its end less the clock-skew margin, unless renewed), so
+//! that no push of this node is still in flight when another node takes the subscription over
+//! and pushes the key's next events. The rules are in `ownership.rs`; on a store this broker
+//! alone writes, every pass may push and nothing here reads or writes anything.
 
+use std::future::Future;
 use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::broker::Broker;
 use crate::clock::Timestamp;
@@ -14,13 +20,28 @@ use crate::ids::SubscriptionId;
 use crate::ownership::{self, Claim, DispatchLease};
 use crate::storage::{DeliveryOp, WriteOp, WriteOutput};
 
+/// What the pushes under way see of the lease they started under: its epoch and the instant
+/// (on the monotonic clock) it stops covering pushes; `None` once this node no longer holds it.
+pub(crate) type Cover = watch::Receiver<Option<(u64, Instant)>>;
+
 /// What a dispatcher knows of its subscription's push lease.
-#[derive(Default)]
 pub(crate) struct Holder {
     /// The lease this node holds, as last granted.
     held: Option<DispatchLease>,
     /// When the lease another node holds ends, as last seen.
     other_until: Option<Timestamp>,
+    /// What the pushes under way are told of `held` (see [`Cover`]).
+    cover: watch::Sender<Option<(u64, Instant)>>,
+}
+
+impl Default for Holder {
+    fn default() -> Holder {
+        Holder {
+            held: None,
+            other_until: None,
+            cover: watch::Sender::new(None),
+        }
+    }
 }
 
 /// What the dispatcher may do now.
@@ -61,17 +82,46 @@ impl Holder {
     }
 
     /// An outcome was refused because another node took the lease over: stop pushing now
-    /// rather than at the next renewal.
+    /// rather than at the next renewal, and cut the pushes still under way.
     pub(crate) fn lost(&mut self) {
         self.held = None;
+        self.cover.send_replace(None);
+    }
+
+    /// What the pushes a pass starts watch, on a shared store (`None`: a store this broker
+    /// alone writes, where nothing cuts a push short).
+    pub(crate) fn cover(&self, broker: &Broker) -> Option<Cover> {
+        broker
+            .inner()
+            .store
+            .shared()
+            .then(|| self.cover.subscribe())
     }
 
     /// Decides this pass: on a shared store, renews the lease when due (or claims it when it
-    /// ran out or was released), and says how long to wait when another node holds it.
+    /// ran out or was released), and says how long to wait when another node holds it. The
+    /// pushes under way learn the outcome: covered for longer after a renewal, cut short once
+    /// the lease is no longer this node's.
     pub(crate) async fn turn(&mut self, broker: &Broker, id: SubscriptionId) -> Turn {
         if !broker.inner().store.shared() {
             return Turn::Push(None);
         }
+        let turn = self.decide(broker, id).await;
+        let lease_ms = ownership::lease_ms(broker.config().delivery.dispatch_lease_ms);
+        let now = broker.now();
+        let cover = self.held.map(|h| {
+            let left = ownership::covered_until(&h, lease_ms).ms_since(now);
+            (h.epoch, Instant::now() + Duration::from_millis(left))
+        });
+        self.cover.send_if_modified(|c| {
+            let changed = *c != cover;
+            *c = cover;
+            changed
+        });
+        turn
+    }
+
+    async fn decide(&mut self, broker: &Broker, id: SubscriptionId) -> Turn {
         let config = broker.config();
         let lease_ms = ownership::lease_ms(config.delivery.dispatch_lease_ms);
         let tick = Duration::from_millis(config.delivery.scheduler_tick_ms.max(1));
@@ -159,6 +209,7 @@ impl Holder {
     /// another node takes the subscription at once; the dispatcher calls it once its own
     /// pushes are recorded. Best effort: a lease not released runs out.
     pub(crate) async fn release(&mut self, broker: &Broker, id: SubscriptionId) {
+        self.cover.send_replace(None);
         if self.held.take().is_none() {
             return;
         }
@@ -168,6 +219,35 @@ impl Holder {
         });
         if let Err(e) = broker.write_op(op).await {
             tracing::debug!(subscription = %id, error = %e, "push lease not released; it runs out instead");
+        }
+    }
+}
+
+/// Runs one push under the lease `epoch` while that lease covers it: `None` when it was cut
+/// short, because this node no longer holds the lease or its cover ran out before the answer
+/// (the request is dropped, closing its connection). A renewal meanwhile extends the cover.
+pub(crate) async fn within_cover<F: Future>(
+    mut cover: Cover,
+    epoch: u64,
+    push: F,
+) -> Option<F::Output> {
+    tokio::pin!(push);
+    loop {
+        let until = match *cover.borrow_and_update() {
+            Some((e, until)) if e == epoch && until > Instant::now() => until,
+            _ => return None,
+        };
+        tokio::select! {
+            out = &mut push => return Some(out),
+            // Renewed, lost or released: looked at again.
+            changed = cover.changed() => {
+                if changed.is_err() {
+                    // The dispatcher is gone (the broker closed or was dropped): the push
+                    // runs within the cover it had.
+                    return tokio::time::timeout_at(until, push).await.ok();
+                }
+            }
+            _ = tokio::time::sleep_until(until) => {}
         }
     }
 }

@@ -11,7 +11,8 @@
 //!   answers come, cannot record anything: the new owner pushes those deliveries again (at
 //!   least once, never lost).
 //! - The owner renews when less than two thirds of the lease is left, so one slow commit does
-//!   not lose it; it starts pushes only until an eighth of the lease before its end.
+//!   not lose it; it starts pushes only until an eighth of the lease before its end, and cuts
+//!   short any push still unanswered then ([`covered_until`]) unless it renewed meanwhile.
 //! - Another node takes the lease only an eighth of the lease after its end, or at once when
 //!   its owner released it at shutdown. The two eighths are the clock skew the nodes may have
 //!   between them (each compares the stored end with its own clock) without two of them
@@ -116,6 +117,18 @@ pub(crate) fn renew_due(held: &DispatchLease, now: Timestamp, lease_ms: u64) -> 
 /// Whether the owner may start a push now: more than the margin is left of its lease.
 pub(crate) fn may_push(held: &DispatchLease, now: Timestamp, lease_ms: u64) -> bool {
     held.until.as_ms() > now.as_ms().saturating_add(margin(self::lease_ms(lease_ms)))
+}
+
+/// Until when a held lease covers pushes under way: its end less the margin. A push not
+/// answered by then is cut short (`dispatch_owner.rs`), so that nothing this node sent is still
+/// in flight when another node, whose clock may be a margin ahead, takes the lease over (a
+/// margin after its end by that node's clock): a key's next event never overtakes it.
+pub(crate) fn covered_until(held: &DispatchLease, lease_ms: u64) -> Timestamp {
+    Timestamp(
+        held.until
+            .as_ms()
+            .saturating_sub(margin(self::lease_ms(lease_ms))),
+    )
 }
 
 /// When another node's lease may be claimed, as this node's clock tells: a margin after its

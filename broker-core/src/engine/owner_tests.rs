@@ -469,3 +469,136 @@ async fn a_long_poll_on_one_node_is_woken_by_a_publish_on_another() {
     a.close().await;
     b.close().await;
 }
+
+/// (broker, event id, what happened: "sent" or "ended", when) of every push, in order.
+type StampLog = Arc<Mutex<Vec<(&'static str, String, &'static str, tokio::time::Instant)>>>;
+
+/// Logs each push as it is sent; when `hang`, never answers, and logs when the push is dropped
+/// (its request given up).
+struct Stamped {
+    name: &'static str,
+    hang: bool,
+    log: StampLog,
+}
+
+/// Logs the end of a hanging push when it is dropped.
+struct Ended(&'static str, String, StampLog);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        let at = tokio::time::Instant::now();
+        self.2
+            .lock()
+            .unwrap()
+            .push((self.0, std::mem::take(&mut self.1), "ended", at));
+    }
+}
+
+impl Transport for Stamped {
+    fn send(
+        &self,
+        request: PushRequest,
+    ) -> Pin<Box<dyn Future<Output = PushResponse> + Send + '_>> {
+        let id = request
+            .headers
+            .iter()
+            .find(|(k, _)| k == "webhook-id")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let at = tokio::time::Instant::now();
+        self.log
+            .lock()
+            .unwrap()
+            .push((self.name, id.clone(), "sent", at));
+        let ended = self.hang.then(|| Ended(self.name, id, self.log.clone()));
+        Box::pin(async move {
+            if let Some(ended) = ended {
+                std::future::pending::<()>().await;
+                drop(ended);
+            }
+            PushResponse {
+                status: Some(200),
+                retry_after_ms: None,
+                error: None,
+                latency_ms: 1,
+            }
+        })
+    }
+}
+
+/// Issue 16, item 2: a node that can no longer reach the store cannot renew its lease, and
+/// another node takes the subscription over once the lease ends. A push the first node still
+/// had under way must not reach the receiver after the new owner's pushes of that key: it is
+/// cut short when the lease stops covering it (its end less the clock-skew margin), before the
+/// other node may claim it. Before, the hanging push stayed open after the takeover, free to
+/// land after the key's next events. On the system clock, with the shortest lease (1 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_under_way_ends_before_another_node_takes_the_subscription_over() {
+    let store = MemKv::new_shared();
+    let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
+    let log = StampLog::default();
+    let mut cfg = config();
+    cfg.delivery.dispatch_lease_ms = 1_000;
+    let open = |kv: Arc<SharedKv>, name, hang| {
+        let transport = Arc::new(Stamped {
+            name,
+            hang,
+            log: log.clone(),
+        });
+        Broker::open_over_kv_with(kv, cfg.clone(), clock.clone(), Some(transport)).expect("broker")
+    };
+    let a_kv = SharedKv::over(&store);
+    let a = open(a_kv.clone(), "a", true);
+    let room = TestRoom::create(&a).await;
+    push_subscription(&a, &room).await;
+    let first = a.publish_retrying(&room).await;
+    let sent = |who: &'static str, id: &str| {
+        log.lock()
+            .unwrap()
+            .iter()
+            .find(|e| e.0 == who && e.1 == id && e.2 == "sent")
+            .map(|e| e.3)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sent("a", &first).is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "a never pushed");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // From now on a cannot write: its lease is not renewed.
+    a_kv.unreachable
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let b = open(SharedKv::over(&store), "b", false);
+    let next = b.publish_retrying(&room).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sent("b", &next).is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b never pushed: {:?}",
+            log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let log = log.lock().unwrap().clone();
+    let b_first = sent_at(&log, "b", &first).expect("b pushes the first event again");
+    let a_ended = log
+        .iter()
+        .find(|e| e.0 == "a" && e.1 == first && e.2 == "ended")
+        .map(|e| e.3);
+    assert!(
+        a_ended.is_some_and(|at| at <= b_first),
+        "a's push of the key's first event was still under way when b took over: {log:?}"
+    );
+    assert!(sent_at(&log, "b", &next) >= Some(b_first), "{log:?}");
+    b.close().await;
+    drop(a);
+}
+
+fn sent_at(
+    log: &[(&'static str, String, &'static str, tokio::time::Instant)],
+    who: &str,
+    id: &str,
+) -> Option<tokio::time::Instant> {
+    log.iter()
+        .find(|e| e.0 == who && e.1 == id && e.2 == "sent")
+        .map(|e| e.3)
+}

@@ -25,6 +25,9 @@ pub(super) struct SharedKv {
     /// Commits through this handle still to pass before one is refused as a lost race (as
     /// if another broker had written a key it writes); `None`: none is.
     conflict_after: Mutex<Option<usize>>,
+    /// Set: every commit through this handle fails, as when this node cannot reach the
+    /// database.
+    pub(super) unreachable: std::sync::atomic::AtomicBool,
 }
 
 impl SharedKv {
@@ -33,6 +36,7 @@ impl SharedKv {
             inner: inner.clone(),
             before_commit: Mutex::new(None),
             conflict_after: Mutex::new(None),
+            unreachable: Default::default(),
         })
     }
 }
@@ -42,6 +46,11 @@ impl KvStore for SharedKv {
         self.inner.snapshot()
     }
     fn commit(&self, batch: Batch) -> Result<()> {
+        if self.unreachable.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Storage(
+                "injected: the database cannot be reached".into(),
+            ));
+        }
         let hook = self.before_commit.lock().unwrap().take();
         if let Some(hook) = hook {
             hook();
