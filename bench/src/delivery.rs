@@ -32,13 +32,14 @@ const PUBLISHERS: usize = 64;
 
 /// Counts deliveries and notes when each event id first arrived.
 #[derive(Default)]
-struct Sink {
-    count: AtomicU64,
+pub(crate) struct Sink {
+    pub(crate) count: AtomicU64,
     arrivals: Mutex<HashMap<String, Instant>>,
-    track: AtomicBool,
+    pub(crate) track: AtomicBool,
 }
 
-async fn start_receiver(sink: Arc<Sink>) -> Result<String, Error> {
+/// Starts a local receiver counting into `sink`; its URL.
+pub(crate) async fn start_receiver(sink: Arc<Sink>) -> Result<String, Error> {
     let app = Router::new().route(
         "/hook",
         post(move |headers: HeaderMap, _body: axum::body::Bytes| {
@@ -76,7 +77,8 @@ async fn fixture(settings: &Settings, name: &str) -> Result<Fixture, Error> {
     Fixture::new(broker).await
 }
 
-fn push_sub(f: &Fixture, url: &str) -> NewSubscription {
+/// A push subscription to `url` with 64 pushes in flight.
+pub(crate) fn push_sub(f: &Fixture, url: &str) -> NewSubscription {
     let mut s = NewSubscription::new(
         f.me.clone(),
         DeliveryMode::Push(PushEndpoint {
@@ -134,16 +136,40 @@ async fn latency_case(settings: &Settings, rate: u64) -> Result<(Latency, u64), 
     f.broker
         .create_subscription(&f.room, push_sub(&f, &url))
         .await?;
+    let measured = timed_publishes(std::slice::from_ref(&f), &sink, rate, settings.secs).await;
+    f.broker.close().await;
+    Ok(measured)
+}
+
+/// Publishes `rate` events a second for `secs` seconds, in turn through each of `fixtures` (a
+/// publish that lost a race with another node is tried again, as a client retrying a 503
+/// would), and times each event from its first publish call to `sink`'s receiver; the latencies
+/// and how many events arrived.
+pub(crate) async fn timed_publishes(
+    fixtures: &[Fixture],
+    sink: &Sink,
+    rate: u64,
+    secs: u64,
+) -> (Latency, u64) {
+    sink.track.store(true, Ordering::Relaxed);
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    for i in 0..rate * settings.secs {
+    for i in 0..rate * secs {
         tick.tick().await;
+        let f = &fixtures[i as usize % fixtures.len()];
         let (broker, req, tx) = (f.broker.clone(), f.request(i, KEYS), tx.clone());
         tokio::spawn(async move {
             let t0 = Instant::now();
-            if let Ok(r) = broker.publish(req).await {
-                let _ = tx.send((r.id.to_string(), t0));
+            loop {
+                match broker.publish(req.clone()).await {
+                    Ok(r) => {
+                        let _ = tx.send((r.id.to_string(), t0));
+                    }
+                    Err(broker_core::Error::StorageConflict { .. }) => continue,
+                    Err(_) => {}
+                }
+                break;
             }
         });
     }
@@ -166,8 +192,7 @@ async fn latency_case(settings: &Settings, rate: u64) -> Result<(Latency, u64), 
         })
         .collect();
     let n = lat.len() as u64;
-    f.broker.close().await;
-    Ok((Latency::of(lat), n))
+    (Latency::of(lat), n)
 }
 
 fn pull_db(clients: usize, batch: usize) -> String {

@@ -38,6 +38,9 @@ pub(crate) struct Inner {
     pub(crate) config: std::sync::RwLock<Arc<Config>>,
     /// Serialises reconfigurations, so that two concurrent patches do not lose one another.
     pub(crate) reconfiguring: tokio::sync::Mutex<()>,
+    /// On a shared store, the version of the run-time configuration this node adopted last
+    /// (`runtime.rs`); 0 before any.
+    pub(crate) runtime_version: std::sync::atomic::AtomicU64,
     pub(crate) validators: ValidatorCache,
     /// Clients and rights read by authentication, kept between writes.
     pub(crate) identities: Arc<crate::identity::IdentityCache>,
@@ -299,6 +302,7 @@ impl Broker {
             clock,
             config: std::sync::RwLock::new(Arc::new(config)),
             reconfiguring: tokio::sync::Mutex::new(()),
+            runtime_version: Default::default(),
             validators: ValidatorCache::default(),
             identities,
             enforce_rights: Default::default(),
@@ -332,6 +336,14 @@ impl Broker {
             );
         }
         let broker = Broker { inner };
+        if shared {
+            // What other nodes changed at run time holds here too, from the start (or from
+            // the next discovery round, if it cannot be read or does not fit this node's
+            // bounds now).
+            if let Err(e) = broker.adopt_locked() {
+                tracing::warn!(error = %e, "cannot adopt the configuration changed on another node");
+            }
+        }
         // Every push subscription resumes where its persisted queue stands.
         for id in broker.inner.store.push_subscriptions()? {
             ensure_dispatcher(&broker, id);
@@ -653,9 +665,10 @@ fn spawn_remote_wakes(inner: Weak<Inner>, mut notices: tokio::sync::mpsc::Receiv
     });
 }
 
-/// On a store other nodes write too: looks for push subscriptions without a dispatcher here
-/// (created on another node) every half `dispatch_lease_ms`, so that each is ready to take the
-/// subscription over when the node pushing it dies. A dispatcher that does not hold the lease
+/// On a store other nodes write too: every half `dispatch_lease_ms`, adopts the configuration
+/// another node changed at run time (`runtime.rs`) and looks for push subscriptions without a
+/// dispatcher here (created on another node), so that each is ready to take the subscription
+/// over when the node pushing it dies. A dispatcher that does not hold the lease
 /// reads it once per tick, and writes nothing while another node's runs.
 fn spawn_discovery(inner: Weak<Inner>) {
     tokio::spawn(async move {
@@ -672,6 +685,9 @@ fn spawn_discovery(inner: Weak<Inner>) {
                 return;
             }
             let broker = Broker { inner };
+            if let Err(e) = broker.adopt_runtime_config().await {
+                tracing::warn!(error = %e, "cannot adopt the configuration changed on another node");
+            }
             let ids = {
                 let store = broker.inner.store.clone();
                 tokio::task::spawn_blocking(move || store.push_subscriptions()).await

@@ -5,20 +5,24 @@
 //! Only settings read at the moment they apply are here. Those fixed when the broker starts
 //! (the writer's queue and batch bounds, the cache, the push address guard and timeout, the
 //! retention interval) are refused by name, so that nobody believes a change took effect when
-//! it did not. Changes live in memory until the broker stops; the configuration file is what a
-//! restart reads.
+//! it did not. On a store this broker alone writes, changes live in memory until the broker
+//! stops; the configuration file is what a restart reads. On a store several nodes share
+//! (PostgreSQL), a change is kept in the store as the whole set of changeable values with a
+//! version, and every node adopts it (at start, and on its discovery round every half push
+//! lease), so that a change made through one node holds on all of them.
 
 use std::sync::Arc;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::broker::{delivery_defaults, Broker};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::storage::RecordKind;
 use crate::subscription::RetryOverrides;
 
 /// A change to the running configuration: fields left out stay as they are.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigPatch {
     /// Request limits.
@@ -33,7 +37,7 @@ pub struct ConfigPatch {
 }
 
 /// Request limits that change at run time; see [`crate::Limits`] for each.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsPatch {
     /// See [`crate::Limits::payload_bytes_max`]. The HTTP server's body limit is fixed at
@@ -51,7 +55,7 @@ pub struct LimitsPatch {
 
 /// Delivery defaults that change at run time; see [`crate::DeliveryConfig`] for each. They
 /// apply to subscriptions that do not set their own value, from their next decision on.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryPatch {
     /// The default retry and backoff policy: only the fields given change.
@@ -86,6 +90,40 @@ fn set<T>(slot: &mut T, v: Option<T>) {
 }
 
 impl ConfigPatch {
+    /// Every changeable value of `config`, as a patch that sets them all.
+    fn every_value_of(config: &Config) -> ConfigPatch {
+        let l = &config.limits;
+        let d = &config.delivery;
+        let r = &d.retry;
+        ConfigPatch {
+            limits: Some(LimitsPatch {
+                payload_bytes_max: Some(l.payload_bytes_max),
+                key_bytes_max: Some(l.key_bytes_max),
+                batch_events_max: Some(l.batch_events_max),
+                list_items_max: Some(l.list_items_max),
+                list_scan_max: Some(l.list_scan_max),
+            }),
+            delivery: Some(DeliveryPatch {
+                retry: Some(RetryOverrides {
+                    initial_delay_ms: Some(r.initial_delay_ms),
+                    multiplier: Some(r.multiplier),
+                    delay_ms_max: Some(r.delay_ms_max),
+                    attempts_max: Some(r.attempts_max),
+                    ttl_ms: Some(r.ttl_ms),
+                    jitter_percent: Some(r.jitter_percent),
+                }),
+                retry_after_ms_max: Some(d.retry_after_ms_max),
+                in_flight_max_default: Some(d.in_flight_max_default),
+                queue_depth_max_default: Some(d.queue_depth_max_default),
+                lease_ms_default: Some(d.lease_ms_default),
+                pull_messages_max: Some(d.pull_messages_max),
+                pull_wait_ms_max: Some(d.pull_wait_ms_max),
+                dead_letter_retention_ms: Some(d.dead_letter_retention_ms),
+            }),
+            idempotency_window_ms: Some(config.idempotency_window_ms),
+        }
+    }
+
     /// `config` with this patch applied, or the first field that is out of range.
     fn applied_to(&self, config: &Config) -> Result<Config> {
         let mut c = config.clone();
@@ -148,13 +186,44 @@ impl ConfigPatch {
     }
 }
 
+/// The record id, among `RecordKind::Setting` records, of the values changed at run time on a
+/// shared store.
+const RUNTIME_RECORD: &str = "runtime";
+
+/// What a shared store keeps of the values changed at run time: every changeable value, and
+/// a version that grows by one with each change.
+#[derive(Serialize, Deserialize)]
+struct StoredRuntime {
+    version: u64,
+    values: ConfigPatch,
+}
+
+fn stored_runtime(bytes: Option<Vec<u8>>) -> Result<Option<StoredRuntime>> {
+    bytes
+        .map(|b| {
+            serde_json::from_slice(&b).map_err(|e| {
+                Error::Storage(format!(
+                    "the stored run-time configuration cannot be read: {e}"
+                ))
+            })
+        })
+        .transpose()
+}
+
 impl Broker {
     /// Changes the running configuration and returns it as it now stands. Nothing changes when
     /// any field is out of range. In force for every decision taken after this returns, until
-    /// the broker stops.
+    /// the broker stops; on a store several nodes share, stored and adopted by every node
+    /// (see the module's comment), each within half a push lease.
     pub async fn reconfigure(&self, patch: &ConfigPatch) -> Result<Arc<Config>> {
         let inner = self.inner();
         let _one_at_a_time = inner.reconfiguring.lock().await;
+        let shared = inner.store.shared();
+        if shared {
+            // Another node's change first, so that this patch changes the values all nodes
+            // share rather than undoing that change.
+            self.adopt_locked()?;
+        }
         let current = inner.config_now();
         let next = patch.applied_to(&current)?;
         let retry = &next.delivery.retry;
@@ -167,6 +236,73 @@ impl Broker {
             ttl_ms: Some(retry.ttl_ms),
             jitter_percent: Some(retry.jitter_percent),
         })?;
+        if shared {
+            let seen = inner
+                .runtime_version
+                .load(std::sync::atomic::Ordering::SeqCst);
+            let stored = serde_json::to_vec(&StoredRuntime {
+                version: seen + 1,
+                values: ConfigPatch::every_value_of(&next),
+            })
+            .map_err(|e| Error::Storage(e.to_string()))?;
+            // Stored only over the version this node adopted: a change another node stored
+            // meanwhile makes this one a lost race (503, tried again by the client).
+            self.record_op_quiet(move |tx, _| {
+                let now = stored_runtime(tx.get(RecordKind::Setting, RUNTIME_RECORD)?)?;
+                if now.map_or(0, |r| r.version) != seen {
+                    return Err(Error::StorageConflict {
+                        detail: "another node changed the configuration at the same time".into(),
+                    });
+                }
+                tx.put(RecordKind::Setting, RUNTIME_RECORD, &stored)?;
+                Ok(Vec::new())
+            })
+            .await?;
+            inner
+                .runtime_version
+                .store(seen + 1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.install(next)
+    }
+
+    /// On a shared store: adopts the values another node changed at run time, if it stored
+    /// a version this node has not adopted yet. True when something was adopted.
+    pub(crate) async fn adopt_runtime_config(&self) -> Result<bool> {
+        let _one_at_a_time = self.inner().reconfiguring.lock().await;
+        self.adopt_locked()
+    }
+
+    /// [`Broker::adopt_runtime_config`] with `reconfiguring` held (or before the broker runs).
+    pub(crate) fn adopt_locked(&self) -> Result<bool> {
+        let inner = self.inner();
+        let Some(stored) =
+            stored_runtime(inner.store.record(RecordKind::Setting, RUNTIME_RECORD)?)?
+        else {
+            return Ok(false);
+        };
+        let seen = inner
+            .runtime_version
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if stored.version <= seen {
+            return Ok(false);
+        }
+        // Looked at once per version: values that do not fit this node's own bounds (its
+        // `in_flight_max_max`, `lease_ms_max`) are refused once, not at every round.
+        inner
+            .runtime_version
+            .store(stored.version, std::sync::atomic::Ordering::SeqCst);
+        let next = stored.values.applied_to(&inner.config_now())?;
+        self.install(next)?;
+        tracing::info!(
+            version = stored.version,
+            "adopted the configuration another node changed at run time"
+        );
+        Ok(true)
+    }
+
+    /// Puts `next` in force for every decision from now on.
+    fn install(&self, next: Config) -> Result<Arc<Config>> {
+        let inner = self.inner();
         inner.store.set_delivery_defaults(delivery_defaults(&next));
         let next = Arc::new(next);
         *inner.config.write().unwrap_or_else(|p| p.into_inner()) = next.clone();

@@ -2,7 +2,7 @@
 //! failures (issue 16, items 3 and 6): one node at a time pushes a subscription, so a receiver
 //! gets each event once; when that node is SIGKILLed another takes the subscription over within
 //! its lease and pushes what is still owed, each key in order; pulls and acks work on any node;
-//! a database crash, a rolling restart of every node and a failover to a synchronous replica
+//! a configuration change through one node holds on the others; a database crash, a rolling restart of every node and a failover to a synchronous replica
 //! lose nothing acknowledged and fail no publish of a client that retries. The database is the
 //! tests' own server (`broker_core::test_postgres`, a schema per test) or, for the tests that
 //! crash it, a server of the test's own.
@@ -293,6 +293,42 @@ async fn pullers_on_two_nodes_share_one_subscription() {
     .await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(body["backlog"], 0, "{body}");
+}
+
+/// `PATCH /v1/admin/config` through one node holds on the others: they adopt it within half a
+/// push lease (1.5 s here) and `GET /v1/admin/config` on them shows it. Before, the change held
+/// on the node that took it only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_change_through_one_node_holds_on_the_others() {
+    let pg = broker_core::test_postgres().fresh();
+    let nodes = start_nodes(&pg, 2);
+    let (s, body) = call(
+        Method::PATCH,
+        format!("{}/v1/admin/config", nodes[1].base),
+        Some(json!({"delivery": {"pull_messages_max": 5}, "limits": {"list_items_max": 77}})),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (s, body) = call(
+            Method::GET,
+            format!("{}/v1/admin/config", nodes[0].base),
+            None,
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let broker = &body["broker"];
+        if broker["delivery"]["pull_messages_max"] == 5 && broker["limits"]["list_items_max"] == 77
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the other node never adopted the change: {broker}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// What a retrying client saw while publishing.

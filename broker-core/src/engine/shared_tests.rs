@@ -276,3 +276,67 @@ async fn brokers_sharing_a_store_lease_under_different_epochs() {
     a.close().await;
     b.close().await;
 }
+
+/// A configuration change made at run time through one node holds on every node sharing the
+/// store: another running node adopts it at its next discovery round (every half push lease:
+/// 500 ms here), a node opened later starts with it, and a change made through the second node
+/// keeps the first node's (each patch changes the values all nodes share). Before, a change
+/// held on the node that took it only, so the same request behind a load balancer met
+/// different limits depending on the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_change_on_one_node_holds_on_every_node() {
+    use crate::runtime::{ConfigPatch, DeliveryPatch, LimitsPatch};
+    let store = MemKv::new_shared();
+    let open = |kv: Arc<SharedKv>| {
+        let mut config = Config::default();
+        config.retention.interval_ms = 0;
+        config.delivery.dispatch_lease_ms = 1_000;
+        Broker::open_over_kv(kv, config, Arc::new(crate::clock::SystemClock)).unwrap()
+    };
+    let a = open(SharedKv::over(&store));
+    let b = open(SharedKv::over(&store));
+    let default_payload = Config::default().limits.payload_bytes_max;
+    let limits = ConfigPatch {
+        limits: Some(LimitsPatch {
+            payload_bytes_max: Some(2048),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    a.reconfigure(&limits).await.expect("patch on a");
+    assert_eq!(a.config().limits.payload_bytes_max, 2048);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while b.config().limits.payload_bytes_max != 2048 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b still has payload_bytes_max {} (default {default_payload})",
+            b.config().limits.payload_bytes_max
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // A change through b builds on a's: both hold, on both nodes and on a node opened now.
+    let delivery = ConfigPatch {
+        delivery: Some(DeliveryPatch {
+            pull_messages_max: Some(7),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    b.reconfigure(&delivery).await.expect("patch on b");
+    assert!(a.adopt_runtime_config().await.expect("adopt"));
+    let c = open(SharedKv::over(&store));
+    for (name, node) in [("a", &a), ("b", &b), ("c", &c)] {
+        let config = node.config();
+        assert_eq!(
+            (
+                config.limits.payload_bytes_max,
+                config.delivery.pull_messages_max
+            ),
+            (2048, 7),
+            "node {name}"
+        );
+    }
+    for node in [a, b, c] {
+        node.close().await;
+    }
+}

@@ -152,6 +152,8 @@ pub(crate) enum RecordKind {
     RoomPolicy,
     /// Random keys the broker keeps for its host (such as a server's token signing key).
     Key,
+    /// Settings nodes sharing a store keep in common (the values changed at run time).
+    Setting,
 }
 
 impl RecordKind {
@@ -163,6 +165,7 @@ impl RecordKind {
             RecordKind::Grant => "grant",
             RecordKind::Key => "key",
             RecordKind::RoomPolicy => "room_policy",
+            RecordKind::Setting => "setting",
         }
     }
 }

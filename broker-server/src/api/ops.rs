@@ -257,7 +257,9 @@ struct ConfigPatchBody {
 /// Changes retry and backoff defaults, limits and log levels while the server runs, and
 /// answers the configuration as it now stands. Nothing changes when any field is refused. The
 /// change is audited with the patch; it lasts until the server stops (put it in the
-/// configuration file to keep it).
+/// configuration file to keep it). On a database several nodes share, every node adopts it
+/// within half a push lease, and it stays stored until changed again (the log level stays per
+/// node).
 #[utoipa::path(patch, path = "/admin/config", operation_id = "patchConfig", tag = "admin",
     request_body = ConfigPatchBody,
     responses((status = 200, description = "`{broker, log_level, changeable}`.", body = CoreObject),
