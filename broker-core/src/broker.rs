@@ -41,6 +41,8 @@ pub(crate) struct Inner {
     /// On a shared store, the version of the run-time configuration this node adopted last
     /// (`runtime.rs`); 0 before any.
     pub(crate) runtime_version: std::sync::atomic::AtomicU64,
+    /// The stored version this node last refused to adopt (so that it is logged once).
+    pub(crate) runtime_refused: std::sync::atomic::AtomicU64,
     pub(crate) validators: ValidatorCache,
     /// Clients and rights read by authentication, kept between writes.
     pub(crate) identities: Arc<crate::identity::IdentityCache>,
@@ -303,6 +305,7 @@ impl Broker {
             config: std::sync::RwLock::new(Arc::new(config)),
             reconfiguring: tokio::sync::Mutex::new(()),
             runtime_version: Default::default(),
+            runtime_refused: Default::default(),
             validators: ValidatorCache::default(),
             identities,
             enforce_rights: Default::default(),
@@ -341,7 +344,7 @@ impl Broker {
             // the next discovery round, if it cannot be read or does not fit this node's
             // bounds now).
             if let Err(e) = broker.adopt_locked() {
-                tracing::warn!(error = %e, "cannot adopt the configuration changed on another node");
+                tracing::debug!(error = %e, "configuration changed on another node not adopted");
             }
         }
         // Every push subscription resumes where its persisted queue stands.
@@ -685,8 +688,9 @@ fn spawn_discovery(inner: Weak<Inner>) {
                 return;
             }
             let broker = Broker { inner };
+            // A refusal is logged once per version where it is decided.
             if let Err(e) = broker.adopt_runtime_config().await {
-                tracing::warn!(error = %e, "cannot adopt the configuration changed on another node");
+                tracing::debug!(error = %e, "configuration changed on another node not adopted");
             }
             let ids = {
                 let store = broker.inner.store.clone();

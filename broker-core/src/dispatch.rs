@@ -440,19 +440,20 @@ fn dispatch_due(
         tokio::spawn(async move {
             let pushed = match (cover, lease) {
                 // Cut short when this node's lease stops covering it (dispatch_owner.rs).
+                // A push cut short is not an attempt (it may not even have been sent): nothing
+                // is recorded, and the delivery goes out again from whichever node holds the
+                // lease next, this one included.
                 (Some(cover), Some((_, epoch))) => {
                     within_cover(cover, epoch, push_one(&broker, &sub, &d))
                         .await
-                        .unwrap_or_else(|| {
-                            failed("cut short: this node's push lease on the subscription ran out before the answer")
-                        })
+                        .flatten()
                 }
                 _ => push_one(&broker, &sub, &d).await,
             };
             let Some(response) = pushed else {
-                // Not sent: the broker is closing. Nothing is recorded (it was not an
-                // attempt): the delivery goes out again from the next owner, or after the
-                // next open.
+                // Not sent (the broker is closing), or cut short. Nothing is recorded (it was
+                // not an attempt): the delivery goes out again from the next owner, or after
+                // the next open.
                 broker
                     .inner()
                     .pushes_in_flight
@@ -483,6 +484,10 @@ fn dispatch_due(
 /// `delivery.outcome_retry_ms_max`.
 const OUTCOME_RETRY_FIRST_MS: u64 = 100;
 
+/// Races lost to other nodes' commits that an outcome's record tries again at once, before
+/// it is handled like any other refusal (with a backoff).
+const RACES_RETRIED_AT_ONCE: u32 = 8;
+
 /// Records the outcome of a push that `dispatch_due` counted in `pushes_in_flight`. While the
 /// writer refuses the record, it is retried with a bounded backoff (at least the delay an
 /// `Overloaded` answer suggests), never the push; the task holds only a weak reference to the
@@ -503,6 +508,7 @@ async fn record_outcome(
     let mut tries = 0u32;
     let mut wait_ms = 0u64;
     let mut holding_back = false;
+    let mut races = 0u32;
     let stop_counting = |b: &Broker| {
         b.inner().pushes_in_flight.fetch_sub(1, Ordering::SeqCst);
     };
@@ -539,6 +545,14 @@ async fn record_outcome(
                     tracing::info!(subscription = %sub, tries, "push outcome recorded after the writer refused it; pushes resume");
                 }
                 return false;
+            }
+            // A race lost to another node's commit (a publish counting the same backlog): the
+            // store is fine, so the record is tried again at once, a few times, rather than
+            // after a backoff that would hold the subscription's pushes back.
+            Err(Error::StorageConflict { .. }) if races < RACES_RETRIED_AT_ONCE => {
+                races += 1;
+                current = Some(broker);
+                continue;
             }
             Err(e) => e,
         };

@@ -32,6 +32,8 @@ pub(crate) struct Holder {
     other_until: Option<Timestamp>,
     /// What the pushes under way are told of `held` (see [`Cover`]).
     cover: watch::Sender<Option<(u64, Instant)>>,
+    /// The lease (epoch, end) `cover` was last computed from.
+    told: Option<(u64, Timestamp)>,
 }
 
 impl Default for Holder {
@@ -40,6 +42,7 @@ impl Default for Holder {
             held: None,
             other_until: None,
             cover: watch::Sender::new(None),
+            told: None,
         }
     }
 }
@@ -85,6 +88,7 @@ impl Holder {
     /// rather than at the next renewal, and cut the pushes still under way.
     pub(crate) fn lost(&mut self) {
         self.held = None;
+        self.told = None;
         self.cover.send_replace(None);
     }
 
@@ -107,17 +111,18 @@ impl Holder {
             return Turn::Push(None);
         }
         let turn = self.decide(broker, id).await;
-        let lease_ms = ownership::lease_ms(broker.config().delivery.dispatch_lease_ms);
-        let now = broker.now();
-        let cover = self.held.map(|h| {
-            let left = ownership::covered_until(&h, lease_ms).ms_since(now);
-            (h.epoch, Instant::now() + Duration::from_millis(left))
-        });
-        self.cover.send_if_modified(|c| {
-            let changed = *c != cover;
-            *c = cover;
-            changed
-        });
+        // Told only when the lease changed (renewed, lost, another epoch), not at every pass.
+        let lease = self.held.map(|h| (h.epoch, h.until));
+        if lease != self.told {
+            self.told = lease;
+            let lease_ms = ownership::lease_ms(broker.config().delivery.dispatch_lease_ms);
+            let now = broker.now();
+            let cover = self.held.map(|h| {
+                let left = ownership::covered_until(&h, lease_ms).ms_since(now);
+                (h.epoch, Instant::now() + Duration::from_millis(left))
+            });
+            self.cover.send_replace(cover);
+        }
         turn
     }
 
@@ -148,8 +153,17 @@ impl Holder {
                 }
             }
         }
-        let op = WriteOp::Delivery(DeliveryOp::ClaimDispatch { id, node, lease_ms });
-        let claimed = broker.write_op(op).await;
+        // A race lost to another node's commit (the claim rides in this node's group commit,
+        // which may lose as a whole) is tried again at once, a few times, so that a busy
+        // database does not let a held lease run out.
+        let mut claimed = Err(Error::ShuttingDown);
+        for _ in 0..CLAIM_RACES_RETRIED {
+            let op = WriteOp::Delivery(DeliveryOp::ClaimDispatch { id, node, lease_ms });
+            claimed = broker.write_op(op).await;
+            if !matches!(claimed, Err(Error::StorageConflict { .. })) || broker.is_closing() {
+                break;
+            }
+        }
         if broker.is_closing() {
             // The broker began closing while the claim was out: whatever it got is handed
             // back, after it (a release applied before the claim would otherwise be undone).
@@ -209,6 +223,7 @@ impl Holder {
     /// another node takes the subscription at once; the dispatcher calls it once its own
     /// pushes are recorded. Best effort: a lease not released runs out.
     pub(crate) async fn release(&mut self, broker: &Broker, id: SubscriptionId) {
+        self.told = None;
         self.cover.send_replace(None);
         if self.held.take().is_none() {
             return;
@@ -302,6 +317,9 @@ pub(crate) async fn release_all(broker: &Broker) {
         }
     }
 }
+
+/// Tries of one claim (or renewal) that loses races with other nodes' commits.
+const CLAIM_RACES_RETRIED: usize = 8;
 
 /// Tries of one release that loses races with other nodes.
 const RELEASE_TRIES: usize = 5;

@@ -198,16 +198,16 @@ struct StoredRuntime {
     values: ConfigPatch,
 }
 
-fn stored_runtime(bytes: Option<Vec<u8>>) -> Result<Option<StoredRuntime>> {
-    bytes
-        .map(|b| {
-            serde_json::from_slice(&b).map_err(|e| {
-                Error::Storage(format!(
-                    "the stored run-time configuration cannot be read: {e}"
-                ))
-            })
-        })
-        .transpose()
+fn stored_runtime(bytes: &[u8]) -> std::result::Result<StoredRuntime, String> {
+    serde_json::from_slice(bytes).map_err(|e| format!("it cannot be read: {e}"))
+}
+
+/// The version of a stored configuration this release cannot read whole, if it has one.
+fn version_of(bytes: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()?
+        .get("version")?
+        .as_u64()
 }
 
 impl Broker {
@@ -248,8 +248,8 @@ impl Broker {
             // Stored only over the version this node adopted: a change another node stored
             // meanwhile makes this one a lost race (503, tried again by the client).
             self.record_op_quiet(move |tx, _| {
-                let now = stored_runtime(tx.get(RecordKind::Setting, RUNTIME_RECORD)?)?;
-                if now.map_or(0, |r| r.version) != seen {
+                let now = tx.get(RecordKind::Setting, RUNTIME_RECORD)?;
+                if now.map_or(Some(0), |b| version_of(&b)) != Some(seen) {
                     return Err(Error::StorageConflict {
                         detail: "another node changed the configuration at the same time".into(),
                     });
@@ -273,31 +273,61 @@ impl Broker {
     }
 
     /// [`Broker::adopt_runtime_config`] with `reconfiguring` held (or before the broker runs).
+    /// A stored version this node cannot take (unreadable, say written by a newer release, or
+    /// out of this node's own bounds, its `in_flight_max_max` or `lease_ms_max`) is not
+    /// adopted: it is refused with the reason, logged once per version, and this node's
+    /// `PATCH` is refused until it can take it, so that it never stores its own values over
+    /// a change it did not adopt.
     pub(crate) fn adopt_locked(&self) -> Result<bool> {
         let inner = self.inner();
-        let Some(stored) =
-            stored_runtime(inner.store.record(RecordKind::Setting, RUNTIME_RECORD)?)?
-        else {
+        let Some(bytes) = inner.store.record(RecordKind::Setting, RUNTIME_RECORD)? else {
             return Ok(false);
         };
         let seen = inner
             .runtime_version
             .load(std::sync::atomic::Ordering::SeqCst);
-        if stored.version <= seen {
+        let stored = match stored_runtime(&bytes) {
+            Ok(stored) => stored,
+            Err(why) => return Err(self.refused(version_of(&bytes), &why)),
+        };
+        // Any other version, a lower one too: a database restored from a backup brings its
+        // configuration back with it.
+        if stored.version == seen {
             return Ok(false);
         }
-        // Looked at once per version: values that do not fit this node's own bounds (its
-        // `in_flight_max_max`, `lease_ms_max`) are refused once, not at every round.
+        let next = match stored.values.applied_to(&inner.config_now()) {
+            Ok(next) => next,
+            Err(e) => return Err(self.refused(Some(stored.version), &e.to_string())),
+        };
         inner
             .runtime_version
             .store(stored.version, std::sync::atomic::Ordering::SeqCst);
-        let next = stored.values.applied_to(&inner.config_now())?;
         self.install(next)?;
         tracing::info!(
             version = stored.version,
             "adopted the configuration another node changed at run time"
         );
         Ok(true)
+    }
+
+    /// The refusal of a stored version this node cannot take, logged once per version.
+    fn refused(&self, version: Option<u64>, why: &str) -> Error {
+        let v = version.unwrap_or(u64::MAX);
+        if self
+            .inner()
+            .runtime_refused
+            .swap(v, std::sync::atomic::Ordering::SeqCst)
+            != v
+        {
+            tracing::warn!(version = v, reason = %why, "cannot adopt the configuration another node changed at run time; this node keeps its own values and refuses configuration changes until it can");
+        }
+        Error::invalid(
+            "configuration",
+            format!(
+                "this node cannot adopt the configuration another node stored (version {v}): \
+                 {why}; change it through a node that can, or align this node's bounds"
+            ),
+        )
     }
 
     /// Puts `next` in force for every decision from now on.

@@ -323,7 +323,14 @@ async fn a_configuration_change_on_one_node_holds_on_every_node() {
         ..Default::default()
     };
     b.reconfigure(&delivery).await.expect("patch on b");
-    assert!(a.adopt_runtime_config().await.expect("adopt"));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while a.config().delivery.pull_messages_max != 7 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a never adopted b's change"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     let c = open(SharedKv::over(&store));
     for (name, node) in [("a", &a), ("b", &b), ("c", &c)] {
         let config = node.config();
@@ -336,7 +343,33 @@ async fn a_configuration_change_on_one_node_holds_on_every_node() {
             "node {name}"
         );
     }
-    for node in [a, b, c] {
+    // A node whose own bounds the stored values do not fit keeps its values and refuses
+    // changes, rather than storing its own values over the change it could not adopt.
+    let mut narrow = Config::default();
+    narrow.retention.interval_ms = 0;
+    narrow.delivery.in_flight_max_max = 1;
+    narrow.delivery.in_flight_max_default = 1;
+    let d = Broker::open_over_kv(
+        SharedKv::over(&store),
+        narrow,
+        Arc::new(crate::clock::SystemClock),
+    )
+    .unwrap();
+    assert_eq!(d.config().limits.payload_bytes_max, default_payload);
+    let e = d.reconfigure(&stale_patch()).await.unwrap_err();
+    assert!(e.to_string().contains("cannot adopt"), "{e}");
+    assert_eq!(
+        c.config().idempotency_window_ms,
+        Config::default().idempotency_window_ms
+    );
+    for node in [a, b, c, d] {
         node.close().await;
+    }
+}
+
+fn stale_patch() -> crate::runtime::ConfigPatch {
+    crate::runtime::ConfigPatch {
+        idempotency_window_ms: Some(1_000),
+        ..Default::default()
     }
 }
