@@ -111,9 +111,14 @@ impl Holder {
             return Turn::Push(None);
         }
         let turn = self.decide(broker, id).await;
-        // Told only when the lease changed (renewed, lost, another epoch), not at every pass.
+        // Told only when the lease changed (renewed, lost, another epoch), not at every pass,
+        // or when the cover ran out on the monotonic clock while the broker's clock (which
+        // lease arithmetic follows) says the lease still runs: it fell behind, or stepped
+        // back. Recomputed from the broker's clock then, so that a pass that may push never
+        // starts pushes that are cut at once (and started again, in a loop).
         let lease = self.held.map(|h| (h.epoch, h.until));
-        if lease != self.told {
+        let ran_out = matches!(*self.cover.borrow(), Some((_, until)) if until <= Instant::now());
+        if lease != self.told || (lease.is_some() && ran_out) {
             self.told = lease;
             let lease_ms = ownership::lease_ms(broker.config().delivery.dispatch_lease_ms);
             let now = broker.now();

@@ -280,12 +280,24 @@ impl Broker {
     /// a change it did not adopt.
     pub(crate) fn adopt_locked(&self) -> Result<bool> {
         let inner = self.inner();
-        let Some(bytes) = inner.store.record(RecordKind::Setting, RUNTIME_RECORD)? else {
-            return Ok(false);
-        };
         let seen = inner
             .runtime_version
             .load(std::sync::atomic::Ordering::SeqCst);
+        let Some(bytes) = inner.store.record(RecordKind::Setting, RUNTIME_RECORD)? else {
+            if seen > 0 {
+                // Gone (a database restored from before any change): the next change is
+                // stored as the first again, rather than refused as a lost race forever.
+                inner
+                    .runtime_version
+                    .store(0, std::sync::atomic::Ordering::SeqCst);
+                tracing::warn!(
+                    adopted = seen,
+                    "the stored run-time configuration is gone (a restored database?); this \
+                     node keeps the values it has until the next change"
+                );
+            }
+            return Ok(false);
+        };
         let stored = match stored_runtime(&bytes) {
             Ok(stored) => stored,
             Err(why) => return Err(self.refused(version_of(&bytes), &why)),
@@ -302,6 +314,9 @@ impl Broker {
         inner
             .runtime_version
             .store(stored.version, std::sync::atomic::Ordering::SeqCst);
+        inner
+            .runtime_refused
+            .store(0, std::sync::atomic::Ordering::SeqCst);
         self.install(next)?;
         tracing::info!(
             version = stored.version,

@@ -358,6 +358,8 @@ async fn a_configuration_change_on_one_node_holds_on_every_node() {
     assert_eq!(d.config().limits.payload_bytes_max, default_payload);
     let e = d.reconfigure(&stale_patch()).await.unwrap_err();
     assert!(e.to_string().contains("cannot adopt"), "{e}");
+    // Nothing new was stored: c, which had adopted the latest version, finds none.
+    assert!(!c.adopt_runtime_config().await.expect("adopt"));
     assert_eq!(
         c.config().idempotency_window_ms,
         Config::default().idempotency_window_ms
