@@ -2,7 +2,7 @@
 //! nodes, a pool with no free connection, and what `migrate --check` reports.
 
 use super::*;
-use crate::storage::pg_cluster::test_postgres;
+use crate::storage::pg_cluster::{test_postgres, TestPostgres};
 use crate::storage::pg_migrate::MIGRATIONS;
 
 fn with_sslmode(mode: &str) -> PostgresConfig {
@@ -156,8 +156,9 @@ fn notices_reach_the_other_nodes_only_for_commits_and_a_reconnect_wakes_everythi
             let conn = shared.write.get().await.map_err(pool_error)?;
             let n = conn
                 .execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = $1",
-                    &[&format!("LISTEN {channel}")],
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE application_name = $1",
+                    &[&format!("postroom-listen {channel}")],
                 )
                 .await?;
             Ok(n)
@@ -170,6 +171,93 @@ fn notices_reach_the_other_nodes_only_for_commits_and_a_reconnect_wakes_everythi
     // And notices flow again.
     a.commit(put(b"4", "again", None)).unwrap();
     assert_eq!(recv(&mut heard, 5_000).as_deref(), Some("again"));
+}
+
+/// A listening connection whose server stops answering without closing it (the machine or
+/// network gone: here its server process is stopped with SIGSTOP, so the kernel still answers
+/// TCP keepalives) is given up after an unanswered ping and opened again, with a wake-all
+/// notice, within seconds. Before the ping, nothing noticed: the node heard no other node's
+/// notice until the connection was closed. On a server of the test's own (the test signals its
+/// process).
+#[test]
+fn a_listening_connection_that_stops_answering_is_replaced() {
+    let server = TestPostgres::start(false).expect("a server of the test's own");
+    let config = server.fresh();
+    let a = PgKv::open(&config).unwrap();
+    let b = PgKv::open(&config).unwrap();
+    let mut heard = b.take_notices().expect("b listens");
+    let name = format!("postroom-listen {}", b.shared.channel);
+    let listeners = || -> Vec<String> {
+        server
+            .query(&format!(
+                "SELECT string_agg(pid::text, ' ') FROM pg_stat_activity WHERE application_name = '{name}'"
+            ))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut stopped = listeners();
+    while stopped.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "listeners: {stopped:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        stopped = listeners();
+    }
+    while heard.try_recv().is_ok() {}
+    let signal = |sig: &str| {
+        for pid in &stopped {
+            let ok = std::process::Command::new("kill")
+                .args([sig, pid])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill {sig} {pid}");
+        }
+    };
+    signal("-STOP");
+    let started = std::time::Instant::now();
+    let woke = loop {
+        match heard.try_recv() {
+            Ok(n) if crate::remote_wake::decode(&n, 42).is_some_and(|w| w.all) => break true,
+            Ok(_) => {}
+            Err(_) if started.elapsed() < std::time::Duration::from_secs(20) => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(_) => break false,
+        }
+    };
+    signal("-CONT");
+    assert!(
+        woke,
+        "no reconnection within 20 s of the server going silent"
+    );
+    // The new connection hears the other node's commits.
+    let put = Batch {
+        writes: vec![super::super::kv::Put {
+            space: Space::Meta,
+            key: b"n".to_vec(),
+            value: Some(b"1".to_vec()),
+        }],
+        notify: Some("after".into()),
+        ..Batch::default()
+    };
+    a.commit(put).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match heard.try_recv() {
+            Ok(n) if n == "after" => break,
+            Ok(_) => {}
+            Err(_) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no notice after reconnecting"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
 }
 
 /// What `migrate --check` reports: every step on a fresh schema, none once it is opened.

@@ -4,7 +4,8 @@
 //! their own transaction, so a notice arrives only for a commit that happened. When the
 //! connection breaks (a database restart, a failover) it reconnects with a pause of a second,
 //! and after reconnecting hands over a notice that wakes everything, since notices sent
-//! meanwhile were lost; keepalives find a connection whose server vanished.
+//! meanwhile were lost; a ping every 5 s (and TCP keepalives) finds a connection whose server
+//! vanished without closing it.
 
 use std::time::Duration;
 
@@ -18,6 +19,11 @@ use crate::remote_wake::everything;
 /// wake-up).
 pub(super) const NOTICES_QUEUED_MAX: usize = 4096;
 
+/// How often the listening connection is checked with a ping, and how long its answer may
+/// take before the connection is given up (a vanished server is noticed within about 8 s).
+const PING_EVERY: Duration = Duration::from_secs(5);
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The pause before connecting again.
 const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 
@@ -28,6 +34,8 @@ pub(super) async fn listen(
     tx: mpsc::Sender<String>,
     channel: String,
 ) {
+    // Named, so that operators (and the tests) tell the listening connections apart.
+    pg.application_name(&format!("postroom-listen {channel}"));
     pg.keepalives(true)
         .keepalives_idle(Duration::from_secs(15))
         .keepalives_interval(Duration::from_secs(5))
@@ -69,13 +77,34 @@ pub(super) async fn listen(
                         // Notices sent before this LISTEN (at open, or while disconnected)
                         // were not heard: wake everything once.
                         let _ = tx.try_send(everything(0));
-                        tokio::select! {
-                            end = broke.recv() => {
-                                if let Some(Some(e)) = end {
-                                    tracing::warn!(error = %e, "the connection listening to the other nodes broke; reconnecting");
+                        // A server that vanished without closing the connection (a machine
+                        // lost, a failover behind a network that drops packets) sends no
+                        // error: a ping every few seconds, answered within the timeout or the
+                        // connection is given up, finds it long before TCP keepalives would.
+                        let mut ping = tokio::time::interval(PING_EVERY);
+                        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        ping.tick().await;
+                        loop {
+                            tokio::select! {
+                                end = broke.recv() => {
+                                    if let Some(Some(e)) = end {
+                                        tracing::warn!(error = %e, "the connection listening to the other nodes broke; reconnecting");
+                                    }
+                                    break;
+                                }
+                                _ = tx.closed() => break,
+                                _ = ping.tick() => {
+                                    let answered = tokio::time::timeout(
+                                        PING_TIMEOUT,
+                                        client.simple_query("SELECT 1"),
+                                    )
+                                    .await;
+                                    if !matches!(answered, Ok(Ok(_))) {
+                                        tracing::warn!("the connection listening to the other nodes stopped answering; reconnecting");
+                                        break;
+                                    }
                                 }
                             }
-                            _ = tx.closed() => {}
                         }
                     }
                     Err(e) => {
