@@ -43,6 +43,8 @@ pub(crate) struct Inner {
     pub(crate) runtime_version: std::sync::atomic::AtomicU64,
     /// The stored version this node last refused to adopt (so that it is logged once).
     pub(crate) runtime_refused: std::sync::atomic::AtomicU64,
+    /// How push subscriptions are shared out among the nodes (`dispatch_owner::balance`).
+    pub(crate) balance: crate::dispatch_owner::Balance,
     pub(crate) validators: ValidatorCache,
     /// Clients and rights read by authentication, kept between writes.
     pub(crate) identities: Arc<crate::identity::IdentityCache>,
@@ -306,6 +308,7 @@ impl Broker {
             reconfiguring: tokio::sync::Mutex::new(()),
             runtime_version: Default::default(),
             runtime_refused: Default::default(),
+            balance: Default::default(),
             validators: ValidatorCache::default(),
             identities,
             enforce_rights: Default::default(),
@@ -698,9 +701,10 @@ fn spawn_discovery(inner: Weak<Inner>) {
             };
             match ids {
                 Ok(Ok(ids)) => {
-                    for id in ids {
-                        ensure_dispatcher(&broker, id);
+                    for id in &ids {
+                        ensure_dispatcher(&broker, *id);
                     }
+                    crate::dispatch_owner::balance(&broker, &ids).await;
                 }
                 Ok(Err(e)) => tracing::debug!(error = %e, "cannot list push subscriptions"),
                 Err(e) => tracing::debug!(error = %e, "push subscription listing failed"),

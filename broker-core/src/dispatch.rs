@@ -205,6 +205,18 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
                     }
                     Turn::Gone => return,
                     Turn::Wait(wait) => wait,
+                    Turn::HandOver => {
+                        settle_then_release(
+                            &broker,
+                            id,
+                            &mut holder,
+                            &mut slots,
+                            &bounds,
+                            &mut settled_rx,
+                        )
+                        .await;
+                        tick_of(&broker)
+                    }
                     Turn::Push(lease) => {
                         let Some(wait) = pass(
                             &broker,
@@ -261,6 +273,20 @@ async fn wind_down(
     bounds: &SlotBounds,
     settled_rx: &mut mpsc::UnboundedReceiver<Settled>,
 ) {
+    settle_then_release(broker, id, holder, slots, bounds, settled_rx).await;
+}
+
+/// Waits (bounded by the push timeout) until this dispatcher's pushes under way have settled,
+/// then, on a shared store, releases its lease: at shutdown, or to hand the subscription to a
+/// node under its fair share.
+async fn settle_then_release(
+    broker: &Broker,
+    id: SubscriptionId,
+    holder: &mut Holder,
+    slots: &mut PushSlots,
+    bounds: &SlotBounds,
+    settled_rx: &mut mpsc::UnboundedReceiver<Settled>,
+) {
     let deadline = tokio::time::Instant::now()
         + Duration::from_millis(broker.config().delivery.push_timeout_ms + 1000);
     while slots.busy().len() > 0 {
@@ -272,6 +298,11 @@ async fn wind_down(
         }
     }
     holder.release(broker, id).await;
+}
+
+/// The dispatcher's tick.
+fn tick_of(broker: &Broker) -> Duration {
+    Duration::from_millis(broker.config().delivery.scheduler_tick_ms.max(1))
 }
 
 /// One pass of a dispatcher that may push (under `lease` on a shared store, with what its

@@ -8,6 +8,7 @@
 //! alone writes, every pass may push and nothing here reads or writes anything.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -18,11 +19,42 @@ use crate::clock::Timestamp;
 use crate::error::Error;
 use crate::ids::SubscriptionId;
 use crate::ownership::{self, Claim, DispatchLease};
-use crate::storage::{DeliveryOp, WriteOp, WriteOutput};
+use crate::storage::{DeliveryOp, RecordKind, WriteOp, WriteOutput};
 
 /// What the pushes under way see of the lease they started under: its epoch and the instant
 /// (on the monotonic clock) it stops covering pushes; `None` once this node no longer holds it.
 pub(crate) type Cover = watch::Receiver<Option<(u64, Instant)>>;
+
+/// How the push subscriptions are shared out among the live nodes, as this node's discovery
+/// round last found it (`balance`): each node aims at its fair share, the push subscriptions
+/// divided by the live nodes, rounded up. A node over it hands leases back at their renewal
+/// (`shed` of them), and a node at or over it lets the others claim a free lease first.
+#[derive(Default)]
+pub(crate) struct Balance {
+    /// The fair share (0: not known yet, nothing is held back).
+    fair: AtomicUsize,
+    /// The leases this node held at the last round.
+    held: AtomicUsize,
+    /// Leases still to hand back before the next round.
+    shed: AtomicUsize,
+}
+
+impl Balance {
+    /// Takes one lease to hand back, if this node is over its share.
+    fn take_shed(&self) -> bool {
+        self.shed
+            .fetch_update(AtomicOrdering::SeqCst, AtomicOrdering::SeqCst, |n| {
+                n.checked_sub(1)
+            })
+            .is_ok()
+    }
+
+    /// Whether this node should let the other nodes claim a free lease first.
+    fn at_share(&self) -> bool {
+        let fair = self.fair.load(AtomicOrdering::SeqCst);
+        fair > 0 && self.held.load(AtomicOrdering::SeqCst) >= fair
+    }
+}
 
 /// What a dispatcher knows of its subscription's push lease.
 pub(crate) struct Holder {
@@ -34,6 +66,9 @@ pub(crate) struct Holder {
     cover: watch::Sender<Option<(u64, Instant)>>,
     /// The lease (epoch, end) `cover` was last computed from.
     told: Option<(u64, Timestamp)>,
+    /// When this node, at or over its fair share, first saw the lease free and let the
+    /// others claim it first (it claims a margin later if nobody did).
+    deferred: Option<Timestamp>,
 }
 
 impl Default for Holder {
@@ -43,6 +78,7 @@ impl Default for Holder {
             other_until: None,
             cover: watch::Sender::new(None),
             told: None,
+            deferred: None,
         }
     }
 }
@@ -55,6 +91,9 @@ pub(crate) enum Turn {
     Wait(Duration),
     /// The subscription is gone: the dispatcher ends.
     Gone,
+    /// This node is over its fair share: once the pushes under way (already cut) have
+    /// settled, release the lease ([`Holder::release`]) for a node under its share to take.
+    HandOver,
 }
 
 impl Holder {
@@ -141,6 +180,17 @@ impl Holder {
             Some(h) if !ownership::renew_due(&h, now, lease_ms) => {
                 return self.push_under(h, now, lease_ms)
             }
+            // Over its fair share: at renewal, hand this lease back to a node under it (at
+            // once: the release's notice wakes the others), and let them claim it first.
+            Some(_) if broker.inner().balance.take_shed() => {
+                tracing::info!(subscription = %id, "this node is over its share of push subscriptions: handing one over");
+                self.deferred = Some(now);
+                // Its pushes under way are cut now; the dispatcher releases the lease once
+                // they have settled.
+                self.told = None;
+                self.cover.send_replace(None);
+                return Turn::HandOver;
+            }
             Some(_) => {}
             None => {
                 // A cheap read first: while another node's lease runs, no write is needed.
@@ -156,6 +206,16 @@ impl Holder {
                         return Turn::Wait(tick);
                     }
                 }
+                // Free: a node at or over its fair share waits a margin for the others.
+                if broker.inner().balance.at_share() {
+                    let since = *self.deferred.get_or_insert(now);
+                    let margin = ownership::margin(lease_ms);
+                    if now.ms_since(since) < margin {
+                        self.other_until = Some(since.plus_ms(margin));
+                        return Turn::Wait(wait_until(since.plus_ms(margin), now, tick));
+                    }
+                }
+                self.deferred = None;
             }
         }
         // A race lost to another node's commit (the claim rides in this node's group commit,
@@ -224,9 +284,10 @@ impl Holder {
         }
     }
 
-    /// Hands this node's lease back as its dispatcher ends (the broker closing), so that
-    /// another node takes the subscription at once; the dispatcher calls it once its own
-    /// pushes are recorded. Best effort: a lease not released runs out.
+    /// Hands this node's lease back, as its dispatcher ends (the broker closing) or to a node
+    /// under its fair share, so that another node takes the subscription at once; the
+    /// dispatcher calls it once its own pushes are recorded. Best effort: a lease not released
+    /// runs out.
     pub(crate) async fn release(&mut self, broker: &Broker, id: SubscriptionId) {
         self.told = None;
         self.cover.send_replace(None);
@@ -279,6 +340,83 @@ pub(crate) async fn within_cover<F: Future>(
 fn wait_until(free: Timestamp, now: Timestamp, tick: Duration) -> Duration {
     Duration::from_millis(free.ms_since(now).max(1)).min(tick)
 }
+
+/// The key under which each node sharing the store says it is alive (`RecordKind::Setting`).
+fn alive_key(node: u128) -> String {
+    format!("node/{}", format_node(node))
+}
+
+/// One round of sharing push subscriptions out, from the discovery task every half lease on a
+/// shared store: says this node is alive, counts the live nodes (those that said so within two
+/// leases) and the leases this node holds, and sets what [`Balance`] tells the dispatchers.
+/// Nodes that have not said so for ten leases are forgotten. Best effort: a failed round
+/// leaves the last one's figures.
+pub(crate) async fn balance(broker: &Broker, ids: &[SubscriptionId]) {
+    let inner = broker.inner();
+    let node = inner.node;
+    let lease_ms = ownership::lease_ms(broker.config().delivery.dispatch_lease_ms);
+    let key = alive_key(node);
+    let said = broker
+        .record_op_quiet(move |tx, now| {
+            tx.put(RecordKind::Setting, &key, &now.as_ms().to_be_bytes())?;
+            Ok(Vec::new())
+        })
+        .await;
+    if let Err(e) = said {
+        tracing::debug!(error = %e, "cannot say this node is alive");
+        return;
+    }
+    let now = broker.now();
+    let store = inner.store.clone();
+    let all = ids.to_vec();
+    let counted = tokio::task::spawn_blocking(move || -> crate::error::Result<_> {
+        let nodes = store.records(RecordKind::Setting, "node/", None, NODES_MAX)?;
+        let mut held = 0usize;
+        for id in &all {
+            if store
+                .dispatch_lease(*id)?
+                .is_some_and(|l| l.node == node && l.until > now)
+            {
+                held += 1;
+            }
+        }
+        Ok((nodes, held))
+    })
+    .await;
+    let Ok(Ok((nodes, held))) = counted else {
+        return;
+    };
+    let seen = |v: &[u8]| v.try_into().map(u64::from_be_bytes).unwrap_or(0);
+    let live = nodes
+        .iter()
+        .filter(|(_, v)| now.as_ms().saturating_sub(seen(v)) <= 2 * lease_ms)
+        .count()
+        .max(1);
+    let gone: Vec<String> = nodes
+        .iter()
+        .filter(|(_, v)| now.as_ms().saturating_sub(seen(v)) > 10 * lease_ms)
+        .map(|(k, _)| k.clone())
+        .collect();
+    if !gone.is_empty() {
+        let _ = broker
+            .record_op_quiet(move |tx, _| {
+                for k in &gone {
+                    tx.delete(RecordKind::Setting, k)?;
+                }
+                Ok(Vec::new())
+            })
+            .await;
+    }
+    let fair = ids.len().div_ceil(live);
+    let b = &inner.balance;
+    b.fair.store(fair, AtomicOrdering::SeqCst);
+    b.held.store(held, AtomicOrdering::SeqCst);
+    b.shed
+        .store(held.saturating_sub(fair), AtomicOrdering::SeqCst);
+}
+
+/// The most nodes one round counts.
+const NODES_MAX: usize = 1_000;
 
 /// A node id as logs show it.
 pub(crate) fn format_node(node: u128) -> String {

@@ -36,7 +36,7 @@ pub(crate) fn lease_ms(configured: u64) -> u64 {
 }
 
 /// The clock skew between nodes a lease tolerates: an eighth of it.
-fn margin(lease_ms: u64) -> u64 {
+pub(crate) fn margin(lease_ms: u64) -> u64 {
     lease_ms / 8
 }
 

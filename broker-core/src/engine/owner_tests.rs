@@ -602,3 +602,82 @@ fn sent_at(
         .find(|e| e.0 == who && e.1 == id && e.2 == "sent")
         .map(|e| e.3)
 }
+
+/// Push subscriptions are shared out among the live nodes: a node that joins later gets its
+/// fair share (here two of four) from the node that claimed them all, which hands leases
+/// over at their renewal; then the sharing holds still (no lease changes hands again). Before,
+/// the first node kept every subscription until it died. On the system clock, 1 s leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_subscriptions_are_shared_out_among_the_nodes() {
+    let store = MemKv::new_shared();
+    let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
+    let log = StampLog::default();
+    let mut cfg = config();
+    cfg.delivery.dispatch_lease_ms = 1_000;
+    let open = |name| {
+        let transport = Arc::new(Stamped {
+            name,
+            hang: false,
+            log: log.clone(),
+        });
+        Broker::open_over_kv_with(
+            SharedKv::over(&store),
+            cfg.clone(),
+            clock.clone(),
+            Some(transport),
+        )
+        .expect("broker")
+    };
+    let a = open("a");
+    let room = TestRoom::create(&a).await;
+    let mut subs = Vec::new();
+    for _ in 0..4 {
+        subs.push(push_subscription(&a, &room).await);
+    }
+    let holders = |subs: &[SubscriptionId]| -> Vec<Option<(u128, u64)>> {
+        subs.iter()
+            .map(|s| {
+                a.inner()
+                    .store
+                    .dispatch_lease(*s)
+                    .unwrap()
+                    .filter(|l| l.until.as_ms() > 0)
+                    .map(|l| (l.node, l.epoch))
+            })
+            .collect()
+    };
+    let count = |h: &[Option<(u128, u64)>], node: u128| {
+        h.iter()
+            .filter(|l| l.is_some_and(|(n, _)| n == node))
+            .count()
+    };
+    let an = a.inner().node;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while count(&holders(&subs), an) < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a never claimed every subscription"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let b = open("b");
+    let bn = b.inner().node;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let shared = loop {
+        let h = holders(&subs);
+        if count(&h, an) == 2 && count(&h, bn) == 2 {
+            break h;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b never got its share: {h:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Held still: two more rounds of renewals and discovery, and no lease changes hands.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let later = holders(&subs);
+    assert_eq!(later, shared, "leases kept changing hands");
+    a.close().await;
+    b.close().await;
+}
