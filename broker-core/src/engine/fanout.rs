@@ -86,8 +86,8 @@ impl<'t> Tables<'t> {
                 queueing: 0,
                 lease_epoch: 0,
             };
-            let (backlog, dead) = self.sub_stats(t.id)?;
-            if backlog >= t.queue_depth_max {
+            let counts = self.sub_stats(t.id)?;
+            if counts.0 >= t.queue_depth_max {
                 let dead_rec = DeadRecord {
                     delivery: rec,
                     reason: "queue_full".into(),
@@ -95,7 +95,7 @@ impl<'t> Tables<'t> {
                 };
                 self.dead_letters
                     .insert((t.id, offset), dead_rec.encode()?.as_slice())?;
-                self.sub_stats.insert(t.id, (backlog, dead + 1))?;
+                self.bump_sub_stats_from(t.id, Some(counts), 0, 1)?;
                 self.observed
                     .push(crate::storage::Observation::DeadLettered {
                         sub: t.id,
@@ -103,7 +103,7 @@ impl<'t> Tables<'t> {
                     });
             } else {
                 self.put_delivery(t.id, offset, &rec)?;
-                self.sub_stats.insert(t.id, (backlog + 1, dead))?;
+                self.bump_sub_stats_from(t.id, Some(counts), 1, 0)?;
             }
             self.touched.insert(t.id);
         }

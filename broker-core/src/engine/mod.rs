@@ -306,6 +306,7 @@ impl Engine {
                 self.epoch.load(std::sync::atomic::Ordering::Acquire),
             )?;
             tables.shared = self.shared;
+            tables.origin = self.origin;
             f(&mut tables)?
         };
         let mut batch = txn.take_batch();
@@ -343,6 +344,8 @@ pub(super) struct Tables<'t> {
     pub(super) subscriptions: Table<u128, Vec<u8>>,
     pub(super) room_subs: Table<(u64, u128), ()>,
     pub(super) sub_stats: Table<u128, (u64, u64)>,
+    pub(super) sub_stats_share: Table<(u128, u128), (u64, u64)>,
+    pub(super) key_versions: Table<(u128, String), u64>,
     pub(super) deliveries: Table<(u128, u64), Vec<u8>>,
     pub(super) dead_letters: Table<(u128, u64), Vec<u8>>,
     pub(super) attempts: Table<(u128, u64, u32), Vec<u8>>,
@@ -375,6 +378,8 @@ pub(super) struct Tables<'t> {
     /// Whether other processes commit to the store too: sequences then come from their rows,
     /// not from `seqs` (see [`KvStore::shared`]).
     pub(super) shared: bool,
+    /// This engine's node id (`Storage::origin`): the row of `sub_stats_share` it writes.
+    pub(super) origin: u128,
     /// Set when the batch hands out a key's next delivery while the settle that let it go
     /// (an ack, a termination, a dead-lettering) may still be undone by a crash: the batch is
     /// then committed durably, so that no crash can bring back a delivery of a key after its
@@ -419,6 +424,8 @@ impl<'t> Tables<'t> {
             subscriptions: txn.open_table(SUBSCRIPTIONS)?,
             room_subs: txn.open_table(ROOM_SUBS)?,
             sub_stats: txn.open_table(SUB_STATS)?,
+            sub_stats_share: txn.open_table(spaces::SUB_STATS_SHARE)?,
+            key_versions: txn.open_table(spaces::KEY_VERSIONS)?,
             deliveries: txn.open_table(DELIVERIES)?,
             dead_letters: txn.open_table(DEAD_LETTERS)?,
             attempts: txn.open_table(ATTEMPTS)?,
@@ -441,6 +448,7 @@ impl<'t> Tables<'t> {
             heads_moved: HashSet::new(),
             unsynced_heads,
             shared: false,
+            origin: 0,
             needs_durable: false,
         })
     }

@@ -373,18 +373,14 @@ impl<'t> Tables<'t> {
             .insert((sub, offset), dead.encode()?.as_slice())?;
         self.observed
             .push(crate::storage::Observation::DeadLettered { sub, reason });
-        let (backlog, dead_n) = self.sub_stats(sub)?;
-        self.sub_stats
-            .insert(sub, (backlog.saturating_sub(1), dead_n + 1))?;
+        self.bump_sub_stats(sub, -1, 1)?;
         self.touched.insert(sub);
         Ok(())
     }
 
     pub(super) fn complete(&mut self, sub: u128, offset: u64) -> Result<()> {
         self.remove_delivery(sub, offset)?;
-        let (backlog, dead) = self.sub_stats(sub)?;
-        self.sub_stats
-            .insert(sub, (backlog.saturating_sub(1), dead))?;
+        self.bump_sub_stats(sub, -1, 0)?;
         self.touched.insert(sub);
         Ok(())
     }

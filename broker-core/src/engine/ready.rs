@@ -87,6 +87,7 @@ impl<'t> Tables<'t> {
         let current = self.key_head.get((sub, key))?;
         if old.is_none() {
             self.key_queue.insert((sub, key, offset), ())?;
+            self.touch_key(sub, key)?;
             return match current {
                 // The key's first delivery is its head.
                 None => self.place_head(sub, key, None, Some((offset, rec)), (0, 0)),
@@ -152,6 +153,7 @@ impl<'t> Tables<'t> {
         }
         let key = old.key.as_str();
         self.key_queue.remove((sub, key, offset))?;
+        self.touch_key(sub, key)?;
         let current = self.key_head.get((sub, key))?;
         let hold = current.map_or((0, 0), |(_, _, until, by)| end_by((until, by), offset));
         if current.is_some_and(|(_, head, _, _)| head == offset) {
@@ -204,6 +206,7 @@ impl<'t> Tables<'t> {
         if current == want {
             return Ok(());
         }
+        self.touch_key(sub, key)?;
         if let Some((due, offset, _, _)) = current {
             self.ready.remove((sub, due, offset))?;
         }
@@ -217,6 +220,17 @@ impl<'t> Tables<'t> {
             }
         }
         Ok(())
+    }
+
+    /// On a shared store, bumps the key's version (see `Space::KeyVersions`): this batch
+    /// changed the key's queue or head, so any other node's batch that changed it since this
+    /// one's snapshot fails this one's commit, and the other way round.
+    fn touch_key(&mut self, sub: u128, key: &str) -> Result<()> {
+        if !self.shared {
+            return Ok(());
+        }
+        let v = self.key_versions.get((sub, key))?.unwrap_or(0);
+        self.key_versions.insert((sub, key), v.wrapping_add(1))
     }
 
     /// Builds a subscription's index from its queue (after a layout without the index, or when

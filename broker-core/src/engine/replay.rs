@@ -55,9 +55,7 @@ impl<'t> Tables<'t> {
         for k in &keys {
             self.dead_letters.remove((id, *k))?;
         }
-        let (backlog, dead) = self.sub_stats(id)?;
-        self.sub_stats
-            .insert(id, (backlog, dead.saturating_sub(keys.len() as u64)))?;
+        self.bump_sub_stats(id, 0, -(keys.len() as i64))?;
         Ok(WriteOutput::Count {
             n: keys.len() as u64,
             more: keys.len() == limit,
@@ -76,9 +74,7 @@ impl<'t> Tables<'t> {
         for k in &keys {
             self.remove_delivery(id, *k)?;
         }
-        let (backlog, dead) = self.sub_stats(id)?;
-        self.sub_stats
-            .insert(id, (backlog.saturating_sub(keys.len() as u64), dead))?;
+        self.bump_sub_stats(id, -(keys.len() as i64), 0)?;
         Ok(WriteOutput::Count {
             n: keys.len() as u64,
             more: keys.len() == limit,
@@ -119,9 +115,7 @@ impl<'t> Tables<'t> {
             self.dead_letters.remove((sub_id, *offset))?;
             if self.deliveries.get((sub_id, *offset))?.is_some() {
                 // Already queued again (by a seek): the dead letter is stale; keep the live one.
-                let (backlog, dead_n) = self.sub_stats(sub_id)?;
-                self.sub_stats
-                    .insert(sub_id, (backlog, dead_n.saturating_sub(1)))?;
+                self.bump_sub_stats(sub_id, 0, -1)?;
                 continue;
             }
             // A fresh schedule: the attempts limit and the time to live count from now, while
@@ -134,9 +128,7 @@ impl<'t> Tables<'t> {
                 ..dead.delivery
             };
             self.put_delivery(sub_id, *offset, &rec)?;
-            let (backlog, dead_n) = self.sub_stats(sub_id)?;
-            self.sub_stats
-                .insert(sub_id, (backlog + 1, dead_n.saturating_sub(1)))?;
+            self.bump_sub_stats(sub_id, 1, -1)?;
             n += 1;
         }
         self.touched.insert(sub_id);
@@ -185,9 +177,7 @@ impl<'t> Tables<'t> {
             // A dead letter of the same event is replaced by the new delivery, so that one event
             // is never both owed and dead.
             if self.dead_letters.remove((sub_id, offset))?.is_some() {
-                let (backlog, dead) = self.sub_stats(sub_id)?;
-                self.sub_stats
-                    .insert(sub_id, (backlog, dead.saturating_sub(1)))?;
+                self.bump_sub_stats(sub_id, 0, -1)?;
             }
             let last = self.last_attempt_no(sub_id, offset)?;
             let rec = DeliveryRecord {
@@ -208,8 +198,7 @@ impl<'t> Tables<'t> {
             self.put_delivery(sub_id, offset, &rec)?;
             n += 1;
         }
-        let (backlog, dead) = self.sub_stats(sub_id)?;
-        self.sub_stats.insert(sub_id, (backlog + n, dead))?;
+        self.bump_sub_stats(sub_id, n as i64, 0)?;
         self.touched.insert(sub_id);
         let next = entries.last().map(|(o, _)| o + 1);
         Ok(WriteOutput::Seeked {

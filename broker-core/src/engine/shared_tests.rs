@@ -169,6 +169,87 @@ async fn a_broker_that_lost_a_race_writes_nothing_and_numbers_correctly_when_it_
     b.close().await;
 }
 
+/// Issue 16: a subscription's counts are not one row every node writes. Broker `b` publishes
+/// to the subscription between broker `a`'s snapshot and its commit of an ack: before, both
+/// wrote the subscription's backlog row, so `a`'s ack lost the race (`storage_conflict`; with
+/// several nodes publishing, push outcomes and lease renewals kept losing, and pushes waited
+/// seconds). Now each node writes its own share of the counts, the ack commits, and the counts
+/// read back are the sum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_on_one_node_does_not_lose_a_race_to_a_publish_on_another() {
+    let store = MemKv::new();
+    let (a, a_kv, b, room, sub) = two_brokers(&store).await;
+    a.publish(room.event()).await.unwrap();
+    a.publish(room.event()).await.unwrap();
+    let pulled = a.pull(sub, 1, None, 0).await.unwrap();
+    assert_eq!(a.subscription(sub).unwrap().backlog, 2);
+    let handle = tokio::runtime::Handle::current();
+    let (b2, ev) = (b.clone(), room.event());
+    let (tx, rx) = std::sync::mpsc::channel();
+    *a_kv.before_commit.lock().unwrap() = Some(Box::new(move || {
+        let _ = tx.send(handle.block_on(b2.publish(ev)));
+    }));
+    let acked = a.ack(sub, &[pulled[0].ack_id.clone()]).await;
+    rx.recv().unwrap().expect("b's publish");
+    let acked = acked.expect("the ack commits: it shares no row with b's publish");
+    assert!(acked[0].is_ok(), "{acked:?}");
+    for node in [&a, &b] {
+        assert_eq!(
+            node.subscription(sub).unwrap().backlog,
+            2,
+            "one acked, one published"
+        );
+    }
+    assert_eq!(a.pull(sub, 10, None, 0).await.unwrap().len(), 2);
+    a.close().await;
+    b.close().await;
+}
+
+/// The write skew the shared counts above would open without per-key versions: on an ordered
+/// subscription, broker `b` publishes the key's next event between broker `a`'s snapshot and
+/// its commit of the ack of the key's head. `a`'s snapshot shows no next event, so its ack
+/// removes the key's head; `b`'s publish, which saw a head, only queued behind it. Both
+/// committed, the next event had no head and was never offered (it would wait for a restart).
+/// Now both bump the key's version: `a`'s ack loses the race and, tried again, moves the head
+/// to the next event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_s_next_event_published_on_another_node_while_its_head_is_acked_is_offered() {
+    let store = MemKv::new();
+    let (a, a_kv, b, room, _) = two_brokers(&store).await;
+    let sub = room.pull_subscription(&a, true).await;
+    let first = a.publish(keyed(&room)).await.unwrap();
+    let pulled = a.pull(sub, 1, None, 0).await.unwrap();
+    assert_eq!(pulled[0].event.id, first.id);
+    let handle = tokio::runtime::Handle::current();
+    let (b2, ev) = (b.clone(), keyed(&room));
+    let (tx, rx) = std::sync::mpsc::channel();
+    *a_kv.before_commit.lock().unwrap() = Some(Box::new(move || {
+        let _ = tx.send(handle.block_on(b2.publish(ev)));
+    }));
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match a.ack(sub, &[pulled[0].ack_id.clone()]).await {
+            Ok(r) => {
+                assert!(r[0].is_ok(), "{r:?}");
+                break;
+            }
+            Err(Error::StorageConflict { .. }) if tries < 10 => continue,
+            Err(e) => panic!("ack: {e}"),
+        }
+    }
+    let next = rx.recv().unwrap().expect("b's publish");
+    let offered = a.pull(sub, 10, None, 0).await.unwrap();
+    assert_eq!(
+        offered.iter().map(|m| m.event.id).collect::<Vec<_>>(),
+        vec![next.id],
+        "the key's next event is offered (backlog {})",
+        a.subscription(sub).unwrap().backlog
+    );
+    a.close().await;
+    b.close().await;
+}
+
 /// Opening writes the store's markers (on an empty store) and ends seeks a restart
 /// interrupted; with a shared store that commit is fenced too. Another broker that opened and
 /// made a Room between this one's snapshot and its commit wins the race: this opening's commit

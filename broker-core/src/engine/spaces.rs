@@ -46,6 +46,12 @@ pub(super) const SUBSCRIPTIONS: Def<u128, Vec<u8>> = Def::new(Space::Subscriptio
 pub(super) const ROOM_SUBS: Def<(u64, u128), ()> = Def::new(Space::RoomSubs);
 /// Subscription id -> (backlog, dead letters).
 pub(super) const SUB_STATS: Def<u128, (u64, u64)> = Def::new(Space::SubStats);
+/// (subscription id, node) -> that node's changes to the counts, as wrapping deltas (shared
+/// stores only; see `Space::SubStatsShare`).
+pub(super) const SUB_STATS_SHARE: Def<(u128, u128), (u64, u64)> = Def::new(Space::SubStatsShare);
+/// (subscription id, key) -> changes to that key's queue (shared stores only; see
+/// `Space::KeyVersions`).
+pub(super) const KEY_VERSIONS: Def<(u128, String), u64> = Def::new(Space::KeyVersions);
 /// (subscription id, Room log offset) -> DeliveryRecord: what is still owed.
 pub(super) const DELIVERIES: Def<(u128, u64), Vec<u8>> = Def::new(Space::Deliveries);
 /// (subscription id, Room log offset) -> DeadRecord.

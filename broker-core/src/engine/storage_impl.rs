@@ -58,6 +58,7 @@ impl Storage for Engine {
                 let mut tables =
                     Tables::open(&txn, &mut seqs, &mut fanout, &unsynced, defaults, epoch)?;
                 tables.shared = self.shared;
+                tables.origin = self.origin;
                 if store_epoch {
                     // A fenced increment: another broker sharing the store may have stored
                     // this epoch (or a later one) since this one opened; then this boot leases

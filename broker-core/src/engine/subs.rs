@@ -135,8 +135,65 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
+    /// A subscription's (backlog, dead letters): its row, plus every node's share on a
+    /// shared store.
     pub(super) fn sub_stats(&self, id: u128) -> Result<(u64, u64)> {
-        Ok(self.sub_stats.get(id)?.unwrap_or_default())
+        counts(&self.sub_stats, &self.sub_stats_share, self.shared, id)
+    }
+
+    /// Changes a subscription's counts by `backlog` and `dead` (never below zero): on a store
+    /// this broker alone writes, in its row; on a shared one, in this node's share, so that
+    /// nodes counting the same subscription never write the same row.
+    pub(super) fn bump_sub_stats(&mut self, id: u128, backlog: i64, dead: i64) -> Result<()> {
+        self.bump_sub_stats_from(id, None, backlog, dead)
+    }
+
+    /// [`Tables::bump_sub_stats`] when the caller has just read the counts (`known`, from
+    /// [`Tables::sub_stats`] in this batch): on a store this broker alone writes, the row is not
+    /// read again.
+    pub(super) fn bump_sub_stats_from(
+        &mut self,
+        id: u128,
+        known: Option<(u64, u64)>,
+        backlog: i64,
+        dead: i64,
+    ) -> Result<()> {
+        if self.shared {
+            let (b, d) = self
+                .sub_stats_share
+                .get((id, self.origin))?
+                .unwrap_or_default();
+            self.sub_stats_share.insert(
+                (id, self.origin),
+                (b.wrapping_add(backlog as u64), d.wrapping_add(dead as u64)),
+            )
+        } else {
+            let (b, d) = match known {
+                Some(k) => k,
+                None => self.sub_stats.get(id)?.unwrap_or_default(),
+            };
+            self.sub_stats.insert(
+                id,
+                (
+                    b.saturating_add_signed(backlog),
+                    d.saturating_add_signed(dead),
+                ),
+            )
+        }
+    }
+
+    /// Removes a purged subscription's counts, every node's share included.
+    pub(super) fn forget_sub_stats(&mut self, id: u128) -> Result<()> {
+        self.sub_stats.remove(id)?;
+        let shares: Vec<(u128, u128)> = self
+            .sub_stats_share
+            .range((id, 0)..=(id, u128::MAX))?
+            .map(|r| r.map(|(k, _)| k))
+            .collect::<std::result::Result<_, _>>()?;
+        for k in shares {
+            self.sub_stats_share.remove(k)?;
+        }
+        Ok(())
     }
 
     pub(super) fn subscription_out(&self, id: u128, rec: &SubRecord) -> Result<Subscription> {
@@ -389,7 +446,12 @@ impl Engine {
 
     fn read_subscription(&self, txn: &Txn, id: u128) -> Result<Subscription> {
         let rec = self.read_sub(txn, id)?;
-        let stats = txn.open_table(SUB_STATS)?.get(id)?.unwrap_or_default();
+        let stats = counts(
+            &txn.open_table(SUB_STATS)?,
+            &txn.open_table(super::spaces::SUB_STATS_SHARE)?,
+            self.shared,
+            id,
+        )?;
         let room_retry = match txn.open_table(ROOMS)?.get(rec.room.as_str())? {
             Some(g) => {
                 let r: RoomRecord = decode(&g)?;
@@ -455,4 +517,26 @@ impl Engine {
             .map(|s| s.secret)
             .collect())
     }
+}
+
+/// A subscription's (backlog, dead letters) from its row and, on a shared store, the nodes'
+/// shares (wrapping deltas, summed, never below zero).
+fn counts(
+    row: &crate::storage::txn::Table<u128, (u64, u64)>,
+    shares: &crate::storage::txn::Table<(u128, u128), (u64, u64)>,
+    shared: bool,
+    id: u128,
+) -> Result<(u64, u64)> {
+    let (b, d) = row.get(id)?.unwrap_or_default();
+    if !shared {
+        return Ok((b, d));
+    }
+    let (mut b, mut d) = (i128::from(b), i128::from(d));
+    for r in shares.range((id, 0)..=(id, u128::MAX))? {
+        let (_, (sb, sd)) = r?;
+        b += i128::from(sb as i64);
+        d += i128::from(sd as i64);
+    }
+    let clamp = |n: i128| u64::try_from(n.max(0)).unwrap_or(u64::MAX);
+    Ok((clamp(b), clamp(d)))
 }

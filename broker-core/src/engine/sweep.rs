@@ -341,9 +341,7 @@ impl<'t> Tables<'t> {
             for o in &old {
                 self.dead_letters.remove((s, *o))?;
             }
-            let (backlog, dead) = self.sub_stats(s)?;
-            self.sub_stats
-                .insert(s, (backlog, dead.saturating_sub(old.len() as u64)))?;
+            self.bump_sub_stats(s, 0, -(old.len() as i64))?;
             expired += old.len() as u64;
             budget -= old.len().min(budget);
         }
@@ -377,8 +375,9 @@ impl<'t> Tables<'t> {
             purge!(self.ready, (s, 0, 0)..=(s, u64::MAX, u64::MAX));
             purge!(self.key_queue, (s, "", 0)..(s + 1, "", 0));
             purge!(self.key_head, (s, "")..(s + 1, ""));
+            purge!(self.key_versions, (s, "")..(s + 1, ""));
             if removed < budget {
-                self.sub_stats.remove(s)?;
+                self.forget_sub_stats(s)?;
                 self.forget_dispatch(s)?;
                 self.deleted_subs.remove(s)?;
                 self.meta.remove(format!("dead_cursor/{s:032x}").as_str())?;

@@ -98,11 +98,22 @@ pub(crate) enum Space {
     /// Subscription id -> (node, epoch, until): which node pushes it, when several brokers
     /// share the store (see `ownership.rs`).
     DispatchLeases = 27,
+    /// (subscription id, node) -> (backlog, dead letters) changes one node made, as wrapping
+    /// two's-complement deltas, when several brokers share the store: a subscription's counts are
+    /// its `SubStats` row plus every node's share, so that a publish on one node and a push
+    /// outcome on another never write the same row (and never lose a race to each other).
+    SubStatsShare = 28,
+    /// (subscription id, key) -> how many times an ordered subscription's queue of that key
+    /// changed, when several brokers share the store: every batch that changes a key's queue
+    /// or head bumps it, so that two nodes changing the same key conflict (as they did when
+    /// every such batch also wrote the subscription's counts) and one never acts on a key's
+    /// queue as it was before the other's change. Kept until the subscription is purged.
+    KeyVersions = 29,
 }
 
 impl Space {
     /// Every space, in number order.
-    pub(crate) const ALL: [Space; 27] = [
+    pub(crate) const ALL: [Space; 29] = [
         Space::Meta,
         Space::Rooms,
         Space::RoomStats,
@@ -130,6 +141,8 @@ impl Space {
         Space::KeyQueue,
         Space::KeyHead,
         Space::DispatchLeases,
+        Space::SubStatsShare,
+        Space::KeyVersions,
     ];
 
     /// A short stable name (a backend's table name).
@@ -162,6 +175,8 @@ impl Space {
             Space::KeyQueue => "key_queue",
             Space::KeyHead => "key_head",
             Space::DispatchLeases => "dispatch_leases",
+            Space::SubStatsShare => "sub_stats_share",
+            Space::KeyVersions => "key_versions",
         }
     }
 }

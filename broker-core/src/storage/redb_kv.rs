@@ -28,7 +28,7 @@ pub(super) fn table(space: Space) -> TableDefinition<'static, &'static [u8], &'s
     TableDefinition::new(TABLE_NAMES[space as usize - 1])
 }
 
-const TABLE_NAMES: [&str; 27] = [
+const TABLE_NAMES: [&str; 29] = [
     "kv.meta",
     "kv.rooms",
     "kv.room_stats",
@@ -56,6 +56,8 @@ const TABLE_NAMES: [&str; 27] = [
     "kv.key_queue",
     "kv.key_head",
     "kv.dispatch_leases",
+    "kv.sub_stats_share",
+    "kv.key_versions",
 ];
 
 impl From<redb::Error> for Error {
@@ -181,7 +183,7 @@ impl RedbKv {
 
 struct RedbSnapshot {
     txn: ReadTransaction,
-    tables: [OnceLock<ReadOnlyTable<&'static [u8], &'static [u8]>>; 27],
+    tables: [OnceLock<ReadOnlyTable<&'static [u8], &'static [u8]>>; Space::ALL.len()],
 }
 
 impl RedbSnapshot {
