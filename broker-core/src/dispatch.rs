@@ -215,6 +215,7 @@ async fn run(weak: Weak<Inner>, id: SubscriptionId, signals: Arc<SubSignals>) {
                             &mut settled_rx,
                         )
                         .await;
+                        holder.handed_over(&broker);
                         tick_of(&broker)
                     }
                     Turn::Push(lease) => {

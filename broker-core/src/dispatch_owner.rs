@@ -69,6 +69,8 @@ pub(crate) struct Holder {
     /// When this node, at or over its fair share, first saw the lease free and let the
     /// others claim it first (it claims a margin later if nobody did).
     deferred: Option<Timestamp>,
+    /// Until when this node stays off a lease it handed over (see [`Holder::handed_over`]).
+    off_until: Option<Timestamp>,
 }
 
 impl Default for Holder {
@@ -79,6 +81,7 @@ impl Default for Holder {
             cover: watch::Sender::new(None),
             told: None,
             deferred: None,
+            off_until: None,
         }
     }
 }
@@ -157,7 +160,8 @@ impl Holder {
         // starts pushes that are cut at once (and started again, in a loop).
         let lease = self.held.map(|h| (h.epoch, h.until));
         let ran_out = matches!(*self.cover.borrow(), Some((_, until)) if until <= Instant::now());
-        if lease != self.told || (lease.is_some() && ran_out) {
+        let handing_over = matches!(turn, Turn::HandOver);
+        if !handing_over && (lease != self.told || (lease.is_some() && ran_out)) {
             self.told = lease;
             let lease_ms = ownership::lease_ms(broker.config().delivery.dispatch_lease_ms);
             let now = broker.now();
@@ -184,9 +188,8 @@ impl Holder {
             // once: the release's notice wakes the others), and let them claim it first.
             Some(_) if broker.inner().balance.take_shed() => {
                 tracing::info!(subscription = %id, "this node is over its share of push subscriptions: handing one over");
-                self.deferred = Some(now);
                 // Its pushes under way are cut now; the dispatcher releases the lease once
-                // they have settled.
+                // they have settled, then stays off it until the next round (`handed_over`).
                 self.told = None;
                 self.cover.send_replace(None);
                 return Turn::HandOver;
@@ -197,6 +200,7 @@ impl Holder {
                 match broker.inner().store.dispatch_lease(id) {
                     Ok(Some(l)) if l.node != node && ownership::free_at(&l, lease_ms) > now => {
                         let free = ownership::free_at(&l, lease_ms);
+                        self.deferred = None;
                         self.other_until = Some(free);
                         return Turn::Wait(wait_until(free, now, tick));
                     }
@@ -206,7 +210,11 @@ impl Holder {
                         return Turn::Wait(tick);
                     }
                 }
-                // Free: a node at or over its fair share waits a margin for the others.
+                // Free. Handed over by this node: left to the others until the next round.
+                if let Some(off) = self.off_until.filter(|off| now < *off) {
+                    return Turn::Wait(wait_until(off, now, tick));
+                }
+                // A node at or over its fair share waits a margin for the others.
                 if broker.inner().balance.at_share() {
                     let since = *self.deferred.get_or_insert(now);
                     let margin = ownership::margin(lease_ms);
@@ -252,6 +260,7 @@ impl Holder {
                     tracing::warn!(subscription = %id, holder = %format_node(l.node), epoch = l.epoch, "another node took over the subscription's pushes");
                 }
                 let free = ownership::free_at(&l, lease_ms);
+                self.deferred = None;
                 self.other_until = Some(free);
                 Turn::Wait(wait_until(free, now, tick))
             }
@@ -282,6 +291,15 @@ impl Holder {
         } else {
             Turn::Wait(Duration::from_millis(10))
         }
+    }
+
+    /// After handing the lease over to a node under its share: stays off it until the next
+    /// round of sharing out (half a lease), so that the other node claims it; if none did by
+    /// then, this node claims it again.
+    pub(crate) fn handed_over(&mut self, broker: &Broker) {
+        let lease_ms = ownership::lease_ms(broker.config().delivery.dispatch_lease_ms);
+        self.deferred = None;
+        self.off_until = Some(broker.now().plus_ms(lease_ms / 2));
     }
 
     /// Hands this node's lease back, as its dispatcher ends (the broker closing) or to a node
@@ -429,6 +447,18 @@ pub(crate) fn format_node(node: u128) -> String {
 pub(crate) async fn release_all(broker: &Broker) {
     if !broker.inner().store.shared() {
         return;
+    }
+    // No longer counted among the live nodes: the others' fair shares grow at their next
+    // round, rather than after two leases.
+    let key = alive_key(broker.inner().node);
+    if let Err(e) = broker
+        .record_op_quiet(move |tx, _| {
+            tx.delete(RecordKind::Setting, &key)?;
+            Ok(Vec::new())
+        })
+        .await
+    {
+        tracing::debug!(error = %e, "cannot say this node is leaving");
     }
     // Every push subscription, not only those with a dispatcher now: dispatchers end as the
     // broker closes. Releasing touches only the leases this node holds.

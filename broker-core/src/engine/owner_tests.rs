@@ -605,15 +605,16 @@ fn sent_at(
 
 /// Push subscriptions are shared out among the live nodes: a node that joins later gets its
 /// fair share (here two of four) from the node that claimed them all, which hands leases
-/// over at their renewal; then the sharing holds still (no lease changes hands again). Before,
-/// the first node kept every subscription until it died. On the system clock, 1 s leases.
+/// over at their renewal while events are being published and pushed; the sharing then holds
+/// (each node keeps two), and every event published is pushed. Before, the first node kept
+/// every subscription until it died. On the system clock, 2 s leases.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_subscriptions_are_shared_out_among_the_nodes() {
     let store = MemKv::new_shared();
     let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
     let log = StampLog::default();
     let mut cfg = config();
-    cfg.delivery.dispatch_lease_ms = 1_000;
+    cfg.delivery.dispatch_lease_ms = 2_000;
     let open = |name| {
         let transport = Arc::new(Stamped {
             name,
@@ -634,26 +635,20 @@ async fn push_subscriptions_are_shared_out_among_the_nodes() {
     for _ in 0..4 {
         subs.push(push_subscription(&a, &room).await);
     }
-    let holders = |subs: &[SubscriptionId]| -> Vec<Option<(u128, u64)>> {
+    let count = |node: u128| {
         subs.iter()
-            .map(|s| {
+            .filter(|s| {
                 a.inner()
                     .store
-                    .dispatch_lease(*s)
+                    .dispatch_lease(**s)
                     .unwrap()
-                    .filter(|l| l.until.as_ms() > 0)
-                    .map(|l| (l.node, l.epoch))
+                    .is_some_and(|l| l.node == node && l.until.as_ms() > 0)
             })
-            .collect()
-    };
-    let count = |h: &[Option<(u128, u64)>], node: u128| {
-        h.iter()
-            .filter(|l| l.is_some_and(|(n, _)| n == node))
             .count()
     };
     let an = a.inner().node;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while count(&holders(&subs), an) < 4 {
+    while count(an) < 4 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "a never claimed every subscription"
@@ -662,22 +657,30 @@ async fn push_subscriptions_are_shared_out_among_the_nodes() {
     }
     let b = open("b");
     let bn = b.inner().node;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let shared = loop {
-        let h = holders(&subs);
-        if count(&h, an) == 2 && count(&h, bn) == 2 {
-            break h;
-        }
+    let mut published = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while (count(an), count(bn)) != (2, 2) {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "b never got its share: {h:?}"
+            "b never got its share: a {} b {}",
+            count(an),
+            count(bn)
         );
+        published.insert(a.publish_retrying(&room).await);
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    // Held still: two more rounds of renewals and discovery, and no lease changes hands.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let later = holders(&subs);
-    assert_eq!(later, shared, "leases kept changing hands");
+    }
+    // It holds: two more rounds of sharing out later, each node still has two.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    assert_eq!((count(an), count(bn)), (2, 2), "the sharing did not hold");
+    drained(&a).await;
+    let sent: std::collections::BTreeSet<String> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.2 == "sent")
+        .map(|e| e.1.clone())
+        .collect();
+    assert!(published.is_subset(&sent), "an event was never pushed");
     a.close().await;
     b.close().await;
 }

@@ -206,6 +206,19 @@ fn a_listening_connection_that_stops_answering_is_replaced() {
         std::thread::sleep(std::time::Duration::from_millis(20));
         stopped = listeners();
     }
+    // b's listener has listened once (its first wake-all is heard) before it is stopped, so
+    // that the wake-all awaited below can only come from a reconnection.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match heard.try_recv() {
+            Ok(n) if crate::remote_wake::decode(&n, 42).is_some_and(|w| w.all) => break,
+            Ok(_) => {}
+            Err(_) => {
+                assert!(std::time::Instant::now() < deadline, "b never listened");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
     while heard.try_recv().is_ok() {}
     let signal = |sig: &str| {
         for pid in &stopped {
