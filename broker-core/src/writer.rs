@@ -270,20 +270,69 @@ fn run(
             }
         }
         last_batch_len = batch.len();
-        let (ops, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|j| (j.op, j.reply)).unzip();
+        queued_bytes.fetch_sub(batch_bytes, Ordering::SeqCst);
+        // On a store other brokers write too, publishes lose races to the other nodes'
+        // publishes (they number the same Rooms), and a lost race fails the whole commit:
+        // everything else (push outcomes, acks, lease renewals) then commits apart from them,
+        // so that it does not fail with them.
+        let groups = if store.shared() {
+            let (publishes, rest): (Vec<Job>, Vec<Job>) = batch
+                .into_iter()
+                .partition(|j| matches!(j.op, WriteOp::Publish(_)));
+            vec![rest, publishes]
+        } else {
+            vec![batch]
+        };
+        for group in groups.into_iter().filter(|g| !g.is_empty()) {
+            let ctx = Commit {
+                store: &*store,
+                clock: &*clock,
+                config: &config,
+                stats: &stats,
+                on_commit: &on_commit,
+            };
+            ctx.commit(group, &mut last_recover, &mut sync_at);
+        }
+    }
+}
+
+/// What committing one group of operations needs from the writer.
+struct Commit<'a> {
+    store: &'a dyn Storage,
+    clock: &'a dyn Clock,
+    config: &'a WriterConfig,
+    stats: &'a WriterStats,
+    on_commit: &'a OnCommit,
+}
+
+impl Commit<'_> {
+    /// Applies `jobs` in one transaction and answers each.
+    fn commit(
+        &self,
+        jobs: Vec<Job>,
+        last_recover: &mut Option<Instant>,
+        sync_at: &mut Option<Instant>,
+    ) {
+        let Commit {
+            store,
+            clock,
+            config,
+            stats,
+            on_commit,
+        } = *self;
+        let (ops, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.op, j.reply)).unzip();
         let n = ops.len();
         let rights_changed = ops.iter().any(WriteOp::may_change_rights);
-        let outcome = recover_if_failing(&*store, &stats, &mut last_recover)
+        let outcome = recover_if_failing(store, stats, last_recover)
             .and_then(|()| store.apply(clock.now(), ops));
-        queued_bytes.fetch_sub(batch_bytes, Ordering::SeqCst);
         stats.commits.fetch_add(1, Ordering::Relaxed);
         stats.ops.fetch_add(n as u64, Ordering::Relaxed);
         // The same points as the counters above, exported for operators.
         crate::telemetry::commit(n);
         match outcome {
             Ok(applied) => {
-                note_success(&stats);
-                sync_at = match (applied.unsynced, sync_at) {
+                note_success(stats);
+                *sync_at = match (applied.unsynced, *sync_at) {
                     (false, _) => None,
                     (true, Some(at)) => Some(at),
                     (true, None) => {
@@ -315,7 +364,7 @@ fn run(
             }
             Err(e) => {
                 let cause = e.to_string();
-                note_failure(&stats, &config, clock.now(), &cause, n);
+                note_failure(stats, config, clock.now(), &cause, n);
                 for reply in replies {
                     let _ = reply.send(Err(Error::StorageUnavailable {
                         cause: cause.clone(),
