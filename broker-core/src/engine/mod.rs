@@ -345,6 +345,9 @@ pub(super) struct Tables<'t> {
     pub(super) room_subs: Table<(u64, u128), ()>,
     pub(super) sub_stats: Table<u128, (u64, u64)>,
     pub(super) sub_stats_share: Table<(u128, u128), (u64, u64)>,
+    /// On a shared store, each subscription's counts as summed in this batch (its row and
+    /// every node's share, read once), kept up to date by this batch's changes.
+    pub(super) counts_cache: HashMap<u128, (i128, i128)>,
     pub(super) key_versions: Table<(u128, String), u64>,
     pub(super) deliveries: Table<(u128, u64), Vec<u8>>,
     pub(super) dead_letters: Table<(u128, u64), Vec<u8>>,
@@ -425,6 +428,7 @@ impl<'t> Tables<'t> {
             room_subs: txn.open_table(ROOM_SUBS)?,
             sub_stats: txn.open_table(SUB_STATS)?,
             sub_stats_share: txn.open_table(spaces::SUB_STATS_SHARE)?,
+            counts_cache: HashMap::new(),
             key_versions: txn.open_table(spaces::KEY_VERSIONS)?,
             deliveries: txn.open_table(DELIVERIES)?,
             dead_letters: txn.open_table(DEAD_LETTERS)?,
@@ -496,6 +500,7 @@ impl<'t> Tables<'t> {
                     if result.is_err() {
                         self.txn.rollback_to(sp);
                         self.seqs.rollback(seq_sp);
+                        self.counts_cache.clear();
                     }
                     receipts.push(result);
                 }

@@ -9,7 +9,7 @@ use crate::broker::Broker;
 use crate::clock::{ManualClock, Timestamp};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::storage::kv::{Batch, KvStore, Snapshot};
+use crate::storage::kv::{Batch, KvStore, Snapshot, Space};
 use crate::storage::MemKv;
 use crate::testkit::TestRoom;
 
@@ -203,6 +203,43 @@ async fn an_ack_on_one_node_does_not_lose_a_race_to_a_publish_on_another() {
     assert_eq!(a.pull(sub, 10, None, 0).await.unwrap().len(), 2);
     a.close().await;
     b.close().await;
+}
+
+/// The shares of a node that left (it closed: no longer alive) are moved into the
+/// subscription's row by the next retention sweep on another node, so that shares stay one
+/// per live node although a node draws a new id each time it starts; the counts read the same
+/// before and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_counts_share_of_a_node_that_left_is_folded_into_the_row() {
+    use std::ops::Bound;
+    let store = MemKv::new();
+    let (a, _, b, room, sub) = two_brokers(&store).await;
+    for _ in 0..3 {
+        b.publish(room.event()).await.unwrap();
+    }
+    a.publish(room.event()).await.unwrap();
+    let shares = || {
+        store
+            .snapshot()
+            .unwrap()
+            .range(
+                Space::SubStatsShare,
+                Bound::Unbounded,
+                Bound::Unbounded,
+                crate::storage::kv::Order::Ascending,
+                100,
+            )
+            .unwrap()
+            .len()
+    };
+    assert_eq!(shares(), 2, "one share per node");
+    b.close().await;
+    drop(b);
+    a.sweep_retention().await.unwrap();
+    assert_eq!(shares(), 1, "b's share folded into the row, a's kept");
+    assert_eq!(a.subscription(sub).unwrap().backlog, 4);
+    assert_eq!(a.pull(sub, 10, None, 0).await.unwrap().len(), 4);
+    a.close().await;
 }
 
 /// The write skew the shared counts above would open without per-key versions: on an ordered

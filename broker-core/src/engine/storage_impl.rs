@@ -87,6 +87,7 @@ impl Storage for Engine {
                         // may describe what was undone.
                         tables.fanout.clear();
                         tables.ordered_cache.clear();
+                        tables.counts_cache.clear();
                     }
                     results.push(result);
                 }

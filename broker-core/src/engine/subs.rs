@@ -137,8 +137,22 @@ impl<'t> Tables<'t> {
 
     /// A subscription's (backlog, dead letters): its row, plus every node's share on a
     /// shared store.
-    pub(super) fn sub_stats(&self, id: u128) -> Result<(u64, u64)> {
-        counts(&self.sub_stats, &self.sub_stats_share, self.shared, id)
+    pub(super) fn sub_stats(&mut self, id: u128) -> Result<(u64, u64)> {
+        if !self.shared {
+            return Ok(self.sub_stats.get(id)?.unwrap_or_default());
+        }
+        // A publish batch asks for each target's counts once per event: the shares are read
+        // (a range, one statement on PostgreSQL) once per batch.
+        let (b, d) = match self.counts_cache.get(&id) {
+            Some(c) => *c,
+            None => {
+                let (b, d) = counts(&self.sub_stats, &self.sub_stats_share, true, id)?;
+                let c = (i128::from(b), i128::from(d));
+                self.counts_cache.insert(id, c);
+                c
+            }
+        };
+        Ok((clamp(b), clamp(d)))
     }
 
     /// Changes a subscription's counts by `backlog` and `dead` (never below zero): on a store
@@ -158,7 +172,14 @@ impl<'t> Tables<'t> {
         backlog: i64,
         dead: i64,
     ) -> Result<()> {
+        if backlog == 0 && dead == 0 {
+            return Ok(());
+        }
         if self.shared {
+            if let Some(c) = self.counts_cache.get_mut(&id) {
+                c.0 += i128::from(backlog);
+                c.1 += i128::from(dead);
+            }
             let (b, d) = self
                 .sub_stats_share
                 .get((id, self.origin))?
@@ -182,8 +203,47 @@ impl<'t> Tables<'t> {
         }
     }
 
+    /// Moves the shares of nodes no longer alive (no `node/<id>` record: closed, or silent
+    /// for ten push leases) into their subscriptions' rows, at most `budget` of them, so that
+    /// the shares stay one per live node (a node draws a new id each time it starts). A node
+    /// that writes its share meanwhile makes this batch lose the race. Returns how many moved.
+    pub(super) fn fold_shares(&mut self, budget: usize) -> Result<usize> {
+        if !self.shared {
+            return Ok(0);
+        }
+        let shares: Vec<((u128, u128), (u64, u64))> = self
+            .sub_stats_share
+            .iter()?
+            .collect::<std::result::Result<_, _>>()?;
+        let mut folded = 0;
+        for ((sub, node), (db, dd)) in shares {
+            if folded == budget {
+                break;
+            }
+            let alive = format!("node/{}", Uuid::from_u128(node));
+            if node == self.origin
+                || self
+                    .records
+                    .get((crate::storage::RecordKind::Setting.as_str(), alive.as_str()))?
+                    .is_some()
+            {
+                continue;
+            }
+            // Wrapping, as the shares are: the row may go below zero for a while (this node
+            // settled what a node that left had counted), and only the sum is a count.
+            let (b, d) = self.sub_stats.get(sub)?.unwrap_or_default();
+            self.sub_stats
+                .insert(sub, (b.wrapping_add(db), d.wrapping_add(dd)))?;
+            self.sub_stats_share.remove((sub, node))?;
+            self.counts_cache.remove(&sub);
+            folded += 1;
+        }
+        Ok(folded)
+    }
+
     /// Removes a purged subscription's counts, every node's share included.
     pub(super) fn forget_sub_stats(&mut self, id: u128) -> Result<()> {
+        self.counts_cache.remove(&id);
         self.sub_stats.remove(id)?;
         let shares: Vec<(u128, u128)> = self
             .sub_stats_share
@@ -202,7 +262,7 @@ impl<'t> Tables<'t> {
             id,
             rec,
             &room_retry,
-            self.sub_stats(id)?,
+            counts(&self.sub_stats, &self.sub_stats_share, self.shared, id)?,
             &self.defaults,
         ))
     }
@@ -531,12 +591,17 @@ fn counts(
     if !shared {
         return Ok((b, d));
     }
-    let (mut b, mut d) = (i128::from(b), i128::from(d));
+    // On a shared store the row is a wrapping value too (see `fold_shares`).
+    let (mut b, mut d) = (i128::from(b as i64), i128::from(d as i64));
     for r in shares.range((id, 0)..=(id, u128::MAX))? {
         let (_, (sb, sd)) = r?;
         b += i128::from(sb as i64);
         d += i128::from(sd as i64);
     }
-    let clamp = |n: i128| u64::try_from(n.max(0)).unwrap_or(u64::MAX);
     Ok((clamp(b), clamp(d)))
+}
+
+/// A summed count as stored: never below zero.
+fn clamp(n: i128) -> u64 {
+    u64::try_from(n.max(0)).unwrap_or(u64::MAX)
 }

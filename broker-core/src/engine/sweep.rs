@@ -106,7 +106,11 @@ impl<'t> Tables<'t> {
             report.events_kept_owed += kept;
             budget -= (removed as usize).min(budget);
         }
-        // 4. Expired dead letters and the queues of deleted subscriptions.
+        // 4. The counts' shares of nodes no longer alive (a shared store).
+        if budget > 0 {
+            budget -= self.fold_shares(budget)?.min(budget);
+        }
+        // 5. Expired dead letters and the queues of deleted subscriptions.
         if budget > 0 {
             let (expired, purged) = self.sweep_delivery(now, budget)?;
             report.dead_letters_expired = expired;

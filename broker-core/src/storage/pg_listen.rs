@@ -35,7 +35,7 @@ pub(super) async fn listen(
     channel: String,
 ) {
     // Named, so that operators (and the tests) tell the listening connections apart.
-    pg.application_name(&format!("postroom-listen {channel}"));
+    pg.application_name(format!("postroom-listen {channel}"));
     pg.keepalives(true)
         .keepalives_idle(Duration::from_secs(15))
         .keepalives_interval(Duration::from_secs(5))
