@@ -275,11 +275,15 @@ fn run(
         // publishes (they number the same Rooms), and a lost race fails the whole commit:
         // everything else (push outcomes, acks, lease renewals) then commits apart from them,
         // so that it does not fail with them.
+        // Sweeps, which other nodes' sweeps race, commit apart too.
         let groups = if store.shared() {
             let (publishes, rest): (Vec<Job>, Vec<Job>) = batch
                 .into_iter()
                 .partition(|j| matches!(j.op, WriteOp::Publish(_)));
-            vec![rest, publishes]
+            let (sweeps, rest): (Vec<Job>, Vec<Job>) = rest
+                .into_iter()
+                .partition(|j| matches!(j.op, WriteOp::Sweep { .. }));
+            vec![rest, sweeps, publishes]
         } else {
             vec![batch]
         };

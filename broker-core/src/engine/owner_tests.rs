@@ -39,12 +39,7 @@ impl Transport for Recorder {
         &self,
         request: PushRequest,
     ) -> Pin<Box<dyn Future<Output = PushResponse> + Send + '_>> {
-        let id = request
-            .headers
-            .iter()
-            .find(|(k, _)| k == "webhook-id")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default();
+        let id = webhook_id(&request);
         use crate::clock::Clock;
         let at = self.clock.now().as_ms();
         self.log.lock().unwrap().push((self.name, id, at));
@@ -57,6 +52,16 @@ impl Transport for Recorder {
             }
         })
     }
+}
+
+/// The event id a push carries (its `webhook-id`).
+fn webhook_id(request: &PushRequest) -> String {
+    request
+        .headers
+        .iter()
+        .find(|(k, _)| k == "webhook-id")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
 }
 
 const T0: u64 = 1_767_225_600_000;
@@ -499,12 +504,7 @@ impl Transport for Stamped {
         &self,
         request: PushRequest,
     ) -> Pin<Box<dyn Future<Output = PushResponse> + Send + '_>> {
-        let id = request
-            .headers
-            .iter()
-            .find(|(k, _)| k == "webhook-id")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default();
+        let id = webhook_id(&request);
         let at = tokio::time::Instant::now();
         self.log
             .lock()

@@ -207,10 +207,18 @@ impl<'t> Tables<'t> {
     /// for ten push leases) into their subscriptions' rows, at most `budget` of them, so that
     /// the shares stay one per live node (a node draws a new id each time it starts). A node
     /// that writes its share meanwhile makes this batch lose the race. Returns how many moved.
-    pub(super) fn fold_shares(&mut self, budget: usize) -> Result<usize> {
+    pub(super) fn fold_shares(&mut self, now: Timestamp, budget: usize) -> Result<usize> {
         if !self.shared {
             return Ok(0);
         }
+        // Reading every share is a walk over subscriptions × nodes: once a minute per node is
+        // enough for rows that only need to stay few.
+        let last_key = format!("fold_at/{}", Uuid::from_u128(self.origin));
+        let last = self.meta.get(last_key.as_str())?.unwrap_or(0);
+        if now.as_ms().saturating_sub(last) < FOLD_EVERY_MS {
+            return Ok(0);
+        }
+        self.meta.insert(last_key.as_str(), now.as_ms())?;
         let shares: Vec<((u128, u128), (u64, u64))> = self
             .sub_stats_share
             .iter()?
@@ -600,6 +608,9 @@ fn counts(
     }
     Ok((clamp(b), clamp(d)))
 }
+
+/// How often a node folds the counts shares of nodes that left.
+const FOLD_EVERY_MS: u64 = 60_000;
 
 /// A summed count as stored: never below zero.
 fn clamp(n: i128) -> u64 {

@@ -108,7 +108,7 @@ impl<'t> Tables<'t> {
         }
         // 4. The counts' shares of nodes no longer alive (a shared store).
         if budget > 0 {
-            budget -= self.fold_shares(budget)?.min(budget);
+            budget -= self.fold_shares(now, budget)?.min(budget);
         }
         // 5. Expired dead letters and the queues of deleted subscriptions.
         if budget > 0 {
