@@ -33,6 +33,7 @@
 
 mod audit;
 mod broker;
+mod broker_tasks;
 mod clock;
 mod config;
 mod delivery_api;

@@ -669,8 +669,34 @@ async fn push_subscriptions_are_shared_out_among_the_nodes() {
         published.insert(a.publish_retrying(&room).await);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // It holds: two more rounds of sharing out later, each node still has two.
-    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    // It holds: once both nodes have run two more rounds of sharing out (each round writes
+    // the node's alive record with its time), each still has two.
+    let said = |node: u128| {
+        a.inner()
+            .store
+            .record(
+                crate::storage::RecordKind::Setting,
+                &format!("node/{}", uuid::Uuid::from_u128(node)),
+            )
+            .unwrap()
+    };
+    for node in [an, bn] {
+        let mut rounds = 0;
+        let mut last = said(node);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while rounds < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no sharing-out rounds"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = said(node);
+            if now != last {
+                rounds += 1;
+                last = now;
+            }
+        }
+    }
     assert_eq!((count(an), count(bn)), (2, 2), "the sharing did not hold");
     drained(&a).await;
     let sent: std::collections::BTreeSet<String> = log
